@@ -1,0 +1,19 @@
+"""rwkv-edge: a small, fast RWKV runtime with real sparse FFN inference."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .config import ModelConfig, ModelLoadError  # noqa: E402
+from .state import State  # noqa: E402
+
+
+def load_model(path, backend: str = "reference"):
+    """Load an official RWKV `.pth` checkpoint (x052 / x060 / x070) and return a model object."""
+    from .weights import load_checkpoint
+    from .models import model_class
+
+    config, weights = load_checkpoint(path)
+    return model_class(config.version)(config, weights, backend=backend)
+
+
+__all__ = ["load_model", "ModelConfig", "ModelLoadError", "State", "__version__"]

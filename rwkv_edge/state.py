@@ -1,0 +1,72 @@
+"""Recurrent state of an RWKV model as an explicit value."""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ModelConfig
+
+_MAGIC = "rwkv-edge-state"
+_VERSION = 1
+
+
+@dataclass
+class State:
+    """Per-layer recurrent state.
+
+    att_x: (L, D) time-mix token-shift (last normalised input of the time-mix)
+    wkv:   (L, H, N, N) float32 wkv matrix per head, indexed [head, value dim, key dim]
+    ffn_x: (L, D) channel-mix token-shift
+    """
+    att_x: np.ndarray
+    wkv: np.ndarray
+    ffn_x: np.ndarray
+
+    @classmethod
+    def zeros(cls, config: ModelConfig) -> "State":
+        L, D, H, N = config.n_layer, config.n_embd, config.n_head, config.head_size
+        return cls(np.zeros((L, D), np.float32), np.zeros((L, H, N, N), np.float32), np.zeros((L, D), np.float32))
+
+    def copy(self) -> "State":
+        return State(self.att_x.copy(), self.wkv.copy(), self.ffn_x.copy())
+
+    def matches(self, config: ModelConfig) -> bool:
+        L, D, H, N = config.n_layer, config.n_embd, config.n_head, config.head_size
+        return (self.att_x.shape == (L, D) and self.ffn_x.shape == (L, D) and self.wkv.shape == (L, H, N, N))
+
+    def save(self, path: str, fingerprint: str = "") -> None:
+        """Write atomically to `path` (.npz) with a magic, version and the model fingerprint."""
+        path = os.fspath(path)
+        d = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, magic=np.array(_MAGIC), version=np.array(_VERSION), fingerprint=np.array(fingerprint),
+                         att_x=self.att_x, wkv=self.wkv, ffn_x=self.ffn_x)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str, config: ModelConfig | None = None, fingerprint: str = "") -> "State":
+        """Read a state written by `save`; checks magic, version, shapes and (if given) the model fingerprint."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["magic"]) != _MAGIC:
+                    raise ValueError(f"{path}: not an rwkv-edge state file")
+                if int(z["version"]) != _VERSION:
+                    raise ValueError(f"{path}: state format version {int(z['version'])}, expected {_VERSION}")
+                saved_fp = str(z["fingerprint"])
+                st = cls(z["att_x"].astype(np.float32), z["wkv"].astype(np.float32), z["ffn_x"].astype(np.float32))
+        except (OSError, KeyError, EOFError) as e:
+            raise ValueError(f"{path}: not a readable rwkv-edge state file ({e})") from None
+        if fingerprint and saved_fp and saved_fp != fingerprint:
+            raise ValueError(f"{path}: state belongs to another model (fingerprint {saved_fp} != {fingerprint})")
+        if config is not None and not st.matches(config):
+            raise ValueError(f"{path}: state shapes do not match the model")
+        return st

@@ -1,0 +1,53 @@
+"""Read official BlinkDL `.pth` checkpoints into float32 numpy arrays, with one-line errors."""
+from __future__ import annotations
+
+import os
+import zipfile
+from typing import Dict
+
+import numpy as np
+
+from .config import ModelConfig, ModelLoadError, infer_config
+
+
+def _read_torch_state_dict(path: str) -> dict:
+    import torch  # lazy: torch is only needed to read .pth files
+
+    if not os.path.exists(path):
+        raise ModelLoadError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ModelLoadError(f"{path}: is a directory, expected a .pth checkpoint file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] != b"PK":
+        raise ModelLoadError(f"{path}: not a PyTorch checkpoint (expected a zip-based .pth file)")
+    if not zipfile.is_zipfile(path):
+        raise ModelLoadError(f"{path}: truncated or corrupt checkpoint (zip directory unreadable)")
+    try:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises many types for damaged files
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"{path}: truncated or corrupt checkpoint ({msg[:200]})") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(hasattr(v, "shape") for v in sd.values()):
+        raise ModelLoadError(f"{path}: not a state dict of tensors")
+    return sd
+
+
+def load_checkpoint(path: str) -> tuple[ModelConfig, Dict[str, np.ndarray]]:
+    """Load a `.pth` checkpoint: (config, {official name: float32 array}).
+
+    Tensors are memory-mapped by torch and converted to float32 one at a time, so peak memory is
+    the float32 model plus one tensor.
+    """
+    path = os.fspath(path)
+    sd = _read_torch_state_dict(path)
+    config = infer_config({k: tuple(v.shape) for k, v in sd.items()}, source=path)
+    out = {}
+    for k, v in sd.items():
+        try:
+            out[k] = v.float().numpy()
+        except Exception as e:
+            raise ModelLoadError(f"{path}: tensor '{k}' unreadable, file truncated? ({e})") from None
+    return config, out
