@@ -8,8 +8,14 @@ For every group of ``group_size`` consecutive columns of a row (or the whole row
     q = clip(round((w - lo) / scale), 0, 2**bits - 1)
     w_hat = lo + scale * q
 
-Quantization uses the float16-rounded ``lo`` and ``scale``, the same values dequantize reads,
-so ``quantize(dequantize(q))`` reproduces ``q`` exactly.
+``lo`` and ``scale`` are rounded to the nearest float16, stepped one ulp (zero down, scale up)
+only where that rounding would leave a value more than half a step outside the grid, so
+``|w - w_hat| <= scale / 2`` always holds with the stored scale. Codes are computed from the
+stored float16 values (the ones dequantize reads), so ``quantize(dequantize(q))`` reproduces
+``q``, ``scale`` and ``zero`` exactly whenever each group's codes reach both 0 and 2**bits - 1.
+That holds for ordinary weights; it can fail at 8 bits when |lo| is several times the group
+range or the step is a float16 subnormal (< 6e-5), where float16 cannot place the grid ends
+exactly (the error bound still holds there).
 """
 
 from __future__ import annotations
@@ -51,6 +57,14 @@ def _n_groups(n_cols: int, group_size: Optional[int]) -> int:
     return n_cols // int(group_size)
 
 
+def _scale16(hi64: np.ndarray, zero: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    scale = (hi64 - zero.astype(np.float64)) / levels
+    scale16 = scale.astype(np.float16)
+    if not np.all(np.isfinite(scale16)):
+        raise ValueError("group range too large for a float16 scale")
+    return scale16, scale
+
+
 def _affine_params(wg: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Float16 (zero, scale) for groups ``wg`` of shape (R, G, gs)."""
     levels = (1 << bits) - 1
@@ -58,12 +72,22 @@ def _affine_params(wg: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     hi = wg.max(axis=2)
     if max(np.abs(lo).max(initial=0.0), np.abs(hi).max(initial=0.0)) > _F16_MAX:
         raise ValueError(f"values exceed the float16 range (|w| > {_F16_MAX}); scale the matrix first")
+    lo64, hi64 = lo.astype(np.float64), hi.astype(np.float64)
+    # Nearest float16 first: then re-quantizing a dequantized matrix finds the same values.
     zero = lo.astype(np.float16)
-    # Scale from the rounded zero so the group maximum still lands on the top code.
-    scale = (hi - zero.astype(np.float32)) / np.float32(levels)
-    scale16 = scale.astype(np.float16)
-    if not np.all(np.isfinite(scale16)):
-        raise ValueError("group range too large for a float16 scale")
+    scale16, scale = _scale16(hi64, zero, levels)
+    # float16 cannot always hold lo to within half a step (|lo| large against the range):
+    # step zero one ulp down so the grid still covers lo, and recompute the scale.
+    low = (lo64 - zero.astype(np.float64)) < -0.5 * scale16.astype(np.float64)
+    if np.any(low):
+        zero = np.where(low, np.nextafter(zero, np.float16(-np.inf)), zero).astype(np.float16)
+        scale16, scale = _scale16(hi64, zero, levels)
+    # Likewise step the scale one ulp up when rounding left hi more than half a step past
+    # the top code (coarse subnormal scales); the one-up neighbour is >= the exact scale.
+    pos = scale16 > 0
+    ratio = np.divide(hi64 - zero.astype(np.float64), scale16.astype(np.float64),
+                      out=np.zeros_like(hi64), where=pos)
+    scale16 = np.where(pos & (ratio > levels + 0.5), np.nextafter(scale16, np.float16(np.inf)), scale16)
     # Constant groups (scale 0) get scale 1 so all codes are 0 and w_hat = zero; a tiny
     # positive range that underflows float16 gets the smallest subnormal instead.
     scale16 = np.where(scale > 0, np.maximum(scale16, _F16_TINY), np.float16(1.0)).astype(np.float16)

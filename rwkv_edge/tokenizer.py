@@ -34,6 +34,18 @@ class TokenizerError(ValueError):
     """A tokenizer file is missing or malformed, or does not fit the model."""
 
 
+def _join_table(table: list[bytes], ids: Iterable[int]) -> bytes:
+    # Negative ids would silently index from the end of the list, so reject them explicitly.
+    ids = list(ids)
+    try:
+        if ids and min(ids) < 0:
+            raise IndexError
+        return b"".join([table[i] for i in ids])
+    except (IndexError, TypeError):
+        bad = [i for i in ids if not (isinstance(i, int) and 0 <= i < len(table))]
+        raise TokenizerError(f"token id(s) out of range [0, {len(table)}): {bad[:5]}") from None
+
+
 # --------------------------------------------------------------------------- RWKV World
 
 
@@ -139,12 +151,7 @@ class WorldTokenizer:
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """Concatenated bytes of ``ids``; may end in the middle of a UTF-8 character."""
-        table = self._id2bytes
-        try:
-            return b"".join([table[i] for i in ids])
-        except (IndexError, TypeError):
-            bad = [i for i in ids if not (isinstance(i, int) and 0 <= i < len(table))]
-            raise TokenizerError(f"token id(s) out of range [0, {len(table)}): {bad[:5]}") from None
+        return _join_table(self._id2bytes, ids)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``; invalid UTF-8 becomes U+FFFD."""
@@ -233,11 +240,7 @@ class HFTokenizer:
         """Bytes of ``ids``; exact per-token bytes for byte-level BPE, else ``decode(ids).encode()``."""
         if self._id2bytes is None:
             return self.decode(list(ids)).encode("utf-8")
-        table = self._id2bytes
-        try:
-            return b"".join([table[i] for i in ids])
-        except (IndexError, TypeError):
-            raise TokenizerError(f"token id out of range [0, {len(table)})") from None
+        return _join_table(self._id2bytes, ids)
 
     def __repr__(self) -> str:
         return f"HFTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"

@@ -91,6 +91,16 @@ def test_requantize_exact(bits, group_size):
     np.testing.assert_array_equal(qm2.dequantize(), qm.dequantize())
 
 
+@pytest.mark.parametrize("bits", BITS)
+def test_error_bound_with_large_offset(bits):
+    # |lo| >> group range: float16 cannot hold lo to half a step, zero must be nudged down.
+    w = _gauss(8 + bits) * 0.05 + 40.0
+    qm = quantize(w, bits, 64)
+    scale = np.repeat(qm.scale.astype(np.float32), 64, axis=1)
+    err = np.abs(qm.dequantize() - w)
+    assert np.all(err <= scale / 2 * (1 + 1e-3) + 1e-5), float((err - scale / 2).max())
+
+
 def test_constant_rows_and_groups():
     w = np.zeros((3, 64), np.float32)
     w[1] = 2.5

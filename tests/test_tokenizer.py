@@ -90,6 +90,8 @@ def test_world_partial_utf8_is_replaced(world):
 def test_world_out_of_range_id(world):
     with pytest.raises(TokenizerError):
         world.decode([70000])
+    with pytest.raises(TokenizerError):
+        world.decode([5, -1])
 
 
 def test_world_bad_vocab_line(tmp_path):

@@ -54,3 +54,47 @@ def wkv7(state, r, w, k, v, a, b):
         s = s * w[t][:, None, :] + sa * b[t][:, None, :] + v[t][:, :, None] * k[t][:, None, :]
         y[t] = (s @ r[t][:, :, None]).reshape(H * N)
     return y, s
+
+
+def _wkv_decay_scan(state, r, k, v, w, u):
+    """Shared RWKV-5/6 recurrence; w: (T, H, N) decays in (0, 1), u: (H, N), r/k/v: (T, H, N)."""
+    H, N, _ = state.shape
+    T = r.shape[0]
+    s = state.astype(np.float32, copy=True)
+    y = np.empty((T, H * N), np.float32)
+    for t in range(T):
+        kv = v[t][:, :, None] * k[t][:, None, :]                  # (H, N value, N key)
+        # the current token enters through the bonus u instead of the state
+        y[t] = ((s + kv * u[:, None, :]) @ r[t][:, :, None]).reshape(H * N)
+        s = s * w[t][:, None, :] + kv
+    return y, s
+
+
+def wkv5(state, r, k, v, w, u):
+    """RWKV-5.2 state update, token by token (decay fixed per channel).
+
+    state: (H, N, N) indexed [head, value i, key j]; r, k, v: (T, H*N);
+    w: (H, N) per key-channel decay in (0, 1), i.e. exp(-exp(time_decay));
+    u: (H, N) the bonus `time_faaaa` of the current token.
+    y_t = (S + u * v_t k_t^T) @ r_t ;  S = S * w[j] + v_t k_t^T.
+    Returns (y (T, H*N), new state (H, N, N)).
+    """
+    H, N, _ = state.shape
+    T = r.shape[0]
+    r, k, v = (a.reshape(T, H, N) for a in (r, k, v))
+    return _wkv_decay_scan(state, r, k, v, np.broadcast_to(w.reshape(1, H, N), (T, H, N)), u.reshape(H, N))
+
+
+def wkv6(state, r, k, v, w, u):
+    """RWKV-6 state update, token by token (data-dependent decay).
+
+    state: (H, N, N) indexed [head, value i, key j]; r, k, v: (T, H*N);
+    w: (T, H*N) per-token, per key-channel decay in (0, 1), i.e. exp(-exp(time_decay + lora));
+    u: (H, N) the bonus `time_faaaa`.
+    y_t = (S + u * v_t k_t^T) @ r_t ;  S = S * w_t[j] + v_t k_t^T.
+    Returns (y (T, H*N), new state (H, N, N)).
+    """
+    H, N, _ = state.shape
+    T = r.shape[0]
+    r, k, v, w = (a.reshape(T, H, N) for a in (r, k, v, w))
+    return _wkv_decay_scan(state, r, k, v, w, u.reshape(H, N))

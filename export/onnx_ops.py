@@ -1,0 +1,202 @@
+"""A small ONNX graph builder and the weight-storage schemes of the exported graphs.
+
+`GraphBuilder` wraps `onnx.helper`: `op()` adds a node and returns its output name(s), `const()`
+adds an initializer. The storage scheme of a big matrix is chosen once per graph by `dtype`:
+
+- fp32: float32 initializer, MatMul.
+- fp16: float16 initializer, Cast to float32 in-graph, MatMul (activations and state stay fp32).
+  onnxruntime's CPU provider constant-folds the Cast at session start, so the file is half the size
+  but the resident weights are fp32 there; providers with fp16 kernels keep them fp16.
+- int8: symmetric int8 codes with one fp32 scale per output channel, `DequantizeLinear` (axis=1)
+  then MatMul. onnxruntime fuses DQ->MatMul into its 8-bit `MatMulNBits` kernel, so the weights
+  stay int8 in memory and are read as int8.
+
+Low-bit predictor matrices (2/4-bit codes) are stored as ONNX `uint4` (2-bit codes in a 4-bit
+container: ONNX has a uint2 type but onnxruntime's DequantizeLinear does not accept it) with a
+blocked `DequantizeLinear` (opset 21), which onnxruntime fuses into a 4-bit `MatMulNBits`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+DTYPES = ("fp32", "fp16", "int8")
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def quantize_int8_cols(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per column of m (in, out): (codes int8 (in, out), scale fp32 (out,))."""
+    m = np.asarray(m, np.float32)
+    scale = np.abs(m).max(axis=0) / np.float32(127.0)
+    safe = np.where(scale > 0, scale, np.float32(1.0))
+    q = np.clip(np.rint(m / safe), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def quantize_int8_rows(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per row of m (R, C): (codes int8 (R, C), scale fp32 (R,))."""
+    q, s = quantize_int8_cols(np.asarray(m, np.float32).T)
+    return np.ascontiguousarray(q.T), s
+
+
+def uint4_tensor(name: str, codes: np.ndarray) -> onnx.TensorProto:
+    """An ONNX uint4 initializer from codes (values 0..15), packed two per byte, low nibble first."""
+    codes = np.asarray(codes, np.uint8)
+    if codes.size and codes.max() > 15:
+        raise ValueError("uint4 codes must lie in [0, 15]")
+    flat = codes.reshape(-1)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    raw = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+    return helper.make_tensor(name, TensorProto.UINT4, list(codes.shape), raw, raw=True)
+
+
+class GraphBuilder:
+    """Accumulates nodes, initializers, inputs and outputs of one ONNX graph.
+
+    dtype: storage scheme of big matrices ("fp32", "fp16", "int8"); see the module docstring.
+    """
+
+    def __init__(self, dtype: str = "fp32"):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        self.dtype = dtype
+        self.nodes: list = []
+        self.inits: list = []
+        self.inputs: list = []
+        self.outputs: list = []
+        self.min_opset = 17
+        self._count = 0
+        self._consts: dict = {}
+
+    # --- plumbing -------------------------------------------------------------------------
+    def fresh(self, base: str) -> str:
+        self._count += 1
+        return f"{base}_{self._count}"
+
+    def op(self, op_type: str, *inputs: str, out: Optional[str] = None, n_out: int = 1,
+           domain: str = "", **attrs):
+        """Add a node; returns its output name (or a list of names when n_out > 1)."""
+        if out is not None and n_out != 1:
+            raise ValueError("out= names a single output")
+        outs = [out] if out is not None else [self.fresh(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self.fresh("n_" + op_type),
+                                           domain=domain or None, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def init(self, arr: np.ndarray, name: str) -> str:
+        """Add `arr` as an initializer named `name` (kept at its own dtype)."""
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def const(self, value, dtype=np.float32) -> str:
+        """A small constant (shape, axis list, scalar); identical constants are shared."""
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.init(arr, self.fresh("c"))
+        return self._consts[key]
+
+    def ints(self, values: Sequence[int]) -> str:
+        return self.const(list(values), np.int64)
+
+    def add_input(self, name: str, elem_type: int, shape) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def add_output(self, name: str, elem_type: int, shape) -> None:
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+    # --- small ops ------------------------------------------------------------------------
+    def reshape(self, x: str, shape: Sequence[int], out: Optional[str] = None) -> str:
+        return self.op("Reshape", x, self.ints(shape), out=out)
+
+    def add(self, a, b, out=None):
+        return self.op("Add", a, b, out=out)
+
+    def sub(self, a, b, out=None):
+        return self.op("Sub", a, b, out=out)
+
+    def mul(self, a, b, out=None):
+        return self.op("Mul", a, b, out=out)
+
+    def vec(self, arr: np.ndarray, name: str) -> str:
+        """A float32 vector/small tensor parameter (mix coefficients, norms, biases)."""
+        return self.init(np.asarray(arr, np.float32), name)
+
+    def layer_norm(self, x: str, w: np.ndarray, b: np.ndarray, name: str, eps: float = 1e-5) -> str:
+        return self.op("LayerNormalization", x, self.vec(w, name + ".w"), self.vec(b, name + ".b"),
+                       axis=-1, epsilon=float(eps))
+
+    def reduce_sum(self, x: str, axis: int = -1) -> str:
+        return self.op("ReduceSum", x, self.ints([axis]), keepdims=1)
+
+    # --- weights --------------------------------------------------------------------------
+    def matmul(self, x: str, m: np.ndarray, name: str) -> str:
+        """x (..., in) @ m (in, out) with m stored in this graph's dtype."""
+        m = np.asarray(m, np.float32)
+        if self.dtype == "fp32":
+            return self.op("MatMul", x, self.init(m, name))
+        if self.dtype == "fp16":
+            w = self.op("Cast", self.init(m.astype(np.float16), name), to=TensorProto.FLOAT)
+            return self.op("MatMul", x, w)
+        q, s = quantize_int8_cols(m)
+        w = self.op("DequantizeLinear", self.init(q, name), self.init(s, name + ".scale"),
+                    self.init(np.zeros(s.shape, np.int8), name + ".zp"), axis=1)
+        return self.op("MatMul", x, w)
+
+    def linear(self, x: str, w: np.ndarray, name: str) -> str:
+        """x (..., in) @ w.T for a weight w (out, in) in the official layout."""
+        return self.matmul(x, np.asarray(w).T, name)
+
+    def gather_rows(self, table: np.ndarray, idx: str, name: str) -> str:
+        """Rows `idx` of table (R, C) as float32 (idx shape + (C,)), stored in this graph's dtype
+        (int8: one scale per row, gathered alongside)."""
+        table = np.asarray(table, np.float32)
+        if self.dtype == "fp32":
+            return self.op("Gather", self.init(table, name), idx, axis=0)
+        if self.dtype == "fp16":
+            g = self.op("Gather", self.init(table.astype(np.float16), name), idx, axis=0)
+            return self.op("Cast", g, to=TensorProto.FLOAT)
+        q, s = quantize_int8_rows(table)
+        g = self.op("Cast", self.op("Gather", self.init(q, name), idx, axis=0), to=TensorProto.FLOAT)
+        sg = self.op("Gather", self.init(s.reshape(-1, 1), name + ".scale"), idx, axis=0)
+        return self.mul(g, sg)
+
+    def lowbit_scores(self, x: str, codes: np.ndarray, scale: np.ndarray, zero: np.ndarray,
+                      bits: int, name: str) -> str:
+        """x (T, C) @ W_hat.T for W_hat = zero + scale * codes, per group of C // G columns.
+
+        codes: uint8 (R, C) of `bits` bits; scale, zero: (R, G). Computed as
+        DQ(codes, scale) matmul + zero @ (group sums of x), so the zero point need not be an
+        integer (it is a float `lo` in this project's format). Returns (T, R).
+        """
+        R, C = codes.shape
+        G = scale.shape[1]
+        gs = C // G
+        self.min_opset = max(self.min_opset, 21)   # blocked DequantizeLinear, uint4
+        qT = np.ascontiguousarray(codes.T)                       # (C, R)
+        if bits <= 4:
+            q_name = name
+            self.inits.append(uint4_tensor(q_name, qT))
+        else:
+            q_name = self.init(qT.astype(np.uint8), name)
+        sT = self.init(np.ascontiguousarray(np.asarray(scale, np.float32).T), name + ".scale")  # (G, R)
+        w = self.op("DequantizeLinear", q_name, sT, axis=0, block_size=gs)      # (C, R)
+        y = self.op("MatMul", x, w)
+        zT = self.init(np.ascontiguousarray(np.asarray(zero, np.float32).T), name + ".zero")    # (G, R)
+        xs = self.op("ReduceSum", self.reshape(x, [-1, G, gs]), self.ints([2]), keepdims=0)  # (T, G)
+        return self.add(y, self.op("MatMul", xs, zT))
+
+    # --- finish ---------------------------------------------------------------------------
+    def model(self, name: str, opset: Optional[int] = None, doc: str = "") -> onnx.ModelProto:
+        """The finished ModelProto (opset: at least what the ops used need, default the minimum)."""
+        opset = max(opset or 0, self.min_opset)
+        graph = helper.make_graph(self.nodes, name, self.inputs, self.outputs, self.inits)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name="rwkv-edge", doc_string=doc)
+        m.ir_version = min(m.ir_version, 10)   # readable by onnxruntime releases of 2024+
+        return m

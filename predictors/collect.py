@@ -1,0 +1,303 @@
+"""Capture FFN inputs to disk: per-layer float16 memmapped shards plus a manifest.
+
+Layout of a collect directory::
+
+    manifest.json          magic, format version, model fingerprint + config, dims, per-layer
+                           row counts and shard lists, the source hash (for resume)
+    state.npz              the recurrent State after the last stored token (for resume)
+    L00_0000.npy ...       float16 (shard_rows, D) arrays, one file per layer and shard;
+                           only the first `count` rows of a layer (in shard order) are valid
+
+Labels are not stored: `labels(model, layer, xk)` recomputes them from W_k, which is exact and
+costs one (n, D) x (D, F) matmul.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Iterator
+
+import numpy as np
+
+MAGIC = "rwkv-edge-activations"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STATE_FILE = "state.npz"
+DEFAULT_SHARD_ROWS = 65536
+
+
+class CollectError(ValueError):
+    """A collect directory cannot be used (other model's data, damaged manifest, ...)."""
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def _write_json_atomic(path: str, obj: dict) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".manifest-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_manifest(out_dir: str) -> dict:
+    """Read and validate `out_dir/manifest.json`; CollectError if absent or not ours."""
+    path = os.path.join(os.fspath(out_dir), MANIFEST)
+    if not os.path.isfile(path):
+        raise CollectError(f"{out_dir}: no {MANIFEST}; not an activation directory (run `collect` first)")
+    try:
+        with open(path) as f:
+            man = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CollectError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(man, dict) or man.get("magic") != MAGIC:
+        raise CollectError(f"{path}: not an rwkv-edge activation manifest")
+    if man.get("format_version") != FORMAT_VERSION:
+        raise CollectError(f"{path}: format version {man.get('format_version')}, expected {FORMAT_VERSION}")
+    return man
+
+
+def check_model(man: dict, model, where: str = "") -> None:
+    """Raise CollectError unless the manifest was written for `model` (fingerprint and config)."""
+    if man["fingerprint"] != model.fingerprint or man["config"] != model.config.to_dict():
+        raise CollectError(
+            f"{where or 'activation directory'} holds data of another model (fingerprint {man['fingerprint']}, "
+            f"this model is {model.fingerprint}); use a new --out directory")
+
+
+def _source_hash(tokens: np.ndarray) -> str:
+    # The first tokens identify the source text well enough to refuse resuming on other data.
+    return hashlib.sha256(np.asarray(tokens[:4096], np.int64).tobytes()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- writers
+
+
+class _LayerWriter:
+    """Appends (T, D) rows of one layer into preallocated float16 shard files."""
+
+    def __init__(self, out_dir: str, layer: int, dim: int, shard_rows: int, shards: list, count: int):
+        self.out_dir, self.layer, self.dim, self.shard_rows = out_dir, layer, dim, shard_rows
+        self.shards = shards          # manifest entries {"file", "rows"}; shared with the manifest
+        self.count = count            # valid rows so far
+        self._open = {}               # shard index -> memmap
+
+    def _shard(self, s: int) -> np.memmap:
+        if s not in self._open:
+            if s == len(self.shards):
+                name = f"L{self.layer:02d}_{s:04d}.npy"
+                mm = np.lib.format.open_memmap(os.path.join(self.out_dir, name), mode="w+",
+                                               dtype=np.float16, shape=(self.shard_rows, self.dim))
+                self.shards.append({"file": name, "rows": self.shard_rows})
+            else:
+                mm = np.lib.format.open_memmap(os.path.join(self.out_dir, self.shards[s]["file"]), mode="r+")
+            self._open = {s: mm}      # keep at most one shard mapped per layer
+        return self._open[s]
+
+    def append(self, x: np.ndarray) -> None:
+        """x: (T, D) float -> rows [count, count + T) of this layer."""
+        done = 0
+        while done < len(x):
+            s, off = divmod(self.count, self.shard_rows)
+            n = min(len(x) - done, self.shard_rows - off)
+            self._shard(s)[off:off + n] = x[done:done + n]
+            done += n
+            self.count += n
+
+    def flush(self) -> None:
+        for mm in self._open.values():
+            mm.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self._open = {}
+
+
+# --------------------------------------------------------------------------- collect
+
+
+def collect(model, tokens, out_dir: str, n_tokens: int | None = None, chunk: int = 512,
+            progress: bool = True, shard_rows: int = DEFAULT_SHARD_ROWS, tokenizer=None) -> dict:
+    """Run `tokens` through `model` in windows of `chunk` tokens (state carried between windows) and
+    stream every layer's FFN input xk (T, D) to float16 shards under `out_dir`.
+
+    tokens: a 1-D sequence of token ids, or text (a str or an iterable of str chunks, encoded with
+    `tokenizer` and run back to back); at most `n_tokens` of them are used (all when None). If `out_dir` already holds a partial collection of the same model and the same
+    source, it is resumed from the saved state; another model's data raises CollectError.
+    Returns the final manifest (dict).
+    """
+    from rwkv_edge.state import State
+
+    out_dir = os.fspath(out_dir)
+    if isinstance(tokens, str):
+        tokens = [tokens]
+    tokens = list(tokens)
+    if tokens and isinstance(tokens[0], str):
+        if tokenizer is None:
+            raise ValueError("collect got text but no tokenizer")
+        tokens = [t for piece in tokens for t in tokenizer.encode(piece)]
+    tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    n_total = len(tokens) if n_tokens is None else min(int(n_tokens), len(tokens))
+    if n_total <= 0:
+        raise ValueError("collect needs at least one token")
+    if chunk <= 0 or shard_rows <= 0:
+        raise ValueError("chunk and shard_rows must be positive")
+    cfg = model.config
+    os.makedirs(out_dir, exist_ok=True)
+    src = _source_hash(tokens)
+
+    if os.path.exists(os.path.join(out_dir, MANIFEST)):
+        man = read_manifest(out_dir)
+        check_model(man, model, out_dir)
+        if man["source_hash"] != src:
+            raise CollectError(f"{out_dir}: holds a collection of another text; use a new --out directory")
+        if man["shard_rows"] != shard_rows:
+            shard_rows = int(man["shard_rows"])
+        state = State.load(os.path.join(out_dir, STATE_FILE), cfg, model.fingerprint) if man["tokens"] else None
+    else:
+        if any(not n.startswith(".") for n in os.listdir(out_dir)):
+            raise CollectError(f"{out_dir}: directory is not empty and has no {MANIFEST}; use a new --out directory")
+        man = {"magic": MAGIC, "format_version": FORMAT_VERSION, "fingerprint": model.fingerprint,
+               "config": cfg.to_dict(), "dim": cfg.n_embd, "ffn_dim": cfg.ffn_dim, "dtype": "float16",
+               "shard_rows": shard_rows, "source_hash": src, "tokens": 0, "complete": False,
+               "layers": [{"layer": i, "count": 0, "shards": []} for i in range(cfg.n_layer)]}
+        state = None
+    start = int(man["tokens"])
+    if start >= n_total:
+        return man
+
+    writers = [_LayerWriter(out_dir, i, cfg.n_embd, shard_rows, man["layers"][i]["shards"], start)
+               for i in range(cfg.n_layer)]
+    if any(w.count != man["layers"][i]["count"] for i, w in enumerate(writers)):
+        raise CollectError(f"{out_dir}: manifest layer counts disagree; the directory is damaged")
+
+    def hook(layer, xk):
+        writers[layer].append(xk)
+
+    def checkpoint(done: int, complete: bool) -> None:
+        # Order matters for crash safety: data, then state, then the manifest that points to them.
+        for w in writers:
+            w.flush()
+        state.save(os.path.join(out_dir, STATE_FILE), model.fingerprint)
+        for i, w in enumerate(writers):
+            man["layers"][i]["count"] = w.count
+        man["tokens"], man["complete"] = done, complete
+        _write_json_atomic(os.path.join(out_dir, MANIFEST), man)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=n_total, initial=start, unit="tok", desc="collect", dynamic_ncols=True)
+    model.hooks.ffn_input.append(hook)
+    try:
+        pos, last_ckpt = start, start
+        while pos < n_total:
+            window = tokens[pos:min(pos + chunk, n_total)]
+            _, state = model.forward(window.tolist(), state)
+            pos += len(window)
+            if bar is not None:
+                bar.update(len(window))
+            if pos - last_ckpt >= shard_rows // 4:   # periodic checkpoint, so a crash loses little
+                checkpoint(pos, False)
+                last_ckpt = pos
+        checkpoint(pos, True)
+    finally:
+        model.hooks.ffn_input.remove(hook)
+        for w in writers:
+            w.close()
+        if bar is not None:
+            bar.close()
+    return man
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def layer_count(out_dir: str, layer: int) -> int:
+    """Number of valid rows stored for `layer`."""
+    return int(read_manifest(out_dir)["layers"][layer]["count"])
+
+
+def load_layer(out_dir: str, layer: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Rows [start, stop) of layer `layer`'s stored FFN inputs as float32 (n, D)."""
+    man = read_manifest(out_dir)
+    if not 0 <= layer < len(man["layers"]):
+        raise IndexError(f"layer {layer} out of range [0, {len(man['layers'])})")
+    entry = man["layers"][layer]
+    count = int(entry["count"])
+    stop = count if stop is None else min(int(stop), count)
+    start = max(0, int(start))
+    out = np.empty((max(0, stop - start), man["dim"]), np.float32)
+    R = int(man["shard_rows"])
+    pos = start
+    while pos < stop:
+        s, off = divmod(pos, R)
+        n = min(stop - pos, R - off)
+        path = os.path.join(os.fspath(out_dir), entry["shards"][s]["file"])
+        try:
+            mm = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise CollectError(f"{path}: unreadable shard ({e})") from None
+        out[pos - start:pos - start + n] = mm[off:off + n]
+        del mm
+        pos += n
+    return out
+
+
+def labels(model, layer: int, xk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ground truth for FFN inputs xk (n, D): (active bool (n, F), act float32 (n, F)) where
+    act = relu(W_k xk)^2 and active = act > 0."""
+    pre = np.asarray(xk, np.float32) @ model.blocks[layer].ffn_key.T      # (n, F)
+    np.maximum(pre, 0.0, out=pre)
+    act = np.square(pre, out=pre)
+    return act > 0, act
+
+
+# --------------------------------------------------------------------------- text input
+
+
+def read_text_pieces(path: str, n_chars: int | None = None, piece_chars: int = 1 << 16) -> Iterator[str]:
+    """Yield text of `path` in pieces ending at line breaks. With `n_chars` (smaller than the file),
+    pieces are taken at evenly spaced offsets across the whole file, so a short collection still
+    sees all of its authors/documents rather than only the beginning."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if n_chars is None or n_chars >= size:
+            starts = range(0, size, piece_chars)
+            piece = piece_chars
+        else:
+            n_pieces = max(1, -(-int(n_chars) // piece_chars))
+            piece = -(-int(n_chars) // n_pieces)
+            starts = [int(i * (size - piece) / max(1, n_pieces - 1)) if n_pieces > 1 else 0
+                      for i in range(n_pieces)]
+        for s in starts:
+            f.seek(s)
+            raw = f.read(piece)
+            if s > 0:                   # start after the first line break: no cut words
+                nl = raw.find(b"\n")
+                raw = raw[nl + 1:] if nl >= 0 else raw
+            nl = raw.rfind(b"\n")
+            if nl >= 0 and len(raw) == piece:
+                raw = raw[:nl + 1]
+            yield raw.decode("utf-8", errors="ignore")
+
+
+def encode_text(tokenizer, path: str, n_tokens: int | None, chars_per_token: float = 4.5) -> list[int]:
+    """Token ids of (an evenly spread sample of) the text file `path`, at most `n_tokens` of them."""
+    size = os.path.getsize(path)
+    n_chars = None if n_tokens is None else int(n_tokens * chars_per_token)
+    while True:
+        ids = [t for piece in read_text_pieces(path, n_chars) for t in tokenizer.encode(piece)]
+        if n_tokens is None or len(ids) >= n_tokens or n_chars is None or n_chars >= size:
+            return ids if n_tokens is None else ids[:n_tokens]
+        n_chars = int(n_chars * 1.25)  # the text was denser than guessed: sample more of it

@@ -1,0 +1,41 @@
+"""One place that turns user choices (model file, backend, predictors, device) into a ready model."""
+from __future__ import annotations
+
+import os
+
+from .config import ModelLoadError
+
+_PACKAGE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def default_model_path() -> str | None:
+    """The embedded default model shipped inside the package, if this install has one."""
+    for name in ("default.rwkv", "default.pth"):
+        p = os.path.join(_PACKAGE_DATA, name)
+        if os.path.exists(p):
+            return p
+    return None
+
+
+def open_model(path: str, backend: str = "reference", predictors: str | None = None, device: str = "cpu"):
+    """Load a model (official `.pth` or the project's own model file) and optionally make it sparse.
+
+    backend: "reference" (numpy) or "numba"; device "cuda" selects the CUDA backend.
+    predictors: path of a predictor bundle; the FFN then runs sparse on the predicted neurons.
+    """
+    from . import load_model
+
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device '{device}', choose cpu or cuda")
+    if device == "cuda":
+        backend = "cuda"
+    model = load_model(path, backend=backend)
+    if predictors:
+        if not os.path.exists(predictors):
+            raise ModelLoadError(f"{predictors}: no such predictor bundle")
+        from predictors.bundle import PredictorBundle
+        from .sparse import SparseFFN
+
+        bundle = PredictorBundle.load(predictors, model=model)
+        model = model.with_ffn(SparseFFN(model, bundle))
+    return model

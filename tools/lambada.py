@@ -1,0 +1,37 @@
+"""LAMBADA accuracy and perplexity (lm-eval `lambada_openai` style).
+
+    python tools/lambada.py --model M [--limit N] [--predictors BUNDLE] [--backend numba]
+Last line: `lambada acc=0.XXXX ppl=YY.YY n=N`.
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rwkv_edge.cli import add_model_args, load_for_run, positive_int  # noqa: E402
+from rwkv_edge.evaluate import lambada_items, score_lambada  # noqa: E402
+
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "lambada_test.jsonl")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="lambada.py", description=__doc__.splitlines()[0])
+    add_model_args(ap)
+    ap.add_argument("--data", default=DEFAULT_DATA, help="lambada_test.jsonl (default: ../shared/data)")
+    ap.add_argument("--limit", type=positive_int, help="only the first N items")
+    args = ap.parse_args(argv)
+    if not os.path.exists(args.data):
+        ap.error(f"--data {args.data}: no such file")
+    model, tok = load_for_run(ap, args)
+    items = lambada_items(args.data, args.limit)
+    t0 = time.time()
+    r = score_lambada(model, tok, items)
+    print(f"wall_s={time.time() - t0:.1f}", file=sys.stderr)
+    print(f"lambada acc={r.accuracy:.4f} ppl={r.perplexity:.2f} n={r.n}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
