@@ -21,10 +21,15 @@ def main(argv=None) -> int:
     add_model_args(ap)
     ap.add_argument("--data", default=DEFAULT_DATA, help="lambada_test.jsonl (default: ../shared/data)")
     ap.add_argument("--limit", type=positive_int, help="only the first N items")
+    ap.add_argument("--engine", choices=["rwkv-edge", "rwkv"], default="rwkv-edge",
+                    help="rwkv: score with the reference `rwkv` pip package instead (for comparison)")
     args = ap.parse_args(argv)
     if not os.path.exists(args.data):
         ap.error(f"--data {args.data}: no such file")
     model, tok = load_for_run(ap, args)
+    if args.engine == "rwkv":
+        from rwkv_peer import RwkvPackageModel
+        model = RwkvPackageModel(args.model, "cuda fp16" if args.device == "cuda" else "cpu fp32")
     items = lambada_items(args.data, args.limit)
     t0 = time.time()
     r = score_lambada(model, tok, items)

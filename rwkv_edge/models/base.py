@@ -110,7 +110,7 @@ class RWKVModel:
 def token_shift(x: np.ndarray, prev: np.ndarray) -> np.ndarray:
     """The previous token's vector for each position: (T, D) from x (T, D) and prev (D,)."""
     if x.shape[0] == 1:
-        return prev[None, :]
+        return prev[None, :].copy()  # a copy: callers overwrite the state row right after
     return np.concatenate([prev[None, :], x[:-1]], axis=0)
 
 
