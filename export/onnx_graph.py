@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .onnx_ops import GraphBuilder
+from .onnx_ops import GraphBuilder, quantize_int8_rows
 
 _DECAY_SCALE = 0.606531  # exp(-0.5), as in v7.py
 F32 = TensorProto.FLOAT
@@ -77,7 +77,7 @@ class _RWKV7Graph:
             g.op("Identity", S2, out=f"new_wkv_{i}")
             return g.reshape(y, [1, D])
         # Scan over T: body(S; r_t..b_t (H, N)) -> (S'; y_t (H, N))
-        body = GraphBuilder("fp32")
+        body = GraphBuilder("fp32", prefix=f"scan{i}_")
         ins = ["S_in"] + [f"{c}_t" for c in "rwkvab"]
         body.add_input("S_in", F32, [H, N, N])
         for c in ins[1:]:
@@ -122,8 +122,7 @@ class _RWKV7Graph:
         w = g.op("Exp", g.mul(g.const(-_DECAY_SCALE), g.op("Sigmoid", g.add(g.vec(b.w0, p + "w0"), w))))
 
         y = self.wkv(i, f"wkv_{i}", r, w, k, v, g.op("Neg", kk), g.mul(kk, a))      # (T, D)
-        ones = g.vec(np.ones(N, np.float32), f"ones{N}")
-        zeros = g.vec(np.zeros(N, np.float32), f"zeros{N}")
+        ones, zeros = g.const(np.ones(N)), g.const(np.zeros(N))
         y = g.op("LayerNormalization", g.reshape(y, [-1, H, N]), ones, zeros, axis=-1, epsilon=64e-5)
         y = g.add(g.mul(g.reshape(y, [-1, D]), g.vec(b.lnx_w, p + "ln_x.w")), g.vec(b.lnx_b, p + "ln_x.b"))
         rk = g.mul(g.reshape(g.mul(r, k), [-1, H, N]), g.vec(b.r_k, p + "r_k"))      # (T, H, N)
@@ -156,8 +155,8 @@ class _RWKV7Graph:
         kv = np.concatenate([b.ffn_key, b.ffn_value.T], axis=1)                  # (F, 2D)
         name = f"b{i}.ffn.kv"
         if g.dtype == "int8":
-            qk, sk = _rows_int8(b.ffn_key)
-            qv, sv = _rows_int8(b.ffn_value.T)
+            qk, sk = quantize_int8_rows(b.ffn_key)
+            qv, sv = quantize_int8_rows(b.ffn_value.T)
             rows = g.op("Cast", g.op("Gather", g.init(np.concatenate([qk, qv], 1), name), idx, axis=0),
                         to=F32)                                                 # (T, k, 2D)
             sc = g.op("Gather", g.init(np.stack([sk, sv], 1), name + ".scale"), idx, axis=0)
@@ -201,11 +200,6 @@ class _RWKV7Graph:
             g.add_output("new_" + name, F32, list(shape))
         kind = "prefill" if self.seq else "step"
         return g.model(f"rwkv7_{kind}", doc=f"rwkv-edge RWKV-7 {kind} graph, fingerprint {m.fingerprint}")
-
-
-def _rows_int8(m):
-    from .onnx_ops import quantize_int8_rows
-    return quantize_int8_rows(m)
 
 
 def build_graph(model, dtype: str = "fp32", sparse_topk: Optional[Sequence[int]] = None,

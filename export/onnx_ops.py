@@ -58,9 +58,10 @@ class GraphBuilder:
     """Accumulates nodes, initializers, inputs and outputs of one ONNX graph.
 
     dtype: storage scheme of big matrices ("fp32", "fp16", "int8"); see the module docstring.
+    prefix: prepended to generated names (for subgraphs, whose names must not shadow the outer ones).
     """
 
-    def __init__(self, dtype: str = "fp32"):
+    def __init__(self, dtype: str = "fp32", prefix: str = ""):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         self.dtype = dtype
@@ -70,12 +71,13 @@ class GraphBuilder:
         self.outputs: list = []
         self.min_opset = 17
         self._count = 0
+        self._prefix = prefix      # keeps a subgraph's (Scan body's) names apart from the outer graph
         self._consts: dict = {}
 
     # --- plumbing -------------------------------------------------------------------------
     def fresh(self, base: str) -> str:
         self._count += 1
-        return f"{base}_{self._count}"
+        return f"{self._prefix}{base}_{self._count}"
 
     def op(self, op_type: str, *inputs: str, out: Optional[str] = None, n_out: int = 1,
            domain: str = "", **attrs):

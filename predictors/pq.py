@@ -71,9 +71,13 @@ class PQPredictor(LayerPredictor):
     def encode(w: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
         """Nearest-centroid codes (F, M) uint8 of rows w (F, D) under codebooks (M, K, dsub)."""
         M, K, dsub = codebooks.shape
-        ws = w.reshape(w.shape[0], M, dsub)                               # (F, M, dsub)
-        d2 = ((ws[:, :, None, :] - codebooks[None]) ** 2).sum(-1)         # (F, M, K)
-        return d2.argmin(-1).astype(np.uint8)
+        ws = np.asarray(w, np.float32).reshape(w.shape[0], M, dsub)       # (F, M, dsub)
+        cn = (codebooks ** 2).sum(-1)                                     # (M, K)
+        out = np.empty((w.shape[0], M), np.uint8)
+        for a in range(0, len(ws), 256):                                  # |w - c|^2 - |w|^2, chunked
+            d2 = cn[None] - 2 * np.einsum("fmd,mkd->fmk", ws[a:a + 256], codebooks)   # (f, M, K)
+            out[a:a + 256] = d2.argmin(-1)
+        return out
 
     def decoded(self) -> np.ndarray:
         """The approximate W_k (F, D) float32 these codes stand for (cached)."""
@@ -106,8 +110,7 @@ class PQPredictor(LayerPredictor):
 
     @property
     def nbytes(self) -> int:
-        bits = max(1, int(np.ceil(np.log2(self.K))))
-        return int(self.codes.shape[0] * self.codes.shape[1] * bits // 8 + self.codebooks.nbytes)
+        return int(self.codes.nbytes + self.codebooks.nbytes)           # as stored: one byte per code
 
     def _arrays(self) -> dict:
         return {"codes": self.codes, "codebooks": self.codebooks}

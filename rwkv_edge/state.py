@@ -13,6 +13,14 @@ _MAGIC = "rwkv-edge-state"
 _VERSION = 1
 
 
+def _clone(a):
+    return a.copy() if isinstance(a, np.ndarray) else a.clone()  # numpy or a device tensor (torch)
+
+
+def _host(a) -> np.ndarray:
+    return a if isinstance(a, np.ndarray) else a.detach().cpu().numpy()
+
+
 @dataclass
 class State:
     """Per-layer recurrent state.
@@ -31,7 +39,11 @@ class State:
         return cls(np.zeros((L, D), np.float32), np.zeros((L, H, N, N), np.float32), np.zeros((L, D), np.float32))
 
     def copy(self) -> "State":
-        return State(self.att_x.copy(), self.wkv.copy(), self.ffn_x.copy())
+        return State(_clone(self.att_x), _clone(self.wkv), _clone(self.ffn_x))
+
+    def numpy(self) -> "State":
+        """The same state with host numpy arrays (a backend may keep it on a device)."""
+        return State(_host(self.att_x), _host(self.wkv), _host(self.ffn_x))
 
     def matches(self, config: ModelConfig) -> bool:
         L, D, H, N = config.n_layer, config.n_embd, config.n_head, config.head_size
@@ -45,7 +57,7 @@ class State:
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, magic=np.array(_MAGIC), version=np.array(_VERSION), fingerprint=np.array(fingerprint),
-                         att_x=self.att_x, wkv=self.wkv, ffn_x=self.ffn_x)
+                         att_x=_host(self.att_x), wkv=_host(self.wkv), ffn_x=_host(self.ffn_x))
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

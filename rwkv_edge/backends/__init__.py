@@ -1,17 +1,23 @@
 """Kernel backends: modules with the same function set, chosen by name through a registry.
 
-Every backend provides: linear, matmul, layer_norm, group_norm, wkv5, wkv6, wkv7.
+The function set is reference.py's: weight, to_host, adopt_state, embed, sigmoid, tanh, exp,
+relu_sq, token_shift, l2_normalize, linear, matmul, layer_norm, group_norm, wkv5, wkv6, wkv7.
+A CPU backend may leave out numpy elementwise ops: they default to the reference ones.
 Backends are imported lazily so that e.g. numba or CUDA are only loaded when asked for.
 """
 from __future__ import annotations
 
 import importlib
+from types import SimpleNamespace
 
 _REGISTRY = {
     "reference": "rwkv_edge.backends.reference",
     "numba": "rwkv_edge.backends.numba_cpu",
     "cuda": "rwkv_edge.backends.cuda",
 }
+
+
+_CACHE: dict = {}
 
 
 def available() -> list[str]:
@@ -24,4 +30,11 @@ def get_backend(name: str):
         return name  # already a backend object
     if name not in _REGISTRY:
         raise ValueError(f"unknown backend '{name}', choose one of {', '.join(_REGISTRY)}")
-    return importlib.import_module(_REGISTRY[name])
+    if name not in _CACHE:
+        ref = importlib.import_module(_REGISTRY["reference"])
+        mod = importlib.import_module(_REGISTRY[name])
+        ns = {k: getattr(ref, k) for k in dir(ref) if not k.startswith("_")}
+        ns.update({k: getattr(mod, k) for k in dir(mod) if not k.startswith("_")})
+        ns["name"] = name
+        _CACHE[name] = SimpleNamespace(**ns)
+    return _CACHE[name]

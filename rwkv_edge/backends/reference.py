@@ -10,6 +10,56 @@ import numpy as np
 name = "reference"
 
 
+def weight(a: np.ndarray) -> np.ndarray:
+    """Adopt a weight array for this backend (the reference keeps numpy float32 as is)."""
+    return a
+
+
+def to_host(x) -> np.ndarray:
+    return np.asarray(x)
+
+
+def adopt_state(state):
+    """Put a State's arrays where this backend computes (numpy here)."""
+    return state
+
+
+def embed(emb: np.ndarray, tokens) -> np.ndarray:
+    """Rows of the embedding matrix (V, D) for token ids -> (T, D) float32."""
+    return np.asarray(emb[tokens], dtype=np.float32)
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def tanh(x):
+    return np.tanh(x)
+
+
+def exp(x):
+    return np.exp(x)
+
+
+def relu_sq(x):
+    x = np.maximum(x, 0.0)
+    return x * x
+
+
+def token_shift(x: np.ndarray, prev: np.ndarray) -> np.ndarray:
+    """The previous token's vector at each position: (T, D) from x (T, D) and prev (D,). A new array."""
+    if x.shape[0] == 1:
+        return prev[None, :].copy()
+    return np.concatenate([prev[None, :], x[:-1]], axis=0)
+
+
+def l2_normalize(x: np.ndarray, n_groups: int) -> np.ndarray:
+    """Each of n_groups equal slices of the last dim scaled to unit L2 norm (eps 1e-12, as torch)."""
+    T, D = x.shape
+    g = x.reshape(T, n_groups, D // n_groups)
+    return (g / np.maximum(np.sqrt((g * g).sum(-1, keepdims=True)), 1e-12)).reshape(T, D)
+
+
 def linear(x: np.ndarray, W: np.ndarray) -> np.ndarray:
     """x (..., in) @ W(out, in).T -> (..., out)."""
     return x @ W.T

@@ -25,11 +25,6 @@ class Hooks:
         self.ffn_activation: List[Callable] = []
 
 
-def relu_sq(x: np.ndarray) -> np.ndarray:
-    x = np.maximum(x, 0.0)
-    return x * x
-
-
 class RWKVModel:
     version = ""
 
@@ -40,11 +35,15 @@ class RWKVModel:
         self.ops = get_backend(backend)
         self.fingerprint = fingerprint or fingerprint_arrays(
             config, [weights["emb.weight"][:8], weights["blocks.0.ffn.key.weight"][:8], weights["head.weight"][-8:]])
-        self.emb = weights["emb.weight"]                       # (V, D); ln0 applied per token
-        self.ln0 = (weights["blocks.0.ln0.weight"], weights["blocks.0.ln0.bias"])
-        self.ln_out = (weights["ln_out.weight"], weights["ln_out.bias"])
-        self.head = weights["head.weight"]                     # (V, D)
-        self.blocks = [self._prepare_block(i, weights) for i in range(config.n_layer)]
+        W = self.ops.weight
+        self.emb = weights["emb.weight"]                       # (V, D), kept on the host; ln0 applied per token
+        self.ln0 = (W(weights["blocks.0.ln0.weight"]), W(weights["blocks.0.ln0.bias"]))
+        self.ln_out = (W(weights["ln_out.weight"]), W(weights["ln_out.bias"]))
+        self.head = W(weights["head.weight"])                  # (V, D)
+        self.blocks = []
+        for i in range(config.n_layer):
+            b = self._prepare_block(i, weights)
+            self.blocks.append(SimpleNamespace(**{k: W(v) for k, v in vars(b).items()}))
         self.hooks = Hooks()
         self.ffn = None  # None: dense FFN; else a callable (layer, xk (T, D)) -> (T, D), e.g. a sparse FFN
 
@@ -66,7 +65,7 @@ class RWKVModel:
         if self.ffn is not None:
             return self.ffn(i, xk)
         b = self.blocks[i]
-        k = relu_sq(self.ops.linear(xk, b.ffn_key))           # (T, F)
+        k = self.ops.relu_sq(self.ops.linear(xk, b.ffn_key))           # (T, F)
         for h in self.hooks.ffn_activation:
             k = h(i, k)
         return self.ops.linear(k, b.ffn_value)
@@ -90,29 +89,19 @@ class RWKVModel:
         V = self.config.vocab_size
         if min(tokens) < 0 or max(tokens) >= V:
             raise ValueError(f"token id out of range [0, {V})")
-        state = self.zero_state() if state is None else state.copy()
         ops = self.ops
-        x = ops.layer_norm(self.emb[tokens].astype(np.float32), *self.ln0)   # (T, D)
+        state = ops.adopt_state(self.zero_state() if state is None else state.copy())
+        x = ops.layer_norm(ops.embed(self.emb, tokens), *self.ln0)   # (T, D)
         ctx: dict = {}
         for i, b in enumerate(self.blocks):
             x = x + self.time_mix(i, ops.layer_norm(x, b.ln1_w, b.ln1_b), state, ctx)
             x = x + self.channel_mix(i, ops.layer_norm(x, b.ln2_w, b.ln2_b), state)
         if not full_output:
             x = x[-1:]
-        logits = ops.linear(ops.layer_norm(x, *self.ln_out), self.head)
+        logits = ops.to_host(ops.linear(ops.layer_norm(x, *self.ln_out), self.head))
         return (logits if full_output else logits[0]), state
 
     def step(self, token: int, state: State | None = None):
         """One token: (logits (V,), new_state)."""
         return self.forward([token], state)
 
-
-def token_shift(x: np.ndarray, prev: np.ndarray) -> np.ndarray:
-    """The previous token's vector for each position: (T, D) from x (T, D) and prev (D,)."""
-    if x.shape[0] == 1:
-        return prev[None, :].copy()  # a copy: callers overwrite the state row right after
-    return np.concatenate([prev[None, :], x[:-1]], axis=0)
-
-
-def sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .base import RWKVModel, sigmoid, token_shift
+from .base import RWKVModel
 
 # ln_x is a group norm with eps 1e-5 * head_size_divisor**2 (divisor 8 in the official models)
 _LNX_EPS = 64e-5
@@ -50,15 +50,14 @@ class RWKV5(RWKVModel):
     def time_mix(self, i, x, state, ctx):
         ops, b = self.ops, self.blocks[i]
         H = self.config.n_head
-        # copy: for T == 1 token_shift returns a view of the state row overwritten just below
-        prev = token_shift(x, state.att_x[i]).copy()
+        prev = ops.token_shift(x, state.att_x[i])
         state.att_x[i] = x[-1]
 
         r = ops.linear(lerp_prev(x, prev, b.mix_r), b.att_r)
         k = ops.linear(lerp_prev(x, prev, b.mix_k), b.att_k)
         v = ops.linear(lerp_prev(x, prev, b.mix_v), b.att_v)
         g = ops.linear(lerp_prev(x, prev, b.mix_g), b.att_g)
-        g = g * sigmoid(g)                                       # silu
+        g = g * ops.sigmoid(g)                                       # silu
 
         y, state.wkv[i] = ops.wkv5(state.wkv[i], r, k, v, b.decay, b.u)
         y = ops.group_norm(y, H, b.lnx_w, b.lnx_b, eps=_LNX_EPS)
@@ -66,7 +65,7 @@ class RWKV5(RWKVModel):
 
     def channel_mix(self, i, x, state):
         b = self.blocks[i]
-        prev = token_shift(x, state.ffn_x[i]).copy()    # copy: see time_mix
+        prev = self.ops.token_shift(x, state.ffn_x[i])
         state.ffn_x[i] = x[-1]
-        r = sigmoid(self.ops.linear(lerp_prev(x, prev, b.ffn_mix_r), b.ffn_r))
+        r = self.ops.sigmoid(self.ops.linear(lerp_prev(x, prev, b.ffn_mix_r), b.ffn_r))
         return r * self.ffn_core(i, lerp_prev(x, prev, b.ffn_mix_k))

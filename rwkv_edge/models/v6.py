@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .base import RWKVModel, sigmoid, token_shift
+from .base import RWKVModel
 
 # ln_x is a group norm with eps 1e-5 * head_size_divisor**2 (divisor 8 in the official models)
 _LNX_EPS = 64e-5
@@ -50,11 +50,11 @@ class RWKV6(RWKVModel):
         ops, b = self.ops, self.blocks[i]
         T = x.shape[0]
         H = self.config.n_head
-        dx = token_shift(x, state.att_x[i]) - x
+        dx = self.ops.token_shift(x, state.att_x[i]) - x
         state.att_x[i] = x[-1]
 
         n_mix = b.maa_w2.shape[0]                                            # 5
-        m = np.tanh(ops.matmul(x + dx * b.maa_x, b.maa_w1)).reshape(T, n_mix, -1)   # (T, 5, E)
+        m = ops.tanh(ops.matmul(x + dx * b.maa_x, b.maa_w1)).reshape(T, n_mix, -1)   # (T, 5, E)
         mw, mk, mv, mr, mg = (ops.matmul(m[:, j], b.maa_w2[j]) for j in range(n_mix))  # each (T, D)
         xw = x + dx * (b.maa_w + mw)
         xk = x + dx * (b.maa_k + mk)
@@ -66,8 +66,8 @@ class RWKV6(RWKVModel):
         k = ops.linear(xk, b.att_k)
         v = ops.linear(xv, b.att_v)
         g = ops.linear(xg, b.att_g)
-        g = g * sigmoid(g)                                                   # silu
-        w = np.exp(-np.exp(b.decay + ops.matmul(np.tanh(ops.matmul(xw, b.decay_w1)), b.decay_w2)))  # (T, D)
+        g = g * ops.sigmoid(g)                                                   # silu
+        w = ops.exp(-ops.exp(b.decay + ops.matmul(ops.tanh(ops.matmul(xw, b.decay_w1)), b.decay_w2)))  # (T, D)
 
         y, state.wkv[i] = ops.wkv6(state.wkv[i], r, k, v, w, b.u)
         y = ops.group_norm(y, H, b.lnx_w, b.lnx_b, eps=_LNX_EPS)
@@ -75,7 +75,7 @@ class RWKV6(RWKVModel):
 
     def channel_mix(self, i, x, state):
         b = self.blocks[i]
-        dx = token_shift(x, state.ffn_x[i]) - x
+        dx = self.ops.token_shift(x, state.ffn_x[i]) - x
         state.ffn_x[i] = x[-1]
-        r = sigmoid(self.ops.linear(x + dx * b.ffn_maa_r, b.ffn_r))
+        r = self.ops.sigmoid(self.ops.linear(x + dx * b.ffn_maa_r, b.ffn_r))
         return r * self.ffn_core(i, x + dx * b.ffn_maa_k)

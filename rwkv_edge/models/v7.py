@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .base import RWKVModel, sigmoid, token_shift
+from .base import RWKVModel
 
 _DECAY_SCALE = 0.606531  # exp(-0.5), as in the official implementation
 
@@ -46,26 +46,25 @@ class RWKV7(RWKVModel):
         ops, b = self.ops, self.blocks[i]
         T, D = x.shape
         H, N = self.config.n_head, self.config.head_size
-        xx = token_shift(x, state.att_x[i]) - x
+        xx = self.ops.token_shift(x, state.att_x[i]) - x
         state.att_x[i] = x[-1]
         xr, xw, xk = x + xx * b.x_r, x + xx * b.x_w, x + xx * b.x_k
         xv, xa, xg = x + xx * b.x_v, x + xx * b.x_a, x + xx * b.x_g
 
         r = ops.linear(xr, b.att_r)
-        w = ops.matmul(np.tanh(ops.matmul(xw, b.w1)), b.w2)
+        w = ops.matmul(ops.tanh(ops.matmul(xw, b.w1)), b.w2)
         k = ops.linear(xk, b.att_k)
         v = ops.linear(xv, b.att_v)
-        a = sigmoid(b.a0 + ops.matmul(ops.matmul(xa, b.a1), b.a2))
-        g = ops.matmul(sigmoid(ops.matmul(xg, b.g1)), b.g2)
+        a = ops.sigmoid(b.a0 + ops.matmul(ops.matmul(xa, b.a1), b.a2))
+        g = ops.matmul(ops.sigmoid(ops.matmul(xg, b.g1)), b.g2)
 
-        kk = (k * b.k_k).reshape(T, H, N)
-        kk = (kk / np.maximum(np.linalg.norm(kk, axis=-1, keepdims=True), 1e-12)).reshape(T, D)
+        kk = ops.l2_normalize(k * b.k_k, H)
         k = k * (1 + (a - 1) * b.k_a)
         if i == 0:
             ctx["v_first"] = v
         else:  # value residual towards layer 0's value
-            v = v + (ctx["v_first"] - v) * sigmoid(b.v0 + ops.matmul(ops.matmul(xv, b.v1), b.v2))
-        w = np.exp(-_DECAY_SCALE * sigmoid(b.w0 + w))
+            v = v + (ctx["v_first"] - v) * ops.sigmoid(b.v0 + ops.matmul(ops.matmul(xv, b.v1), b.v2))
+        w = ops.exp(-_DECAY_SCALE * ops.sigmoid(b.w0 + w))
 
         y, state.wkv[i] = ops.wkv7(state.wkv[i], r, w, k, v, -kk, kk * a)
         y = ops.group_norm(y, H, b.lnx_w, b.lnx_b, eps=64e-5)
@@ -75,6 +74,6 @@ class RWKV7(RWKVModel):
 
     def channel_mix(self, i, x, state):
         b = self.blocks[i]
-        xx = token_shift(x, state.ffn_x[i]) - x
+        xx = self.ops.token_shift(x, state.ffn_x[i]) - x
         state.ffn_x[i] = x[-1]
         return self.ffn_core(i, x + xx * b.ffn_xk)

@@ -1,0 +1,91 @@
+"""Measure a PredictorBundle on text: per-layer sparsity, recall, mass recall and bytes.
+
+The text runs through the dense model; at each layer's FFN input the bundle's prediction is
+compared with the true active set relu(W_k xk) > 0 and with the activation mass relu(W_k xk)^2.
+The last line of the report is machine-readable:
+
+    mean_pred_sparsity=0.XXX mean_recall=0.XXX mean_mass_recall=0.XXX predictor_bytes=N ffn_key_fp16_bytes=N
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .calibrate import recall_stats
+from .collect import labels
+
+
+def evaluate(model, bundle, tokens, chunk: int = 512, progress: bool = True) -> list[dict]:
+    """Run token ids through `model` (windows of `chunk`, state carried) and return one dict of
+    summed counts per layer (see `calibrate.recall_stats`) for `bundle`'s predictions."""
+    bundle.check_model(model)
+    tokens = [int(t) for t in tokens]
+    if not tokens:
+        raise ValueError("predictor report needs at least one token")
+    L = model.config.n_layer
+    acc = [None] * L
+
+    def hook(layer, xk):
+        _, act = labels(model, layer, xk)                 # (T, F)
+        pred = bundle.predict(layer, xk)                  # (T, F) bool
+        s = recall_stats(pred, act)
+        acc[layer] = s if acc[layer] is None else {k: acc[layer][k] + v for k, v in s.items()}
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(tokens), unit="tok", desc="report", dynamic_ncols=True)
+    model.hooks.ffn_input.append(hook)
+    try:
+        state = None
+        for a in range(0, len(tokens), chunk):
+            _, state = model.forward(tokens[a:a + chunk], state)
+            if bar is not None:
+                bar.update(min(chunk, len(tokens) - a))
+    finally:
+        model.hooks.ffn_input.remove(hook)
+        if bar is not None:
+            bar.close()
+    return acc
+
+
+def summarize(stats: list[dict], bundle, config) -> list[dict]:
+    """Per-layer rates from summed counts."""
+    rows = []
+    for i, s in enumerate(stats):
+        rows.append({
+            "layer": i,
+            "true_sparsity": 1.0 - s["active"] / s["cells"],
+            "pred_sparsity": 1.0 - s["predicted"] / s["cells"],
+            "recall": s["hit"] / s["active"] if s["active"] else 1.0,
+            "mass_recall": s["mass_hit"] / s["mass"] if s["mass"] > 0 else 1.0,
+            "bytes": bundle.layer_nbytes(i),
+            "fp16_bytes": config.ffn_dim * config.n_embd * 2,
+        })
+    return rows
+
+
+def final_line(rows: list[dict], bundle, config) -> str:
+    """The machine-readable summary line (means over layers)."""
+    m = lambda k: float(np.mean([r[k] for r in rows]))
+    key_bytes = config.n_layer * config.ffn_dim * config.n_embd * 2
+    return (f"mean_pred_sparsity={m('pred_sparsity'):.3f} mean_recall={m('recall'):.3f} "
+            f"mean_mass_recall={m('mass_recall'):.3f} predictor_bytes={bundle.nbytes} ffn_key_fp16_bytes={key_bytes}")
+
+
+def format_report(rows: list[dict], bundle, config, n_tokens: int | None = None) -> str:
+    """The per-layer table followed by the summary line."""
+    lines = [f"predictors: {bundle.describe()}"]
+    if n_tokens is not None:
+        lines.append(f"tokens: {n_tokens}")
+    lines.append(f"{'layer':>5} {'true_sp':>8} {'pred_sp':>8} {'recall':>8} {'mass_rec':>8} {'bytes':>9} {'%fp16Wk':>8}")
+    for r in rows:
+        lines.append(f"{r['layer']:>5d} {r['true_sparsity']:>8.3f} {r['pred_sparsity']:>8.3f} {r['recall']:>8.4f} "
+                     f"{r['mass_recall']:>8.4f} {r['bytes']:>9d} {100 * r['bytes'] / r['fp16_bytes']:>7.2f}%")
+    lines.append(final_line(rows, bundle, config))
+    return "\n".join(lines)
+
+
+def report(model, bundle, tokens, chunk: int = 512, progress: bool = True) -> str:
+    """evaluate + format_report: the full text of `predictor-report`."""
+    rows = summarize(evaluate(model, bundle, tokens, chunk, progress), bundle, model.config)
+    return format_report(rows, bundle, model.config, len(tokens))
