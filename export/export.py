@@ -56,7 +56,8 @@ def _io(seq: bool, config) -> dict:
 def export_onnx(model, out_dir, dtype: str = "fp32", sparse_topk: Optional[Sequence[int]] = None,
                 predictor_weights: Optional[Sequence] = None, *, tokenizer: Optional[str] = None,
                 prefill: bool = True, sparsity_info: Optional[dict] = None,
-                ort_session_config: Optional[dict] = None, overwrite: bool = True) -> Path:
+                ort_session_config: Optional[dict] = None, overwrite: bool = True,
+                int8_matmul: str = "dynamic") -> Path:
     """Export `model` (an RWKV-7 model from `rwkv_edge.load_model`) to the directory `out_dir`.
 
     dtype: "fp32" | "fp16" | "int8" weight storage (state and activations are always fp32).
@@ -69,6 +70,7 @@ def export_onnx(model, out_dir, dtype: str = "fp32", sparse_topk: Optional[Seque
         target recall, the top-k scale).
     ort_session_config: session config entries the sidecar recommends (default: exact kernels).
     overwrite: replace an existing export directory (one holding a model.json) at out_dir.
+    int8_matmul: for dtype int8, "dynamic" (MatMulInteger) or "dequant" (DequantizeLinear + MatMul).
     The directory appears complete or not at all: everything is written to a temporary sibling
     directory that is renamed into place. Returns the directory path.
     """
@@ -87,20 +89,21 @@ def export_onnx(model, out_dir, dtype: str = "fp32", sparse_topk: Optional[Seque
         raise FileNotFoundError(f"tokenizer file {tokenizer} not found")
 
     # Graphs are built one at a time (a copy of the weights each) and saved straight away.
-    graphs = {"step": ("model.onnx", lambda: build_graph(model, dtype, seq=False), False)}
+    build = lambda topk=None, seq=False: build_graph(model, dtype, topk, predictor_weights, seq=seq,
+                                                     int8_matmul=int8_matmul)
+    graphs = {"step": ("model.onnx", lambda: build(), False)}
     if sparse_topk is not None:
-        graphs["sparse_step"] = ("model.sparse.onnx",
-                                 lambda: build_graph(model, dtype, sparse_topk, predictor_weights), False)
+        graphs["sparse_step"] = ("model.sparse.onnx", lambda: build(sparse_topk), False)
     if prefill:
-        graphs["prefill"] = ("prefill.onnx", lambda: build_graph(model, dtype, seq=True), True)
+        graphs["prefill"] = ("prefill.onnx", lambda: build(seq=True), True)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         files: dict = {}
         entries: dict = {}
-        for key, (fname, build, seq) in graphs.items():
-            m = build()
+        for key, (fname, make, seq) in graphs.items():
+            m = make()
             written = _save(m, tmp / fname)
             files.update({f: (tmp / f).stat().st_size for f in written})
             entries[key] = {"file": fname, "opset": int(m.opset_import[0].version), **_io(seq, cfg)}
@@ -116,6 +119,7 @@ def export_onnx(model, out_dir, dtype: str = "fp32", sparse_topk: Optional[Seque
             "model": {"architecture": "rwkv", **cfg.to_dict(), "n_head": cfg.n_head},
             "fingerprint": model.fingerprint,
             "dtype": dtype,
+            "int8_matmul": int8_matmul if dtype == "int8" else None,
             "state_dtype": "float32",
             "state": [{"name": n, "shape": list(s), "output": "new_" + n} for n, s in state_specs(cfg)],
             "graphs": entries,
@@ -129,7 +133,7 @@ def export_onnx(model, out_dir, dtype: str = "fp32", sparse_topk: Optional[Seque
         }
         from rwkv_edge import __version__
         sidecar["rwkv_edge_version"] = __version__
-        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1) + "\n")
+        write_sidecar(tmp, sidecar)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -163,6 +167,20 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_sidecar(onnx_dir, meta: dict) -> None:
+    """Write `model.json` into `onnx_dir` atomically (temp file + rename)."""
+    path = Path(onnx_dir) / SIDECAR
+    fd, tmp = tempfile.mkstemp(dir=str(onnx_dir), prefix=".model.json.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(meta, indent=1) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def read_sidecar(onnx_dir) -> dict:

@@ -8,8 +8,8 @@ Both take every layer's state (`att_x_{i}` [D], `wkv_{i}` [H, N, N], `ffn_x_{i}`
 return `logits` [V] and `new_att_x_{i}`, `new_wkv_{i}`, `new_ffn_x_{i}`.
 
 The FFN is dense, or (`sparse_topk` given) sparse: predictor scores -> `TopK` with a static k per
-layer -> one `Gather` of the chosen neurons' rows from a (F, 2D) table holding each neuron's key row
-and value column side by side -> relu^2 -> MatMul. Only k of F neurons' weights are read.
+layer -> `Gather` of the chosen neurons' key rows and value columns (value stored transposed, (F, D),
+so both are row gathers) -> relu^2 -> MatMul. Only k of F neurons' weights are read.
 The math mirrors rwkv_edge/models/v7.py line for line; shapes in comments are for T tokens.
 """
 from __future__ import annotations
@@ -43,9 +43,9 @@ def _np_layer_norm(x, w, b, eps=1e-5):
 
 
 class _RWKV7Graph:
-    def __init__(self, model, dtype: str, seq: bool, sparse_topk, predictors):
+    def __init__(self, model, dtype: str, seq: bool, sparse_topk, predictors, int8_matmul: str):
         self.m, self.cfg, self.seq = model, model.config, seq
-        self.g = GraphBuilder(dtype)
+        self.g = GraphBuilder(dtype, int8_matmul=int8_matmul)
         self.topk = sparse_topk
         self.pred = predictors
 
@@ -54,27 +54,26 @@ class _RWKV7Graph:
         g, D = self.g, self.cfg.n_embd
         if not self.seq:
             g.reshape(x, [D], out=new_name)
-            return g.reshape(prev, [1, D])
+            return prev                                    # (D,) broadcasts against x (1, D)
         last = g.op("Slice", x, g.ints([-1]), g.ints([np.iinfo(np.int64).max]), g.ints([0]))
         g.reshape(last, [D], out=new_name)
         head = g.op("Slice", x, g.ints([0]), g.ints([-1]), g.ints([0]))      # x[:-1]
         return g.op("Concat", g.reshape(prev, [1, D]), head, axis=0)
 
     # --- wkv7 recurrence ------------------------------------------------------------------
-    def _wkv_one(self, g: GraphBuilder, S, r, w, k, v, a, b, hn):
-        """One token: S (H,N,N); r..b flat (H*N) or (1, H*N). Returns (S', y (H, N, 1))."""
+    def _wkv_one(self, g: GraphBuilder, S, r, w, k, v, a, b, hn, s_out):
+        """One token: S (H,N,N); r..b flat (H*N) or (1, H*N). Writes S' as `s_out`; returns y (H, N, 1)."""
         H, N = hn
         col = lambda t: g.reshape(t, [H, N, 1])
         row = lambda t: g.reshape(t, [H, 1, N])
         sa = g.op("MatMul", S, col(a))                                       # (H, N, 1)
-        S2 = g.add(g.add(g.mul(S, row(w)), g.mul(sa, row(b))), g.mul(col(v), row(k)))
-        return S2, g.op("MatMul", S2, col(r))
+        S2 = g.add(g.add(g.mul(S, row(w)), g.mul(sa, row(b))), g.mul(col(v), row(k)), out=s_out)
+        return g.op("MatMul", S2, col(r))
 
     def wkv(self, i, S, r, w, k, v, a, b) -> str:
         g, D, H, N = self.g, self.cfg.n_embd, self.cfg.n_head, self.cfg.head_size
         if not self.seq:
-            S2, y = self._wkv_one(g, S, r, w, k, v, a, b, (H, N))
-            g.op("Identity", S2, out=f"new_wkv_{i}")
+            y = self._wkv_one(g, S, r, w, k, v, a, b, (H, N), f"new_wkv_{i}")
             return g.reshape(y, [1, D])
         # Scan over T: body(S; r_t..b_t (H, N)) -> (S'; y_t (H, N))
         body = GraphBuilder("fp32", prefix=f"scan{i}_")
@@ -82,8 +81,7 @@ class _RWKV7Graph:
         body.add_input("S_in", F32, [H, N, N])
         for c in ins[1:]:
             body.add_input(c, F32, [H, N])
-        S2, y = self._wkv_one(body, *ins, (H, N))
-        body.op("Identity", S2, out="S_out")
+        y = self._wkv_one(body, *ins, (H, N), "S_out")
         body.reshape(y, [H, N], out="y_t")
         body.add_output("S_out", F32, [H, N, N])
         body.add_output("y_t", F32, [H, N])
@@ -98,8 +96,13 @@ class _RWKV7Graph:
         g, b, p = self.g, self.m.blocks[i], f"b{i}.att."
         D, H, N = self.cfg.n_embd, self.cfg.n_head, self.cfg.head_size
         xx = g.sub(self.shift(x, f"att_x_{i}", f"new_att_x_{i}"), x)
-        mix = lambda c: g.add(x, g.mul(xx, g.vec(getattr(b, "x_" + c), p + "x_" + c)))
-        xr, xw, xk, xv, xa, xg = (mix(c) for c in "rwkvag")
+        if self.seq:
+            mix = lambda c: g.add(x, g.mul(xx, g.vec(getattr(b, "x_" + c), p + "x_" + c)))
+            xr, xw, xk, xv, xa, xg = (mix(c) for c in "rwkvag")
+        else:  # one token: the six mixes as one (6, D) Mul + Add, then Split (fewer nodes per step)
+            coef = np.stack([getattr(b, "x_" + c) for c in "rwkvag"])
+            mixed = g.add(x, g.mul(xx, g.vec(coef, p + "x_rwkvag")))
+            xr, xw, xk, xv, xa, xg = g.op("Split", mixed, g.ints([1] * 6), n_out=6, axis=0)
 
         r = g.linear(xr, b.att_r, p + "receptance")
         w = g.matmul(g.op("Tanh", g.matmul(xw, b.w1, p + "w1")), b.w2, p + "w2")
@@ -112,7 +115,8 @@ class _RWKV7Graph:
         kk = g.reshape(g.mul(k, g.vec(b.k_k, p + "k_k")), [-1, H, N])                  # (T, H, N)
         norm = g.op("Sqrt", g.reduce_sum(g.mul(kk, kk)))
         kk = g.reshape(g.op("Div", kk, g.op("Max", norm, g.const(1e-12))), [-1, D])
-        k = g.mul(k, g.add(g.const(1.0), g.mul(g.sub(a, g.const(1.0)), g.vec(b.k_a, p + "k_a"))))
+        # k * (1 + (a - 1) * k_a) = k * ((1 - k_a) + a * k_a)
+        k = g.mul(k, g.add(g.vec(1.0 - b.k_a, p + "1-k_a"), g.mul(a, g.vec(b.k_a, p + "k_a"))))
         if i == 0:
             ctx["v_first"] = v
         else:  # value residual towards layer 0's value
@@ -152,19 +156,19 @@ class _RWKV7Graph:
         g, b, D = self.g, self.m.blocks[i], self.cfg.n_embd
         kk = int(self.topk[i])
         _, idx = g.op("TopK", self.scores(i, xk), g.ints([kk]), n_out=2, axis=-1, largest=1, sorted=0)
-        kv = np.concatenate([b.ffn_key, b.ffn_value.T], axis=1)                  # (F, 2D)
-        name = f"b{i}.ffn.kv"
+        # Key rows (F, D) and value columns stored transposed (F, D): both gathers are row gathers.
+        # Two tables, not one (F, 2D) table: splitting the gathered rows costs a copy in onnxruntime.
+        p = f"b{i}.ffn."
         if g.dtype == "int8":
-            qk, sk = quantize_int8_rows(b.ffn_key)
-            qv, sv = quantize_int8_rows(b.ffn_value.T)
-            rows = g.op("Cast", g.op("Gather", g.init(np.concatenate([qk, qv], 1), name), idx, axis=0),
-                        to=F32)                                                 # (T, k, 2D)
-            sc = g.op("Gather", g.init(np.stack([sk, sv], 1), name + ".scale"), idx, axis=0)
-            s_k, s_v = g.op("Split", sc, g.ints([1, 1]), n_out=2, axis=-1)     # (T, k, 1) each
+            (qk, sk), (qv, sv) = quantize_int8_rows(b.ffn_key), quantize_int8_rows(b.ffn_value.T)
+            kr = g.op("Cast", g.op("Gather", g.init(qk, p + "key_rows"), idx, axis=0), to=F32)   # (T, k, D)
+            vr = g.op("Cast", g.op("Gather", g.init(qv, p + "value_rows"), idx, axis=0), to=F32)
+            s_k = g.op("Gather", g.init(sk[:, None], p + "key_rows.scale"), idx, axis=0)       # (T, k, 1)
+            s_v = g.op("Gather", g.init(sv[:, None], p + "value_rows.scale"), idx, axis=0)
         else:
-            rows = g.gather_rows(kv, idx, name)                                  # (T, k, 2D)
+            kr = g.gather_rows(b.ffn_key, idx, p + "key_rows")                                  # (T, k, D)
+            vr = g.gather_rows(b.ffn_value.T, idx, p + "value_rows")
             s_k = s_v = None
-        kr, vr = g.op("Split", rows, g.ints([D, D]), n_out=2, axis=-1)         # (T, k, D) each
         h = g.op("MatMul", kr, g.op("Unsqueeze", xk, g.ints([-1])))             # (T, k, 1)
         if s_k is not None:
             h = g.mul(h, s_k)
@@ -172,7 +176,7 @@ class _RWKV7Graph:
         h = g.mul(h, h)
         if s_v is not None:
             h = g.mul(h, s_v)
-        out = g.op("MatMul", g.op("Transpose", h, perm=[0, 2, 1]), vr)            # (T, 1, D)
+        out = g.op("MatMul", g.op("Transpose", h, perm=[0, 2, 1]), vr)          # (T, 1, D)
         return g.reshape(out, [-1, D])
 
     # --- whole graph ----------------------------------------------------------------------
@@ -203,7 +207,8 @@ class _RWKV7Graph:
 
 
 def build_graph(model, dtype: str = "fp32", sparse_topk: Optional[Sequence[int]] = None,
-                predictor_weights: Optional[Sequence] = None, seq: bool = False) -> onnx.ModelProto:
+                predictor_weights: Optional[Sequence] = None, seq: bool = False,
+                int8_matmul: str = "dynamic") -> onnx.ModelProto:
     """The ONNX model of one RWKV-7 step (`seq=False`) or of a prefill over T tokens (`seq=True`).
 
     dtype: "fp32" | "fp16" | "int8" weight storage (see export/onnx_ops.py); state is fp32.
@@ -212,6 +217,8 @@ def build_graph(model, dtype: str = "fp32", sparse_topk: Optional[Sequence[int]]
     (stored in `dtype`), a quantized matrix with `bits`, `codes()`, `scale`, `zero` (R, G) such as
     `quant.formats.QuantizedMatrix` (stored as 4-bit codes + fp32 scales/zeros), or None to use
     the layer's own W_k (an exact "oracle" top-k). Ignored for a dense graph.
+    int8_matmul: how int8 matrices are multiplied: "dynamic" (DynamicQuantizeLinear + MatMulInteger,
+    int8 x uint8 kernels) or "dequant" (DequantizeLinear + fp32 MatMul, weight-only quantization).
     """
     cfg = model.config
     if cfg.version != "x070":
@@ -233,4 +240,4 @@ def build_graph(model, dtype: str = "fp32", sparse_topk: Optional[Sequence[int]]
                                      f"{(cfg.ffn_dim, cfg.n_embd)} (F, D)")
     if model.ffn is not None:
         raise ValueError("export the plain model: its FFN core has been replaced (model.with_ffn)")
-    return _RWKV7Graph(model, dtype, seq, sparse_topk, predictor_weights).build()
+    return _RWKV7Graph(model, dtype, seq, sparse_topk, predictor_weights, int8_matmul).build()

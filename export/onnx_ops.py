@@ -7,9 +7,12 @@ adds an initializer. The storage scheme of a big matrix is chosen once per graph
 - fp16: float16 initializer, Cast to float32 in-graph, MatMul (activations and state stay fp32).
   onnxruntime's CPU provider constant-folds the Cast at session start, so the file is half the size
   but the resident weights are fp32 there; providers with fp16 kernels keep them fp16.
-- int8: symmetric int8 codes with one fp32 scale per output channel, `DequantizeLinear` (axis=1)
-  then MatMul. onnxruntime fuses DQ->MatMul into its 8-bit `MatMulNBits` kernel, so the weights
-  stay int8 in memory and are read as int8.
+- int8: symmetric int8 codes with one fp32 scale per output channel, multiplied either
+  "dynamic": `DynamicQuantizeLinear` (activations to uint8, one scale per call) + `MatMulInteger`
+  + rescale, which onnxruntime fuses into `DynamicQuantizeMatMul` (int8 GEMM kernels, the fast
+  path on x86 and ARM CPUs); or "dequant": `DequantizeLinear` (axis=1) + fp32 MatMul (weight-only,
+  closer to fp32), which onnxruntime fuses into its 8-bit `MatMulNBits`, slow on CPU at batch 1.
+  Either way the weights stay int8 in memory.
 
 Low-bit predictor matrices (2/4-bit codes) are stored as ONNX `uint4` (2-bit codes in a 4-bit
 container: ONNX has a uint2 type but onnxruntime's DequantizeLinear does not accept it) with a
@@ -24,6 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 DTYPES = ("fp32", "fp16", "int8")
+INT8_MATMUL = ("dynamic", "dequant")
 INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -59,12 +63,16 @@ class GraphBuilder:
 
     dtype: storage scheme of big matrices ("fp32", "fp16", "int8"); see the module docstring.
     prefix: prepended to generated names (for subgraphs, whose names must not shadow the outer ones).
+    int8_matmul: "dynamic" or "dequant", how int8 matrices are multiplied (see the module docstring).
     """
 
-    def __init__(self, dtype: str = "fp32", prefix: str = ""):
+    def __init__(self, dtype: str = "fp32", prefix: str = "", int8_matmul: str = "dynamic"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if int8_matmul not in INT8_MATMUL:
+            raise ValueError(f"int8_matmul must be one of {INT8_MATMUL}, got {int8_matmul!r}")
         self.dtype = dtype
+        self.int8_matmul = int8_matmul
         self.nodes: list = []
         self.inits: list = []
         self.inputs: list = []
@@ -146,6 +154,11 @@ class GraphBuilder:
             w = self.op("Cast", self.init(m.astype(np.float16), name), to=TensorProto.FLOAT)
             return self.op("MatMul", x, w)
         q, s = quantize_int8_cols(m)
+        if self.int8_matmul == "dynamic":
+            # uint8 activations (per-tensor scale, computed per call) x int8 weights -> int32
+            xq, xs, xz = self.op("DynamicQuantizeLinear", x, n_out=3)
+            y = self.op("Cast", self.op("MatMulInteger", xq, self.init(q, name), xz), to=TensorProto.FLOAT)
+            return self.mul(y, self.mul(xs, self.init(s, name + ".scale")))
         w = self.op("DequantizeLinear", self.init(q, name), self.init(s, name + ".scale"),
                     self.init(np.zeros(s.shape, np.int8), name + ".zp"), axis=1)
         return self.op("MatMul", x, w)

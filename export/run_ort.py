@@ -52,7 +52,8 @@ class OrtModel:
         self.step_graph = self.meta["graphs"][key]
         self.session = load(self.step_graph)
         pre = self.meta["graphs"].get("prefill")
-        self.prefill_session = load(pre) if pre is not None and variant == "dense" else None
+        # The prefill graph is dense; the sparse variant uses it for prompts too (same state layout).
+        self.prefill_session = load(pre) if pre is not None else None
         self.state_names = [s["name"] for s in self.meta["state"]]
         self.state_shapes = [tuple(s["shape"]) for s in self.meta["state"]]
         self.vocab_size = int(self.meta["model"]["vocab_size"])

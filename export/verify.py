@@ -9,8 +9,6 @@ logits of the `.onnx` ones.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -120,7 +118,7 @@ def compare(onnx_dir, model, tokens: Sequence[int], variant: str = "dense", gree
         g_p = _greedy(ref.step, lp, st_p, greedy_tokens)
         same = next((j for j, (a, b) in enumerate(zip(g_o, g_p)) if a != b), len(g_o))
         res.update(greedy_same=same, greedy_ort=g_o, greedy_py=g_p)
-    if om.prefill_session is not None and len(tokens) > 1:
+    if variant == "dense" and om.prefill_session is not None and len(tokens) > 1:
         lo, _ = om.prefill(tokens, om.zero_state())
         lp, _ = ref.forward(tokens)
         res["prefill_max_abs_diff"] = float(np.abs(lo - lp).max())
@@ -133,43 +131,68 @@ def verify(onnx_dir, model, tokens: Sequence[int], variant: str = "dense") -> fl
     return compare(onnx_dir, model, tokens, variant, greedy_tokens=0)["max_abs_diff"]
 
 
-def to_ort(onnx_dir, tokens: Optional[Sequence[int]] = None, check: bool = True) -> dict:
-    """Convert every graph of `onnx_dir` to the ORT format (`model.ort`, ... next to the `.onnx`
-    files, plus onnxruntime's `required_operators.config`) with onnxruntime's converter, then
-    load each `.ort` and compare its logits with the `.onnx` graph's on `tokens`.
+def to_ort(onnx_dir, tokens: Optional[Sequence[int]] = None, check: bool = True,
+           keep_fp16: bool = False) -> dict:
+    """Convert every graph of `onnx_dir` to the ORT mobile format (`model.ort`, ... beside the
+    `.onnx` files, plus `required_operators.config` for a minimal onnxruntime build), record them
+    in model.json, then load each `.ort` and compare its logits with its `.onnx` graph's.
 
+    The conversion is what `python -m onnxruntime.tools.convert_onnx_models_to_ort
+    --target_platform arm` does (a session that saves its optimized graph in ORT format, layout
+    transforms for x86 left out), plus the sidecar's session config: the converter's Python API
+    cannot pass it, and without it the int8 / low-bit MatMulNBits kernels are baked in at
+    accuracy level 4 (int8 activations), which moves logits and the sparse top-k.
+    keep_fp16: for an fp16 export, keep fp16 weights in the file (basic optimizations, no constant
+    folding: onnxruntime then casts the weights every step); by default the Casts are folded and
+    the .ort holds fp32 weights, as onnxruntime's CPU provider holds them in memory anyway.
     Returns {graph file: {"ort_file", "ort_bytes", "onnx_bytes", "max_abs_diff"}}.
     """
-    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+    import onnxruntime as ort
+    from onnxruntime.tools.ort_format_model import create_config_from_models
+
+    from .export import write_sidecar
 
     onnx_dir = Path(onnx_dir)
     meta = read_sidecar(onnx_dir)
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        # "arm" leaves out x86-only layout transforms, so the file runs on phones and here.
-        convert_onnx_models_to_ort(onnx_dir, optimization_styles=[OptimizationStyle.Fixed],
-                                   target_platform="arm")
-    tokens = list(tokens) if tokens is not None else [0, 1, 2, 3, 4, 5, 6, 7]
-    out = {}
+    out, ort_files = {}, {}
     for key, g in meta["graphs"].items():
         ort_file = onnx_dir / (Path(g["file"]).stem + ".ort")
-        if not ort_file.is_file():
-            raise RuntimeError(f"converter wrote no {ort_file.name}:\n{log.getvalue()[-2000:]}")
-        rec = {"ort_file": ort_file.name, "ort_bytes": ort_file.stat().st_size,
-               "onnx_bytes": (onnx_dir / g["file"]).stat().st_size}
-        if check and key != "prefill":
-            variant = "sparse" if key == "sparse_step" else "dense"
-            a, b = OrtModel(str(onnx_dir), variant), OrtModel(str(onnx_dir), variant, file_suffix=".ort")
-            sa, sb, mx = a.zero_state(), b.zero_state(), 0.0
-            for t in tokens:
-                la, sa = a.step(t, sa)
-                lb, sb = b.step(t, sb)
-                mx = max(mx, float(np.abs(la - lb).max()))
-            rec["max_abs_diff"] = mx
-        elif check:
-            a, b = OrtModel(str(onnx_dir)), OrtModel(str(onnx_dir), file_suffix=".ort")
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.optimized_model_filepath = str(ort_file)
+        so.add_session_config_entry("session.save_model_format", "ORT")
+        so.add_session_config_entry("session.qdqisint8allowed", "1")       # as the converter for arm
+        for k, v in meta.get("ort_session_config", {}).items():
+            so.add_session_config_entry(k, str(v))
+        disabled = ["NchwcTransformer"]
+        if keep_fp16 and meta["dtype"] == "fp16":
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            disabled.append("ConstantFolding")
+        ort.InferenceSession(str(onnx_dir / g["file"]), so, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=disabled)
+        ort_files[key] = ort_file.name
+        out[g["file"]] = {"ort_file": ort_file.name, "ort_bytes": ort_file.stat().st_size,
+                          "onnx_bytes": (onnx_dir / g["file"]).stat().st_size}
+    create_config_from_models([onnx_dir / f for f in ort_files.values()],
+                              onnx_dir / "required_operators.config", False)
+    meta["ort"] = {"files": ort_files, "fp16_weights_kept": bool(keep_fp16 and meta["dtype"] == "fp16")}
+    write_sidecar(onnx_dir, meta)
+    if not check:
+        return out
+    tokens = list(tokens) if tokens is not None else [0, 1, 2, 3, 4, 5, 6, 7]
+    for key, g in meta["graphs"].items():
+        variant = "sparse" if key == "sparse_step" else "dense"
+        a = OrtModel(str(onnx_dir), variant)
+        b = OrtModel(str(onnx_dir), variant, file_suffix=".ort")
+        if key == "prefill":
             la, _ = a.prefill(tokens, a.zero_state())
             lb, _ = b.prefill(tokens, b.zero_state())
-            rec["max_abs_diff"] = float(np.abs(la - lb).max())
-        out[g["file"]] = rec
+            out[g["file"]]["max_abs_diff"] = float(np.abs(la - lb).max())
+            continue
+        sa, sb, mx = a.zero_state(), b.zero_state(), 0.0
+        for t in tokens:
+            la, sa = a.step(t, sa)
+            lb, sb = b.step(t, sb)
+            mx = max(mx, float(np.abs(la - lb).max()))
+        out[g["file"]]["max_abs_diff"] = mx
     return out

@@ -116,7 +116,7 @@ def run_collect(args, parser) -> int:
     except CollectError as e:
         return _fail(parser, e)
     dt = time.perf_counter() - t0
-    size = sum(os.path.getsize(os.path.join(args.out, s["file"])) for l in man["layers"] for s in l["shards"])
+    size = sum(layer["count"] for layer in man["layers"]) * man["dim"] * 2    # float16 rows stored
     print(f"collected {man['tokens']} tokens x {len(man['layers'])} layers (D={man['dim']}) into {args.out} "
           f"({size / 2**20:.0f} MiB) in {dt:.1f} s")
     return 0
@@ -210,16 +210,18 @@ def run_report(args, parser) -> int:
     from .bundle import PredictorBundle
     from .report import report
 
+    for path in args.predictors:
+        if not os.path.isfile(path):
+            parser.error(f"--predictors {path}: no such file")
     model = _load_model(parser, args.model)
-    if not os.path.isfile(args.predictors):
-        parser.error(f"--predictors {args.predictors}: no such file")
     try:
-        bundle = PredictorBundle.load(args.predictors, model=model)
+        bundles = [PredictorBundle.load(path, model=model) for path in args.predictors]
     except ValueError as e:
         return _fail(parser, e)
     ids = _tokens(parser, args, model, args.tokens)
     t0 = time.perf_counter()
-    text = report(model, bundle, ids, chunk=args.chunk, progress=not args.no_progress)
+    text = report(model, bundles if len(bundles) > 1 else bundles[0], ids, chunk=args.chunk,
+                  progress=not args.no_progress)
     print(text)
     print(f"# report over {len(ids)} tokens in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
@@ -230,7 +232,8 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
                               description="Run text through the dense model and compare the bundle's predictions "
                                           "with the true active neurons, per layer.")
     _common(p, device=False)
-    p.add_argument("--predictors", required=True, help="bundle written by fit-predictors")
+    p.add_argument("--predictors", required=True, nargs="+", metavar="BUNDLE",
+                   help="bundle(s) written by fit-predictors; several are measured on one run, one table each")
     p.add_argument("--text", required=True, help="UTF-8 text file")
     p.add_argument("--tokens", type=_positive_int, default=20_000, help="tokens to evaluate (default: 20000)")
     p.add_argument("--tokenizer", help="'world', a tokenizer.json or vocab .txt (default: next to the model)")

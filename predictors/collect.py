@@ -266,28 +266,39 @@ def labels(model, layer: int, xk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- text input
 
 
-def read_text_pieces(path: str, n_chars: int | None = None, piece_chars: int = 1 << 16) -> Iterator[str]:
+def read_text_pieces(path: str, n_chars: int | None = None, piece_chars: int | None = None) -> Iterator[str]:
     """Yield text of `path` in pieces ending at line breaks. With `n_chars` (smaller than the file),
-    pieces are taken at evenly spaced offsets across the whole file, so a short collection still
-    sees all of its authors/documents rather than only the beginning."""
+    at least 16 pieces (of 4-64 KiB) are taken at evenly spaced offsets across the whole file, so a
+    short collection still sees all of its authors/documents rather than only the beginning."""
     size = os.path.getsize(path)
+    if piece_chars is None:
+        piece_chars = 1 << 16 if n_chars is None else min(1 << 16, max(4096, int(n_chars) // 16))
     with open(path, "rb") as f:
-        if n_chars is None or n_chars >= size:
-            starts = range(0, size, piece_chars)
-            piece = piece_chars
-        else:
-            n_pieces = max(1, -(-int(n_chars) // piece_chars))
-            piece = -(-int(n_chars) // n_pieces)
-            starts = [int(i * (size - piece) / max(1, n_pieces - 1)) if n_pieces > 1 else 0
-                      for i in range(n_pieces)]
-        for s in starts:
-            f.seek(s)
+        if n_chars is None or n_chars >= size:     # the whole file, in order, cut at line breaks
+            rest = b""
+            while True:
+                raw = f.read(piece_chars)
+                if not raw:
+                    break
+                raw = rest + raw
+                nl = raw.rfind(b"\n")
+                raw, rest = (raw[:nl + 1], raw[nl + 1:]) if nl >= 0 else (raw, b"")
+                yield raw.decode("utf-8", errors="ignore")
+            if rest:
+                yield rest.decode("utf-8", errors="ignore")
+            return
+        n_pieces = max(1, -(-int(n_chars) // piece_chars))
+        piece = -(-int(n_chars) // n_pieces)
+        for i in range(n_pieces):
+            start = int(i * (size - piece) / (n_pieces - 1)) if n_pieces > 1 else 0
+            f.seek(start)
             raw = f.read(piece)
-            if s > 0:                   # start after the first line break: no cut words
+            at_end = start + len(raw) >= size
+            if start > 0:               # begin after a line break and end at one: no cut words
                 nl = raw.find(b"\n")
                 raw = raw[nl + 1:] if nl >= 0 else raw
             nl = raw.rfind(b"\n")
-            if nl >= 0 and len(raw) == piece:
+            if nl >= 0 and not at_end:
                 raw = raw[:nl + 1]
             yield raw.decode("utf-8", errors="ignore")
 
@@ -297,7 +308,15 @@ def encode_text(tokenizer, path: str, n_tokens: int | None, chars_per_token: flo
     size = os.path.getsize(path)
     n_chars = None if n_tokens is None else int(n_tokens * chars_per_token)
     while True:
-        ids = [t for piece in read_text_pieces(path, n_chars) for t in tokenizer.encode(piece)]
-        if n_tokens is None or len(ids) >= n_tokens or n_chars is None or n_chars >= size:
-            return ids if n_tokens is None else ids[:n_tokens]
+        pieces = [tokenizer.encode(piece) for piece in read_text_pieces(path, n_chars)]
+        total = sum(len(p) for p in pieces)
+        if n_tokens is None or total >= n_tokens or n_chars is None or n_chars >= size:
+            break
         n_chars = int(n_chars * 1.25)  # the text was denser than guessed: sample more of it
+    if n_tokens is not None and total > n_tokens:
+        # shorten every piece by the same share, so the sample stays spread over the file
+        keep = [len(p) * n_tokens // total for p in pieces]
+        for j in range(n_tokens - sum(keep)):
+            keep[j % len(keep)] += 1
+        pieces = [p[:k] for p, k in zip(pieces, keep)]
+    return [t for p in pieces for t in p]

@@ -39,13 +39,14 @@ def parse_kind(kind: str) -> list[str]:
 def fit(model, data_dir: str, kind: str = "quantized", bits: int = 2, group_size: int | None = 64,
         clip="auto", target: float = 0.99, metric: str = "mass", margin: float = 0.0,
         heldout_frac: float = 0.1, max_heldout: int = 16384, max_train: int = 65536,
-        hidden: int = 64, epochs: int = 4, pq_m: int | None = None, pq_nbits: int = 8,
+        hidden: int = 64, epochs: int = 4, batch_size: int = 512, lr: float = 2e-3, threads: int | None = None,
+        pq_m: int | None = None, pq_nbits: int = 8,
         seed: int = 0, device: str = "cpu", progress: bool = True, log=None) -> PredictorBundle:
     """Fit and calibrate predictors of `kind` for all layers of `model` from `data_dir`.
 
     kind: "quantized" | "mlp" | "pq" | a union such as "quantized+mlp".
     quantized: bits (1/2/4/8), group_size (None = per row), clip ("auto", None or a std multiple).
-    mlp: hidden, epochs, device ("cpu"/"cuda"), seed.  pq: pq_m sub-vectors, pq_nbits.
+    mlp: hidden, epochs, batch_size, lr, threads (torch CPU threads), device ("cpu"/"cuda"), seed.  pq: pq_m sub-vectors, pq_nbits.
     target/metric/margin: per-layer calibration goal (metric "mass" or "active").
     log: optional callable(str) for one line per layer.
     """
@@ -88,8 +89,9 @@ def fit(model, data_dir: str, kind: str = "quantized", bits: int = 2, group_size
                 else:
                     p = QuantizedPredictor.fit(w_key, bits, group_size, clip)
             elif m == "mlp":
-                p = MLPPredictor.fit(x_train, w_key, hidden=hidden, epochs=epochs, seed=seed + layer,
-                                     device=device, progress=progress, desc=f"mlp L{layer}")
+                p = MLPPredictor.fit(x_train, w_key, hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr,
+                                     seed=seed + layer, device=device, progress=progress, desc=f"mlp L{layer}",
+                                     threads=threads)
             else:
                 p = PQPredictor.fit(w_key, m=pq_m, nbits=pq_nbits, seed=seed + layer)
             built.append(p)
@@ -109,7 +111,8 @@ def fit(model, data_dir: str, kind: str = "quantized", bits: int = 2, group_size
     if bar is not None:
         bar.close()
     meta = {"data_dir_tokens": int(man["tokens"]), "heldout_frac": heldout_frac, "seed": seed,
-            "group_size": group_size, "clip": clip, "hidden": hidden, "epochs": epochs, "pq_m": pq_m,
+            "group_size": group_size, "clip": clip, "hidden": hidden, "epochs": epochs,
+            "batch_size": batch_size, "lr": lr, "pq_m": pq_m,
             "pq_nbits": pq_nbits, "margin": margin, "fit_seconds": round(time.perf_counter() - t_start, 2),
             "layers": per_layer}
     return PredictorBundle(preds, model.fingerprint, cfg, "+".join(members),

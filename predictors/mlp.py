@@ -58,13 +58,26 @@ class MLPPredictor(LayerPredictor):
     @classmethod
     def fit(cls, x: np.ndarray, w_key: np.ndarray, hidden: int = 64, epochs: int = 4, batch_size: int = 512,
             lr: float = 2e-3, seed: int = 0, device: str = "cpu", weight_dtype=np.float16,
-            progress: bool = False, desc: str = "mlp") -> "MLPPredictor":
+            progress: bool = False, desc: str = "mlp", threads: int | None = None) -> "MLPPredictor":
         """Train on FFN inputs x (n, D) float32 of one layer whose key matrix is w_key (F, D).
 
         Labels: (x @ w_key.T > 0). Loss: BCE with pos_weight = negatives/positives over x.
         Adam with a linearly decaying learning rate; deterministic for a given seed and device.
+        threads: torch CPU threads while training (None: torch's default). On a busy small machine
+        1 thread is often faster than spinning several.
         """
         import torch
+
+        old_threads = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(int(threads))
+        try:
+            return cls._fit(torch, x, w_key, hidden, epochs, batch_size, lr, seed, device, weight_dtype, progress, desc)
+        finally:
+            torch.set_num_threads(old_threads)
+
+    @classmethod
+    def _fit(cls, torch, x, w_key, hidden, epochs, batch_size, lr, seed, device, weight_dtype, progress, desc):
 
         if hidden <= 0 or epochs <= 0 or batch_size <= 0:
             raise ValueError("hidden, epochs and batch_size must be positive")

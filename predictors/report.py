@@ -14,21 +14,27 @@ from .calibrate import recall_stats
 from .collect import labels
 
 
-def evaluate(model, bundle, tokens, chunk: int = 512, progress: bool = True) -> list[dict]:
+def evaluate(model, bundle, tokens, chunk: int = 512, progress: bool = True) -> list:
     """Run token ids through `model` (windows of `chunk`, state carried) and return one dict of
-    summed counts per layer (see `calibrate.recall_stats`) for `bundle`'s predictions."""
-    bundle.check_model(model)
+    summed counts per layer (see `calibrate.recall_stats`) for `bundle`'s predictions.
+    `bundle` may be a list of bundles: they are measured on the same run, and a list of
+    per-bundle results is returned."""
+    many = isinstance(bundle, (list, tuple))
+    bundles = list(bundle) if many else [bundle]
+    for b in bundles:
+        b.check_model(model)
     tokens = [int(t) for t in tokens]
     if not tokens:
         raise ValueError("predictor report needs at least one token")
     L = model.config.n_layer
-    acc = [None] * L
+    acc = [[None] * L for _ in bundles]
 
     def hook(layer, xk):
         _, act = labels(model, layer, xk)                 # (T, F)
-        pred = bundle.predict(layer, xk)                  # (T, F) bool
-        s = recall_stats(pred, act)
-        acc[layer] = s if acc[layer] is None else {k: acc[layer][k] + v for k, v in s.items()}
+        for j, b in enumerate(bundles):
+            s = recall_stats(b.predict(layer, xk), act)   # prediction: (T, F) bool
+            a = acc[j][layer]
+            acc[j][layer] = s if a is None else {k: a[k] + v for k, v in s.items()}
 
     bar = None
     if progress:
@@ -45,7 +51,7 @@ def evaluate(model, bundle, tokens, chunk: int = 512, progress: bool = True) -> 
         model.hooks.ffn_input.remove(hook)
         if bar is not None:
             bar.close()
-    return acc
+    return acc if many else acc[0]
 
 
 def summarize(stats: list[dict], bundle, config) -> list[dict]:
@@ -86,6 +92,10 @@ def format_report(rows: list[dict], bundle, config, n_tokens: int | None = None)
 
 
 def report(model, bundle, tokens, chunk: int = 512, progress: bool = True) -> str:
-    """evaluate + format_report: the full text of `predictor-report`."""
-    rows = summarize(evaluate(model, bundle, tokens, chunk, progress), bundle, model.config)
-    return format_report(rows, bundle, model.config, len(tokens))
+    """evaluate + format_report: the full text of `predictor-report`. With a list of bundles, one
+    table per bundle (each ending with its summary line), separated by blank lines."""
+    many = isinstance(bundle, (list, tuple))
+    bundles = list(bundle) if many else [bundle]
+    stats = evaluate(model, bundles, tokens, chunk, progress)
+    return "\n\n".join(format_report(summarize(st, b, model.config), b, model.config, len(tokens))
+                        for st, b in zip(stats, bundles))

@@ -1,38 +1,44 @@
-"""Numba CPU backend: the reference function set with fast kernels, plus fp16/int8 weights and the
-sparse FFN.
+"""Numba CPU backend: the reference function set with fast kernels, fp16/int8 weights, the sparse FFN.
 
 Weights accepted by `linear(x, W)` (W logically (out, in)): float32 or float16 ndarrays, `Int8Weight`
 (int8 codes, one float32 scale per output row) and the two views of a `NeuronBundledFFN`
-(`bundle.key` (F, D), `bundle.value` (D, F)). Decode (T == 1) runs numba mat-vec kernels that convert
-each weight to float32 in registers and accumulate in float32; prefill (T > 1) dequantizes blocks of
-rows and multiplies them with BLAS (small T uses the mat-vec kernel, which reads each row once).
+(`bundle.key` (F, D), `bundle.value` (D, F)); `matmul(x, M)` (M (in, out)) takes float32/float16 or
+`Int8Cols` (one scale per output column). Decode (T == 1) runs mat-vec kernels that widen each weight
+to float32 in registers and accumulate in float32; prefill (T > SMALL_T) dequantizes blocks of rows to
+float32 and multiplies them with BLAS.
 
 `NeuronBundledFFN` stores one layer's FFN neuron-major: kv[j, 0] = W_k[j, :] (key row), kv[j, 1] =
 W_v[:, j] (value column), so an active neuron costs one contiguous read. `sparse_ffn` computes
-sum_{j in idx} relu(K[j] . x)^2 V[:, j] reading only those neurons.
+sum_{j in idx} relu(K[j] . x)^2 V[:, j] reading only those neurons (prefetched ahead: the indices are
+irregular, so the hardware prefetcher cannot guess them).
 
-`counter` counts the bytes of weights each kernel reads while `counter.enabled` is True.
-float16 is not a numba type: fp16 arrays are passed as uint16 views and widened with an LLVM
-`fpext half` (vcvtph2ps on x86 with F16C), so rounding is exactly numpy's float16 -> float32.
+`time_mix7_step` is the whole RWKV-7 time-mix of one token in one kernel call (Python overhead per
+layer is otherwise larger than the kernel time of a 58M model). `counter` counts the bytes of weights
+the kernels read while `counter.enabled` is True. float16 is not a numba type: fp16 arrays go to the
+kernels as uint16 views and are widened with LLVM `fpext half` (vcvtph2ps), exactly like numpy.
 """
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import get_num_threads, njit, prange, types
-from numba.extending import intrinsic, overload
-
-from . import reference as _ref
+from llvmlite import ir as _ir
+from numba import get_num_threads as _get_num_threads
+from numba import njit as _njit
+from numba import prange as _prange
+from numba import types as _types
+from numba.core import cgutils as _cgutils
+from numba.extending import intrinsic as _intrinsic
+from numba.extending import overload as _overload
 
 name = "numba"
 
-PAR_MIN = 1 << 18          # weight elements per call above which kernels run on all threads
-SMALL_T = 8                # prefill with T <= SMALL_T uses the mat-vec kernel (reads each row once)
-_BLOCK_ELEMS = 1 << 18     # fp32 elements per dequantized block in the BLAS prefill path (1 MiB)
+PAR_MIN = 1 << 18          # weight elements per call from which kernels use all threads
+SMALL_T = 8                # prefill with T <= SMALL_T uses the mat-vec kernels (each row read once)
+_BLOCK_ELEMS = 1 << 18     # float32 elements per dequantized block in the BLAS prefill path (1 MiB)
+_PF_BYTES = 8192           # mat-vec kernels prefetch this many bytes of rows ahead
 
 
 class ByteCounter:
-    """Bytes of weights read by the kernels, total and per op, while `enabled`."""
+    """Bytes of weights read by the kernels, in total and per op, while `enabled`."""
 
     def __init__(self):
         self.enabled = False
@@ -51,22 +57,36 @@ class ByteCounter:
 counter = ByteCounter()
 
 
-# --- element conversion -------------------------------------------------------------------
-@intrinsic
+# --- LLVM helpers -----------------------------------------------------------------------------
+@_intrinsic
 def _h2f(typingctx, h):
     """uint16 bits of an IEEE half -> float32 (exact)."""
     def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-    return types.float32(types.uint16), codegen
+        return builder.fpext(builder.bitcast(args[0], _ir.HalfType()), _ir.FloatType())
+    return _types.float32(_types.uint16), codegen
 
 
-def _f32(v):  # pragma: no cover - replaced by the overload inside numba
+@_intrinsic
+def _prefetch(typingctx, arr, off):
+    """Prefetch the cache line at byte offset `off` of arr's data into all cache levels."""
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.gep(builder.bitcast(ary.data, _ir.IntType(8).as_pointer()), [args[1]])
+        i32 = _ir.IntType(32)
+        fn = _cgutils.get_or_insert_function(
+            builder.module, _ir.FunctionType(_ir.VoidType(), [ptr.type, i32, i32, i32]), "llvm.prefetch.p0")
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+    return _types.void(arr, _types.int64), codegen
+
+
+def _f32(v):  # pragma: no cover - numba uses the overload below
     return np.float32(v)
 
 
-@overload(_f32, inline="always")
+@_overload(_f32, inline="always")
 def _f32_ov(v):
-    if v == types.uint16:
+    if v == _types.uint16:
         return lambda v: _h2f(v)
     return lambda v: np.float32(v)
 
@@ -80,14 +100,16 @@ _NO_SCALE = np.zeros(0, np.float32)
 _NO_SCALE2 = np.zeros((0, 2), np.float32)   # "no scales" for (F, 2) bundle scales
 
 
-# --- weight types -------------------------------------------------------------------------
+# --- weight types -----------------------------------------------------------------------------
 class Int8Weight:
     """int8 codes q (out, in) with a float32 scale per output row: W ~= q * scale[:, None]."""
 
+    ndim = 2
+
     def __init__(self, q: np.ndarray, scale: np.ndarray):
-        if q.dtype != np.int8 or q.ndim != 2 or scale.shape != (q.shape[0],):
-            raise ValueError(f"Int8Weight needs q int8 (out, in) and scale (out,), got {q.dtype} {q.shape}, "
-                             f"{scale.shape}")
+        if q.dtype != np.int8 or q.ndim != 2 or np.shape(scale) != (q.shape[0],):
+            raise ValueError(f"Int8Weight needs q int8 (out, in) and scale (out,), got {q.dtype} {q.shape} "
+                             f"and {np.shape(scale)}")
         self.q, self.scale = q, np.asarray(scale, np.float32)
 
     @classmethod
@@ -96,7 +118,6 @@ class Int8Weight:
         return cls(*quantize_int8_rows(w))
 
     shape = property(lambda self: self.q.shape)
-    ndim = 2
     nbytes = property(lambda self: self.q.nbytes + self.scale.nbytes)
 
     def dequantize(self) -> np.ndarray:
@@ -111,15 +132,39 @@ class Int8Weight:
         return self.q[rows].astype(np.float32) * self.scale[rows][..., None]
 
 
+class Int8Cols(Int8Weight):
+    """int8 codes q (in, out) with a float32 scale per output column, for `matmul` (LoRA matrices)."""
+
+    def __init__(self, q: np.ndarray, scale: np.ndarray):
+        if q.dtype != np.int8 or q.ndim != 2 or np.shape(scale) != (q.shape[1],):
+            raise ValueError(f"Int8Cols needs q int8 (in, out) and scale (out,), got {q.dtype} {q.shape} "
+                             f"and {np.shape(scale)}")
+        self.q, self.scale = q, np.asarray(scale, np.float32)
+
+    @classmethod
+    def from_float(cls, m: np.ndarray) -> "Int8Cols":
+        from quant import quantize_int8_rows
+        q, s = quantize_int8_rows(np.asarray(m, np.float32).T)
+        return cls(np.ascontiguousarray(q.T), s)
+
+    def dequantize(self) -> np.ndarray:
+        return self.q.astype(np.float32) * self.scale[None, :]
+
+    def __getitem__(self, rows):
+        return self.q[rows].astype(np.float32) * self.scale
+
+
 class NeuronBundledFFN:
     """One layer's FFN, neuron-major. kv (F, 2, D): kv[j, 0] = W_k[j, :], kv[j, 1] = W_v[:, j];
-    float32, float16 or int8 with scale (F, 2) float32 = (key-row scale, value-column scale)."""
+    float32, float16, or int8 with scale (F, 2) float32 = (key-row scale, value-column scale)."""
 
     def __init__(self, kv: np.ndarray, scale: np.ndarray | None = None):
         if kv.ndim != 3 or kv.shape[1] != 2 or kv.dtype not in (np.float32, np.float16, np.int8):
             raise ValueError(f"kv must be (F, 2, D) float32/float16/int8, got {kv.dtype} {kv.shape}")
         if (kv.dtype == np.int8) != (scale is not None) or (scale is not None and scale.shape != kv.shape[:2]):
             raise ValueError("int8 bundles need scale (F, 2); float bundles take none")
+        if not kv.flags.c_contiguous:
+            raise ValueError("kv must be C-contiguous (one contiguous read per neuron)")
         self.kv = kv
         self.scale = None if scale is None else np.asarray(scale, np.float32)
         self._kv = _kernel_array(kv)
@@ -131,8 +176,7 @@ class NeuronBundledFFN:
         """Bundle W_k (F, D) and W_v (D, F); dtype "fp32", "fp16" or "int8" (per-neuron scales)."""
         kv = np.stack([np.asarray(w_key, np.float32), np.asarray(w_value, np.float32).T], axis=1)
         if dtype == "int8":
-            amax = np.abs(kv).max(axis=2)                                      # (F, 2)
-            scale = (amax / 127.0).astype(np.float32)
+            scale = (np.abs(kv).max(axis=2) / 127.0).astype(np.float32)             # (F, 2)
             q = np.rint(kv / np.where(scale > 0, scale, 1.0)[:, :, None])
             return cls(np.clip(q, -127, 127).astype(np.int8), scale)
         if dtype in ("fp16", "fp32"):
@@ -145,7 +189,7 @@ class NeuronBundledFFN:
 
     @property
     def neuron_bytes(self) -> int:
-        """Bytes read per active neuron (key row + value column + scales)."""
+        """Bytes read per active neuron (key row + value column + their scales)."""
         return 2 * self.D * self.kv.itemsize + (8 if self.scale is not None else 0)
 
     def dequantize(self) -> tuple[np.ndarray, np.ndarray]:
@@ -159,11 +203,12 @@ class NeuronBundledFFN:
 class FFNKeyView:
     """W_k (F, D) of a bundle, for `linear(xk, view)`; np.asarray gives it dequantized."""
 
+    ndim = 2
+
     def __init__(self, bundle):
         self.bundle = bundle
 
     shape = property(lambda self: (self.bundle.F, self.bundle.D))
-    ndim = 2
 
     def __array__(self, dtype=None, copy=None):
         w = self.bundle.dequantize()[0]
@@ -180,65 +225,104 @@ class FFNValueView(FFNKeyView):
         return w if dtype is None else w.astype(dtype)
 
 
-# --- dense mat-vec kernels (W (O, I) float32 / uint16-as-fp16 / int8; x (T, I); y (T, O)) ---------
-@njit(fastmath=True, cache=True)
-def _mv_rows(W, scale, x, y, o):
+# --- dense mat-vec: W (O, I) float32 / uint16 (fp16 bits) / int8, x (T, I), y (T, O) -------------
+@_njit(fastmath=True, cache=True)
+def _mv_range(W, s, x, y, r0, r1):
+    """y[:, r0:r1] = x @ (W[r0:r1] * s).T, four rows at a time (x loads shared), prefetching ahead."""
     I = W.shape[1]
-    s = scale[o] if scale.shape[0] > 0 else np.float32(1.0)
-    for t in range(x.shape[0]):
-        acc = np.float32(0.0)
-        for i in range(I):
-            acc += _f32(W[o, i]) * x[t, i]
-        y[t, o] = acc * s
+    row_bytes = I * W.itemsize
+    ahead = max(4, (_PF_BYTES // row_bytes) // 4 * 4)
+    has_s = s.shape[0] > 0
+    o = r0
+    while o < r1:
+        if o + 4 <= r1:
+            if o + ahead + 4 <= W.shape[0]:
+                base = np.int64(o + ahead) * row_bytes
+                for l in range(0, 4 * row_bytes, 64):
+                    _prefetch(W, base + l)
+            for t in range(x.shape[0]):
+                a0 = np.float32(0.0)
+                a1 = np.float32(0.0)
+                a2 = np.float32(0.0)
+                a3 = np.float32(0.0)
+                for i in range(I):
+                    xi = x[t, i]
+                    a0 += _f32(W[o, i]) * xi
+                    a1 += _f32(W[o + 1, i]) * xi
+                    a2 += _f32(W[o + 2, i]) * xi
+                    a3 += _f32(W[o + 3, i]) * xi
+                if has_s:
+                    a0 *= s[o]
+                    a1 *= s[o + 1]
+                    a2 *= s[o + 2]
+                    a3 *= s[o + 3]
+                y[t, o] = a0
+                y[t, o + 1] = a1
+                y[t, o + 2] = a2
+                y[t, o + 3] = a3
+            o += 4
+        else:
+            for t in range(x.shape[0]):
+                acc = np.float32(0.0)
+                for i in range(I):
+                    acc += _f32(W[o, i]) * x[t, i]
+                y[t, o] = acc * s[o] if has_s else acc
+            o += 1
 
 
-@njit(fastmath=True, cache=True)
-def _mv_serial(W, scale, x, y):
-    for o in range(W.shape[0]):
-        _mv_rows(W, scale, x, y, o)
+@_njit(fastmath=True, cache=True)
+def _mv_serial(W, s, x, y):
+    _mv_range(W, s, x, y, 0, W.shape[0])
 
 
-@njit(fastmath=True, cache=True, parallel=True)
-def _mv_parallel(W, scale, x, y):
-    for o in prange(W.shape[0]):
-        _mv_rows(W, scale, x, y, o)
+@_njit(fastmath=True, cache=True, parallel=True)
+def _mv_parallel(W, s, x, y, nchunk):
+    O = W.shape[0]
+    for c in _prange(nchunk):
+        _mv_range(W, s, x, y, (c * O // nchunk) // 4 * 4, O if c == nchunk - 1 else ((c + 1) * O // nchunk) // 4 * 4)
 
 
-@njit(fastmath=True, cache=True, parallel=True)
-def _dequant_rows(W, scale, r0, r1, out):
-    """out[:r1-r0] = float32(W[r0:r1]) * scale (W 2-D, or 3-D bundle rows flattened by the caller)."""
-    I = W.shape[1]
-    for o in prange(r0, r1):
-        s = scale[o] if scale.shape[0] > 0 else np.float32(1.0)
-        for i in range(I):
-            out[o - r0, i] = _f32(W[o, i]) * s
+@_njit(fastmath=True, cache=True, parallel=True)
+def _dequant_rows(W, s, r0, r1, out):
+    """out[:r1-r0] = float32(W[r0:r1]) * s (per-row scales, or none)."""
+    for o in _prange(r0, r1):
+        sc = s[o] if s.shape[0] > 0 else np.float32(1.0)
+        for i in range(W.shape[1]):
+            out[o - r0, i] = _f32(W[o, i]) * sc
+
+
+def _nchunk() -> int:
+    n = _get_num_threads()
+    return 2 * n if n > 1 else 1
 
 
 def _as_x2d(x):
+    """(x as C-contiguous float32 (T, in), leading shape)."""
+    if type(x) is np.ndarray and x.ndim == 2 and x.dtype == np.float32 and x.flags.c_contiguous:
+        return x, x.shape[:1]
     x = np.asarray(x, np.float32)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if not x2.flags.c_contiguous:
-        x2 = np.ascontiguousarray(x2)
-    return x2, lead
+    return np.ascontiguousarray(x.reshape(-1, x.shape[-1])), x.shape[:-1]
 
 
-def _matvec_rows(W, scale, x2):
-    """y (T, O) = x2 (T, I) @ (W * scale).T with W already a kernel array."""
-    T = x2.shape[0]
-    y = np.empty((T, W.shape[0]), np.float32)
-    if T <= SMALL_T or W.dtype == np.float32:
-        if W.dtype == np.float32 and T > SMALL_T:
-            return x2 @ (W.T if scale.shape[0] == 0 else (W * scale[:, None]).T)
-        (_mv_parallel if W.size >= PAR_MIN else _mv_serial)(W, scale, x2, y)
+def _rows_matvec(Wk, s, x2):
+    """x2 (T, I) @ (Wk * s).T -> (T, O) for a kernel array Wk (O, I)."""
+    T, (O, I) = x2.shape[0], Wk.shape
+    if Wk.dtype == np.float32 and (T > SMALL_T or not Wk.flags.c_contiguous):
+        return x2 @ (Wk.T if s.shape[0] == 0 else (Wk * s[:, None]).T)
+    if not Wk.flags.c_contiguous:
+        Wk = np.ascontiguousarray(Wk)
+    y = np.empty((T, O), np.float32)
+    if T <= SMALL_T:
+        if Wk.size >= PAR_MIN and _get_num_threads() > 1:
+            _mv_parallel(Wk, s, x2, y, _nchunk())
+        else:
+            _mv_serial(Wk, s, x2, y)
         return y
-    # prefill: dequantize blocks of rows to float32 and let BLAS multiply
-    O, I = W.shape
     bs = max(16, _BLOCK_ELEMS // max(I, 1))
     buf = np.empty((min(bs, O), I), np.float32)
     for r0 in range(0, O, bs):
         r1 = min(O, r0 + bs)
-        _dequant_rows(W, scale, r0, r1, buf)
+        _dequant_rows(Wk, s, r0, r1, buf)
         y[:, r0:r1] = x2 @ buf[: r1 - r0].T
     return y
 
@@ -246,73 +330,98 @@ def _matvec_rows(W, scale, x2):
 def linear(x: np.ndarray, W) -> np.ndarray:
     """x (..., in) @ W(out, in).T -> (..., out); W float32/float16 ndarray, Int8Weight or an FFN view."""
     x2, lead = _as_x2d(x)
-    if isinstance(W, np.ndarray):
-        Wk, sc, nb, op = _kernel_array(W), _NO_SCALE, W.nbytes, "linear"
-        if W.dtype not in (np.float32, np.float16):
-            Wk = W.astype(np.float32)
-    elif isinstance(W, Int8Weight):
-        Wk, sc, nb, op = W.q, W.scale, W.nbytes, "linear"
-    elif isinstance(W, FFNValueView):
-        y, nb = _bundle_value(W.bundle, x2)
+    tw = type(W)
+    if tw is Int8Weight:
+        Wk, s = W.q, W.scale
+    elif tw is FFNKeyView or tw is FFNValueView:
+        y = (_bundle_key if tw is FFNKeyView else _bundle_value)(W.bundle, x2)
         if counter.enabled:
-            counter.add("ffn", nb)
-        return y.reshape(*lead, -1)
-    elif isinstance(W, FFNKeyView):
-        y, nb = _bundle_key(W.bundle, x2)
-        if counter.enabled:
-            counter.add("ffn", nb)
+            counter.add("ffn", W.bundle.nbytes // 2)
         return y.reshape(*lead, -1)
     else:
-        W = np.asarray(W, np.float32)
-        Wk, sc, nb, op = W, _NO_SCALE, W.nbytes, "linear"
+        Wk = np.asarray(W)
+        if Wk.dtype not in (np.float32, np.float16):
+            Wk = Wk.astype(np.float32)
+        Wk, s = _kernel_array(Wk), _NO_SCALE
     if counter.enabled:
-        counter.add(op, nb)
-    return _matvec_rows(Wk, sc, x2).reshape(*lead, -1)
+        counter.add("linear", W.nbytes)
+    return _rows_matvec(Wk, s, x2).reshape(*lead, -1)
 
 
-# --- FFN over the bundled layout ----------------------------------------------------------------
-@njit(fastmath=True, cache=True)
-def _key_dot(kv, sc, j, x):
-    acc = np.float32(0.0)
+# --- FFN over the neuron-bundled layout ---------------------------------------------------------
+@_njit(fastmath=True, cache=True)
+def _axpy4(kv, out, j0, h0, j1, h1, j2, h2, j3, h3):
     for d in range(kv.shape[2]):
-        acc += _f32(kv[j, 0, d]) * x[d]
-    if sc.shape[0] > 0:
-        acc *= sc[j, 0]
-    return acc
+        out[d] += (h0 * _f32(kv[j0, 1, d]) + h1 * _f32(kv[j1, 1, d])) + (h2 * _f32(kv[j2, 1, d]) + h3 * _f32(kv[j3, 1, d]))
 
 
-@njit(fastmath=True, cache=True)
+@_njit(fastmath=True, cache=True)
 def _ffn_range(kv, sc, x, idx, lo, hi, out, dense):
-    """out += sum over idx[lo:hi] of relu(K[j] . x)^2 V[:, j]; returns value columns read.
-    dense=True reads every value column (a true dense FFN), else zero activations are skipped."""
+    """out += sum over j in idx[lo:hi] of relu(K[j] . x)^2 V[:, j]; returns the value columns read.
+    Keys go four neurons at a time (x loads shared), value columns four at a time (one pass over out);
+    neurons 4-8 ahead are prefetched. dense=True also reads value columns of zero activations."""
     D = kv.shape[2]
+    nb = 2 * D * kv.itemsize
+    has_s = sc.shape[0] > 0
+    pj = np.empty(8, np.int64)
+    ph = np.empty(8, np.float32)
     n = 0
-    for p in range(lo, hi):
-        j = idx[p]
-        h = _key_dot(kv, sc, j, x)
-        h = h * h if h > 0 else np.float32(0.0)
-        if h != 0 or dense:
-            if sc.shape[0] > 0:
-                h *= sc[j, 1]
-            for d in range(D):
-                out[d] += h * _f32(kv[j, 1, d])
-            n += 1
-    return n
+    nval = 0
+    p = lo
+    while p < hi:
+        for q in range(p + 4, min(p + 8, hi)):
+            base = np.int64(idx[q]) * nb
+            for l in range(0, nb, 64):
+                _prefetch(kv, base + l)
+        m = min(4, hi - p)
+        j0 = np.int64(idx[p])
+        j1 = np.int64(idx[p + 1]) if m > 1 else j0
+        j2 = np.int64(idx[p + 2]) if m > 2 else j0
+        j3 = np.int64(idx[p + 3]) if m > 3 else j0
+        a0 = np.float32(0.0)
+        a1 = np.float32(0.0)
+        a2 = np.float32(0.0)
+        a3 = np.float32(0.0)
+        for d in range(D):
+            xd = x[d]
+            a0 += _f32(kv[j0, 0, d]) * xd
+            a1 += _f32(kv[j1, 0, d]) * xd
+            a2 += _f32(kv[j2, 0, d]) * xd
+            a3 += _f32(kv[j3, 0, d]) * xd
+        for q in range(m):
+            j = j0 if q == 0 else (j1 if q == 1 else (j2 if q == 2 else j3))
+            a = a0 if q == 0 else (a1 if q == 1 else (a2 if q == 2 else a3))
+            if has_s:
+                a *= sc[j, 0]
+            if a > 0 or dense:
+                h = a * a if a > 0 else np.float32(0.0)
+                pj[n] = j
+                ph[n] = h * sc[j, 1] if has_s else h
+                n += 1
+        while n >= 4:
+            n -= 4
+            _axpy4(kv, out, pj[n], ph[n], pj[n + 1], ph[n + 1], pj[n + 2], ph[n + 2], pj[n + 3], ph[n + 3])
+            nval += 4
+        p += m
+    for q in range(n):
+        j, h = pj[q], ph[q]
+        for d in range(D):
+            out[d] += h * _f32(kv[j, 1, d])
+    return nval + n
 
 
-@njit(fastmath=True, cache=True)
+@_njit(fastmath=True, cache=True)
 def _ffn_serial(kv, sc, x, idx, out, dense):
     out[:] = 0.0
     return _ffn_range(kv, sc, x, idx, 0, idx.shape[0], out, dense)
 
 
-@njit(fastmath=True, cache=True, parallel=True)
+@_njit(fastmath=True, cache=True, parallel=True)
 def _ffn_parallel(kv, sc, x, idx, out, dense, nchunk):
-    D = kv.shape[2]
-    K = idx.shape[0]
+    D, K = kv.shape[2], idx.shape[0]
     part = np.zeros((nchunk, D), np.float32)
     cnt = np.zeros(nchunk, np.int64)
-    for c in prange(nchunk):
+    for c in _prange(nchunk):
         cnt[c] = _ffn_range(kv, sc, x, idx, c * K // nchunk, (c + 1) * K // nchunk, part[c], dense)
     for d in range(D):
         acc = np.float32(0.0)
@@ -322,11 +431,11 @@ def _ffn_parallel(kv, sc, x, idx, out, dense, nchunk):
     return cnt.sum()
 
 
-@njit(fastmath=True, cache=True, parallel=True)
+@_njit(fastmath=True, cache=True, parallel=True)
 def _ffn_tokens(kv, sc, X, idx, offs, out):
     """Per-token sparse FFN for T tokens: token t uses idx[offs[t]:offs[t+1]]."""
     n = np.zeros(X.shape[0], np.int64)
-    for t in prange(X.shape[0]):
+    for t in _prange(X.shape[0]):
         out[t, :] = 0.0
         n[t] = _ffn_range(kv, sc, X[t], idx, offs[t], offs[t + 1], out[t], False)
     return n.sum()
@@ -343,176 +452,175 @@ def _all_neurons(F: int) -> np.ndarray:
 
 
 def _run_ffn(bundle, x, idx, out, dense):
-    work = idx.shape[0] * 2 * bundle.D
-    if work >= PAR_MIN:
-        nth = get_num_threads()
-        return _ffn_parallel(bundle._kv, bundle._sc, x, idx, out, dense, nth * 2 if nth > 1 else 1)
+    if idx.shape[0] * 2 * bundle.D >= PAR_MIN and _get_num_threads() > 1:
+        return _ffn_parallel(bundle._kv, bundle._sc, x, idx, out, dense, _nchunk())
     return _ffn_serial(bundle._kv, bundle._sc, x, idx, out, dense)
 
 
 def sparse_ffn(x: np.ndarray, idx: np.ndarray, bundle: NeuronBundledFFN, out: np.ndarray | None = None) -> np.ndarray:
-    """sum_{j in idx} relu(W_k[j] . x)^2 W_v[:, j] for one token x (D,), reading only neurons idx
-    (int32); a neuron whose activation is zero costs only its key row. Returns out (D,)."""
-    x = np.ascontiguousarray(x, np.float32).reshape(-1)
-    idx = np.ascontiguousarray(idx, np.int32)
+    """sum_{j in idx} relu(W_k[j] . x)^2 W_v[:, j] for one token x (D,), reading only the neurons in
+    idx (int32, any order, no repeats); a neuron whose activation is zero costs only its key row.
+    Returns out (D,) float32 (written in place when given)."""
+    if not (type(x) is np.ndarray and x.dtype == np.float32 and x.flags.c_contiguous):
+        x = np.ascontiguousarray(x, np.float32)
+    x = x.reshape(-1)
+    if not (type(idx) is np.ndarray and idx.dtype == np.int32 and idx.flags.c_contiguous):
+        idx = np.ascontiguousarray(idx, np.int32)
     if out is None:
         out = np.empty(bundle.D, np.float32)
     n_val = _run_ffn(bundle, x, idx, out, False)
     if counter.enabled:
         half = bundle.neuron_bytes // 2
-        counter.add("ffn", idx.shape[0] * half + int(n_val) * half)
+        counter.add("ffn", (idx.shape[0] + int(n_val)) * half)
     return out
 
 
 def sparse_ffn_tokens(X: np.ndarray, idx: np.ndarray, offsets: np.ndarray, bundle: NeuronBundledFFN) -> np.ndarray:
-    """Sparse FFN for T tokens X (T, D); token t's active set is idx[offsets[t]:offsets[t+1]]."""
+    """Sparse FFN for T tokens X (T, D) in one call; token t's set is idx[offsets[t]:offsets[t+1]]."""
     X = np.ascontiguousarray(X, np.float32)
     out = np.empty_like(X)
     n_val = _ffn_tokens(bundle._kv, bundle._sc, X, np.ascontiguousarray(idx, np.int32),
                         np.ascontiguousarray(offsets, np.int64), out)
     if counter.enabled:
-        half = bundle.neuron_bytes // 2
-        counter.add("ffn", len(idx) * half + int(n_val) * half)
+        counter.add("ffn", (len(idx) + int(n_val)) * (bundle.neuron_bytes // 2))
     return out
 
 
 def _bundle_blocks(bundle):
-    """Yield (j0, j1, K_blk (n, D), V_blk (n, D)) float32 blocks of the bundle for prefill."""
+    """Yield (j0, j1, K_blk (n, D), V_blk (n, D)) float32 blocks of the bundle (prefill path)."""
     F, D = bundle.F, bundle.D
     if bundle.kv.dtype == np.float32:
         yield 0, F, bundle.kv[:, 0], bundle.kv[:, 1]
         return
     bs = max(16, _BLOCK_ELEMS // (2 * D))
     buf = np.empty((min(bs, F), 2, D), np.float32)
-    flat_kv = bundle._kv.reshape(F * 2, D)
-    flat_sc = bundle._sc.reshape(-1)
+    flat_kv, flat_sc = bundle._kv.reshape(F * 2, D), bundle._sc.reshape(-1)
     for j0 in range(0, F, bs):
         j1 = min(F, j0 + bs)
         _dequant_rows(flat_kv, flat_sc, 2 * j0, 2 * j1, buf.reshape(-1, D))
         yield j0, j1, buf[: j1 - j0, 0], buf[: j1 - j0, 1]
 
 
-@njit(fastmath=True, cache=True, parallel=True)
+@_njit(fastmath=True, cache=True, parallel=True)
 def _bundle_key_mv(kv, sc, X, y):
-    for j in prange(kv.shape[0]):
+    for j in _prange(kv.shape[0]):
+        s = sc[j, 0] if sc.shape[0] > 0 else np.float32(1.0)
         for t in range(X.shape[0]):
-            y[t, j] = _key_dot(kv, sc, j, X[t])
+            acc = np.float32(0.0)
+            for d in range(kv.shape[2]):
+                acc += _f32(kv[j, 0, d]) * X[t, d]
+            y[t, j] = acc * s
 
 
-@njit(fastmath=True, cache=True)
-def _bundle_value_mv(kv, sc, H, out):
-    """out (T, D) = sum_j H[t, j] * V[:, j] (all value columns are read)."""
-    D = kv.shape[2]
-    out[:] = 0.0
-    for j in range(kv.shape[0]):
-        s = sc[j, 1] if sc.shape[0] > 0 else np.float32(1.0)
-        for t in range(H.shape[0]):
-            h = H[t, j] * s
-            for d in range(D):
-                out[t, d] += h * _f32(kv[j, 1, d])
+@_njit(fastmath=True, cache=True, parallel=True)
+def _bundle_value_mv(kv, sc, H, out, nchunk):
+    """out (T, D) = sum_j H[t, j] V[:, j]: every value column is read (chunks of neurons per thread)."""
+    T, D, F = H.shape[0], kv.shape[2], kv.shape[0]
+    part = np.zeros((nchunk, T, D), np.float32)
+    for c in _prange(nchunk):
+        for j in range(c * F // nchunk, (c + 1) * F // nchunk):
+            s = sc[j, 1] if sc.shape[0] > 0 else np.float32(1.0)
+            for t in range(T):
+                h = H[t, j] * s
+                for d in range(D):
+                    part[c, t, d] += h * _f32(kv[j, 1, d])
+    for t in range(T):
+        for d in range(D):
+            acc = np.float32(0.0)
+            for c in range(nchunk):
+                acc += part[c, t, d]
+            out[t, d] = acc
 
 
 def _bundle_key(bundle, x2):
-    """x2 (T, D) @ W_k.T -> (T, F); bytes read."""
-    T = x2.shape[0]
-    half = bundle.neuron_bytes // 2 * bundle.F
-    if T <= SMALL_T:
-        y = np.empty((T, bundle.F), np.float32)
+    """x2 (T, D) @ W_k.T -> (T, F)."""
+    y = np.empty((x2.shape[0], bundle.F), np.float32)
+    if x2.shape[0] <= SMALL_T:
         _bundle_key_mv(bundle._kv, bundle._sc, x2, y)
-        return y, half
-    y = np.empty((T, bundle.F), np.float32)
+        return y
     for j0, j1, Kb, _ in _bundle_blocks(bundle):
         y[:, j0:j1] = x2 @ Kb.T
-    return y, half
+    return y
 
 
 def _bundle_value(bundle, h2):
-    """h2 (T, F) @ W_v.T -> (T, D); bytes read."""
+    """h2 (T, F) @ W_v.T -> (T, D)."""
     T = h2.shape[0]
-    half = bundle.neuron_bytes // 2 * bundle.F
-    if T == 1:
-        out = np.empty((1, bundle.D), np.float32)
-        _run_ffn_value(bundle, h2, out)
-        return out, half
     if T <= SMALL_T:
         out = np.empty((T, bundle.D), np.float32)
-        _bundle_value_mv(bundle._kv, bundle._sc, h2, out)
-        return out, half
+        _bundle_value_mv(bundle._kv, bundle._sc, h2, out, _nchunk())
+        return out
     out = np.zeros((T, bundle.D), np.float32)
     for j0, j1, _, Vb in _bundle_blocks(bundle):
         out += h2[:, j0:j1] @ Vb
-    return out, half
-
-
-@njit(fastmath=True, cache=True, parallel=True)
-def _value_parallel(kv, sc, h, out, nchunk):
-    D, F = kv.shape[2], kv.shape[0]
-    part = np.zeros((nchunk, D), np.float32)
-    for c in prange(nchunk):
-        for j in range(c * F // nchunk, (c + 1) * F // nchunk):
-            s = h[j] * (sc[j, 1] if sc.shape[0] > 0 else np.float32(1.0))
-            for d in range(D):
-                part[c, d] += s * _f32(kv[j, 1, d])
-    for d in range(D):
-        acc = np.float32(0.0)
-        for c in range(nchunk):
-            acc += part[c, d]
-        out[d] = acc
-
-
-def _run_ffn_value(bundle, h2, out):
-    nth = get_num_threads()
-    _value_parallel(bundle._kv, bundle._sc, h2[0], out[0], nth * 2 if nth > 1 else 1)
+    return out
 
 
 def ffn_dense(xk: np.ndarray, w_key, w_value) -> np.ndarray:
-    """relu(xk @ W_k.T)^2 @ W_v.T for xk (T, D); with the two views of one NeuronBundledFFN the
-    decode step is a single pass over the bundle (every key row and value column is read)."""
-    if isinstance(w_key, FFNKeyView) and isinstance(w_value, FFNValueView) and w_key.bundle is w_value.bundle:
+    """relu(xk @ W_k.T)^2 @ W_v.T for xk (T, D). With the two views of one NeuronBundledFFN a decode
+    step is one pass over the bundle that reads every key row and value column (a true dense FFN)."""
+    if type(w_key) is FFNKeyView and type(w_value) is FFNValueView and w_key.bundle is w_value.bundle:
         b = w_key.bundle
         x2, lead = _as_x2d(xk)
+        if counter.enabled:
+            counter.add("ffn", b.neuron_bytes * b.F)
         if x2.shape[0] == 1:
             out = np.empty((1, b.D), np.float32)
             _run_ffn(b, x2[0], _all_neurons(b.F), out[0], True)
-            if counter.enabled:
-                counter.add("ffn", b.neuron_bytes * b.F)
             return out.reshape(*lead, -1)
-        if x2.shape[0] > SMALL_T:
-            out = np.zeros((x2.shape[0], b.D), np.float32)
-            for _, _, Kb, Vb in _bundle_blocks(b):
-                h = np.maximum(x2 @ Kb.T, 0.0)
-                out += (h * h) @ Vb
-            if counter.enabled:
-                counter.add("ffn", b.neuron_bytes * b.F)
-            return out.reshape(*lead, -1)
+        out = np.zeros((x2.shape[0], b.D), np.float32)
+        for _, _, Kb, Vb in _bundle_blocks(b):
+            h = np.maximum(x2 @ Kb.T, 0.0)
+            out += (h * h) @ Vb
+        return out.reshape(*lead, -1)
     k = np.maximum(linear(xk, w_key), 0.0)
     return linear(k * k, w_value)
 
 
 # --- small matrices, norms ----------------------------------------------------------------------
-@njit(fastmath=True, cache=True)
-def _xm_vec(x, M, y):
-    """y (O,) = x (I,) @ M (I, O)."""
+@_njit(fastmath=True, cache=True)
+def _xm1(x, M, s, y):
+    """y (O,) = x (I,) @ (M (I, O) * s): float32 / fp16-bits / int8 with per-column scales s (or none).
+    Four rows of M per pass over y (a quarter of the loads and stores of y)."""
+    I, O = M.shape
     y[:] = 0.0
-    for i in range(M.shape[0]):
+    i = 0
+    while i + 4 <= I:
+        x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+        for o in range(O):
+            y[o] += (x0 * _f32(M[i, o]) + x1 * _f32(M[i + 1, o])) + (x2 * _f32(M[i + 2, o]) + x3 * _f32(M[i + 3, o]))
+        i += 4
+    for i in range(i, I):
         xi = x[i]
-        for o in range(M.shape[1]):
+        for o in range(O):
             y[o] += xi * _f32(M[i, o])
+    if s.shape[0] > 0:
+        for o in range(M.shape[1]):
+            y[o] *= s[o]
 
 
-def matmul(x: np.ndarray, M: np.ndarray) -> np.ndarray:
-    """x (..., in) @ M (in, out) -> (..., out); M float32 or float16 (LoRA-style matrices)."""
+def _margs(M):
+    """(kernel array, per-column scale) of a matmul weight."""
+    if type(M) is Int8Cols:
+        return M.q, M.scale
+    return _kernel_array(M), _NO_SCALE
+
+
+def matmul(x: np.ndarray, M) -> np.ndarray:
+    """x (..., in) @ M (in, out) -> (..., out); M float32/float16 ndarray or Int8Cols (LoRA matrices)."""
     if counter.enabled:
         counter.add("matmul", M.nbytes)
     x2, lead = _as_x2d(x)
-    if x2.shape[0] == 1 and M.ndim == 2 and M.flags.c_contiguous:
+    if x2.shape[0] == 1 and M.ndim == 2 and (type(M) is Int8Cols or M.flags.c_contiguous):
         y = np.empty((1, M.shape[1]), np.float32)
-        _xm_vec(x2[0], _kernel_array(M), y[0])
+        _xm1(x2[0], *_margs(M), y[0])
         return y.reshape(*lead, -1)
+    if type(M) is Int8Cols:
+        M = M.dequantize()
     return (x2 @ (M if M.dtype == np.float32 else M.astype(np.float32))).reshape(*lead, -1)
 
 
-@njit(fastmath=True, cache=True)
+@_njit(fastmath=True, cache=True)
 def _layer_norm(x, w, b, eps, out):
     T, D = x.shape
     for t in range(T):
@@ -536,7 +644,7 @@ def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float = 1e-5) -
     return out.reshape(*lead, -1)
 
 
-@njit(fastmath=True, cache=True)
+@_njit(fastmath=True, cache=True)
 def _group_norm(x, G, w, b, eps, out):
     T, D = x.shape
     n = D // G
@@ -565,11 +673,11 @@ def group_norm(x: np.ndarray, n_groups: int, w: np.ndarray, b: np.ndarray, eps: 
 
 
 # --- recurrences ----------------------------------------------------------------------------------
-@njit(fastmath=True, cache=True, parallel=True)
+@_njit(fastmath=True, cache=True, parallel=True)
 def _wkv7(s_in, s, r, w, k, v, a, b, y):
     """s_in, s: (H, N, N) [head, value i, key j]; r..b: (T, H*N); writes s (new state) and y."""
     H, N = s.shape[0], s.shape[1]
-    for h in prange(H):
+    for h in _prange(H):
         o = h * N
         for t in range(r.shape[0]):
             src = s_in if t == 0 else s
@@ -586,20 +694,22 @@ def _wkv7(s_in, s, r, w, k, v, a, b, y):
                 y[t, o + i] = acc
 
 
-@njit(fastmath=True, cache=True)
+@_njit(fastmath=True, cache=True)
 def _wkv7_one(s_in, s, r, w, k, v, a, b, y):
-    """T == 1 serial twin of _wkv7 (a parallel launch costs more than the work)."""
+    """T == 1 serial twin of _wkv7 (a parallel launch costs more than the work); copies the state
+    first and updates it in place, which LLVM vectorises (unlike reads and writes through two names)."""
     H, N = s.shape[0], s.shape[1]
+    s[:] = s_in
     for h in range(H):
         o = h * N
         for i in range(N):
             sa = np.float32(0.0)
             for j in range(N):
-                sa += s_in[h, i, j] * a[0, o + j]
+                sa += s[h, i, j] * a[0, o + j]
             vi = v[0, o + i]
             acc = np.float32(0.0)
             for j in range(N):
-                x = s_in[h, i, j] * w[0, o + j] + sa * b[0, o + j] + vi * k[0, o + j]
+                x = s[h, i, j] * w[0, o + j] + sa * b[0, o + j] + vi * k[0, o + j]
                 s[h, i, j] = x
                 acc += x * r[0, o + j]
             y[0, o + i] = acc
@@ -615,11 +725,11 @@ def wkv7(state, r, w, k, v, a, b):
     return y, s
 
 
-@njit(fastmath=True, cache=True, parallel=True)
+@_njit(fastmath=True, cache=True, parallel=True)
 def _wkv_decay(s_in, s, r, k, v, w, u, y):
     """RWKV-5/6: y_t = (S + u * v k^T) @ r ; S = S * w_t[j] + v k^T. w: (T, H*N), u: (H, N)."""
     H, N = s.shape[0], s.shape[1]
-    for h in prange(H):
+    for h in _prange(H):
         o = h * N
         for t in range(r.shape[0]):
             src = s_in if t == 0 else s
@@ -654,27 +764,43 @@ def wkv6(state, r, k, v, w, u):
 
 
 # --- quantized predictor mat-vec (quant.QuantizedMatrix layout) --------------------------------
-@njit(fastmath=True, cache=True)
-def _qmv_row(P, scale, zero, xp, xsum, bits, r):
+@_njit(fastmath=True, cache=True)
+def _qmv_range(P, scale, zero, xp, xsum, bits, y, r0, r1):
+    """y[r] = sum_g scale[r, g] * (codes_g . x_g) + zero[r, g] * sum(x_g) for rows r0..r1.
+    xp[j, i] = x[i * per + j] is the weight of code j of byte i, so every inner loop runs over whole
+    rows of bytes (vectorised shifts, masks and FMAs), then per-group sums of z."""
     per = 8 // bits
     mask = (1 << bits) - 1
     G = scale.shape[1]
-    nb = P.shape[1] // G                           # bytes per group
-    tot = np.float32(0.0)
-    for g in range(G):
-        acc = np.float32(0.0)
-        for j in range(per):
+    nbytes = P.shape[1]
+    nb = nbytes // G
+    z = np.empty(nbytes, np.float32)
+    for r in range(r0, r1):
+        for i in range(nbytes):
+            z[i] = np.float32(P[r, i] & mask) * xp[0, i]
+        for j in range(1, per):
             sh = j * bits
+            for i in range(nbytes):
+                z[i] += np.float32((P[r, i] >> sh) & mask) * xp[j, i]
+        tot = np.float32(0.0)
+        for g in range(G):
+            acc = np.float32(0.0)
             for i in range(g * nb, (g + 1) * nb):
-                acc += np.float32((P[r, i] >> sh) & mask) * xp[j, i]
-        tot += _h2f(scale[r, g]) * acc + _h2f(zero[r, g]) * xsum[g]
-    return tot
+                acc += z[i]
+            tot += _h2f(scale[r, g]) * acc + _h2f(zero[r, g]) * xsum[g]
+        y[r] = tot
 
 
-@njit(fastmath=True, cache=True, parallel=True)
-def _qmv(P, scale, zero, xp, xsum, bits, y):
-    for r in prange(P.shape[0]):
-        y[r] = _qmv_row(P, scale, zero, xp, xsum, bits, r)
+@_njit(fastmath=True, cache=True)
+def _qmv_serial(P, scale, zero, xp, xsum, bits, y):
+    _qmv_range(P, scale, zero, xp, xsum, bits, y, 0, P.shape[0])
+
+
+@_njit(fastmath=True, cache=True, parallel=True)
+def _qmv_parallel(P, scale, zero, xp, xsum, bits, y, nchunk):
+    R = P.shape[0]
+    for c in _prange(nchunk):
+        _qmv_range(P, scale, zero, xp, xsum, bits, y, c * R // nchunk, (c + 1) * R // nchunk)
 
 
 def quant_matvec(qm, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -687,7 +813,173 @@ def quant_matvec(qm, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray
     xp = np.ascontiguousarray(x.reshape(C // per, per).T)
     xsum = x.reshape(qm.n_groups, -1).sum(axis=1, dtype=np.float32)
     y = np.empty(R, np.float32) if out is None else out
-    _qmv(qm.packed, qm.scale.view(np.uint16), qm.zero.view(np.uint16), xp, xsum, qm.bits, y)
+    args = (qm.packed, qm.scale.view(np.uint16), qm.zero.view(np.uint16), xp, xsum, qm.bits, y)
+    if R * C >= 4 * PAR_MIN and _get_num_threads() > 1:
+        _qmv_parallel(*args, _nchunk())
+    else:
+        _qmv_serial(*args)
     if counter.enabled:
         counter.add("predictor", qm.nbytes)
     return y
+
+
+# --- fused RWKV-7 time-mix of one token ----------------------------------------------------------
+@_njit(fastmath=True, cache=True, parallel=True)
+def _rkv_parallel(Wr, sr, Wk, sk, Wv, sv, xs, rkv, nchunk):
+    """rkv[0] = Wr xs[0], rkv[1] = Wk xs[2], rkv[2] = Wv xs[3] (each (1, D)), rows split over threads."""
+    O = Wr.shape[0]
+    for c in _prange(3 * nchunk):
+        m, q = c // nchunk, c % nchunk
+        r0 = (q * O // nchunk) // 4 * 4
+        r1 = O if q == nchunk - 1 else ((q + 1) * O // nchunk) // 4 * 4
+        if m == 0:
+            _mv_range(Wr, sr, xs[0], rkv[0], r0, r1)
+        elif m == 1:
+            _mv_range(Wk, sk, xs[2], rkv[1], r0, r1)
+        else:
+            _mv_range(Wv, sv, xs[3], rkv[2], r0, r1)
+
+
+@_njit(fastmath=True, cache=True)
+def _sigmoid(z):
+    return np.float32(1.0) / (np.float32(1.0) + np.exp(-z))
+
+
+@_njit(fastmath=True, cache=True)
+def _tm7(x, prev, mix, Wr, sr, Wk, sk, Wv, sv, Wo, so, w0, w1, s_w1, w2, s_w2, a0, a1, s_a1, a2, s_a2,
+         g1, s_g1, g2, s_g2, v0, v1, s_v1, v2, s_v2, k_k, k_a, r_k, lnx_w, lnx_b, S_in, S, inplace,
+         v_first, has_vres, out, v_out, nchunk):
+    """RWKV-7 time-mix of one token: the math of models/v7.py `time_mix` for T == 1.
+    x, prev (D,); mix (6, D) = x_r, x_w, x_k, x_v, x_a, x_g; S_in -> S (H, N, N) (may alias);
+    writes out (1, D) and v_out (D,), the value that layer 0 hands on as v_first."""
+    D = x.shape[0]
+    H, N = S.shape[0], S.shape[1]
+    xs = np.empty((6, 1, D), np.float32)     # (1, D) slabs: C-contiguous 2-D views for _mv_range
+    for c in range(6):
+        for d in range(D):
+            xs[c, 0, d] = x[d] + (prev[d] - x[d]) * mix[c, d]
+    rkv = np.empty((3, 1, D), np.float32)
+    if nchunk > 1:
+        _rkv_parallel(Wr, sr, Wk, sk, Wv, sv, xs, rkv, nchunk)
+    else:
+        _mv_range(Wr, sr, xs[0], rkv[0], 0, D)
+        _mv_range(Wk, sk, xs[2], rkv[1], 0, D)
+        _mv_range(Wv, sv, xs[3], rkv[2], 0, D)
+    r, k, v = rkv[0, 0], rkv[1, 0], v_out
+    v[:] = rkv[2, 0]
+    # LoRAs: decay w, in-context learning rate a, output gate g, value-residual gate
+    t = np.empty(w1.shape[1], np.float32)
+    _xm1(xs[1, 0], w1, s_w1, t)
+    for j in range(t.shape[0]):
+        t[j] = np.tanh(t[j])
+    w = np.empty(D, np.float32)
+    _xm1(t, w2, s_w2, w)
+    t = np.empty(a1.shape[1], np.float32)
+    _xm1(xs[4, 0], a1, s_a1, t)
+    a = np.empty(D, np.float32)
+    _xm1(t, a2, s_a2, a)
+    t = np.empty(g1.shape[1], np.float32)
+    _xm1(xs[5, 0], g1, s_g1, t)
+    for j in range(t.shape[0]):
+        t[j] = _sigmoid(t[j])
+    g = np.empty(D, np.float32)
+    _xm1(t, g2, s_g2, g)
+    if has_vres:
+        t = np.empty(v1.shape[1], np.float32)
+        _xm1(xs[3, 0], v1, s_v1, t)
+        gv = np.empty(D, np.float32)
+        _xm1(t, v2, s_v2, gv)
+        for d in range(D):
+            v[d] += (v_first[d] - v[d]) * _sigmoid(v0[d] + gv[d])
+    kk = np.empty(D, np.float32)
+    bb = np.empty(D, np.float32)
+    for d in range(D):
+        a[d] = _sigmoid(a0[d] + a[d])
+        kk[d] = k[d] * k_k[d]
+        w[d] = np.exp(np.float32(-0.606531) * _sigmoid(w0[d] + w[d]))
+    for h in range(H):
+        o = h * N
+        ss = np.float32(0.0)
+        for j in range(o, o + N):
+            ss += kk[j] * kk[j]
+        inv = np.float32(1.0) / max(np.sqrt(ss), np.float32(1e-12))
+        for j in range(o, o + N):
+            kk[j] *= inv
+            bb[j] = kk[j] * a[j]
+            k[j] = k[j] * (np.float32(1.0) + (a[j] - np.float32(1.0)) * k_a[j])
+    # wkv: S = S * w + (S @ -kk) (kk * a)^T + v k^T ; y = S @ r. Updated in place in S (reading S_in
+    # and writing S through two names that may alias would stop LLVM from vectorising the loop)
+    if not inplace:
+        S[:] = S_in
+    y = np.empty((1, D), np.float32)
+    for h in range(H):
+        o = h * N
+        for i in range(N):
+            sa = np.float32(0.0)
+            for j in range(N):
+                sa -= S[h, i, j] * kk[o + j]
+            vi = v[o + i]
+            acc = np.float32(0.0)
+            for j in range(N):
+                z = S[h, i, j] * w[o + j] + sa * bb[o + j] + vi * k[o + j]
+                S[h, i, j] = z
+                acc += z * r[o + j]
+            y[0, o + i] = acc
+    # group norm per head (eps 64e-5) + bonus (r . k * r_k) v, output gate, output projection
+    for h in range(H):
+        o = h * N
+        mu = np.float32(0.0)
+        for j in range(o, o + N):
+            mu += y[0, j]
+        mu /= N
+        var = np.float32(0.0)
+        for j in range(o, o + N):
+            c = y[0, j] - mu
+            var += c * c
+        inv = np.float32(1.0) / np.sqrt(var / N + np.float32(64e-5))
+        bonus = np.float32(0.0)
+        for j in range(N):
+            bonus += r[o + j] * k[o + j] * r_k[h, j]
+        for j in range(o, o + N):
+            y[0, j] = ((y[0, j] - mu) * inv * lnx_w[j] + lnx_b[j] + bonus * v[j]) * g[j]
+    _mv_range(Wo, so, y, out, 0, D)
+
+
+def _wargs(W):
+    """(kernel array, per-row scale) of a linear weight."""
+    if type(W) is Int8Weight:
+        return W.q, W.scale
+    return _kernel_array(np.asarray(W)), _NO_SCALE
+
+
+def time_mix7_step(b, x: np.ndarray, prev: np.ndarray, wkv: np.ndarray, v_first, wkv_out=None):
+    """The whole RWKV-7 time-mix of one token in one kernel call.
+
+    b: a block of models/v7.py (`model.blocks[i]`); x (1, D): the ln1-normalised input; prev (D,): the
+    token-shift state; wkv (H, N, N): the state; v_first (1, D): layer 0's value, None in layer 0.
+    wkv_out: where the new state goes (may be `wkv` itself, updated in place); a new array if None.
+    Returns (out (1, D), new wkv, v (1, D)): equal to v7 `time_mix` with T == 1.
+    """
+    D = x.shape[-1]
+    mix = b.__dict__.get("_nb_mix")
+    if mix is None:  # the six token-shift mixing vectors, stacked once per block
+        mix = b._nb_mix = np.ascontiguousarray(np.stack([b.x_r, b.x_w, b.x_k, b.x_v, b.x_a, b.x_g]), np.float32)
+    out = np.empty((1, D), np.float32)
+    v = np.empty((1, D), np.float32)
+    S = np.empty_like(wkv) if wkv_out is None else wkv_out
+    has_v = v_first is not None
+    if has_v:
+        vf, v0, v1, v2 = v_first.reshape(-1), b.v0, b.v1, b.v2
+    else:  # placeholders of the right types; unused in layer 0
+        vf, v0, v1, v2 = v[0], b.w0, b.w1, b.w2
+    Wr = _wargs(b.att_r)
+    nchunk = 1 if Wr[0].size * 3 < PAR_MIN else _nchunk()
+    _tm7(x.reshape(-1), prev, mix, *Wr, *_wargs(b.att_k), *_wargs(b.att_v), *_wargs(b.att_o),
+         b.w0, *_margs(b.w1), *_margs(b.w2), b.a0, *_margs(b.a1), *_margs(b.a2),
+         *_margs(b.g1), *_margs(b.g2), v0, *_margs(v1), *_margs(v2), b.k_k, b.k_a, b.r_k, b.lnx_w, b.lnx_b,
+         wkv, S, S is wkv, vf, has_v, out, v[0], nchunk)
+    if counter.enabled:
+        counter.add("linear", sum(m.nbytes for m in (b.att_r, b.att_k, b.att_v, b.att_o)))
+        counter.add("matmul", sum(m.nbytes for m in (b.w1, b.w2, b.a1, b.a2, b.g1, b.g2)) +
+                    ((b.v1.nbytes + b.v2.nbytes) if has_v else 0))
+    return out, S, v

@@ -1,0 +1,511 @@
+"""CUDA backend: reference.py's function set with torch on an NVIDIA GPU, Triton for the wkv scans.
+
+Precision (choose with `set_dtype` before the model is built; weights are converted at load):
+  - "fp32" (default): everything float32 (IEEE matmuls unless the caller enabled TF32 globally).
+  - "fp16" / "bf16": 2-D weight matrices are stored in that dtype (half the bytes read per token);
+    activations, 1-D parameters, elementwise math and the wkv state stay float32; a matmul casts
+    its input to the weight dtype and accumulates and returns float32.
+The wkv state is always float32. Shapes follow reference.py: activations (T, D), `linear(x, W)`
+is x @ W.T with W (out, in), the wkv state (H, N, N) is indexed [head, value i, key j].
+
+Extra ops for the sparse FFN and predictors (reference versions: see the module docstrings of
+those modules): `transpose_weight`, `sparse_ffn`, `predictor_scores`, `topk_mask`, `topk_indices`,
+`threshold_mask`, `mask_to_indices`. `CudaGraphStep` replays a captured one-token decode step.
+
+Importing this module needs torch but not CUDA or Triton; the first op that needs the GPU raises
+RuntimeError("CUDA is not available: ...") on a machine without one.
+"""
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+name = "cuda"
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_cfg = {"dtype": "fp32", "device": "cuda", "split": False}
+_checked: dict = {}          # device string -> torch.device, once CUDA was found usable
+_emb_cache: dict = {}        # id(host emb) -> (weakref to it, device tensor)
+_triton: dict = {}           # "ok": bool, "kernels": the compiled-on-demand jit functions
+_mm_out_dtype = {"ok": None}  # whether torch.mm(..., out_dtype=float32) works for half inputs
+
+# wkv launch shape: one program per (head, block of WKV_ROWS value rows). Each value row of the
+# state evolves independently, so the split is exact. Tuned on an H100 (tools/gpu_check.py).
+WKV_ROWS = 8
+WKV_WARPS = 2
+WKV_FUSED = True
+# Arrays up to this many elements stay float32 in fp16/bf16 mode: the (H, N) per-head tables
+# (H*N = n_embd <= 8192) are elementwise factors where bf16 rounding would hurt (decays near 1).
+HALF_MIN_SIZE = 8192
+
+
+# --- configuration ----------------------------------------------------------------------
+def set_dtype(dtype: str, split_inputs: bool = False) -> None:
+    """Storage dtype of weight matrices: "fp32" (default), "fp16" or "bf16". Affects weights
+    adopted after the call (build the model after setting it).
+
+    split_inputs: multiply half weights by x as hi + lo halves (x = hi + lo, both in the weight
+    dtype; one GEMM on the stacked rows), so the activations keep ~16 mantissa bits; the weights
+    are read once, so batch-1 decode costs about the same, prefill does twice the tensor-core work."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}, choose one of {', '.join(_DTYPES)}")
+    _cfg["dtype"] = dtype
+    _cfg["split"] = bool(split_inputs)
+    _emb_cache.clear()
+
+
+def get_dtype() -> str:
+    return _cfg["dtype"]
+
+
+def set_device(device: str) -> None:
+    """Which CUDA device to use, e.g. "cuda" or "cuda:1"."""
+    if not str(device).startswith("cuda"):
+        raise ValueError(f"the CUDA backend needs a cuda device, got {device!r}")
+    _cfg["device"] = str(device)
+    _emb_cache.clear()
+
+
+def device() -> torch.device:
+    """The torch device of this backend; raises RuntimeError when CUDA is not usable."""
+    dev = _cfg["device"]
+    hit = _checked.get(dev)
+    if hit is not None:
+        return hit
+    if not torch.cuda.is_available():
+        built = torch.version.cuda or "none (CPU-only build)"
+        raise RuntimeError(
+            f"CUDA is not available: torch {torch.__version__} (CUDA build: {built}) finds no usable "
+            "NVIDIA GPU/driver. Use device='cpu', or install a CUDA build of torch on a machine with a GPU.")
+    d = torch.device(dev)
+    if (d.index or 0) >= torch.cuda.device_count():
+        raise RuntimeError(f"CUDA is not available: device {dev} requested, "
+                           f"{torch.cuda.device_count()} visible")
+    _checked[dev] = d
+    return d
+
+
+def synchronize() -> None:
+    torch.cuda.synchronize(device())
+
+
+def _wdtype() -> torch.dtype:
+    return _DTYPES[_cfg["dtype"]]
+
+
+# --- placement ----------------------------------------------------------------------------
+def _dev_f32(a) -> torch.Tensor:
+    """Any array/tensor -> contiguous float32 tensor on the device (no copy when already there)."""
+    if isinstance(a, torch.Tensor):
+        if a.is_cuda and a.dtype == torch.float32 and a.is_contiguous():
+            return a                                   # the common case, kept cheap for decode
+        t = a
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    return t.to(device=device(), dtype=torch.float32).contiguous()
+
+
+def weight(a) -> torch.Tensor:
+    """Move a weight array to the GPU: matrices (ndim >= 2, more than HALF_MIN_SIZE elements) in
+    the `set_dtype` dtype; vectors and small per-head tables (r_k, u, decay: (H, N)) in float32."""
+    if isinstance(a, torch.Tensor) and a.device.type == "cuda":
+        return a
+    t = torch.from_numpy(np.ascontiguousarray(a)) if not isinstance(a, torch.Tensor) else a
+    dt = _wdtype() if (t.ndim >= 2 and t.numel() > HALF_MIN_SIZE) else torch.float32
+    return t.to(device=device(), dtype=dt).contiguous()
+
+
+def to_host(x) -> np.ndarray:
+    """A device tensor (any float dtype) -> numpy float32."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(torch.float32).cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def adopt_state(state):
+    """The State with float32 tensors on the GPU (the wkv state is always float32)."""
+    from ..state import State
+
+    return State(_dev_f32(state.att_x), _dev_f32(state.wkv), _dev_f32(state.ffn_x))
+
+
+def _device_emb(emb) -> torch.Tensor:
+    if isinstance(emb, torch.Tensor) and emb.device.type == "cuda":
+        return emb
+    hit = _emb_cache.get(id(emb))
+    if hit is not None and hit[0]() is emb:
+        return hit[1]
+    t = weight(emb)                                    # (V, D) once on the device
+    try:
+        _emb_cache[id(emb)] = (weakref.ref(emb), t)
+    except TypeError:  # objects without weak references are converted every call
+        pass
+    return t
+
+
+def embed(emb, tokens) -> torch.Tensor:
+    """Rows of the embedding (V, D) for token ids (list or device tensor) -> (T, D) float32.
+    The table is copied to the GPU once per array (cached)."""
+    table = _device_emb(emb)
+    if isinstance(tokens, torch.Tensor):
+        idx = tokens.to(device=table.device, dtype=torch.long).reshape(-1)
+    else:
+        idx = torch.as_tensor(np.asarray(tokens, dtype=np.int64).reshape(-1)).to(table.device)
+    return table.index_select(0, idx).to(torch.float32)
+
+
+# --- elementwise and small ops -------------------------------------------------------------
+def sigmoid(x):
+    return torch.sigmoid(x)
+
+
+def tanh(x):
+    return torch.tanh(x)
+
+
+def exp(x):
+    return torch.exp(x)
+
+
+def relu_sq(x):
+    return torch.relu(x).square()
+
+
+def token_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """(T, D) previous-token vectors from x (T, D) and prev (D,); a new tensor."""
+    if x.shape[0] == 1:
+        return prev.reshape(1, -1).clone()
+    return torch.cat([prev.reshape(1, -1), x[:-1]], dim=0)
+
+
+def l2_normalize(x: torch.Tensor, n_groups: int) -> torch.Tensor:
+    T, D = x.shape
+    return F.normalize(x.reshape(T, n_groups, D // n_groups), p=2.0, dim=-1, eps=1e-12).reshape(T, D)
+
+
+def _mm(x2: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x2 (M, K) @ m (K, N) -> float32; half weights multiply a half copy of x2, accumulate fp32."""
+    if m.dtype == torch.float32:
+        return x2.to(torch.float32) @ m
+    xh = x2.to(m.dtype)
+    if _cfg["split"]:
+        n = xh.shape[0]
+        lo = (x2.to(torch.float32) - xh.to(torch.float32)).to(m.dtype)
+        out = _mm_half(torch.cat([xh, lo], dim=0), m)
+        return out[:n] + out[n:]
+    return _mm_half(xh, m)
+
+
+def _mm_half(xh: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    if _mm_out_dtype["ok"] is not False:
+        try:
+            out = torch.mm(xh, m, out_dtype=torch.float32)   # fp32 result, no rounding to half
+            _mm_out_dtype["ok"] = True
+            return out
+        except (TypeError, RuntimeError):
+            _mm_out_dtype["ok"] = False
+    return (xh @ m).to(torch.float32)
+
+
+def linear(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """x (..., in) @ W (out, in).T -> (..., out) float32."""
+    lead = x.shape[:-1]
+    return _mm(x.reshape(-1, x.shape[-1]), W.t()).reshape(*lead, W.shape[0])
+
+
+def matmul(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """x (..., in) @ M (in, out) -> (..., out) float32 (the small LoRA-style matrices)."""
+    lead = x.shape[:-1]
+    return _mm(x.reshape(-1, x.shape[-1]), M).reshape(*lead, M.shape[-1])
+
+
+def layer_norm(x, w, b, eps: float = 1e-5):
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+def group_norm(x, n_groups: int, w, b, eps: float):
+    """Group norm over the last dim split into n_groups groups; x (T, D)."""
+    return F.group_norm(x, n_groups, w, b, eps)
+
+
+# --- wkv scans ------------------------------------------------------------------------------
+def _kernels():
+    """Compile-on-first-use Triton kernels, or None when Triton is unusable (torch loop fallback)."""
+    if "ok" in _triton:
+        return _triton.get("kernels")
+    try:
+        import triton
+        import triton.language as tl
+    except Exception:  # no triton: the torch fallback below
+        _triton["ok"] = False
+        return None
+
+    @triton.jit
+    def wkv_scan(s_in, r_p, w_p, k_p, v_p, a_p, b_p, u_p, y_p, s_out, T,
+                 C: tl.constexpr, N: tl.constexpr, BI: tl.constexpr, V7: tl.constexpr, PREFETCH: tl.constexpr,
+                 FUSED: tl.constexpr):
+        # One program: head h, value rows i in [ib*BI, ib*BI+BI), all N key columns j; the
+        # (BI, N) slice of the state lives in registers for the whole sequence.
+        # V7:  S = S*w_t[j] + (S @ a_t)_i b_t[j] + v_t[i] k_t[j] ;  y_t[i] = (S @ r_t)_i
+        # V6:  y_t[i] = ((S + u[j] v_t[i] k_t[j]) @ r_t)_i ;  S = S*w_t[j] + v_t[i] k_t[j]
+        # FUSED (V7): y from the old state, y = S @ (w*r) + sa (b.r) + v (k.r), so both row
+        # reductions of a token depend only on the previous state (one reduction on the serial path).
+        h = tl.program_id(0)
+        ib = tl.program_id(1)
+        ii = ib * BI + tl.arange(0, BI)
+        jj = tl.arange(0, N)
+        soff = h * N * N + ii[:, None] * N + jj[None, :]
+        S = tl.load(s_in + soff)
+        # per-token pointers, advanced by C each token (64-bit pointer arithmetic: no int32
+        # overflow of t * C on long sequences)
+        rp, wp, kp = r_p + h * N + jj, w_p + h * N + jj, k_p + h * N + jj
+        vp, yp = v_p + h * N + ii, y_p + h * N + ii
+        if V7:
+            ap, bp = a_p + h * N + jj, b_p + h * N + jj
+        else:
+            u = tl.load(u_p + h * N + jj)
+        r, w, k, v = tl.load(rp), tl.load(wp), tl.load(kp), tl.load(vp)
+        if V7:
+            a, b = tl.load(ap), tl.load(bp)
+        for t in range(T):
+            nxt = tl.where(t + 1 < T, C, 0)      # stay on the last token instead of reading past it
+            rp, wp, kp, vp = rp + nxt, wp + nxt, kp + nxt, vp + nxt
+            if V7:
+                ap, bp = ap + nxt, bp + nxt
+            if PREFETCH:  # next token's inputs, loaded while this token computes
+                rn, wn, kn, vn = tl.load(rp), tl.load(wp), tl.load(kp), tl.load(vp)
+                if V7:
+                    an, bn = tl.load(ap), tl.load(bp)
+            if V7:
+                if FUSED:
+                    sa = tl.sum(S * a[None, :], axis=1)
+                    y = tl.sum(S * (w * r)[None, :], axis=1) + sa * tl.sum(b * r, axis=0) + v * tl.sum(k * r, axis=0)
+                    S = S * w[None, :] + sa[:, None] * b[None, :] + v[:, None] * k[None, :]
+                else:
+                    sa = tl.sum(S * a[None, :], axis=1)
+                    S = S * w[None, :] + sa[:, None] * b[None, :] + v[:, None] * k[None, :]
+                    y = tl.sum(S * r[None, :], axis=1)
+            else:
+                kv = v[:, None] * k[None, :]
+                y = tl.sum((S + kv * u[None, :]) * r[None, :], axis=1)
+                S = S * w[None, :] + kv
+            tl.store(yp, y)
+            yp += C
+            if PREFETCH:
+                r, w, k, v = rn, wn, kn, vn
+                if V7:
+                    a, b = an, bn
+            else:
+                r, w, k, v = tl.load(rp), tl.load(wp), tl.load(kp), tl.load(vp)
+                if V7:
+                    a, b = tl.load(ap), tl.load(bp)
+        tl.store(s_out + soff, S)
+
+    _triton.update(ok=True, kernels={"scan": wkv_scan})
+    return _triton["kernels"]
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def _scan(state, r, w, k, v, a, b, u, v7: bool, rows=None, warps=None, prefetch=True, fused=None):
+    H, N, _ = state.shape
+    T, C = r.shape
+    s_in = _dev_f32(state)
+    r, w, k, v = (_dev_f32(t) for t in (r, w, k, v))
+    if v7:
+        a, b = _dev_f32(a), _dev_f32(b)
+    else:
+        u = _dev_f32(u).reshape(H * N)
+    kern = _kernels()
+    bi = min(rows or WKV_ROWS, N)
+    if kern is None or not _pow2(N) or not _pow2(bi) or C != H * N:
+        return (_wkv7_torch if v7 else _wkv6_torch)(s_in, r, w, k, v, a if v7 else u, b if v7 else None)
+    y = torch.empty((T, C), device=r.device, dtype=torch.float32)
+    s_out = torch.empty_like(s_in)
+    dummy = r  # unused pointer slots
+    kern["scan"][(H, N // bi)](s_in, r, w, k, v, a if v7 else dummy, b if v7 else dummy,
+                               dummy if v7 else u, y, s_out, T, C=C, N=N, BI=bi, V7=v7,
+                               PREFETCH=bool(prefetch), FUSED=bool(WKV_FUSED if fused is None else fused),
+                               num_warps=warps or WKV_WARPS)
+    return y, s_out
+
+
+def _wkv7_torch(s, r, w, k, v, a, b):
+    """Sequential float32 torch loop (fallback and test oracle); same contract as wkv7."""
+    H, N, _ = s.shape
+    T = r.shape[0]
+    s = s.clone()
+    y = torch.empty((T, H * N), device=s.device, dtype=torch.float32)
+    r, w, k, v, a, b = (t.reshape(T, H, N) for t in (r, w, k, v, a, b))
+    for t in range(T):
+        sa = s @ a[t][:, :, None]
+        s = s * w[t][:, None, :] + sa * b[t][:, None, :] + v[t][:, :, None] * k[t][:, None, :]
+        y[t] = (s @ r[t][:, :, None]).reshape(H * N)
+    return y, s
+
+
+def _wkv6_torch(s, r, w, k, v, u, _unused=None):
+    H, N, _ = s.shape
+    T = r.shape[0]
+    s = s.clone()
+    y = torch.empty((T, H * N), device=s.device, dtype=torch.float32)
+    r, w, k, v = (t.reshape(T, H, N) for t in (r, w, k, v))
+    u = u.reshape(H, N)
+    for t in range(T):
+        kv = v[t][:, :, None] * k[t][:, None, :]
+        y[t] = ((s + kv * u[:, None, :]) @ r[t][:, :, None]).reshape(H * N)
+        s = s * w[t][:, None, :] + kv
+    return y, s
+
+
+def wkv7(state, r, w, k, v, a, b):
+    """RWKV-7 state update over T tokens in one Triton launch (see reference.wkv7).
+
+    state: (H, N, N) [head, value i, key j]; r, w, k, v, a, b: (T, H*N). Returns (y (T, H*N) fp32,
+    new state (H, N, N) fp32); the input state is not modified."""
+    return _scan(state, r, w, k, v, a, b, None, v7=True)
+
+
+def wkv6(state, r, k, v, w, u):
+    """RWKV-6 update (see reference.wkv6): w (T, H*N) per-token decays, u (H, N) bonus."""
+    return _scan(state, r, w, k, v, None, None, u, v7=False)
+
+
+def wkv5(state, r, k, v, w, u):
+    """RWKV-5.2 update (see reference.wkv5): w (H, N) fixed decays, u (H, N) bonus."""
+    T = r.shape[0]
+    w = _dev_f32(w).reshape(1, -1).expand(T, -1).contiguous()
+    return _scan(state, r, w, k, v, None, None, u, v7=False)
+
+
+# --- sparse FFN and predictor helpers -----------------------------------------------------
+def _index(idx) -> torch.Tensor:
+    if isinstance(idx, torch.Tensor):
+        return idx.to(device=device(), dtype=torch.long)
+    return torch.as_tensor(np.asarray(idx, dtype=np.int64)).to(device())
+
+
+def transpose_weight(W) -> torch.Tensor:
+    """W (D, F) -> contiguous (F, D) copy on the device, e.g. value_t = transpose_weight(ffn_value)
+    so that each neuron's value column is one contiguous row."""
+    t = W if isinstance(W, torch.Tensor) else weight(np.asarray(W))
+    return t.t().contiguous()
+
+
+def sparse_ffn(xk: torch.Tensor, idx, key: torch.Tensor, value_t: torch.Tensor) -> torch.Tensor:
+    """relu(xk @ key[idx].T)^2 @ value_t[idx]: the FFN computed on the neurons `idx` only.
+
+    xk (T, D) float32; key (F, D) = ffn.key.weight and value_t (F, D) = ffn.value.weight.T, both
+    device weights. idx: 1-D ints (a set shared by all T rows, e.g. the union of their predicted
+    sets) or 2-D (T, k) ints (one set per token). Rows outside the set count as zero activations,
+    so with idx a superset of the truly active neurons the result equals the dense FFN."""
+    idx = _index(idx)
+    if idx.ndim == 1:
+        h = relu_sq(linear(xk, key.index_select(0, idx)))              # (T, S)
+        return matmul(h, value_t.index_select(0, idx))                  # (T, D)
+    T, kk = idx.shape
+    kw = key.index_select(0, idx.reshape(-1)).reshape(T, kk, -1)       # (T, k, D)
+    vw = value_t.index_select(0, idx.reshape(-1)).reshape(T, kk, -1)   # (T, k, D)
+    x = xk.to(kw.dtype)[:, :, None]                                     # (T, D, 1)
+    h = relu_sq(torch.bmm(kw, x).to(torch.float32))                    # (T, k, 1)
+    return torch.bmm(h.transpose(1, 2).to(vw.dtype), vw).to(torch.float32).reshape(T, -1)
+
+
+def predictor_scores(x, Wq) -> torch.Tensor:
+    """Scores (T, F) = x (T, D) @ Wq.T for a predictor matrix Wq (F, D), e.g. a dequantized n-bit
+    W_k adopted once with `weight(qm.dequantize())` (fp16/bf16 storage via set_dtype)."""
+    if not isinstance(Wq, torch.Tensor):
+        Wq = weight(np.asarray(Wq, dtype=np.float32))
+    return linear(_dev_f32(x), Wq)
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(T, k) long indices of the k highest scores of each row, sorted ascending per row."""
+    T, Fn = scores.shape
+    k = max(0, min(int(k), Fn))
+    return torch.topk(scores, k, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool (T, F): the k highest scores of each row (as predictors.calibrate.topk_mask)."""
+    T, Fn = scores.shape
+    m = torch.zeros((T, Fn), dtype=torch.bool, device=scores.device)
+    if k <= 0:
+        return m
+    if k >= Fn:
+        return m.fill_(True)
+    return m.scatter_(1, torch.topk(scores, int(k), dim=1, sorted=False).indices, True)
+
+
+def threshold_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    return scores >= float(threshold)
+
+
+def mask_to_indices(mask: torch.Tensor) -> torch.Tensor:
+    """Bool (T, F) or (F,) -> 1-D long indices of neurons active for any row (host sync)."""
+    m = mask if mask.ndim == 1 else mask.any(dim=0)
+    return torch.nonzero(m, as_tuple=False).reshape(-1)
+
+
+# --- captured decode -------------------------------------------------------------------
+class CudaGraphStep:
+    """One-token decode of a model built on this backend, captured once as a CUDA graph and
+    replayed per token (removes the per-op launch cost that dominates batch-1 decode).
+
+        g = CudaGraphStep(model)        # captures; the model must use the cuda backend
+        g.reset(state)                  # copy a State (host or device) into the graph's buffers
+        logits = g.step(token)          # (V,) float32 device tensor, state advanced in place
+        st = g.state()                  # a copy of the current State (device tensors)
+
+    The forward replicates RWKVModel.forward for T=1 on static buffers; FFN input/activation hooks
+    and FFN replacements must be capturable (no host syncs, fixed shapes, e.g. top-k sparse sets).
+    """
+
+    def __init__(self, model, warmup: int = 2):
+        ops = model.ops
+        if getattr(ops, "name", "") != "cuda":
+            raise ValueError("CudaGraphStep needs a model built with the cuda backend")
+        self.model = model
+        self.emb = _device_emb(model.emb)
+        self.tok = torch.zeros(1, dtype=torch.long, device=device())
+        self.st = adopt_state(model.zero_state())
+        s = torch.cuda.Stream(device=device())
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(warmup):    # compile Triton kernels, warm cuBLAS outside the capture
+                self._forward()
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward()
+        self.reset(None)
+
+    def _forward(self) -> torch.Tensor:
+        m, st = self.model, self.st
+        x = layer_norm(self.emb.index_select(0, self.tok).to(torch.float32), *m.ln0)
+        ctx: dict = {}
+        for i, b in enumerate(m.blocks):
+            x = x + m.time_mix(i, layer_norm(x, b.ln1_w, b.ln1_b), st, ctx)
+            x = x + m.channel_mix(i, layer_norm(x, b.ln2_w, b.ln2_b), st)
+        return linear(layer_norm(x, *m.ln_out), m.head)[0]
+
+    def reset(self, state=None) -> None:
+        src = adopt_state(self.model.zero_state() if state is None else state)
+        for f in ("att_x", "wkv", "ffn_x"):
+            getattr(self.st, f).copy_(getattr(src, f))
+
+    def step(self, token) -> torch.Tensor:
+        if isinstance(token, torch.Tensor):
+            self.tok.copy_(token.reshape(1))
+        else:
+            self.tok.fill_(int(token))
+        self.graph.replay()
+        return self.logits
+
+    def state(self):
+        return self.st.copy()

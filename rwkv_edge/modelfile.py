@@ -1,0 +1,266 @@
+"""The project's own mmap-able model file (.rwkve): convert a checkpoint once, open it instantly.
+
+Layout (little-endian):
+    b"RWKVEDGE" | u32 format version | u32 0 | u64 header length | header (UTF-8 JSON) | pad to 64 |
+    tensor data, every tensor 64-byte aligned.
+The JSON header holds the config, the fingerprint of the source model (so predictor bundles fitted
+on the .pth still match), the storage dtype, the data start, the file size, and the tensor table
+[{name, dtype, shape, offset (from the data start), nbytes}].
+
+Storage by role (dtype = "fp32" | "fp16" | "int8"):
+- FFN key/value of each layer: one neuron-bundled tensor `blocks.{i}.ffn.kv` (F, 2, D) =
+  (key row, value column) per neuron; int8 adds `blocks.{i}.ffn.kv_scale` (F, 2) per-neuron scales.
+- Linear matrices (`*.weight`, 2-D: att r/k/v/o/g, ffn receptance, head): the file dtype; int8 is
+  `{name}.q` int8 (out, in) + `{name}.scale` float32 (out,) per output row.
+- emb: float32 in fp32 files, float16 otherwise. LoRA-style matrices (w1, w2, a1, ...): float32 /
+  float16 / int8 (`{name}.qc` int8 (in, out) + `{name}.cscale` float32 (out,) per output column).
+- Everything else (vectors, mixing coefficients, r_k, ...): float32.
+Loading maps the file (mmap); nothing is read until a kernel touches it.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import struct
+import tempfile
+
+import numpy as np
+
+from .config import ModelConfig, ModelLoadError
+
+MAGIC = b"RWKVEDGE"
+FORMAT_VERSION = 1
+ALIGN = 64
+DTYPES = ("fp32", "fp16", "int8")
+_PREFIX = struct.Struct("<8sIIQ")             # magic, version, reserved, header length
+_LORA = re.compile(r"\.(w1|w2|a1|a2|v1|v2|g1|g2|time_maa_w1|time_maa_w2|time_decay_w1|time_decay_w2)$")
+_FFN = re.compile(r"^blocks\.(\d+)\.ffn\.(key|value)\.weight$")
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _role(name: str, shape) -> str:
+    if _FFN.match(name):
+        return "ffn"
+    if name == "emb.weight" or _LORA.search(name):
+        return "half"                 # float16 unless the file is fp32
+    if name.endswith(".weight") and len(shape) == 2 and min(shape) >= 16 and not name.endswith("ln_x.weight"):
+        return "linear"
+    return "fp32"
+
+
+def _plan(config: ModelConfig, shapes: dict, dtype: str):
+    """[(tensor name, numpy dtype, shape, producer key)] in file order; producers are resolved in _write."""
+    f16 = np.float32 if dtype == "fp32" else np.float16
+    plan = []
+    for name, shape in shapes.items():
+        role = _role(name, shape)
+        if role == "ffn":
+            m = _FFN.match(name)
+            if m.group(2) == "value":
+                continue
+            i = int(m.group(1))
+            F, D = shape
+            kvt = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}[dtype]
+            plan.append((f"blocks.{i}.ffn.kv", kvt, (F, 2, D), ("kv", i)))
+            if dtype == "int8":
+                plan.append((f"blocks.{i}.ffn.kv_scale", np.float32, (F, 2), ("kv_scale", i)))
+        elif role == "linear" and dtype == "int8":
+            plan.append((name + ".q", np.int8, tuple(shape), ("q", name)))
+            plan.append((name + ".scale", np.float32, (shape[0],), ("scale", name)))
+        elif role == "linear":
+            plan.append((name, f16, tuple(shape), ("cast", name)))
+        elif role == "half" and dtype == "int8" and len(shape) == 2 and name != "emb.weight":
+            plan.append((name + ".qc", np.int8, tuple(shape), ("qc", name)))
+            plan.append((name + ".cscale", np.float32, (shape[1],), ("cscale", name)))
+        elif role == "half":
+            plan.append((name, f16, tuple(shape), ("cast", name)))
+        else:
+            plan.append((name, np.float32, tuple(shape), ("cast", name)))
+    return plan
+
+
+def _source(model_or_path):
+    """(config, weights {official name: float32 array}, fingerprint, source name)."""
+    from .models import model_class
+    from .weights import load_checkpoint
+
+    if isinstance(model_or_path, (str, os.PathLike)):
+        config, weights = load_checkpoint(os.fspath(model_or_path))
+        src = os.path.basename(os.fspath(model_or_path))
+    elif isinstance(model_or_path, tuple) and len(model_or_path) == 2:
+        config, weights = model_or_path
+        src = "weights"
+    elif isinstance(getattr(model_or_path, "weights", None), dict):
+        m = model_or_path
+        return m.config, m.weights, m.fingerprint, type(m).__name__
+    else:
+        raise TypeError("convert needs a checkpoint path, a (config, weights) pair or a model with .weights")
+    fp = model_class(config.version)(config, weights).fingerprint
+    return config, weights, fp, src
+
+
+def convert(model_or_path, out_path, dtype: str = "fp16") -> str:
+    """Write `model_or_path` (a .pth path, (config, weights) or a model keeping `.weights`) to the
+    model file `out_path` with storage `dtype` ("fp32", "fp16", "int8"); atomic (temp + rename).
+    Returns out_path."""
+    from quant import quantize_int8_rows
+    from .backends.numba_cpu import NeuronBundledFFN
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}, choose one of {', '.join(DTYPES)}")
+    config, weights, fingerprint, src = _source(model_or_path)
+    plan = _plan(config, {k: tuple(np.shape(v)) for k, v in weights.items()}, dtype)
+    table, off = [], 0
+    for name, dt, shape, _ in plan:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+        table.append({"name": name, "dtype": np.dtype(dt).name, "shape": list(shape), "offset": off, "nbytes": nbytes})
+        off = _align(off + nbytes)
+    header = {"format": "rwkv-edge-model", "version": FORMAT_VERSION, "config": config.to_dict(),
+              "fingerprint": fingerprint, "dtype": dtype, "source": src, "tensors": table}
+    # data_start and file_size depend on the header length, which depends on them: iterate once
+    for _ in range(3):
+        hb = json.dumps(header, separators=(",", ":")).encode()
+        data_start = _align(_PREFIX.size + len(hb))
+        header.update(data_start=data_start, file_size=data_start + off)
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    if _align(_PREFIX.size + len(hb)) != data_start:
+        raise RuntimeError("header layout did not converge")
+
+    bundles: dict = {}
+
+    def produce(key):
+        kind, ref = key
+        if kind in ("kv", "kv_scale"):
+            if ref not in bundles:
+                bundles.clear()  # one layer at a time keeps peak memory low
+                bundles[ref] = NeuronBundledFFN.from_dense(weights[f"blocks.{ref}.ffn.key.weight"],
+                                                           weights[f"blocks.{ref}.ffn.value.weight"], dtype)
+            b = bundles[ref]
+            return b.kv if kind == "kv" else b.scale
+        w = np.asarray(weights[ref], np.float32)
+        if kind == "cast":
+            return w
+        if kind in ("qc", "cscale"):  # per-column scales: quantize the transpose by rows
+            q, s = quantize_int8_rows(w.T)
+            return q.T if kind == "qc" else s
+        q, s = quantize_int8_rows(w)
+        return q if kind == "q" else s
+
+    out_path = os.fspath(out_path)
+    d = os.path.dirname(os.path.abspath(out_path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".rwkve-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(hb)))
+            f.write(hb)
+            f.write(b"\0" * (data_start - _PREFIX.size - len(hb)))
+            for (name, dt, shape, key), rec in zip(plan, table):
+                a = np.ascontiguousarray(produce(key), dtype=dt)
+                if a.shape != tuple(shape):
+                    raise ValueError(f"tensor {name}: shape {a.shape} != planned {tuple(shape)}")
+                f.seek(data_start + rec["offset"])
+                f.write(memoryview(a.reshape(-1)).cast("B"))
+            f.truncate(data_start + off)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return out_path
+
+
+def is_modelfile(path) -> bool:
+    """True if `path` starts with the model-file magic."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def read_header(path) -> dict:
+    """The JSON header of a model file (checks magic, version and that no tensor lies past the end)."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            pre = f.read(_PREFIX.size)
+            if len(pre) < _PREFIX.size or pre[:8] != MAGIC:
+                raise ModelLoadError(f"{path}: not an rwkv-edge model file (bad magic)")
+            _, version, _, hlen = _PREFIX.unpack(pre)
+            if version != FORMAT_VERSION:
+                raise ModelLoadError(f"{path}: model file format version {version}, this runtime reads {FORMAT_VERSION}")
+            hb = f.read(hlen)
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(hb) < hlen:
+        raise ModelLoadError(f"{path}: truncated model file (header cut off)")
+    try:
+        header = json.loads(hb.decode())
+    except ValueError:
+        raise ModelLoadError(f"{path}: corrupt model file header") from None
+    if size < header.get("file_size", 0):
+        raise ModelLoadError(f"{path}: truncated model file ({size} of {header['file_size']} bytes)")
+    end = max((t["offset"] + t["nbytes"] for t in header["tensors"]), default=0)
+    if size < header["data_start"] + end:
+        raise ModelLoadError(f"{path}: truncated model file (tensor data past the end)")
+    return header
+
+
+def open_tensors(path, header: dict | None = None) -> dict:
+    """{tensor name: read-only ndarray view on the mapped file} (no data is read)."""
+    path = os.fspath(path)
+    header = header or read_header(path)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    base, out = header["data_start"], {}
+    for t in header["tensors"]:
+        dt = np.dtype(t["dtype"])
+        n = t["nbytes"] // dt.itemsize
+        out[t["name"]] = np.frombuffer(mm, dt, n, base + t["offset"]).reshape(t["shape"])
+    return out
+
+
+def model_weights(tensors: dict, header: dict, backend_name: str) -> dict:
+    """Official-name weights for a model class: numba weight objects, or float32 for other backends."""
+    from .backends.numba_cpu import Int8Cols, Int8Weight, NeuronBundledFFN
+
+    w = {}
+    for name, a in tensors.items():
+        m = re.match(r"^blocks\.(\d+)\.ffn\.kv$", name)
+        if m:
+            b = NeuronBundledFFN(a, tensors.get(name + "_scale"))
+            w[f"blocks.{m.group(1)}.ffn.key.weight"], w[f"blocks.{m.group(1)}.ffn.value.weight"] = b.key, b.value
+        elif name.endswith(".q") and name[:-2] + ".scale" in tensors:
+            w[name[:-2]] = Int8Weight(a, tensors[name[:-2] + ".scale"])
+        elif name.endswith(".qc") and name[:-3] + ".cscale" in tensors:
+            w[name[:-3]] = Int8Cols(a, tensors[name[:-3] + ".cscale"])
+        elif (name.endswith(".scale") and name[:-6] + ".q" in tensors or name.endswith(".ffn.kv_scale")
+              or name.endswith(".cscale")):
+            continue
+        else:
+            w[name] = a
+    if backend_name != "numba":  # other backends take plain float32 arrays (materialised in memory)
+        w = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in w.items()}
+    return w
+
+
+def load_modelfile(path, backend="numba"):
+    """Open a model file written by `convert` and return the model object (weights memory-mapped)."""
+    from .backends import get_backend
+    from .models import model_class
+
+    header = read_header(path)
+    config = ModelConfig.from_dict(header["config"])
+    ops = get_backend(backend)
+    weights = model_weights(open_tensors(path, header), header, getattr(ops, "name", ""))
+    model = model_class(config.version)(config, weights, backend=ops, fingerprint=header["fingerprint"])
+    model.modelfile_dtype = header["dtype"]
+    return model
