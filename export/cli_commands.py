@@ -244,7 +244,8 @@ def add_verify_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--onnx", required=True, help="export directory (holds model.json)")
     p.add_argument("--model", required=True, help="the model file it was exported from")
     p.add_argument("--tokens", type=_int_at_least(1), default=64, help="tokens decoded one by one (default 64)")
-    p.add_argument("--greedy", type=_int_at_least(0), default=32, help="greedy continuation length compared (default 32)")
+    p.add_argument("--greedy", type=_int_at_least(0), default=32,
+                   help="greedy continuation length compared (default 32)")
     p.add_argument("--variant", choices=("dense", "sparse", "all"), default="all")
     p.add_argument("--max-diff", type=_positive_float, default=None,
                    help="fail (exit 1) above this max |logit diff| (default: 1e-3 for fp32, report only otherwise)")

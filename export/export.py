@@ -7,6 +7,7 @@ Layout of an export directory:
     model.json          sidecar: sizes, graph I/O names, state names/shapes, dtype, sparsity, fingerprint
     tokenizer.json      copied from beside the checkpoint when there is one
 Graphs over 2 GB keep their weights in `<graph>.data` (ONNX external data).
+`export.verify.to_ort` later adds `model.ort`, ... (ORT mobile format) and records them in model.json.
 """
 from __future__ import annotations
 

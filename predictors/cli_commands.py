@@ -162,7 +162,7 @@ def run_fit(args, parser) -> int:
         bundle = fit(model, args.data, kind=args.kind, bits=args.bits, group_size=args.group_size, clip=args.clip,
                      target=args.target_recall, metric=args.metric, margin=args.margin,
                      heldout_frac=args.heldout_frac, max_train=args.max_train, hidden=args.hidden,
-                     epochs=args.epochs, pq_m=args.pq_m, pq_nbits=args.pq_nbits, seed=args.seed,
+                     epochs=args.epochs, threads=args.threads, pq_m=args.pq_m, pq_nbits=args.pq_nbits, seed=args.seed,
                      device=args.device, progress=not args.no_progress, log=log)
     except (CollectError, ValueError) as e:
         return _fail(parser, e)
@@ -194,6 +194,8 @@ def add_fit_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-train", type=_positive_int, default=65536, help="mlp: training rows per layer (default: 65536)")
     p.add_argument("--hidden", type=_positive_int, default=64, help="mlp: hidden width (default: 64)")
     p.add_argument("--epochs", type=_positive_int, default=4, help="mlp: epochs (default: 4)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="mlp: torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     p.add_argument("--pq-m", type=_positive_int, default=None, help="pq: sub-vectors per row (default: n_embd/8)")
     p.add_argument("--pq-nbits", type=int, choices=range(1, 9), default=8, metavar="1..8",
                    help="pq: bits per code (default: 8)")

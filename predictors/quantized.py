@@ -17,7 +17,7 @@ from quant import QuantizedMatrix
 from .base import LayerPredictor, register
 from .calibrate import threshold_for_target
 
-CLIP_CANDIDATES = (None, 4.0, 3.0, 2.5, 2.0, 1.75, 1.5, 1.25)
+CLIP_CANDIDATES = (None, 2.5, 2.0, 1.75, 1.5, 1.25)
 
 
 def _clip_rows(w: np.ndarray, clip: float | None, group_size: int | None) -> np.ndarray:

@@ -219,7 +219,10 @@ def open_tensors(path, header: dict | None = None) -> dict:
     path = os.fspath(path)
     header = header or read_header(path)
     with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        # copy-on-write private mapping: pages are shared with the page cache and read lazily; the
+        # arrays are writable (one numba specialisation for mapped and in-memory weights) but a
+        # write would never reach the file
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     base, out = header["data_start"], {}
     for t in header["tensors"]:
         dt = np.dtype(t["dtype"])

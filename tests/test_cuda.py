@@ -93,6 +93,7 @@ def test_wkv7_matches_reference(T, N):
     y1, s1 = C.wkv7(*dev)
     assert _rel(C.to_host(y1), y0) < 1e-5 and _rel(C.to_host(s1), s0) < 1e-5
     assert np.array_equal(C.to_host(dev[0]), args[0]), "wkv7 modified its input state"
+    assert C._triton.get("ok"), "the Triton kernel did not run (fell back to the torch loop)"
     y2, s2 = C._wkv7_torch(*dev)                       # the torch fallback agrees too
     assert _rel(C.to_host(y2), y0) < 1e-5 and _rel(C.to_host(s2), s0) < 1e-5
     for rows, fused, prefetch in ((4, False, False), (16, True, True), (64, False, True)):  # kernel variants

@@ -5,7 +5,6 @@ All on a tiny random x070 model (2 layers, D=64, F=256, V=256); exports take ~0.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

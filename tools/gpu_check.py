@@ -250,6 +250,7 @@ def logits_checks(models: dict, ids: np.ndarray) -> dict:
         refs[mname] = ref
         print(f"   numpy reference {mname}: {time.time() - t:.1f}s", flush=True)
         for cfg, dt, split, sparse in (("fp32", "fp32", False, None), ("fp16", "fp16", False, None),
+                                       ("fp16-split", "fp16", True, None),
                                        ("bf16", "bf16", False, None), ("bf16-split", "bf16", True, None),
                                        ("fp32 sparse-exact", "fp32", False, "exact"),
                                        ("fp16 sparse-exact", "fp16", False, "exact"),
@@ -535,7 +536,7 @@ def run(args) -> int:
          triton=tv, rwkv_pkg=importlib.util.find_spec("rwkv") is not None,
          tokenizers=importlib.util.find_spec("tokenizers") is not None, numpy=np.__version__)
     build = None
-    if args.pkg and importlib.util.find_spec("rwkv") is not None and args.pkg_cuda:
+    if args.bench and args.pkg and importlib.util.find_spec("rwkv") is not None and args.pkg_cuda:
         build = start_pkg_build(args.out, work)
         t_build = time.time()
     if args.pytest:
@@ -549,7 +550,8 @@ def run(args) -> int:
     for p in models.values():
         sparsity_stats(p, ids)
     try:
-        eager_overhead(models["rand12"], ids, args.out)
+        if args.bench:
+            eager_overhead(models["rand12"], ids, args.out)
     except Exception as e:  # noqa: BLE001  (a diagnostic; never fail the run on it)
         emit(check="eager overhead", error=repr(e)[:300])
     cuda_on = False
@@ -562,9 +564,11 @@ def run(args) -> int:
         cuda_on = build.returncode == 0
         emit(check="rwkv package CUDA build", ok=cuda_on, rc=build.returncode, seconds=time.time() - t_build)
     lens = [512, 4096]
+    if not args.bench:
+        models = {}
     for mname, path in models.items():
         bench_ours(mname, path, ids, args.decode_tokens, lens)
-    if args.pkg and importlib.util.find_spec("rwkv") is not None:
+    if args.pkg and args.bench and importlib.util.find_spec("rwkv") is not None:
         bench_pkg(models, refs, ids_file, work, args.out, cuda_on, args.decode_tokens, lens)
         if cuda_on and args.pkg_both:
             bench_pkg(models, refs, ids_file, work, args.out, False, args.decode_tokens, lens)
@@ -587,6 +591,7 @@ def main(argv=None) -> int:
     r.add_argument("--no-pytest", dest="pytest", action="store_false")
     r.add_argument("--no-pkg", dest="pkg", action="store_false")
     r.add_argument("--no-pkg-cuda", dest="pkg_cuda", action="store_false")
+    r.add_argument("--no-bench", dest="bench", action="store_false", help="checks only, no timings")
     r.add_argument("--pkg-both", action="store_true", help="also run the package with RWKV_CUDA_ON=0")
     r.add_argument("--build-wait", type=float, default=240.0)
     r.add_argument("--decode-tokens", type=int, default=128)

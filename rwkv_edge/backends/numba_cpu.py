@@ -282,10 +282,10 @@ def _mv_parallel(W, s, x, y, nchunk):
         _mv_range(W, s, x, y, (c * O // nchunk) // 4 * 4, O if c == nchunk - 1 else ((c + 1) * O // nchunk) // 4 * 4)
 
 
-@_njit(fastmath=True, cache=True, parallel=True)
+@_njit(fastmath=True, cache=True)
 def _dequant_rows(W, s, r0, r1, out):
     """out[:r1-r0] = float32(W[r0:r1]) * s (per-row scales, or none)."""
-    for o in _prange(r0, r1):
+    for o in range(r0, r1):
         sc = s[o] if s.shape[0] > 0 else np.float32(1.0)
         for i in range(W.shape[1]):
             out[o - r0, i] = _f32(W[o, i]) * sc
@@ -501,43 +501,9 @@ def _bundle_blocks(bundle):
         yield j0, j1, buf[: j1 - j0, 0], buf[: j1 - j0, 1]
 
 
-@_njit(fastmath=True, cache=True, parallel=True)
-def _bundle_key_mv(kv, sc, X, y):
-    for j in _prange(kv.shape[0]):
-        s = sc[j, 0] if sc.shape[0] > 0 else np.float32(1.0)
-        for t in range(X.shape[0]):
-            acc = np.float32(0.0)
-            for d in range(kv.shape[2]):
-                acc += _f32(kv[j, 0, d]) * X[t, d]
-            y[t, j] = acc * s
-
-
-@_njit(fastmath=True, cache=True, parallel=True)
-def _bundle_value_mv(kv, sc, H, out, nchunk):
-    """out (T, D) = sum_j H[t, j] V[:, j]: every value column is read (chunks of neurons per thread)."""
-    T, D, F = H.shape[0], kv.shape[2], kv.shape[0]
-    part = np.zeros((nchunk, T, D), np.float32)
-    for c in _prange(nchunk):
-        for j in range(c * F // nchunk, (c + 1) * F // nchunk):
-            s = sc[j, 1] if sc.shape[0] > 0 else np.float32(1.0)
-            for t in range(T):
-                h = H[t, j] * s
-                for d in range(D):
-                    part[c, t, d] += h * _f32(kv[j, 1, d])
-    for t in range(T):
-        for d in range(D):
-            acc = np.float32(0.0)
-            for c in range(nchunk):
-                acc += part[c, t, d]
-            out[t, d] = acc
-
-
 def _bundle_key(bundle, x2):
-    """x2 (T, D) @ W_k.T -> (T, F)."""
+    """x2 (T, D) @ W_k.T -> (T, F) (dequantized blocks + BLAS; the decode path is ffn_dense/sparse_ffn)."""
     y = np.empty((x2.shape[0], bundle.F), np.float32)
-    if x2.shape[0] <= SMALL_T:
-        _bundle_key_mv(bundle._kv, bundle._sc, x2, y)
-        return y
     for j0, j1, Kb, _ in _bundle_blocks(bundle):
         y[:, j0:j1] = x2 @ Kb.T
     return y
@@ -545,12 +511,7 @@ def _bundle_key(bundle, x2):
 
 def _bundle_value(bundle, h2):
     """h2 (T, F) @ W_v.T -> (T, D)."""
-    T = h2.shape[0]
-    if T <= SMALL_T:
-        out = np.empty((T, bundle.D), np.float32)
-        _bundle_value_mv(bundle._kv, bundle._sc, h2, out, _nchunk())
-        return out
-    out = np.zeros((T, bundle.D), np.float32)
+    out = np.zeros((h2.shape[0], bundle.D), np.float32)
     for j0, j1, _, Vb in _bundle_blocks(bundle):
         out += h2[:, j0:j1] @ Vb
     return out
@@ -725,11 +686,11 @@ def wkv7(state, r, w, k, v, a, b):
     return y, s
 
 
-@_njit(fastmath=True, cache=True, parallel=True)
+@_njit(fastmath=True, cache=True)
 def _wkv_decay(s_in, s, r, k, v, w, u, y):
     """RWKV-5/6: y_t = (S + u * v k^T) @ r ; S = S * w_t[j] + v k^T. w: (T, H*N), u: (H, N)."""
     H, N = s.shape[0], s.shape[1]
-    for h in _prange(H):
+    for h in range(H):
         o = h * N
         for t in range(r.shape[0]):
             src = s_in if t == 0 else s
