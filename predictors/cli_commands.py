@@ -196,9 +196,9 @@ def add_fit_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=4, help="mlp: epochs (default: 4)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="mlp: torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
-    p.add_argument("--pq-m", type=_positive_int, default=None, help="pq: sub-vectors per row (default: n_embd/8)")
-    p.add_argument("--pq-nbits", type=int, choices=range(1, 9), default=8, metavar="1..8",
-                   help="pq: bits per code (default: 8)")
+    p.add_argument("--pq-m", type=_positive_int, default=None, help="pq: sub-vectors per row (default: n_embd/4)")
+    p.add_argument("--pq-nbits", type=int, choices=range(1, 9), default=6, metavar="1..8",
+                   help="pq: bits per code (default: 6)")
     p.add_argument("--out", required=True, help="bundle file to write (.npz)")
     p.add_argument("--quiet", action="store_true", help="no per-layer lines")
     p.set_defaults(func=run_fit)

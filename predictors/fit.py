@@ -40,7 +40,7 @@ def fit(model, data_dir: str, kind: str = "quantized", bits: int = 2, group_size
         clip="auto", target: float = 0.99, metric: str = "mass", margin: float = 0.0,
         heldout_frac: float = 0.1, max_heldout: int = 16384, max_train: int = 65536,
         hidden: int = 64, epochs: int = 4, batch_size: int = 512, lr: float = 2e-3, threads: int | None = None,
-        pq_m: int | None = None, pq_nbits: int = 8,
+        pq_m: int | None = None, pq_nbits: int = 6,
         seed: int = 0, device: str = "cpu", progress: bool = True, log=None) -> PredictorBundle:
     """Fit and calibrate predictors of `kind` for all layers of `model` from `data_dir`.
 

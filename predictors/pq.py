@@ -47,13 +47,13 @@ class PQPredictor(LayerPredictor):
             codebook_dtype=np.float16) -> "PQPredictor":
         """Train PQ codebooks on the rows of w_key (F, D) with faiss and encode the rows.
 
-        m: number of sub-vectors (default D/8, i.e. 8 dims each); nbits: log2 centroids per
+        m: number of sub-vectors (default D/4, i.e. 4 dims each); nbits: log2 centroids per
         subspace (<= 8; 2**nbits must not exceed F)."""
         import faiss
 
         w = np.ascontiguousarray(w_key, np.float32)
         F, D = w.shape
-        m = m or max(1, D // 8)
+        m = m or max(1, D // 4)
         if D % m:
             raise ValueError(f"pq: n_embd {D} is not divisible by m={m}")
         if not 1 <= nbits <= 8 or (1 << nbits) > F:

@@ -1,6 +1,7 @@
 """Predictors: calibration, each kind's held-out recall, quantized ranking, bundle files, report, CLI."""
 from __future__ import annotations
 
+import copy
 import os
 import re
 
@@ -126,6 +127,24 @@ def test_pq_lookup_tables_match_decoded_scores_and_faiss(model):
     dist, ids = index.search(x, 10)
     np.testing.assert_allclose(dist, np.take_along_axis(p.score(x), ids, 1), rtol=1e-3, atol=1e-3)
     assert p.nbytes < wk.astype(np.float16).nbytes
+
+
+def test_union_is_calibrated_jointly(model, bundles, fresh_xk):
+    """The union meets the target on the calibration rows and is never denser than its first member
+    calibrated alone (giving up nothing to the second member is one of the options tried)."""
+    from predictors.ensemble import UnionPredictor
+
+    x = fresh_xk[1][:300]
+    _, act = labels(model, 1, x)
+    q, m = (copy.deepcopy(bundles[k].predictors[1]) for k in ("quantized", "mlp"))
+    alone = copy.deepcopy(q).calibrate(x, act, 0.97, "mass")
+    u = UnionPredictor([q, m])
+    c = u.calibrate(x, act, 0.97, "mass")
+    pred = u.mask(x)
+    assert (act * pred).sum() / act.sum() >= 0.97 - 1e-9
+    assert abs(c.percentile - (1 - pred.mean())) < 1e-9
+    assert c.percentile >= alone.percentile - 1e-9
+    assert u.members[1].calib.threshold > -np.inf
 
 
 def test_parse_kind():

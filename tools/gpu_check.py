@@ -5,7 +5,9 @@ prefill tokens/s (dense, sparse, captured graphs) and the `rwkv` package with `c
         (here, no GPU) rwkv7-ref-58m does not fit the device tool's 64 MiB working-tree limit in
         fp16 (116 MB), so this writes it with the big matrices as int8 per row (+ fp32 scales) and
         every other tensor unchanged (fp16), ~56 MB; also prints the numpy logits difference of the
-        dequantized model vs the original.
+        dequantized model vs the original; and heldout_ids.npy (8192 token ids of held-out text).
+        The `rwkv` wheel (pure Python) travels too:
+        python3 -m pip download --no-deps --only-binary=:all: -d out/gpu/whl rwkv==0.8.32
     python3 tools/gpu_check.py run --out $OUT [--data out/gpu] [--quick]
         (on the GPU) every check; one JSON line per configuration, a summary table last.
 
@@ -71,6 +73,14 @@ def pack_ref(src: str, dst: str) -> None:
     prompt = [0, 510, 2500, 33, 9001, 12, 400, 7777, 16000, 5, 77, 1234]
     a, _ = rwkv_edge.load_model(src).forward(prompt)
     b, _ = rwkv_edge.load_model(deq).forward(prompt)
+    # a real-text prompt for the benchmarks: 8192 token ids of the held-out text (id 0 first)
+    shared = os.path.dirname(os.path.dirname(os.path.abspath(src)))
+    from tokenizers import Tokenizer
+
+    tk = Tokenizer.from_file(os.path.join(shared, "models", "tokenizer.json"))
+    with open(os.path.join(shared, "data", "heldout.txt"), encoding="utf-8") as f:
+        ids = tk.encode(f.read()[100000:160000]).ids
+    np.save(os.path.join(dst, "heldout_ids.npy"), np.array([0] + ids[:8191], np.int32))
     print(f"wrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB); numpy logits, int8-dequantized vs original "
           f"fp16 model: max abs diff {np.abs(a - b).max():.3f}, logit std {a.std():.2f}, "
           f"argmax same: {a.argmax() == b.argmax()}")

@@ -1,0 +1,110 @@
+"""SparseFFN plugged into whole models: with the true active set it reproduces the dense model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import rwkv_edge
+from rwkv_edge.backends import numba_cpu as nb
+from rwkv_edge.modelfile import convert, load_modelfile
+from rwkv_edge.sparse import ReplayIndices, SparseFFN, exact_active_indices, layer_bundles
+
+TOKENS = [5, 17, 200, 3, 99, 42, 7, 250, 0, 1, 128, 64]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_ckpt):
+    return tiny_ckpt("x070", n_layer=2, n_embd=64, head_size=16, vocab_size=256)
+
+
+def _decode(model, tokens):
+    s, out = None, []
+    for t in tokens:
+        logits, s = model.step(t, s)
+        out.append(logits)
+    return np.stack(out), s
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
+def test_sparse_model_with_exact_set_matches_dense(ckpt, tmp_path, dtype):
+    dense = load_modelfile(convert(ckpt, tmp_path / "m.rwkve", dtype))
+    want, s_want = dense.forward(TOKENS, full_output=True)
+    sparse = dense.with_ffn(SparseFFN(dense, exact_active_indices(dense)))
+    got, s_got = sparse.forward(TOKENS, full_output=True)          # prefill: all tokens in one call
+    assert np.abs(got - want).max() <= 1e-3
+    got_dec, s_dec = _decode(sparse, TOKENS)                         # decode: one token at a time
+    assert np.abs(got_dec - want).max() <= 1e-3
+    assert np.abs(s_dec.wkv - s_want.wkv).max() <= 1e-3
+    assert 0.1 < sparse.ffn.density < 0.9                            # it really skipped neurons
+
+
+def test_sparse_on_pth_model_and_reference_dense(ckpt):
+    """A .pth model (float32 arrays, reference backend) gets bundles built by SparseFFN."""
+    dense = rwkv_edge.load_model(ckpt)
+    want, _ = dense.forward(TOKENS, full_output=True)
+    for dtype, tol in (("fp32", 1e-4), ("fp16", 1e-2)):
+        sp = SparseFFN(dense, exact_active_indices(dense), dtype=dtype)
+        assert sp.bundles[0].kv.dtype == {"fp32": np.float32, "fp16": np.float16}[dtype]
+        got, _ = dense.with_ffn(sp).forward(TOKENS, full_output=True)
+        assert np.abs(got - want).max() <= tol
+
+
+def test_missing_neurons_change_the_output_like_a_masked_dense_ffn(ckpt):
+    dense = rwkv_edge.load_model(ckpt)
+    exact = exact_active_indices(dense)
+    drop = lambda layer, x: exact(layer, x)[::2].copy()               # half of the true set
+    sparse = dense.with_ffn(SparseFFN(dense, drop))
+
+    def masked_hook(layer, k):                                        # the same set, dense math
+        out = np.zeros_like(k)
+        for t in range(k.shape[0]):
+            idx = np.flatnonzero(k[t] > 0)[::2]
+            out[t, idx] = k[t, idx]
+        return out
+
+    masked = rwkv_edge.load_model(ckpt)
+    masked.hooks.ffn_activation.append(masked_hook)
+    got, _ = sparse.forward(TOKENS, full_output=True)
+    want, _ = masked.forward(TOKENS, full_output=True)
+    full, _ = dense.forward(TOKENS, full_output=True)
+    assert np.abs(got - want).max() <= 1e-3
+    assert np.abs(got - full).max() > 1e-2
+
+
+def test_replay_indices_records_and_replays(ckpt, tmp_path):
+    m = load_modelfile(convert(ckpt, tmp_path / "m.rwkve", "int8"))
+    rep = ReplayIndices(m.config.n_layer)
+    m.hooks.ffn_activation.append(rep.record)
+    want, _ = _decode(m, TOKENS[:5])
+    m.hooks.ffn_activation.clear()
+    assert [len(s) for s in rep.sets] == [5, 5]
+    sparse = m.with_ffn(SparseFFN(m, rep))
+    got, _ = _decode(sparse, TOKENS[:5])
+    assert np.abs(got - want).max() <= 1e-3
+    rep.rewind()
+    assert rep(0, None) is rep.sets[0][0]
+
+
+def test_layer_bundles_reuse_the_model_file_bundles(ckpt, tmp_path):
+    m = load_modelfile(convert(ckpt, tmp_path / "m.rwkve", "fp16"))
+    assert layer_bundles(m)[1] is m.blocks[1].ffn_key.bundle
+    assert layer_bundles(m, "int8")[1].kv.dtype == np.int8             # another dtype: rebuilt
+
+
+def test_sparse_reads_fewer_bytes(ckpt, tmp_path):
+    m = load_modelfile(convert(ckpt, tmp_path / "m.rwkve", "int8"))
+    sparse = m.with_ffn(SparseFFN(m, exact_active_indices(m)))
+    nb.counter.reset()
+    nb.counter.enabled = True
+    try:
+        sparse.step(7)
+        n_sparse = nb.counter.by_op["ffn"]
+        nb.counter.reset()
+        x = np.ones(64, np.float32)
+        b = m.blocks[0].ffn_key.bundle
+        nb.ffn_dense(x[None], b.key, b.value)
+        assert nb.counter.by_op["ffn"] == b.nbytes
+        assert n_sparse < 2 * b.nbytes                                  # two layers, each partly read
+    finally:
+        nb.counter.enabled = False
+        nb.counter.reset()
