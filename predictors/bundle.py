@@ -25,6 +25,12 @@ MAGIC = "rwkv-edge-predictors"
 FORMAT_VERSION = 1
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class PredictorBundle:
     """Per-layer predictors of one model. `predict(layer, xk (T, D)) -> bool (T, F)`;
     `predict_indices(layer, x (D,)) -> int32 sorted`; `save(path)`; `PredictorBundle.load(path, model)`."""
@@ -38,6 +44,23 @@ class PredictorBundle:
         self.fingerprint, self.config, self.kind = fingerprint, config, kind
         self.bits, self.target, self.metric = bits, target, metric
         self.meta = dict(meta or {})
+
+    @classmethod
+    def union(cls, bundles: list) -> "PredictorBundle":
+        """Union of already calibrated bundles of one model, each member keeping its own calibration
+        (an "independent" union: denser than `fit(kind="a+b")`, which calibrates the members jointly)."""
+        if len(bundles) < 2:
+            raise ValueError("a union needs at least two bundles")
+        b0 = bundles[0]
+        for b in bundles[1:]:
+            if (b.fingerprint, b.config) != (b0.fingerprint, b0.config):
+                raise ValueError("bundles of different models cannot be joined")
+        from .ensemble import UnionPredictor
+
+        preds = [UnionPredictor([b.predictors[i] for b in bundles]) for i in range(b0.config.n_layer)]
+        bits = next((b.bits for b in bundles if b.bits), None)
+        return cls(preds, b0.fingerprint, b0.config, "+".join(b.kind for b in bundles), bits, b0.target, b0.metric,
+                   {"union_of": [b.describe() for b in bundles], "calibration": "independent"})
 
     # --- inference -----------------------------------------------------------------------
     def predict(self, layer: int, xk: np.ndarray) -> np.ndarray:
@@ -88,6 +111,7 @@ class PredictorBundle:
                 np.savez(f, **arrays)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())          # mkstemp makes 0600; give the usual mode
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -112,15 +136,14 @@ class PredictorBundle:
                 ver = int(z["format_version"])
                 if ver != FORMAT_VERSION:
                     raise ValueError(f"{path}: predictor bundle format version {ver}, this code reads {FORMAT_VERSION}")
-                config = ModelConfig.from_dict(json.loads(str(z["config"])))
-                n = int(z["n_layer"])
                 data = {k: z[k] for k in z.files}
-        except (KeyError, json.JSONDecodeError, zipfile.BadZipFile, EOFError, OSError) as e:
+            config = ModelConfig.from_dict(json.loads(str(data["config"])))
+            preds = [LayerPredictor.from_arrays(data, f"L{i}") for i in range(int(data["n_layer"]))]
+            target = float(data["target"])
+            b = cls(preds, str(data["fingerprint"]), config, str(data["kind"]), int(data["bits"]) or None,
+                    None if np.isnan(target) else target, str(data["metric"]), json.loads(str(data["meta"])))
+        except (KeyError, TypeError, json.JSONDecodeError, zipfile.BadZipFile, EOFError, OSError) as e:
             raise ValueError(f"{path}: damaged predictor bundle ({type(e).__name__}: {e})") from None
-        preds = [LayerPredictor.from_arrays(data, f"L{i}") for i in range(n)]
-        target = float(data["target"])
-        b = cls(preds, str(data["fingerprint"]), config, str(data["kind"]), int(data["bits"]) or None,
-                None if np.isnan(target) else target, str(data["metric"]), json.loads(str(data["meta"])))
         if model is not None:
             b.check_model(model, path)
         return b

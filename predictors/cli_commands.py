@@ -53,8 +53,11 @@ def _clip(s: str):
     return v
 
 
-def _common(p: argparse.ArgumentParser, device: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, device: bool = True, backend: bool = False) -> None:
     p.add_argument("--model", required=True, help="model file (.pth)")
+    if backend:
+        p.add_argument("--backend", choices=["reference", "numba"], default="reference",
+                       help="CPU kernels for the model run (default: reference)")
     if device:
         p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to compute (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -66,7 +69,7 @@ def _fail(parser, msg) -> int:
     return 1
 
 
-def _load_model(parser, path: str, device: str = "cpu"):
+def _load_model(parser, path: str, device: str = "cpu", backend: str = "reference"):
     from rwkv_edge.config import ModelLoadError
 
     if not os.path.isfile(path):
@@ -78,8 +81,8 @@ def _load_model(parser, path: str, device: str = "cpu"):
             from rwkv_edge import load_model
             if device != "cpu":
                 raise ValueError("this install has no CUDA runtime; use --device cpu")
-            return load_model(path)
-        return open_model(path, device=device)
+            return load_model(path, backend=backend)
+        return open_model(path, backend=backend, device=device)
     except (ModelLoadError, ValueError, ImportError, RuntimeError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
@@ -107,7 +110,9 @@ def _tokens(parser, args, model, n_tokens):
 def run_collect(args, parser) -> int:
     from .collect import CollectError, collect
 
-    model = _load_model(parser, args.model, args.device)
+    if not os.path.isfile(args.text):
+        parser.error(f"--text {args.text}: no such file")
+    model = _load_model(parser, args.model, args.device, args.backend)
     t0 = time.perf_counter()
     ids = _tokens(parser, args, model, args.tokens)
     try:
@@ -125,8 +130,9 @@ def run_collect(args, parser) -> int:
 def add_collect_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("collect", help="store FFN inputs of a text run, for fitting predictors",
                               description="Run text through the model and store each layer's FFN input "
-                                          "(float16 shards + manifest.json). Resumes a partial run of the same model.")
-    _common(p)
+                                          "(float16 shards + manifest.json). Re-running the same command resumes "
+                                          "a partial run; another model's directory is refused.")
+    _common(p, backend=True)
     p.add_argument("--text", required=True, help="UTF-8 text file (sampled evenly when --tokens is smaller)")
     p.add_argument("--out", required=True, help="output directory (new, or a partial run of the same model)")
     p.add_argument("--tokens", type=_positive_int, default=200_000, help="tokens to collect (default: 200000)")
@@ -191,7 +197,8 @@ def add_fit_parser(subparsers) -> argparse.ArgumentParser:
                    help="recall of activation mass (default) or of active neurons")
     p.add_argument("--margin", type=float, default=0.0, help="calibrate to target + margin (default: 0)")
     p.add_argument("--heldout-frac", type=_fraction, default=0.1, help="rows kept for calibration (default: 0.1)")
-    p.add_argument("--max-train", type=_positive_int, default=65536, help="mlp: training rows per layer (default: 65536)")
+    p.add_argument("--max-train", type=_positive_int, default=65536,
+                   help="mlp: training rows per layer (default: 65536)")
     p.add_argument("--hidden", type=_positive_int, default=64, help="mlp: hidden width (default: 64)")
     p.add_argument("--epochs", type=_positive_int, default=4, help="mlp: epochs (default: 4)")
     p.add_argument("--threads", type=_positive_int, default=None,
@@ -215,15 +222,16 @@ def run_report(args, parser) -> int:
     for path in args.predictors:
         if not os.path.isfile(path):
             parser.error(f"--predictors {path}: no such file")
-    model = _load_model(parser, args.model)
+    if not os.path.isfile(args.text):
+        parser.error(f"--text {args.text}: no such file")
+    model = _load_model(parser, args.model, backend=args.backend)
     try:
         bundles = [PredictorBundle.load(path, model=model) for path in args.predictors]
     except ValueError as e:
         return _fail(parser, e)
     ids = _tokens(parser, args, model, args.tokens)
     t0 = time.perf_counter()
-    text = report(model, bundles if len(bundles) > 1 else bundles[0], ids, chunk=args.chunk,
-                  progress=not args.no_progress)
+    text = report(model, bundles, ids, chunk=args.chunk, progress=not args.no_progress, names=args.predictors)
     print(text)
     print(f"# report over {len(ids)} tokens in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
@@ -233,7 +241,7 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("predictor-report", help="per-layer sparsity/recall of a predictor bundle on text",
                               description="Run text through the dense model and compare the bundle's predictions "
                                           "with the true active neurons, per layer.")
-    _common(p, device=False)
+    _common(p, device=False, backend=True)
     p.add_argument("--predictors", required=True, nargs="+", metavar="BUNDLE",
                    help="bundle(s) written by fit-predictors; several are measured on one run, one table each")
     p.add_argument("--text", required=True, help="UTF-8 text file")

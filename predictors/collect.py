@@ -43,6 +43,9 @@ def _write_json_atomic(path: str, obj: dict) -> None:
             json.dump(obj, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)                  # mkstemp makes 0600; give the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -132,7 +135,8 @@ def collect(model, tokens, out_dir: str, n_tokens: int | None = None, chunk: int
     stream every layer's FFN input xk (T, D) to float16 shards under `out_dir`.
 
     tokens: a 1-D sequence of token ids, or text (a str or an iterable of str chunks, encoded with
-    `tokenizer` and run back to back); at most `n_tokens` of them are used (all when None). If `out_dir` already holds a partial collection of the same model and the same
+    `tokenizer` and run back to back); at most `n_tokens` of them are used (all when None).
+    If `out_dir` already holds a partial collection of the same model and the same
     source, it is resumed from the saved state; another model's data raises CollectError.
     Returns the final manifest (dict).
     """

@@ -46,7 +46,8 @@ def fit(model, data_dir: str, kind: str = "quantized", bits: int = 2, group_size
 
     kind: "quantized" | "mlp" | "pq" | a union such as "quantized+mlp".
     quantized: bits (1/2/4/8), group_size (None = per row), clip ("auto", None or a std multiple).
-    mlp: hidden, epochs, batch_size, lr, threads (torch CPU threads), device ("cpu"/"cuda"), seed.  pq: pq_m sub-vectors, pq_nbits.
+    mlp: hidden, epochs, batch_size, lr, threads (torch CPU threads), device ("cpu"/"cuda"), seed.
+    pq: pq_m sub-vectors, pq_nbits.
     target/metric/margin: per-layer calibration goal (metric "mass" or "active").
     log: optional callable(str) for one line per layer.
     """

@@ -78,12 +78,13 @@ def final_line(rows: list[dict], bundle, config) -> str:
             f"mean_mass_recall={m('mass_recall'):.3f} predictor_bytes={bundle.nbytes} ffn_key_fp16_bytes={key_bytes}")
 
 
-def format_report(rows: list[dict], bundle, config, n_tokens: int | None = None) -> str:
+def format_report(rows: list[dict], bundle, config, n_tokens: int | None = None, name: str | None = None) -> str:
     """The per-layer table followed by the summary line."""
-    lines = [f"predictors: {bundle.describe()}"]
+    lines = [f"predictors: {name + ': ' if name else ''}{bundle.describe()}"]
     if n_tokens is not None:
         lines.append(f"tokens: {n_tokens}")
-    lines.append(f"{'layer':>5} {'true_sp':>8} {'pred_sp':>8} {'recall':>8} {'mass_rec':>8} {'bytes':>9} {'%fp16Wk':>8}")
+    head = ("layer", "true_sp", "pred_sp", "recall", "mass_rec", "bytes", "%fp16Wk")
+    lines.append(f"{head[0]:>5} " + " ".join(f"{h:>8}" for h in head[1:5]) + f" {head[5]:>9} {head[6]:>8}")
     for r in rows:
         lines.append(f"{r['layer']:>5d} {r['true_sparsity']:>8.3f} {r['pred_sparsity']:>8.3f} {r['recall']:>8.4f} "
                      f"{r['mass_recall']:>8.4f} {r['bytes']:>9d} {100 * r['bytes'] / r['fp16_bytes']:>7.2f}%")
@@ -91,11 +92,13 @@ def format_report(rows: list[dict], bundle, config, n_tokens: int | None = None)
     return "\n".join(lines)
 
 
-def report(model, bundle, tokens, chunk: int = 512, progress: bool = True) -> str:
+def report(model, bundle, tokens, chunk: int = 512, progress: bool = True, names=None) -> str:
     """evaluate + format_report: the full text of `predictor-report`. With a list of bundles, one
-    table per bundle (each ending with its summary line), separated by blank lines."""
+    table per bundle (each ending with its summary line), separated by blank lines; `names`
+    (e.g. file names) label the tables."""
     many = isinstance(bundle, (list, tuple))
     bundles = list(bundle) if many else [bundle]
+    names = list(names) if names is not None else [None] * len(bundles)
     stats = evaluate(model, bundles, tokens, chunk, progress)
-    return "\n\n".join(format_report(summarize(st, b, model.config), b, model.config, len(tokens))
-                        for st, b in zip(stats, bundles))
+    return "\n\n".join(format_report(summarize(st, b, model.config), b, model.config, len(tokens), nm)
+                        for st, b, nm in zip(stats, bundles, names))

@@ -267,3 +267,33 @@ def load_modelfile(path, backend="numba"):
     model = model_class(config.version)(config, weights, backend=ops, fingerprint=header["fingerprint"])
     model.modelfile_dtype = header["dtype"]
     return model
+
+
+# --- CLI: rwkv-edge convert --model M --out FILE [--dtype fp16|int8|fp32] ------------------------
+def add_convert_parser(sub) -> None:
+    """Register the `convert` subcommand (called by rwkv_edge.cli)."""
+    p = sub.add_parser("convert", help="write the mmap-able model file (neuron-bundled FFN, fp16/int8 weights)")
+    p.add_argument("--model", required=True, help="official .pth checkpoint")
+    p.add_argument("--out", required=True, help="model file to write (atomically)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp16", help="weight storage (default: fp16)")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args, parser) -> int:
+    import sys
+    import time
+
+    if not os.path.isfile(args.model):
+        parser.error(f"--model {args.model}: no such file")
+    t0 = time.perf_counter()
+    try:
+        convert(args.model, args.out, args.dtype)
+        h = read_header(args.out)
+    except (ValueError, OSError) as e:
+        print(f"{parser.prog}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 1
+    c = h["config"]
+    print(f"wrote {args.out}: {h['file_size'] / 2**20:.1f} MiB, dtype {h['dtype']}, {c['version']} "
+          f"L{c['n_layer']} D{c['n_embd']} F{c['ffn_dim']} V{c['vocab_size']}, fingerprint {h['fingerprint']}, "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 0

@@ -1,14 +1,15 @@
 """Real sparse FFN inference: read and compute only the neurons a predictor says are active.
 
     model = load_modelfile("m-int8.rwkve")                       # or any model
-    sparse = model.with_ffn(SparseFFN(model, bundle.predict_indices))
+    sparse = model.with_ffn(SparseFFN(model, bundle))     # or any fn(layer, x) -> indices
     logits, state = sparse.forward(tokens)
 
 `SparseFFN` is the callable `(layer, xk (T, D)) -> (T, D)` that `RWKVModel.with_ffn` plugs in place
-of the dense FFN core (the model code and its other hooks are untouched). Per token it asks
-`predict_indices(layer, x (D,)) -> int32 sorted neuron ids` and runs `numba_cpu.sparse_ffn` over the
-layer's neuron-bundled weights: one contiguous key-row + value-column read per predicted neuron;
-a predicted neuron whose activation turns out zero costs only its key row.
+of the dense FFN core (the model code and its other hooks are untouched). Per token it asks the
+predictor (a function or a `PredictorBundle`) `predict_indices(layer, x (D,)) -> int32 sorted neuron
+ids` and runs `numba_cpu.sparse_ffn` over the layer's neuron-bundled weights: one contiguous key-row +
+value-column read per predicted neuron; a predicted neuron whose activation turns out zero costs
+only its key row.
 """
 from __future__ import annotations
 
@@ -41,14 +42,30 @@ class SparseFFN:
     """FFN core computing only predicted neurons.
 
     model: the model whose FFN weights are used (its bundles, or bundles built in `dtype`).
-    predict_indices: fn(layer, x (D,) float32) -> sorted int32 neuron indices (e.g.
-        `PredictorBundle.predict_indices`; tests pass the exact active set).
+    predictor: fn(layer, x (D,) float32) -> sorted int32 neuron indices, or an object with such a
+        `predict_indices` method (e.g. a `PredictorBundle`; tests pass the exact active set). If the
+        object also has `predict(layer, xk (T, D)) -> bool (T, F)`, prefill uses it for all T tokens.
+        A bundle of quantized-W_k threshold predictors decodes through `numba_cpu.sparse_ffn_quant`
+        (prediction and FFN in one kernel call); fused=False forces the generic path.
     Counts `n_tokens` and `n_active` (summed over layers) for reporting the density actually run.
     """
 
-    def __init__(self, model, predict_indices: Callable[[int, np.ndarray], np.ndarray], dtype: str | None = None):
+    def __init__(self, model, predictor, dtype: str | None = None, fused: bool = True):
         self.bundles = layer_bundles(model, dtype)
-        self.predict_indices = predict_indices
+        if callable(predictor) and not hasattr(predictor, "predict_indices"):
+            self.predict_indices, self.predict_mask = predictor, None
+        elif hasattr(predictor, "predict_indices"):
+            self.predict_indices = predictor.predict_indices
+            self.predict_mask = getattr(predictor, "predict", None)
+        else:
+            raise TypeError("predictor must be a function (layer, x) -> indices or have .predict_indices")
+        self.predictor = predictor
+        # Quantized-W_k threshold predictors (the common bundle) run fused with the FFN in one kernel:
+        # score = W_hat x from the packed codes, set = {score >= threshold}, then the sparse FFN.
+        layers = getattr(predictor, "predictors", None)
+        self.fused = None
+        if fused and layers is not None and len(layers) == len(self.bundles) and all(map(_is_quantized, layers)):
+            self.fused = list(layers)
         self.n_tokens = 0
         self.n_active = 0
 
@@ -57,20 +74,30 @@ class SparseFFN:
         T = xk.shape[0]
         if T == 1:
             x = xk[0] if xk.dtype == np.float32 and xk.flags.c_contiguous else np.ascontiguousarray(xk[0], np.float32)
-            idx = self.predict_indices(layer, x)
-            self.n_tokens += 1
-            self.n_active += len(idx)
             out = np.empty((1, bundle.D), np.float32)
+            self.n_tokens += 1
+            if self.fused is not None:
+                p = self.fused[layer]
+                self.n_active += nb.sparse_ffn_quant(x, p.qm, p.calib.threshold, bundle, out[0])[1]
+                return out
+            idx = self.predict_indices(layer, x)
+            self.n_active += len(idx)
             nb.sparse_ffn(x, idx, bundle, out[0])
             return out
         # prefill: one active set per token, all tokens in one parallel kernel call
         X = np.ascontiguousarray(xk, np.float32)
-        sets = [np.asarray(self.predict_indices(layer, X[t]), np.int32) for t in range(T)]
-        offsets = np.zeros(T + 1, np.int64)
-        np.cumsum([len(s) for s in sets], out=offsets[1:])
+        if self.predict_mask is not None:
+            rows, idx = np.nonzero(self.predict_mask(layer, X))         # row-major: sorted per token
+            offsets = np.zeros(T + 1, np.int64)
+            np.cumsum(np.bincount(rows, minlength=T), out=offsets[1:])
+            idx = idx.astype(np.int32)
+        else:
+            sets = [np.asarray(self.predict_indices(layer, X[t]), np.int32) for t in range(T)]
+            offsets = np.zeros(T + 1, np.int64)
+            np.cumsum([len(s) for s in sets], out=offsets[1:])
+            idx = np.concatenate(sets) if offsets[-1] else np.zeros(0, np.int32)
         self.n_tokens += T
         self.n_active += int(offsets[-1])
-        idx = np.concatenate(sets) if offsets[-1] else np.zeros(0, np.int32)
         return nb.sparse_ffn_tokens(X, idx, offsets, bundle)
 
     @property
@@ -79,6 +106,11 @@ class SparseFFN:
         if not self.n_tokens:
             return 0.0
         return self.n_active / (self.n_tokens * self.bundles[0].F)
+
+
+def _is_quantized(p) -> bool:
+    """A predictor whose set is {j : (qm @ x)_j >= calib.threshold} (predictors.QuantizedPredictor)."""
+    return getattr(p, "kind", "") == "quantized" and getattr(p, "mode", "") == "threshold" and hasattr(p, "qm")
 
 
 def exact_active_indices(model) -> Callable[[int, np.ndarray], np.ndarray]:

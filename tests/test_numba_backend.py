@@ -144,6 +144,24 @@ def test_quant_matvec_parallel(monkeypatch):
     assert rel_err(nb.quant_matvec(qm, x), qm.matvec(x)) < 1e-5
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_sparse_ffn_quant_predicts_and_computes(bits, monkeypatch):
+    from quant import QuantizedMatrix
+    K, V = ffn_weights()
+    bundle = nb.NeuronBundledFFN.from_dense(K, V, "int8")
+    qm = QuantizedMatrix.quantize(K, bits, 32)
+    x = randn(64)
+    scores = qm.matvec(x)
+    srt = np.sort(scores)
+    thr = float(srt[119] + srt[120]) / 2               # between two scores: no boundary flips
+    idx = np.flatnonzero(scores >= thr).astype(np.int32)
+    for par_min in (nb.PAR_MIN, 0):
+        monkeypatch.setattr(nb, "PAR_MIN", par_min)
+        out, n = nb.sparse_ffn_quant(x, qm, thr, bundle)
+        assert n == len(idx) == 80
+        np.testing.assert_allclose(out, nb.sparse_ffn(x, idx, bundle), rtol=1e-5, atol=1e-6)
+
+
 # --- FFN ----------------------------------------------------------------------------------------
 def ffn_weights(F=200, D=64):
     # pre-activations of std ~1 on unit-scale inputs, like a trained layer: about half are active

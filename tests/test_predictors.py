@@ -112,6 +112,18 @@ def test_quantized_ranking_improves_with_bits_and_8bit_is_near_exact(model):
     assert np.mean([len(top(s8[i]) & top(exact[i])) / 32 for i in range(len(x))]) > 0.9
 
 
+def test_mlp_training_is_deterministic_for_a_seed(model, data_dir):
+    from predictors.collect import load_layer
+    from predictors.mlp import MLPPredictor
+
+    x, wk = load_layer(data_dir, 0, 0, 512), model.blocks[0].ffn_key
+    a, b, c = (MLPPredictor.fit(x, wk, hidden=16, epochs=2, batch_size=128, seed=s, threads=1) for s in (3, 3, 4))
+    for name in ("w1", "b1", "w2", "b2"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert a.w1.dtype == np.float16 and a.w1.shape == (model.config.n_embd, 16)
+    assert not np.array_equal(a.w2, c.w2)
+
+
 def test_pq_lookup_tables_match_decoded_scores_and_faiss(model):
     faiss = pytest.importorskip("faiss")
     wk = model.blocks[1].ffn_key
@@ -145,6 +157,19 @@ def test_union_is_calibrated_jointly(model, bundles, fresh_xk):
     assert abs(c.percentile - (1 - pred.mean())) < 1e-9
     assert c.percentile >= alone.percentile - 1e-9
     assert u.members[1].calib.threshold > -np.inf
+
+
+def test_independent_union_bundle_is_the_or_of_its_members(model, bundles, fresh_xk, tmp_path):
+    q, m = bundles["quantized"], bundles["mlp"]
+    u = PredictorBundle.union([q, m])
+    u.save(tmp_path / "u.npz")
+    u2 = PredictorBundle.load(tmp_path / "u.npz", model=model)
+    assert u2.kind == "quantized+mlp" and u2.nbytes == q.nbytes + m.nbytes
+    for layer in range(model.config.n_layer):
+        x = fresh_xk[layer][:40]
+        np.testing.assert_array_equal(u2.predict(layer, x), q.predict(layer, x) | m.predict(layer, x))
+    with pytest.raises(ValueError):
+        PredictorBundle.union([q])
 
 
 def test_parse_kind():
@@ -188,7 +213,9 @@ def test_bundle_load_rejects_other_models_and_non_bundles(model, tiny_ckpt, bund
         PredictorBundle.load(path, model=bigger)
     (tmp_path / "x.npz").write_bytes(b"definitely not a zip")
     np.savez(tmp_path / "y.npz", a=np.zeros(3))
-    for p in ("x.npz", "y.npz", "missing.npz"):
+    with np.load(path) as z:                                        # a bundle with one array missing
+        np.savez(tmp_path / "z.npz", **{k: z[k] for k in z.files if k != "L1.calib"})
+    for p in ("x.npz", "y.npz", "z.npz", "missing.npz"):
         with pytest.raises(ValueError):
             PredictorBundle.load(tmp_path / p)
 

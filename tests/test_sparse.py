@@ -108,3 +108,26 @@ def test_sparse_reads_fewer_bytes(ckpt, tmp_path):
     finally:
         nb.counter.enabled = False
         nb.counter.reset()
+
+
+def test_quantized_bundle_runs_fused_and_matches_the_generic_path(ckpt):
+    from predictors.bundle import PredictorBundle
+    from predictors.calibrate import Calibration
+    from predictors.quantized import QuantizedPredictor
+    model = rwkv_edge.load_model(ckpt)
+    preds = []
+    for b in model.blocks:
+        p = QuantizedPredictor.fit(np.asarray(b.ffn_key), 4, group_size=32)
+        p.calib = Calibration(threshold=-0.05)
+        preds.append(p)
+    bundle = PredictorBundle(preds, model.fingerprint, model.config, "quantized", bits=4)
+    fused = SparseFFN(model, bundle, dtype="fp16")
+    generic = SparseFFN(model, bundle, dtype="fp16", fused=False)
+    assert fused.fused is not None and generic.fused is None
+    a, _ = _decode(model.with_ffn(fused), TOKENS)
+    b, _ = _decode(model.with_ffn(generic), TOKENS)
+    assert np.abs(a - b).max() <= 1e-3
+    assert fused.n_active == generic.n_active and 0 < fused.density < 1
+    # prefill goes through bundle.predict (a mask for all tokens) and agrees with decoding
+    c, _ = model.with_ffn(SparseFFN(model, bundle, dtype="fp16")).forward(TOKENS, full_output=True)
+    assert np.abs(c - a).max() <= 1e-3

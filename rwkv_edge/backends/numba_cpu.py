@@ -101,10 +101,34 @@ _NO_SCALE2 = np.zeros((0, 2), np.float32)   # "no scales" for (F, 2) bundle scal
 
 
 # --- weight types -----------------------------------------------------------------------------
-class Int8Weight:
-    """int8 codes q (out, in) with a float32 scale per output row: W ~= q * scale[:, None]."""
+class _ArrayLike:
+    """numpy-ish reading of a stored weight for tools written against float32 arrays (`.T`, indexing,
+    `@`, `astype`): each use dequantizes the whole matrix, so keep them out of decode loops."""
 
     ndim = 2
+    dtype = np.dtype(np.float32)
+
+    def __array__(self, dtype=None, copy=None):
+        w = self.dequantize()
+        return w if dtype is None else w.astype(dtype)
+
+    def astype(self, dtype, copy=True):
+        return self.dequantize().astype(dtype)
+
+    T = property(lambda self: self.dequantize().T)
+
+    def __getitem__(self, idx):
+        return self.dequantize()[idx]
+
+    def __matmul__(self, other):
+        return self.dequantize() @ other
+
+    def __rmatmul__(self, other):
+        return other @ self.dequantize()
+
+
+class Int8Weight(_ArrayLike):
+    """int8 codes q (out, in) with a float32 scale per output row: W ~= q * scale[:, None]."""
 
     def __init__(self, q: np.ndarray, scale: np.ndarray):
         if q.dtype != np.int8 or q.ndim != 2 or np.shape(scale) != (q.shape[0],):
@@ -123,13 +147,10 @@ class Int8Weight:
     def dequantize(self) -> np.ndarray:
         return self.q.astype(np.float32) * self.scale[:, None]
 
-    def __array__(self, dtype=None, copy=None):
-        w = self.dequantize()
-        return w if dtype is None else w.astype(dtype)
-
-    def __getitem__(self, rows):
-        """Dequantized rows (e.g. an embedding lookup)."""
-        return self.q[rows].astype(np.float32) * self.scale[rows][..., None]
+    def __getitem__(self, idx):
+        if isinstance(idx, tuple):
+            return self.dequantize()[idx]
+        return self.q[idx].astype(np.float32) * self.scale[idx][..., None]     # rows, e.g. a lookup
 
 
 class Int8Cols(Int8Weight):
@@ -150,8 +171,8 @@ class Int8Cols(Int8Weight):
     def dequantize(self) -> np.ndarray:
         return self.q.astype(np.float32) * self.scale[None, :]
 
-    def __getitem__(self, rows):
-        return self.q[rows].astype(np.float32) * self.scale
+    def __getitem__(self, idx):
+        return self.dequantize()[idx]
 
 
 class NeuronBundledFFN:
@@ -200,19 +221,17 @@ class NeuronBundledFFN:
         return np.ascontiguousarray(kv[:, 0]), np.ascontiguousarray(kv[:, 1].T)
 
 
-class FFNKeyView:
+class FFNKeyView(_ArrayLike):
     """W_k (F, D) of a bundle, for `linear(xk, view)`; np.asarray gives it dequantized."""
-
-    ndim = 2
 
     def __init__(self, bundle):
         self.bundle = bundle
 
     shape = property(lambda self: (self.bundle.F, self.bundle.D))
+    nbytes = property(lambda self: self.bundle.nbytes // 2)
 
-    def __array__(self, dtype=None, copy=None):
-        w = self.bundle.dequantize()[0]
-        return w if dtype is None else w.astype(dtype)
+    def dequantize(self) -> np.ndarray:
+        return self.bundle.dequantize()[0]
 
 
 class FFNValueView(FFNKeyView):
@@ -220,9 +239,8 @@ class FFNValueView(FFNKeyView):
 
     shape = property(lambda self: (self.bundle.D, self.bundle.F))
 
-    def __array__(self, dtype=None, copy=None):
-        w = self.bundle.dequantize()[1]
-        return w if dtype is None else w.astype(dtype)
+    def dequantize(self) -> np.ndarray:
+        return self.bundle.dequantize()[1]
 
 
 # --- dense mat-vec: W (O, I) float32 / uint16 (fp16 bits) / int8, x (T, I), y (T, O) -------------
@@ -452,7 +470,8 @@ def _all_neurons(F: int) -> np.ndarray:
 
 
 def _run_ffn(bundle, x, idx, out, dense):
-    if idx.shape[0] * 2 * bundle.D >= PAR_MIN and _get_num_threads() > 1:
+    # a parallel launch pays off only for large sets (the dense FFN); ~10-30% active sets run serially
+    if idx.shape[0] * 2 * bundle.D >= 4 * PAR_MIN and _get_num_threads() > 1:
         return _ffn_parallel(bundle._kv, bundle._sc, x, idx, out, dense, _nchunk())
     return _ffn_serial(bundle._kv, bundle._sc, x, idx, out, dense)
 
@@ -660,7 +679,8 @@ def _wkv7_one(s_in, s, r, w, k, v, a, b, y):
     """T == 1 serial twin of _wkv7 (a parallel launch costs more than the work); copies the state
     first and updates it in place, which LLVM vectorises (unlike reads and writes through two names)."""
     H, N = s.shape[0], s.shape[1]
-    s[:] = s_in
+    if s.ctypes.data != s_in.ctypes.data:
+        s[:] = s_in
     for h in range(H):
         o = h * N
         for i in range(N):
@@ -725,36 +745,69 @@ def wkv6(state, r, k, v, w, u):
 
 
 # --- quantized predictor mat-vec (quant.QuantizedMatrix layout) --------------------------------
+@_intrinsic
+def _code(typingctx, byte, shift, mask):
+    """float32((byte >> shift) & mask) in 32-bit integer arithmetic (numba would widen to int64, which
+    does not vectorise well)."""
+    def codegen(context, builder, sig, args):
+        i32 = _ir.IntType(32)
+        v = builder.lshr(builder.zext(args[0], i32), builder.trunc(args[1], i32))
+        return builder.uitofp(builder.and_(v, builder.trunc(args[2], i32)), _ir.FloatType())
+    return _types.float32(_types.uint8, _types.int64, _types.int64), codegen
+
+
 @_njit(fastmath=True, cache=True)
 def _qmv_range(P, scale, zero, xp, xsum, bits, y, r0, r1):
     """y[r] = sum_g scale[r, g] * (codes_g . x_g) + zero[r, g] * sum(x_g) for rows r0..r1.
-    xp[j, i] = x[i * per + j] is the weight of code j of byte i, so every inner loop runs over whole
-    rows of bytes (vectorised shifts, masks and FMAs), then per-group sums of z."""
-    per = 8 // bits
-    mask = (1 << bits) - 1
-    G = scale.shape[1]
+    xp[j, i] = x[i * per + j] is the weight of code j of byte i, so the inner loops run over a whole row
+    of bytes (vectorised shift, mask, convert, FMA) into z, then per-group sums of z. 2 and 4 bits
+    have unrolled loops. (Inner loops start at 0: numba's `range(a, b)` with a != 0 is not vectorised;
+    and the loops stay in this function: split into a per-row helper they ran 3x slower.)"""
     nbytes = P.shape[1]
+    G = scale.shape[1]
     nb = nbytes // G
     z = np.empty(nbytes, np.float32)
     for r in range(r0, r1):
-        for i in range(nbytes):
-            z[i] = np.float32(P[r, i] & mask) * xp[0, i]
-        for j in range(1, per):
-            sh = j * bits
+        if bits == 2:
             for i in range(nbytes):
-                z[i] += np.float32((P[r, i] >> sh) & mask) * xp[j, i]
+                c = P[r, i]
+                z[i] = (_code(c, 0, 3) * xp[0, i] + _code(c, 2, 3) * xp[1, i]) + \
+                       (_code(c, 4, 3) * xp[2, i] + _code(c, 6, 3) * xp[3, i])
+        elif bits == 4:
+            for i in range(nbytes):
+                c = P[r, i]
+                z[i] = _code(c, 0, 15) * xp[0, i] + _code(c, 4, 15) * xp[1, i]
+        else:
+            mask = (1 << bits) - 1
+            for i in range(nbytes):
+                z[i] = _code(P[r, i], 0, mask) * xp[0, i]
+            for j in range(1, 8 // bits):
+                sh = j * bits
+                for i in range(nbytes):
+                    z[i] += _code(P[r, i], sh, mask) * xp[j, i]
         tot = np.float32(0.0)
         for g in range(G):
+            o = g * nb
             acc = np.float32(0.0)
-            for i in range(g * nb, (g + 1) * nb):
-                acc += z[i]
+            for i in range(nb):
+                acc += z[o + i]
             tot += _h2f(scale[r, g]) * acc + _h2f(zero[r, g]) * xsum[g]
         y[r] = tot
 
 
 @_njit(fastmath=True, cache=True)
-def _qmv_serial(P, scale, zero, xp, xsum, bits, y):
-    _qmv_range(P, scale, zero, xp, xsum, bits, y, 0, P.shape[0])
+def _q_prepare(x, bits, G, xp, xsum):
+    """xp[j, i] = x[i * per + j] (the weight of code j of byte i) and the per-group sums of x."""
+    per = 8 // bits
+    for i in range(x.shape[0] // per):
+        for j in range(per):
+            xp[j, i] = x[i * per + j]
+    gs = x.shape[0] // G
+    for g in range(G):
+        acc = np.float32(0.0)
+        for i in range(gs):
+            acc += x[g * gs + i]
+        xsum[g] = acc
 
 
 @_njit(fastmath=True, cache=True, parallel=True)
@@ -764,24 +817,65 @@ def _qmv_parallel(P, scale, zero, xp, xsum, bits, y, nchunk):
         _qmv_range(P, scale, zero, xp, xsum, bits, y, c * R // nchunk, (c + 1) * R // nchunk)
 
 
+@_njit(fastmath=True, cache=True)
+def _qmv(P, scale, zero, x, bits, y, nchunk):
+    """y = W_hat @ x (one call: the x layout is built here too)."""
+    xp = np.empty((8 // bits, P.shape[1]), np.float32)
+    xsum = np.empty(scale.shape[1], np.float32)
+    _q_prepare(x, bits, scale.shape[1], xp, xsum)
+    if nchunk > 1:
+        _qmv_parallel(P, scale, zero, xp, xsum, bits, y, nchunk)
+    else:
+        _qmv_range(P, scale, zero, xp, xsum, bits, y, 0, P.shape[0])
+
+
+@_njit(fastmath=True, cache=True)
+def _qsparse(P, scale, zero, x, bits, thr, kv, sc, out, idx, nchunk):
+    """Predict with the quantized W_k (score >= thr) and run the sparse FFN on the predicted neurons,
+    in one call. Writes out (D,) and the predicted set into idx; returns (set size, value columns read)."""
+    y = np.empty(P.shape[0], np.float32)
+    _qmv(P, scale, zero, x, bits, y, nchunk)
+    n = 0
+    for r in range(y.shape[0]):
+        if y[r] >= thr:
+            idx[n] = r
+            n += 1
+    out[:] = 0.0
+    return n, _ffn_range(kv, sc, x, idx, 0, n, out, False)
+
+
+def _qm_parallel(qm) -> int:
+    return _nchunk() if qm.shape[0] * qm.shape[1] >= 4 * PAR_MIN and _get_num_threads() > 1 else 1
+
+
 def quant_matvec(qm, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """W_hat @ x for a `quant.QuantizedMatrix` (1/2/4/8-bit codes packed little-endian in each byte,
-    float16 scale/zero per row or group) and x (C,) -> (R,) float32, without unpacking to memory."""
-    R, C = qm.shape
-    x = np.ascontiguousarray(x, np.float32).reshape(-1)
-    per = 8 // qm.bits
-    # xp[j, i] = x[i * per + j]: the weight of code j of byte i, so the inner loop runs over bytes
-    xp = np.ascontiguousarray(x.reshape(C // per, per).T)
-    xsum = x.reshape(qm.n_groups, -1).sum(axis=1, dtype=np.float32)
-    y = np.empty(R, np.float32) if out is None else out
-    args = (qm.packed, qm.scale.view(np.uint16), qm.zero.view(np.uint16), xp, xsum, qm.bits, y)
-    if R * C >= 4 * PAR_MIN and _get_num_threads() > 1:
-        _qmv_parallel(*args, _nchunk())
-    else:
-        _qmv_serial(*args)
+    float16 scale/zero per row or group) and x (C,) -> (R,) float32, reading only the packed codes."""
+    if not (type(x) is np.ndarray and x.dtype == np.float32 and x.flags.c_contiguous and x.ndim == 1):
+        x = np.ascontiguousarray(x, np.float32).reshape(-1)
+    y = np.empty(qm.shape[0], np.float32) if out is None else out
+    _qmv(qm.packed, qm.scale.view(np.uint16), qm.zero.view(np.uint16), x, qm.bits, y, _qm_parallel(qm))
     if counter.enabled:
         counter.add("predictor", qm.nbytes)
     return y
+
+
+def sparse_ffn_quant(x: np.ndarray, qm, threshold: float, bundle: NeuronBundledFFN,
+                     out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """Predict-and-compute in one kernel call: the active set is {j : (W_hat x)_j >= threshold} with
+    W_hat the quantized predictor `qm` (F, D), and the FFN runs on it as in `sparse_ffn`.
+    Returns (out (D,), size of the predicted set)."""
+    if not (type(x) is np.ndarray and x.dtype == np.float32 and x.flags.c_contiguous and x.ndim == 1):
+        x = np.ascontiguousarray(x, np.float32).reshape(-1)
+    if out is None:
+        out = np.empty(bundle.D, np.float32)
+    idx = np.empty(bundle.F, np.int32)
+    n, n_val = _qsparse(qm.packed, qm.scale.view(np.uint16), qm.zero.view(np.uint16), x, qm.bits,
+                        np.float32(threshold), bundle._kv, bundle._sc, out, idx, _qm_parallel(qm))
+    if counter.enabled:
+        counter.add("predictor", qm.nbytes)
+        counter.add("ffn", (int(n) + int(n_val)) * (bundle.neuron_bytes // 2))
+    return out, int(n)
 
 
 # --- fused RWKV-7 time-mix of one token ----------------------------------------------------------
@@ -801,14 +895,45 @@ def _rkv_parallel(Wr, sr, Wk, sk, Wv, sv, xs, rkv, nchunk):
             _mv_range(Wv, sv, xs[3], rkv[2], r0, r1)
 
 
-@_njit(fastmath=True, cache=True)
+@_intrinsic
+def _bits_to_f32(typingctx, i):
+    """Reinterpret int32 bits as float32."""
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], _ir.FloatType())
+    return _types.float32(_types.int32), codegen
+
+
+@_njit(fastmath=True, cache=True, inline="always")
+def _exp(x):
+    """float32 exp that LLVM can vectorise (libm expf is a scalar call): 2^n * P(f) with
+    n = round(x log2 e), |f| <= 1/2, P of degree 6; relative error < 1e-6 for |x| < 87."""
+    z = min(max(x * np.float32(1.4426950408889634), np.float32(-126.0)), np.float32(126.0))
+    n = np.floor(z + np.float32(0.5))
+    f = z - n
+    p = np.float32(1.5403530393381606e-4)
+    p = p * f + np.float32(1.3333558146428443e-3)
+    p = p * f + np.float32(9.6181291076284772e-3)
+    p = p * f + np.float32(5.5504108664821580e-2)
+    p = p * f + np.float32(2.4022650695910071e-1)
+    p = p * f + np.float32(6.9314718055994531e-1)
+    p = p * f + np.float32(1.0)
+    return p * _bits_to_f32((np.int32(n) + np.int32(127)) << np.int32(23))
+
+
+@_njit(fastmath=True, cache=True, inline="always")
 def _sigmoid(z):
-    return np.float32(1.0) / (np.float32(1.0) + np.exp(-z))
+    return np.float32(1.0) / (np.float32(1.0) + _exp(-z))
+
+
+@_njit(fastmath=True, cache=True, inline="always")
+def _prefetch_all(a):
+    for l in range(0, a.size * a.itemsize, 64):
+        _prefetch(a, l)
 
 
 @_njit(fastmath=True, cache=True)
 def _tm7(x, prev, mix, Wr, sr, Wk, sk, Wv, sv, Wo, so, w0, w1, s_w1, w2, s_w2, a0, a1, s_a1, a2, s_a2,
-         g1, s_g1, g2, s_g2, v0, v1, s_v1, v2, s_v2, k_k, k_a, r_k, lnx_w, lnx_b, S_in, S, inplace,
+         g1, s_g1, g2, s_g2, v0, v1, s_v1, v2, s_v2, k_k, k_a, r_k, lnx_w, lnx_b, S_in, S,
          v_first, has_vres, out, v_out, nchunk):
     """RWKV-7 time-mix of one token: the math of models/v7.py `time_mix` for T == 1.
     x, prev (D,); mix (6, D) = x_r, x_w, x_k, x_v, x_a, x_g; S_in -> S (H, N, N) (may alias);
@@ -828,11 +953,13 @@ def _tm7(x, prev, mix, Wr, sr, Wk, sk, Wv, sv, Wo, so, w0, w1, s_w1, w2, s_w2, a
         _mv_range(Wv, sv, xs[3], rkv[2], 0, D)
     r, k, v = rkv[0, 0], rkv[1, 0], v_out
     v[:] = rkv[2, 0]
+    # the LoRAs and the recurrence below compute on little data: fetch the output projection meanwhile
+    _prefetch_all(Wo)
     # LoRAs: decay w, in-context learning rate a, output gate g, value-residual gate
     t = np.empty(w1.shape[1], np.float32)
     _xm1(xs[1, 0], w1, s_w1, t)
     for j in range(t.shape[0]):
-        t[j] = np.tanh(t[j])
+        t[j] = np.float32(2.0) * _sigmoid(np.float32(2.0) * t[j]) - np.float32(1.0)     # tanh
     w = np.empty(D, np.float32)
     _xm1(t, w2, s_w2, w)
     t = np.empty(a1.shape[1], np.float32)
@@ -857,7 +984,7 @@ def _tm7(x, prev, mix, Wr, sr, Wk, sk, Wv, sv, Wo, so, w0, w1, s_w1, w2, s_w2, a
     for d in range(D):
         a[d] = _sigmoid(a0[d] + a[d])
         kk[d] = k[d] * k_k[d]
-        w[d] = np.exp(np.float32(-0.606531) * _sigmoid(w0[d] + w[d]))
+        w[d] = _exp(np.float32(-0.606531) * _sigmoid(w0[d] + w[d]))
     for h in range(H):
         o = h * N
         ss = np.float32(0.0)
@@ -870,7 +997,7 @@ def _tm7(x, prev, mix, Wr, sr, Wk, sk, Wv, sv, Wo, so, w0, w1, s_w1, w2, s_w2, a
             k[j] = k[j] * (np.float32(1.0) + (a[j] - np.float32(1.0)) * k_a[j])
     # wkv: S = S * w + (S @ -kk) (kk * a)^T + v k^T ; y = S @ r. Updated in place in S (reading S_in
     # and writing S through two names that may alias would stop LLVM from vectorising the loop)
-    if not inplace:
+    if S.ctypes.data != S_in.ctypes.data:
         S[:] = S_in
     y = np.empty((1, D), np.float32)
     for h in range(H):
@@ -903,7 +1030,10 @@ def _tm7(x, prev, mix, Wr, sr, Wk, sk, Wv, sv, Wo, so, w0, w1, s_w1, w2, s_w2, a
             bonus += r[o + j] * k[o + j] * r_k[h, j]
         for j in range(o, o + N):
             y[0, j] = ((y[0, j] - mu) * inv * lnx_w[j] + lnx_b[j] + bonus * v[j]) * g[j]
-    _mv_range(Wo, so, y, out, 0, D)
+    if nchunk > 1:
+        _mv_parallel(Wo, so, y, out, nchunk)
+    else:
+        _mv_range(Wo, so, y, out, 0, D)
 
 
 def _wargs(W):
@@ -913,34 +1043,40 @@ def _wargs(W):
     return _kernel_array(np.asarray(W)), _NO_SCALE
 
 
+def _tm7_static(b, has_v):
+    """The per-block kernel arguments, built once and cached on the block (weights never change)."""
+    key = "_nb_tm7_v" if has_v else "_nb_tm7"
+    args = b.__dict__.get(key)
+    if args is None:
+        mix = np.ascontiguousarray(np.stack([b.x_r, b.x_w, b.x_k, b.x_v, b.x_a, b.x_g]), np.float32)
+        v0, v1, v2 = (b.v0, b.v1, b.v2) if has_v else (b.w0, b.w1, b.w2)   # placeholders in layer 0
+        args = (mix, *_wargs(b.att_r), *_wargs(b.att_k), *_wargs(b.att_v), *_wargs(b.att_o),
+                b.w0, *_margs(b.w1), *_margs(b.w2), b.a0, *_margs(b.a1), *_margs(b.a2),
+                *_margs(b.g1), *_margs(b.g2), v0, *_margs(v1), *_margs(v2), b.k_k, b.k_a, b.r_k, b.lnx_w, b.lnx_b)
+        nbytes = (sum(m.nbytes for m in (b.att_r, b.att_k, b.att_v, b.att_o)),
+                  sum(m.nbytes for m in (b.w1, b.w2, b.a1, b.a2, b.g1, b.g2)) + ((b.v1.nbytes + b.v2.nbytes) if has_v else 0))
+        args = b.__dict__[key] = (args, nbytes, 1 if b.att_r.shape[0] * b.att_r.shape[1] * 3 < PAR_MIN else 0)
+    return args
+
+
 def time_mix7_step(b, x: np.ndarray, prev: np.ndarray, wkv: np.ndarray, v_first, wkv_out=None):
     """The whole RWKV-7 time-mix of one token in one kernel call.
 
     b: a block of models/v7.py (`model.blocks[i]`); x (1, D): the ln1-normalised input; prev (D,): the
     token-shift state; wkv (H, N, N): the state; v_first (1, D): layer 0's value, None in layer 0.
     wkv_out: where the new state goes (may be `wkv` itself, updated in place); a new array if None.
-    Returns (out (1, D), new wkv, v (1, D)): equal to v7 `time_mix` with T == 1.
+    Returns (out (1, D), new wkv, v (1, D)): equal to v7 `time_mix` with T == 1. The block's weights
+    are gathered once and cached on `b` (replace the block, not its arrays, to change weights).
     """
     D = x.shape[-1]
-    mix = b.__dict__.get("_nb_mix")
-    if mix is None:  # the six token-shift mixing vectors, stacked once per block
-        mix = b._nb_mix = np.ascontiguousarray(np.stack([b.x_r, b.x_w, b.x_k, b.x_v, b.x_a, b.x_g]), np.float32)
+    has_v = v_first is not None
+    static, nbytes, serial = _tm7_static(b, has_v)
     out = np.empty((1, D), np.float32)
     v = np.empty((1, D), np.float32)
     S = np.empty_like(wkv) if wkv_out is None else wkv_out
-    has_v = v_first is not None
-    if has_v:
-        vf, v0, v1, v2 = v_first.reshape(-1), b.v0, b.v1, b.v2
-    else:  # placeholders of the right types; unused in layer 0
-        vf, v0, v1, v2 = v[0], b.w0, b.w1, b.w2
-    Wr = _wargs(b.att_r)
-    nchunk = 1 if Wr[0].size * 3 < PAR_MIN else _nchunk()
-    _tm7(x.reshape(-1), prev, mix, *Wr, *_wargs(b.att_k), *_wargs(b.att_v), *_wargs(b.att_o),
-         b.w0, *_margs(b.w1), *_margs(b.w2), b.a0, *_margs(b.a1), *_margs(b.a2),
-         *_margs(b.g1), *_margs(b.g2), v0, *_margs(v1), *_margs(v2), b.k_k, b.k_a, b.r_k, b.lnx_w, b.lnx_b,
-         wkv, S, S is wkv, vf, has_v, out, v[0], nchunk)
+    _tm7(x.reshape(-1), prev, *static, wkv, S, v_first.reshape(-1) if has_v else v[0], has_v,
+         out, v[0], 1 if serial else _nchunk())
     if counter.enabled:
-        counter.add("linear", sum(m.nbytes for m in (b.att_r, b.att_k, b.att_v, b.att_o)))
-        counter.add("matmul", sum(m.nbytes for m in (b.w1, b.w2, b.a1, b.a2, b.g1, b.g2)) +
-                    ((b.v1.nbytes + b.v2.nbytes) if has_v else 0))
+        counter.add("linear", nbytes[0])
+        counter.add("matmul", nbytes[1])
     return out, S, v
