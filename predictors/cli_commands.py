@@ -195,7 +195,7 @@ def add_fit_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--target-recall", type=_fraction, default=0.99, help="per-layer recall target (default: 0.99)")
     p.add_argument("--metric", choices=["mass", "active"], default="mass",
                    help="recall of activation mass (default) or of active neurons")
-    p.add_argument("--margin", type=float, default=0.0, help="calibrate to target + margin (default: 0)")
+    p.add_argument("--margin", type=float, default=0.003, help="calibrate to target + margin, a safety margin for unseen text (default: 0.003)")
     p.add_argument("--heldout-frac", type=_fraction, default=0.1, help="rows kept for calibration (default: 0.1)")
     p.add_argument("--max-train", type=_positive_int, default=65536,
                    help="mlp: training rows per layer (default: 65536)")
