@@ -8,10 +8,13 @@ from .state import State  # noqa: E402
 
 
 def load_model(path, backend: str = "reference"):
-    """Load an official RWKV `.pth` checkpoint (x052 / x060 / x070) and return a model object."""
+    """Load an official RWKV `.pth` checkpoint (x052 / x060 / x070) or an rwkv-edge model file (`rwkv-edge convert`)."""
+    from .modelfile import is_modelfile, load_modelfile
     from .weights import load_checkpoint
     from .models import model_class
 
+    if is_modelfile(path):
+        return load_modelfile(path, backend=backend)
     config, weights = load_checkpoint(path)
     return model_class(config.version)(config, weights, backend=backend)
 

@@ -204,12 +204,14 @@ def read_header(path) -> dict:
         raise ModelLoadError(f"{path}: truncated model file (header cut off)")
     try:
         header = json.loads(hb.decode())
-    except ValueError:
+        ModelConfig.from_dict(header["config"])
+        end = max((t["offset"] + t["nbytes"] for t in header["tensors"]), default=0)
+        file_size, data_start = int(header["file_size"]), int(header["data_start"])
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise ModelLoadError(f"{path}: corrupt model file header") from None
-    if size < header.get("file_size", 0):
-        raise ModelLoadError(f"{path}: truncated model file ({size} of {header['file_size']} bytes)")
-    end = max((t["offset"] + t["nbytes"] for t in header["tensors"]), default=0)
-    if size < header["data_start"] + end:
+    if size < file_size:
+        raise ModelLoadError(f"{path}: truncated model file ({size} of {file_size} bytes)")
+    if size < data_start + end:
         raise ModelLoadError(f"{path}: truncated model file (tensor data past the end)")
     return header
 

@@ -144,6 +144,9 @@ def test_errors(tmp_path, files):
     assert "truncated" in _one_line_error(bad)
     bad.write_bytes(b"")
     assert "magic" in _one_line_error(bad)
+    hb = b'{"tensors": 5}'
+    bad.write_bytes(MAGIC + struct.pack("<IIQ", 1, 0, len(hb)) + hb)
+    assert "corrupt" in _one_line_error(bad)
     assert "cannot read" in _one_line_error(tmp_path / "missing.rwkve")
     with pytest.raises(ModelLoadError):
         load_modelfile(tmp_path / "missing.rwkve")
@@ -155,3 +158,23 @@ def test_header_is_json_after_prefix(files):
     assert raw[:8] == MAGIC
     (hlen,) = struct.unpack("<Q", raw[16:24])
     json.loads(raw[24:24 + hlen])
+
+
+@pytest.mark.parametrize("version", ["x052", "x060"])
+def test_rwkv5_rwkv6_round_trip(tiny_ckpt, tmp_path, version):
+    ckpt = tiny_ckpt(version, n_layer=2, n_embd=64, head_size=16, vocab_size=256)
+    want, _ = rwkv_edge.load_model(ckpt).forward(TOKENS, full_output=True)
+    for dtype, tol in (("fp16", 1e-2), ("int8", 0.1)):
+        m = load_modelfile(convert(ckpt, tmp_path / f"{dtype}.rwkve", dtype))
+        assert m.config.version == version
+        got, _ = m.forward(TOKENS, full_output=True)
+        assert np.abs(got - want).max() <= tol, dtype
+
+
+def test_cli_convert(ckpt, tmp_path, capsys):
+    from rwkv_edge.cli import main
+    out = tmp_path / "cli.rwkve"
+    assert main(["convert", "--model", ckpt, "--out", str(out), "--dtype", "int8"]) == 0
+    assert "dtype int8" in capsys.readouterr().out and read_header(out)["dtype"] == "int8"
+    assert main(["convert", "--model", str(tmp_path / "cli.rwkve"), "--out", str(tmp_path / "x.rwkve")]) == 1
+    assert "not a PyTorch checkpoint" in capsys.readouterr().err

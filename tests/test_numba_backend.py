@@ -188,8 +188,11 @@ def test_bundle_views_and_ffn_dense(dtype, T):
         assert np.abs(Kd - K).max() < (1e-3 if dtype == "fp16" else 1e-7)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
-def test_sparse_ffn_exact_set_equals_dense(dtype, par):
+@pytest.mark.parametrize("dtype, par_min", [("fp32", None), ("fp16", None), ("int8", None), ("int8", 0)],
+                         ids=["fp32", "fp16", "int8", "int8-parallel"])
+def test_sparse_ffn_exact_set_equals_dense(dtype, par_min, monkeypatch):
+    if par_min is not None:
+        monkeypatch.setattr(nb, "PAR_MIN", par_min)
     K, V = ffn_weights()
     bundle = nb.NeuronBundledFFN.from_dense(K, V, dtype)
     Kd, Vd = bundle.dequantize()

@@ -7,15 +7,22 @@ Weights accepted by `linear(x, W)` (W logically (out, in)): float32 or float16 n
 to float32 in registers and accumulate in float32; prefill (T > SMALL_T) dequantizes blocks of rows to
 float32 and multiplies them with BLAS.
 
-`NeuronBundledFFN` stores one layer's FFN neuron-major: kv[j, 0] = W_k[j, :] (key row), kv[j, 1] =
-W_v[:, j] (value column), so an active neuron costs one contiguous read. `sparse_ffn` computes
-sum_{j in idx} relu(K[j] . x)^2 V[:, j] reading only those neurons (prefetched ahead: the indices are
-irregular, so the hardware prefetcher cannot guess them).
+Beyond the reference set:
+- `NeuronBundledFFN`: one layer's FFN neuron-major, kv[j, 0] = W_k[j, :] (key row), kv[j, 1] =
+  W_v[:, j] (value column): an active neuron is one contiguous read.
+- `sparse_ffn(x, idx, bundle)`: sum_{j in idx} relu(K[j] . x)^2 V[:, j], reading only those neurons
+  (prefetched ahead: the indices are irregular); `sparse_ffn_tokens` for T tokens in one call;
+  `ffn_dense(xk, key_view, value_view)`: the dense FFN as one pass over the bundle.
+- `quant_matvec(qm, x)` / `sparse_ffn_quant(x, qm, threshold, bundle)`: the n-bit predictor
+  (quant.QuantizedMatrix) from its packed codes, alone or followed by the sparse FFN.
+- `time_mix7_step(block, x, prev, wkv, v_first)`: the whole RWKV-7 time-mix of one token in one call
+  (per-layer Python overhead is otherwise larger than the kernel time of a 58M model).
+- `counter`: bytes of weights read by the kernels while `counter.enabled`; `read_bandwidth()`.
 
-`time_mix7_step` is the whole RWKV-7 time-mix of one token in one kernel call (Python overhead per
-layer is otherwise larger than the kernel time of a 58M model). `counter` counts the bytes of weights
-the kernels read while `counter.enabled` is True. float16 is not a numba type: fp16 arrays go to the
-kernels as uint16 views and are widened with LLVM `fpext half` (vcvtph2ps), exactly like numpy.
+float16 is not a numba type: fp16 arrays go to the kernels as uint16 views and are widened with
+LLVM `fpext half` (vcvtph2ps), exactly like numpy. Kernel-writing notes: index inner loops from 0 on
+slices (numba's negative-index wraparound on x[o + j] stops LLVM vectorising), and never read and
+write one array through two names (the state updates copy first, then work in place).
 """
 from __future__ import annotations
 
@@ -631,17 +638,18 @@ def _group_norm(x, G, w, b, eps, out):
     for t in range(T):
         for g in range(G):
             o = g * n
+            xs, os, ws, bs = x[t, o:o + n], out[t, o:o + n], w[o:o + n], b[o:o + n]   # slices: see _wkv7_step
             mu = np.float32(0.0)
-            for d in range(o, o + n):
-                mu += x[t, d]
+            for d in range(n):
+                mu += xs[d]
             mu /= n
             var = np.float32(0.0)
-            for d in range(o, o + n):
-                c = x[t, d] - mu
+            for d in range(n):
+                c = xs[d] - mu
                 var += c * c
             inv = np.float32(1.0) / np.sqrt(var / n + eps)
-            for d in range(o, o + n):
-                out[t, d] = (x[t, d] - mu) * inv * w[d] + b[d]
+            for d in range(n):
+                os[d] = (xs[d] - mu) * inv * ws[d] + bs[d]
 
 
 def group_norm(x: np.ndarray, n_groups: int, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
@@ -653,47 +661,52 @@ def group_norm(x: np.ndarray, n_groups: int, w: np.ndarray, b: np.ndarray, eps: 
 
 
 # --- recurrences ----------------------------------------------------------------------------------
+@_njit(fastmath=True, cache=True)
+def _wkv7_step(S, rt, wt, kt, vt, at, bt, yt):
+    """One token on one head: S (N, N) [value i, key j] in place, S = S * w + (S @ a) b^T + v k^T,
+    yt = S @ r. All vectors are (N,) slices: indexing them from 0 (rather than x[o + j]) spares numba's
+    negative-index wraparound, which would stop LLVM from vectorising the j loops."""
+    N = S.shape[0]
+    for i in range(N):
+        sa = np.float32(0.0)
+        for j in range(N):
+            sa += S[i, j] * at[j]
+        vi = vt[i]
+        acc = np.float32(0.0)
+        for j in range(N):
+            x = S[i, j] * wt[j] + sa * bt[j] + vi * kt[j]
+            S[i, j] = x
+            acc += x * rt[j]
+        yt[i] = acc
+
+
+@_njit(fastmath=True, cache=True)
+def _wkv7_head(s, h, r, w, k, v, a, b, y):
+    """Head h of the state s (H, N, N), updated in place over the T tokens of r..b (T, H*N)."""
+    N = s.shape[1]
+    o = h * N
+    for t in range(r.shape[0]):
+        _wkv7_step(s[h], r[t, o:o + N], w[t, o:o + N], k[t, o:o + N], v[t, o:o + N], a[t, o:o + N],
+                   b[t, o:o + N], y[t, o:o + N])
+
+
 @_njit(fastmath=True, cache=True, parallel=True)
 def _wkv7(s_in, s, r, w, k, v, a, b, y):
-    """s_in, s: (H, N, N) [head, value i, key j]; r..b: (T, H*N); writes s (new state) and y."""
-    H, N = s.shape[0], s.shape[1]
-    for h in _prange(H):
-        o = h * N
-        for t in range(r.shape[0]):
-            src = s_in if t == 0 else s
-            for i in range(N):
-                sa = np.float32(0.0)
-                for j in range(N):
-                    sa += src[h, i, j] * a[t, o + j]
-                vi = v[t, o + i]
-                acc = np.float32(0.0)
-                for j in range(N):
-                    x = src[h, i, j] * w[t, o + j] + sa * b[t, o + j] + vi * k[t, o + j]
-                    s[h, i, j] = x
-                    acc += x * r[t, o + j]
-                y[t, o + i] = acc
+    """Prefill: heads in parallel. The state is copied once and updated in place (reads and writes
+    through two names that may alias keep LLVM from vectorising)."""
+    if s.ctypes.data != s_in.ctypes.data:
+        s[:] = s_in
+    for h in _prange(s.shape[0]):
+        _wkv7_head(s, h, r, w, k, v, a, b, y)
 
 
 @_njit(fastmath=True, cache=True)
 def _wkv7_one(s_in, s, r, w, k, v, a, b, y):
-    """T == 1 serial twin of _wkv7 (a parallel launch costs more than the work); copies the state
-    first and updates it in place, which LLVM vectorises (unlike reads and writes through two names)."""
-    H, N = s.shape[0], s.shape[1]
+    """T == 1 serial twin of _wkv7 (a parallel launch costs more than the work)."""
     if s.ctypes.data != s_in.ctypes.data:
         s[:] = s_in
-    for h in range(H):
-        o = h * N
-        for i in range(N):
-            sa = np.float32(0.0)
-            for j in range(N):
-                sa += s[h, i, j] * a[0, o + j]
-            vi = v[0, o + i]
-            acc = np.float32(0.0)
-            for j in range(N):
-                x = s[h, i, j] * w[0, o + j] + sa * b[0, o + j] + vi * k[0, o + j]
-                s[h, i, j] = x
-                acc += x * r[0, o + j]
-            y[0, o + i] = acc
+    for h in range(s.shape[0]):
+        _wkv7_head(s, h, r, w, k, v, a, b, y)
 
 
 def wkv7(state, r, w, k, v, a, b):
@@ -710,18 +723,21 @@ def wkv7(state, r, w, k, v, a, b):
 def _wkv_decay(s_in, s, r, k, v, w, u, y):
     """RWKV-5/6: y_t = (S + u * v k^T) @ r ; S = S * w_t[j] + v k^T. w: (T, H*N), u: (H, N)."""
     H, N = s.shape[0], s.shape[1]
+    if s.ctypes.data != s_in.ctypes.data:
+        s[:] = s_in
     for h in range(H):
         o = h * N
+        S, uh = s[h], u[h]
         for t in range(r.shape[0]):
-            src = s_in if t == 0 else s
+            rt, kt, vt, wt, yt = r[t, o:o + N], k[t, o:o + N], v[t, o:o + N], w[t, o:o + N], y[t, o:o + N]
             for i in range(N):
-                vi = v[t, o + i]
+                vi = vt[i]
                 acc = np.float32(0.0)
                 for j in range(N):
-                    kv = vi * k[t, o + j]
-                    acc += (src[h, i, j] + u[h, j] * kv) * r[t, o + j]
-                    s[h, i, j] = src[h, i, j] * w[t, o + j] + kv
-                y[t, o + i] = acc
+                    kv = vi * kt[j]
+                    acc += (S[i, j] + uh[j] * kv) * rt[j]
+                    S[i, j] = S[i, j] * wt[j] + kv
+                yt[i] = acc
 
 
 def _wkv56(state, r, k, v, w, u):
@@ -756,92 +772,122 @@ def _code(typingctx, byte, shift, mask):
     return _types.float32(_types.uint8, _types.int64, _types.int64), codegen
 
 
+_QL = 128   # rows per block of the predictor layout: 128 rows decode side by side in SIMD lanes
+
+
 @_njit(fastmath=True, cache=True)
-def _qmv_range(P, scale, zero, xp, xsum, bits, y, r0, r1):
-    """y[r] = sum_g scale[r, g] * (codes_g . x_g) + zero[r, g] * sum(x_g) for rows r0..r1.
-    xp[j, i] = x[i * per + j] is the weight of code j of byte i, so the inner loops run over a whole row
-    of bytes (vectorised shift, mask, convert, FMA) into z, then per-group sums of z. 2 and 4 bits
-    have unrolled loops. (Inner loops start at 0: numba's `range(a, b)` with a != 0 is not vectorised;
-    and the loops stay in this function: split into a per-row helper they ran 3x slower.)"""
-    nbytes = P.shape[1]
-    G = scale.shape[1]
+def _qmv_blocks(Pt, St, Zt, xp, xsum, bits, y, b0, b1):
+    """y for row blocks b0..b1 of the row-blocked layout (see `_predictor_layout`):
+    y[r] = sum_g scale[r, g] * (codes_g . x_g) + zero[r, g] * sum(x_g).
+
+    Rows sit in SIMD lanes (Pt[blk, i, l] = byte i of row blk*L + l), so the dot products accumulate
+    vertically and the per-group scales apply to whole vectors: no horizontal sums (with one row per
+    vector, a horizontal sum per group cost more than the decoding). Telescoped decode: with
+    f_j = byte >> (j * bits) (no masking), code_j = f_j - 2^bits f_{j+1}, so sum_j code_j x_j =
+    sum_j f_j x'_j with x'_j = x_j - 2^bits x_{j-1} (xp from _q_prepare): per code one shift, one
+    convert and one FMA."""
+    nbytes, L = Pt.shape[1], Pt.shape[2]
+    G = St.shape[0]
     nb = nbytes // G
-    z = np.empty(nbytes, np.float32)
-    for r in range(r0, r1):
-        if bits == 2:
-            for i in range(nbytes):
-                c = P[r, i]
-                z[i] = (_code(c, 0, 3) * xp[0, i] + _code(c, 2, 3) * xp[1, i]) + \
-                       (_code(c, 4, 3) * xp[2, i] + _code(c, 6, 3) * xp[3, i])
-        elif bits == 4:
-            for i in range(nbytes):
-                c = P[r, i]
-                z[i] = _code(c, 0, 15) * xp[0, i] + _code(c, 4, 15) * xp[1, i]
-        else:
-            mask = (1 << bits) - 1
-            for i in range(nbytes):
-                z[i] = _code(P[r, i], 0, mask) * xp[0, i]
-            for j in range(1, 8 // bits):
-                sh = j * bits
-                for i in range(nbytes):
-                    z[i] += _code(P[r, i], sh, mask) * xp[j, i]
-        tot = np.float32(0.0)
+    acc = np.empty(L, np.float32)
+    tot = np.empty(L, np.float32)
+    for blk in range(b0, b1):
+        tot[:] = 0.0
         for g in range(G):
-            o = g * nb
-            acc = np.float32(0.0)
-            for i in range(nb):
-                acc += z[o + i]
-            tot += _h2f(scale[r, g]) * acc + _h2f(zero[r, g]) * xsum[g]
-        y[r] = tot
+            acc[:] = 0.0
+            for ii in range(nb):
+                i = g * nb + ii
+                Pi = Pt[blk, i]
+                if bits == 2:
+                    x0, x1, x2, x3 = xp[0, i], xp[1, i], xp[2, i], xp[3, i]
+                    for l in range(L):
+                        c = Pi[l]
+                        acc[l] += (_code(c, 0, 255) * x0 + _code(c, 2, 255) * x1) + \
+                                  (_code(c, 4, 255) * x2 + _code(c, 6, 255) * x3)
+                elif bits == 4:
+                    x0, x1 = xp[0, i], xp[1, i]
+                    for l in range(L):
+                        c = Pi[l]
+                        acc[l] += _code(c, 0, 255) * x0 + _code(c, 4, 255) * x1
+                else:
+                    for j in range(8 // bits):
+                        xj, sh = xp[j, i], j * bits
+                        for l in range(L):
+                            acc[l] += _code(Pi[l], sh, 255) * xj
+            sg, zg, xs = St[g, blk * L:(blk + 1) * L], Zt[g, blk * L:(blk + 1) * L], xsum[g]
+            for l in range(L):
+                tot[l] += _h2f(sg[l]) * acc[l] + _h2f(zg[l]) * xs
+        yb = y[blk * L:(blk + 1) * L]
+        for l in range(L):
+            yb[l] = tot[l]
+
+
+def _predictor_layout(qm):
+    """The row-blocked copy of a QuantizedMatrix that the kernels read, built once and cached on it:
+    Pt (R/L, bytes per row, L) uint8, St/Zt (G, R) float16 bits, rows padded to a multiple of L."""
+    lay = qm.__dict__.get("_nb_layout")
+    if lay is None or lay[0] is not qm.packed:
+        R, nbytes = qm.packed.shape
+        Rp = -(-R // _QL) * _QL
+        P = np.zeros((Rp, nbytes), np.uint8)
+        P[:R] = qm.packed
+        S = np.zeros((qm.n_groups, Rp), np.float16)
+        Z = np.zeros((qm.n_groups, Rp), np.float16)
+        S[:, :R], Z[:, :R] = qm.scale.T, qm.zero.T
+        Pt = np.ascontiguousarray(P.reshape(Rp // _QL, _QL, nbytes).transpose(0, 2, 1))
+        lay = qm.__dict__["_nb_layout"] = (qm.packed, Pt, S.view(np.uint16), Z.view(np.uint16))
+    return lay[1:]
 
 
 @_njit(fastmath=True, cache=True)
 def _q_prepare(x, bits, G, xp, xsum):
-    """xp[j, i] = x[i * per + j] (the weight of code j of byte i) and the per-group sums of x."""
+    """xp[j, i] = x'_j of byte i: x[i*per] for j = 0, x[i*per + j] - 2^bits x[i*per + j - 1] after (see
+    _qmv_blocks), and the per-group sums of x."""
     per = 8 // bits
+    m = np.float32(1 << bits)
     for i in range(x.shape[0] // per):
-        for j in range(per):
-            xp[j, i] = x[i * per + j]
+        xp[0, i] = x[i * per]
+        for j in range(1, per):
+            xp[j, i] = x[i * per + j] - m * x[i * per + j - 1]
     gs = x.shape[0] // G
     for g in range(G):
+        xg = x[g * gs:(g + 1) * gs]
         acc = np.float32(0.0)
         for i in range(gs):
-            acc += x[g * gs + i]
+            acc += xg[i]
         xsum[g] = acc
 
 
 @_njit(fastmath=True, cache=True, parallel=True)
-def _qmv_parallel(P, scale, zero, xp, xsum, bits, y, nchunk):
-    R = P.shape[0]
+def _qmv_parallel(Pt, St, Zt, xp, xsum, bits, y, nchunk):
+    nblk = Pt.shape[0]
     for c in _prange(nchunk):
-        _qmv_range(P, scale, zero, xp, xsum, bits, y, c * R // nchunk, (c + 1) * R // nchunk)
+        _qmv_blocks(Pt, St, Zt, xp, xsum, bits, y, c * nblk // nchunk, (c + 1) * nblk // nchunk)
 
 
 @_njit(fastmath=True, cache=True)
-def _qmv(P, scale, zero, x, bits, y, nchunk):
-    """y = W_hat @ x (one call: the x layout is built here too)."""
-    xp = np.empty((8 // bits, P.shape[1]), np.float32)
-    xsum = np.empty(scale.shape[1], np.float32)
-    _q_prepare(x, bits, scale.shape[1], xp, xsum)
+def _qmv(Pt, St, Zt, x, bits, y, nchunk):
+    """y (R padded) = W_hat @ x in one call (the x layout is built here too)."""
+    xp = np.empty((8 // bits, Pt.shape[1]), np.float32)
+    xsum = np.empty(St.shape[0], np.float32)
+    _q_prepare(x, bits, St.shape[0], xp, xsum)
     if nchunk > 1:
-        _qmv_parallel(P, scale, zero, xp, xsum, bits, y, nchunk)
+        _qmv_parallel(Pt, St, Zt, xp, xsum, bits, y, nchunk)
     else:
-        _qmv_range(P, scale, zero, xp, xsum, bits, y, 0, P.shape[0])
+        _qmv_blocks(Pt, St, Zt, xp, xsum, bits, y, 0, Pt.shape[0])
 
 
 @_njit(fastmath=True, cache=True)
-def _qsparse(P, scale, zero, x, bits, thr, kv, sc, out, idx, nchunk):
-    """Predict with the quantized W_k (score >= thr) and run the sparse FFN on the predicted neurons,
-    in one call. Writes out (D,) and the predicted set into idx; returns (set size, value columns read)."""
-    y = np.empty(P.shape[0], np.float32)
-    _qmv(P, scale, zero, x, bits, y, nchunk)
+def _qselect(Pt, St, Zt, x, bits, thr, idx, nchunk):
+    """The predicted set {r : (W_hat x)_r >= thr} into idx (sorted); returns its size."""
+    y = np.empty(St.shape[1], np.float32)
+    _qmv(Pt, St, Zt, x, bits, y, nchunk)
     n = 0
-    for r in range(y.shape[0]):
+    for r in range(idx.shape[0]):
         if y[r] >= thr:
             idx[n] = r
             n += 1
-    out[:] = 0.0
-    return n, _ffn_range(kv, sc, x, idx, 0, n, out, False)
+    return n
 
 
 def _qm_parallel(qm) -> int:
@@ -850,28 +896,36 @@ def _qm_parallel(qm) -> int:
 
 def quant_matvec(qm, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """W_hat @ x for a `quant.QuantizedMatrix` (1/2/4/8-bit codes packed little-endian in each byte,
-    float16 scale/zero per row or group) and x (C,) -> (R,) float32, reading only the packed codes."""
+    float16 scale/zero per row or group) and x (C,) -> (R,) float32, reading only packed codes (a
+    row-blocked copy of them, built on first use and cached on `qm`)."""
     if not (type(x) is np.ndarray and x.dtype == np.float32 and x.flags.c_contiguous and x.ndim == 1):
         x = np.ascontiguousarray(x, np.float32).reshape(-1)
-    y = np.empty(qm.shape[0], np.float32) if out is None else out
-    _qmv(qm.packed, qm.scale.view(np.uint16), qm.zero.view(np.uint16), x, qm.bits, y, _qm_parallel(qm))
+    Pt, St, Zt = _predictor_layout(qm)
+    y = np.empty(St.shape[1], np.float32)
+    _qmv(Pt, St, Zt, x, qm.bits, y, _qm_parallel(qm))
     if counter.enabled:
         counter.add("predictor", qm.nbytes)
-    return y
+    R = qm.shape[0]
+    if out is not None:
+        out[:] = y[:R]
+        return out
+    return y[:R] if R != y.shape[0] else y
 
 
 def sparse_ffn_quant(x: np.ndarray, qm, threshold: float, bundle: NeuronBundledFFN,
                      out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-    """Predict-and-compute in one kernel call: the active set is {j : (W_hat x)_j >= threshold} with
-    W_hat the quantized predictor `qm` (F, D), and the FFN runs on it as in `sparse_ffn`.
+    """Predict and compute in two kernel calls and no Python in between: the active set is
+    {j : (W_hat x)_j >= threshold} with W_hat the quantized predictor `qm` (F, D), and the FFN runs
+    on it as in `sparse_ffn`.
     Returns (out (D,), size of the predicted set)."""
     if not (type(x) is np.ndarray and x.dtype == np.float32 and x.flags.c_contiguous and x.ndim == 1):
         x = np.ascontiguousarray(x, np.float32).reshape(-1)
     if out is None:
         out = np.empty(bundle.D, np.float32)
+    Pt, St, Zt = _predictor_layout(qm)
     idx = np.empty(bundle.F, np.int32)
-    n, n_val = _qsparse(qm.packed, qm.scale.view(np.uint16), qm.zero.view(np.uint16), x, qm.bits,
-                        np.float32(threshold), bundle._kv, bundle._sc, out, idx, _qm_parallel(qm))
+    n = _qselect(Pt, St, Zt, x, qm.bits, np.float32(threshold), idx, _qm_parallel(qm))
+    n_val = _run_ffn(bundle, x, idx[:n], out, False)
     if counter.enabled:
         counter.add("predictor", qm.nbytes)
         counter.add("ffn", (int(n) + int(n_val)) * (bundle.neuron_bytes // 2))
@@ -987,49 +1041,42 @@ def _tm7(x, prev, mix, Wr, sr, Wk, sk, Wv, sv, Wo, so, w0, w1, s_w1, w2, s_w2, a
         w[d] = _exp(np.float32(-0.606531) * _sigmoid(w0[d] + w[d]))
     for h in range(H):
         o = h * N
+        kh, bh, ah, kah, khh = kk[o:o + N], bb[o:o + N], a[o:o + N], k_a[o:o + N], k[o:o + N]
         ss = np.float32(0.0)
-        for j in range(o, o + N):
-            ss += kk[j] * kk[j]
+        for j in range(N):
+            ss += kh[j] * kh[j]
         inv = np.float32(1.0) / max(np.sqrt(ss), np.float32(1e-12))
-        for j in range(o, o + N):
-            kk[j] *= inv
-            bb[j] = kk[j] * a[j]
-            k[j] = k[j] * (np.float32(1.0) + (a[j] - np.float32(1.0)) * k_a[j])
-    # wkv: S = S * w + (S @ -kk) (kk * a)^T + v k^T ; y = S @ r. Updated in place in S (reading S_in
-    # and writing S through two names that may alias would stop LLVM from vectorising the loop)
+        for j in range(N):
+            kh[j] *= inv
+            bh[j] = kh[j] * ah[j]
+            khh[j] = khh[j] * (np.float32(1.0) + (ah[j] - np.float32(1.0)) * kah[j])
+            ah[j] = -kh[j]                    # a is used up: it now holds the wkv's "a" = -kk
+    # wkv, in place in S (reads and writes through two names that may alias do not vectorise)
     if S.ctypes.data != S_in.ctypes.data:
         S[:] = S_in
     y = np.empty((1, D), np.float32)
     for h in range(H):
         o = h * N
-        for i in range(N):
-            sa = np.float32(0.0)
-            for j in range(N):
-                sa -= S[h, i, j] * kk[o + j]
-            vi = v[o + i]
-            acc = np.float32(0.0)
-            for j in range(N):
-                z = S[h, i, j] * w[o + j] + sa * bb[o + j] + vi * k[o + j]
-                S[h, i, j] = z
-                acc += z * r[o + j]
-            y[0, o + i] = acc
+        _wkv7_step(S[h], r[o:o + N], w[o:o + N], k[o:o + N], v[o:o + N], a[o:o + N], bb[o:o + N], y[0, o:o + N])
     # group norm per head (eps 64e-5) + bonus (r . k * r_k) v, output gate, output projection
     for h in range(H):
         o = h * N
+        yh, rh, kh, vh, gh, lw, lb = y[0, o:o + N], r[o:o + N], k[o:o + N], v[o:o + N], g[o:o + N], \
+            lnx_w[o:o + N], lnx_b[o:o + N]
         mu = np.float32(0.0)
-        for j in range(o, o + N):
-            mu += y[0, j]
+        for j in range(N):
+            mu += yh[j]
         mu /= N
         var = np.float32(0.0)
-        for j in range(o, o + N):
-            c = y[0, j] - mu
+        for j in range(N):
+            c = yh[j] - mu
             var += c * c
         inv = np.float32(1.0) / np.sqrt(var / N + np.float32(64e-5))
         bonus = np.float32(0.0)
         for j in range(N):
-            bonus += r[o + j] * k[o + j] * r_k[h, j]
-        for j in range(o, o + N):
-            y[0, j] = ((y[0, j] - mu) * inv * lnx_w[j] + lnx_b[j] + bonus * v[j]) * g[j]
+            bonus += rh[j] * kh[j] * r_k[h, j]
+        for j in range(N):
+            yh[j] = ((yh[j] - mu) * inv * lw[j] + lb[j] + bonus * vh[j]) * gh[j]
     if nchunk > 1:
         _mv_parallel(Wo, so, y, out, nchunk)
     else:
@@ -1080,3 +1127,38 @@ def time_mix7_step(b, x: np.ndarray, prev: np.ndarray, wkv: np.ndarray, v_first,
         counter.add("linear", nbytes[0])
         counter.add("matmul", nbytes[1])
     return out, S, v
+
+
+# --- machine ceiling ---------------------------------------------------------------------------
+@_njit(fastmath=True, cache=True)
+def _sum(a, lo, hi):
+    b = a[lo:hi]        # a slice indexed from 0: a[lo + i] would not vectorise (index wraparound)
+    acc = np.float32(0.0)
+    for i in range(b.shape[0]):
+        acc += b[i]
+    return acc
+
+
+@_njit(fastmath=True, cache=True, parallel=True)
+def _read_all(a, nchunk):
+    n = a.shape[0]
+    part = np.zeros(nchunk, np.float32)
+    for c in _prange(nchunk):
+        part[c] = _sum(a, c * n // nchunk, (c + 1) * n // nchunk)
+    return part.sum()
+
+
+def read_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+    """Best-of-`repeats` memory read bandwidth in GB/s with the current numba thread count (a float32
+    sum over `mib` MiB, far larger than the caches): the ceiling for bytes-read-per-token figures."""
+    import time
+
+    a = np.ones(mib * (1 << 20) // 4, np.float32)
+    nchunk = _nchunk()
+    _read_all(a[:1024], nchunk)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        _read_all(a, nchunk)
+        best = min(best, time.perf_counter() - t)
+    return a.nbytes / best / 1e9

@@ -65,6 +65,8 @@ class RWKVModel:
         if self.ffn is not None:
             return self.ffn(i, xk)
         b = self.blocks[i]
+        if not self.hooks.ffn_activation and hasattr(self.ops, "ffn_dense"):
+            return self.ops.ffn_dense(xk, b.ffn_key, b.ffn_value)   # one fused pass (e.g. neuron-bundled weights)
         k = self.ops.relu_sq(self.ops.linear(xk, b.ffn_key))           # (T, F)
         for h in self.hooks.ffn_activation:
             k = h(i, k)

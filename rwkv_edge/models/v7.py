@@ -46,6 +46,12 @@ class RWKV7(RWKVModel):
         ops, b = self.ops, self.blocks[i]
         T, D = x.shape
         H, N = self.config.n_head, self.config.head_size
+        if T == 1 and hasattr(ops, "time_mix7_step"):  # the same math fused into one kernel call
+            out, _, v = ops.time_mix7_step(b, x, state.att_x[i], state.wkv[i], ctx.get("v_first"), wkv_out=state.wkv[i])
+            state.att_x[i] = x[-1]
+            if i == 0:
+                ctx["v_first"] = v
+            return out
         xx = self.ops.token_shift(x, state.att_x[i]) - x
         state.att_x[i] = x[-1]
         xr, xw, xk = x + xx * b.x_r, x + xx * b.x_w, x + xx * b.x_k
