@@ -186,7 +186,7 @@ def collect(model, tokens, out_dir: str, n_tokens: int | None = None, chunk: int
         raise CollectError(f"{out_dir}: manifest layer counts disagree; the directory is damaged")
 
     def hook(layer, xk):
-        writers[layer].append(xk)
+        writers[layer].append(model.ops.to_host(xk))   # a device backend hands over device tensors
 
     def checkpoint(done: int, complete: bool) -> None:
         # Order matters for crash safety: data, then state, then the manifest that points to them.

@@ -34,8 +34,9 @@ def open_model(path: str, backend: str = "reference", predictors: str | None = N
         if not os.path.exists(predictors):
             raise ModelLoadError(f"{predictors}: no such predictor bundle")
         from predictors.bundle import PredictorBundle
-        from .sparse import SparseFFN
+        from .sparse import DeviceSparseFFN, SparseFFN
 
         bundle = PredictorBundle.load(predictors, model=model)
-        model = model.with_ffn(SparseFFN(model, bundle))
+        ffn = DeviceSparseFFN(model, bundle) if device == "cuda" else SparseFFN(model, bundle)
+        model = model.with_ffn(ffn)
     return model

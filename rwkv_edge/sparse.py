@@ -150,3 +150,39 @@ class ReplayIndices:
         p = self.pos[layer]
         self.pos[layer] = p + 1
         return self.sets[layer][p]
+
+
+class DeviceSparseFFN:
+    """Sparse FFN on a device backend (CUDA) for bundles of quantized-W_k threshold predictors.
+
+    Per layer: scores = W_hat xk (dequantized predictor on the device), mask = scores >= threshold
+    (T, F); S = union of the tokens' active sets; only the rows S of W_k and of W_v^T are gathered:
+    out = (relu(xk W_k[S]^T)^2 * mask[:, S]) W_v^T[S]. For T = 1 that is exactly the token's set.
+    """
+
+    def __init__(self, model, bundle):
+        ops = model.ops
+        layers = getattr(bundle, "predictors", None)
+        if layers is None or not all(map(_is_quantized, layers)):
+            raise ValueError("the device sparse FFN needs a bundle of quantized predictors (--kind quantized)")
+        self.ops = ops
+        self.wq = [ops.weight(p.qm.dequantize()) for p in layers]
+        self.thr = [float(p.calib.threshold) for p in layers]
+        self.key = [b.ffn_key for b in model.blocks]
+        self.value_t = [ops.transpose_weight(b.ffn_value) for b in model.blocks]
+        self.n_tokens = 0
+        self.n_active = 0
+        self.F = model.config.ffn_dim
+
+    def __call__(self, layer: int, xk):
+        ops = self.ops
+        mask = ops.threshold_mask(ops.predictor_scores(xk, self.wq[layer]), self.thr[layer])   # (T, F)
+        idx = ops.mask_to_indices(mask)                                                        # S
+        h = ops.relu_sq(ops.linear(xk, self.key[layer][idx])) * mask[:, idx]
+        self.n_tokens += xk.shape[0]
+        self.n_active += int(mask.sum())
+        return ops.matmul(h, self.value_t[layer][idx])
+
+    @property
+    def density(self) -> float:
+        return self.n_active / max(1, self.n_tokens * self.F)

@@ -140,3 +140,34 @@ def test_quantized_bundle_runs_fused_and_matches_the_generic_path(ckpt):
     # prefill goes through bundle.predict (a mask for all tokens) and agrees with decoding
     c, _ = model.with_ffn(SparseFFN(model, bundle, dtype="int8")).forward(TOKENS, full_output=True)
     assert np.abs(c - a).max() <= 1e-3
+
+
+def test_device_sparse_ffn_matches_cpu_sparse_ffn_on_reference_ops(tiny_ckpt):
+    """DeviceSparseFFN (the CUDA path's algorithm) run with the numpy ops equals the CPU SparseFFN
+    for the same quantized bundle: decode step by step and a prefill."""
+    from predictors.bundle import PredictorBundle
+    from rwkv_edge import load_model
+    from rwkv_edge.sparse import DeviceSparseFFN, SparseFFN
+    from predictors.quantized import QuantizedPredictor
+
+    m = load_model(tiny_ckpt("x070"))
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((256, m.config.n_embd)).astype(np.float32)
+    preds = []
+    for b in m.blocks:
+        p = QuantizedPredictor.fit(b.ffn_key, 4, 16)
+        act = np.maximum(X @ b.ffn_key.T, 0) ** 2
+        p.calibrate(X, act, 0.95, "mass", 0.0)
+        preds.append(p)
+    bundle = PredictorBundle(preds, m.fingerprint, m.config, "quantized", {})
+    dev = m.with_ffn(DeviceSparseFFN(m, bundle))
+    cpu = m.with_ffn(SparseFFN(m, bundle, fused=False))
+    toks = [1, 5, 9, 2, 7]
+    a, sa = dev.forward(toks, full_output=True)
+    b_, sb = cpu.forward(toks, full_output=True)
+    np.testing.assert_allclose(a, b_, atol=1e-3)
+    for t in (3, 4):
+        a, sa = dev.step(t, sa)
+        b_, sb = cpu.step(t, sb)
+        np.testing.assert_allclose(a, b_, atol=1e-3)
+    assert 0 < dev.ffn.density < 1

@@ -148,3 +148,23 @@ def wkv6(state, r, k, v, w, u):
     T = r.shape[0]
     r, k, v, w = (a.reshape(T, H, N) for a in (r, k, v, w))
     return _wkv_decay_scan(state, r, k, v, w, u.reshape(H, N))
+
+
+# --- sparse FFN helpers (the CUDA backend has device versions) ------------------------------
+def transpose_weight(W: np.ndarray) -> np.ndarray:
+    """W (D, F) -> contiguous (F, D): each neuron's value column as one row."""
+    return np.ascontiguousarray(np.asarray(W).T)
+
+
+def predictor_scores(x: np.ndarray, Wq: np.ndarray) -> np.ndarray:
+    """x (T, D) @ Wq (F, D).T -> (T, F) approximate pre-activations."""
+    return x @ Wq.T
+
+
+def threshold_mask(scores: np.ndarray, threshold: float) -> np.ndarray:
+    return scores >= threshold
+
+
+def mask_to_indices(mask: np.ndarray) -> np.ndarray:
+    """Bool (T, F) or (F,) -> sorted indices of neurons active for any row."""
+    return np.flatnonzero(mask if mask.ndim == 1 else mask.any(0))
