@@ -1,0 +1,218 @@
+"""Decode/prefill speed, peak RSS and bytes of weights read per token, vs the `rwkv` pip package.
+
+    python tools/bench.py --model M [--predictors B] [--dtype fp32,fp16,int8] --tokens N [--compare-rwkv]
+                          [--device cpu|cuda] [--threads T] [--rounds R] [--prefill-tokens P]
+
+Each configuration runs in its own process (so peak RSS is its own) and prints one JSON line.
+CPU configurations: the `rwkv` package `cpu fp32`, our dense fp32 (.pth, numba kernels) and
+fp16/int8 (converted model files, cached in --workdir), and sparse fp16/int8 with --predictors.
+Decode tok/s is the median of --rounds runs of --tokens tokens after a warm-up; bytes read per
+token are counted by the kernels; the machine's read bandwidth is measured in the same run.
+Final line: `speedup_sparse_int8_vs_rwkv=X.XX speedup_sparse_vs_dense_int8=X.XX`.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+
+def _tokens(n, vocab, seed):
+    import numpy as np
+    return [int(t) for t in np.random.default_rng(seed).integers(1, vocab, n)]
+
+
+def _set_threads(n, torch_too=False):
+    # torch is imported only where it computes: its thread pool beside numba's slows numba down
+    os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(n)
+    import numba
+    numba.set_num_threads(n)
+    if torch_too:
+        import torch
+        torch.set_num_threads(n)
+
+
+def _load(cfg):
+    """The model object of one configuration."""
+    if cfg["impl"] == "rwkv":
+        from rwkv_peer import RwkvPackageModel
+        return RwkvPackageModel(cfg["model"], "cuda fp16" if cfg["device"] == "cuda" else "cpu fp32")
+    from rwkv_edge.runtime import open_model
+    if cfg["device"] == "cuda":
+        from rwkv_edge.backends import get_backend
+        get_backend("cuda").set_dtype(cfg["dtype"])
+    return open_model(cfg["file"], backend="numba", predictors=cfg.get("predictors"), device=cfg["device"])
+
+
+def _sync(cfg):
+    if cfg["device"] == "cuda":
+        import torch
+        torch.cuda.synchronize()
+
+
+def run_one(cfg) -> dict:
+    """Measure one configuration in this process."""
+    import numpy as np
+
+    _set_threads(cfg["threads"], torch_too=cfg["impl"] == "rwkv" or cfg["device"] == "cuda")
+    t0 = time.perf_counter()
+    m = _load(cfg)
+    load_s = time.perf_counter() - t0
+    V = m.config.vocab_size
+    prompt, toks = _tokens(16, V, 1), _tokens(cfg["tokens"], V, 2)
+    step = m.step
+    graph = None
+    if cfg["device"] == "cuda" and cfg["impl"] == "rwkv-edge" and not cfg.get("predictors"):
+        graph = m.ops.CudaGraphStep(m)          # batch-1 decode replays one captured graph per token
+    _, st = m.forward(prompt)
+    for t in toks[:4]:                          # warm-up: kernel compilation, caches
+        _, st = step(t, st)
+    rates = []
+    for _ in range(cfg["rounds"]):
+        _, s = m.forward(prompt)
+        if graph is not None:
+            graph.reset(s)
+        _sync(cfg)
+        t = time.perf_counter()
+        for tok in toks:
+            if graph is not None:
+                graph.step(tok)
+            else:
+                _, s = step(tok, s)
+        _sync(cfg)
+        rates.append(len(toks) / (time.perf_counter() - t))
+    long = _tokens(cfg["prefill_tokens"], V, 3)
+    pre = []
+    for _ in range(3):
+        _sync(cfg)
+        t = time.perf_counter()
+        m.forward(long)
+        _sync(cfg)
+        pre.append(len(long) / (time.perf_counter() - t))
+    out = {"config": cfg["name"], "device": cfg["device"], "threads": cfg["threads"],
+           "decode_tok_s": round(float(np.median(rates)), 1), "decode_tok_s_best": round(max(rates), 1),
+           "prefill_tok_s": round(float(np.median(pre)), 1), "prefill_tokens": len(long), "load_s": round(load_s, 2)}
+    if cfg["impl"] == "rwkv-edge" and cfg["device"] == "cpu":
+        from rwkv_edge.backends import numba_cpu as nb
+        _, s = m.forward(prompt)
+        nb.counter.reset()
+        nb.counter.enabled = True
+        for tok in toks:
+            _, s = step(tok, s)
+        nb.counter.enabled = False
+        out["weight_bytes_per_token"] = int(nb.counter.bytes_read / len(toks))
+    elif cfg["impl"] == "rwkv":
+        out["weight_bytes_per_token"] = _dense_fp32_bytes(cfg["model"])
+    dens = getattr(getattr(m, "ffn", None), "density", None)
+    if dens:
+        out["ffn_density"] = round(float(dens), 3)
+    out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
+def _dense_fp32_bytes(path) -> int:
+    """Bytes a dense fp32 decode step reads: every parameter once, but only one embedding row."""
+    import torch
+    sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    n = sum(v.numel() for k, v in sd.items() if k != "emb.weight") + sd["emb.weight"].shape[1]
+    return 4 * int(n)
+
+
+def _model_file(model, dtype, workdir):
+    """fp32 runs from the .pth; fp16/int8 from a converted model file cached in workdir."""
+    if dtype == "fp32" or not model.endswith(".pth"):
+        return model
+    from rwkv_edge.modelfile import convert, read_header
+    os.makedirs(workdir, exist_ok=True)
+    out = os.path.join(workdir, f"{os.path.basename(model)[:-4]}-{dtype}.rwkve")
+    if not os.path.exists(out):
+        print(f"converting {model} -> {out}", file=sys.stderr)
+        convert(model, out, dtype)
+    read_header(out)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="bench.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="official .pth checkpoint")
+    ap.add_argument("--predictors", help="predictor bundle: adds the sparse configurations")
+    ap.add_argument("--dtype", default="fp32,fp16,int8", help="comma list of fp32, fp16, int8 (cuda: fp32, fp16, bf16)")
+    ap.add_argument("--tokens", type=int, default=32, help="decode tokens per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--prefill-tokens", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--compare-rwkv", action="store_true", help="also run the `rwkv` pip package")
+    ap.add_argument("--workdir", default=os.path.join(os.path.dirname(HERE), "out", "bench"))
+    ap.add_argument("--one", help=argparse.SUPPRESS)   # internal: run one configuration (JSON)
+    args = ap.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(json.loads(args.one))), flush=True)
+        return 0
+    if not args.model or not os.path.exists(args.model):
+        ap.error(f"--model {args.model}: no such file")
+    if args.tokens <= 0 or args.rounds <= 0 or args.prefill_tokens <= 0 or args.threads <= 0:
+        ap.error("--tokens, --rounds, --prefill-tokens and --threads must be > 0")
+    if args.predictors and not os.path.exists(args.predictors):
+        ap.error(f"--predictors {args.predictors}: no such file")
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    allowed = {"cpu": {"fp32", "fp16", "int8"}, "cuda": {"fp32", "fp16", "bf16"}}[args.device]
+    if not dtypes or set(dtypes) - allowed:
+        ap.error(f"--dtype: choose from {', '.join(sorted(allowed))} for --device {args.device}")
+
+    base = dict(model=args.model, device=args.device, threads=args.threads, tokens=args.tokens,
+                rounds=args.rounds, prefill_tokens=args.prefill_tokens)
+    cfgs = []
+    if args.compare_rwkv:
+        peer = "rwkv cuda fp16" if args.device == "cuda" else "rwkv cpu fp32"
+        cfgs.append(dict(base, name=peer, impl="rwkv"))
+    for d in dtypes:
+        f = args.model if args.device == "cuda" else _model_file(args.model, d, args.workdir)
+        cfgs.append(dict(base, name=f"dense {d}", impl="rwkv-edge", dtype=d, file=f))
+        if args.predictors and (d != "fp32" or args.device == "cuda"):
+            cfgs.append(dict(base, name=f"sparse {d}", impl="rwkv-edge", dtype=d, file=f, predictors=args.predictors))
+
+    results = {}
+    for cfg in cfgs:
+        env = dict(os.environ, OPENBLAS_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", json.dumps(cfg)],
+                           capture_output=True, text=True, env=env)
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+        if r.returncode != 0 or not lines:
+            print(json.dumps({"config": cfg["name"], "error": (r.stderr.strip().splitlines() or ["?"])[-1]}), flush=True)
+            continue
+        res = json.loads(lines[-1])
+        results[cfg["name"]] = res
+        if args.device == "cpu":
+            bw = results.get("_bw")
+            if bw is None:
+                from rwkv_edge.backends import numba_cpu as nb
+                _set_threads(args.threads)
+                bw = results["_bw"] = nb.read_bandwidth()
+                print(json.dumps({"read_bandwidth_GBps": round(bw, 1), "threads": args.threads}), flush=True)
+            if "weight_bytes_per_token" in res:
+                used = res["weight_bytes_per_token"] * res["decode_tok_s"] / 1e9
+                res["bandwidth_used_GBps"] = round(used, 2)
+                res["pct_of_read_ceiling"] = round(100 * used / bw, 1)
+        print(json.dumps(res), flush=True)
+
+    def rate(name):
+        return results.get(name, {}).get("decode_tok_s")
+    peer = "rwkv cuda fp16" if args.device == "cuda" else "rwkv cpu fp32"
+    sp = "sparse fp16" if args.device == "cuda" else "sparse int8"
+    dn = "dense fp16" if args.device == "cuda" else "dense int8"
+    s1 = rate(sp) / rate(peer) if rate(sp) and rate(peer) else float("nan")
+    s2 = rate(sp) / rate(dn) if rate(sp) and rate(dn) else float("nan")
+    tag = "fp16" if args.device == "cuda" else "int8"
+    print(f"speedup_sparse_{tag}_vs_rwkv={s1:.2f} speedup_sparse_vs_dense_{tag}={s2:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
