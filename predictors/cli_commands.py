@@ -56,8 +56,8 @@ def _clip(s: str):
 def _common(p: argparse.ArgumentParser, device: bool = True, backend: bool = False) -> None:
     p.add_argument("--model", required=True, help="model file (.pth)")
     if backend:
-        p.add_argument("--backend", choices=["reference", "numba"], default="reference",
-                       help="CPU kernels for the model run (default: reference)")
+        p.add_argument("--backend", choices=["reference", "numba"], default="numba",
+                       help="CPU kernels for the model run (default: numba)")
     if device:
         p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to compute (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")

@@ -58,6 +58,7 @@ def add_model_args(p: argparse.ArgumentParser, sparse: bool = True) -> None:
                                        "(default: tokenizer.json next to the model, else World for 65536-token vocabs)")
     p.add_argument("--backend", choices=["reference", "numba"], default="reference", help="CPU kernels (default: reference)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda runs on an NVIDIA GPU (default: cpu)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weight storage with --device cuda")
     if sparse:
         p.add_argument("--predictors", help="predictor bundle: run the FFN sparse on the predicted neurons")
 
@@ -93,7 +94,7 @@ def load_for_run(parser, args):
     path = resolve_model_path(parser, args)
     try:
         model = open_model(path, backend=args.backend, predictors=getattr(args, "predictors", None),
-                           device=args.device)
+                           device=args.device, dtype=args.dtype)
         tok = load_tokenizer(args.tokenizer, path, model.config.vocab_size)
     except (ModelLoadError, TokenizerError, ValueError, RuntimeError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")

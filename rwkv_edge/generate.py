@@ -15,9 +15,23 @@ class Generation:
         self.state = state
         self.logits = None  # logits after the last token fed
         self.stop_hit: str | None = None  # the stop string that ended the last stream, if any
+        self._graph = None
+
+    def _graph_ok(self) -> bool:
+        ops = self.model.ops
+        if getattr(ops, "name", "") != "cuda" or self.model.ffn is not None or not hasattr(ops, "CudaGraphStep"):
+            return False
+        if self._graph is None:
+            self._graph = ops.CudaGraphStep(self.model)
+        return True
 
     def feed(self, tokens: Sequence[int], chunk: int = 256) -> None:
         """Prefill: run tokens through the model (in chunks, to bound memory)."""
+        if len(tokens) == 1 and self.state is not None and self._graph_ok():
+            self._graph.reset(self.state)                 # batch-1 decode on CUDA: replay a captured graph
+            self.logits = self.model.ops.to_host(self._graph.step(int(tokens[0])))
+            self.state = self._graph.state()
+            return
         for s in range(0, len(tokens), chunk):
             self.logits, self.state = self.model.forward(tokens[s:s + chunk], self.state)
 

@@ -17,18 +17,27 @@ def default_model_path() -> str | None:
     return None
 
 
-def open_model(path: str, backend: str = "reference", predictors: str | None = None, device: str = "cpu"):
+def open_model(path: str, backend: str = "reference", predictors: str | None = None, device: str = "cpu",
+               dtype: str = "fp32"):
     """Load a model (official `.pth` or the project's own model file) and optionally make it sparse.
 
     backend: "reference" (numpy) or "numba"; device "cuda" selects the CUDA backend.
     predictors: path of a predictor bundle; the FFN then runs sparse on the predicted neurons.
+    dtype: weight storage on CUDA (fp32, fp16, bf16); on the CPU the model file decides (`convert`).
     """
     from . import load_model
 
     if device not in ("cpu", "cuda"):
         raise ValueError(f"unknown device '{device}', choose cpu or cuda")
+    if dtype not in ("fp32", "fp16", "bf16"):
+        raise ValueError(f"unknown dtype '{dtype}', choose fp32, fp16 or bf16")
     if device == "cuda":
+        from .backends import get_backend
+
         backend = "cuda"
+        get_backend("cuda").set_dtype(dtype)
+    elif dtype != "fp32":
+        raise ValueError("--dtype applies to --device cuda; for the CPU convert the model (rwkv-edge convert --dtype)")
     model = load_model(path, backend=backend)
     if predictors:
         if not os.path.exists(predictors):

@@ -264,3 +264,35 @@ def test_topk_mask_matches_numpy():
     s = rng.standard_normal((5, 100)).astype(np.float32)
     for k in (0, 1, 17, 100, 120):
         assert np.array_equal(C.to_host(C.topk_mask(C._dev_f32(s), k)).astype(bool), pred_cal.topk_mask(s, k))
+
+
+@gpu
+def test_device_sparse_ffn_bundle_matches_cpu_sparse(ckpt, fp32_after):
+    """`--device cuda --predictors B`: DeviceSparseFFN on the GPU equals the CPU SparseFFN with the
+    same quantized bundle (prefill and decode), within 1e-3 in fp32."""
+    from predictors.bundle import PredictorBundle
+    from predictors.quantized import QuantizedPredictor
+    from rwkv_edge.sparse import DeviceSparseFFN, SparseFFN
+
+    C.set_dtype("fp32")
+    path = ckpt("x070")
+    cpu = rwkv_edge.load_model(path)
+    gpu_m = open_model(path, device="cuda")
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((256, cpu.config.n_embd)).astype(np.float32)
+    preds = []
+    for b in cpu.blocks:
+        p = QuantizedPredictor.fit(b.ffn_key, 2, 32)
+        p.calibrate(X, np.maximum(X @ b.ffn_key.T, 0) ** 2, 0.95, "mass", 0.0)
+        preds.append(p)
+    bundle = PredictorBundle(preds, cpu.fingerprint, cpu.config, "quantized", {})
+    a = gpu_m.with_ffn(DeviceSparseFFN(gpu_m, bundle))
+    c = cpu.with_ffn(SparseFFN(cpu, bundle, fused=False))
+    la, sa = a.forward(PROMPT, full_output=True)
+    lc, sc = c.forward(PROMPT, full_output=True)
+    assert np.abs(la - lc).max() < 1e-3
+    for t in STEPS:
+        la, sa = a.step(t, sa)
+        lc, sc = c.step(t, sc)
+        assert np.abs(la - lc).max() < 1e-3
+    assert 0 < a.ffn.density < 1
