@@ -47,7 +47,8 @@ def _load(cfg):
     if cfg["device"] == "cuda":
         from rwkv_edge.backends import get_backend
         get_backend("cuda").set_dtype(cfg["dtype"])
-    return open_model(cfg["file"], backend="numba", predictors=cfg.get("predictors"), device=cfg["device"])
+    return open_model(cfg["file"], backend=cfg.get("backend", "numba"), predictors=cfg.get("predictors"),
+                      device=cfg["device"])
 
 
 def _sync(cfg):
@@ -98,7 +99,7 @@ def run_one(cfg) -> dict:
     out = {"config": cfg["name"], "device": cfg["device"], "threads": cfg["threads"],
            "decode_tok_s": round(float(np.median(rates)), 1), "decode_tok_s_best": round(max(rates), 1),
            "prefill_tok_s": round(float(np.median(pre)), 1), "prefill_tokens": len(long), "load_s": round(load_s, 2)}
-    if cfg["impl"] == "rwkv-edge" and cfg["device"] == "cpu":
+    if cfg["impl"] == "rwkv-edge" and cfg["device"] == "cpu" and cfg.get("backend", "numba") == "numba":
         from rwkv_edge.backends import numba_cpu as nb
         _, s = m.forward(prompt)
         nb.counter.reset()
@@ -107,8 +108,8 @@ def run_one(cfg) -> dict:
             _, s = step(tok, s)
         nb.counter.enabled = False
         out["weight_bytes_per_token"] = int(nb.counter.bytes_read / len(toks))
-    elif cfg["impl"] == "rwkv":
-        out["weight_bytes_per_token"] = _dense_fp32_bytes(cfg["model"])
+    elif cfg["impl"] == "rwkv" or cfg.get("backend") == "reference":
+        out["weight_bytes_per_token"] = _dense_fp32_bytes(cfg["model"])   # dense fp32 reads every weight
     dens = getattr(getattr(m, "ffn", None), "density", None)
     if dens:
         out["ffn_density"] = round(float(dens), 3)
@@ -149,6 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--compare-rwkv", action="store_true", help="also run the `rwkv` pip package")
+    ap.add_argument("--with-reference", action="store_true", help="also run the numpy reference backend (fp32)")
     ap.add_argument("--workdir", default=os.path.join(os.path.dirname(HERE), "out", "bench"))
     ap.add_argument("--one", help=argparse.SUPPRESS)   # internal: run one configuration (JSON)
     args = ap.parse_args(argv)
@@ -172,6 +174,8 @@ def main(argv=None) -> int:
     if args.compare_rwkv:
         peer = "rwkv cuda fp16" if args.device == "cuda" else "rwkv cpu fp32"
         cfgs.append(dict(base, name=peer, impl="rwkv"))
+    if args.with_reference and args.device == "cpu":
+        cfgs.append(dict(base, name="reference fp32", impl="rwkv-edge", dtype="fp32", file=args.model, backend="reference"))
     for d in dtypes:
         f = args.model if args.device == "cuda" else _model_file(args.model, d, args.workdir)
         cfgs.append(dict(base, name=f"dense {d}", impl="rwkv-edge", dtype=d, file=f))
