@@ -291,6 +291,13 @@ def _run_convert(args, parser) -> int:
     try:
         convert(args.model, args.out, args.dtype)
         h = read_header(args.out)
+        # the tokenizer travels with the model: generate/chat find a tokenizer.json next to the model file
+        src_tok = os.path.join(os.path.dirname(os.path.abspath(args.model)), "tokenizer.json")
+        dst_tok = os.path.join(os.path.dirname(os.path.abspath(args.out)), "tokenizer.json")
+        if os.path.exists(src_tok) and not os.path.exists(dst_tok):
+            import shutil
+            shutil.copyfile(src_tok, dst_tok)
+            print(f"copied {src_tok} -> {dst_tok}")
     except (ValueError, OSError) as e:
         print(f"{parser.prog}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 1
