@@ -166,7 +166,7 @@ class DeviceSparseFFN:
         if layers is None or not all(map(_is_quantized, layers)):
             raise ValueError("the device sparse FFN needs a bundle of quantized predictors (--kind quantized)")
         self.ops = ops
-        self.wq = [ops.weight(p.qm.dequantize()) for p in layers]
+        self.wq = [ops.predictor_weight(p.qm.dequantize()) for p in layers]
         self.thr = [float(p.calib.threshold) for p in layers]
         self.key = [b.ffn_key for b in model.blocks]
         self.value_t = [ops.transpose_weight(b.ffn_value) for b in model.blocks]

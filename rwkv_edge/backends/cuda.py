@@ -431,6 +431,12 @@ def sparse_ffn(xk: torch.Tensor, idx, key: torch.Tensor, value_t: torch.Tensor) 
     return torch.bmm(h.transpose(1, 2).to(vw.dtype), vw).to(torch.float32).reshape(T, -1)
 
 
+def predictor_weight(a) -> torch.Tensor:
+    """A predictor matrix on the device in float32 whatever set_dtype says: threshold decisions near
+    the boundary then match the CPU runtime's."""
+    return _dev_f32(a)
+
+
 def predictor_scores(x, Wq) -> torch.Tensor:
     """Scores (T, F) = x (T, D) @ Wq.T for a predictor matrix Wq (F, D), e.g. a dequantized n-bit
     W_k adopted once with `weight(qm.dequantize())` (fp16/bf16 storage via set_dtype)."""

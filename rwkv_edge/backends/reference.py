@@ -156,6 +156,12 @@ def transpose_weight(W: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(W).T)
 
 
+def predictor_weight(a: np.ndarray) -> np.ndarray:
+    """Adopt a (dequantized) predictor matrix; kept float32 so neuron selection does not depend on
+    the storage precision chosen for the model weights."""
+    return np.asarray(a, dtype=np.float32)
+
+
 def predictor_scores(x: np.ndarray, Wq: np.ndarray) -> np.ndarray:
     """x (T, D) @ Wq (F, D).T -> (T, F) approximate pre-activations."""
     return x @ Wq.T
