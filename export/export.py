@@ -20,6 +20,8 @@ from typing import Optional, Sequence
 
 import onnx
 
+from rwkv_edge.fileio import atomic_write
+
 from .onnx_graph import build_graph, state_specs
 from .onnx_ops import DTYPES
 
@@ -173,15 +175,8 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
 def write_sidecar(onnx_dir, meta: dict) -> None:
     """Write `model.json` into `onnx_dir` atomically (temp file + rename)."""
     path = Path(onnx_dir) / SIDECAR
-    fd, tmp = tempfile.mkstemp(dir=str(onnx_dir), prefix=".model.json.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(meta, indent=1) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "w", prefix=".model.json.") as f:
+        f.write(json.dumps(meta, indent=1) + "\n")
 
 
 def read_sidecar(onnx_dir) -> dict:

@@ -182,7 +182,7 @@ class _RWKV7Graph:
     # --- whole graph ----------------------------------------------------------------------
     def build(self) -> onnx.ModelProto:
         g, m, cfg = self.g, self.m, self.cfg
-        D, V = cfg.n_embd, cfg.vocab_size
+        V = cfg.vocab_size
         if self.seq:
             tok = g.add_input("tokens", TensorProto.INT64, ["T"])
         else:

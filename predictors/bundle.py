@@ -11,24 +11,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 
 from rwkv_edge.config import ModelConfig
+from rwkv_edge.fileio import atomic_write
 
 from .base import LayerPredictor
 from . import ensemble, mlp, pq, quantized  # noqa: F401  (register the kinds)
 
 MAGIC = "rwkv-edge-predictors"
 FORMAT_VERSION = 1
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class PredictorBundle:
@@ -104,19 +98,8 @@ class PredictorBundle:
                   "n_layer": np.array(len(self.predictors), np.int64)}
         for i, p in enumerate(self.predictors):
             arrays.update(p.to_arrays(f"L{i}"))
-        d = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".bundle-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())          # mkstemp makes 0600; give the usual mode
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_write(path, prefix=".bundle-") as f:
+            np.savez(f, **arrays)
 
     @classmethod
     def load(cls, path: str, model=None) -> "PredictorBundle":

@@ -16,10 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Iterator
 
 import numpy as np
+
+from rwkv_edge.fileio import atomic_write
 
 MAGIC = "rwkv-edge-activations"
 FORMAT_VERSION = 1
@@ -36,21 +37,8 @@ class CollectError(ValueError):
 
 
 def _write_json_atomic(path: str, obj: dict) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".manifest-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)                  # mkstemp makes 0600; give the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "w", prefix=".manifest-") as f:
+        json.dump(obj, f, indent=1)
 
 
 def read_manifest(out_dir: str) -> dict:

@@ -24,11 +24,11 @@ import mmap
 import os
 import re
 import struct
-import tempfile
 
 import numpy as np
 
 from .config import ModelConfig, ModelLoadError
+from .fileio import atomic_write
 
 MAGIC = b"RWKVEDGE"
 FORMAT_VERSION = 1
@@ -152,27 +152,17 @@ def convert(model_or_path, out_path, dtype: str = "fp16") -> str:
         return q if kind == "q" else s
 
     out_path = os.fspath(out_path)
-    d = os.path.dirname(os.path.abspath(out_path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".rwkve-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(hb)))
-            f.write(hb)
-            f.write(b"\0" * (data_start - _PREFIX.size - len(hb)))
-            for (name, dt, shape, key), rec in zip(plan, table):
-                a = np.ascontiguousarray(produce(key), dtype=dt)
-                if a.shape != tuple(shape):
-                    raise ValueError(f"tensor {name}: shape {a.shape} != planned {tuple(shape)}")
-                f.seek(data_start + rec["offset"])
-                f.write(memoryview(a.reshape(-1)).cast("B"))
-            f.truncate(data_start + off)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(out_path, prefix=".rwkve-") as f:
+        f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(hb)))
+        f.write(hb)
+        f.write(b"\0" * (data_start - _PREFIX.size - len(hb)))
+        for (name, dt, shape, key), rec in zip(plan, table):
+            a = np.ascontiguousarray(produce(key), dtype=dt)
+            if a.shape != tuple(shape):
+                raise ValueError(f"tensor {name}: shape {a.shape} != planned {tuple(shape)}")
+            f.seek(data_start + rec["offset"])
+            f.write(memoryview(a.reshape(-1)).cast("B"))
+        f.truncate(data_start + off)
     return out_path
 
 

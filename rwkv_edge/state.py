@@ -1,13 +1,12 @@
 """Recurrent state of an RWKV model as an explicit value."""
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from .config import ModelConfig
+from .fileio import atomic_write
 
 _MAGIC = "rwkv-edge-state"
 _VERSION = 1
@@ -51,18 +50,9 @@ class State:
 
     def save(self, path: str, fingerprint: str = "") -> None:
         """Write atomically to `path` (.npz) with a magic, version and the model fingerprint."""
-        path = os.fspath(path)
-        d = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, magic=np.array(_MAGIC), version=np.array(_VERSION), fingerprint=np.array(fingerprint),
-                         att_x=_host(self.att_x), wkv=_host(self.wkv), ffn_x=_host(self.ffn_x))
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_write(path, prefix=".state-") as f:
+            np.savez(f, magic=np.array(_MAGIC), version=np.array(_VERSION), fingerprint=np.array(fingerprint),
+                     att_x=_host(self.att_x), wkv=_host(self.wkv), ffn_x=_host(self.ffn_x))
 
     @classmethod
     def load(cls, path: str, config: ModelConfig | None = None, fingerprint: str = "") -> "State":

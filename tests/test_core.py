@@ -1,6 +1,5 @@
 """Core runtime: loading errors, sequence == step, State round trips, sampling."""
 import os
-import zipfile
 
 import numpy as np
 import pytest

@@ -141,7 +141,6 @@ def run_pytest(out: str) -> None:
 
 
 def wkv_sweep(quick: bool) -> None:
-    import torch
 
     from rwkv_edge.backends import cuda as C
     from rwkv_edge.backends import reference as R

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 from types import SimpleNamespace
 
-import numpy as np
 
 
 class RwkvPackageModel:

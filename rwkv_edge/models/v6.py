@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import numpy as np
 
 from .base import RWKVModel
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import numpy as np
 
 from .base import RWKVModel
 
