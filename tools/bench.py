@@ -113,8 +113,21 @@ def run_one(cfg) -> dict:
     dens = getattr(getattr(m, "ffn", None), "density", None)
     if dens:
         out["ffn_density"] = round(float(dens), 3)
-    out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["peak_rss_mib"] = round(_peak_rss_kib() / 1024, 1)
     return out
+
+
+def _peak_rss_kib() -> float:
+    """This process's peak RSS. VmHWM, not getrusage: on Linux ru_maxrss keeps the parent's peak
+    across fork + exec, so every child would report at least the parent's footprint."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def _dense_fp32_bytes(path) -> int:
@@ -147,7 +160,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=32, help="decode tokens per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prefill-tokens", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads (default 1: batch-1 decode kernels are too small to gain from more here)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--compare-rwkv", action="store_true", help="also run the `rwkv` pip package")
     ap.add_argument("--with-reference", action="store_true", help="also run the numpy reference backend (fp32)")
