@@ -56,14 +56,9 @@ def _load_model(parser, path: str, device: str = "cpu", backend: str = "referenc
 
     if not os.path.isfile(path):
         parser.error(f"--model {path}: no such file")
+    from rwkv_edge.runtime import open_model
+
     try:
-        try:
-            from rwkv_edge.runtime import open_model
-        except ImportError:
-            from rwkv_edge import load_model
-            if device != "cpu":
-                raise ValueError("this install has no CUDA runtime; use --device cpu")
-            return load_model(path, backend=backend)
         return open_model(path, backend=backend, device=device)
     except (ModelLoadError, ValueError, ImportError, RuntimeError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")

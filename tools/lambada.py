@@ -10,7 +10,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rwkv_edge.cli import add_model_args, load_for_run, positive_int  # noqa: E402
+from rwkv_edge.cli import add_model_args, load_for_run, positive_int, resolve_model_path  # noqa: E402
 from rwkv_edge.evaluate import lambada_items, score_lambada  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "lambada_test.jsonl")
@@ -26,10 +26,19 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not os.path.exists(args.data):
         ap.error(f"--data {args.data}: no such file")
-    model, tok = load_for_run(ap, args)
-    if args.engine == "rwkv":
+    if args.engine == "rwkv":  # the package alone runs the model; ours is not loaded
+        if args.predictors:
+            ap.error("--predictors applies to --engine rwkv-edge only")
         from rwkv_peer import RwkvPackageModel
-        model = RwkvPackageModel(args.model, "cuda fp16" if args.device == "cuda" else "cpu fp32")
+        from rwkv_edge.tokenizer import TokenizerError, load_tokenizer
+        path = resolve_model_path(ap, args)
+        model = RwkvPackageModel(path, "cuda fp16" if args.device == "cuda" else "cpu fp32")
+        try:
+            tok = load_tokenizer(args.tokenizer, path, model.config.vocab_size)
+        except TokenizerError as e:
+            ap.exit(2, f"{ap.prog}: error: {e}\n")
+    else:
+        model, tok = load_for_run(ap, args)
     items = lambada_items(args.data, args.limit)
     t0 = time.time()
     r = score_lambada(model, tok, items)
