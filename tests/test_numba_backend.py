@@ -6,6 +6,7 @@ import pytest
 
 from checkpoints import make_state_dict
 from rwkv_edge.backends import numba_cpu as nb
+from rwkv_edge.backends import numba_v7 as nv7
 from rwkv_edge.backends import reference as ref
 from rwkv_edge.config import infer_config
 from rwkv_edge.models import model_class
@@ -294,10 +295,10 @@ def test_time_mix7_step_matches_model_time_mix(tiny, fmt, par):
         s_ref, c_ref = st.copy(), dict(ctx)
         want = slow.time_mix(i, x, s_ref, c_ref)
         wkv_in = st.wkv[i].copy()
-        out, S, v = nb.time_mix7_step(fast.blocks[i], x, st.att_x[i], st.wkv[i], ctx.get("v_first"))
+        out, S, v = nv7.time_mix7_step(fast.blocks[i], x, st.att_x[i], st.wkv[i], ctx.get("v_first"))
         np.testing.assert_array_equal(st.wkv[i], wkv_in)             # not in place unless asked
         assert rel_err(out, want) < 1e-4 and rel_err(S, s_ref.wkv[i]) < 1e-4
-        nb.time_mix7_step(fast.blocks[i], x, st.att_x[i], st.wkv[i], ctx.get("v_first"), wkv_out=st.wkv[i])
+        nv7.time_mix7_step(fast.blocks[i], x, st.att_x[i], st.wkv[i], ctx.get("v_first"), wkv_out=st.wkv[i])
         assert rel_err(st.wkv[i], s_ref.wkv[i]) < 1e-4                # in place
         if i == 0:
             assert rel_err(v, c_ref["v_first"]) < 1e-5
@@ -318,3 +319,35 @@ def test_whole_model_numba_matches_reference(tiny, fmt):
     for t, tok in enumerate(toks):
         logits, s = fast.step(tok, s)
         assert rel_err(logits, want[t]) < 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+def test_fused_block_equals_generic_block_and_yields_to_hooks(tiny, fmt, tmp_path):
+    """Decode runs each RWKV-7 block as one kernel (numba_v7.block7_step): same logits and state as the
+    generic per-op path, for plain and neuron-bundled FFN weights; any FFN hook turns the fusion off."""
+    from rwkv_edge.modelfile import convert, load_modelfile
+    config, sd = tiny
+    w, _ = _with_formats(sd, fmt)
+    plain = model_class("x070")(config, w, backend="numba", fingerprint="t")
+    calls = []
+    plain.hooks.ffn_input.append(lambda i, xk: calls.append(i))        # forces the generic path
+    fused = model_class("x070")(config, w, backend="numba", fingerprint="t")
+    path = str(tmp_path / "m.pth")
+    import torch
+    torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, path)
+    bundled = load_modelfile(convert(path, str(tmp_path / "m.rwkve"), "fp32"))
+    b0 = bundled.blocks[0]
+    assert type(b0.ffn_key) is nb.FFNKeyView
+    sg = sf = sb = None
+    for tok in [5, 17, 200, 3, 99]:
+        lg, sg = plain.step(tok, sg)
+        lf, sf = fused.step(tok, sf)
+        lb, sb = bundled.step(tok, sb)
+        assert rel_err(lf, lg) < 1e-5 and rel_err(sf.wkv, sg.wkv) < 1e-5 and rel_err(sf.ffn_x, sg.ffn_x) < 1e-6
+        if fmt == "fp32":
+            assert rel_err(lb, lg) < 1e-5 and rel_err(sb.att_x, sg.att_x) < 1e-6
+    assert calls == list(range(config.n_layer)) * 5                 # the hook saw every layer of every token
+    x = np.zeros((1, 64), np.float32)
+    for m in (fused, bundled):                                       # both really run fused
+        assert nv7.block7_step(m.blocks[0], x.copy(), sf.copy(), 0, {}, ffn=None) is True
+    assert nv7.block7_step(plain.blocks[0], x, sf.copy(), 0, {}, ffn=lambda i, xk: xk) is False   # unknown FFN

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 _REGISTRY = {
     "reference": "rwkv_edge.backends.reference",
-    "numba": "rwkv_edge.backends.numba_cpu",
+    "numba": ("rwkv_edge.backends.numba_cpu", "rwkv_edge.backends.numba_v7"),   # kernels + fused RWKV-7 decode
     "cuda": "rwkv_edge.backends.cuda",
 }
 
@@ -32,9 +32,10 @@ def get_backend(name: str):
         raise ValueError(f"unknown backend '{name}', choose one of {', '.join(_REGISTRY)}")
     if name not in _CACHE:
         ref = importlib.import_module(_REGISTRY["reference"])
-        mod = importlib.import_module(_REGISTRY[name])
+        mods = _REGISTRY[name] if isinstance(_REGISTRY[name], tuple) else (_REGISTRY[name],)
         ns = {k: getattr(ref, k) for k in dir(ref) if not k.startswith("_")}
-        ns.update({k: getattr(mod, k) for k in dir(mod) if not k.startswith("_")})
+        for mod in map(importlib.import_module, mods):
+            ns.update({k: getattr(mod, k) for k in dir(mod) if not k.startswith("_")})
         ns["name"] = name
         _CACHE[name] = SimpleNamespace(**ns)
     return _CACHE[name]

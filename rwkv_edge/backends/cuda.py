@@ -2,9 +2,28 @@
 
 Precision (choose with `set_dtype` before the model is built; weights are converted at load):
   - "fp32" (default): everything float32 (IEEE matmuls unless the caller enabled TF32 globally).
-  - "fp16" / "bf16": 2-D weight matrices are stored in that dtype (half the bytes read per token);
-    activations, 1-D parameters, elementwise math and the wkv state stay float32; a matmul casts
-    its input to the weight dtype and accumulates and returns float32.
+  - "fp16" / "bf16": 2-D weight matrices (more than HALF_MIN_SIZE elements, the embedding and the
+    head included) are stored in that dtype: half the bytes held and read per token. Activations,
+    the residual stream, 1-D parameters, the small per-head tables, elementwise math, the wkv state
+    and the predictor scores stay float32. Two ways to multiply float32 activations by half weights:
+      * accurate (the default, `set_dtype(d)` = `set_dtype(d, split_inputs=True)`): the product
+        is computed as if the weights were float32. Up to MV_MAX_ROWS rows (batch-1 decode, the
+        sparse FFN's gathered rows) run a Triton kernel that reads the half weights and the float32
+        activations and multiplies and accumulates in float32 (one launch per matmul). More rows
+        (prefill) split x = hi + lo, both in the weight dtype (hi = x rounded, lo = the rounding
+        error rounded: ~22 mantissa bits of x for fp16, ~16 for bf16), and run one tensor-core GEMM
+        on the stacked (2T, K) rows with a float32 result: hi W + lo W. The weights are read once;
+        prefill does twice the tensor-core work. The only error left is the weights' own rounding:
+        none when the checkpoint is stored in that dtype (rwkv7-ref-58m is float16: fp16 matches
+        fp32 to ~1e-5), 2^-9 relative per weight for bf16 of a float16 checkpoint (that alone moves
+        rwkv7-ref-58m's logits by ~6e-2; measured on the CPU by rounding the weights).
+      * fast (`set_dtype(d, split_inputs=False)`, or `set_split_inputs(False)` at any time): the
+        activations are rounded to the weight dtype and one GEMM multiplies (float32 accumulate
+        and result). Prefill does half the tensor-core work; the activation rounding (2^-11
+        relative for fp16, 2^-8 for bf16) adds logit error (rwkv7-ref-58m: fp16 ~8e-3, bf16 ~8e-2)
+        and flips sparse-predictor threshold decisions near the threshold (fp16 sparse ~2.4e-2).
+    fp16 activations beyond +-65504 overflow in the split GEMM and in fast mode (as in any fp16
+    runtime); the Triton kernel of the accurate mode keeps them float32.
 The wkv state is always float32. Shapes follow reference.py: activations (T, D), `linear(x, W)`
 is x @ W.T with W (out, in), the wkv state (H, N, N) is indexed [head, value i, key j].
 
@@ -26,7 +45,7 @@ import torch.nn.functional as F
 name = "cuda"
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_cfg = {"dtype": "fp32", "device": "cuda", "split": False}
+_cfg = {"dtype": "fp32", "device": "cuda", "split": True}
 _checked: dict = {}          # device string -> torch.device, once CUDA was found usable
 _emb_cache: dict = {}        # id(host emb) -> (weakref to it, device tensor)
 _triton: dict = {}           # "ok": bool, "kernels": the compiled-on-demand jit functions
@@ -42,21 +61,35 @@ WKV_FUSED = False
 # Arrays up to this many elements stay float32 in fp16/bf16 mode: the (H, N) per-head tables
 # (H*N = n_embd <= 8192) are elementwise factors where bf16 rounding would hurt (decays near 1).
 HALF_MIN_SIZE = 8192
+# Accurate half mode: products of at most this many rows run the float32-math Triton kernel
+# (weights read once per row block; decode and small sparse sets), more rows the split GEMM.
+MV_MAX_ROWS = 8
 
 
 # --- configuration ----------------------------------------------------------------------
-def set_dtype(dtype: str, split_inputs: bool = False) -> None:
+def set_dtype(dtype: str, split_inputs: bool = True) -> None:
     """Storage dtype of weight matrices: "fp32" (default), "fp16" or "bf16". Affects weights
     adopted after the call (build the model after setting it).
 
-    split_inputs: multiply half weights by x as hi + lo halves (x = hi + lo, both in the weight
-    dtype; one GEMM on the stacked rows), so the activations keep ~16 mantissa bits; the weights
-    are read once, so batch-1 decode costs about the same, prefill does twice the tensor-core work."""
+    split_inputs (fp16/bf16 only): True (default), the accurate mode: activations stay float32
+    into every product (a float32-math kernel for few rows, x = hi + lo split halves in one
+    tensor-core GEMM for many), so only the weight rounding counts. False, the fast mode: the
+    activations are rounded to the weight dtype before each GEMM (see the module docstring)."""
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}, choose one of {', '.join(_DTYPES)}")
     _cfg["dtype"] = dtype
     _cfg["split"] = bool(split_inputs)
     _emb_cache.clear()
+
+
+def set_split_inputs(on: bool) -> None:
+    """Switch between the accurate (True) and fast (False) half-weight products without rebuilding
+    the model (weights are unchanged; takes effect at the next op, not inside a captured graph)."""
+    _cfg["split"] = bool(on)
+
+
+def get_split_inputs() -> bool:
+    return _cfg["split"]
 
 
 def get_dtype() -> str:
@@ -189,27 +222,71 @@ def l2_normalize(x: torch.Tensor, n_groups: int) -> torch.Tensor:
 
 
 def _mm(x2: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """x2 (M, K) @ m (K, N) -> float32; half weights multiply a half copy of x2, accumulate fp32."""
+    """x2 (M, K) @ m (K, N) -> float32. Half weights: see the module docstring (accurate / fast)."""
     if m.dtype == torch.float32:
         return x2.to(torch.float32) @ m
-    xh = x2.to(m.dtype)
-    if _cfg["split"]:
-        n = xh.shape[0]
-        lo = (x2.to(torch.float32) - xh.to(torch.float32)).to(m.dtype)
-        out = _mm_half(torch.cat([xh, lo], dim=0), m)
-        return out[:n] + out[n:]
-    return _mm_half(xh, m)
-
-
-def _mm_half(xh: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    if _mm_out_dtype["ok"] is not False:
-        try:
-            out = torch.mm(xh, m, out_dtype=torch.float32)   # fp32 result, no rounding to half
-            _mm_out_dtype["ok"] = True
+    if not _cfg["split"]:                                      # fast: activations rounded to half
+        xh = x2.to(m.dtype)
+        out = _mm_f32out(xh, m)
+        return out if out is not None else (xh @ m).to(torch.float32)
+    if x2.shape[0] <= MV_MAX_ROWS and m.is_cuda:
+        out = _mm_rows(x2, m)
+        if out is not None:
             return out
-        except (TypeError, RuntimeError):
-            _mm_out_dtype["ok"] = False
-    return (xh @ m).to(torch.float32)
+    n = x2.shape[0]
+    xh = x2.to(m.dtype)
+    lo = (x2.to(torch.float32) - xh.to(torch.float32)).to(m.dtype)
+    out = _mm_f32out(torch.cat([xh, lo], dim=0), m)
+    if out is None:                                            # no float32-result half GEMM here
+        return x2.to(torch.float32) @ m.to(torch.float32)
+    return out[:n] + out[n:]
+
+
+def _mm_rows(x2: torch.Tensor, m: torch.Tensor):
+    """x2 (M, K) float32 @ m (K, N) half with float32 products and sums, in one Triton launch
+    (program (column block, row)); None when Triton is unusable (the caller falls back)."""
+    kern = _kernels()
+    if kern is None or "rows" not in kern:
+        return None
+    M, K = x2.shape
+    N = m.shape[1]
+    if M == 0 or N == 0 or K == 0:
+        return torch.zeros((M, N), device=m.device, dtype=torch.float32)
+    x = x2.to(torch.float32).contiguous()
+    y = torch.empty((M, N), device=x.device, dtype=torch.float32)
+    bn = 16 if N <= 1024 else (32 if N <= 4096 else 64)
+    try:
+        kern["rows"][(_cdiv(N, bn), M)](x, m, y, K, N, x.stride(0), m.stride(1), m.stride(0),
+                                              BN=bn, BK=128, num_warps=4)
+    except Exception as e:
+        if torch.cuda.is_current_stream_capturing():
+            raise
+        import warnings
+        warnings.warn(f"Triton half-weight kernel unavailable ({type(e).__name__}: {str(e)[:200]}); "
+                      "using the split GEMM")
+        kern.pop("rows", None)
+        return None
+    return y
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _mm_f32out(xh: torch.Tensor, m: torch.Tensor):
+    """Half (M, K) @ half (K, N) -> float32 result (cuBLAS accumulates in float32, no rounding of
+    the result to half); None where torch lacks `torch.mm(..., out_dtype=)`."""
+    if _mm_out_dtype["ok"] is False:
+        return None
+    try:
+        out = torch.mm(xh, m, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        if xh.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise
+        _mm_out_dtype["ok"] = False
+        return None
+    _mm_out_dtype["ok"] = True
+    return out
 
 
 def linear(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -310,7 +387,26 @@ def _kernels():
                     a, b = tl.load(ap), tl.load(bp)
         tl.store(s_out + soff, S)
 
-    _triton.update(ok=True, kernels={"scan": wkv_scan})
+    @triton.jit
+    def mm_rows(x_p, w_p, y_p, K, N, sxm, swn, swk, BN: tl.constexpr, BK: tl.constexpr):
+        # y[m, n] = sum_k x[m, k] w[n, k]; x float32 (row stride sxm, unit column stride), w half
+        # at w_p + n*swn + k*swk (either layout), products and sums in float32. Program: (BN
+        # columns, one row m); a (BN, BK) float32 accumulator reduced once at the end.
+        pn = tl.program_id(0)
+        m = tl.program_id(1)
+        nn = pn * BN + tl.arange(0, BN)
+        kk = tl.arange(0, BK)
+        nmask = nn < N
+        acc = tl.zeros((BN, BK), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + kk
+            kmask = ks < K
+            xv = tl.load(x_p + m * sxm + ks, mask=kmask, other=0.0)
+            wv = tl.load(w_p + nn[:, None] * swn + ks[None, :] * swk, mask=nmask[:, None] & kmask[None, :], other=0.0)
+            acc += wv.to(tl.float32) * xv[None, :]
+        tl.store(y_p + m * N + nn, tl.sum(acc, axis=1), mask=nmask)
+
+    _triton.update(ok=True, kernels={"scan": wkv_scan, "rows": mm_rows})
     return _triton["kernels"]
 
 
@@ -426,6 +522,8 @@ def sparse_ffn(xk: torch.Tensor, idx, key: torch.Tensor, value_t: torch.Tensor) 
     T, kk = idx.shape
     kw = key.index_select(0, idx.reshape(-1)).reshape(T, kk, -1)       # (T, k, D)
     vw = value_t.index_select(0, idx.reshape(-1)).reshape(T, kk, -1)   # (T, k, D)
+    if kw.dtype != torch.float32 and _cfg["split"]:                     # accurate: float32 math
+        kw, vw = kw.to(torch.float32), vw.to(torch.float32)
     x = xk.to(kw.dtype)[:, :, None]                                     # (T, D, 1)
     h = relu_sq(torch.bmm(kw, x).to(torch.float32))                    # (T, k, 1)
     return torch.bmm(h.transpose(1, 2).to(vw.dtype), vw).to(torch.float32).reshape(T, -1)

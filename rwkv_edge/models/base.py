@@ -79,6 +79,12 @@ class RWKVModel:
         m.ffn = ffn
         return m
 
+    def block(self, i: int, x: np.ndarray, state: State, ctx: dict) -> np.ndarray:
+        """Block i: x (T, D) -> x + time_mix(ln1 x), then + channel_mix(ln2 of that)."""
+        ops, b = self.ops, self.blocks[i]
+        x = x + self.time_mix(i, ops.layer_norm(x, b.ln1_w, b.ln1_b), state, ctx)
+        return x + self.channel_mix(i, ops.layer_norm(x, b.ln2_w, b.ln2_b), state)
+
     def zero_state(self) -> State:
         return State.zeros(self.config)
 
@@ -95,9 +101,8 @@ class RWKVModel:
         state = ops.adopt_state(self.zero_state() if state is None else state.copy())
         x = ops.layer_norm(ops.embed(self.emb, tokens), *self.ln0)   # (T, D)
         ctx: dict = {}
-        for i, b in enumerate(self.blocks):
-            x = x + self.time_mix(i, ops.layer_norm(x, b.ln1_w, b.ln1_b), state, ctx)
-            x = x + self.channel_mix(i, ops.layer_norm(x, b.ln2_w, b.ln2_b), state)
+        for i in range(len(self.blocks)):
+            x = self.block(i, x, state, ctx)
         if not full_output:
             x = x[-1:]
         logits = ops.to_host(ops.linear(ops.layer_norm(x, *self.ln_out), self.head))

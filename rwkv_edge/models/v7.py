@@ -41,6 +41,13 @@ class RWKV7(RWKVModel):
             b.v0, b.v1, b.v2 = flat(a + "v0"), w[a + "v1"], w[a + "v2"]
         return b
 
+    def block(self, i, x, state, ctx):
+        ops = self.ops
+        if x.shape[0] == 1 and hasattr(ops, "block7_step") and not (self.hooks.ffn_input or self.hooks.ffn_activation) \
+                and ops.block7_step(self.blocks[i], x, state, i, ctx, self.ffn):
+            return x      # the math of super().block (time_mix + channel_mix) in one kernel call, in place
+        return super().block(i, x, state, ctx)
+
     def time_mix(self, i, x, state, ctx):
         ops, b = self.ops, self.blocks[i]
         T, D = x.shape
