@@ -9,6 +9,7 @@ adds an initializer. The storage scheme of a big matrix is chosen once per graph
   but the resident weights are fp32 there; providers with fp16 kernels keep them fp16.
 - int8: symmetric int8 codes with one fp32 scale per output channel, multiplied either
   "dynamic": `DynamicQuantizeLinear` (activations to uint8, one scale per call) + `MatMulInteger`
+  (weights as 7-bit codes: u8 x s8 kernels without VNNI saturate on full-range int8)
   + rescale, which onnxruntime fuses into `DynamicQuantizeMatMul` (int8 GEMM kernels, the fast
   path on x86 and ARM CPUs); or "dequant": `DequantizeLinear` (axis=1) + fp32 MatMul (weight-only,
   closer to fp32), which onnxruntime fuses into its 8-bit `MatMulNBits`, slow on CPU at batch 1.
@@ -31,12 +32,13 @@ INT8_MATMUL = ("dynamic", "dequant")
 INT64_MAX = np.iinfo(np.int64).max
 
 
-def quantize_int8_cols(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per column of m (in, out): (codes int8 (in, out), scale fp32 (out,))."""
+def quantize_int8_cols(m: np.ndarray, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per column of m (in, out): (codes int8 (in, out), scale fp32 (out,)),
+    codes in [-qmax, qmax]."""
     m = np.asarray(m, np.float32)
-    scale = np.abs(m).max(axis=0) / np.float32(127.0)
+    scale = np.abs(m).max(axis=0) / np.float32(qmax)
     safe = np.where(scale > 0, scale, np.float32(1.0))
-    q = np.clip(np.rint(m / safe), -127, 127).astype(np.int8)
+    q = np.clip(np.rint(m / safe), -qmax, qmax).astype(np.int8)
     return q, scale.astype(np.float32)
 
 
@@ -153,8 +155,11 @@ class GraphBuilder:
         if self.dtype == "fp16":
             w = self.op("Cast", self.init(m.astype(np.float16), name), to=TensorProto.FLOAT)
             return self.op("MatMul", x, w)
-        q, s = quantize_int8_cols(m)
-        if self.int8_matmul == "dynamic":
+        dynamic = self.int8_matmul == "dynamic"
+        # u8 x s8 kernels without VNNI (AVX2, many ARM cores) add pairs of products in int16
+        # and saturate; 7-bit weight codes keep every pair in range (onnxruntime's reduce_range)
+        q, s = quantize_int8_cols(m, 63 if dynamic else 127)
+        if dynamic:
             # uint8 activations (per-tensor scale, computed per call) x int8 weights -> int32
             xq, xs, xz = self.op("DynamicQuantizeLinear", x, n_out=3)
             y = self.op("Cast", self.op("MatMulInteger", xq, self.init(q, name), xz), to=TensorProto.FLOAT)

@@ -130,7 +130,7 @@ def test_fp16_int8_exports(model, preds, tmp_path):
         sizes[dtype] = Path(d, "model.onnx").stat().st_size
         diffs[dtype] = verify(d, model, TOKENS[:8])
     assert sizes["int8"] < 0.6 * sizes["fp16"] < 0.6 * sizes["fp32"]
-    assert diffs["fp16"] < 0.02 and diffs["int8"] < 0.5
+    assert diffs["fp16"] < 0.02 and diffs["int8"] < 0.2   # 0.63 with 8-bit codes on AVX2 (saturation)
     d = export_onnx(model, tmp_path / "int8dq", "int8", int8_matmul="dequant", prefill=False,
                     sparse_topk=[64, 64], predictor_weights=preds)
     assert verify(d, model, TOKENS[:8]) < 0.2
