@@ -71,6 +71,18 @@ def test_backend_registered_and_complete():
         C.set_dtype("fp8")
 
 
+def test_half_default_is_the_accurate_mode(fp32_after):
+    """`--dtype fp16/bf16` (open_model calls set_dtype(dtype)) keeps activations float32 by default;
+    the fast mode (activations rounded to half) is explicit."""
+    for d in ("fp16", "bf16"):
+        C.set_dtype(d)
+        assert C.get_dtype() == d and C.get_split_inputs()
+        C.set_dtype(d, split_inputs=False)
+        assert not C.get_split_inputs()
+        C.set_split_inputs(True)
+        assert C.get_split_inputs()
+
+
 # --- ops ---------------------------------------------------------------------------------------
 def _wkv7_inputs(rng, T, H, N):
     r, k, v = (rng.standard_normal((T, H * N)).astype(np.float32) for _ in range(3))
@@ -143,10 +155,39 @@ def test_elementwise_and_dense_ops_match_reference(fp32_after):
         assert isinstance(got, torch.Tensor) and got.is_cuda and got.dtype == torch.float32, name
         assert got.shape == ref.shape, name
         assert _rel(C.to_host(got), ref) < 1e-5, name
-    C.set_dtype("fp16")
-    Wh = C.weight(np.repeat(W, 200, axis=0))                         # large enough to be stored half
-    assert Wh.dtype == torch.float16 and C.weight(w).dtype == torch.float32
-    assert _rel(C.to_host(C.linear(xd, Wh)), R.linear(x, np.repeat(W, 200, 0).astype(np.float16).astype(np.float32))) < 2e-3
+    Wbig = np.repeat(W, 200, axis=0)                                 # large enough to be stored half
+    for d, npdt in (("fp16", np.float16), ("bf16", None)):
+        C.set_dtype(d)
+        Wh = C.weight(Wbig)
+        assert Wh.dtype == C._DTYPES[d] and C.weight(w).dtype == torch.float32
+        Wr = C.to_host(Wh)                                           # the weights as stored
+        for rows in (xd[:1], C._dev_f32(rng.standard_normal((20, D)))):   # Triton rows kernel / split GEMM
+            ref = R.linear(C.to_host(rows), Wr)
+            assert _rel(C.to_host(C.linear(rows, Wh)), ref) < 1e-5, (d, rows.shape)
+            C.set_split_inputs(False)                                # fast: activations rounded
+            assert _rel(C.to_host(C.linear(rows, Wh)), ref) < (2e-3 if d == "fp16" else 2e-2), (d, rows.shape)
+            C.set_split_inputs(True)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_weight_rows_kernel_matches_float64(dtype):
+    """The accurate mode's Triton kernel (float32 activations x half weights, float32 math) for
+    both weight layouts (linear: W (out, in); matmul: M (in, out)), odd sizes and empty products."""
+    if C._kernels() is None:
+        pytest.skip("Triton is not usable here")
+    rng = np.random.default_rng(5)
+    tdt = C._DTYPES[dtype]
+    for M, K, N in ((1, 512, 2048), (3, 2048, 512), (8, 300, 77), (2, 64, 16384), (1, 0, 5), (2, 7, 0)):
+        x = C._dev_f32(rng.standard_normal((M, K)))
+        W = torch.from_numpy(rng.standard_normal((N, K)).astype(np.float32)).to(C.device(), tdt)
+        for m in (W.t(), W.t().contiguous()):
+            y = C._mm_rows(x, m)
+            assert y is not None and y.dtype == torch.float32 and y.shape == (M, N)
+            if y.numel() == 0:
+                continue
+            ref = x.double() @ m.double()
+            assert float((y.double() - ref).abs().max()) <= 1e-5 * max(1.0, float(ref.abs().max()))
 
 
 # --- whole models -------------------------------------------------------------------------------
@@ -160,11 +201,12 @@ def _run(model, prompt=PROMPT, steps=STEPS):
 
 
 @gpu
-@pytest.mark.parametrize("dtype,split,tol", [("fp32", False, 1e-4), ("fp16", False, 1e-2), ("bf16", True, 1e-2),
-                                             ("bf16", False, 5e-2)])
+@pytest.mark.parametrize("dtype,split,tol", [("fp32", True, 1e-4), ("fp16", True, 1e-3), ("bf16", True, 1e-3),
+                                             ("fp16", False, 1e-2), ("bf16", False, 5e-2)])
 def test_x070_logits_match_numpy(dtype, split, tol, ckpt, fp32_after):
-    """fp16/bf16 runs use a checkpoint stored in that dtype, so only the runtime's rounding of
-    activations is measured; bf16 (8 mantissa bits) needs split_inputs for 1e-2."""
+    """fp16/bf16 runs use a checkpoint stored in that dtype, so only the runtime's own rounding is
+    measured: the default (accurate, split_inputs=True) mode keeps activations float32 and is well
+    inside the 1e-2 requirement; the fast mode rounds activations (bf16: 8 mantissa bits)."""
     path = ckpt("x070", FILE_DTYPE[dtype])
     ref, ref_state = _run(rwkv_edge.load_model(path))
     C.set_dtype(dtype, split_inputs=split)
@@ -206,8 +248,10 @@ def test_sequence_equals_steps_on_gpu(ckpt):
 
 
 @gpu
-def test_captured_decode_matches_forward(ckpt):
-    model = rwkv_edge.load_model(ckpt("x070"), backend="cuda")
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_captured_decode_matches_forward(dtype, ckpt, fp32_after):
+    C.set_dtype(dtype)
+    model = rwkv_edge.load_model(ckpt("x070", FILE_DTYPE[dtype]), backend="cuda")
     _, state = model.forward(PROMPT)
     g = C.CudaGraphStep(model)
     g.reset(state)
@@ -296,3 +340,38 @@ def test_device_sparse_ffn_bundle_matches_cpu_sparse(ckpt, fp32_after):
         lc, sc = c.step(t, sc)
         assert np.abs(la - lc).max() < 1e-3
     assert 0 < a.ffn.density < 1
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_dense_and_sparse_within_1e2_of_numpy(dtype, ckpt, fp32_after):
+    """Issue 5's requirement on a tiny random model: `--device cuda --dtype fp16|bf16` (the default,
+    accurate mode), dense and with a quantized predictor bundle, within 1e-2 of the numpy reference
+    (prefill and decode). The checkpoint is stored in `dtype`, as a real fp16/bf16 checkpoint would be."""
+    from predictors.bundle import PredictorBundle
+    from predictors.quantized import QuantizedPredictor
+    from rwkv_edge.sparse import SparseFFN
+
+    path = ckpt("x070", FILE_DTYPE[dtype])
+    cpu = rwkv_edge.load_model(path)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((256, cpu.config.n_embd)).astype(np.float32)
+    preds = []
+    for b in cpu.blocks:
+        p = QuantizedPredictor.fit(b.ffn_key, 2, 32)
+        p.calibrate(X, np.maximum(X @ b.ffn_key.T, 0) ** 2, 0.95, "mass", 0.0)
+        preds.append(p)
+    bundle = PredictorBundle(preds, cpu.fingerprint, cpu.config, "quantized", {})
+    bpath = str(ckpt("x070", FILE_DTYPE[dtype])) + f".{dtype}.npz"
+    bundle.save(bpath)
+    for pred in (None, bpath):
+        ref_m = cpu if pred is None else cpu.with_ffn(SparseFFN(cpu, PredictorBundle.load(pred, model=cpu)))
+        gpu_m = open_model(path, device="cuda", dtype=dtype, predictors=pred)
+        assert C.get_split_inputs() and gpu_m.head.dtype == C._DTYPES[dtype]
+        ref, _ = _run(ref_m)
+        got, _ = _run(gpu_m)
+        diff = float(np.abs(got - ref).max())
+        print(f"x070 {dtype} {'sparse' if pred else 'dense'}: max abs logit diff {diff:.2e}")
+        assert diff < 1e-2
+        if pred:
+            assert 0 < gpu_m.ffn.density < 1

@@ -258,12 +258,13 @@ def logits_checks(models: dict, ids: np.ndarray) -> dict:
         ref = _logits_run(rwkv_edge.load_model(path), prompt, steps)
         refs[mname] = ref
         print(f"   numpy reference {mname}: {time.time() - t:.1f}s", flush=True)
-        for cfg, dt, split, sparse in (("fp32", "fp32", False, None), ("fp16", "fp16", False, None),
-                                       ("fp16-split", "fp16", True, None),
-                                       ("bf16", "bf16", False, None), ("bf16-split", "bf16", True, None),
-                                       ("fp32 sparse-exact", "fp32", False, "exact"),
-                                       ("fp16 sparse-exact", "fp16", False, "exact"),
-                                       ("fp16 sparse-lowrank-top512", "fp16", False, "lowrank")):
+        # fp16/bf16: the default accurate mode (float32 activations); "-fast": activations in half
+        for cfg, dt, split, sparse in (("fp32", "fp32", True, None), ("fp16", "fp16", True, None),
+                                       ("fp16-fast", "fp16", False, None),
+                                       ("bf16", "bf16", True, None), ("bf16-fast", "bf16", False, None),
+                                       ("fp32 sparse-exact", "fp32", True, "exact"),
+                                       ("fp16 sparse-exact", "fp16", True, "exact"),
+                                       ("fp16 sparse-lowrank-top512", "fp16", True, "lowrank")):
             C.set_dtype(dt, split_inputs=split)
             m = rwkv_edge.load_model(path, backend="cuda")
             if sparse == "exact":

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue 5 measurements on a machine with an NVIDIA GPU (run from the repo root):
 #   bash tools/gpu_pipeline.sh MODEL.pth TEXT BUNDLE_OUT_DIR
-# collect + fit on the GPU (timed), the CUDA test suite, and tools/bench.py --device cuda.
+# collect + fit on the GPU (timed), the CUDA test suite, GPU vs numpy logits (tools/gpu_compare.py,
+# exits 1 when a dtype is over its tolerance: bf16 of this float16 checkpoint is, by the weights'
+# own rounding) and tools/bench.py --device cuda.
 set -euo pipefail
 M=$1; TEXT=$2; W=${3:-/tmp/rwkv-edge-gpu}
 mkdir -p "$W"
@@ -20,7 +22,8 @@ import sys
 t = [float(v) for v in sys.argv[1:]]
 print(f"gpu_collect_100k_s={t[1]-t[0]:.1f} fit_q2_s={t[2]-t[1]:.1f} fit_mlp_cuda_s={t[3]-t[2]:.1f}")
 PY
-python3 tools/bench.py --model "$M" --predictors "$W/q2.npz" --device cuda --dtype fp32,fp16 --compare-rwkv \
+python3 tools/gpu_compare.py --model "$M" --predictors "$W/q2.npz" --fast --weights-ref --rwkv || true
+python3 tools/bench.py --model "$M" --predictors "$W/q2.npz" --device cuda --dtype fp32,fp16,bf16 --compare-rwkv \
     --tokens 64 --rounds 5 --prefill-tokens 4096
 python3 -m rwkv_edge.cli generate --model "$M" --device cuda --dtype fp16 --prompt "The old man" --max-tokens 32 --temperature 0
 python3 -m rwkv_edge.cli generate --model "$M" --device cuda --predictors "$W/q2.npz" --prompt "The old man" --max-tokens 32 --temperature 0

@@ -14,15 +14,20 @@ Precision (choose with `set_dtype` before the model is built; weights are conver
         error rounded: ~22 mantissa bits of x for fp16, ~16 for bf16), and run one tensor-core GEMM
         on the stacked (2T, K) rows with a float32 result: hi W + lo W. The weights are read once;
         prefill does twice the tensor-core work. The only error left is the weights' own rounding:
-        none when the checkpoint is stored in that dtype (rwkv7-ref-58m is float16: fp16 matches
-        fp32 to ~1e-5), 2^-9 relative per weight for bf16 of a float16 checkpoint (that alone moves
-        rwkv7-ref-58m's logits by ~6e-2; measured on the CPU by rounding the weights).
+        none when the checkpoint is stored in that dtype, 2^-9 relative per weight for bf16 of a
+        float16 checkpoint. Measured on an H200, rwkv7-ref-58m (a float16 checkpoint; numpy
+        reference; tools/gpu_compare.py): fp16 dense 6.9e-5 / sparse 7.6e-4; bf16 dense 6.0e-2 /
+        sparse 2.1e-1, all of it the bf16 rounding of the weights (the runtime adds 6e-5 to a
+        reference holding the same bf16-rounded weights). Prefer fp16 for float16 checkpoints.
       * fast (`set_dtype(d, split_inputs=False)`, or `set_split_inputs(False)` at any time): the
         activations are rounded to the weight dtype and one GEMM multiplies (float32 accumulate
-        and result). Prefill does half the tensor-core work; the activation rounding (2^-11
-        relative for fp16, 2^-8 for bf16) adds logit error (rwkv7-ref-58m: fp16 ~8e-3, bf16 ~8e-2)
-        and flips sparse-predictor threshold decisions near the threshold (fp16 sparse ~2.4e-2).
-    fp16 activations beyond +-65504 overflow in the split GEMM and in fast mode (as in any fp16
+        and result). The rounding (2^-11 relative for fp16, 2^-8 for bf16) adds logit error and
+        flips sparse-predictor threshold decisions near the threshold: rwkv7-ref-58m fp16 dense
+        7.8e-3, sparse 1.3e-2 (over the 1e-2 requirement); bf16 dense 7.9e-2.
+      Trade-off (H200, rwkv7-ref-58m, tools/bench.py): batch-1 decode (captured graph) is faster
+      in the accurate mode (568 vs 511 tok/s fp16: one launch per matmul instead of cast + GEMM);
+      prefill of 4096 tokens is ~25% slower (90k vs 115k tok/s fp16; fp32 100k).
+    fp16 activations beyond +-65504 overflow in the split GEMM and in the fast mode (as in any fp16
     runtime); the Triton kernel of the accurate mode keeps them float32.
 The wkv state is always float32. Shapes follow reference.py: activations (T, D), `linear(x, W)`
 is x @ W.T with W (out, in), the wkv state (H, N, N) is indexed [head, value i, key j].
@@ -228,7 +233,9 @@ def _mm(x2: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     if not _cfg["split"]:                                      # fast: activations rounded to half
         xh = x2.to(m.dtype)
         out = _mm_f32out(xh, m)
-        return out if out is not None else (xh @ m).to(torch.float32)
+        # without a float32-result GEMM: upcast (a half result would round every output, which
+        # the decay and normalisation paths amplify badly)
+        return out if out is not None else xh.to(torch.float32) @ m.to(torch.float32)
     if x2.shape[0] <= MV_MAX_ROWS and m.is_cuda:
         out = _mm_rows(x2, m)
         if out is not None:
