@@ -147,7 +147,9 @@ def test_quant_matvec_parallel(monkeypatch):
 
 @pytest.mark.parametrize("bits", [2, 4])
 def test_sparse_ffn_quant_predicts_and_computes(bits, monkeypatch):
+    """The float select kernel (the int8 one: test_predictor_select_kernels)."""
     from quant import QuantizedMatrix
+    monkeypatch.setenv("RWKV_EDGE_SIMD", "0")
     K, V = ffn_weights()
     bundle = nb.NeuronBundledFFN.from_dense(K, V, "int8")
     qm = QuantizedMatrix.quantize(K, bits, 32)
@@ -161,6 +163,41 @@ def test_sparse_ffn_quant_predicts_and_computes(bits, monkeypatch):
         out, n = nb.sparse_ffn_quant(x, qm, thr, bundle)
         assert n == len(idx) == 80
         np.testing.assert_allclose(out, nb.sparse_ffn(x, idx, bundle), rtol=1e-5, atol=1e-6)
+
+
+def test_predictor_select_kernels(monkeypatch):
+    """predictor_select: numba_simd's int8 kernel where AVX2 is there (flips only neurons within its
+    error bound of the threshold), the float kernel when RWKV_EDGE_SIMD=0 or the format is not one it
+    takes; both drive sparse_ffn_quant to the sparse FFN of the set they select."""
+    from quant import QuantizedMatrix
+    from rwkv_edge.backends import numba_simd as ns
+    K, V = ffn_weights(F=512, D=128)
+    bundle = nb.NeuronBundledFFN.from_dense(K, V, "fp32")
+    x = randn(128)
+    for bits in (2, 4):
+        qm = QuantizedMatrix.quantize(K, bits, 32)
+        scores = qm.matvec(x)
+        thr = float(np.median(scores))
+        exact = set(np.flatnonzero(scores >= thr))
+        simd = ns.available() and ns.supports(qm)
+        assert (nb.predictor_select(qm)[0] is ns.select_i8) == simd
+        out, n = nb.sparse_ffn_quant(x, qm, thr, bundle)
+        idx = np.empty(512, np.int32)
+        sel, P, S, Z = nb.predictor_select(qm)
+        assert sel(P, S, Z, x, bits, np.float32(thr), idx, 1) == n
+        got = set(idx[:n])
+        flipped = np.array(sorted(got ^ exact), np.int64)
+        if simd:
+            bound = ns.error_bound(qm, x)
+            assert np.all(np.abs(scores[flipped] - thr) <= bound[flipped] + 1e-6)
+            assert len(flipped) < 0.05 * 512
+        else:
+            assert len(flipped) == 0
+        np.testing.assert_allclose(out, nb.sparse_ffn(x, idx[:n], bundle), rtol=1e-5, atol=1e-6)
+        monkeypatch.setenv("RWKV_EDGE_SIMD", "0")
+        assert nb.predictor_select(qm)[0] is nb._qselect
+        monkeypatch.delenv("RWKV_EDGE_SIMD")
+    assert nb.predictor_select(QuantizedMatrix.quantize(K, 1, 32))[0] is nb._qselect
 
 
 # --- FFN ----------------------------------------------------------------------------------------

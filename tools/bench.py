@@ -44,11 +44,9 @@ def _load(cfg):
         from rwkv_peer import RwkvPackageModel
         return RwkvPackageModel(cfg["model"], "cuda fp16" if cfg["device"] == "cuda" else "cpu fp32")
     from rwkv_edge.runtime import open_model
-    if cfg["device"] == "cuda":
-        from rwkv_edge.backends import get_backend
-        get_backend("cuda").set_dtype(cfg["dtype"])
+    # CUDA: weights stored in cfg["dtype"]; CPU: the converted model file holds its dtype
     return open_model(cfg["file"], backend=cfg.get("backend", "numba"), predictors=cfg.get("predictors"),
-                      device=cfg["device"])
+                      device=cfg["device"], dtype=cfg["dtype"] if cfg["device"] == "cuda" else "fp32")
 
 
 def _sync(cfg):
@@ -156,7 +154,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="bench.py", description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="official .pth checkpoint")
     ap.add_argument("--predictors", help="predictor bundle: adds the sparse configurations")
-    ap.add_argument("--dtype", default="fp32,fp16,int8", help="comma list of fp32, fp16, int8 (cuda: fp32, fp16, bf16)")
+    ap.add_argument("--dtype", default=None,
+                    help="comma list of fp32, fp16, int8 (default all three); cuda: fp32, fp16, bf16 (default fp32,fp16)")
     ap.add_argument("--tokens", type=int, default=32, help="decode tokens per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prefill-tokens", type=int, default=512)
@@ -177,6 +176,8 @@ def main(argv=None) -> int:
         ap.error("--tokens, --rounds, --prefill-tokens and --threads must be > 0")
     if args.predictors and not os.path.exists(args.predictors):
         ap.error(f"--predictors {args.predictors}: no such file")
+    if args.dtype is None:
+        args.dtype = "fp32,fp16" if args.device == "cuda" else "fp32,fp16,int8"
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     allowed = {"cpu": {"fp32", "fp16", "int8"}, "cuda": {"fp32", "fp16", "bf16"}}[args.device]
     if not dtypes or set(dtypes) - allowed:

@@ -14,7 +14,9 @@ Beyond the reference set:
   (prefetched ahead: the indices are irregular); `sparse_ffn_tokens` for T tokens in one call;
   `ffn_dense(xk, key_view, value_view)`: the dense FFN as one pass over the bundle.
 - `quant_matvec(qm, x)` / `sparse_ffn_quant(x, qm, threshold, bundle)`: the n-bit predictor
-  (quant.QuantizedMatrix) from its packed codes, alone or followed by the sparse FFN.
+  (quant.QuantizedMatrix) from its packed codes, alone or followed by the sparse FFN. The threshold
+  select of 2/4-bit predictors runs numba_simd's AVX2 integer kernel where the CPU has AVX2 (x rounded
+  to int8 per group; set RWKV_EDGE_SIMD=0 for the float kernel), see `predictor_select`.
 - `counter`: bytes of weights read by the kernels while `counter.enabled`; `read_bandwidth()`.
 
 float16 is not a numba type: fp16 arrays go to the kernels as uint16 views and are widened with
@@ -23,6 +25,8 @@ slices (numba's negative-index wraparound on x[o + j] stops LLVM vectorising), a
 write one array through two names (the state updates copy first, then work in place).
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 from llvmlite import ir as _ir
@@ -888,6 +892,18 @@ def _qselect(Pt, St, Zt, x, bits, thr, idx, nchunk):
     return n
 
 
+def predictor_select(qm) -> tuple:
+    """(select, P, S, Z) for the threshold select of predictor qm: `select(P, S, Z, x, bits, thr, idx,
+    nchunk) -> n` is an njit kernel (callable from other kernels) writing the sorted rows with score
+    >= thr into idx. numba_simd.select_i8 (AVX2, activations rounded to int8 per group: score error
+    <= numba_simd.error_bound, ~1% of max |score|) where the CPU has AVX2, the predictor is 2/4-bit
+    with whole 4-byte chunks per group and RWKV_EDGE_SIMD is not "0"; else the float `_qselect`."""
+    from . import numba_simd as ns
+    if os.environ.get("RWKV_EDGE_SIMD", "1") != "0" and ns.available() and ns.supports(qm):
+        return (ns.select_i8, *ns.simd_layout(qm))
+    return (_qselect, *_predictor_layout(qm))
+
+
 def _qm_parallel(qm) -> int:
     return _nchunk() if qm.shape[0] * qm.shape[1] >= 4 * PAR_MIN and _get_num_threads() > 1 else 1
 
@@ -920,9 +936,9 @@ def sparse_ffn_quant(x: np.ndarray, qm, threshold: float, bundle: NeuronBundledF
         x = np.ascontiguousarray(x, np.float32).reshape(-1)
     if out is None:
         out = np.empty(bundle.D, np.float32)
-    Pt, St, Zt = _predictor_layout(qm)
+    select, P, S, Z = predictor_select(qm)
     idx = np.empty(bundle.F, np.int32)
-    n = _qselect(Pt, St, Zt, x, qm.bits, np.float32(threshold), idx, _qm_parallel(qm))
+    n = select(P, S, Z, x, qm.bits, np.float32(threshold), idx, _qm_parallel(qm))
     n_val = _run_ffn(bundle, x, idx[:n], out, False)
     if counter.enabled:
         counter.add("predictor", qm.nbytes)

@@ -21,7 +21,7 @@ from numba.extending import intrinsic as _intrinsic
 
 from .numba_cpu import (FFNKeyView, FFNValueView, Int8Weight, PAR_MIN, _NO_SCALE, _all_neurons, _ffn_parallel,
                         _ffn_range, _get_num_threads, _kernel_array, _layer_norm, _margs, _mv_parallel, _mv_range,
-                        _nchunk, _predictor_layout, _prefetch, _qselect, _wkv7_step, _xm1, counter)
+                        _nchunk, _prefetch, _qselect, predictor_select, _wkv7_step, _xm1, counter)
 
 
 # --- fused RWKV-7 time-mix of one token ----------------------------------------------------------
@@ -234,12 +234,13 @@ _NO_IDX = np.zeros(0, np.int32)
 
 @_njit(fastmath=True, cache=True)
 def _block7(x, ln, tm, att_x, S, ffn_x, v_first, has_vres, v_out, ffn_xk,
-            kind, kv, sc, idx, Pt, St, Zt, bits, thr, Wk, sk, Wv, sv, nchunk):
+            kind, kv, sc, idx, select, Pt, St, Zt, bits, thr, Wk, sk, Wv, sv, nchunk):
     """x (1, D) += time-mix(ln1 x); x += FFN(token-shifted ln2 x), updating att_x, S, ffn_x in place.
     ln (4, D) = ln1 w, b, ln2 w, b; tm: the _tm7 weight arguments. FFN by `kind`: FFN_BUNDLED (kv, sc
-    over all neurons, idx = 0..F-1), FFN_SPARSE_Q (the predicted set {(W_hat xk)_j >= thr} from the
-    row-blocked predictor Pt, St, Zt into idx, then kv, sc over it), FFN_PLAIN (W_k (F, D) and W_v (D, F)
-    with optional per-row scales). Returns (neurons whose key row was read, value columns read)."""
+    over all neurons, idx = 0..F-1), FFN_SPARSE_Q (the predicted set {(W_hat xk)_j >= thr} into idx by
+    the predictor's select kernel on its layout Pt, St, Zt (numba_cpu.predictor_select), then kv, sc
+    over it), FFN_PLAIN (W_k (F, D) and W_v (D, F) with optional per-row scales).
+    Returns (neurons whose key row was read, value columns read)."""
     D = x.shape[1]
     xa = np.empty((1, D), np.float32)
     _layer_norm(x, ln[0], ln[1], np.float32(1e-5), xa)
@@ -270,7 +271,7 @@ def _block7(x, ln, tm, att_x, S, ffn_x, v_first, has_vres, v_out, ffn_xk,
         n, nval = F, F
     else:
         if kind == FFN_SPARSE_Q:
-            n = _qselect(Pt, St, Zt, xk[0], bits, thr, idx, 1)
+            n = select(Pt, St, Zt, xk[0], bits, thr, idx, 1)
         else:
             n = idx.shape[0]
         if nchunk > 1 and kind == FFN_BUNDLED:
@@ -290,7 +291,7 @@ def _ffn_spec(b, ffn, layer):
         k, v = b.ffn_key, b.ffn_value
         if type(k) is FFNKeyView and type(v) is FFNValueView and k.bundle is v.bundle:
             bd = k.bundle
-            return FFN_BUNDLED, (bd._kv, bd._sc, _all_neurons(bd.F), _NO_PT, _NO_ST, _NO_ST, 2, np.float32(0),
+            return FFN_BUNDLED, (bd._kv, bd._sc, _all_neurons(bd.F), _qselect, _NO_PT, _NO_ST, _NO_ST, 2, np.float32(0),
                                  _NO_W, _NO_SCALE, _NO_W, _NO_SCALE), bd
         plain = []
         for w in (k, v):
@@ -300,14 +301,13 @@ def _ffn_spec(b, ffn, layer):
                 plain += [_kernel_array(w), _NO_SCALE]
             else:
                 return None
-        return FFN_PLAIN, (_NO_KV, _NO_SC2, _NO_IDX, _NO_PT, _NO_ST, _NO_ST, 2, np.float32(0), *plain), None
+        return FFN_PLAIN, (_NO_KV, _NO_SC2, _NO_IDX, _qselect, _NO_PT, _NO_ST, _NO_ST, 2, np.float32(0), *plain), None
     layers = getattr(ffn, "fused", None)          # sparse.SparseFFN with quantized-W_k threshold predictors
     if layers is None:
         return None
     p, bd = layers[layer], ffn.bundles[layer]
-    Pt, St, Zt = _predictor_layout(p.qm)
     idx = ffn.__dict__.setdefault("_idx_buf", np.empty(bd.F, np.int32))
-    return FFN_SPARSE_Q, (bd._kv, bd._sc, idx, Pt, St, Zt, p.qm.bits, np.float32(p.calib.threshold),
+    return FFN_SPARSE_Q, (bd._kv, bd._sc, idx, *predictor_select(p.qm), p.qm.bits, np.float32(p.calib.threshold),
                           _NO_W, _NO_SCALE, _NO_W, _NO_SCALE), (bd, p.qm)
 
 
