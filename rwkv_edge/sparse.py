@@ -48,11 +48,13 @@ class SparseFFN:
         `predict_indices` method (e.g. a `PredictorBundle`; tests pass the exact active set). If the
         object also has `predict(layer, xk (T, D)) -> bool (T, F)`, prefill uses it for all T tokens.
         A bundle of quantized-W_k threshold predictors decodes through `numba_cpu.sparse_ffn_quant`
-        (prediction and FFN in one kernel call); fused=False forces the generic path.
+        (prediction and FFN in one kernel call, its select possibly the AVX2 int8 kernel) when the model
+        runs the numba backend (fused=None, the default) or fused=True; fused=False, and a model on the
+        reference backend by default, take the generic path: the predictor's own float32 scores.
     Counts `n_tokens` and `n_active` (summed over layers) for reporting the density actually run.
     """
 
-    def __init__(self, model, predictor, dtype: str | None = None, fused: bool = True):
+    def __init__(self, model, predictor, dtype: str | None = None, fused: bool | None = None):
         self.bundles = layer_bundles(model, dtype)
         if predictor is None:  # exact: every key row, value columns of the active neurons only
             every = np.arange(self.bundles[0].F, dtype=np.int32)
@@ -68,6 +70,8 @@ class SparseFFN:
         # Quantized-W_k threshold predictors (the common bundle) run fused with the FFN in one kernel:
         # score = W_hat x from the packed codes, set = {score >= threshold}, then the sparse FFN.
         layers = getattr(predictor, "predictors", None)
+        if fused is None:
+            fused = getattr(model.ops, "name", "") == "numba"
         self.fused = None
         if fused and layers is not None and len(layers) == len(self.bundles) and all(map(_is_quantized, layers)):
             self.fused = list(layers)

@@ -132,6 +132,8 @@ def test_quantized_bundle_runs_fused_and_matches_the_generic_path(ckpt, monkeypa
         p.calib = Calibration(threshold=-0.05)
         preds.append(p)
     bundle = PredictorBundle(preds, model.fingerprint, model.config, "quantized", bits=4)
+    assert SparseFFN(model, bundle).fused is None          # the reference backend: float scores, unfused
+    model = rwkv_edge.load_model(ckpt, backend="numba")
     simd = SparseFFN(model, bundle, dtype="int8")
     _decode(model.with_ffn(simd), TOKENS)
     monkeypatch.setenv("RWKV_EDGE_SIMD", "0")
