@@ -179,3 +179,39 @@ def test_device_sparse_ffn_matches_cpu_sparse_ffn_on_reference_ops(tiny_ckpt):
         b_, sb = cpu.step(t, sb)
         np.testing.assert_allclose(a, b_, atol=1e-3)
     assert 0 < dev.ffn.density < 1
+
+
+def test_sparse_check_tool(tiny_ckpt, tmp_path):
+    """tools/sparse_check.py: sparse on the exact set == dense, and sparse on a bundle's predicted sets
+    == the dense math masked to the same sets, within 1e-3 (prefill + decode)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from conftest import SHARED
+    from predictors.bundle import PredictorBundle
+    from predictors.quantized import QuantizedPredictor
+    tokjson = SHARED / "models" / "tokenizer.json"
+    if not tokjson.exists():
+        pytest.skip(f"{tokjson} not present")
+    path = tiny_ckpt("x070", vocab_size=16384)
+    m = rwkv_edge.load_model(path)
+    X = np.random.default_rng(0).standard_normal((256, m.config.n_embd)).astype(np.float32)
+    preds = []
+    for b in m.blocks:
+        p = QuantizedPredictor.fit(b.ffn_key, 2, 32)
+        p.calibrate(X, np.maximum(X @ b.ffn_key.T, 0) ** 2, 0.95, "mass", 0.0)
+        preds.append(p)
+    bpath = str(tmp_path / "b.npz")
+    PredictorBundle(preds, m.fingerprint, m.config, "quantized", {}).save(bpath)
+    text = tmp_path / "t.txt"
+    text.write_text("The old man looked at the sea, and the sea looked back at him. " * 8)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "tools/sparse_check.py", "--model", path, "--tokenizer", str(tokjson),
+                        "--predictors", bpath, "--text", str(text), "--tokens", "24", "--steps", "6"],
+                       cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    vals = dict(re.findall(r"(\w+)=([-\d.e+]+)", r.stdout))
+    assert float(vals["exact_max_abs_diff"]) <= 1e-3 and float(vals["bundle_max_abs_diff"]) <= 1e-3
+    assert 0 < float(vals["bundle_density"]) < 1
