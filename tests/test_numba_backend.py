@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from checkpoints import make_state_dict
+from rwkv_edge.backends import numba_common as nbc
 from rwkv_edge.backends import numba_cpu as nb
+from rwkv_edge.backends import numba_sparse as nbs
 from rwkv_edge.backends import numba_v7 as nv7
 from rwkv_edge.backends import reference as ref
 from rwkv_edge.config import infer_config
@@ -26,7 +28,7 @@ def randn(*shape, scale=1.0):
 def par(request, monkeypatch):
     """Run a test with the serial kernels, then with every kernel forced onto the parallel path."""
     if request.param:
-        monkeypatch.setattr(nb, "PAR_MIN", 0)
+        monkeypatch.setattr(nbc, "PAR_MIN", 0)
     return request.param
 
 
@@ -48,7 +50,7 @@ def test_linear_all_formats(T):
 
 
 def test_linear_parallel_kernel(monkeypatch):
-    monkeypatch.setattr(nb, "PAR_MIN", 0)
+    monkeypatch.setattr(nbc, "PAR_MIN", 0)
     W = randn(203, 64)
     x = randn(1, 64)
     for name, Wobj, Wref in weight_formats(W):
@@ -139,17 +141,24 @@ def test_quant_matvec_matches_quant_package(bits, group_size):
 
 def test_quant_matvec_parallel(monkeypatch):
     from quant import QuantizedMatrix
-    monkeypatch.setattr(nb, "PAR_MIN", 0)
+    monkeypatch.setattr(nbc, "PAR_MIN", 0)
     qm = QuantizedMatrix.quantize(randn(131, 64), 2, 32)
     x = randn(64)
     assert rel_err(nb.quant_matvec(qm, x), qm.matvec(x)) < 1e-5
 
 
+@pytest.fixture
+def float_select():
+    """The float32 predictor select kernel for one test (not numba_simd's int8 one)."""
+    nb.set_simd_select(False)
+    yield
+    nb.set_simd_select(True)
+
+
 @pytest.mark.parametrize("bits", [2, 4])
-def test_sparse_ffn_quant_predicts_and_computes(bits, monkeypatch):
+def test_sparse_ffn_quant_predicts_and_computes(bits, monkeypatch, float_select):
     """The float select kernel (the int8 one: test_predictor_select_kernels)."""
     from quant import QuantizedMatrix
-    monkeypatch.setenv("RWKV_EDGE_SIMD", "0")
     K, V = ffn_weights()
     bundle = nb.NeuronBundledFFN.from_dense(K, V, "int8")
     qm = QuantizedMatrix.quantize(K, bits, 32)
@@ -158,16 +167,16 @@ def test_sparse_ffn_quant_predicts_and_computes(bits, monkeypatch):
     srt = np.sort(scores)
     thr = float(srt[119] + srt[120]) / 2               # between two scores: no boundary flips
     idx = np.flatnonzero(scores >= thr).astype(np.int32)
-    for par_min in (nb.PAR_MIN, 0):
-        monkeypatch.setattr(nb, "PAR_MIN", par_min)
+    for par_min in (nbc.PAR_MIN, 0):
+        monkeypatch.setattr(nbc, "PAR_MIN", par_min)
         out, n = nb.sparse_ffn_quant(x, qm, thr, bundle)
         assert n == len(idx) == 80
         np.testing.assert_allclose(out, nb.sparse_ffn(x, idx, bundle), rtol=1e-5, atol=1e-6)
 
 
-def test_predictor_select_kernels(monkeypatch):
+def test_predictor_select_kernels():
     """predictor_select: numba_simd's int8 kernel where AVX2 is there (flips only neurons within its
-    error bound of the threshold), the float kernel when RWKV_EDGE_SIMD=0 or the format is not one it
+    error bound of the threshold), the float kernel when set_simd_select(False) or the format is not one it
     takes; both drive sparse_ffn_quant to the sparse FFN of the set they select."""
     from quant import QuantizedMatrix
     from rwkv_edge.backends import numba_simd as ns
@@ -194,10 +203,12 @@ def test_predictor_select_kernels(monkeypatch):
         else:
             assert len(flipped) == 0
         np.testing.assert_allclose(out, nb.sparse_ffn(x, idx[:n], bundle), rtol=1e-5, atol=1e-6)
-        monkeypatch.setenv("RWKV_EDGE_SIMD", "0")
-        assert nb.predictor_select(qm)[0] is nb._qselect
-        monkeypatch.delenv("RWKV_EDGE_SIMD")
-    assert nb.predictor_select(QuantizedMatrix.quantize(K, 1, 32))[0] is nb._qselect
+        nb.set_simd_select(False)
+        try:
+            assert nb.predictor_select(qm)[0] is nbs._qselect
+        finally:
+            nb.set_simd_select(True)
+    assert nb.predictor_select(QuantizedMatrix.quantize(K, 1, 32))[0] is nbs._qselect
 
 
 # --- FFN ----------------------------------------------------------------------------------------
@@ -230,7 +241,7 @@ def test_bundle_views_and_ffn_dense(dtype, T):
                          ids=["fp32", "fp16", "int8", "int8-parallel"])
 def test_sparse_ffn_exact_set_equals_dense(dtype, par_min, monkeypatch):
     if par_min is not None:
-        monkeypatch.setattr(nb, "PAR_MIN", par_min)
+        monkeypatch.setattr(nbc, "PAR_MIN", par_min)
     K, V = ffn_weights()
     bundle = nb.NeuronBundledFFN.from_dense(K, V, dtype)
     Kd, Vd = bundle.dequantize()

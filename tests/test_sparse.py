@@ -119,7 +119,7 @@ def test_sparse_reads_fewer_bytes(ckpt, tmp_path):
         nb.counter.reset()
 
 
-def test_quantized_bundle_runs_fused_and_matches_the_generic_path(ckpt, monkeypatch):
+def test_quantized_bundle_runs_fused_and_matches_the_generic_path(ckpt):
     """With the float select kernel the fused path is the generic one; the AVX2 int8 select (the
     default where available) may flip neurons within its error bound of the threshold only."""
     from predictors.bundle import PredictorBundle
@@ -136,14 +136,17 @@ def test_quantized_bundle_runs_fused_and_matches_the_generic_path(ckpt, monkeypa
     model = rwkv_edge.load_model(ckpt, backend="numba")
     simd = SparseFFN(model, bundle, dtype="int8")
     _decode(model.with_ffn(simd), TOKENS)
-    monkeypatch.setenv("RWKV_EDGE_SIMD", "0")
-    fused = SparseFFN(model, bundle, dtype="int8")
-    generic = SparseFFN(model, bundle, dtype="int8", fused=False)
-    assert fused.fused is not None and generic.fused is None
-    a, _ = _decode(model.with_ffn(fused), TOKENS)
-    b, _ = _decode(model.with_ffn(generic), TOKENS)
-    assert np.abs(a - b).max() <= 1e-3
-    assert fused.n_active == generic.n_active and 0 < fused.density < 1
+    nb.set_simd_select(False)
+    try:
+        fused = SparseFFN(model, bundle, dtype="int8")
+        generic = SparseFFN(model, bundle, dtype="int8", fused=False)
+        assert fused.fused is not None and generic.fused is None
+        a, _ = _decode(model.with_ffn(fused), TOKENS)
+        b, _ = _decode(model.with_ffn(generic), TOKENS)
+        assert np.abs(a - b).max() <= 1e-3
+        assert fused.n_active == generic.n_active and 0 < fused.density < 1
+    finally:
+        nb.set_simd_select(True)
     assert abs(simd.n_active - fused.n_active) <= 0.02 * fused.n_active
     # prefill goes through bundle.predict (a mask for all tokens) and agrees with decoding
     c, _ = model.with_ffn(SparseFFN(model, bundle, dtype="int8")).forward(TOKENS, full_output=True)

@@ -19,9 +19,11 @@ from numba import prange as _prange
 from numba import types as _types
 from numba.extending import intrinsic as _intrinsic
 
-from .numba_cpu import (FFNKeyView, FFNValueView, Int8Weight, PAR_MIN, _NO_SCALE, _all_neurons, _ffn_parallel,
-                        _ffn_range, _get_num_threads, _kernel_array, _layer_norm, _margs, _mv_parallel, _mv_range,
-                        _nchunk, _prefetch, _qselect, predictor_select, _wkv7_step, _xm1, counter)
+from . import numba_common as _common
+from .numba_common import (_NO_SCALE, FFNKeyView, FFNValueView, Int8Weight, _get_num_threads, _kernel_array,
+                           _mv_parallel, _mv_range, _nchunk, _prefetch, counter)
+from .numba_cpu import _layer_norm, _margs, _wkv7_step, _xm1
+from .numba_sparse import _all_neurons, _ffn_parallel, _ffn_range, _qselect, predictor_select
 
 
 # --- fused RWKV-7 time-mix of one token ----------------------------------------------------------
@@ -194,7 +196,7 @@ def _tm7_static(b, has_v):
                 *_margs(b.g1), *_margs(b.g2), v0, *_margs(v1), *_margs(v2), b.k_k, b.k_a, b.r_k, b.lnx_w, b.lnx_b)
         nbytes = (sum(m.nbytes for m in (b.att_r, b.att_k, b.att_v, b.att_o)),
                   sum(m.nbytes for m in (b.w1, b.w2, b.a1, b.a2, b.g1, b.g2)) + ((b.v1.nbytes + b.v2.nbytes) if has_v else 0))
-        args = b.__dict__[key] = (args, nbytes, 1 if b.att_r.shape[0] * b.att_r.shape[1] * 3 < PAR_MIN else 0)
+        args = b.__dict__[key] = (args, nbytes, 1 if b.att_r.shape[0] * b.att_r.shape[1] * 3 < _common.PAR_MIN else 0)
     return args
 
 
