@@ -37,10 +37,37 @@ def _axpy4(kv, out, j0, h0, j1, h1, j2, h2, j3, h3):
 
 
 @_njit(fastmath=True, cache=True)
+def _ffn_seq(kv, sc, x, idx, lo, hi, out):
+    """The dense form of _ffn_range: every neuron of idx[lo:hi] (in order, normally all of them), one
+    at a time, its value column read whatever its activation. One neuron is one contiguous key row +
+    value column, so this is a single sequential stream that the hardware prefetcher follows: from
+    DRAM it ran ~2x faster than the four-neuron interleave that suits scattered sparse sets."""
+    D = kv.shape[2]
+    has_s = sc.shape[0] > 0
+    for p in range(lo, hi):
+        j = np.int64(idx[p])
+        k = kv[j, 0]
+        a = np.float32(0.0)
+        for d in range(D):
+            a += _f32(k[d]) * x[d]
+        if has_s:
+            a *= sc[j, 0]
+        h = a * a if a > 0 else np.float32(0.0)
+        if has_s:
+            h *= sc[j, 1]
+        v = kv[j, 1]
+        for d in range(D):
+            out[d] += h * _f32(v[d])
+    return hi - lo
+
+
+@_njit(fastmath=True, cache=True)
 def _ffn_range(kv, sc, x, idx, lo, hi, out, dense):
     """out += sum over j in idx[lo:hi] of relu(K[j] . x)^2 V[:, j]; returns the value columns read.
     Keys go four neurons at a time (x loads shared), value columns four at a time (one pass over out);
     neurons 4-8 ahead are prefetched. dense=True also reads value columns of zero activations."""
+    if dense:
+        return _ffn_seq(kv, sc, x, idx, lo, hi, out)
     D = kv.shape[2]
     nb = 2 * D * kv.itemsize
     has_s = sc.shape[0] > 0
