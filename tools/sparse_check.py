@@ -32,31 +32,25 @@ def _logits(model, prompt, steps):
     return np.stack(rows)
 
 
-class _Recorder:
-    """predict_indices that records each call's set (per layer, in call order)."""
+def _record_and_mask(predict, n_layer):
+    """(predict_indices that records each call's set, an ffn_activation hook zeroing k (T, F) outside
+    the recorded sets, replayed in the same order)."""
+    from rwkv_edge.sparse import ReplayIndices
+    rep = ReplayIndices(n_layer)
 
-    def __init__(self, predict, n_layer):
-        self.predict, self.sets = predict, [[] for _ in range(n_layer)]
-
-    def __call__(self, layer, x):
-        idx = np.asarray(self.predict(layer, x), np.int32)
-        self.sets[layer].append(idx)
+    def record(layer, x):
+        idx = np.asarray(predict(layer, x), np.int32)
+        rep.sets[layer].append(idx)
         return idx
 
-
-def _mask_hook(sets):
-    """An ffn_activation hook zeroing k (T, F) outside the recorded sets, replayed in order."""
-    pos = [0] * len(sets)
-
-    def hook(layer, k):
+    def mask(layer, k):
         k = k.copy()
         for t in range(k.shape[0]):
             keep = np.zeros(k.shape[1], bool)
-            keep[sets[layer][pos[layer]]] = True
-            pos[layer] += 1
+            keep[rep(layer, None)] = True
             k[t, ~keep] = 0.0
         return k
-    return hook
+    return record, mask
 
 
 def main(argv=None) -> int:
@@ -86,11 +80,11 @@ def main(argv=None) -> int:
     if args.predictors:
         from predictors.bundle import PredictorBundle
         bundle = PredictorBundle.load(args.predictors, model=model)
-        rec = _Recorder(bundle.predict_indices, model.config.n_layer)
-        sparse_m = model.with_ffn(SparseFFN(model, rec))
+        record, mask = _record_and_mask(bundle.predict_indices, model.config.n_layer)
+        sparse_m = model.with_ffn(SparseFFN(model, record))
         sparse = _logits(sparse_m, prompt, args.steps)
         masked_m = model.with_ffn(None)
-        masked_m.hooks.ffn_activation.append(_mask_hook(rec.sets))
+        masked_m.hooks.ffn_activation.append(mask)
         masked = _logits(masked_m, prompt, args.steps)
         d_b = float(np.abs(sparse - masked).max())
         line += (f" bundle_max_abs_diff={d_b:.3e} bundle_density={sparse_m.ffn.density:.3f}"

@@ -268,6 +268,18 @@ def _mv_range(W, s, x, y, r0, r1):
             o += 1
 
 
+@_njit(cache=True)
+def _threshold_select(y, thr, idx):
+    """The rows r < idx.shape[0] with y[r] >= thr, ascending, into idx; returns their count (the last
+    step of both predictor select kernels)."""
+    n = 0
+    for r in range(idx.shape[0]):
+        if y[r] >= thr:
+            idx[n] = r
+            n += 1
+    return n
+
+
 @_njit(fastmath=True, cache=True)
 def _mv_serial(W, s, x, y):
     _mv_range(W, s, x, y, 0, W.shape[0])

@@ -52,6 +52,8 @@ from numba import types as _types
 from numba.core import cgutils as _cgutils
 from numba.extending import intrinsic as _intrinsic
 
+from .numba_common import _threshold_select
+
 RB = 4              # 8-row vectors per block: the x broadcasts of a chunk are reused by RB vectors
 L = 8 * RB          # rows per block
 
@@ -281,12 +283,7 @@ def select_i8(P, S, Z, x, bits, thr, idx, nchunk):
     (int32, length R) and returns their count."""
     y = np.empty(P.shape[0] * L, np.float32)
     scores_i8(P, S, Z, x, bits, y, nchunk)
-    n = 0
-    for r in range(idx.shape[0]):
-        if y[r] >= thr:
-            idx[n] = r
-            n += 1
-    return n
+    return _threshold_select(y, thr, idx)
 
 
 # --- Python API -----------------------------------------------------------------------------------

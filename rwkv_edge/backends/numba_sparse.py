@@ -17,7 +17,7 @@ from numba import types as _types
 from numba.extending import intrinsic as _intrinsic
 
 from . import numba_common as _common
-from .numba_common import (_BLOCK_ELEMS, NeuronBundledFFN, _dequant_rows, _f32, _get_num_threads, _h2f,
+from .numba_common import (_BLOCK_ELEMS, _threshold_select, NeuronBundledFFN, _dequant_rows, _f32, _get_num_threads, _h2f,
                            _nchunk, _prefetch, counter)
 
 _SIMD = {"on": True}
@@ -348,12 +348,7 @@ def _qselect(Pt, St, Zt, x, bits, thr, idx, nchunk):
     """The predicted set {r : (W_hat x)_r >= thr} into idx (sorted); returns its size."""
     y = np.empty(St.shape[1], np.float32)
     _qmv(Pt, St, Zt, x, bits, y, nchunk)
-    n = 0
-    for r in range(idx.shape[0]):
-        if y[r] >= thr:
-            idx[n] = r
-            n += 1
-    return n
+    return _threshold_select(y, thr, idx)
 
 
 def predictor_select(qm) -> tuple:
