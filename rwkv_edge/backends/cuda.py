@@ -34,7 +34,8 @@ is x @ W.T with W (out, in), the wkv state (H, N, N) is indexed [head, value i, 
 
 Extra ops for the sparse FFN and predictors (reference versions: see the module docstrings of
 those modules): `transpose_weight`, `sparse_ffn`, `predictor_scores`, `topk_mask`, `topk_indices`,
-`threshold_mask`, `mask_to_indices`. `CudaGraphStep` replays a captured one-token decode step.
+`threshold_mask`, `mask_to_indices`. `CudaGraphStep` (cuda_graph.py) replays a captured one-token
+decode step. The Triton kernels and the torch-loop wkv fallbacks are in cuda_kernels.py.
 
 Importing this module needs torch but not CUDA or Triton; the first op that needs the GPU raises
 RuntimeError("CUDA is not available: ...") on a machine without one.
@@ -47,13 +48,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cuda_kernels import _triton, _wkv6_torch, _wkv7_torch  # noqa: F401  (_triton: tests and tools)
+from .cuda_kernels import kernels as _kernels
+
 name = "cuda"
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _cfg = {"dtype": "fp32", "device": "cuda", "split": True}
 _checked: dict = {}          # device string -> torch.device, once CUDA was found usable
 _emb_cache: dict = {}        # id(host emb) -> (weakref to it, device tensor)
-_triton: dict = {}           # "ok": bool, "kernels": the compiled-on-demand jit functions
 _mm_out_dtype = {"ok": None}  # whether torch.mm(..., out_dtype=float32) works for half inputs
 
 # wkv launch shape: one program per (head, block of WKV_ROWS value rows). Each value row of the
@@ -322,101 +325,6 @@ def group_norm(x, n_groups: int, w, b, eps: float):
 
 
 # --- wkv scans ------------------------------------------------------------------------------
-def _kernels():
-    """Compile-on-first-use Triton kernels, or None when Triton is unusable (torch loop fallback)."""
-    if "ok" in _triton:
-        return _triton.get("kernels")
-    try:
-        import triton
-        import triton.language as tl
-    except Exception:  # no triton: the torch fallback below
-        _triton["ok"] = False
-        return None
-
-    @triton.jit
-    def wkv_scan(s_in, r_p, w_p, k_p, v_p, a_p, b_p, u_p, y_p, s_out, T,
-                 C: tl.constexpr, N: tl.constexpr, BI: tl.constexpr, V7: tl.constexpr, PREFETCH: tl.constexpr,
-                 FUSED: tl.constexpr):
-        # One program: head h, value rows i in [ib*BI, ib*BI+BI), all N key columns j; the
-        # (BI, N) slice of the state lives in registers for the whole sequence.
-        # V7:  S = S*w_t[j] + (S @ a_t)_i b_t[j] + v_t[i] k_t[j] ;  y_t[i] = (S @ r_t)_i
-        # V6:  y_t[i] = ((S + u[j] v_t[i] k_t[j]) @ r_t)_i ;  S = S*w_t[j] + v_t[i] k_t[j]
-        # FUSED (V7): y from the old state, y = S @ (w*r) + sa (b.r) + v (k.r), so both row
-        # reductions of a token depend only on the previous state (one reduction on the serial path).
-        h = tl.program_id(0)
-        ib = tl.program_id(1)
-        ii = ib * BI + tl.arange(0, BI)
-        jj = tl.arange(0, N)
-        soff = h * N * N + ii[:, None] * N + jj[None, :]
-        S = tl.load(s_in + soff)
-        # per-token pointers, advanced by C each token (64-bit pointer arithmetic: no int32
-        # overflow of t * C on long sequences)
-        rp, wp, kp = r_p + h * N + jj, w_p + h * N + jj, k_p + h * N + jj
-        vp, yp = v_p + h * N + ii, y_p + h * N + ii
-        if V7:
-            ap, bp = a_p + h * N + jj, b_p + h * N + jj
-        else:
-            u = tl.load(u_p + h * N + jj)
-        r, w, k, v = tl.load(rp), tl.load(wp), tl.load(kp), tl.load(vp)
-        if V7:
-            a, b = tl.load(ap), tl.load(bp)
-        for t in range(T):
-            nxt = tl.where(t + 1 < T, C, 0)      # stay on the last token instead of reading past it
-            rp, wp, kp, vp = rp + nxt, wp + nxt, kp + nxt, vp + nxt
-            if V7:
-                ap, bp = ap + nxt, bp + nxt
-            if PREFETCH:  # next token's inputs, loaded while this token computes
-                rn, wn, kn, vn = tl.load(rp), tl.load(wp), tl.load(kp), tl.load(vp)
-                if V7:
-                    an, bn = tl.load(ap), tl.load(bp)
-            if V7:
-                if FUSED:
-                    sa = tl.sum(S * a[None, :], axis=1)
-                    y = tl.sum(S * (w * r)[None, :], axis=1) + sa * tl.sum(b * r, axis=0) + v * tl.sum(k * r, axis=0)
-                    S = S * w[None, :] + sa[:, None] * b[None, :] + v[:, None] * k[None, :]
-                else:
-                    sa = tl.sum(S * a[None, :], axis=1)
-                    S = S * w[None, :] + sa[:, None] * b[None, :] + v[:, None] * k[None, :]
-                    y = tl.sum(S * r[None, :], axis=1)
-            else:
-                kv = v[:, None] * k[None, :]
-                y = tl.sum((S + kv * u[None, :]) * r[None, :], axis=1)
-                S = S * w[None, :] + kv
-            tl.store(yp, y)
-            yp += C
-            if PREFETCH:
-                r, w, k, v = rn, wn, kn, vn
-                if V7:
-                    a, b = an, bn
-            else:
-                r, w, k, v = tl.load(rp), tl.load(wp), tl.load(kp), tl.load(vp)
-                if V7:
-                    a, b = tl.load(ap), tl.load(bp)
-        tl.store(s_out + soff, S)
-
-    @triton.jit
-    def mm_rows(x_p, w_p, y_p, K, N, sxm, swn, swk, BN: tl.constexpr, BK: tl.constexpr):
-        # y[m, n] = sum_k x[m, k] w[n, k]; x float32 (row stride sxm, unit column stride), w half
-        # at w_p + n*swn + k*swk (either layout), products and sums in float32. Program: (BN
-        # columns, one row m); a (BN, BK) float32 accumulator reduced once at the end.
-        pn = tl.program_id(0)
-        m = tl.program_id(1)
-        nn = pn * BN + tl.arange(0, BN)
-        kk = tl.arange(0, BK)
-        nmask = nn < N
-        acc = tl.zeros((BN, BK), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            ks = k0 + kk
-            kmask = ks < K
-            xv = tl.load(x_p + m * sxm + ks, mask=kmask, other=0.0)
-            wv = tl.load(w_p + nn[:, None] * swn + ks[None, :] * swk, mask=nmask[:, None] & kmask[None, :], other=0.0)
-            acc += wv.to(tl.float32) * xv[None, :]
-        tl.store(y_p + m * N + nn, tl.sum(acc, axis=1), mask=nmask)
-
-    _triton.update(ok=True, kernels={"scan": wkv_scan, "rows": mm_rows})
-    return _triton["kernels"]
-
-
 def _pow2(n: int) -> bool:
     return n > 0 and (n & (n - 1)) == 0
 
@@ -451,34 +359,6 @@ def _scan(state, r, w, k, v, a, b, u, v7: bool, rows=None, warps=None, prefetch=
         _triton.update(ok=False, kernels=None)
         return (_wkv7_torch if v7 else _wkv6_torch)(s_in, r, w, k, v, a if v7 else u, b if v7 else None)
     return y, s_out
-
-
-def _wkv7_torch(s, r, w, k, v, a, b):
-    """Sequential float32 torch loop (fallback and test oracle); same contract as wkv7."""
-    H, N, _ = s.shape
-    T = r.shape[0]
-    s = s.clone()
-    y = torch.empty((T, H * N), device=s.device, dtype=torch.float32)
-    r, w, k, v, a, b = (t.reshape(T, H, N) for t in (r, w, k, v, a, b))
-    for t in range(T):
-        sa = s @ a[t][:, :, None]
-        s = s * w[t][:, None, :] + sa * b[t][:, None, :] + v[t][:, :, None] * k[t][:, None, :]
-        y[t] = (s @ r[t][:, :, None]).reshape(H * N)
-    return y, s
-
-
-def _wkv6_torch(s, r, w, k, v, u, _unused=None):
-    H, N, _ = s.shape
-    T = r.shape[0]
-    s = s.clone()
-    y = torch.empty((T, H * N), device=s.device, dtype=torch.float32)
-    r, w, k, v = (t.reshape(T, H, N) for t in (r, w, k, v))
-    u = u.reshape(H, N)
-    for t in range(T):
-        kv = v[t][:, :, None] * k[t][:, None, :]
-        y[t] = ((s + kv * u[:, None, :]) @ r[t][:, :, None]).reshape(H * N)
-        s = s * w[t][:, None, :] + kv
-    return y, s
 
 
 def wkv7(state, r, w, k, v, a, b):
@@ -578,60 +458,4 @@ def mask_to_indices(mask: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(m, as_tuple=False).reshape(-1)
 
 
-# --- captured decode -------------------------------------------------------------------
-class CudaGraphStep:
-    """One-token decode of a model built on this backend, captured once as a CUDA graph and
-    replayed per token (removes the per-op launch cost that dominates batch-1 decode).
-
-        g = CudaGraphStep(model)        # captures; the model must use the cuda backend
-        g.reset(state)                  # copy a State (host or device) into the graph's buffers
-        logits = g.step(token)          # (V,) float32 device tensor, state advanced in place
-        st = g.state()                  # a copy of the current State (device tensors)
-
-    The forward replicates RWKVModel.forward for T=1 on static buffers; FFN input/activation hooks
-    and FFN replacements must be capturable (no host syncs, fixed shapes, e.g. top-k sparse sets).
-    """
-
-    def __init__(self, model, warmup: int = 2):
-        ops = model.ops
-        if getattr(ops, "name", "") != "cuda":
-            raise ValueError("CudaGraphStep needs a model built with the cuda backend")
-        self.model = model
-        self.emb = _device_emb(model.emb)
-        self.tok = torch.zeros(1, dtype=torch.long, device=device())
-        self.st = adopt_state(model.zero_state())
-        s = torch.cuda.Stream(device=device())
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(warmup):    # compile Triton kernels, warm cuBLAS outside the capture
-                self._forward()
-        torch.cuda.current_stream().wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._forward()
-        self.reset(None)
-
-    def _forward(self) -> torch.Tensor:
-        m, st = self.model, self.st
-        x = layer_norm(self.emb.index_select(0, self.tok).to(torch.float32), *m.ln0)
-        ctx: dict = {}
-        for i, b in enumerate(m.blocks):
-            x = x + m.time_mix(i, layer_norm(x, b.ln1_w, b.ln1_b), st, ctx)
-            x = x + m.channel_mix(i, layer_norm(x, b.ln2_w, b.ln2_b), st)
-        return linear(layer_norm(x, *m.ln_out), m.head)[0]
-
-    def reset(self, state=None) -> None:
-        src = adopt_state(self.model.zero_state() if state is None else state)
-        for f in ("att_x", "wkv", "ffn_x"):
-            getattr(self.st, f).copy_(getattr(src, f))
-
-    def step(self, token) -> torch.Tensor:
-        if isinstance(token, torch.Tensor):
-            self.tok.copy_(token.reshape(1))
-        else:
-            self.tok.fill_(int(token))
-        self.graph.replay()
-        return self.logits
-
-    def state(self):
-        return self.st.copy()
+from .cuda_graph import CudaGraphStep  # noqa: E402,F401  (needs the ops above)
