@@ -114,11 +114,12 @@ class _ArrayLike:
 
 class Int8Weight(_ArrayLike):
     """int8 codes q (out, in) with a float32 scale per output row: W ~= q * scale[:, None]."""
+    _out_axis, _layout = 0, "(out, in)"      # the axis of q that the scales run along
 
     def __init__(self, q: np.ndarray, scale: np.ndarray):
-        if q.dtype != np.int8 or q.ndim != 2 or np.shape(scale) != (q.shape[0],):
-            raise ValueError(f"Int8Weight needs q int8 (out, in) and scale (out,), got {q.dtype} {q.shape} "
-                             f"and {np.shape(scale)}")
+        if q.dtype != np.int8 or q.ndim != 2 or np.shape(scale) != (q.shape[self._out_axis],):
+            raise ValueError(f"{type(self).__name__} needs q int8 {self._layout} and scale (out,), got {q.dtype} "
+                             f"{q.shape} and {np.shape(scale)}")
         self.q, self.scale = q, np.asarray(scale, np.float32)
 
     @classmethod
@@ -140,12 +141,7 @@ class Int8Weight(_ArrayLike):
 
 class Int8Cols(Int8Weight):
     """int8 codes q (in, out) with a float32 scale per output column, for `matmul` (LoRA matrices)."""
-
-    def __init__(self, q: np.ndarray, scale: np.ndarray):
-        if q.dtype != np.int8 or q.ndim != 2 or np.shape(scale) != (q.shape[1],):
-            raise ValueError(f"Int8Cols needs q int8 (in, out) and scale (out,), got {q.dtype} {q.shape} "
-                             f"and {np.shape(scale)}")
-        self.q, self.scale = q, np.asarray(scale, np.float32)
+    _out_axis, _layout = 1, "(in, out)"
 
     @classmethod
     def from_float(cls, m: np.ndarray) -> "Int8Cols":
