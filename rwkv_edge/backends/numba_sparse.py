@@ -65,7 +65,8 @@ def _ffn_seq(kv, sc, x, idx, lo, hi, out):
 def _ffn_range(kv, sc, x, idx, lo, hi, out, dense):
     """out += sum over j in idx[lo:hi] of relu(K[j] . x)^2 V[:, j]; returns the value columns read.
     Keys go four neurons at a time (x loads shared), value columns four at a time (one pass over out);
-    neurons 4-8 ahead are prefetched. dense=True also reads value columns of zero activations."""
+    neurons 4-8 ahead are prefetched. dense=True (every neuron, value columns of zero activations
+    read too) runs _ffn_seq."""
     if dense:
         return _ffn_seq(kv, sc, x, idx, lo, hi, out)
     D = kv.shape[2]
@@ -101,8 +102,8 @@ def _ffn_range(kv, sc, x, idx, lo, hi, out, dense):
             a = a0 if q == 0 else (a1 if q == 1 else (a2 if q == 2 else a3))
             if has_s:
                 a *= sc[j, 0]
-            if a > 0 or dense:
-                h = a * a if a > 0 else np.float32(0.0)
+            if a > 0:
+                h = a * a
                 pj[n] = j
                 ph[n] = h * sc[j, 1] if has_s else h
                 n += 1
