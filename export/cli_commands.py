@@ -110,7 +110,7 @@ def run_export(args, parser) -> int:
         parser.error(f"--model {args.model}: ONNX export supports RWKV-7 (x070) models, this one is {cfg.version}")
     topk, preds, info = None, None, {}
     if args.predictors:
-        from predictors.bundle import PredictorBundle
+        from rwkv_edge.predictors.bundle import PredictorBundle
         try:
             bundle = PredictorBundle.load(args.predictors, model)
             preds = bundle_predictors(bundle)
@@ -129,7 +129,7 @@ def run_export(args, parser) -> int:
     if topk is not None:
         info["topk_scale"] = args.sparse_topk_scale or 1.0
     if args.predictor_bits is not None:
-        from quant import QuantizedMatrix
+        from rwkv_edge.quant import QuantizedMatrix
         gs = None if args.predictor_group_size == 0 else args.predictor_group_size
         if gs is not None and cfg.n_embd % gs:
             parser.error(f"--predictor-group-size {gs} does not divide n_embd {cfg.n_embd}")

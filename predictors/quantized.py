@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from quant import QuantizedMatrix
+from rwkv_edge.quant import QuantizedMatrix
 
 from .base import LayerPredictor, register
 from .calibrate import threshold_for_target

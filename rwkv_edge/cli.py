@@ -130,11 +130,11 @@ def cmd_chat(args, parser) -> int:
 # Subcommands that live with their own package: (module, function adding the parser).
 _PLUGINS = [
     ("rwkv_edge.modelfile", "add_convert_parser"),
-    ("predictors.cli_commands", "add_collect_parser"),
-    ("predictors.cli_commands", "add_fit_parser"),
-    ("predictors.cli_commands", "add_report_parser"),
-    ("export.cli_commands", "add_export_parser"),
-    ("export.cli_commands", "add_verify_parser"),
+    ("rwkv_edge.predictors.cli_commands", "add_collect_parser"),
+    ("rwkv_edge.predictors.cli_commands", "add_fit_parser"),
+    ("rwkv_edge.predictors.cli_commands", "add_report_parser"),
+    ("rwkv_edge.export.cli_commands", "add_export_parser"),
+    ("rwkv_edge.export.cli_commands", "add_verify_parser"),
 ]
 
 

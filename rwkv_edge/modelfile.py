@@ -108,7 +108,7 @@ def convert(model_or_path, out_path, dtype: str = "fp16") -> str:
     """Write `model_or_path` (a .pth path, (config, weights) or a model keeping `.weights`) to the
     model file `out_path` with storage `dtype` ("fp32", "fp16", "int8"); atomic (temp + rename).
     Returns out_path."""
-    from quant import quantize_int8_rows
+    from rwkv_edge.quant import quantize_int8_rows
     from .backends.numba_cpu import NeuronBundledFFN
 
     if dtype not in DTYPES:

@@ -42,7 +42,7 @@ def open_model(path: str, backend: str = "reference", predictors: str | None = N
     if predictors:
         if not os.path.exists(predictors):
             raise ModelLoadError(f"{predictors}: no such predictor bundle")
-        from predictors.bundle import PredictorBundle
+        from rwkv_edge.predictors.bundle import PredictorBundle
         from .sparse import DeviceSparseFFN, SparseFFN
 
         bundle = PredictorBundle.load(predictors, model=model)

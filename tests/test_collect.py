@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import rwkv_edge
-from predictors.collect import (CollectError, collect, encode_text, labels, load_layer, read_manifest,
+from rwkv_edge.predictors.collect import (CollectError, collect, encode_text, labels, load_layer, read_manifest,
                                 read_text_pieces)
 
 

@@ -303,7 +303,7 @@ def test_sparse_model_with_exact_sets_matches_dense(ckpt):
 
 @gpu
 def test_topk_mask_matches_numpy():
-    pred_cal = pytest.importorskip("predictors.calibrate")
+    pred_cal = pytest.importorskip("rwkv_edge.predictors.calibrate")
     rng = np.random.default_rng(2)
     s = rng.standard_normal((5, 100)).astype(np.float32)
     for k in (0, 1, 17, 100, 120):
@@ -314,8 +314,8 @@ def test_topk_mask_matches_numpy():
 def test_device_sparse_ffn_bundle_matches_cpu_sparse(ckpt, fp32_after):
     """`--device cuda --predictors B`: DeviceSparseFFN on the GPU equals the CPU SparseFFN with the
     same quantized bundle (prefill and decode), within 1e-3 in fp32."""
-    from predictors.bundle import PredictorBundle
-    from predictors.quantized import QuantizedPredictor
+    from rwkv_edge.predictors.bundle import PredictorBundle
+    from rwkv_edge.predictors.quantized import QuantizedPredictor
     from rwkv_edge.sparse import DeviceSparseFFN, SparseFFN
 
     C.set_dtype("fp32")
@@ -348,8 +348,8 @@ def test_half_dense_and_sparse_within_1e2_of_numpy(dtype, ckpt, fp32_after):
     """Issue 5's requirement on a tiny random model: `--device cuda --dtype fp16|bf16` (the default,
     accurate mode), dense and with a quantized predictor bundle, within 1e-2 of the numpy reference
     (prefill and decode). The checkpoint is stored in `dtype`, as a real fp16/bf16 checkpoint would be."""
-    from predictors.bundle import PredictorBundle
-    from predictors.quantized import QuantizedPredictor
+    from rwkv_edge.predictors.bundle import PredictorBundle
+    from rwkv_edge.predictors.quantized import QuantizedPredictor
     from rwkv_edge.sparse import SparseFFN
 
     path = ckpt("x070", FILE_DTYPE[dtype])

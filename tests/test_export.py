@@ -17,9 +17,9 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from rwkv_edge import load_model  # noqa: E402
-from export.export import export_onnx, read_sidecar  # noqa: E402
-from export.verify import compare, predictors_from_graph, sparse_reference, to_ort, verify  # noqa: E402
-from quant import QuantizedMatrix  # noqa: E402
+from rwkv_edge.export.export import export_onnx, read_sidecar  # noqa: E402
+from rwkv_edge.export.verify import compare, predictors_from_graph, sparse_reference, to_ort, verify  # noqa: E402
+from rwkv_edge.quant import QuantizedMatrix  # noqa: E402
 
 TOKENS = [int(t) for t in np.random.default_rng(1).integers(0, 256, 16)]
 REPO = Path(__file__).resolve().parents[1]
@@ -182,7 +182,7 @@ def test_run_ort_script_generates_like_runtime(model, fp32_dir):
 
 
 def _cli():
-    from export.cli_commands import add_export_parser, add_verify_parser
+    from rwkv_edge.export.cli_commands import add_export_parser, add_verify_parser
 
     ap = argparse.ArgumentParser(prog="rwkv-edge")
     sub = ap.add_subparsers(dest="command")
@@ -196,8 +196,8 @@ def _cli():
 
 
 def test_cli_export_and_verify(ckpt, model, tmp_path, capsys):
-    from predictors.bundle import PredictorBundle
-    from predictors.quantized import QuantizedPredictor
+    from rwkv_edge.predictors.bundle import PredictorBundle
+    from rwkv_edge.predictors.quantized import QuantizedPredictor
 
     ps = []
     for b, pct in zip(model.blocks, (0.8, 0.75)):
@@ -228,7 +228,7 @@ def test_cli_export_and_verify(ckpt, model, tmp_path, capsys):
 
 
 def test_external_data_above_the_limit(model, tmp_path, monkeypatch):
-    import export.export as ex
+    import rwkv_edge.export.export as ex
 
     monkeypatch.setattr(ex, "_EXTERNAL_DATA_LIMIT", 10_000)         # pretend the tiny model is > 2 GB
     d = export_onnx(model, tmp_path / "ext", prefill=False)

@@ -114,7 +114,7 @@ def test_convert_from_weights_pair_and_model(tmp_path, ckpt):
 
 
 def test_failed_convert_leaves_nothing(tmp_path, ckpt, monkeypatch):
-    import quant
+    import rwkv_edge.quant as quant
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
     monkeypatch.setattr(quant, "quantize_int8_rows", boom)

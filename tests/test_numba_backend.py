@@ -133,14 +133,14 @@ def test_wkv5_wkv6_match_reference(T):
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 @pytest.mark.parametrize("group_size", [None, 32])
 def test_quant_matvec_matches_quant_package(bits, group_size):
-    from quant import QuantizedMatrix
+    from rwkv_edge.quant import QuantizedMatrix
     qm = QuantizedMatrix.quantize(randn(131, 64), bits, group_size)
     x = randn(64)
     assert rel_err(nb.quant_matvec(qm, x), qm.matvec(x)) < 1e-5
 
 
 def test_quant_matvec_parallel(monkeypatch):
-    from quant import QuantizedMatrix
+    from rwkv_edge.quant import QuantizedMatrix
     monkeypatch.setattr(nbc, "PAR_MIN", 0)
     qm = QuantizedMatrix.quantize(randn(131, 64), 2, 32)
     x = randn(64)
@@ -158,7 +158,7 @@ def float_select():
 @pytest.mark.parametrize("bits", [2, 4])
 def test_sparse_ffn_quant_predicts_and_computes(bits, monkeypatch, float_select):
     """The float select kernel (the int8 one: test_predictor_select_kernels)."""
-    from quant import QuantizedMatrix
+    from rwkv_edge.quant import QuantizedMatrix
     K, V = ffn_weights()
     bundle = nb.NeuronBundledFFN.from_dense(K, V, "int8")
     qm = QuantizedMatrix.quantize(K, bits, 32)
@@ -178,7 +178,7 @@ def test_predictor_select_kernels():
     """predictor_select: numba_simd's int8 kernel where AVX2 is there (flips only neurons within its
     error bound of the threshold), the float kernel when set_simd_select(False) or the format is not one it
     takes; both drive sparse_ffn_quant to the sparse FFN of the set they select."""
-    from quant import QuantizedMatrix
+    from rwkv_edge.quant import QuantizedMatrix
     from rwkv_edge.backends import numba_simd as ns
     K, V = ffn_weights(F=512, D=128)
     bundle = nb.NeuronBundledFFN.from_dense(K, V, "fp32")

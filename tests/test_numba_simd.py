@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quant import QuantizedMatrix
+from rwkv_edge.quant import QuantizedMatrix
 from rwkv_edge.backends import numba_simd as ns
 
 pytestmark = pytest.mark.skipif(not ns.available(), reason="numba_simd needs x86-64 with AVX2 (+F16C)")
@@ -20,7 +20,7 @@ def _qm(R, C, bits, gs, seed=0, random_params=True):
     if random_params:
         G = qm.n_groups
         codes = rng.integers(0, 1 << bits, (R, C), dtype=np.uint8)
-        from quant import pack_bits
+        from rwkv_edge.quant import pack_bits
         qm.packed = pack_bits(codes, bits)
         qm.scale = rng.uniform(0.01, 0.5, (R, G)).astype(np.float16)
         qm.zero = rng.uniform(-2.0, 1.0, (R, G)).astype(np.float16)

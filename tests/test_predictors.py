@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 import rwkv_edge
-from predictors.bundle import PredictorBundle
-from predictors.calibrate import threshold_for_target, topk_for_target, topk_mask
-from predictors.collect import collect, labels
-from predictors.fit import fit, parse_kind
-from predictors.pq import PQPredictor
-from predictors.quantized import QuantizedPredictor
-from predictors.report import report
+from rwkv_edge.predictors.bundle import PredictorBundle
+from rwkv_edge.predictors.calibrate import threshold_for_target, topk_for_target, topk_mask
+from rwkv_edge.predictors.collect import collect, labels
+from rwkv_edge.predictors.fit import fit, parse_kind
+from rwkv_edge.predictors.pq import PQPredictor
+from rwkv_edge.predictors.quantized import QuantizedPredictor
+from rwkv_edge.predictors.report import report
 
 FIT_KW = dict(target=0.95, metric="active", heldout_frac=0.25, hidden=32, epochs=24, batch_size=128, lr=5e-3,
               threads=1, pq_m=16, pq_nbits=4, group_size=16, progress=False)
@@ -113,8 +113,8 @@ def test_quantized_ranking_improves_with_bits_and_8bit_is_near_exact(model):
 
 
 def test_mlp_training_is_deterministic_for_a_seed(model, data_dir):
-    from predictors.collect import load_layer
-    from predictors.mlp import MLPPredictor
+    from rwkv_edge.predictors.collect import load_layer
+    from rwkv_edge.predictors.mlp import MLPPredictor
 
     x, wk = load_layer(data_dir, 0, 0, 512), model.blocks[0].ffn_key
     a, b, c = (MLPPredictor.fit(x, wk, hidden=16, epochs=2, batch_size=128, seed=s, threads=1) for s in (3, 3, 4))
@@ -144,7 +144,7 @@ def test_pq_lookup_tables_match_decoded_scores_and_faiss(model):
 def test_union_is_calibrated_jointly(model, bundles, fresh_xk):
     """The union meets the target on the calibration rows and is never denser than its first member
     calibrated alone (giving up nothing to the second member is one of the options tried)."""
-    from predictors.ensemble import UnionPredictor
+    from rwkv_edge.predictors.ensemble import UnionPredictor
 
     x = fresh_xk[1][:300]
     _, act = labels(model, 1, x)

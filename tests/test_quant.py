@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from quant import (
+from rwkv_edge.quant import (
     QuantizedMatrix,
     dequantize_int8_rows,
     pack_bits,

@@ -122,9 +122,9 @@ def test_sparse_reads_fewer_bytes(ckpt, tmp_path):
 def test_quantized_bundle_runs_fused_and_matches_the_generic_path(ckpt):
     """With the float select kernel the fused path is the generic one; the AVX2 int8 select (the
     default where available) may flip neurons within its error bound of the threshold only."""
-    from predictors.bundle import PredictorBundle
-    from predictors.calibrate import Calibration
-    from predictors.quantized import QuantizedPredictor
+    from rwkv_edge.predictors.bundle import PredictorBundle
+    from rwkv_edge.predictors.calibrate import Calibration
+    from rwkv_edge.predictors.quantized import QuantizedPredictor
     model = rwkv_edge.load_model(ckpt)
     preds = []
     for b in model.blocks:
@@ -156,10 +156,10 @@ def test_quantized_bundle_runs_fused_and_matches_the_generic_path(ckpt):
 def test_device_sparse_ffn_matches_cpu_sparse_ffn_on_reference_ops(tiny_ckpt):
     """DeviceSparseFFN (the CUDA path's algorithm) run with the numpy ops equals the CPU SparseFFN
     for the same quantized bundle: decode step by step and a prefill."""
-    from predictors.bundle import PredictorBundle
+    from rwkv_edge.predictors.bundle import PredictorBundle
     from rwkv_edge import load_model
     from rwkv_edge.sparse import DeviceSparseFFN, SparseFFN
-    from predictors.quantized import QuantizedPredictor
+    from rwkv_edge.predictors.quantized import QuantizedPredictor
 
     m = load_model(tiny_ckpt("x070"))
     rng = np.random.default_rng(0)
@@ -193,8 +193,8 @@ def test_sparse_check_tool(tiny_ckpt, tmp_path):
     import sys
 
     from conftest import SHARED
-    from predictors.bundle import PredictorBundle
-    from predictors.quantized import QuantizedPredictor
+    from rwkv_edge.predictors.bundle import PredictorBundle
+    from rwkv_edge.predictors.quantized import QuantizedPredictor
     tokjson = SHARED / "models" / "tokenizer.json"
     if not tokjson.exists():
         pytest.skip(f"{tokjson} not present")

@@ -79,7 +79,7 @@ def _reference(path, pred, rounded=None):
         return open_model(path, backend="reference", predictors=pred)
     m = _round_like_gpu(open_model(path, backend="reference"), rounded)
     if pred:
-        from predictors.bundle import PredictorBundle
+        from rwkv_edge.predictors.bundle import PredictorBundle
         from rwkv_edge.sparse import SparseFFN
         m = m.with_ffn(SparseFFN(m, PredictorBundle.load(pred, model=m)))
     return m

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     line = f"exact_max_abs_diff={d_exact:.3e}"
     worst = d_exact
     if args.predictors:
-        from predictors.bundle import PredictorBundle
+        from rwkv_edge.predictors.bundle import PredictorBundle
         bundle = PredictorBundle.load(args.predictors, model=model)
         record, mask = _record_and_mask(bundle.predict_indices, model.config.n_layer)
         sparse_m = model.with_ffn(SparseFFN(model, record))

@@ -124,7 +124,7 @@ class Int8Weight(_ArrayLike):
 
     @classmethod
     def from_float(cls, w: np.ndarray) -> "Int8Weight":
-        from quant import quantize_int8_rows
+        from rwkv_edge.quant import quantize_int8_rows
         return cls(*quantize_int8_rows(w))
 
     shape = property(lambda self: self.q.shape)
@@ -145,7 +145,7 @@ class Int8Cols(Int8Weight):
 
     @classmethod
     def from_float(cls, m: np.ndarray) -> "Int8Cols":
-        from quant import quantize_int8_rows
+        from rwkv_edge.quant import quantize_int8_rows
         q, s = quantize_int8_rows(np.asarray(m, np.float32).T)
         return cls(np.ascontiguousarray(q.T), s)
 
