@@ -23,6 +23,7 @@ from . import numba_common as _common
 from .numba_common import (_NO_SCALE, FFNKeyView, FFNValueView, Int8Weight, _get_num_threads, _kernel_array,
                            _mv_parallel, _mv_range, _nchunk, _prefetch, counter)
 from .numba_cpu import _layer_norm, _margs, _wkv7_step, _xm1
+from . import numba_simd as _ns
 from .numba_sparse import _all_neurons, _ffn_parallel, _ffn_range, _qselect, predictor_select
 
 
@@ -234,15 +235,11 @@ _NO_ST = np.zeros((0, 1), np.uint16)
 _NO_IDX = np.zeros(0, np.int32)
 
 
-@_njit(fastmath=True, cache=True)
-def _block7(x, ln, tm, att_x, S, ffn_x, v_first, has_vres, v_out, ffn_xk,
-            kind, kv, sc, idx, select, Pt, St, Zt, bits, thr, Wk, sk, Wv, sv, nchunk):
-    """x (1, D) += time-mix(ln1 x); x += FFN(token-shifted ln2 x), updating att_x, S, ffn_x in place.
-    ln (4, D) = ln1 w, b, ln2 w, b; tm: the _tm7 weight arguments. FFN by `kind`: FFN_BUNDLED (kv, sc
-    over all neurons, idx = 0..F-1), FFN_SPARSE_Q (the predicted set {(W_hat xk)_j >= thr} into idx by
-    the predictor's select kernel on its layout Pt, St, Zt (numba_cpu.predictor_select), then kv, sc
-    over it), FFN_PLAIN (W_k (F, D) and W_v (D, F) with optional per-row scales).
-    Returns (neurons whose key row was read, value columns read)."""
+@_njit(fastmath=True)
+def _block7_mix(x, ln, tm, att_x, S, ffn_x, v_first, has_vres, v_out, ffn_xk, nchunk):
+    """First half of a block: x (1, D) += time-mix(ln1 x), updating att_x and S in place; returns the
+    token-shifted FFN input xk (1, D) (ffn_x updated) and a scratch row o (1, D) for the FFN output.
+    ln (4, D) = ln1 w, b, ln2 w, b; tm: the _tm7 weight arguments."""
     D = x.shape[1]
     xa = np.empty((1, D), np.float32)
     _layer_norm(x, ln[0], ln[1], np.float32(1e-5), xa)
@@ -256,7 +253,16 @@ def _block7(x, ln, tm, att_x, S, ffn_x, v_first, has_vres, v_out, ffn_xk,
     for d in range(D):
         xk[0, d] = xa[0, d] + (ffn_x[d] - xa[0, d]) * ffn_xk[d]
     ffn_x[:] = xa[0]
-    n, nval = 0, 0
+    return xk, o
+
+
+@_njit(fastmath=True)
+def _block7_ffn(x, xk, o, kind, n, kv, sc, idx, Wk, sk, Wv, sv, nchunk):
+    """Second half: x += FFN(xk). FFN by `kind`: FFN_BUNDLED (kv, sc over all neurons, idx = 0..F-1),
+    FFN_SPARSE_Q (kv, sc over the n predicted neurons idx[:n]), FFN_PLAIN (W_k (F, D) and W_v (D, F)
+    with optional per-row scales). Returns (neurons whose key row was read, value columns read)."""
+    D = x.shape[1]
+    nval = 0
     if kind == FFN_PLAIN:
         F = Wk.shape[0]
         k = np.empty((1, F), np.float32)
@@ -271,19 +277,39 @@ def _block7(x, ln, tm, att_x, S, ffn_x, v_first, has_vres, v_out, ffn_xk,
         else:
             _mv_range(Wv, sv, k, o, 0, D)
         n, nval = F, F
+    elif nchunk > 1 and kind == FFN_BUNDLED:
+        nval = _ffn_parallel(kv, sc, xk[0], idx, o[0], True, nchunk)
     else:
-        if kind == FFN_SPARSE_Q:
-            n = select(Pt, St, Zt, xk[0], bits, thr, idx, 1)
-        else:
-            n = idx.shape[0]
-        if nchunk > 1 and kind == FFN_BUNDLED:
-            nval = _ffn_parallel(kv, sc, xk[0], idx, o[0], True, nchunk)
-        else:
-            o[0, :] = 0.0
-            nval = _ffn_range(kv, sc, xk[0], idx[:n], 0, n, o[0], kind == FFN_BUNDLED)
+        o[0, :] = 0.0
+        nval = _ffn_range(kv, sc, xk[0], idx[:n], 0, n, o[0], kind == FFN_BUNDLED)
     for d in range(D):
         x[0, d] += o[0, d]
     return n, nval
+
+
+# The cached entry points: one whole block per call. The predictor's select kernel is called by name
+# in each, never passed in: a dispatcher argument is a new type in every process (and a dispatcher
+# value a dynamic global), so the cache never hit and its index grew each run until numba failed
+# with "underlying object has vanished".
+@_njit(fastmath=True, cache=True)
+def _block7(x, ln, tm, att_x, S, ffn_x, v_first, has_vres, v_out, ffn_xk,
+            kind, kv, sc, idx, Pt, St, Zt, bits, thr, Wk, sk, Wv, sv, nchunk):
+    """x (1, D) += time-mix(ln1 x); x += FFN(token-shifted ln2 x), updating att_x, S, ffn_x in place
+    (see _block7_mix, _block7_ffn). FFN_SPARSE_Q: the predicted set {(W_hat xk)_j >= thr} by the float
+    select `_qselect` on the predictor layout Pt, St, Zt (numba_cpu.predictor_select)."""
+    xk, o = _block7_mix(x, ln, tm, att_x, S, ffn_x, v_first, has_vres, v_out, ffn_xk, nchunk)
+    n = _qselect(Pt, St, Zt, xk[0], bits, thr, idx, 1) if kind == FFN_SPARSE_Q else idx.shape[0]
+    return _block7_ffn(x, xk, o, kind, n, kv, sc, idx, Wk, sk, Wv, sv, nchunk)
+
+
+@_njit(fastmath=True, cache=True)
+def _block7_i8(x, ln, tm, att_x, S, ffn_x, v_first, has_vres, v_out, ffn_xk,
+               kind, kv, sc, idx, Pt, St, Zt, bits, thr, Wk, sk, Wv, sv, nchunk):
+    """_block7 with numba_simd's AVX2 int8 select on its layout (compiled only when called, so only on
+    AVX2 machines)."""
+    xk, o = _block7_mix(x, ln, tm, att_x, S, ffn_x, v_first, has_vres, v_out, ffn_xk, nchunk)
+    n = _ns.select_i8(Pt, St, Zt, xk[0], bits, thr, idx, 1)
+    return _block7_ffn(x, xk, o, kind, n, kv, sc, idx, Wk, sk, Wv, sv, nchunk)
 
 
 def _ffn_spec(b, ffn, layer):
@@ -293,7 +319,7 @@ def _ffn_spec(b, ffn, layer):
         k, v = b.ffn_key, b.ffn_value
         if type(k) is FFNKeyView and type(v) is FFNValueView and k.bundle is v.bundle:
             bd = k.bundle
-            return FFN_BUNDLED, (bd._kv, bd._sc, _all_neurons(bd.F), _qselect, _NO_PT, _NO_ST, _NO_ST, 2, np.float32(0),
+            return FFN_BUNDLED, (bd._kv, bd._sc, _all_neurons(bd.F), _NO_PT, _NO_ST, _NO_ST, 2, np.float32(0),
                                  _NO_W, _NO_SCALE, _NO_W, _NO_SCALE), bd
         plain = []
         for w in (k, v):
@@ -303,14 +329,15 @@ def _ffn_spec(b, ffn, layer):
                 plain += [_kernel_array(w), _NO_SCALE]
             else:
                 return None
-        return FFN_PLAIN, (_NO_KV, _NO_SC2, _NO_IDX, _qselect, _NO_PT, _NO_ST, _NO_ST, 2, np.float32(0), *plain), None
+        return FFN_PLAIN, (_NO_KV, _NO_SC2, _NO_IDX, _NO_PT, _NO_ST, _NO_ST, 2, np.float32(0), *plain), None
     layers = getattr(ffn, "fused", None)          # sparse.SparseFFN with quantized-W_k threshold predictors
     if layers is None:
         return None
     p, bd = layers[layer], ffn.bundles[layer]
     idx = ffn.__dict__.setdefault("_idx_buf", np.empty(bd.F, np.int32))
-    return FFN_SPARSE_Q, (bd._kv, bd._sc, idx, *predictor_select(p.qm), p.qm.bits, np.float32(p.calib.threshold),
-                          _NO_W, _NO_SCALE, _NO_W, _NO_SCALE), (bd, p.qm)
+    select, P, S, Z = predictor_select(p.qm)
+    return FFN_SPARSE_Q, (bd._kv, bd._sc, idx, P, S, Z, p.qm.bits, np.float32(p.calib.threshold),
+                          _NO_W, _NO_SCALE, _NO_W, _NO_SCALE), (bd, p.qm, select is _ns.select_i8)
 
 
 def _ln_pack(b):
@@ -338,7 +365,8 @@ def block7_step(b, x: np.ndarray, state, layer: int, ctx: dict, ffn=None) -> boo
     nchunk = 1 if serial and kind != FFN_BUNDLED else _nchunk()
     if _get_num_threads() == 1:
         nchunk = 1
-    n, nval = _block7(x, _ln_pack(b), static, state.att_x[layer], state.wkv[layer], state.ffn_x[layer], v_first,
+    kernel = _block7_i8 if kind == FFN_SPARSE_Q and info[2] else _block7
+    n, nval = kernel(x, _ln_pack(b), static, state.att_x[layer], state.wkv[layer], state.ffn_x[layer], v_first,
                       has_v, v[0], b.ffn_xk, kind, *fargs, nchunk)
     if layer == 0:
         ctx["v_first"] = v
