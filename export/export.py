@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import onnx
 
-from rwkv_edge.fileio import atomic_write
+from rwkv_edge.fileio import atomic_write, clean_stale_temps, current_umask, temp_prefix
 
 from .onnx_graph import build_graph, state_specs
 from .onnx_ops import DTYPES
@@ -101,7 +101,10 @@ def export_onnx(model, out_dir, dtype: str = "fp32", sparse_topk: Optional[Seque
         graphs["prefill"] = ("prefill.onnx", lambda: build(seq=True), True)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    # temp dirs of killed exports (their process is gone) are removed; ours carries our pid
+    clean_stale_temps(out_dir.parent, f".{out_dir.name}.")
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(f".{out_dir.name}."), suffix=".tmp", dir=out_dir.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())      # mkdtemp makes 0700; the export gets the usual mode
     try:
         files: dict = {}
         entries: dict = {}
@@ -179,14 +182,32 @@ def write_sidecar(onnx_dir, meta: dict) -> None:
         f.write(json.dumps(meta, indent=1) + "\n")
 
 
-def read_sidecar(onnx_dir) -> dict:
-    """The parsed `model.json` of an export directory, checked for format and version."""
+def read_sidecar(onnx_dir, check_files: bool = True) -> dict:
+    """The parsed `model.json` of an export directory, checked for format and version; with
+    `check_files`, every graph it names must exist with the size the sidecar records (a deleted
+    or truncated graph is a ValueError here, not an onnxruntime error later)."""
     path = Path(onnx_dir) / SIDECAR
     if not path.is_file():
         raise FileNotFoundError(f"{onnx_dir}: no {SIDECAR}; not an rwkv-edge ONNX export")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not an rwkv-edge ONNX sidecar")
-    if int(meta.get("format_version", -1)) != FORMAT_VERSION:
+    if str(meta.get("format_version")) != str(FORMAT_VERSION):
         raise ValueError(f"{path}: sidecar version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    graphs, files = meta.get("graphs"), meta.get("files")
+    if (not isinstance(graphs, dict) or "step" not in graphs or not isinstance(files, dict)
+            or not all(isinstance(g, dict) and isinstance(g.get("file"), str) for g in graphs.values())
+            or not isinstance(meta.get("state"), list) or not isinstance(meta.get("dtype"), str)):
+        raise ValueError(f"{path}: damaged sidecar (graphs, files, state or dtype missing)")
+    if check_files:
+        for name, size in files.items():
+            f = Path(onnx_dir) / str(name)
+            if not f.is_file():
+                raise ValueError(f"{onnx_dir}: {name} is missing (the export is incomplete; export it again)")
+            if isinstance(size, int) and f.stat().st_size != size:
+                raise ValueError(f"{onnx_dir}: {name} has {f.stat().st_size} bytes, model.json records {size} "
+                                 f"(truncated or replaced; export it again)")
     return meta

@@ -29,10 +29,18 @@ class OrtModel:
 
     def __init__(self, onnx_dir: str, variant: str = "dense", exact: bool = True, threads=None,
                  file_suffix: str = ".onnx"):
-        with open(os.path.join(onnx_dir, "model.json")) as f:
-            self.meta = json.load(f)
-        if self.meta.get("format") != "rwkv-edge-onnx":
-            raise ValueError(f"{onnx_dir}/model.json is not an rwkv-edge ONNX sidecar")
+        side = os.path.join(onnx_dir, "model.json")
+        if not os.path.isfile(side):
+            raise ValueError(f"{onnx_dir}: no model.json; not an rwkv-edge ONNX export")
+        with open(side, encoding="utf-8") as f:
+            try:
+                self.meta = json.load(f)
+            except ValueError as e:                    # JSONDecodeError, UnicodeDecodeError
+                raise ValueError(f"{side}: not valid JSON ({e})") from None
+        if not isinstance(self.meta, dict) or self.meta.get("format") != "rwkv-edge-onnx":
+            raise ValueError(f"{side} is not an rwkv-edge ONNX sidecar")
+        if not isinstance(self.meta.get("graphs"), dict) or not isinstance(self.meta.get("state"), list):
+            raise ValueError(f"{side}: damaged sidecar (no graphs or state list)")
         key = {"dense": "step", "sparse": "sparse_step"}.get(variant)
         if key is None or key not in self.meta["graphs"]:
             raise ValueError(f"{onnx_dir}: no {variant!r} graph (has {sorted(self.meta['graphs'])})")
@@ -46,7 +54,13 @@ class OrtModel:
 
         def load(entry):
             path = os.path.join(onnx_dir, os.path.splitext(entry["file"])[0] + file_suffix)
-            return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            if not os.path.isfile(path):
+                raise ValueError(f"{path}: missing (the export is incomplete; export it again)")
+            try:
+                return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            except Exception as e:  # onnxruntime's InvalidProtobuf, Fail, InvalidGraph: a damaged file
+                msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise ValueError(f"{path}: not a loadable ONNX graph, truncated or damaged ({msg})") from None
 
         self.dir, self.variant = onnx_dir, variant
         self.step_graph = self.meta["graphs"][key]
@@ -126,46 +140,87 @@ def generate(model: OrtModel, tokenizer, prompt_ids, max_tokens, temperature=1.0
     return ids, state, (len(ids) / dt if dt > 0 else 0.0)
 
 
+def _number(kind, lo, hi=None, lo_open=False):
+    """argparse type: a finite `kind` number >= lo (> lo when lo_open), <= hi."""
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got '{s}'") from None
+        if v != v or v in (float("inf"), float("-inf")) or v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"out of range: {s}")
+        return v
+    return parse
+
+
+def _clean(text: str, what: str) -> str:
+    """Text from argv or stdin with bytes that were not UTF-8 replaced by U+FFFD (and a note)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        print(f"note: {what} is not valid UTF-8; invalid bytes replaced by U+FFFD", file=sys.stderr)
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+PROG = "run_ort.py"
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Bad input: one line `run_ort.py: error: ...`, exit 2 (as every rwkv-edge tool); Ctrl-C: 130."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, KeyError, TypeError) as e:   # a damaged export or tokenizer file
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def _main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     ap.add_argument("--onnx", required=True, help="export directory (holds model.json)")
     ap.add_argument("--prompt", help="prompt text; omit with --chat")
     ap.add_argument("--chat", action="store_true", help="interactive User/Assistant loop on stdin")
-    ap.add_argument("--max-tokens", type=int, default=100)
-    ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    ap.add_argument("--top-p", type=float, default=0.85)
-    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--max-tokens", type=_number(int, 0), default=100, help="(default: %(default)s)")
+    ap.add_argument("--temperature", type=_number(float, 0), default=1.0, help="0 = greedy (default: %(default)s)")
+    ap.add_argument("--top-p", type=_number(float, 0, 1, lo_open=True), default=0.85, help="(default: %(default)s)")
+    ap.add_argument("--seed", type=_number(int, 0), default=None)
     ap.add_argument("--variant", choices=("dense", "sparse"), default="dense")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=_number(int, 1), default=None)
     ap.add_argument("--no-bos", action="store_true", help="do not start the context with <|endoftext|>")
     a = ap.parse_args(argv)
     if not a.chat and a.prompt is None:
         ap.error("give --prompt TEXT or --chat")
     from tokenizers import Tokenizer
 
-    try:
-        model = OrtModel(a.onnx, a.variant, threads=a.threads)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    model = OrtModel(a.onnx, a.variant, threads=a.threads)
     if not model.meta.get("tokenizer"):
-        print(f"error: {a.onnx} has no tokenizer file", file=sys.stderr)
-        return 1
-    tok = Tokenizer.from_file(os.path.join(a.onnx, model.meta["tokenizer"]))
+        raise ValueError(f"{a.onnx} has no tokenizer file")
+    tok_path = os.path.join(a.onnx, model.meta["tokenizer"])
+    try:
+        tok = Tokenizer.from_file(tok_path)
+    except Exception as e:  # tokenizers raises its own Exception type for damaged files
+        raise ValueError(f"{tok_path}: not a readable tokenizer.json ({str(e)[:200]})") from None
     eos = tok.token_to_id("<|endoftext|>")
     bos = [] if a.no_bos or eos is None else [eos]
     stops = () if eos is None else (eos,)
     rng = np.random.default_rng(a.seed)
     if not a.chat:
-        sys.stdout.write(a.prompt)
-        ids, _, tps = generate(model, tok, bos + tok.encode(a.prompt).ids, a.max_tokens, a.temperature,
+        prompt = _clean(a.prompt, "--prompt")
+        sys.stdout.write(prompt)
+        ids, _, tps = generate(model, tok, bos + tok.encode(prompt).ids, a.max_tokens, a.temperature,
                                a.top_p, stop_ids=stops, rng=rng)
         print(f"\n[{len(ids)} tokens, {tps:.1f} tok/s]", file=sys.stderr)
         return 0
     state, first = model.zero_state(), True
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")      # a non-UTF-8 line is cleaned, not fatal
     while True:
         try:
-            msg = input("User: ").strip()
+            msg = _clean(input("User: "), "input line").strip()
         except EOFError:
             return 0
         if not msg:

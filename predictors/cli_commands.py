@@ -2,8 +2,8 @@
 
 `rwkv_edge.cli` calls `add_collect_parser(sub)`, `add_fit_parser(sub)` and `add_report_parser(sub)`;
 each registers a subparser whose `func(args, parser)` returns an exit code. Heavy imports happen
-inside the run functions. Bad values are argparse errors (one line, exit 2); failures while
-running (another model's data, a damaged bundle) are one line on stderr and exit 1.
+inside the run functions. Bad values are argparse errors (one line, exit 2); so are failures while
+running that bad input causes (another model's data, a damaged bundle): one line on stderr, exit 2.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import os
 import sys
 import time
 
-from rwkv_edge.cli import positive_int as _positive_int, top_p_value as _fraction  # one set of argument types
+from rwkv_edge.cli import non_negative_int, positive_int as _positive_int, top_p_value as _fraction  # one set of types
+from rwkv_edge.errors import error_exit
 
 
 def _group_size(s: str):
@@ -42,13 +43,12 @@ def _common(p: argparse.ArgumentParser, device: bool = True, backend: bool = Fal
                        help="CPU kernels for the model run (default: numba)")
     if device:
         p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to compute (default: cpu)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _fail(parser, msg) -> int:
-    print(f"{parser.prog}: error: {msg}", file=sys.stderr)
-    return 1
+    return error_exit(parser.prog, msg)
 
 
 def _load_model(parser, path: str, device: str = "cpu", backend: str = "reference"):
@@ -64,7 +64,7 @@ def _load_model(parser, path: str, device: str = "cpu", backend: str = "referenc
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
-def _tokens(parser, args, model, n_tokens):
+def _tokens(parser, args, model, n_tokens, with_tokenizer: bool = False):
     from rwkv_edge.tokenizer import TokenizerError, load_tokenizer
 
     from .collect import encode_text
@@ -78,23 +78,24 @@ def _tokens(parser, args, model, n_tokens):
     ids = encode_text(tok, args.text, n_tokens)
     if not ids:
         parser.error(f"--text {args.text}: no tokens in the file")
-    return ids
+    return (ids, tok) if with_tokenizer else ids
 
 
 # --------------------------------------------------------------------------- collect
 
 
 def run_collect(args, parser) -> int:
-    from .collect import CollectError, collect
+    from .collect import CollectError, collect, text_source_id
 
     if not os.path.isfile(args.text):
         parser.error(f"--text {args.text}: no such file")
     model = _load_model(parser, args.model, args.device, args.backend)
     t0 = time.perf_counter()
-    ids = _tokens(parser, args, model, args.tokens)
+    ids, tok = _tokens(parser, args, model, args.tokens, with_tokenizer=True)
     try:
         man = collect(model, ids, args.out, n_tokens=args.tokens, chunk=args.chunk,
-                      progress=not args.no_progress, shard_rows=args.shard_rows)
+                      progress=not args.no_progress, shard_rows=args.shard_rows,
+                      source_id=text_source_id(args.text, tok))
     except CollectError as e:
         return _fail(parser, e)
     dt = time.perf_counter() - t0

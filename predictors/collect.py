@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from typing import Iterator
 
 import numpy as np
@@ -117,8 +118,23 @@ class _LayerWriter:
 # --------------------------------------------------------------------------- collect
 
 
+_OWN_FILE = re.compile(r"^(L\d{2}_\d{4}\.npy|%s|%s)$" % (re.escape(STATE_FILE), re.escape(MANIFEST)))
+
+
+def text_source_id(path: str, tokenizer) -> str:
+    """Identity of a text file + tokenizer (sha256 of the bytes): `collect` extends a directory of
+    the same source when --tokens is raised, although the evenly spread sample then differs."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    h.update(f"{type(tokenizer).__name__}:{getattr(tokenizer, 'vocab_size', '')}".encode())
+    return h.hexdigest()[:16]
+
+
 def collect(model, tokens, out_dir: str, n_tokens: int | None = None, chunk: int = 512,
-            progress: bool = True, shard_rows: int = DEFAULT_SHARD_ROWS, tokenizer=None) -> dict:
+            progress: bool = True, shard_rows: int = DEFAULT_SHARD_ROWS, tokenizer=None,
+            source_id: str | None = None) -> dict:
     """Run `tokens` through `model` in windows of `chunk` tokens (state carried between windows) and
     stream every layer's FFN input xk (T, D) to float16 shards under `out_dir`.
 
@@ -126,6 +142,10 @@ def collect(model, tokens, out_dir: str, n_tokens: int | None = None, chunk: int
     `tokenizer` and run back to back); at most `n_tokens` of them are used (all when None).
     If `out_dir` already holds a partial collection of the same model and the same
     source, it is resumed from the saved state; another model's data raises CollectError.
+    source_id: identity of the text the tokens were sampled from (`text_source_id`); a directory
+    of the same source_id but other tokens (a larger --tokens resamples the text) is extended from
+    its last stored token with the new tokens from that position on.
+    The manifest is written before the first window, so a run interrupted at any point resumes.
     Returns the final manifest (dict).
     """
     from rwkv_edge.state import State
@@ -152,17 +172,21 @@ def collect(model, tokens, out_dir: str, n_tokens: int | None = None, chunk: int
         man = read_manifest(out_dir)
         check_model(man, model, out_dir)
         if man["source_hash"] != src:
-            raise CollectError(f"{out_dir}: holds a collection of another text; use a new --out directory")
+            if source_id is None or man.get("source_id") != source_id:
+                raise CollectError(f"{out_dir}: holds a collection of another text; use a new --out directory")
+            man["source_hash"] = src   # same text, resampled for more tokens: extend (and resume this run)
         if man["shard_rows"] != shard_rows:
             shard_rows = int(man["shard_rows"])
         state = State.load(os.path.join(out_dir, STATE_FILE), cfg, model.fingerprint) if man["tokens"] else None
     else:
-        if any(not n.startswith(".") for n in os.listdir(out_dir)):
+        # only shards/state of a run killed before its first manifest (older versions) may be there
+        if any(not n.startswith(".") and not _OWN_FILE.match(n) for n in os.listdir(out_dir)):
             raise CollectError(f"{out_dir}: directory is not empty and has no {MANIFEST}; use a new --out directory")
         man = {"magic": MAGIC, "format_version": FORMAT_VERSION, "fingerprint": model.fingerprint,
                "config": cfg.to_dict(), "dim": cfg.n_embd, "ffn_dim": cfg.ffn_dim, "dtype": "float16",
-               "shard_rows": shard_rows, "source_hash": src, "tokens": 0, "complete": False,
-               "layers": [{"layer": i, "count": 0, "shards": []} for i in range(cfg.n_layer)]}
+               "shard_rows": shard_rows, "source_hash": src, "source_id": source_id, "tokens": 0,
+               "complete": False, "layers": [{"layer": i, "count": 0, "shards": []} for i in range(cfg.n_layer)]}
+        _write_json_atomic(os.path.join(out_dir, MANIFEST), man)   # resumable from the first token on
         state = None
     start = int(man["tokens"])
     if start >= n_total:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
+from .errors import clean_text, one_line
 from .generate import Generation
 from .state import State
 
@@ -30,7 +31,8 @@ def chat_loop(model, tokenizer, sampler, max_tokens: int = 300, inp: TextIO = sy
         line = inp.readline()
         if not line:
             break
-        msg = line.strip()
+        # a line that was not valid UTF-8 (stdin decoded with surrogateescape): replace the bytes, say so
+        msg = clean_text(line, "input line", note=lambda m: out.write(f"[{m}]\n")).strip()
         if not msg:
             continue
         if msg.startswith("/"):
@@ -51,13 +53,14 @@ def chat_loop(model, tokenizer, sampler, max_tokens: int = 300, inp: TextIO = sy
                 except OSError as e:
                     out.write(f"[cannot save: {e}]\n")
             elif cmd == "/load":
-                try:
-                    gen.state = State.load(arg, model.config, fingerprint=model.fingerprint)
-                    gen.logits = None
+                try:  # State.load validates everything before the session's state is replaced
+                    new_state = State.load(arg, model.config, fingerprint=model.fingerprint)
+                except (OSError, ValueError) as e:
+                    out.write(f"[cannot load: {one_line(e)}; the conversation continues unchanged]\n")
+                else:
+                    gen.state, gen.logits = new_state, None
                     sampler.reset()
                     out.write(f"[state loaded from {arg}]\n")
-                except (OSError, ValueError) as e:
-                    out.write(f"[cannot load: {e}]\n")
             else:
                 out.write(f"[unknown command {cmd}; {HELP}]\n")
             out.flush()

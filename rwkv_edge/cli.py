@@ -64,14 +64,19 @@ def add_model_args(p: argparse.ArgumentParser, sparse: bool = True) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser, chat: bool = False) -> None:
-    p.add_argument("--max-tokens", type=non_negative_int, default=300 if chat else 100)
-    p.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 = greedy (deterministic)")
-    p.add_argument("--top-p", type=top_p_value, default=0.85 if chat else 1.0)
-    p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=non_negative_int, default=300 if chat else 100,
+                   help="tokens to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=non_negative_float, default=1.0,
+                   help="0 = greedy (deterministic) (default: %(default)s)")
+    p.add_argument("--top-p", type=top_p_value, default=0.85 if chat else 1.0,
+                   help="nucleus mass kept, in (0, 1] (default: %(default)s)")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off (default: %(default)s)")
+    p.add_argument("--seed", type=non_negative_int, default=None, help="random seed >= 0 (default: random)")
     if chat:
-        p.add_argument("--presence-penalty", type=_float, default=0.4)
-        p.add_argument("--frequency-penalty", type=_float, default=0.4)
+        p.add_argument("--presence-penalty", type=_float, default=0.4,
+                       help="lowers the logit of every token already said (default: %(default)s)")
+        p.add_argument("--frequency-penalty", type=_float, default=0.4,
+                       help="lowers it more per (decaying) occurrence (default: %(default)s)")
 
 
 def resolve_model_path(parser: argparse.ArgumentParser, args) -> str:
@@ -110,10 +115,12 @@ def _sampler(args, chat: bool):
 
 
 def cmd_generate(args, parser) -> int:
+    from .errors import clean_text
     from .generate import generate
 
+    prompt = clean_text(args.prompt, "--prompt", note=lambda m: print(m, file=sys.stderr))
     model, tok = load_for_run(parser, args)
-    for piece in generate(model, tok, args.prompt, args.max_tokens, _sampler(args, chat=False)):
+    for piece in generate(model, tok, prompt, args.max_tokens, _sampler(args, chat=False)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -124,6 +131,8 @@ def cmd_chat(args, parser) -> int:
     from .chat import chat_loop
 
     model, tok = load_for_run(parser, args)
+    if hasattr(sys.stdin, "reconfigure"):  # invalid UTF-8 lines reach chat_loop, which replaces the bytes
+        sys.stdin.reconfigure(errors="surrogateescape")
     return chat_loop(model, tok, _sampler(args, chat=True), max_tokens=args.max_tokens)
 
 
@@ -139,7 +148,9 @@ _PLUGINS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rwkv-edge", description="Small, fast RWKV inference with sparse FFNs.")
+    from .errors import ArgumentParser
+
+    parser = ArgumentParser(prog="rwkv-edge", description="Small, fast RWKV inference with sparse FFNs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -164,18 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .errors import run_main
+
     parser = build_parser()
     args = parser.parse_args(argv)
     sub_parser = parser._subparsers._group_actions[0].choices[args.command]
-    try:
-        func = args.func
-        # plugin commands may take (args) or (args, parser)
-        n = len(inspect.signature(func).parameters)
-        return int((func(args, sub_parser) if n >= 2 else func(args)) or 0)
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        return 0
+    func = args.func
+    # plugin commands may take (args) or (args, parser)
+    n = len(inspect.signature(func).parameters)
+    # bad input met while running: one line + exit 2; Ctrl-C: 130; SIGTERM: 143 (temp files removed)
+    return run_main(sub_parser.prog, (lambda: func(args, sub_parser)) if n >= 2 else (lambda: func(args)))
 
 
 if __name__ == "__main__":

@@ -19,10 +19,15 @@ def lambada_items(path: str, limit: int | None = None) -> List[Tuple[str, str]]:
     """(context, target) pairs: context = text up to the last space, target = " " + last word."""
     items = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):   # UnicodeDecodeError (a ValueError) for binary files
             if not line.strip():
                 continue
-            text = json.loads(line)["text"]
+            try:
+                text = json.loads(line)["text"]
+                if not isinstance(text, str):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{path}:{lineno}: not a LAMBADA line (a JSON object with a \"text\" string)") from None
             ctx, _, word = text.rpartition(" ")
             items.append((ctx, " " + word))
             if limit is not None and len(items) >= limit:
@@ -52,8 +57,8 @@ def score_lambada(model, tokenizer, items: Iterable[Tuple[str, str]], progress: 
         lp = log_softmax(logits[len(src) - 1:])              # (len(dst), V)
         nll_sum -= float(sum(lp[j, t] for j, t in enumerate(dst)))
         correct += bool(all(int(np.argmax(lp[j])) == t for j, t in enumerate(dst)))
-        if progress and i % 50 == 0:
-            bar.set_postfix(acc=f"{correct / (i + 1):.4f}")
+        if progress:  # running accuracy; tqdm redraws at most once per mininterval
+            bar.set_postfix(acc=f"{correct / (i + 1):.4f}", refresh=False)
     n = len(items)
     return LambadaResult(correct / max(n, 1), math.exp(nll_sum / max(n, 1)), n)
 

@@ -1,19 +1,61 @@
 """Writing files atomically: a temp file in the target's directory, fsync, then rename.
 
 A crash or an error mid-write never leaves a half-written file under the final name, and the
-temp file is removed on failure.
+temp file is removed on failure. Temp names carry the writer's process id
+(`.rwkve-<pid>-XXXX.tmp`): a process killed with SIGKILL cannot clean up, so the next write into
+the same directory removes temps whose process no longer runs (`clean_stale_temps`).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True        # exists (another user's) or unknown: keep its files
+    return True
+
+
+def temp_prefix(prefix: str) -> str:
+    """`prefix` + this process's id: the start of the name of a temp file or directory we create."""
+    return f"{prefix}{os.getpid()}-"
+
+
+def clean_stale_temps(directory, prefix: str, suffix: str = ".tmp") -> list:
+    """Remove `<prefix><pid>-*<suffix>` files/directories in `directory` left by processes that no
+    longer run (killed mid-write). Returns the removed paths."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(suffix)):
+            continue
+        pid = name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        p = os.path.join(directory, name)
+        try:
+            shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
 
 
 @contextlib.contextmanager
@@ -21,13 +63,14 @@ def atomic_write(path, mode: str = "wb", prefix: str = ".tmp-"):
     """`with atomic_write(p) as f: ...` writes `p` all at once; mode "wb" or "w"."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=prefix, suffix=".tmp")
+    clean_stale_temps(d, prefix)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=temp_prefix(prefix), suffix=".tmp")
     try:
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())      # mkstemp makes 0600; give the file the usual mode
+        os.chmod(tmp, 0o666 & ~current_umask())      # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -93,8 +93,11 @@ def _source(model_or_path):
         config, weights = load_checkpoint(os.fspath(model_or_path))
         src = os.path.basename(os.fspath(model_or_path))
     elif isinstance(model_or_path, tuple) and len(model_or_path) == 2:
+        from .weights import check_finite
+
         config, weights = model_or_path
         src = "weights"
+        check_finite(weights, src)     # a .pth path is checked when loaded
     elif isinstance(getattr(model_or_path, "weights", None), dict):
         m = model_or_path
         return m.config, m.weights, m.fingerprint, type(m).__name__
@@ -272,25 +275,30 @@ def add_convert_parser(sub) -> None:
 
 
 def _run_convert(args, parser) -> int:
-    import sys
+    """Bad input (a damaged or non-finite checkpoint, an unwritable --out) raises; rwkv_edge.cli turns
+    it into one line and exit 2. A killed run leaves no temp file behind after the next one."""
     import time
 
     if not os.path.isfile(args.model):
         parser.error(f"--model {args.model}: no such file")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        parser.error(f"--out {args.out}: directory {out_dir} does not exist")
+    if os.path.isdir(args.out):
+        parser.error(f"--out {args.out}: is a directory, expected a file name")
     t0 = time.perf_counter()
-    try:
-        convert(args.model, args.out, args.dtype)
-        h = read_header(args.out)
-        # the tokenizer travels with the model: generate/chat find a tokenizer.json next to the model file
-        src_tok = os.path.join(os.path.dirname(os.path.abspath(args.model)), "tokenizer.json")
-        dst_tok = os.path.join(os.path.dirname(os.path.abspath(args.out)), "tokenizer.json")
-        if os.path.exists(src_tok) and not os.path.exists(dst_tok):
-            import shutil
-            shutil.copyfile(src_tok, dst_tok)
-            print(f"copied {src_tok} -> {dst_tok}")
-    except (ValueError, OSError) as e:
-        print(f"{parser.prog}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 1
+    convert(args.model, args.out, args.dtype)
+    h = read_header(args.out)
+    # the tokenizer travels with the model: generate/chat find a tokenizer.json next to the model
+    # file, so it is copied beside --out (never into the current directory)
+    src_tok = os.path.join(os.path.dirname(os.path.abspath(args.model)), "tokenizer.json")
+    dst_tok = os.path.join(out_dir, "tokenizer.json")
+    if os.path.exists(src_tok) and not os.path.exists(dst_tok):
+        import shutil
+
+        with atomic_write(dst_tok, prefix=".tokenizer-") as f, open(src_tok, "rb") as g:
+            shutil.copyfileobj(g, f)
+        print(f"copied {src_tok} -> {dst_tok}")
     c = h["config"]
     print(f"wrote {args.out}: {h['file_size'] / 2**20:.1f} MiB, dtype {h['dtype']}, {c['version']} "
           f"L{c['n_layer']} D{c['n_embd']} F{c['ffn_dim']} V{c['vocab_size']}, fingerprint {h['fingerprint']}, "

@@ -1,11 +1,15 @@
 """Recurrent state of an RWKV model as an explicit value."""
 from __future__ import annotations
 
+import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from .config import ModelConfig
+from .errors import one_line
 from .fileio import atomic_write
 
 _MAGIC = "rwkv-edge-state"
@@ -56,19 +60,38 @@ class State:
 
     @classmethod
     def load(cls, path: str, config: ModelConfig | None = None, fingerprint: str = "") -> "State":
-        """Read a state written by `save`; checks magic, version, shapes and (if given) the model fingerprint."""
+        """Read a state written by `save`. Everything is checked before a State is returned: magic,
+        version, the model fingerprint (if given), the shapes (with `config`), float dtype, finite
+        values. Any problem is a ValueError naming the file (a damaged zip or CRC error included)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            raise ValueError(f"{path}: is a directory, not a state file")
         try:
             with np.load(path, allow_pickle=False) as z:
-                if str(z["magic"]) != _MAGIC:
+                if not isinstance(z, np.lib.npyio.NpzFile) or "magic" not in z.files or str(z["magic"]) != _MAGIC:
                     raise ValueError(f"{path}: not an rwkv-edge state file")
                 if int(z["version"]) != _VERSION:
                     raise ValueError(f"{path}: state format version {int(z['version'])}, expected {_VERSION}")
                 saved_fp = str(z["fingerprint"])
-                st = cls(z["att_x"].astype(np.float32), z["wkv"].astype(np.float32), z["ffn_x"].astype(np.float32))
-        except (OSError, KeyError, EOFError) as e:
-            raise ValueError(f"{path}: not a readable rwkv-edge state file ({e})") from None
+                arrays = {k: z[k] for k in ("att_x", "wkv", "ffn_x")}   # reading checks each member's CRC
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such file") from None
+        except AttributeError:  # np.load of a plain .npy returns an array
+            raise ValueError(f"{path}: not an rwkv-edge state file") from None
+        except (OSError, KeyError, EOFError, TypeError, zipfile.BadZipFile, zlib.error) as e:
+            raise ValueError(f"{path}: truncated or damaged state file ({one_line(e)})") from None
+        except ValueError as e:
+            raise ValueError(f"{path}: not a readable rwkv-edge state file ({one_line(e)})") from None
         if fingerprint and saved_fp and saved_fp != fingerprint:
             raise ValueError(f"{path}: state belongs to another model (fingerprint {saved_fp} != {fingerprint})")
+        for name, a in arrays.items():
+            if a.dtype.kind != "f":
+                raise ValueError(f"{path}: state tensor {name} has dtype {a.dtype}, expected float32")
+            if not np.isfinite(a).all():
+                raise ValueError(f"{path}: state tensor {name} holds NaN or inf values")
+        st = cls(*(arrays[k].astype(np.float32) for k in ("att_x", "wkv", "ffn_x")))
         if config is not None and not st.matches(config):
-            raise ValueError(f"{path}: state shapes do not match the model")
+            raise ValueError(f"{path}: state shapes do not match the model ({st.att_x.shape}, {st.wkv.shape}, "
+                             f"{st.ffn_x.shape}; the model needs ({config.n_layer}, {config.n_embd}), "
+                             f"({config.n_layer}, {config.n_head}, {config.head_size}, {config.head_size}))")
         return st

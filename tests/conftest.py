@@ -34,3 +34,11 @@ def ref_model_path():
     if not REF_MODEL.exists():
         pytest.skip(f"reference model not present at {REF_MODEL}")
     return str(REF_MODEL)
+
+
+@pytest.fixture(scope="session")
+def bad_input_assets(tmp_path_factory):
+    """Tiny real files of every kind (model, model file, bundle, state, ONNX export, ...): tiny_assets.py."""
+    from tiny_assets import build_assets
+
+    return build_assets(tmp_path_factory.mktemp("assets"))

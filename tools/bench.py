@@ -136,22 +136,52 @@ def _dense_fp32_bytes(path) -> int:
     return 4 * int(n)
 
 
-def _model_file(model, dtype, workdir):
-    """fp32 runs from the .pth; fp16/int8 from a converted model file cached in workdir."""
+def _model_file(model, dtype, workdir, fingerprint):
+    """fp32 runs from the .pth; fp16/int8 from a converted model file cached in workdir under the
+    source's fingerprint (another model of the same file name never reuses it)."""
     if dtype == "fp32" or not model.endswith(".pth"):
         return model
+    from rwkv_edge.config import ModelLoadError
     from rwkv_edge.modelfile import convert, read_header
     os.makedirs(workdir, exist_ok=True)
-    out = os.path.join(workdir, f"{os.path.basename(model)[:-4]}-{dtype}.rwkve")
-    if not os.path.exists(out):
+    out = os.path.join(workdir, f"{os.path.basename(model)[:-4]}-{fingerprint}-{dtype}.rwkve")
+    try:
+        h = read_header(out) if os.path.exists(out) else None
+    except ModelLoadError:
+        h = None                                      # damaged cache entry: convert again
+    if h is None or h.get("fingerprint") != fingerprint or h.get("dtype") != dtype:
         print(f"converting {model} -> {out}", file=sys.stderr)
         convert(model, out, dtype)
-    read_header(out)
     return out
 
 
+def _check_inputs(ap, args) -> str:
+    """Load the model once here (and the bundle against it), so a damaged or non-RWKV file or
+    another model's bundle is one line and exit 2 before any configuration runs. Returns the
+    model's fingerprint."""
+    from rwkv_edge import load_model
+    m = load_model(args.model)
+    fp = m.fingerprint
+    if args.predictors:
+        from rwkv_edge.predictors.bundle import PredictorBundle
+        PredictorBundle.load(args.predictors, model=m)
+    del m
+    return fp
+
+
+PROG = "bench.py"
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="bench.py", description=__doc__.splitlines()[0])
+    """Bad input: one line, exit 2. A configuration that fails (its JSON line has "error") makes
+    the run exit 1."""
+    from rwkv_edge.errors import run_main
+    return run_main(PROG, _main, argv)
+
+
+def _main(argv=None) -> int:
+    from rwkv_edge.errors import ArgumentParser
+    ap = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="official .pth checkpoint")
     ap.add_argument("--predictors", help="predictor bundle: adds the sparse configurations")
     ap.add_argument("--dtype", default=None,
@@ -182,6 +212,7 @@ def main(argv=None) -> int:
     allowed = {"cpu": {"fp32", "fp16", "int8"}, "cuda": {"fp32", "fp16", "bf16"}}[args.device]
     if not dtypes or set(dtypes) - allowed:
         ap.error(f"--dtype: choose from {', '.join(sorted(allowed))} for --device {args.device}")
+    fingerprint = _check_inputs(ap, args)
 
     base = dict(model=args.model, device=args.device, threads=args.threads, tokens=args.tokens,
                 rounds=args.rounds, prefill_tokens=args.prefill_tokens)
@@ -192,19 +223,21 @@ def main(argv=None) -> int:
     if args.with_reference and args.device == "cpu":
         cfgs.append(dict(base, name="reference fp32", impl="rwkv-edge", dtype="fp32", file=args.model, backend="reference"))
     for d in dtypes:
-        f = args.model if args.device == "cuda" else _model_file(args.model, d, args.workdir)
+        f = args.model if args.device == "cuda" else _model_file(args.model, d, args.workdir, fingerprint)
         cfgs.append(dict(base, name=f"dense {d}", impl="rwkv-edge", dtype=d, file=f))
         if args.predictors and (d != "fp32" or args.device == "cuda"):
             cfgs.append(dict(base, name=f"sparse {d}", impl="rwkv-edge", dtype=d, file=f, predictors=args.predictors))
 
-    results = {}
+    results, failed = {}, []
     for cfg in cfgs:
         env = dict(os.environ, OPENBLAS_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
         r = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", json.dumps(cfg)],
                            capture_output=True, text=True, env=env)
         lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
         if r.returncode != 0 or not lines:
-            print(json.dumps({"config": cfg["name"], "error": (r.stderr.strip().splitlines() or ["?"])[-1]}), flush=True)
+            err = (r.stderr.strip().splitlines() or ["?"])[-1]
+            print(json.dumps({"config": cfg["name"], "error": err}), flush=True)
+            failed.append(f"{cfg['name']}: {err}")
             continue
         res = json.loads(lines[-1])
         results[cfg["name"]] = res
@@ -230,6 +263,10 @@ def main(argv=None) -> int:
     s2 = rate(sp) / rate(dn) if rate(sp) and rate(dn) else float("nan")
     tag = "fp16" if args.device == "cuda" else "int8"
     print(f"speedup_sparse_{tag}_vs_rwkv={s1:.2f} speedup_sparse_vs_dense_{tag}={s2:.2f}")
+    if failed:
+        print(f"{PROG}: error: {len(failed)} of {len(cfgs)} configuration(s) failed; first: {failed[0]}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,7 +3,6 @@
     python tools/lambada.py --model M [--limit N] [--predictors BUNDLE] [--backend numba]
 Last line: `lambada acc=0.XXXX ppl=YY.YY n=N`.
 """
-import argparse
 import os
 import sys
 import time
@@ -11,13 +10,22 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rwkv_edge.cli import add_model_args, load_for_run, positive_int, resolve_model_path  # noqa: E402
+from rwkv_edge.errors import ArgumentParser, run_main  # noqa: E402
 from rwkv_edge.evaluate import lambada_items, score_lambada  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "lambada_test.jsonl")
 
 
+PROG = "lambada.py"
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="lambada.py", description=__doc__.splitlines()[0])
+    """Bad input (a missing/damaged model or data file): one line, exit 2."""
+    return run_main(PROG, _main, argv)
+
+
+def _main(argv=None) -> int:
+    ap = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     add_model_args(ap)
     ap.add_argument("--data", default=DEFAULT_DATA, help="lambada_test.jsonl (default: ../shared/data)")
     ap.add_argument("--limit", type=positive_int, help="only the first N items")
@@ -26,6 +34,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not os.path.exists(args.data):
         ap.error(f"--data {args.data}: no such file")
+    items = lambada_items(args.data, args.limit)   # a damaged data file fails before the model loads
     if args.engine == "rwkv":  # the package alone runs the model; ours is not loaded
         if args.predictors:
             ap.error("--predictors applies to --engine rwkv-edge only")
@@ -39,7 +48,6 @@ def main(argv=None) -> int:
             ap.exit(2, f"{ap.prog}: error: {e}\n")
     else:
         model, tok = load_for_run(ap, args)
-    items = lambada_items(args.data, args.limit)
     t0 = time.time()
     r = score_lambada(model, tok, items)
     print(f"wall_s={time.time() - t0:.1f}", file=sys.stderr)

@@ -9,7 +9,6 @@ Runs a prompt (the first --tokens tokens of --text) then --steps decode steps, t
 Prints the max abs logit difference of each (`exact_max_abs_diff=... bundle_max_abs_diff=...`) and
 exits 1 when one is over --tol (default 1e-3).
 """
-import argparse
 import os
 import sys
 
@@ -18,6 +17,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rwkv_edge.cli import positive_int, resolve_model_path  # noqa: E402
+from rwkv_edge.errors import ArgumentParser, read_text_file, run_main  # noqa: E402
+
+PROG = "sparse_check.py"
 
 DEFAULT_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "heldout.txt")
 
@@ -54,32 +56,44 @@ def _record_and_mask(predict, n_layer):
 
 
 def main(argv=None) -> int:
+    """Bad input (a damaged model or bundle, another model's bundle, a --text that is not UTF-8):
+    one line, exit 2; sparse != dense beyond --tol: exit 1."""
+    return run_main(PROG, _main, argv)
+
+
+def _main(argv=None) -> int:
     from rwkv_edge.runtime import open_model
     from rwkv_edge.sparse import SparseFFN, exact_active_indices
     from rwkv_edge.tokenizer import load_tokenizer
 
-    ap = argparse.ArgumentParser(prog="sparse_check.py", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     ap.add_argument("--model")
     ap.add_argument("--tokenizer", help="default: tokenizer.json next to the model")
     ap.add_argument("--predictors")
     ap.add_argument("--text", default=DEFAULT_TEXT)
     ap.add_argument("--tokens", type=positive_int, default=64)
     ap.add_argument("--steps", type=positive_int, default=32)
-    ap.add_argument("--tol", type=float, default=1e-3)
+    ap.add_argument("--tol", type=float, default=1e-3, help="(default: %(default)s)")
     args = ap.parse_args(argv)
     path = resolve_model_path(ap, args)
+    text = read_text_file(args.text, "--text", limit=20 * args.tokens)
+    if args.predictors and not os.path.isfile(args.predictors):
+        ap.error(f"--predictors {args.predictors}: no such file")
     model = open_model(path, backend="numba")
     tok = load_tokenizer(args.tokenizer, path, model.config.vocab_size)
-    with open(args.text, encoding="utf-8") as f:
-        prompt = tok.encode(f.read(20 * args.tokens))[: args.tokens]
+    bundle = None
+    if args.predictors:       # checked before the long runs: another model's bundle is refused here
+        from rwkv_edge.predictors.bundle import PredictorBundle
+        bundle = PredictorBundle.load(args.predictors, model=model)
+    prompt = tok.encode(text)[: args.tokens]
+    if not prompt:
+        ap.error(f"--text {args.text}: no tokens in the file")
     dense = _logits(model, prompt, args.steps)
     exact = _logits(model.with_ffn(SparseFFN(model, exact_active_indices(model))), prompt, args.steps)
     d_exact = float(np.abs(exact - dense).max())
     line = f"exact_max_abs_diff={d_exact:.3e}"
     worst = d_exact
-    if args.predictors:
-        from rwkv_edge.predictors.bundle import PredictorBundle
-        bundle = PredictorBundle.load(args.predictors, model=model)
+    if bundle is not None:
         record, mask = _record_and_mask(bundle.predict_indices, model.config.n_layer)
         sparse_m = model.with_ffn(SparseFFN(model, record))
         sparse = _logits(sparse_m, prompt, args.steps)
