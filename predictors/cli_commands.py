@@ -13,7 +13,7 @@ import sys
 import time
 
 from rwkv_edge.cli import non_negative_int, positive_int as _positive_int, top_p_value as _fraction  # one set of types
-from rwkv_edge.errors import error_exit
+from rwkv_edge.errors import check_text_file, error_exit
 
 
 def _group_size(s: str):
@@ -71,6 +71,7 @@ def _tokens(parser, args, model, n_tokens, with_tokenizer: bool = False):
 
     if not os.path.isfile(args.text):
         parser.error(f"--text {args.text}: no such file")
+    check_text_file(args.text, "--text")      # binary files are refused, not tokenized into garbage
     try:
         tok = load_tokenizer(args.tokenizer, args.model, model.config.vocab_size)
     except TokenizerError as e:

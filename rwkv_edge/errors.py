@@ -80,10 +80,11 @@ def run_main(prog: str, fn, *args, extra_errors: tuple = ()) -> int:
     except Terminated:
         print(f"{prog}: terminated", file=sys.stderr, flush=True)
         return EXIT_TERMINATED
-    except BrokenPipeError:     # `| head` closed stdout: not an error
+    except BrokenPipeError:     # `| head` closed stdout: not an error; keep the exit flush quiet
         try:
-            sys.stdout = None
-        except Exception:
+            import os
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
             pass
         return 0
     except BAD_INPUT + tuple(extra_errors) as e:
@@ -106,6 +107,20 @@ def read_text_file(path: str, what: str = "--text", limit: int | None = None) ->
         raise UserError(f"{what} {path}: is a directory, expected a text file") from None
     except FileNotFoundError:
         raise UserError(f"{what} {path}: no such file") from None
+
+
+def check_text_file(path: str, what: str = "--text", probe: int = 1 << 20) -> None:
+    """UserError unless the first `probe` bytes of `path` are UTF-8 text (a binary file given as
+    text would otherwise be tokenized into garbage without a word)."""
+    import codecs
+
+    with open(path, "rb") as f:
+        head = f.read(probe)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)   # a cut last character is fine
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path}: not a UTF-8 text file (invalid byte {e.object[e.start:e.start + 1]!r} "
+                        f"near byte {e.start})") from None
 
 
 def clean_text(text: str, what: str, note=None) -> str:

@@ -18,8 +18,12 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def lambada_items(path: str, limit: int | None = None) -> List[Tuple[str, str]]:
     """(context, target) pairs: context = text up to the last space, target = " " + last word."""
     items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):   # UnicodeDecodeError (a ValueError) for binary files
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (a LAMBADA .jsonl file is)") from None
             if not line.strip():
                 continue
             try:

@@ -35,6 +35,11 @@ TABLE = [
      ["not a UTF-8 text file"]),
     ("1-sparse_check-binary", ["tools/sparse_check.py", "--model", "{model}", "--text", "{binary}"], None, 2,
      ["not a UTF-8 text file"]),
+    ("1-collect-binary", ["rwkv-edge", "collect", "--model", "{model}", "--text", "{binary}", "--out", "{work}/act",
+                          "--tokens", "64", "--no-progress"], None, 2, ["not a UTF-8 text file"]),
+    ("1-lambada-binary", ["tools/lambada.py", "--model", "{model}", "--data", "{binary}"], None, 2, ["not UTF-8"]),
+    ("1-vocab-binary", ["rwkv-edge", "generate", "--model", "{model}", "--tokenizer", "{binary_vocab}",
+                        "--prompt", "hi"], None, 2, ["not a UTF-8 World vocab"]),
     # 2. negative seed
     ("2-seed", ["rwkv-edge", "generate", "--model", "{model}", "--prompt", "hi", "--seed", "-1"], None, 2,
      ["--seed", ">= 0"]),
@@ -98,6 +103,8 @@ def _damaged_files(a: dict, d: Path) -> dict:
 
     out = {"work": d / "work", "act": os.path.join(os.path.dirname(a["bundle"]), "act")}
     out["work"].mkdir()
+    shutil.copy(a["binary"], d / "vocab.txt")
+    out["binary_vocab"] = d / "vocab.txt"
     st = Path(a["state"]).read_bytes()
     (d / "state_trunc.npz").write_bytes(st[: len(st) // 2])
     crc = bytearray(st)

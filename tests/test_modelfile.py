@@ -176,5 +176,5 @@ def test_cli_convert(ckpt, tmp_path, capsys):
     out = tmp_path / "cli.rwkve"
     assert main(["convert", "--model", ckpt, "--out", str(out), "--dtype", "int8"]) == 0
     assert "dtype int8" in capsys.readouterr().out and read_header(out)["dtype"] == "int8"
-    assert main(["convert", "--model", str(tmp_path / "cli.rwkve"), "--out", str(tmp_path / "x.rwkve")]) == 1
+    assert main(["convert", "--model", str(tmp_path / "cli.rwkve"), "--out", str(tmp_path / "x.rwkve")]) == 2
     assert "not a PyTorch checkpoint" in capsys.readouterr().err

@@ -289,6 +289,6 @@ def test_cli_collect_fit_report(tiny_ckpt, tmp_path, capsys):
         assert e.value.code == 2
     other = tiny_ckpt("x070", seed=1)
     assert main(["fit-predictors", "--model", other, "--no-progress", "--data", act, "--out",
-                 str(tmp_path / "o.npz")]) == 1
+                 str(tmp_path / "o.npz")]) == 2
     assert "another model" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o.npz")

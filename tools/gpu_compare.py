@@ -180,4 +180,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rwkv_edge.errors import run_main  # bad input: one line, exit 2 (as every tool)
+    sys.exit(run_main("gpu_compare.py", main))
