@@ -53,31 +53,27 @@ def _join_table(table: list[bytes], ids: Iterable[int]) -> bytes:
 def _read_world_vocab(path: str) -> tuple[tuple[int, bytes], ...]:
     """Parse a World vocab file into (id, token bytes) pairs; cached because parsing takes ~0.3 s."""
     entries = []
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().decode("utf-8").split("\n")   # "\n" only, as text-mode iteration did
-    except UnicodeDecodeError as e:
-        raise TokenizerError(f"{path}: not a UTF-8 World vocab file (invalid byte near byte {e.start})") from None
-    for lineno, line in enumerate(lines, 1):
-        line = line.rstrip("\n")
-        if not line.strip():
-            continue
-        try:
-            first, last = line.index(" "), line.rindex(" ")
-            idx = int(line[:first])
-            tok = ast.literal_eval(line[first + 1 : last])
-            length = int(line[last + 1 :])
-        except (ValueError, SyntaxError) as e:
-            raise TokenizerError(f"{path}:{lineno}: cannot parse vocab line ({e})") from None
-        if isinstance(tok, str):
-            tok = tok.encode("utf-8")
-        if not isinstance(tok, bytes):
-            raise TokenizerError(f"{path}:{lineno}: token is not a str or bytes literal")
-        if len(tok) != length:
-            raise TokenizerError(
-                f"{path}:{lineno}: token has {len(tok)} bytes but the line says {length}"
-            )
-        entries.append((idx, tok))
+    with open(path, "r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            try:
+                first, last = line.index(" "), line.rindex(" ")
+                idx = int(line[:first])
+                tok = ast.literal_eval(line[first + 1 : last])
+                length = int(line[last + 1 :])
+            except (ValueError, SyntaxError) as e:
+                raise TokenizerError(f"{path}:{lineno}: cannot parse vocab line ({e})") from None
+            if isinstance(tok, str):
+                tok = tok.encode("utf-8")
+            if not isinstance(tok, bytes):
+                raise TokenizerError(f"{path}:{lineno}: token is not a str or bytes literal")
+            if len(tok) != length:
+                raise TokenizerError(
+                    f"{path}:{lineno}: token has {len(tok)} bytes but the line says {length}"
+                )
+            entries.append((idx, tok))
     if not entries:
         raise TokenizerError(f"{path}: empty vocab file")
     return tuple(entries)
@@ -98,7 +94,10 @@ class WorldTokenizer:
         if not path.is_file():
             raise TokenizerError(f"tokenizer vocab file not found: {path}")
         self.path = path
-        entries = _read_world_vocab(str(path.resolve()))
+        try:
+            entries = _read_world_vocab(str(path.resolve()))
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{path}: not a UTF-8 World vocab file (invalid byte near byte {e.start})") from None
         max_id = max(i for i, _ in entries)
         if vocab_size is None:
             vocab_size = WORLD_VOCAB_SIZE if path.resolve() == DEFAULT_WORLD_VOCAB else max_id + 1
@@ -345,7 +344,8 @@ def load_tokenizer(tokenizer: str | None, model_path: str | Path, vocab_size: in
                     f"unknown tokenizer {tokenizer!r}: expected 'world', a tokenizer.json or a World vocab .txt"
                 )
     else:
-        candidate = Path(model_path).expanduser().resolve().parent / "tokenizer.json"
+        mp = Path(model_path).expanduser().resolve()
+        candidate = (mp if mp.is_dir() else mp.parent) / "tokenizer.json"      # a package holds its own
         if candidate.is_file():
             tok = HFTokenizer(candidate)
         elif vocab_size == WORLD_VOCAB_SIZE:

@@ -39,9 +39,9 @@ def _loaders(a: dict):
     from rwkv_edge import State, load_model
     from rwkv_edge.predictors.bundle import PredictorBundle
 
-    model = load_model(a["model"])
+    model = load_model(a["model"], backend="reference")
     return [
-        ("load_model", lambda p: load_model(p)),
+        ("load_model", lambda p: load_model(p, backend="reference")),
         ("PredictorBundle.load", lambda p: PredictorBundle.load(p, model=model)),
         ("State.load", lambda p: State.load(p, model.config, fingerprint=model.fingerprint)),
     ]
@@ -133,7 +133,8 @@ def test_fuzz_through_the_command_lines(bad_input_assets, tmp_path):
         (["rwkv-edge", "generate", "--model", "{m}", "--prompt", "hi"], None, 2, ["m.pth"]),
         (["rwkv-edge", "generate", "--model", "{rwkve}", "--prompt", "hi"], None, 2, ["m.rwkve"]),
         (["rwkv-edge", "generate", "--model", "{model}", "--predictors", "{b}", "--prompt", "hi"], None, 2, ["b.npz"]),
-        (["rwkv-edge", "chat", "--model", "{model}", "--max-tokens", "2"], b"/load {s}\nhi\n", 0, ["cannot load"]),
+        (["rwkv-edge", "chat", "--model", "{model}", "--max-tokens", "2", "--backend", "reference"],
+         b"/load {s}\nhi\n", 0, ["cannot load"]),
         (["export/run_ort.py", "--onnx", "{onnx}", "--prompt", "hi"], None, 2, ["model.onnx"]),
     ]:
         rc, out, err = run_cmd(cmd, files, stdin)

@@ -79,7 +79,7 @@ def test_collect_interrupted_before_first_checkpoint_resumes(bad_input_assets, t
     from rwkv_edge import load_model
     from rwkv_edge.predictors.collect import collect, load_layer, read_manifest
 
-    model = load_model(bad_input_assets["model"])
+    model = load_model(bad_input_assets["model"], backend="reference")
     toks = np.random.default_rng(1).integers(1, 257, 300).tolist()
     calls = []
 
@@ -127,7 +127,7 @@ def test_bench_caches_conversions_per_model_fingerprint(bad_input_assets, tmp_pa
 
     a, b = bad_input_assets["model"], bad_input_assets["other_model"]     # both are named m.pth
     assert os.path.basename(a) == os.path.basename(b)
-    fa, fb = load_model(a).fingerprint, load_model(b).fingerprint
+    fa, fb = (load_model(p, backend="reference").fingerprint for p in (a, b))
     work = tmp_path / "bench"
     pa = bench._model_file(a, "fp16", str(work), fa)
     pb = bench._model_file(b, "fp16", str(work), fb)
@@ -144,9 +144,9 @@ def test_export_directory_follows_the_umask(bad_input_assets):
 
 
 def test_ctrl_c_in_chat_prints_one_line_and_exits_130(bad_input_assets):
-    p = subprocess.Popen([sys.executable, "-m", "rwkv_edge.cli", "chat", "--model", bad_input_assets["model"],
-                          "--max-tokens", "2", "--temperature", "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, cwd=ROOT)
+    cmd = [sys.executable, "-m", "rwkv_edge.cli", "chat", "--model", bad_input_assets["model"],
+           "--max-tokens", "2", "--temperature", "0", "--backend", "reference"]
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     try:
         p.stdin.write(b"hi\n")
         p.stdin.flush()

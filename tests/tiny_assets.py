@@ -41,7 +41,7 @@ def _model_dir(d: Path, seed: int) -> tuple:
     pth = make_checkpoint("x070", d / "m.pth", n_layer=2, n_embd=64, vocab_size=VOCAB, seed=seed)
     make_byte_tokenizer(d / "tokenizer.json")
     from rwkv_edge import load_model
-    return pth, load_model(str(pth))
+    return pth, load_model(str(pth), backend="reference")
 
 
 def _bundle(model, d: Path) -> Path:

@@ -160,7 +160,7 @@ def _check_inputs(ap, args) -> str:
     another model's bundle is one line and exit 2 before any configuration runs. Returns the
     model's fingerprint."""
     from rwkv_edge import load_model
-    m = load_model(args.model)
+    m = load_model(args.model, backend="reference")   # a check only: no kernels needed
     fp = m.fingerprint
     if args.predictors:
         from rwkv_edge.predictors.bundle import PredictorBundle
