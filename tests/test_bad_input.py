@@ -66,7 +66,8 @@ TABLE = [
     ("4-run_ort-list-sidecar", ["export/run_ort.py", "--onnx", "{onnx_list}", "--prompt", "hi"], None, 2,
      ["not an rwkv-edge ONNX sidecar"]),
     # 5. bench / sparse_check with damaged, non-RWKV or foreign files (checked before any run)
-    ("5-bench-truncated", ["tools/bench.py", "--model", "{model_trunc}", "--workdir", "{work}"], None, 2, ["truncated"]),
+    ("5-bench-truncated", ["tools/bench.py", "--model", "{model_trunc}", "--workdir", "{work}"], None, 2,
+     ["truncated"]),
     ("5-bench-not-rwkv", ["tools/bench.py", "--model", "{not_rwkv}", "--workdir", "{work}"], None, 2,
      ["unknown layout"]),
     ("5-bench-other-bundle", ["tools/bench.py", "--model", "{model}", "--predictors", "{other_bundle}",
@@ -217,8 +218,8 @@ def test_bad_input_writes_nothing(files, table_results):
 
 def test_failed_load_keeps_the_chat_state(files):
     """A /load that fails leaves the conversation as it was: same greedy reply as without the /load."""
-    chat = ["rwkv-edge", "chat", "--model", "{model}", "--max-tokens", "6", "--temperature", "0", "--backend", "reference",
-            "--presence-penalty", "0", "--frequency-penalty", "0"]
+    chat = ["rwkv-edge", "chat", "--model", "{model}", "--max-tokens", "6", "--temperature", "0",
+            "--backend", "reference", "--presence-penalty", "0", "--frequency-penalty", "0"]
     _, plain, _ = run_cmd(chat, files, b"hello\nhow are you\n")
     rc, loaded, err = run_cmd(chat, files, b"hello\n/load {state_nan}\nhow are you\n")
     assert rc == 0 and "Traceback" not in err
