@@ -15,6 +15,14 @@ def load_model(path, backend: str = "reference"):
 
     if is_modelfile(path):
         return load_modelfile(path, backend=backend)
+    if backend == "cuda":  # RWKV-7 straight to the GPU in its storage dtype (no float32 host copy)
+        from .backends import get_backend
+        from .weights import load_checkpoint_to
+
+        got = load_checkpoint_to(path, get_backend("cuda").weight)
+        if got is not None:
+            config, weights, fp = got
+            return model_class(config.version)(config, weights, backend=backend, fingerprint=fp)
     config, weights = load_checkpoint(path)
     return model_class(config.version)(config, weights, backend=backend)
 

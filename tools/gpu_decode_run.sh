@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Issue 17 on the GPU machine, from the repo root: bash tools/gpu_decode_run.sh STEP OUT [DATA]
+#   tests  tests/test_cuda_decode.py and tests/test_cuda.py
+#   ref    tools/gpu_decode_bench.py on rwkv7-ref-58m (DATA/ref58m_int8.npz from
+#          `tools/gpu_check.py pack-ref`, dequantized to a fp16 .pth; predictor fitted on DATA/heldout_ids.npy)
+#   big    tools/gpu_decode_bench.py at the official 1.5B shapes (random fp16, density 0.13)
+# The `rwkv` wheel, if carried in DATA/whl, is installed to /tmp/site first.
+set -uo pipefail
+STEP=$1; OUT=$2; DATA=${3:-out/gpu}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if ls "$DATA"/whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/rwkv ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$DATA"/whl/*.whl
+fi
+export PYTHONPATH=$PYTHONPATH:/tmp/site
+case $STEP in
+  tests) python3 -m pytest -q tests/test_cuda_decode.py tests/test_cuda.py 2>&1 | tail -25 ;;
+  ref)
+    [ -f /tmp/ref58m.pth ] || python3 -c "import sys; sys.path.insert(0,'tools'); import gpu_check; gpu_check.unpack_ref('$DATA/ref58m_int8.npz', '/tmp/ref58m.pth')"
+    python3 tools/gpu_decode_bench.py --model /tmp/ref58m.pth --calib-ids "$DATA/heldout_ids.npy" --calib 2048 \
+        --out "$OUT/ref" ${BENCH_ARGS:-} ;;
+  big)
+    python3 tools/gpu_decode_bench.py --shape 24,2048,8192,65536 --density 0.13 --calib 512 --out /tmp/big \
+        ${BENCH_ARGS:-}; cp /tmp/big/rows.jsonl "$OUT/big_rows.jsonl" ;;
+esac
