@@ -19,6 +19,7 @@ def load_model(path, backend: str = "reference"):
         from .backends import get_backend
         from .weights import load_checkpoint_to
 
+        get_backend("cuda").device()   # "CUDA is not available" (RuntimeError) before reading the file
         got = load_checkpoint_to(path, get_backend("cuda").weight)
         if got is not None:
             config, weights, fp = got

@@ -213,12 +213,14 @@ def main() -> int:
     ap.add_argument("--prefill-tokens", type=int, default=1024)
     ap.add_argument("--rows", default="rwkv,generic,dense,exact,predicted")
     ap.add_argument("--no-eager", action="store_true", help="skip the graph-off rows")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_row(json.loads(args.one))), flush=True)
         return 0
+    if not args.out or not (args.model or args.shape):
+        ap.error("--out and one of --model / --shape are required")
     import torch
     os.makedirs(args.out, exist_ok=True)
     if args.shape:
