@@ -153,3 +153,20 @@ def test_bad_arguments(ckpt):
         FusedDecode(gpu, "predicted")
     with pytest.raises(ValueError, match="cuda backend"):
         FusedDecode(ref, "dense")
+
+
+def test_predicted_with_a_width_that_is_not_a_power_of_two(tmp_path):
+    """n_embd 192: the predictor kernel takes its group-by-group path; same check as above."""
+    from rwkv_edge.backends.cuda_decode import FusedDecode
+    path = str(make_checkpoint("x070", tmp_path / "m.pth", n_layer=2, n_embd=192, head_size=32, vocab_size=300,
+                               dtype="float16"))
+    ref, gpu = _models(path, "fp16")
+    dec = FusedDecode(gpu, "predicted", bundle=_bundle(ref, 2, 64))
+    st = None
+    for t in TOKENS:
+        lg = dec.step(t).cpu().numpy()
+        kb = dec.kbuf.cpu().numpy()
+        ref.hooks.ffn_activation[:] = [lambda i, k, kb=kb: k * (kb[i] > 0)]
+        r, st = ref.step(t, st)
+        assert np.abs(lg - r).max() < 1e-4 * max(1.0, np.abs(r).max())
+    assert dec.stats()["read_density"] < 1.0

@@ -35,5 +35,6 @@ PY
         --out "$OUT/ref" ${BENCH_ARGS:-} ;;
   big)
     python3 tools/gpu_decode_bench.py --shape 24,2048,8192,65536 --density 0.13 --calib 512 --out /tmp/big \
-        ${BENCH_ARGS:-}; cp /tmp/big/rows.jsonl "$OUT/big_rows.jsonl" ;;
+        ${BENCH_ARGS:-}; cp /tmp/big/rows.jsonl "$OUT/big_rows.jsonl"
+    python3 tools/gpu_decode_profile.py /tmp/big/shape_24x2048.pth /tmp/big/bundle.npz ;;
 esac

@@ -127,19 +127,19 @@ class FusedDecode:
                 raise ValueError("the predicted mode needs one n-bit W_k threshold predictor per layer "
                                  "(a --kind quantized bundle)")
         # static buffers: x, the six mixed inputs, r/k/v + LoRA hiddens, head outputs, FFN input,
-        # keys of every layer (kept for tests: -1 = not predicted), split partials, logits
+        # keys of every layer (kept for tests: -1 = not predicted), logits
         z = lambda *s: torch.zeros(s, dtype=torch.float32, device=dev)  # noqa: E731
         ny1 = 3 * D + max(l["lw"] + l["la"] + l["lg"] + l["lv"] for l in self.layers)
         self.x, self.x6, self.y1, self.yg, self.xk = z(D), z(6, D), z(ny1), z(D), z(D)
         self.kbuf, self.vfirst, self.xo = z(L, F), z(D), z(D)
-        self.bd = min(64, _p2(D))
-        nd = -(-D // self.bd)
+        # FFN value launch: (D / BD column blocks) x (NS row splits), ~8 programs per SM so that
+        # enough loads are in flight; each program adds its (BD,) partial into x atomically
         nsm = torch.cuda.get_device_properties(dev).multi_processor_count
-        self.bs = 32
-        self.ns = max(1, min(16, -(-2 * nsm // nd), -(-F // self.bs)))
-        self.rps = -(-(-(-F // self.ns)) // self.bs) * self.bs
+        self.bd, self.bs = min(64, _p2(D)), 64
+        nd = -(-D // self.bd)
+        ns = max(1, min(-(-F // self.bs), -(-8 * nsm // nd)))
+        self.rps = -(-(-(-F // ns)) // self.bs) * self.bs
         self.ns = -(-F // self.rps)
-        self.part = z(self.ns, D)
         self.logits = z(model.config.vocab_size)
         self.cnt = torch.zeros((L, 2), dtype=torch.int32, device=dev)
         self.tok = torch.zeros(1, dtype=torch.long, device=dev)
@@ -173,16 +173,19 @@ class FusedDecode:
                     bits=qm.bits, gs=gs, g=D // gs, per=per)
 
     # --- the step ---------------------------------------------------------------------------
-    def _gemv(self, W, x, y, base=None, seg=None, act=0, bn=16):
+    def _gemv(self, W, x, y, base=None, seg=None, act=0, bn=4):
+        # tiles of BN rows x up to 1024 columns (8 KB of fp16): one or two loads per program and
+        # thousands of programs, so that the HBM pipe stays full (BN divides every segment)
         n, k = W.shape
         ends, xs, nseg = seg if seg is not None else (y, y, 1)
+        bn = min(bn, 4)
         self.K["gemv"][(-(-n // bn),)](W, x, y, base if base is not None else y, ends, xs, n, k,
-                                       BN=bn, BK=min(256, _p2(k)), NSEG=nseg, ACT=act, ADD=base is not None,
+                                       BN=bn, BK=min(1024, _p2(k)), NSEG=nseg, ACT=act, ADD=base is not None,
                                        num_warps=4)
 
-    def _mix(self, emb: bool, npart: int, ln, prev, mix, out, nmix):
+    def _mix(self, emb: bool, ln, prev, mix, out, nmix):
         D = self.D
-        self.K["mix"][(1,)](self.x, self.part, npart, self.emb, self.tok, self.ln0[0], self.ln0[1], ln[0], ln[1],
+        self.K["mix"][(1,)](self.x, self.emb, self.tok, self.ln0[0], self.ln0[1], ln[0], ln[1],
                             prev, mix, out, D, 1e-5, BD=_p2(D), EMB=emb, NMIX=nmix,
                             num_warps=4 if D <= 1024 else (8 if D <= 4096 else 16))
 
@@ -190,7 +193,7 @@ class FusedDecode:
         K, D, F, N = self.K, self.D, self.F, self.N
         st = self.st
         for i, lay in enumerate(self.layers):
-            self._mix(i == 0, self.ns if i else 0, lay["ln1"], st.att_x[i], lay["amix"], self.x6, 6)
+            self._mix(i == 0, lay["ln1"], st.att_x[i], lay["amix"], self.x6, 6)
             r0 = 0
             for m, ends, xs, nseg, bn in lay["mats"]:
                 self._gemv(m, self.x6, self.y1[r0:r0 + m.shape[0]], seg=(ends, xs, nseg), bn=bn)
@@ -201,17 +204,18 @@ class FusedDecode:
                                      N=N, BLW=_p2(lay["lw"]), BLA=_p2(lay["la"]), BLG=_p2(lay["lg"]),
                                      BLV=_p2(max(1, lay["lv"])), FIRST=i == 0, num_warps=8)
             self._gemv(lay["att_o"], self.yg, self.x, base=self.x)
-            self._mix(False, 0, lay["ln2"], st.ffn_x[i], lay["fmix"], self.xk, 1)
+            self._mix(False, lay["ln2"], st.ffn_x[i], lay["fmix"], self.xk, 1)
             p = self.pred[i] if self.pred else None
             q = p or dict(q=self.xk, s=self.xk, z=self.xk, thr=0.0, bits=8, gs=1, g=0, per=1)
-            K["ffn_key"][(-(-F // 16),)](lay["key"], self.xk, self.kbuf[i], q["q"], q["s"], q["z"], q["thr"],
-                                         self.cnt[i], F, D, q["g"], BN=16, BK=min(256, _p2(D)), PRED=p is not None,
-                                         BITS=q["bits"], GS=q["gs"], PER=q["per"], NB=q["gs"] // q["per"],
-                                         num_warps=4)
-            K["ffn_value"][(-(-D // self.bd), self.ns)](lay["vt"], self.kbuf[i], self.part, F, D, self.rps,
+            one = q["g"] > 0 and q["g"] == _p2(q["g"]) and D == _p2(D)
+            K["ffn_key"][(-(-F // 4),)](lay["key"], self.xk, self.kbuf[i], q["q"], q["s"], q["z"], q["thr"],
+                                        self.cnt[i], F, D, q["g"], BN=4, BK=min(1024, _p2(D)), PRED=p is not None,
+                                        BITS=q["bits"], GS=q["gs"], PER=q["per"], NB=q["gs"] // q["per"],
+                                        ONESHOT=one, GC=q["g"] if one else 1, num_warps=4)
+            K["ffn_value"][(-(-D // self.bd), self.ns)](lay["vt"], self.kbuf[i], self.x, F, D, self.rps,
                                                          BD=self.bd, BS=self.bs, SKIP=self.mode != "dense",
                                                          num_warps=4)
-        self._mix(False, self.ns, self.ln_out, self.xo, self.xo, self.xo, 0)
+        self._mix(False, self.ln_out, self.xo, self.xo, self.xo, 0)
         self._gemv(self.head, self.xo, self.logits)
         return self.logits
 
