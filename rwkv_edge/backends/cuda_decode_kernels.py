@@ -151,9 +151,9 @@ def kernels():
                 xs = tl.zeros((GC * NB,), dtype=tl.float32)
                 for s in tl.static_range(PER):
                     code = ((byt >> (s * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-                    xv = tl.load(x_p + cb * PER + s)
-                    qx += code * xv[None, :]
-                    xs += xv
+                    xq = tl.load(x_p + cb * PER + s)
+                    qx += code * xq[None, :]
+                    xs += xq
                 qg = tl.sum(tl.reshape(qx, (BN, GC, NB)), axis=2)                  # (BN, G)
                 xg = tl.sum(tl.reshape(xs, (GC, NB)), axis=1)                      # (G,)
                 gi = tl.arange(0, GC)
@@ -169,9 +169,9 @@ def kernels():
                     xs = 0.0
                     for s in tl.static_range(PER):
                         code = ((byt >> (s * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-                        xv = tl.load(x_p + g * GS + c * PER + s)
-                        qx += code * xv[None, :]
-                        xs += tl.sum(xv, axis=0)
+                        xq = tl.load(x_p + g * GS + c * PER + s)
+                        qx += code * xq[None, :]
+                        xs += tl.sum(xq, axis=0)
                     scale = tl.load(qs_p + rows * G + g, mask=rm, other=0.0).to(tl.float32)
                     zero = tl.load(qz_p + rows * G + g, mask=rm, other=0.0).to(tl.float32)
                     sc += zero * xs + scale * tl.sum(qx, axis=1)
