@@ -4,6 +4,7 @@
 #   ref    tools/gpu_decode_bench.py on rwkv7-ref-58m (DATA/ref58m_nohead.npz: the pack of
 #          `tools/gpu_check.py pack-ref` less head.weight, dequantized to a fp16 .pth, random head; predictor fitted on DATA/heldout_ids.npy)
 #   big    tools/gpu_decode_bench.py at the official 1.5B shapes (random fp16, density 0.13)
+#   tune   tools/gpu_decode_tune.py at the same shapes (launch-shape search)
 # The `rwkv` wheel, if carried in DATA/whl, is installed to /tmp/site first.
 set -uo pipefail
 STEP=$1; OUT=$2; DATA=${3:-out/gpu}
@@ -37,4 +38,8 @@ PY
     python3 tools/gpu_decode_bench.py --shape 24,2048,8192,65536 --density 0.13 --calib 512 --out /tmp/big \
         ${BENCH_ARGS:-}; cp /tmp/big/rows.jsonl "$OUT/big_rows.jsonl"
     python3 tools/gpu_decode_profile.py /tmp/big/shape_24x2048.pth /tmp/big/bundle.npz ;;
+  tune)
+    python3 tools/gpu_decode_bench.py --shape 24,2048,8192,65536 --density 0.13 --calib 512 --out /tmp/big \
+        --rows predicted --no-eager --tokens 128 | tail -2
+    python3 tools/gpu_decode_tune.py /tmp/big/shape_24x2048.pth /tmp/big/bundle.npz ;;
 esac

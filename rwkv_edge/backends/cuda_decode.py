@@ -34,6 +34,12 @@ from .cuda_decode_kernels import kernels
 
 MODES = ("dense", "exact", "predicted")
 _BIG = 1 << 30
+# Launch shapes (measured on an H200 with tools/gpu_decode_tune.py at the 1.5B shapes; any values
+# give the same results): GEMV tiles gemv_bn rows x gemv_bk columns, the FFN key kernel's key_bn x
+# key_bk, the FFN value kernel's value_bs rows x value_bd columns with ~value_per_sm programs per
+# SM, warps of the per-head and the single-program LayerNorm/mix kernels (None: by width).
+TUNE = dict(gemv_bn=4, gemv_bk=1024, key_bn=4, key_bk=1024, value_bs=64, value_bd=64, value_per_sm=8,
+            head_warps=8, mix_warps=None)
 
 
 def _p2(n: int) -> int:
@@ -82,7 +88,7 @@ def _seg_tables(segs, dev):
 
 
 class FusedDecode:
-    def __init__(self, model, mode: str = "dense", bundle=None, graph: bool = True):
+    def __init__(self, model, mode: str = "dense", bundle=None, graph: bool = True, tune: dict | None = None):
         if getattr(model.ops, "name", "") != "cuda" or model.config.version != "x070":
             raise ValueError("FusedDecode needs an RWKV-7 (x070) model built with the cuda backend")
         if mode not in MODES:
@@ -92,6 +98,7 @@ class FusedDecode:
         from . import cuda as C
 
         self.C, self.model, self.mode, self.K = C, model, mode, kernels()
+        self.tune = dict(TUNE, **(tune or {}))
         cfg = model.config
         L, D, F, H, N = cfg.n_layer, cfg.n_embd, cfg.ffn_dim, cfg.n_head, cfg.head_size
         if N & (N - 1):
@@ -135,9 +142,10 @@ class FusedDecode:
         # FFN value launch: (D / BD column blocks) x (NS row splits), ~8 programs per SM so that
         # enough loads are in flight; each program adds its (BD,) partial into x atomically
         nsm = torch.cuda.get_device_properties(dev).multi_processor_count
-        self.bd, self.bs = min(64, _p2(D)), 64
+        tn = self.tune
+        self.bd, self.bs = min(tn["value_bd"], _p2(D)), tn["value_bs"]
         nd = -(-D // self.bd)
-        ns = max(1, min(-(-F // self.bs), -(-8 * nsm // nd)))
+        ns = max(1, min(-(-F // self.bs), -(-tn["value_per_sm"] * nsm // nd)))
         self.rps = -(-(-(-F // ns)) // self.bs) * self.bs
         self.ns = -(-F // self.rps)
         self.logits = z(model.config.vocab_size)
@@ -178,16 +186,16 @@ class FusedDecode:
         # thousands of programs, so that the HBM pipe stays full (BN divides every segment)
         n, k = W.shape
         ends, xs, nseg = seg if seg is not None else (y, y, 1)
-        bn = min(bn, 4)
+        bn = min(bn, self.tune["gemv_bn"])
         self.K["gemv"][(-(-n // bn),)](W, x, y, base if base is not None else y, ends, xs, n, k,
-                                       BN=bn, BK=min(1024, _p2(k)), NSEG=nseg, ACT=act, ADD=base is not None,
+                                       BN=bn, BK=min(self.tune["gemv_bk"], _p2(k)), NSEG=nseg, ACT=act, ADD=base is not None,
                                        num_warps=4)
 
     def _mix(self, emb: bool, ln, prev, mix, out, nmix):
         D = self.D
         self.K["mix"][(1,)](self.x, self.emb, self.tok, self.ln0[0], self.ln0[1], ln[0], ln[1],
                             prev, mix, out, D, 1e-5, BD=_p2(D), EMB=emb, NMIX=nmix,
-                            num_warps=4 if D <= 1024 else (8 if D <= 4096 else 16))
+                            num_warps=self.tune["mix_warps"] or (4 if D <= 1024 else (8 if D <= 4096 else 16)))
 
     def _forward(self):
         K, D, F, N = self.K, self.D, self.F, self.N
@@ -202,14 +210,16 @@ class FusedDecode:
                                      lay["g2"], lay["v2"], lay["w0"], lay["a0"], lay["v0"], lay["kk"], lay["ka"],
                                      lay["rk"], lay["lnx"][0], lay["lnx"][1], self.vfirst, st.wkv[i], self.yg,
                                      N=N, BLW=_p2(lay["lw"]), BLA=_p2(lay["la"]), BLG=_p2(lay["lg"]),
-                                     BLV=_p2(max(1, lay["lv"])), FIRST=i == 0, num_warps=8)
+                                     BLV=_p2(max(1, lay["lv"])), FIRST=i == 0, num_warps=self.tune["head_warps"])
             self._gemv(lay["att_o"], self.yg, self.x, base=self.x)
             self._mix(False, lay["ln2"], st.ffn_x[i], lay["fmix"], self.xk, 1)
             p = self.pred[i] if self.pred else None
             q = p or dict(q=self.xk, s=self.xk, z=self.xk, thr=0.0, bits=8, gs=1, g=0, per=1)
             one = q["g"] > 0 and q["g"] == _p2(q["g"]) and D == _p2(D)
-            K["ffn_key"][(-(-F // 4),)](lay["key"], self.xk, self.kbuf[i], q["q"], q["s"], q["z"], q["thr"],
-                                        self.cnt[i], F, D, q["g"], BN=4, BK=min(1024, _p2(D)), PRED=p is not None,
+            kbn = self.tune["key_bn"]
+            K["ffn_key"][(-(-F // kbn),)](lay["key"], self.xk, self.kbuf[i], q["q"], q["s"], q["z"], q["thr"],
+                                          self.cnt[i], F, D, q["g"], BN=kbn, BK=min(self.tune["key_bk"], _p2(D)),
+                                          PRED=p is not None,
                                         BITS=q["bits"], GS=q["gs"], PER=q["per"], NB=q["gs"] // q["per"],
                                         ONESHOT=one, GC=q["g"] if one else 1, num_warps=4)
             K["ffn_value"][(-(-D // self.bd), self.ns)](lay["vt"], self.kbuf[i], self.x, F, D, self.rps,
