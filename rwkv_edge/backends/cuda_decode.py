@@ -38,8 +38,8 @@ _BIG = 1 << 30
 # give the same results): GEMV tiles gemv_bn rows x gemv_bk columns, the FFN key kernel's key_bn x
 # key_bk, the FFN value kernel's value_bs rows x value_bd columns with ~value_per_sm programs per
 # SM, warps of the per-head and the single-program LayerNorm/mix kernels (None: by width).
-TUNE = dict(gemv_bn=4, gemv_bk=1024, key_bn=4, key_bk=1024, value_bs=64, value_bd=64, value_per_sm=8,
-            head_warps=8, mix_warps=None)
+TUNE = dict(gemv_bn=4, gemv_bk=1024, key_bn=8, key_bk=1024, value_bs=64, value_bd=64, value_per_sm=8,
+            head_warps=4, mix_warps=None)
 
 
 def _p2(n: int) -> int:
@@ -195,7 +195,7 @@ class FusedDecode:
         D = self.D
         self.K["mix"][(1,)](self.x, self.emb, self.tok, self.ln0[0], self.ln0[1], ln[0], ln[1],
                             prev, mix, out, D, 1e-5, BD=_p2(D), EMB=emb, NMIX=nmix,
-                            num_warps=self.tune["mix_warps"] or (4 if D <= 1024 else (8 if D <= 4096 else 16)))
+                            num_warps=self.tune["mix_warps"] or (4 if D <= 1024 else 16))
 
     def _forward(self):
         K, D, F, N = self.K, self.D, self.F, self.N
