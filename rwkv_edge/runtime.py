@@ -25,6 +25,15 @@ def _load(path: str, backend: str):
 
     if is_modelfile(path):
         return load_modelfile(path, backend=backend)
+    if backend == "cuda":  # RWKV-7 straight to the GPU in its storage dtype (no float32 host copy)
+        from .backends import get_backend
+        from .weights import load_checkpoint_to
+
+        get_backend("cuda").device()   # "CUDA is not available" (RuntimeError) before reading the file
+        got = load_checkpoint_to(path, get_backend("cuda").weight)
+        if got is not None:
+            config, weights, fp = got
+            return model_class(config.version)(config, weights, backend=backend, fingerprint=fp)
     config, weights = load_checkpoint(path)
     return model_class(config.version)(config, weights, backend=backend)
 

@@ -83,3 +83,49 @@ def load_checkpoint(path: str) -> tuple[ModelConfig, Dict[str, np.ndarray]]:
             raise ModelLoadError(f"{path}: tensor '{k}' unreadable, file truncated? ({e})") from None
     check_finite(out, path)
     return config, out
+
+
+def load_checkpoint_to(path: str, convert) -> tuple[ModelConfig, dict, str] | None:
+    """RWKV-7 `.pth` straight to a device: (config, {name: convert(tensor)}, fingerprint), or None
+    for other versions (their preparation needs numpy arrays: use `load_checkpoint`).
+
+    Each memory-mapped tensor goes to `convert` (e.g. the CUDA backend's `weight`, which stores it
+    in the chosen dtype) as it is in the file, with no float32 host copy, and its file pages are
+    dropped from this process right after (madvise DONTNEED on a read-only file mapping: the
+    pages would be read again from the file if touched). Host peak memory is then about one
+    tensor, not the float32 model plus the mapped file."""
+    from .config import fingerprint_arrays
+
+    path = os.fspath(path)
+    sd = _read_torch_state_dict(path)
+    config = infer_config({k: tuple(v.shape) for k, v in sd.items()}, source=path)
+    if config.version != "x070":
+        return None
+    try:  # the probes of RWKVModel's fingerprint, as float32 like the numpy path reads them
+        fp = fingerprint_arrays(config, [sd["emb.weight"][:8].float().numpy(),
+                                         sd["blocks.0.ffn.key.weight"][:8].float().numpy(),
+                                         sd["head.weight"][-8:].float().numpy()])
+        out = {}
+        for k in list(sd):
+            t = sd.pop(k)
+            out[k] = convert(t)
+            _drop_pages(t)
+    except Exception as e:
+        raise ModelLoadError(f"{path}: tensor unreadable, file truncated? ({str(e)[:200]})") from None
+    return config, out, fp
+
+
+def _drop_pages(t) -> None:
+    """Give the pages of a memory-mapped, never-written tensor back to the page cache."""
+    try:
+        import ctypes
+        import mmap
+
+        st = t.untyped_storage()
+        a, n = st.data_ptr(), st.nbytes()
+        lo = a // mmap.PAGESIZE * mmap.PAGESIZE
+        hi = -(-(a + n) // mmap.PAGESIZE) * mmap.PAGESIZE
+        if n:
+            ctypes.CDLL(None).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)   # MADV_DONTNEED
+    except Exception:  # not Linux / no libc symbol: the pages simply stay mapped until the dict is freed
+        pass

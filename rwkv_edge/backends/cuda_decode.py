@@ -1,0 +1,294 @@
+"""`FusedDecode`: batch-1 RWKV-7 decode on the CUDA backend in seven Triton launches per layer, with
+a dense, an exact-sparse or a predicted-sparse FFN, captured once as a CUDA graph.
+
+    dec = FusedDecode(model, mode="exact")              # model built with the cuda backend
+    dec = FusedDecode(model, mode="predicted", bundle=b) # a bundle of n-bit W_k threshold predictors
+    dec.reset(state); logits = dec.step(token)            # (V,) float32 device tensor, state in place
+    dec.stats()                                           # densities counted on the device
+
+Modes (the FFN of every layer; the rest of the step is the same):
+  dense      relu(W_k xk)^2 over all F neurons, then all F rows of W_v^T.
+  exact      the same keys, then only the W_v^T rows whose activation is non-zero (the zero rows'
+             loads are masked off, so their bytes are never read): lossless, no predictor.
+  predicted  the bundle's n-bit W_k (packed codes read on the device) scores every neuron; only
+             the W_k rows scoring >= the layer's threshold are read, then only the non-zero W_v^T
+             rows. Same math as `sparse.SparseFFN` with that predicted set.
+The active set is a device mask over all F neurons, not an index list of bounded capacity: nothing
+is dropped and no host synchronisation is needed, so the step captures as one graph (graph=False
+launches the same kernels eagerly, for timing the capture's effect). Predicted and active neuron
+counts are summed per layer on the device (atomic adds) and read by `stats()` (a host sync).
+
+Building rebinds the model's own weights (a transform, not a fork): per layer, att r/k/v and the
+transposed LoRA first stages (w1, a1, g1, v1) become views of one stacked matrix so that a single
+launch reads them all, and ffn.value becomes a view of its transpose (F, D); the model's other code
+paths compute the same numbers on the views, and no weight is held twice. Activations, state and
+accumulation are float32; weights stay in the backend's storage dtype. See cuda_decode_kernels.py.
+
+Measured on an H200 (tools/gpu_decode_bench.py, fp16 weights, captured, decode tok/s; HBM copy
+4.2 TB/s): rwkv7-ref-58m dense 2848 / exact 2859 / predicted 2819 (the generic CudaGraphStep 568,
+the `rwkv` package cuda fp16 102-107); official 1.5B shapes (random, FFN density 0.13) dense 701
+(41% of 4.8 TB/s over the 2.78 GB read per token) / exact 749 / predicted 719 (generic 166, `rwkv`
+60-81). Without the graph the same kernels run at 150-410 tok/s (Python launch cost). Where the
+1.4 ms of a 1.5B step goes (torch.profiler, eager, dense): GEMVs 378 us, FFN key 323, FFN value 290,
+per-head kernel 216, the 49 single-program LayerNorm/mix kernels 210: the small latency-bound
+kernels (30%) and the key/value kernels at ~2.5-2.8 TB/s keep dense under half the roof; exact
+saves only ~4 us of the value kernel's 12 per layer (the masked loop still walks all F rows), and
+the predictor's code unpacking costs about what the skipped W_k rows save.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .cuda_decode_kernels import kernels
+
+MODES = ("dense", "exact", "predicted")
+_BIG = 1 << 30
+# Launch shapes (measured on an H200 with tools/gpu_decode_tune.py at the 1.5B shapes; any values
+# give the same results): GEMV tiles gemv_bn rows x gemv_bk columns, the FFN key kernel's key_bn x
+# key_bk, the FFN value kernel's value_bs rows x value_bd columns with ~value_per_sm programs per
+# SM, warps of the per-head and the single-program LayerNorm/mix kernels (None: by width).
+TUNE = dict(gemv_bn=4, gemv_bk=1024, key_bn=8, key_bk=1024, value_bs=64, value_bd=64, value_per_sm=8,
+            head_warps=4, mix_warps=None)
+
+
+def _p2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _rebind_block(b, i: int, D: int):
+    """Stack att r/k/v and the LoRA first stages of block b (in place, as views); returns
+    [(matrix, [(rows, input index)])]: one entry per storage dtype (usually one)."""
+    lora = [(b.w1, 1), (b.a1, 4), (b.g1, 5)] + ([(b.v1, 3)] if i > 0 else [])
+    parts = [(b.att_r, 0), (b.att_k, 2), (b.att_v, 3)] + [(m.t(), x) for m, x in lora]
+    groups = []
+    for p, x in parts:                                  # consecutive parts of one dtype share a matrix
+        if groups and groups[-1][0][0].dtype == p.dtype:
+            groups[-1].append((p, x))
+        else:
+            groups.append([(p, x)])
+    out, names = [], ["att_r", "att_k", "att_v", "w1", "a1", "g1", "v1"]
+    k = 0
+    for g in groups:
+        cat = torch.cat([p for p, _ in g], dim=0).contiguous()
+        r0 = 0
+        for p, _ in g:
+            view = cat[r0:r0 + p.shape[0]]
+            setattr(b, names[k], view if k < 3 else view.t())   # LoRA matrices keep their (D, L) shape
+            r0 += p.shape[0]
+            k += 1
+        out.append((cat, [(p.shape[0], x) for p, x in g]))
+    return out
+
+
+def _seg_tables(segs, dev):
+    ends, xs, r = [], [], 0
+    for n, x in segs:
+        r += n
+        ends.append(r)
+        xs.append(x)
+    nseg = _p2(len(ends))
+    ends += [_BIG] * (nseg - len(ends))
+    xs += [0] * (nseg - len(xs))
+    bn = 16
+    while any(n % bn for n, _ in segs):
+        bn //= 2
+    return (torch.tensor(ends, dtype=torch.int32, device=dev), torch.tensor(xs, dtype=torch.int32, device=dev),
+            nseg, bn)
+
+
+class FusedDecode:
+    def __init__(self, model, mode: str = "dense", bundle=None, graph: bool = True, tune: dict | None = None):
+        if getattr(model.ops, "name", "") != "cuda" or model.config.version != "x070":
+            raise ValueError("FusedDecode needs an RWKV-7 (x070) model built with the cuda backend")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}, choose one of {', '.join(MODES)}")
+        if (mode == "predicted") != (bundle is not None):
+            raise ValueError("mode 'predicted' needs a predictor bundle (and only it takes one)")
+        from . import cuda as C
+
+        self.C, self.model, self.mode, self.K = C, model, mode, kernels()
+        self.tune = dict(TUNE, **(tune or {}))
+        cfg = model.config
+        L, D, F, H, N = cfg.n_layer, cfg.n_embd, cfg.ffn_dim, cfg.n_head, cfg.head_size
+        if N & (N - 1):
+            raise ValueError(f"head size {N} must be a power of two")
+        self.L, self.D, self.F, self.H, self.N = L, D, F, H, N
+        dev = C.device()
+        f32 = lambda a: C._dev_f32(a).reshape(-1)  # noqa: E731
+        self.emb = C._device_emb(model.emb)
+        model.emb = self.emb                       # the host copy is no longer needed
+        self.layers = []
+        for i, b in enumerate(model.blocks):
+            lay = dict(ln1=(f32(b.ln1_w), f32(b.ln1_b)), ln2=(f32(b.ln2_w), f32(b.ln2_b)),
+                       amix=torch.stack([f32(getattr(b, "x_" + c)) for c in "rwkvag"]).contiguous(),
+                       fmix=f32(b.ffn_xk).reshape(1, D).contiguous(),
+                       w0=f32(b.w0), a0=f32(b.a0), v0=f32(b.v0) if i else f32(b.w0), kk=f32(b.k_k),
+                       ka=f32(b.k_a), rk=f32(b.r_k), lnx=(f32(b.lnx_w), f32(b.lnx_b)),
+                       w2=b.w2.contiguous(), a2=b.a2.contiguous(), g2=b.g2.contiguous(),
+                       v2=(b.v2 if i else b.w2).contiguous(),
+                       lw=b.w1.shape[1], la=b.a1.shape[1], lg=b.g1.shape[1], lv=b.v1.shape[1] if i else 0,
+                       att_o=b.att_o, key=b.ffn_key)
+            lay["mats"] = [(m,) + _seg_tables(s, dev) for m, s in _rebind_block(b, i, D)]
+            vt = b.ffn_value.t().contiguous()      # (F, D): one neuron's value column per row
+            b.ffn_value = vt.t()
+            lay["vt"] = vt
+            self.layers.append(lay)
+        self.ln0 = tuple(f32(t) for t in model.ln0)
+        self.ln_out = tuple(f32(t) for t in model.ln_out)
+        self.head = model.head
+        self.pred = None
+        if mode == "predicted":
+            self.pred = [self._predictor(p, D, dev) for p in getattr(bundle, "predictors", [])]
+            if len(self.pred) != L:
+                raise ValueError("the predicted mode needs one n-bit W_k threshold predictor per layer "
+                                 "(a --kind quantized bundle)")
+        # static buffers: x, the six mixed inputs, r/k/v + LoRA hiddens, head outputs, FFN input,
+        # keys of every layer (kept for tests: -1 = not predicted), logits
+        z = lambda *s: torch.zeros(s, dtype=torch.float32, device=dev)  # noqa: E731
+        ny1 = 3 * D + max(l["lw"] + l["la"] + l["lg"] + l["lv"] for l in self.layers)
+        self.x, self.x6, self.y1, self.yg, self.xk = z(D), z(6, D), z(ny1), z(D), z(D)
+        self.kbuf, self.vfirst, self.xo = z(L, F), z(D), z(D)
+        # FFN value launch: (D / BD column blocks) x (NS row splits), ~8 programs per SM so that
+        # enough loads are in flight; each program adds its (BD,) partial into x atomically
+        nsm = torch.cuda.get_device_properties(dev).multi_processor_count
+        tn = self.tune
+        self.bd, self.bs = min(tn["value_bd"], _p2(D)), tn["value_bs"]
+        nd = -(-D // self.bd)
+        ns = max(1, min(-(-F // self.bs), -(-tn["value_per_sm"] * nsm // nd)))
+        self.rps = -(-(-(-F // ns)) // self.bs) * self.bs
+        self.ns = -(-F // self.rps)
+        self.logits = z(model.config.vocab_size)
+        self.cnt = torch.zeros((L, 2), dtype=torch.int32, device=dev)
+        self.tok = torch.zeros(1, dtype=torch.long, device=dev)
+        self.st = C.adopt_state(model.zero_state())
+        self.n_steps = 0
+        self.graph = None
+        self._forward()                             # compile every kernel outside a capture
+        torch.cuda.synchronize(dev)
+        if graph:
+            s = torch.cuda.Stream(device=dev)
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                self._forward()
+            torch.cuda.current_stream().wait_stream(s)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._forward()
+        self.reset(None)
+
+    @staticmethod
+    def _predictor(p, D, dev):
+        qm = getattr(p, "qm", None)
+        if qm is None or getattr(p, "mode", "") != "threshold":
+            raise ValueError("the predicted mode needs n-bit W_k threshold predictors (--kind quantized)")
+        gs = qm.group_size or D
+        per = 8 // qm.bits
+        if gs & (gs - 1) or gs % per or (gs // per) & (gs // per - 1):
+            raise ValueError(f"predictor group size {gs} must be a power of two")
+        t = lambda a: torch.from_numpy(a).to(dev).contiguous()  # noqa: E731
+        return dict(q=t(qm.packed), s=t(qm.scale), z=t(qm.zero), thr=float(p.calib.threshold),
+                    bits=qm.bits, gs=gs, g=D // gs, per=per)
+
+    # --- the step ---------------------------------------------------------------------------
+    def _gemv(self, W, x, y, base=None, seg=None, act=0, bn=4):
+        # tiles of BN rows x up to 1024 columns (8 KB of fp16): one or two loads per program and
+        # thousands of programs, so that the HBM pipe stays full (BN divides every segment)
+        n, k = W.shape
+        ends, xs, nseg = seg if seg is not None else (y, y, 1)
+        bn = min(bn, self.tune["gemv_bn"])
+        self.K["gemv"][(-(-n // bn),)](W, x, y, base if base is not None else y, ends, xs, n, k,
+                                       BN=bn, BK=min(self.tune["gemv_bk"], _p2(k)), NSEG=nseg, ACT=act, ADD=base is not None,
+                                       num_warps=4)
+
+    def _mix(self, emb: bool, ln, prev, mix, out, nmix):
+        D = self.D
+        self.K["mix"][(1,)](self.x, self.emb, self.tok, self.ln0[0], self.ln0[1], ln[0], ln[1],
+                            prev, mix, out, D, 1e-5, BD=_p2(D), EMB=emb, NMIX=nmix,
+                            num_warps=self.tune["mix_warps"] or (4 if D <= 1024 else 16))
+
+    def _forward(self):
+        K, D, F, N = self.K, self.D, self.F, self.N
+        st = self.st
+        for i, lay in enumerate(self.layers):
+            self._mix(i == 0, lay["ln1"], st.att_x[i], lay["amix"], self.x6, 6)
+            r0 = 0
+            for m, ends, xs, nseg, bn in lay["mats"]:
+                self._gemv(m, self.x6, self.y1[r0:r0 + m.shape[0]], seg=(ends, xs, nseg), bn=bn)
+                r0 += m.shape[0]
+            K["att_head"][(self.H,)](self.y1, D, lay["lw"], lay["la"], lay["lg"], lay["lv"], lay["w2"], lay["a2"],
+                                     lay["g2"], lay["v2"], lay["w0"], lay["a0"], lay["v0"], lay["kk"], lay["ka"],
+                                     lay["rk"], lay["lnx"][0], lay["lnx"][1], self.vfirst, st.wkv[i], self.yg,
+                                     N=N, BLW=_p2(lay["lw"]), BLA=_p2(lay["la"]), BLG=_p2(lay["lg"]),
+                                     BLV=_p2(max(1, lay["lv"])), FIRST=i == 0, num_warps=self.tune["head_warps"])
+            self._gemv(lay["att_o"], self.yg, self.x, base=self.x)
+            self._mix(False, lay["ln2"], st.ffn_x[i], lay["fmix"], self.xk, 1)
+            p = self.pred[i] if self.pred else None
+            q = p or dict(q=self.xk, s=self.xk, z=self.xk, thr=0.0, bits=8, gs=1, g=0, per=1)
+            one = q["g"] > 0 and q["g"] == _p2(q["g"]) and D == _p2(D)
+            kbn = self.tune["key_bn"]
+            K["ffn_key"][(-(-F // kbn),)](lay["key"], self.xk, self.kbuf[i], q["q"], q["s"], q["z"], q["thr"],
+                                          self.cnt[i], F, D, q["g"], BN=kbn, BK=min(self.tune["key_bk"], _p2(D)),
+                                          PRED=p is not None,
+                                        BITS=q["bits"], GS=q["gs"], PER=q["per"], NB=q["gs"] // q["per"],
+                                        ONESHOT=one, GC=q["g"] if one else 1, num_warps=4)
+            K["ffn_value"][(-(-D // self.bd), self.ns)](lay["vt"], self.kbuf[i], self.x, F, D, self.rps,
+                                                         BD=self.bd, BS=self.bs, SKIP=self.mode != "dense",
+                                                         num_warps=4)
+        self._mix(False, self.ln_out, self.xo, self.xo, self.xo, 0)
+        self._gemv(self.head, self.xo, self.logits)
+        return self.logits
+
+    # --- public -----------------------------------------------------------------------------
+    def reset(self, state=None) -> None:
+        """Copy a State (host or device; None: zeros) into the step's buffers; zero the counters."""
+        src = self.C.adopt_state(self.model.zero_state() if state is None else state)
+        for f in ("att_x", "wkv", "ffn_x"):
+            getattr(self.st, f).copy_(getattr(src, f))
+        self.cnt.zero_()
+        self.n_steps = 0
+
+    def step(self, token) -> torch.Tensor:
+        """One token (int or device tensor): logits (V,) float32 on the device, state advanced."""
+        if isinstance(token, torch.Tensor):
+            self.tok.copy_(token.reshape(1))
+        else:
+            self.tok.fill_(int(token))
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._forward()
+        self.n_steps += 1
+        return self.logits
+
+    def state(self):
+        return self.st.copy()
+
+    def stats(self) -> dict:
+        """Per-token FFN densities since reset, summed over layers on the device: `read` = key rows
+        read (1.0 unless predicted), `active` = neurons with relu(k)^2 > 0 (value rows read unless
+        dense). Reads the counters (a host sync)."""
+        c = self.cnt.sum(0).tolist()
+        tot = max(1, self.n_steps * self.L * self.F)
+        return {"steps": self.n_steps, "read_density": round(c[0] / tot, 4), "active_density": round(c[1] / tot, 4)}
+
+    def bytes_per_token(self, density: float | None = None) -> int:
+        """Weight bytes one step must read (each needed byte once): the roof's numerator."""
+        it = lambda t: t.numel() * t.element_size()  # noqa: E731
+        s = self.stats() if density is None else None
+        rd = 1.0 if self.mode != "predicted" else (s["read_density"] if s else density)
+        ac = 1.0 if self.mode == "dense" else (s["active_density"] if s else density)
+        n = it(self.head) + self.D * self.emb.element_size()
+        for i, lay in enumerate(self.layers):
+            n += sum(it(m[0]) for m in lay["mats"]) + it(lay["att_o"])
+            n += sum(it(lay[k]) for k in ("w2", "a2", "g2")) + (it(lay["v2"]) if i else 0)
+            n += int(rd * it(lay["key"])) + int(ac * it(lay["vt"]))
+            if self.pred:
+                p = self.pred[i]
+                n += it(p["q"]) + it(p["s"]) + it(p["z"])
+        return n
+
+
+def roof_tok_s(bytes_per_token: int, bw: float) -> float:
+    return bw / max(1, bytes_per_token) if math.isfinite(bw) else float("nan")
