@@ -13,7 +13,7 @@ Per row: density actually run (SparseFFN counters), predictor bytes, FFN + predi
 token, decode tok/s (greedy, numba sparse kernels), KLD mean / p99 and same-top-1 against the dense
 base (one stored base file, `quality`), held-out ppl, LAMBADA acc / ppl. Rows are written one JSON
 each (atomically) and the Markdown + CSV tables are rebuilt after every row, so a killed run resumes
-where it stopped. `--plot` draws the quality/speed front (see tools/quality_plots.py).
+where it stopped. `--plot` draws the quality/speed front and per-layer density (rwkv_edge/plots.py).
 """
 from __future__ import annotations
 
@@ -255,7 +255,7 @@ def main(argv=None) -> int:
             f"top1 {row['same_top1']:.3f} ({row['seconds']} s)")
     rows = write_tables(args.out, header)
     if args.plot:
-        from quality_plots import plot_front, plot_layer_density
+        from rwkv_edge.plots import plot_front, plot_layer_density
         plot_front(rows, os.path.join(args.out, "front.png"), title=os.path.basename(args.model))
         plot_layer_density(rows, os.path.join(args.out, "layer_density.png"), title=os.path.basename(args.model))
     print(open(os.path.join(args.out, "table.md")).read())
