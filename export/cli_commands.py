@@ -58,7 +58,7 @@ def _load_model(parser, path: str):
     from rwkv_edge import load_model
     from rwkv_edge.config import ModelLoadError
 
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         parser.error(f"--model {path}: no such file")
     try:
         try:

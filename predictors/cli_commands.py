@@ -54,12 +54,12 @@ def _fail(parser, msg) -> int:
 def _load_model(parser, path: str, device: str = "cpu", backend: str = "reference"):
     from rwkv_edge.config import ModelLoadError
 
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         parser.error(f"--model {path}: no such file")
     from rwkv_edge.runtime import open_model
 
     try:
-        return open_model(path, backend=backend, device=device)
+        return open_model(path, backend=backend, device=device, dense=True)   # a package's weights, never sparse
     except (ModelLoadError, ValueError, ImportError, RuntimeError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 

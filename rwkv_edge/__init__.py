@@ -7,16 +7,15 @@ from .config import ModelConfig, ModelLoadError  # noqa: E402
 from .state import State  # noqa: E402
 
 
-def load_model(path, backend: str = "reference"):
-    """Load an official RWKV `.pth` checkpoint (x052 / x060 / x070) or an rwkv-edge model file (`rwkv-edge convert`)."""
-    from .modelfile import is_modelfile, load_modelfile
-    from .weights import load_checkpoint
-    from .models import model_class
+def load_model(path, backend: str = "auto"):
+    """Load a model: an official RWKV `.pth` checkpoint (x052 / x060 / x070), an rwkv-edge model file
+    (`rwkv-edge convert`) or a model package directory (sparse with its predictors).
 
-    if is_modelfile(path):
-        return load_modelfile(path, backend=backend)
-    config, weights = load_checkpoint(path)
-    return model_class(config.version)(config, weights, backend=backend)
+    backend: "auto" (numba kernels where numba works, else the numpy reference with a warning),
+    "numba", or "reference" (the numpy oracle: slow, float32 everywhere)."""
+    from .runtime import open_model
+
+    return open_model(path, backend=backend)
 
 
 __all__ = ["load_model", "ModelConfig", "ModelLoadError", "State", "__version__"]

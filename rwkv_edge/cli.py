@@ -56,11 +56,14 @@ def add_model_args(p: argparse.ArgumentParser, sparse: bool = True) -> None:
                                    "(default: the model embedded in the package, if this install has one)")
     p.add_argument("--tokenizer", help="'world', a tokenizer.json or a World vocab .txt "
                                        "(default: tokenizer.json next to the model, else World for 65536-token vocabs)")
-    p.add_argument("--backend", choices=["reference", "numba"], default="reference", help="CPU kernels (default: reference)")
+    p.add_argument("--backend", choices=["auto", "numba", "reference"], default="auto",
+                   help="CPU kernels: auto = numba where it works, else the numpy reference (default: auto)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda runs on an NVIDIA GPU (default: cpu)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weight storage with --device cuda")
     if sparse:
         p.add_argument("--predictors", help="predictor bundle: run the FFN sparse on the predicted neurons")
+        p.add_argument("--dense", action="store_true",
+                       help="run a model package's weights dense (ignore its predictors), for comparison")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, chat: bool = False) -> None:
@@ -77,9 +80,13 @@ def add_sampling_args(p: argparse.ArgumentParser, chat: bool = False) -> None:
 def resolve_model_path(parser: argparse.ArgumentParser, args) -> str:
     from .runtime import default_model_path
 
-    path = args.model or default_model_path()
+    path = args.model
     if path is None:
-        parser.error("--model is required: this install has no embedded default model")
+        path = default_model_path()
+        if path is None:
+            parser.exit(2, f"{parser.prog}: error: --model is required: this install has no embedded default model\n")
+        print(f"{parser.prog}: no --model given, using the embedded default model (rwkv7-tiny-9m, {path})",
+              file=sys.stderr)
     if not os.path.exists(path):
         parser.error(f"--model {path}: no such file")
     return path
@@ -94,7 +101,7 @@ def load_for_run(parser, args):
     path = resolve_model_path(parser, args)
     try:
         model = open_model(path, backend=args.backend, predictors=getattr(args, "predictors", None),
-                           device=args.device, dtype=args.dtype)
+                           device=args.device, dtype=args.dtype, dense=getattr(args, "dense", False))
         tok = load_tokenizer(args.tokenizer, path, model.config.vocab_size)
     except (ModelLoadError, TokenizerError, ValueError, RuntimeError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
@@ -164,8 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(prog: str) -> None:
+    """Library warnings (e.g. the numba fallback) as one line on stderr, not file:line plus source."""
+    import warnings
+
+    warnings.formatwarning = lambda msg, *a, **k: f"{prog}: warning: {msg}\n"
+
+
 def main(argv=None) -> int:
     parser = build_parser()
+    _one_line_warnings(parser.prog)
     args = parser.parse_args(argv)
     sub_parser = parser._subparsers._group_actions[0].choices[args.command]
     try:

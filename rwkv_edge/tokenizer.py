@@ -341,7 +341,8 @@ def load_tokenizer(tokenizer: str | None, model_path: str | Path, vocab_size: in
                     f"unknown tokenizer {tokenizer!r}: expected 'world', a tokenizer.json or a World vocab .txt"
                 )
     else:
-        candidate = Path(model_path).expanduser().resolve().parent / "tokenizer.json"
+        mp = Path(model_path).expanduser().resolve()
+        candidate = (mp if mp.is_dir() else mp.parent) / "tokenizer.json"      # a package holds its own
         if candidate.is_file():
             tok = HFTokenizer(candidate)
         elif vocab_size == WORLD_VOCAB_SIZE:

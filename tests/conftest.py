@@ -12,6 +12,8 @@ from checkpoints import make_checkpoint  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REF_MODEL = SHARED / "models" / "rwkv7-ref-58m.pth"
+# the project's BPE tokenizer (16384 ids) ships with the embedded default model: always present
+TOKENIZER_JSON = Path(__file__).resolve().parents[1] / "rwkv_edge" / "data" / "default" / "tokenizer.json"
 
 
 @pytest.fixture(scope="session")

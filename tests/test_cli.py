@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import SHARED
+from conftest import TOKENIZER_JSON
 from rwkv_edge import load_model
 from rwkv_edge.chat import chat_loop
 from rwkv_edge.cli import main
@@ -16,7 +16,7 @@ from rwkv_edge.sampling import Sampler, SamplingParams
 from rwkv_edge.tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKJSON = SHARED / "models" / "tokenizer.json"
+TOKJSON = TOKENIZER_JSON
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_generate_greedy_is_deterministic_and_matches_model(tiny_with_tok, capsy
     assert main(args) == 0
     assert capsys.readouterr().out == out1
     # the streamed text is the greedy continuation computed directly
-    m = load_model(tiny_with_tok)
+    m = load_model(tiny_with_tok, backend="reference")
     tok = load_tokenizer(None, tiny_with_tok, m.config.vocab_size)
     lo, st = m.forward([0] + tok.encode("Once upon a time"))
     ids = []
@@ -90,7 +90,7 @@ def test_chat_over_pipe_with_save_load_reset(tiny_with_tok, tmp_path):
 
 
 def test_chat_loop_in_process(tiny_with_tok):
-    m = load_model(tiny_with_tok)
+    m = load_model(tiny_with_tok, backend="reference")
     tok = load_tokenizer(None, tiny_with_tok, m.config.vocab_size)
     out = io.StringIO()
     chat_loop(m, tok, Sampler(SamplingParams(temperature=0)), max_tokens=5,

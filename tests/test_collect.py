@@ -13,12 +13,12 @@ from rwkv_edge.predictors.collect import (CollectError, collect, encode_text, la
 
 @pytest.fixture(scope="module")
 def model(tiny_ckpt):
-    return rwkv_edge.load_model(tiny_ckpt("x070"))
+    return rwkv_edge.load_model(tiny_ckpt("x070"), backend="reference")
 
 
 @pytest.fixture(scope="module")
 def other_model(tiny_ckpt):
-    return rwkv_edge.load_model(tiny_ckpt("x070", seed=1))
+    return rwkv_edge.load_model(tiny_ckpt("x070", seed=1), backend="reference")
 
 
 def _tokens(n, seed=0, vocab=256):

@@ -11,7 +11,7 @@ from rwkv_edge.sampling import Sampler, SamplingParams, sample
 
 @pytest.mark.parametrize("version", ["x052", "x060", "x070"])
 def test_sequence_equals_steps(tiny_ckpt, version):
-    m = load_model(tiny_ckpt(version))
+    m = load_model(tiny_ckpt(version), backend="reference")
     toks = [1, 7, 42, 3, 99, 5]
     seq, st_seq = m.forward(toks, full_output=True)
     st, steps = None, []
@@ -25,7 +25,7 @@ def test_sequence_equals_steps(tiny_ckpt, version):
 
 
 def test_forward_does_not_mutate_state(tiny_ckpt):
-    m = load_model(tiny_ckpt("x070"))
+    m = load_model(tiny_ckpt("x070"), backend="reference")
     _, st = m.forward([1, 2, 3])
     snap = st.copy()
     m.forward([4, 5], st)
@@ -34,7 +34,7 @@ def test_forward_does_not_mutate_state(tiny_ckpt):
 
 
 def test_state_save_load_same_continuation(tiny_ckpt, tmp_path):
-    m = load_model(tiny_ckpt("x070"))
+    m = load_model(tiny_ckpt("x070"), backend="reference")
     _, st = m.forward([3, 1, 4, 1, 5])
     p = tmp_path / "s.npz"
     st.save(p, fingerprint=m.fingerprint)
@@ -55,37 +55,37 @@ def test_state_save_load_same_continuation(tiny_ckpt, tmp_path):
 
 
 def test_config_inferred(tiny_ckpt):
-    m = load_model(tiny_ckpt("x070", n_layer=3, n_embd=64, head_size=16))
+    m = load_model(tiny_ckpt("x070", n_layer=3, n_embd=64, head_size=16), backend="reference")
     c = m.config
     assert (c.version, c.n_layer, c.n_embd, c.head_size, c.n_head, c.ffn_dim) == ("x070", 3, 64, 16, 4, 256)
 
 
 def test_load_errors(tmp_path, tiny_ckpt):
     with pytest.raises(ModelLoadError, match="no such file"):
-        load_model(tmp_path / "missing.pth")
+        load_model(tmp_path / "missing.pth", backend="reference")
     txt = tmp_path / "notes.pth"
     txt.write_text("hello")
     with pytest.raises(ModelLoadError, match="not a PyTorch checkpoint"):
-        load_model(txt)
+        load_model(txt, backend="reference")
     good = open(tiny_ckpt("x070"), "rb").read()
     cut = tmp_path / "cut.pth"
     cut.write_bytes(good[: len(good) // 2])
     with pytest.raises(ModelLoadError, match="truncated or corrupt"):
-        load_model(cut)
+        load_model(cut, backend="reference")
     import torch
     odd = tmp_path / "odd.pth"
     torch.save({"foo": torch.zeros(3)}, odd)
     with pytest.raises(ModelLoadError, match="unknown layout"):
-        load_model(odd)
+        load_model(odd, backend="reference")
     for e in [ModelLoadError]:
         try:
-            load_model(cut)
+            load_model(cut, backend="reference")
         except e as err:
             assert "\n" not in str(err) and str(cut) in str(err)
 
 
 def test_token_range_checked(tiny_ckpt):
-    m = load_model(tiny_ckpt("x070"))
+    m = load_model(tiny_ckpt("x070"), backend="reference")
     with pytest.raises(ValueError, match="out of range"):
         m.forward([m.config.vocab_size])
 

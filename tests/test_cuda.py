@@ -208,7 +208,7 @@ def test_x070_logits_match_numpy(dtype, split, tol, ckpt, fp32_after):
     measured: the default (accurate, split_inputs=True) mode keeps activations float32 and is well
     inside the 1e-2 requirement; the fast mode rounds activations (bf16: 8 mantissa bits)."""
     path = ckpt("x070", FILE_DTYPE[dtype])
-    ref, ref_state = _run(rwkv_edge.load_model(path))
+    ref, ref_state = _run(rwkv_edge.load_model(path, backend="reference"))
     C.set_dtype(dtype, split_inputs=split)
     model = open_model(path, device="cuda")
     assert model.ops.name == "cuda"
@@ -226,7 +226,7 @@ def test_x070_logits_match_numpy(dtype, split, tol, ckpt, fp32_after):
 @pytest.mark.parametrize("version", ["x052", "x060"])
 def test_v5_v6_logits_match_numpy(version, ckpt):
     path = ckpt(version)
-    ref, _ = _run(rwkv_edge.load_model(path))
+    ref, _ = _run(rwkv_edge.load_model(path, backend="reference"))
     got, _ = _run(rwkv_edge.load_model(path, backend="cuda"))
     assert np.abs(got - ref).max() < 1e-4
 
@@ -296,7 +296,7 @@ def test_sparse_model_with_exact_sets_matches_dense(ckpt):
         idx = C.mask_to_indices(C.predictor_scores(xk, b.ffn_key) > 0)
         return C.sparse_ffn(xk, idx, b.ffn_key, vt[i])
 
-    ref, _ = _run(rwkv_edge.load_model(ckpt("x070")))
+    ref, _ = _run(rwkv_edge.load_model(ckpt("x070"), backend="reference"))
     got, _ = _run(model.with_ffn(exact_sparse))
     assert np.abs(got - ref).max() < 1e-4
 
@@ -320,7 +320,7 @@ def test_device_sparse_ffn_bundle_matches_cpu_sparse(ckpt, fp32_after):
 
     C.set_dtype("fp32")
     path = ckpt("x070")
-    cpu = rwkv_edge.load_model(path)
+    cpu = rwkv_edge.load_model(path, backend="reference")
     gpu_m = open_model(path, device="cuda")
     rng = np.random.default_rng(0)
     X = rng.standard_normal((256, cpu.config.n_embd)).astype(np.float32)
@@ -353,7 +353,7 @@ def test_half_dense_and_sparse_within_1e2_of_numpy(dtype, ckpt, fp32_after):
     from rwkv_edge.sparse import SparseFFN
 
     path = ckpt("x070", FILE_DTYPE[dtype])
-    cpu = rwkv_edge.load_model(path)
+    cpu = rwkv_edge.load_model(path, backend="reference")
     rng = np.random.default_rng(0)
     X = rng.standard_normal((256, cpu.config.n_embd)).astype(np.float32)
     preds = []

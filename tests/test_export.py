@@ -32,7 +32,7 @@ def ckpt(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def model(ckpt):
-    return load_model(ckpt)
+    return load_model(ckpt, backend="reference")
 
 
 @pytest.fixture(scope="module")

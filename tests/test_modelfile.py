@@ -24,7 +24,7 @@ def ckpt(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def pth_logits(ckpt):
-    m = rwkv_edge.load_model(ckpt)
+    m = rwkv_edge.load_model(ckpt, backend="reference")
     return m, m.forward(TOKENS, full_output=True)[0]
 
 
@@ -106,7 +106,7 @@ def test_convert_from_weights_pair_and_model(tmp_path, ckpt):
     from rwkv_edge.weights import load_checkpoint
     config, w = load_checkpoint(ckpt)
     p = convert((config, w), tmp_path / "pair.rwkve", "fp16")
-    assert read_header(p)["fingerprint"] == rwkv_edge.load_model(ckpt).fingerprint
+    assert read_header(p)["fingerprint"] == rwkv_edge.load_model(ckpt, backend="reference").fingerprint
     with pytest.raises(TypeError):
         convert(object(), tmp_path / "x.rwkve")
     with pytest.raises(ValueError, match="dtype"):
@@ -163,7 +163,7 @@ def test_header_is_json_after_prefix(files):
 @pytest.mark.parametrize("version", ["x052", "x060"])
 def test_rwkv5_rwkv6_round_trip(tiny_ckpt, tmp_path, version):
     ckpt = tiny_ckpt(version, n_layer=2, n_embd=64, head_size=16, vocab_size=256)
-    want, _ = rwkv_edge.load_model(ckpt).forward(TOKENS, full_output=True)
+    want, _ = rwkv_edge.load_model(ckpt, backend="reference").forward(TOKENS, full_output=True)
     for dtype, tol in (("fp16", 1e-2), ("int8", 0.1)):
         m = load_modelfile(convert(ckpt, tmp_path / f"{dtype}.rwkve", dtype))
         assert m.config.version == version

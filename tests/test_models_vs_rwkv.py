@@ -101,7 +101,7 @@ def package_results(checkpoints, tmp_path_factory):
 
 
 def _ours(path, prompt, steps):
-    model = rwkv_edge.load_model(path)
+    model = rwkv_edge.load_model(path, backend="reference")
     logits, state = model.forward(prompt)
     prompt_state = state.copy()
     out = []
@@ -145,7 +145,7 @@ def test_ref58m_matches_rwkv_package(package_results):
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_sequence_equals_steps(version, checkpoints):
-    model = rwkv_edge.load_model(checkpoints[(version, "float32")])
+    model = rwkv_edge.load_model(checkpoints[(version, "float32")], backend="reference")
     _, start = model.forward([7, 8, 9])  # start from a non-zero state
     seq_logits, seq_state = model.forward(PROMPT, start, full_output=True)
     state, step_logits = start, []
@@ -162,7 +162,7 @@ def test_sequence_equals_steps(version, checkpoints):
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_ffn_activations_are_nontrivial(version, checkpoints):
-    model = rwkv_edge.load_model(checkpoints[(version, "float32")])
+    model = rwkv_edge.load_model(checkpoints[(version, "float32")], backend="reference")
     acts = []
     model.hooks.ffn_activation.append(lambda i, k: (acts.append(k), k)[1])
     model.forward(PROMPT)
@@ -175,7 +175,7 @@ def test_ffn_activations_are_nontrivial(version, checkpoints):
 def test_inferred_config(version, tmp_path):
     path = make_checkpoint(version, tmp_path / "odd.pth", n_layer=3, n_embd=48, head_size=8, ffn_mult=3,
                            vocab_size=100, seed=1)
-    cfg = rwkv_edge.load_model(path).config
+    cfg = rwkv_edge.load_model(path, backend="reference").config
     assert (cfg.version, cfg.n_layer, cfg.n_embd, cfg.head_size, cfg.ffn_dim, cfg.vocab_size) == \
         (version, 3, 48, 8, 144, 100)
     assert cfg.n_head == 6

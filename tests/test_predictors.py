@@ -23,7 +23,7 @@ FIT_KW = dict(target=0.95, metric="active", heldout_frac=0.25, hidden=32, epochs
 
 @pytest.fixture(scope="module")
 def model(tiny_ckpt):
-    return rwkv_edge.load_model(tiny_ckpt("x070"))
+    return rwkv_edge.load_model(tiny_ckpt("x070"), backend="reference")
 
 
 @pytest.fixture(scope="module")
@@ -205,10 +205,10 @@ def test_bundle_round_trip_gives_identical_predictions(model, bundles, fresh_xk,
 def test_bundle_load_rejects_other_models_and_non_bundles(model, tiny_ckpt, bundles, tmp_path):
     path = tmp_path / "b.npz"
     bundles["quantized"].save(path)
-    other = rwkv_edge.load_model(tiny_ckpt("x070", seed=1))
+    other = rwkv_edge.load_model(tiny_ckpt("x070", seed=1), backend="reference")
     with pytest.raises(ValueError, match="another model"):
         PredictorBundle.load(path, model=other)
-    bigger = rwkv_edge.load_model(tiny_ckpt("x070", n_layer=3))
+    bigger = rwkv_edge.load_model(tiny_ckpt("x070", n_layer=3), backend="reference")
     with pytest.raises(ValueError, match="config"):
         PredictorBundle.load(path, model=bigger)
     (tmp_path / "x.npz").write_bytes(b"definitely not a zip")

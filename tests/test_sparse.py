@@ -49,7 +49,7 @@ def test_exact_mode_without_predictor(ckpt, tmp_path):
 
 def test_sparse_on_pth_model_and_reference_dense(ckpt):
     """A .pth model (float32 arrays, reference backend) gets bundles built by SparseFFN."""
-    dense = rwkv_edge.load_model(ckpt)
+    dense = rwkv_edge.load_model(ckpt, backend="reference")
     want, _ = dense.forward(TOKENS, full_output=True)
     for dtype, tol in (("fp32", 1e-4), ("fp16", 1e-2)):
         sp = SparseFFN(dense, exact_active_indices(dense), dtype=dtype)
@@ -59,7 +59,7 @@ def test_sparse_on_pth_model_and_reference_dense(ckpt):
 
 
 def test_missing_neurons_change_the_output_like_a_masked_dense_ffn(ckpt):
-    dense = rwkv_edge.load_model(ckpt)
+    dense = rwkv_edge.load_model(ckpt, backend="reference")
     exact = exact_active_indices(dense)
     drop = lambda layer, x: exact(layer, x)[::2].copy()               # half of the true set
     sparse = dense.with_ffn(SparseFFN(dense, drop))
@@ -71,7 +71,7 @@ def test_missing_neurons_change_the_output_like_a_masked_dense_ffn(ckpt):
             out[t, idx] = k[t, idx]
         return out
 
-    masked = rwkv_edge.load_model(ckpt)
+    masked = rwkv_edge.load_model(ckpt, backend="reference")
     masked.hooks.ffn_activation.append(masked_hook)
     got, _ = _decode(sparse, TOKENS)
     want, _ = masked.forward(TOKENS, full_output=True)
@@ -125,7 +125,7 @@ def test_quantized_bundle_runs_fused_and_matches_the_generic_path(ckpt):
     from rwkv_edge.predictors.bundle import PredictorBundle
     from rwkv_edge.predictors.calibrate import Calibration
     from rwkv_edge.predictors.quantized import QuantizedPredictor
-    model = rwkv_edge.load_model(ckpt)
+    model = rwkv_edge.load_model(ckpt, backend="reference")
     preds = []
     for b in model.blocks:
         p = QuantizedPredictor.fit(np.asarray(b.ffn_key), 4, group_size=32)
@@ -161,7 +161,7 @@ def test_device_sparse_ffn_matches_cpu_sparse_ffn_on_reference_ops(tiny_ckpt):
     from rwkv_edge.sparse import DeviceSparseFFN, SparseFFN
     from rwkv_edge.predictors.quantized import QuantizedPredictor
 
-    m = load_model(tiny_ckpt("x070"))
+    m = load_model(tiny_ckpt("x070"), backend="reference")
     rng = np.random.default_rng(0)
     X = rng.standard_normal((256, m.config.n_embd)).astype(np.float32)
     preds = []
@@ -192,14 +192,14 @@ def test_sparse_check_tool(tiny_ckpt, tmp_path):
     import subprocess
     import sys
 
-    from conftest import SHARED
+    from conftest import TOKENIZER_JSON
     from rwkv_edge.predictors.bundle import PredictorBundle
     from rwkv_edge.predictors.quantized import QuantizedPredictor
-    tokjson = SHARED / "models" / "tokenizer.json"
+    tokjson = TOKENIZER_JSON
     if not tokjson.exists():
         pytest.skip(f"{tokjson} not present")
     path = tiny_ckpt("x070", vocab_size=16384)
-    m = rwkv_edge.load_model(path)
+    m = rwkv_edge.load_model(path, backend="reference")
     X = np.random.default_rng(0).standard_normal((256, m.config.n_embd)).astype(np.float32)
     preds = []
     for b in m.blocks:

@@ -12,8 +12,7 @@ from rwkv_edge.tokenizer import (
     load_tokenizer,
 )
 
-SHARED_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
-HF_JSON = SHARED_MODELS / "tokenizer.json"
+HF_JSON = Path(__file__).resolve().parents[1] / "rwkv_edge" / "data" / "default" / "tokenizer.json"
 
 TEXTS = {
     "ascii": "The quick brown fox jumps over the lazy dog. It was 3:45 pm, and 99% of it was done!",
@@ -35,7 +34,7 @@ def world():
 @pytest.fixture(scope="module")
 def hf():
     if not HF_JSON.is_file():
-        pytest.skip(f"HF tokenizer not found at {HF_JSON} (shared models folder absent)")
+        pytest.skip(f"HF tokenizer not found at {HF_JSON} (the embedded model package is missing)")
     return HFTokenizer(HF_JSON)
 
 

@@ -4,6 +4,7 @@ The function set is reference.py's: weight, to_host, adopt_state, embed, sigmoid
 relu_sq, token_shift, l2_normalize, linear, matmul, layer_norm, group_norm, wkv5, wkv6, wkv7.
 A CPU backend may leave out numpy elementwise ops: they default to the reference ones.
 Backends are imported lazily so that e.g. numba or CUDA are only loaded when asked for.
+"auto" (the default everywhere) is numba where it imports and runs, else the numpy reference.
 """
 from __future__ import annotations
 
@@ -24,12 +25,34 @@ def available() -> list[str]:
     return list(_REGISTRY)
 
 
+def resolve(name: str) -> tuple[str, str | None]:
+    """(backend name, None) for a concrete name; for "auto": ("numba", None) when numba imports and
+    runs one of its cached kernels, else ("reference", why not numba) - the caller tells the user."""
+    if name != "auto":
+        return name, None
+    if "auto" not in _CACHE:
+        try:
+            import numpy as np
+
+            nb = get_backend("numba")
+            x, w = np.ones((1, 4), np.float32), np.ones(4, np.float32)
+            nb.layer_norm(x, w, w * 0)                # compiles (or loads from the cache) and runs a kernel
+            _CACHE["auto"] = ("numba", None)
+        except Exception as e:                        # ImportError, numba typing/LLVM errors, ...
+            _CACHE.pop("numba", None)
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            _CACHE["auto"] = ("reference", f"numba kernels unavailable ({msg}); using the slower numpy reference backend")
+    return _CACHE["auto"]
+
+
 def get_backend(name: str):
     """Return the backend module registered under `name` (ValueError for unknown names)."""
     if not isinstance(name, str):
         return name  # already a backend object
+    if name == "auto":
+        name = resolve(name)[0]
     if name not in _REGISTRY:
-        raise ValueError(f"unknown backend '{name}', choose one of {', '.join(_REGISTRY)}")
+        raise ValueError(f"unknown backend '{name}', choose auto or one of {', '.join(_REGISTRY)}")
     if name not in _CACHE:
         ref = importlib.import_module(_REGISTRY["reference"])
         mods = _REGISTRY[name] if isinstance(_REGISTRY[name], tuple) else (_REGISTRY[name],)
