@@ -92,9 +92,10 @@ class OnnxCandidate:
 
 def load_candidate(path: str, base_model, backend: str = "reference", device: str = "cpu",
                    onnx_variant: str | None = None):
-    """A candidate from a path: an ONNX export directory (model.json of format rwkv-edge-onnx), or a
-    model file of the base's weights (`rwkv-edge convert` output, .pth). ValueError with a one-line
-    reason for anything else, or for a candidate of another model."""
+    """A candidate from a path: an ONNX export directory (model.json of format rwkv-edge-onnx), a model
+    package directory (format rwkv-edge-package: run sparse with its own bundle), or a model file of
+    the base's weights (`rwkv-edge convert` output, .pth). ValueError with a one-line reason for
+    anything else, or for a candidate of another model."""
     from .runtime import open_model
 
     if os.path.isdir(path):
@@ -112,8 +113,10 @@ def load_candidate(path: str, base_model, backend: str = "reference", device: st
                 return OnnxCandidate(path, base_model, onnx_variant)
             except ImportError as e:
                 raise ValueError(f"--candidate {path}: onnxruntime is needed for an ONNX export ({e})") from None
-        raise ValueError(f"--candidate {path}: model.json format {fmt!r} is not an rwkv-edge ONNX export")
-    if not os.path.isfile(path):
+        if fmt != "rwkv-edge-package":
+            raise ValueError(f"--candidate {path}: model.json format {fmt!r} is neither an rwkv-edge ONNX export "
+                             "nor a model package")
+    elif not os.path.isfile(path):
         raise ValueError(f"--candidate {path}: no such file or directory")
     cand = open_model(path, backend=backend, device=device)
     if cand.fingerprint != base_model.fingerprint or cand.config != base_model.config:

@@ -95,8 +95,10 @@ def _segments(parser, args, tok):
 
 
 def _candidate(parser, args, model):
-    """The candidate model: the base with a sparse FFN (--predictors) or --candidate, else None."""
+    """The candidate model: the base with a sparse FFN (--predictors) or --candidate; for a model
+    package given as --model and neither of them, the package run sparse; else None."""
     from .candidates import load_candidate
+    from .package import is_package
 
     if args.predictors:
         from rwkv_edge.predictors.bundle import PredictorBundle
@@ -114,6 +116,15 @@ def _candidate(parser, args, model):
                 os.path.basename(os.path.normpath(args.candidate))
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             _die(parser, str(e))
+    path = args.model
+    if path and is_package(path) and not args.dense:
+        try:
+            cand = load_candidate(path, model, args.backend, args.device)
+        except (ValueError, RuntimeError) as e:
+            _die(parser, str(e))
+        if getattr(cand, "ffn", None) is None:
+            _die(parser, f"--model {path}: the package has no predictors; give --predictors or --candidate")
+        return cand, os.path.basename(os.path.normpath(path)) + " (sparse)"
     return None, None
 
 
@@ -121,14 +132,18 @@ def run_eval(args, parser) -> int:
     from .quality import (compute_base, lambada_scores, load_base, run_segments, save_base, summarize,
                           tokenizer_id)
 
-    if not (args.predictors or args.candidate or args.save_base):
+    from .package import is_package
+    from .runtime import default_model_path
+
+    args.model = args.model or default_model_path()
+    if not (args.predictors or args.candidate or args.save_base or (args.model and is_package(args.model))):
         parser.error("give --predictors or --candidate (or only --save-base to store the base distributions)")
     if args.base and args.save_base:
         parser.error("--base and --save-base exclude each other")
     if args.save_base and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_base))):
         parser.error(f"--save-base {args.save_base}: directory does not exist")
     dense_args = copy.copy(args)
-    dense_args.predictors = None
+    dense_args.predictors, dense_args.dense = None, True          # the base: dense (a package's weights too)
     model, tok = load_for_run(parser, dense_args)
     tid = tokenizer_id(tok, model.config.vocab_size)
     segs, words = _segments(parser, args, tok)
@@ -164,8 +179,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                                           "does. The base distributions can be stored once (--save-base) and reused "
                                           "(--base).")
     add_model_args(p)
-    p.set_defaults(backend="numba")
-    p.add_argument("--candidate", help="a converted model file (int8/fp16) of the same weights, or an ONNX export dir")
+    p.add_argument("--candidate", help="a converted model file (int8/fp16) of the same weights, an ONNX export dir, "
+                                       "or a model package dir (default with --model PACKAGE: the package run sparse)")
     p.add_argument("--onnx-variant", choices=["dense", "sparse"], default=None,
                    help="which graph of an ONNX export (default: sparse if it has one)")
     src = p.add_mutually_exclusive_group(required=True)

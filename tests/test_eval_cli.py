@@ -108,3 +108,14 @@ def test_bad_input_is_one_line_exit_2(setup, capsys, case):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "error:" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 or case in ("limit0", "nothing")     # argparse adds its usage line
+
+
+def test_embedded_package_runs_sparse_against_its_dense_weights(setup, capsys):
+    from rwkv_edge.runtime import default_model_path
+
+    if default_model_path() is None:
+        pytest.skip("no embedded model package in this install")
+    rc, out, _ = run(capsys, "--text", setup / "t.txt", "--limit", "64")        # no --model: the embedded one
+    q = kv(out)
+    assert rc == 0 and "(sparse)" in out and 0 < float(q["density"]) < 0.6
+    assert 0 < float(q["kld_mean"]) < 0.1 and float(q["same_top1"]) > 0.8
