@@ -119,3 +119,20 @@ def test_embedded_package_runs_sparse_against_its_dense_weights(setup, capsys):
     q = kv(out)
     assert rc == 0 and "(sparse)" in out and 0 < float(q["density"]) < 0.6
     assert 0 < float(q["kld_mean"]) < 0.1 and float(q["same_top1"]) > 0.8
+
+
+def test_onnx_export_candidate(setup, capsys, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from rwkv_edge.export.export import export_onnx
+
+    d = setup
+    model = load_model(str(d / "m" / "m.pth"))
+    F = model.config.ffn_dim
+    export_onnx(model, tmp_path / "onnx", "fp32", sparse_topk=[F // 4] * model.config.n_layer, prefill=False)
+    rc, dense, _ = run(capsys, "--model", d / "m" / "m.pth", "--candidate", tmp_path / "onnx", "--onnx-variant",
+                       "dense", "--text", d / "t.txt", "--limit", "64")
+    rc2, sparse, _ = run(capsys, "--model", d / "m" / "m.pth", "--candidate", tmp_path / "onnx", "--text",
+                         d / "t.txt", "--limit", "64")
+    q, s = kv(dense), kv(sparse)
+    assert rc == rc2 == 0 and float(q["kld_mean"]) < 1e-5 and q["same_top1"] == "1" and q["density"] == "na"
+    assert float(s["density"]) == pytest.approx(0.25) and float(s["kld_mean"]) > 100 * float(q["kld_mean"])
