@@ -142,8 +142,41 @@ def run_row(model, tok, kind, setting, ctx_: dict, args, log) -> dict:
     if ctx_["lambada"]:
         lam = score_lambada(cand, tok, ctx_["lambada"], progress=args.progress)
         row.update(lambada_acc=lam.accuracy, lambada_ppl=lam.perplexity, lambada_n=lam.n)
-    row["tok_s"] = decode_speed(cand, args.decode_tokens, args.bench_lock)
+    row["tok_s"] = decode_speed(cand, args.decode_tokens, args.bench_lock) if args.decode_tokens else float("nan")
     return row
+
+
+def speed_pass(model, args, log) -> None:
+    """Decode tok/s of every row lacking it, all in one sitting under one hold of --bench-lock (a fair
+    comparison: same load for all), dense measured first and last to show the drift."""
+    import fcntl
+
+    from rwkv_edge.predictors.bundle import PredictorBundle
+    from rwkv_edge.sparse import SparseFFN
+
+    rdir = os.path.join(args.out, "rows")
+    names = sorted(n for n in os.listdir(rdir) if n.endswith(".json"))
+    f = open(args.bench_lock, "a") if args.bench_lock else None
+    if f is not None:
+        log(f"waiting for {args.bench_lock}")
+        fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+        dense0 = decode_speed(model, args.speed_tokens, None)
+        for name in names:
+            with open(os.path.join(rdir, name)) as fh:
+                row = json.load(fh)
+            if row["kind"] == "dense":
+                cand = model
+            else:
+                b = PredictorBundle.load(os.path.join(args.out, "bundles", f"{row['kind']}__{row['setting']}.npz"), model)
+                cand = model.with_ffn(SparseFFN(model, b))
+            row["tok_s"] = decode_speed(cand, args.speed_tokens, None)
+            _write(os.path.join(rdir, name), json.dumps(row, indent=1))
+            log(f"speed {row['kind']} {row['setting']}: {row['tok_s']:.1f} tok/s")
+        log(f"dense before {dense0:.1f} tok/s, after {decode_speed(model, args.speed_tokens, None):.1f} tok/s")
+    finally:
+        if f is not None:
+            f.close()
 
 
 def fmt(v, col: str) -> str:
@@ -199,6 +232,9 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", choices=["reference", "numba"], default="numba")
     ap.add_argument("--decode-tokens", type=non_negative_int, default=32, help="decode steps timed per row (0 = skip)")
     ap.add_argument("--bench-lock", help="flock this file around each timing")
+    ap.add_argument("--speed-pass", action="store_true",
+                    help="only measure decode tok/s of the finished rows, all under one hold of --bench-lock")
+    ap.add_argument("--speed-tokens", type=positive_int, default=64, help="decode steps per row in --speed-pass")
     ap.add_argument("--group-size", type=positive_int, default=64)
     ap.add_argument("--mlp-epochs", type=positive_int, default=4)
     ap.add_argument("--mlp-hidden", type=positive_int, default=64)
@@ -241,7 +277,11 @@ def main(argv=None) -> int:
     header = (f"model {os.path.basename(args.model)} (L{model.config.n_layer} D{model.config.n_embd} "
               f"F{model.config.ffn_dim}), {base.n_tokens} held-out tokens in ctx {args.ctx} windows, "
               f"LAMBADA first {len(items)} items, backend {args.backend}")
-    todo = [("dense", "-")] + [(k, s) for s in args.settings for k in args.kinds]
+    if args.speed_pass:
+        speed_pass(model, args, log)
+        todo = []
+    else:
+        todo = [("dense", "-")] + [(k, s) for s in args.settings for k in args.kinds]
     for kind, setting in todo:
         path = os.path.join(args.out, "rows", f"{kind}__{setting}.json")
         if os.path.exists(path):
