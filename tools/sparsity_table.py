@@ -89,6 +89,23 @@ def calibrated(model, data: str, kind: str, setting: str, out: str, args, log):
     return b
 
 
+def layer_stats(model, bundle, data: str, heldout_frac: float = 0.1, max_heldout: int = 16384) -> dict:
+    """Per-layer density and mass recall of `bundle` measured on the held-out split of `data` (the rows
+    `fit` calibrates on), the same way for every kind (a union has no single calibration to read)."""
+    from rwkv_edge.predictors.collect import labels, load_layer, read_manifest
+
+    man = read_manifest(data)
+    dens, rec = [], []
+    for layer in range(model.config.n_layer):
+        n = int(man["layers"][layer]["count"])
+        x = load_layer(data, layer, start=n - min(max(1, int(n * heldout_frac)), max_heldout))
+        pred = bundle.predict(layer, x)
+        act = labels(model, layer, x)[1]
+        dens.append(float(pred.mean()))
+        rec.append(float(act[pred].sum(dtype=np.float64) / max(act.sum(dtype=np.float64), 1e-30)))
+    return {"layer_density": dens, "layer_recall": rec, "cal_recall": float(np.mean(rec)), "layer_stats": "measured"}
+
+
 def decode_speed(model, n: int, lock: str | None) -> float:
     """Greedy decode tokens/s over `n` steps after a 16-token prompt (timed under `lock` if given)."""
     if n <= 0:
@@ -134,9 +151,7 @@ def run_row(model, tok, kind, setting, ctx_: dict, args, log) -> dict:
            "ppl_base": r["ppl_base"], "density": 1.0 if b is None else r["density"],
            "pred_bytes": 0 if b is None else b.nbytes}
     if b is not None:
-        row["layer_density"] = [1.0 - p.calib.percentile for p in b.predictors]
-        row["layer_recall"] = [p.calib.recall for p in b.predictors]
-        row["cal_recall"] = float(np.mean(row["layer_recall"]))
+        row.update(layer_stats(model, b, args.data))
         row["describe"] = b.describe()
     row["bytes_tok"] = ffn_bytes_per_token(cfg, row["density"], 4, row["pred_bytes"])
     if ctx_["lambada"]:
@@ -170,6 +185,8 @@ def speed_pass(model, args, log) -> None:
             else:
                 b = PredictorBundle.load(os.path.join(args.out, "bundles", f"{row['kind']}__{row['setting']}.npz"), model)
                 cand = model.with_ffn(SparseFFN(model, b))
+                if row.get("layer_stats") != "measured":
+                    row.update(layer_stats(model, b, args.data))
             row["tok_s"] = decode_speed(cand, args.speed_tokens, None)
             _write(os.path.join(rdir, name), json.dumps(row, indent=1))
             log(f"speed {row['kind']} {row['setting']}: {row['tok_s']:.1f} tok/s")
