@@ -87,6 +87,21 @@ def threshold_for_percentile(scores: np.ndarray, act: np.ndarray, percentile: fl
     return Calibration(threshold=t, percentile=float(1.0 - pred.mean()), recall=rec)
 
 
+def topk_for_percentile(scores: np.ndarray, act: np.ndarray, percentile: float, metric: str = "mass") -> Calibration:
+    """For a top-k predictor: k = round((1 - percentile) F), the same predicted sparsity as
+    `threshold_for_percentile`; recall measured on these rows (scores, act: (n, F))."""
+    check_target(0.5, metric)
+    if not 0.0 <= float(percentile) < 1.0:
+        raise ValueError(f"percentile must be in [0, 1), got {percentile}")
+    F = scores.shape[1]
+    k = max(1, int(round((1.0 - float(percentile)) * F)))
+    pred = topk_mask(scores, k)
+    w_all = _weights(act, metric)
+    total = w_all.sum()
+    rec = float((w_all * pred).sum() / total) if total > 0 else 1.0
+    return Calibration(k=k, percentile=1.0 - k / F, recall=rec)
+
+
 def seed_schedule(n_layer: int) -> list[float]:
     """The seed's per-layer percentiles mapped to `n_layer` layers. The seed (a 24-layer RWKV-5) used
     0.95 for layers <= 4, 0.85 in the middle and 0.80-0.85 for the last layers: here the first

@@ -127,7 +127,7 @@ def recalibrate(bundle: PredictorBundle, model, data_dir: str, target: float | N
     `fit` calibrated on (same split): either for a recall `target` (+ margin), or at a per-layer
     score `percentiles` list (predicted sparsity per layer, e.g. `calibrate.seed_schedule`).
     Cheap next to fitting, so a grid fits each kind once. The bundle is changed and returned."""
-    from .calibrate import threshold_for_percentile
+    from .calibrate import threshold_for_percentile, topk_for_percentile
 
     if (target is None) == (percentiles is None):
         raise ValueError("give either a recall target or per-layer percentiles")
@@ -148,10 +148,11 @@ def recalibrate(bundle: PredictorBundle, model, data_dir: str, target: float | N
         _, act = labels(model, layer, x_held)
         if percentiles is None:
             p.calibrate(x_held, act, target, metric, margin)
-        elif getattr(p, "mode", "") != "threshold":
-            raise ValueError(f"layer {layer}: percentile thresholds need a threshold predictor, not {p.kind}")
+        elif getattr(p, "mode", "") not in ("threshold", "topk"):
+            raise ValueError(f"layer {layer}: percentile settings need a threshold or top-k predictor, not {p.kind}")
         else:
-            p.calib = threshold_for_percentile(p.score(x_held), act, percentiles[layer], metric)
+            fn = topk_for_percentile if p.mode == "topk" else threshold_for_percentile
+            p.calib = fn(p.score(x_held), act, percentiles[layer], metric)
     bundle.target = target
     bundle.metric = metric
     bundle.meta["calibration"] = {"target": target, "percentiles": percentiles, "metric": metric, "margin": margin}

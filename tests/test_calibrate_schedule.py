@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import rwkv_edge
-from rwkv_edge.predictors.calibrate import seed_schedule, threshold_for_percentile
+from rwkv_edge.predictors.calibrate import seed_schedule, threshold_for_percentile, topk_for_percentile
 from rwkv_edge.predictors.collect import collect, labels, load_layer
 from rwkv_edge.predictors.fit import fit, recalibrate
 
@@ -22,6 +22,8 @@ def test_threshold_for_percentile_predicts_that_share_inactive():
     assert threshold_for_percentile(scores, act, 0.95).recall < threshold_for_percentile(scores, act, 0.5).recall
     with pytest.raises(ValueError):
         threshold_for_percentile(scores, act, 1.0)
+    c = topk_for_percentile(scores, act, 0.75)                  # top-k predictors: k = 25% of 64
+    assert c.k == 16 and c.percentile == 0.75 and 0 < c.recall < threshold_for_percentile(scores, act, 0.5).recall
 
 
 def test_seed_schedule_maps_the_24_layer_seed():
