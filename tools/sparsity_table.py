@@ -36,7 +36,7 @@ from rwkv_edge.fileio import atomic_write  # noqa: E402
 KINDS = ("2bit", "4bit", "4bit+mlp", "1bit", "mlp", "pq")
 SETTINGS = ("r0.99", "seed", "r0.98", "r0.95", "r0.995")
 MLP_PROBABILITY = 0.7
-COLUMNS = ("kind", "setting", "density", "pred_bytes", "bytes_tok", "tok_s", "kld_mean", "kld_p99", "same_top1",
+COLUMNS = ("kind", "setting", "density", "pred_bytes", "bytes_tok", "bytes_tok_i8", "tok_s", "kld_mean", "kld_p99", "same_top1",
            "ppl", "lambada_acc", "lambada_ppl", "cal_recall")
 
 
@@ -153,7 +153,8 @@ def run_row(model, tok, kind, setting, ctx_: dict, args, log) -> dict:
     if b is not None:
         row.update(layer_stats(model, b, args.data))
         row["describe"] = b.describe()
-    row["bytes_tok"] = ffn_bytes_per_token(cfg, row["density"], 4, row["pred_bytes"])
+    row["bytes_tok"] = ffn_bytes_per_token(cfg, row["density"], 4, row["pred_bytes"])        # fp32 rows (this run)
+    row["bytes_tok_i8"] = ffn_bytes_per_token(cfg, row["density"], 1, row["pred_bytes"])     # an int8 model file
     if ctx_["lambada"]:
         lam = score_lambada(cand, tok, ctx_["lambada"], progress=args.progress)
         row.update(lambada_acc=lam.accuracy, lambada_ppl=lam.perplexity, lambada_n=lam.n)
@@ -187,6 +188,7 @@ def speed_pass(model, args, log) -> None:
                 cand = model.with_ffn(SparseFFN(model, b))
                 if row.get("layer_stats") != "measured":
                     row.update(layer_stats(model, b, args.data))
+            row["bytes_tok_i8"] = ffn_bytes_per_token(model.config, row["density"], 1, row["pred_bytes"])
             row["tok_s"] = decode_speed(cand, args.speed_tokens, None)
             _write(os.path.join(rdir, name), json.dumps(row, indent=1))
             log(f"speed {row['kind']} {row['setting']}: {row['tok_s']:.1f} tok/s")
@@ -199,7 +201,7 @@ def speed_pass(model, args, log) -> None:
 def fmt(v, col: str) -> str:
     if v is None or (isinstance(v, float) and v != v):
         return ""
-    if col in ("pred_bytes", "bytes_tok"):
+    if col in ("pred_bytes", "bytes_tok", "bytes_tok_i8"):
         return f"{int(v)}"
     if col in ("kld_mean", "kld_p99"):
         return f"{v:.4f}"
