@@ -103,3 +103,15 @@ def test_ffn_bytes_per_token(model):
     full = sparsity_table.ffn_bytes_per_token(cfg, 1.0, 4, 0)
     assert full == cfg.n_layer * cfg.ffn_dim * cfg.n_embd * 2 * 4
     assert sparsity_table.ffn_bytes_per_token(cfg, 0.1, 4, 1000) == round(full * 0.1) + 1000
+
+
+def test_layer_stats_match_the_calibration_of_a_fitted_bundle(tiny_ckpt, tmp_path):
+    from rwkv_edge.predictors.collect import collect
+    from rwkv_edge.predictors.fit import fit
+
+    model = rwkv_edge.load_model(tiny_ckpt("x070"))
+    collect(model, np.random.default_rng(2).integers(0, 256, 1200).tolist(), tmp_path / "c", chunk=256, progress=False)
+    b = fit(model, str(tmp_path / "c"), "quantized", bits=2, group_size=16, target=0.9, progress=False)
+    s = sparsity_table.layer_stats(model, b, str(tmp_path / "c"))
+    assert s["layer_density"] == pytest.approx([1 - p.calib.percentile for p in b.predictors], abs=1e-6)
+    assert s["layer_recall"] == pytest.approx([p.calib.recall for p in b.predictors], abs=1e-5)
