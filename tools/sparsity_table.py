@@ -224,8 +224,9 @@ def write_tables(out: str, header: str) -> list[dict]:
     order = {k: i for i, k in enumerate(("dense",) + KINDS)}
     sorder = {s: i for i, s in enumerate(("-", "r0.95", "r0.98", "r0.99", "r0.995", "seed"))}
     rows.sort(key=lambda r: (order.get(r["kind"], 99), sorder.get(r["setting"], 99)))
-    md = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(fmt(r.get(c), c) for c in COLUMNS) + " |" for r in rows]
+    cols = [c for c in COLUMNS if any(fmt(r.get(c), c) for r in rows)]          # no all-empty columns
+    md = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(fmt(r.get(c), c) for c in cols) + " |" for r in rows]
     _write(os.path.join(out, "table.md"), "\n".join(md) + "\n")
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(COLUMNS) + ["kld_se", "ppl_base", "n_tokens", "lambada_n"],
