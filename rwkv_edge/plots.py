@@ -61,31 +61,41 @@ def plot_report(tables: list, names: list, path: str) -> None:
 
 
 def plot_front(rows: list, path: str, title: str = "") -> None:
-    """rows: sparsity-table rows (kind, setting, kld_mean, tok_s, density). KLD (log scale) against
-    decode tok/s, one marker per predictor kind, the setting written beside each point."""
+    """rows: sparsity-table rows (kind, setting, kld_mean, tok_s, bytes_tok_i8 or density). Left: KLD
+    (log scale) against decode tok/s; right: KLD against FFN + predictor bytes read per token (int8
+    model file; the density if a row lacks it), which does not depend on the machine's load. One marker
+    per predictor kind, the setting written beside each point."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     dense = next((r for r in rows if r["kind"] == "dense"), None)
     kinds = []
     for r in rows:
         if r["kind"] != "dense" and r["kind"] not in kinds:
             kinds.append(r["kind"])
-    for k in kinds:
-        pts = [r for r in rows if r["kind"] == k and r.get("tok_s") == r.get("tok_s") and r.get("tok_s")]
-        if not pts:
-            continue
-        ax.scatter([r["tok_s"] for r in pts], [max(r["kld_mean"], 1e-6) for r in pts], marker=MARKERS.get(k, "o"),
-                   s=45, label=k)
-        for r in pts:
-            ax.annotate(r["setting"], (r["tok_s"], max(r["kld_mean"], 1e-6)), fontsize=6, xytext=(3, 2),
-                        textcoords="offset points")
-    if dense is not None and dense.get("tok_s"):
-        ax.axvline(dense["tok_s"], color="k", ls=":", label=f"dense {dense['tok_s']:.1f} tok/s")
-    ax.set_yscale("log")
-    ax.set(xlabel="decode tokens/s (sparse FFN, numba CPU)", ylabel="mean KL divergence to dense (nats)",
-           title=title or "quality / speed front")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    xb = "bytes_tok_i8" if all(r.get("bytes_tok_i8") for r in rows if r["kind"] != "dense") else "density"
+    for ax, xkey in zip(axes, ("tok_s", xb)):
+        for k in kinds:
+            pts = [r for r in rows if r["kind"] == k and r.get(xkey) == r.get(xkey) and r.get(xkey)]
+            if not pts:
+                continue
+            xs = [r[xkey] / (2**20 if xkey == "bytes_tok_i8" else 1) for r in pts]
+            ys = [max(r["kld_mean"], 1e-6) for r in pts]
+            ax.scatter(xs, ys, marker=MARKERS.get(k, "o"), s=45, label=k)
+            for r, x, y in zip(pts, xs, ys):
+                ax.annotate(r["setting"], (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        if dense is not None and dense.get(xkey) and dense.get(xkey) == dense.get(xkey):
+            x = dense[xkey] / (2**20 if xkey == "bytes_tok_i8" else 1)
+            ax.axvline(x, color="k", ls=":", label=f"dense {x:.1f}" if xkey == "tok_s" else "dense")
+        ax.set_yscale("log")
+        ax.set_ylabel("mean KL divergence to dense (nats)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    axes[0].set_xlabel("decode tokens/s (sparse FFN, numba CPU)")
+    axes[1].set_xlabel("FFN + predictor MiB read per token (int8 model file)" if xb == "bytes_tok_i8"
+                       else "FFN density run")
+    if xb == "bytes_tok_i8" and dense is not None and dense.get(xb):
+        axes[1].set_xscale("log")
+    fig.suptitle(title or "quality / speed front")
     _save(fig, path)
     plt.close(fig)
 
