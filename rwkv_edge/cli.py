@@ -151,6 +151,7 @@ _PLUGINS = [
     ("rwkv_edge.predictors.cli_commands", "add_report_parser"),
     ("rwkv_edge.export.cli_commands", "add_export_parser"),
     ("rwkv_edge.export.cli_commands", "add_verify_parser"),
+    ("rwkv_edge.eval_command", "add_eval_parser"),
 ]
 
 
