@@ -200,7 +200,7 @@ def write_synthetic(path, shape, dtype: str = "int8", seed: int = 0, progress=No
     kw: tensor_specs options (default for official shapes: matrix_std 0.8). Returns path."""
     from rwkv_edge.quant import quantize_int8_rows
 
-    from .backends.numba_common import NeuronBundledFFN
+    from .backends.numba_common import bundle_arrays
     from .modelfile import write_model
 
     config = shape_config(shape) if isinstance(shape, str) else shape
@@ -215,10 +215,10 @@ def write_synthetic(path, shape, dtype: str = "int8", seed: int = 0, progress=No
     def kv(i):
         sc = pending.setdefault(("kv", i), [])
         for K, VT in zip(chunks(f"blocks.{i}.ffn.key.weight"), chunks(f"blocks.{i}.ffn.value.weight", True)):
-            b = NeuronBundledFFN.from_dense(K, VT.T, dtype)
-            if b.scale is not None:
-                sc.append(b.scale)
-            yield b.kv
+            q, s = bundle_arrays(K, VT.T, dtype)
+            if s is not None:
+                sc.append(s)
+            yield q
 
     def q_rows(name):
         sc = pending.setdefault(("q", name), [])
