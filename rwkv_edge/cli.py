@@ -61,6 +61,11 @@ def add_model_args(p: argparse.ArgumentParser, sparse: bool = True) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weight storage with --device cuda")
     if sparse:
         p.add_argument("--predictors", help="predictor bundle: run the FFN sparse on the predicted neurons")
+        p.add_argument("--max-resident-mb", type=_float, default=None,
+                       help="with --predictors on a model file: weights kept resident; FFN neuron pages not "
+                            "used recently are dropped (see --resident-window)")
+        p.add_argument("--resident-window", type=positive_int, default=8,
+                       help="tokens an FFN neuron page stays resident after its last use (default: 8)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, chat: bool = False) -> None:
@@ -93,8 +98,12 @@ def load_for_run(parser, args):
 
     path = resolve_model_path(parser, args)
     try:
+        resident = getattr(args, "max_resident_mb", None)
+        if resident is not None and not getattr(args, "predictors", None):
+            parser.exit(2, f"{parser.prog}: error: --max-resident-mb needs --predictors (a sparse FFN)\n")
         model = open_model(path, backend=args.backend, predictors=getattr(args, "predictors", None),
-                           device=args.device, dtype=args.dtype)
+                           device=args.device, dtype=args.dtype, max_resident_mb=resident,
+                           resident_window=getattr(args, "resident_window", 8))
         tok = load_tokenizer(args.tokenizer, path, model.config.vocab_size)
     except (ModelLoadError, TokenizerError, ValueError, RuntimeError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")

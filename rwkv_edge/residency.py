@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 import os
 
 import numpy as np
@@ -31,7 +32,7 @@ import numpy as np
 from .memstat import PAGE, resident_bytes
 from .sparse import SparseFFN, layer_bundles
 
-ADVICE = {"dontneed": 4, "cold": 20, "pageout": 21}
+ADVICE = {"dontneed": 4, "cold": 20, "pageout": 21, "random": 1}
 _libc = None
 
 
@@ -42,6 +43,25 @@ def _madvise(addr: int, length: int, advice: int) -> None:
         _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     if _libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), advice) != 0:
         raise OSError(ctypes.get_errno(), f"madvise({advice}): {os.strerror(ctypes.get_errno())}")
+
+
+def advise_random(bundles) -> None:
+    """MADV_RANDOM on the mapped FFN bundles: a sparse FFN reads scattered neurons, and the kernel's
+    read-around (read_ahead_kb around each faulting page, 8 MiB on some hosts) would read the
+    neighbours too. Arrays not backed by a file mapping are left alone."""
+    for b in bundles:
+        base = b.kv
+        while isinstance(base, np.ndarray):
+            base = base.base
+        if isinstance(base, memoryview):
+            base = base.obj
+        if not isinstance(base, mmap.mmap):
+            continue
+        lo = b.kv.ctypes.data // PAGE * PAGE
+        try:
+            _madvise(lo, b.kv.ctypes.data + b.kv.nbytes - lo, ADVICE["random"])
+        except OSError:
+            pass
 
 
 def weight_bytes(model) -> dict:
@@ -191,9 +211,9 @@ def resident_sparse_ffn(model, predictor, window: int = 8, max_resident_mb: floa
     """A ResidentSparseFFN (generic sparse path) over `predictor` (fn(layer, x) -> indices, or an object with
     predict_indices) whose FFN pages follow the active set; `.residency` holds the bookkeeping.
     max_resident_mb: weights budget; the FFN gets what the non-FFN weights leave (ValueError when
-    below min_resident_mb)."""
+    below min_resident_mb); None or inf: no budget, the window alone."""
     budget = None
-    if max_resident_mb is not None:
+    if max_resident_mb is not None and max_resident_mb != float("inf"):     # inf: the window alone
         need = min_resident_mb(model)
         if max_resident_mb < need:
             raise ValueError(f"--max-resident-mb {max_resident_mb:g} is below the non-FFN weights: the minimum is "
