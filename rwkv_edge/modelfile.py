@@ -275,7 +275,11 @@ def load_modelfile(path, backend="numba"):
     header = read_header(path)
     config = ModelConfig.from_dict(header["config"])
     ops = get_backend(backend)
-    weights = model_weights(open_tensors(path, header), header, getattr(ops, "name", ""))
+    tensors = open_tensors(path, header)
+    if "emb.weight" in tensors:         # one row per token: no read-around / fault-around on the mapping
+        from .residency import advise_random
+        advise_random([tensors["emb.weight"]])
+    weights = model_weights(tensors, header, getattr(ops, "name", ""))
     model = model_class(config.version)(config, weights, backend=ops, fingerprint=header["fingerprint"])
     model.modelfile_dtype = header["dtype"]
     return model

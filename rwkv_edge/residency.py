@@ -32,7 +32,7 @@ import numpy as np
 from .memstat import PAGE, resident_bytes
 from .sparse import SparseFFN, layer_bundles
 
-ADVICE = {"dontneed": 4, "cold": 20, "pageout": 21, "random": 1}
+ADVICE = {"dontneed": 4, "cold": 20, "pageout": 21, "random": 1, "willneed": 3}
 _libc = None
 
 
@@ -45,21 +45,23 @@ def _madvise(addr: int, length: int, advice: int) -> None:
         raise OSError(ctypes.get_errno(), f"madvise({advice}): {os.strerror(ctypes.get_errno())}")
 
 
-def advise_random(bundles) -> None:
-    """MADV_RANDOM on the mapped FFN bundles: a sparse FFN reads scattered neurons, and the kernel's
-    read-around (read_ahead_kb around each faulting page, 8 MiB on some hosts) would read the
-    neighbours too. Arrays not backed by a file mapping are left alone."""
-    for b in bundles:
-        base = b.kv
+def advise_random(arrays) -> None:
+    """MADV_RANDOM on file-mapped arrays (or NeuronBundledFFN bundles: their kv) read at scattered
+    rows: a sparse FFN's neurons, the embedding's rows. Else each page fault reads read_ahead_kb
+    around it (8 MiB on some hosts) and maps the cached neighbours (fault-around). Arrays not backed
+    by a file mapping are left alone."""
+    for a in arrays:
+        a = getattr(a, "kv", a)
+        base = a
         while isinstance(base, np.ndarray):
             base = base.base
         if isinstance(base, memoryview):
             base = base.obj
-        if not isinstance(base, mmap.mmap):
+        if not isinstance(base, mmap.mmap) or a.nbytes == 0:
             continue
-        lo = b.kv.ctypes.data // PAGE * PAGE
+        lo = a.ctypes.data // PAGE * PAGE
         try:
-            _madvise(lo, b.kv.ctypes.data + b.kv.nbytes - lo, ADVICE["random"])
+            _madvise(lo, a.ctypes.data + a.nbytes - lo, ADVICE["random"])
         except OSError:
             pass
 
@@ -81,11 +83,12 @@ class NeuronResidency:
     """Page bookkeeping and madvise for the FFN bundles of one model (see module docstring)."""
 
     def __init__(self, bundles, window: int = 8, budget_bytes: int | None = None, period: int = 1,
-                 advice: str = "dontneed"):
+                 advice: str = "dontneed", prefetch: bool = False):
         if advice not in ADVICE:
             raise ValueError(f"unknown advice {advice!r}, choose one of {', '.join(ADVICE)}")
         self.bundles, self.window, self.period, self.advice = list(bundles), int(window), max(1, int(period)), advice
         self.budget_pages = None if budget_bytes is None else max(0, int(budget_bytes) // PAGE)
+        self.prefetch = bool(prefetch)
         self.layers = []
         for b in self.bundles:
             addr, nb = b.kv.ctypes.data, b.kv.nbytes // b.F         # bytes per neuron record
@@ -108,15 +111,18 @@ class NeuronResidency:
             L["res"][[0, L["n"] - 1]] = True
             self._drop(L, np.flatnonzero(~L["res"]))
 
+    @staticmethod
+    def _advise(L, pages: np.ndarray, advice: int) -> None:
+        """One madvise per contiguous run of the sorted page numbers `pages` (relative to the layer)."""
+        cut = np.flatnonzero(np.diff(pages) != 1) + 1
+        starts, ends = pages[np.r_[0, cut]], pages[np.r_[cut - 1, pages.size - 1]]
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            _madvise((L["p0"] + s) * PAGE, (e - s + 1) * PAGE, advice)
+
     def _drop(self, L, pages: np.ndarray, counted: int | None = None) -> None:
         if pages.size == 0:
             return
-        # contiguous runs of pages -> one madvise each
-        cut = np.flatnonzero(np.diff(pages) != 1) + 1
-        starts, ends = pages[np.r_[0, cut]], pages[np.r_[cut - 1, pages.size - 1]]
-        adv = ADVICE[self.advice]
-        for s, e in zip(starts.tolist(), ends.tolist()):
-            _madvise((L["p0"] + s) * PAGE, (e - s + 1) * PAGE, adv)
+        self._advise(L, pages, ADVICE[self.advice])
         self.evicted_pages += int(pages.size if counted is None else counted)
 
     def touch(self, layer: int, idx: np.ndarray) -> None:
@@ -128,7 +134,10 @@ class NeuronResidency:
         self.hits += nh
         self.misses += idx.size - nh
         pages = np.union1d(f, la)
-        self.loaded_pages += int((~L["res"][pages]).sum())
+        new = pages[~L["res"][pages]]
+        self.loaded_pages += int(new.size)
+        if self.prefetch and new.size:       # start all the reads at once (async) before the kernel faults
+            self._advise(L, new, ADVICE["willneed"])
         L["res"][pages] = True
         L["lastuse"][pages] = self.t
 
@@ -207,11 +216,13 @@ def min_resident_mb(model) -> float:
 
 
 def resident_sparse_ffn(model, predictor, window: int = 8, max_resident_mb: float | None = None, period: int = 1,
-                        advice: str = "dontneed"):
+                        advice: str = "dontneed", prefetch: bool = False):
     """A ResidentSparseFFN (generic sparse path) over `predictor` (fn(layer, x) -> indices, or an object with
     predict_indices) whose FFN pages follow the active set; `.residency` holds the bookkeeping.
     max_resident_mb: weights budget; the FFN gets what the non-FFN weights leave (ValueError when
-    below min_resident_mb); None or inf: no budget, the window alone."""
+    below min_resident_mb); None or inf: no budget, the window alone. prefetch: MADV_WILLNEED on the
+    pages a token needs that the policy had dropped, all at once before the kernel reads them (worth
+    it when they come from disk: the reads run in parallel instead of one page fault at a time)."""
     budget = None
     if max_resident_mb is not None and max_resident_mb != float("inf"):     # inf: the window alone
         need = min_resident_mb(model)
@@ -219,5 +230,5 @@ def resident_sparse_ffn(model, predictor, window: int = 8, max_resident_mb: floa
             raise ValueError(f"--max-resident-mb {max_resident_mb:g} is below the non-FFN weights: the minimum is "
                              f"{int(np.ceil(need))} MiB")
         budget = int((max_resident_mb - need) * 2**20)
-    res = NeuronResidency(layer_bundles(model), window, budget, period, advice)
+    res = NeuronResidency(layer_bundles(model), window, budget, period, advice, prefetch)
     return ResidentSparseFFN(model, predictor, res)

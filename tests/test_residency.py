@@ -32,7 +32,8 @@ def _sets(T, seed=0):
     return out
 
 
-def test_outputs_unchanged_and_pages_follow_the_window(path):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_outputs_unchanged_and_pages_follow_the_window(path, prefetch):
     model = load_modelfile(path)
     sets = _sets(12)
     calls = {"n": [0] * CFG.n_layer}
@@ -42,7 +43,7 @@ def test_outputs_unchanged_and_pages_follow_the_window(path):
         calls["n"][layer] += 1
         return sets[t]
 
-    ffn = resident_sparse_ffn(model, predict, window=2)
+    ffn = resident_sparse_ffn(model, predict, window=2, prefetch=prefetch)
     ref = SparseFFN(model, lambda layer, x: sets[ref_pos[layer]], fused=False)
     ref_pos = [0] * CFG.n_layer
     rng = np.random.default_rng(1)

@@ -17,7 +17,8 @@ Modes: `dense` (every FFN neuron each token, the fused block kernel); `sparse` (
 sparse FFN on active sets recorded from ../shared/models/rwkv7-ref-58m.pth on held-out text and
 replayed onto the shape, rwkv_edge.replay; the kernel's LRU decides what stays); `sparse-window`
 (the same, plus rwkv_edge.residency: FFN pages not used in the last --window tokens are paged out
-with MADV_PAGEOUT, so the budget goes to the hot set and the non-FFN weights).
+with MADV_PAGEOUT, so the budget goes to the hot set and the non-FFN weights, and the pages a token
+needs that are out are requested together with MADV_WILLNEED before the kernel reads them).
 Prints one JSON line per mode (tok/s, major faults per token, the cgroup's memory.peak, bytes read
 from disk) and a markdown table. The model file is deleted at the end unless --keep.
 """
@@ -64,7 +65,7 @@ def run_one(cfg) -> dict:
         else:
             from rwkv_edge.residency import resident_sparse_ffn
             rep = ReplayedSets(sets, m.config.n_layer, m.config.ffn_dim)
-            ffn = resident_sparse_ffn(m, rep, window=cfg["window"], advice="pageout")
+            ffn = resident_sparse_ffn(m, rep, window=cfg["window"], advice="pageout", prefetch=True)
             m, res = m.with_ffn(ffn), ffn.residency
     rng = np.random.default_rng(0)
     toks = [int(t) for t in rng.integers(1, m.config.vocab_size, cfg["tokens"] + 4)]

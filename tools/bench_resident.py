@@ -69,8 +69,8 @@ def run_one(cfg) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="bench_resident.py", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="model file (.rwkve, rwkv-edge convert)")
-    ap.add_argument("--predictors", required=True, help="predictor bundle")
+    ap.add_argument("--model", help="model file (.rwkve, rwkv-edge convert)")
+    ap.add_argument("--predictors", help="predictor bundle")
     ap.add_argument("--tokens", type=int, default=1000)
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--max-resident-mb", type=float, default=None)
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         print(json.dumps(run_one(json.loads(args.one))), flush=True)
         return 0
     for p in (args.model, args.predictors, args.text):
-        if not os.path.isfile(p):
+        if not p or not os.path.isfile(p):
             ap.error(f"{p}: no such file")
     if args.tokens < 50 or args.window <= 0:
         ap.error("--tokens must be >= 50 and --window > 0")
