@@ -49,8 +49,8 @@ def release_compiler_pages(names=("libllvmlite",)) -> int:
 
 def warm_kernels(dtype: str = "int8", sparse: bool = True) -> None:
     """Load (from numba's cache, or compile) the kernels a model file of `dtype` runs: dense decode,
-    prefill (mat-vec and BLAS paths) and, with `sparse`, the fused predictor + sparse FFN path of a
-    2-bit quantized bundle, on a tiny random model written to a temporary file. Kernels of other
+    prefill (mat-vec and BLAS paths), or with `sparse` the same through the fused predictor + sparse
+    FFN path of a 2-bit quantized bundle instead of the dense FFN, on a tiny random model written to a temporary file. Kernels of other
     paths still load on first use (then LLVM's pages come back for that moment). Once per process."""
     if (dtype, sparse) in _WARM:
         return
@@ -62,17 +62,18 @@ def warm_kernels(dtype: str = "int8", sparse: bool = True) -> None:
     with tempfile.TemporaryDirectory(prefix="rwkv-edge-warm-") as d:
         path = write_synthetic(os.path.join(d, "warm.rwkve"), cfg, dtype, lora=dict(w=32, a=32, v=32, g=32))
         m = load_modelfile(path)
-        _, st = m.forward([1, 2, 3])
-        _, st = m.step(4, st)
-        m.forward(list(range(16)), st)
-        if sparse:
-            _warm_quantized(m)
+        if sparse:      # only the sparse model's kernels: a dense block kernel would be one more LLVM library
+            m = _quantized_sparse(m)
+        _, st = m.forward([1, 2, 3])            # prefill, mat-vec path (T <= SMALL_T)
+        _, st = m.step(4, st)                   # the fused block kernel
+        m.forward(list(range(16)), st)          # prefill, BLAS path
         del m
     _WARM.add((dtype, sparse))
 
 
-def _warm_quantized(m) -> None:
-    """The fused predictor + sparse FFN kernels of a 2-bit quantized threshold bundle (the common one)."""
+def _quantized_sparse(m):
+    """`m` with a 2-bit quantized threshold bundle (the common one): its fused predictor + sparse FFN
+    kernels are the ones a sparse model file runs."""
     from rwkv_edge.predictors.quantized import QuantizedPredictor
     from .sparse import SparseFFN
 
@@ -88,6 +89,4 @@ def _warm_quantized(m) -> None:
         def predict_indices(self, layer, x):
             return layers[layer].indices(x)
 
-    s = m.with_ffn(SparseFFN(m, _Bundle()))
-    _, st = s.forward([1, 2, 3])
-    s.step(4, st)
+    return m.with_ffn(SparseFFN(m, _Bundle()))

@@ -30,7 +30,6 @@ def run_one(cfg) -> dict:
     from rwkv_edge import memstat
     from rwkv_edge.runtime import open_model
     from rwkv_edge.sparse import layer_bundles
-    from rwkv_edge.tokenizer import load_tokenizer
 
     mode = cfg["mode"]
     budget = None
@@ -38,9 +37,7 @@ def run_one(cfg) -> dict:
         budget = cfg["max_resident_mb"] if cfg.get("max_resident_mb") is not None else float("inf")
     m = open_model(cfg["model"], backend="numba", predictors=cfg["predictors"] if mode != "dense" else None,
                    max_resident_mb=budget, resident_window=cfg["window"])
-    tok = load_tokenizer(None, cfg["model"], m.config.vocab_size)
-    with open(cfg["text"], encoding="utf-8") as f:
-        ids = tok.encode(f.read())[: cfg["tokens"]]
+    ids = [int(t) for t in np.load(cfg["ids"])]     # tokenized by the parent: no tokenizer in this process
     bundles = layer_bundles(m)
     ffn_samples, map_samples, st = [], [], None
     t0 = time.perf_counter()
@@ -85,8 +82,21 @@ def main(argv=None) -> int:
             ap.error(f"{p}: no such file")
     if args.tokens < 50 or args.window <= 0:
         ap.error("--tokens must be >= 50 and --window > 0")
+    import tempfile
+
+    import numpy as np
+
+    from rwkv_edge.modelfile import read_header
+    from rwkv_edge.tokenizer import load_tokenizer
+    tok = load_tokenizer(None, args.model, read_header(args.model)["config"]["vocab_size"])
+    with open(args.text, encoding="utf-8") as f:
+        ids = tok.encode(f.read(40 * args.tokens))[: args.tokens]
+    if len(ids) < args.tokens:
+        ap.error(f"--text {args.text}: only {len(ids)} tokens")
+    tmp = tempfile.TemporaryDirectory(prefix="bench-resident-")
+    np.save(os.path.join(tmp.name, "ids.npy"), np.asarray(ids, np.int32))
     base = dict(model=args.model, predictors=args.predictors, tokens=args.tokens, window=args.window,
-                text=args.text, max_resident_mb=args.max_resident_mb)
+                ids=os.path.join(tmp.name, "ids.npy"), max_resident_mb=args.max_resident_mb)
     rows = []
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     for mode in ("dense", "sparse", "sparse-resident"):
