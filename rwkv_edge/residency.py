@@ -195,16 +195,29 @@ class _Tracked:
 
 
 class ResidentSparseFFN(SparseFFN):
-    """SparseFFN (generic path) whose FFN pages follow the active set: after the last layer of each
-    token the residency evicts (so pages mapped by fault-around while computing go too)."""
+    """SparseFFN whose FFN pages follow the active set: each token's sets are reported to the
+    residency before the FFN reads them, and after the last layer of each token it evicts (so pages
+    mapped while computing go too). A quantized-threshold bundle selects with the fused path's
+    kernel on its packed codes (no float32 predictor copy), then the sparse FFN runs unfused."""
 
     def __init__(self, model, predictor, residency: NeuronResidency):
         fn = getattr(predictor, "predict_indices", predictor)
-        super().__init__(model, _Tracked(fn, residency).predict_indices, fused=False)
+        super().__init__(model, _Tracked(fn, residency).predict_indices)
+        self.select_layers, self.fused = self.fused, None    # block7_step must not take the FFN over
         self.residency, self._last = residency, model.config.n_layer - 1
 
     def __call__(self, layer: int, xk: np.ndarray) -> np.ndarray:
-        out = super().__call__(layer, xk)
+        if self.select_layers is None:
+            out = super().__call__(layer, xk)
+        else:
+            from .backends import numba_cpu as nb
+            X = np.ascontiguousarray(xk, np.float32)
+            offsets, idx = self._fused_sets(layer, X, self.select_layers)
+            for t in range(X.shape[0]):
+                self.residency.touch(layer, idx[offsets[t]:offsets[t + 1]])
+            self.n_tokens += X.shape[0]
+            self.n_active += int(offsets[-1])
+            out = nb.sparse_ffn_tokens(X, idx, offsets, self.bundles[layer])
         if layer == self._last:
             self.residency.end_token()
         return out

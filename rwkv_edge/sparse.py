@@ -113,10 +113,10 @@ class SparseFFN:
         self.n_active += int(offsets[-1])
         return nb.sparse_ffn_tokens(X, idx, offsets, bundle)
 
-    def _fused_sets(self, layer: int, X: np.ndarray):
+    def _fused_sets(self, layer: int, X: np.ndarray, layers=None):
         """(offsets (T+1,), idx) of T tokens by the same select kernel as decode: no float32 copy of
         the predictor (its `predict` would cache one, 4 bytes per weight, for good)."""
-        p, F = self.fused[layer], self.bundles[layer].F
+        p, F = (layers or self.fused)[layer], self.bundles[layer].F
         select, P, S, Z = nb.predictor_select(p.qm)
         buf, thr = np.empty((X.shape[0], F), np.int32), np.float32(p.calib.threshold)
         counts = np.array([select(P, S, Z, X[t], p.qm.bits, thr, buf[t], 1) for t in range(X.shape[0])], np.int64)

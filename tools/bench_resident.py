@@ -3,6 +3,7 @@ the active set (rwkv_edge.residency), on held-out text.
 
     python tools/bench_resident.py --model M.rwkve --predictors B.npz [--tokens 1000] [--window 8]
                                    [--max-resident-mb N] [--text ../shared/data/heldout.txt]
+    python tools/bench_resident.py --model synthetic-1.5b-int8.rwkve --sets active-sets.npz [--modes ...]
 
 Each configuration runs in its own process (its own peak RSS), teacher-forced on the first --tokens
 tokens of --text, one token per step. Reported: peak RSS; resident MiB of the model-file mapping
@@ -35,8 +36,19 @@ def run_one(cfg) -> dict:
     budget = None
     if mode == "sparse-resident":        # no --max-resident-mb: the window alone decides
         budget = cfg["max_resident_mb"] if cfg.get("max_resident_mb") is not None else float("inf")
-    m = open_model(cfg["model"], backend="numba", predictors=cfg["predictors"] if mode != "dense" else None,
-                   max_resident_mb=budget, resident_window=cfg["window"])
+    if cfg.get("sets"):                  # a synthetic shape: active sets replayed from a real model
+        from rwkv_edge.replay import ActiveSets, ReplayedSets
+        from rwkv_edge.residency import resident_sparse_ffn
+        m = open_model(cfg["model"], backend="numba")
+        rep = ReplayedSets(ActiveSets.load(cfg["sets"]), m.config.n_layer, m.config.ffn_dim)
+        if mode == "sparse":
+            from rwkv_edge.sparse import SparseFFN
+            m = m.with_ffn(SparseFFN(m, rep))
+        elif mode == "sparse-resident":
+            m = m.with_ffn(resident_sparse_ffn(m, rep, cfg["window"], budget))
+    else:
+        m = open_model(cfg["model"], backend="numba", predictors=cfg["predictors"] if mode != "dense" else None,
+                       max_resident_mb=budget, resident_window=cfg["window"])
     ids = [int(t) for t in np.load(cfg["ids"])]     # tokenized by the parent: no tokenizer in this process
     bundles = layer_bundles(m)
     ffn_samples, map_samples, st = [], [], None
@@ -68,6 +80,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="bench_resident.py", description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="model file (.rwkve, rwkv-edge convert)")
     ap.add_argument("--predictors", help="predictor bundle")
+    ap.add_argument("--sets", help="instead of --predictors: active sets to replay (tools/active_sets.py), for "
+                                   "synthetic official shapes (random token ids)")
+    ap.add_argument("--modes", default="dense,sparse,sparse-resident")
     ap.add_argument("--tokens", type=int, default=1000)
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--max-resident-mb", type=float, default=None)
@@ -77,7 +92,7 @@ def main(argv=None) -> int:
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))), flush=True)
         return 0
-    for p in (args.model, args.predictors, args.text):
+    for p in (args.model, args.sets or args.predictors, args.text):
         if not p or not os.path.isfile(p):
             ap.error(f"{p}: no such file")
     if args.tokens < 50 or args.window <= 0:
@@ -88,18 +103,21 @@ def main(argv=None) -> int:
 
     from rwkv_edge.modelfile import read_header
     from rwkv_edge.tokenizer import load_tokenizer
-    tok = load_tokenizer(None, args.model, read_header(args.model)["config"]["vocab_size"])
-    with open(args.text, encoding="utf-8") as f:
-        ids = tok.encode(f.read(40 * args.tokens))[: args.tokens]
+    V = read_header(args.model)["config"]["vocab_size"]
+    if args.sets:
+        ids = [int(t) for t in np.random.default_rng(0).integers(1, V, args.tokens)]
+    else:
+        with open(args.text, encoding="utf-8") as f:
+            ids = load_tokenizer(None, args.model, V).encode(f.read(40 * args.tokens))[: args.tokens]
     if len(ids) < args.tokens:
         ap.error(f"--text {args.text}: only {len(ids)} tokens")
     tmp = tempfile.TemporaryDirectory(prefix="bench-resident-")
     np.save(os.path.join(tmp.name, "ids.npy"), np.asarray(ids, np.int32))
-    base = dict(model=args.model, predictors=args.predictors, tokens=args.tokens, window=args.window,
+    base = dict(model=args.model, predictors=args.predictors, sets=args.sets, tokens=args.tokens, window=args.window,
                 ids=os.path.join(tmp.name, "ids.npy"), max_resident_mb=args.max_resident_mb)
     rows = []
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
-    for mode in ("dense", "sparse", "sparse-resident"):
+    for mode in [x.strip() for x in args.modes.split(",") if x.strip()]:
         r = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", json.dumps(dict(base, mode=mode))],
                            capture_output=True, text=True, env=env)
         lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
@@ -112,7 +130,8 @@ def main(argv=None) -> int:
             continue
         rows.append(json.loads(lines[-1]))
         print(lines[-1], flush=True)
-    print(f"\n{os.path.basename(args.model)}, {args.tokens} tokens of {os.path.basename(args.text)}, 1 thread\n")
+    src = "random token ids, replayed active sets" if args.sets else os.path.basename(args.text)
+    print(f"\n{os.path.basename(args.model)}, {args.tokens} tokens ({src}), window {args.window}, 1 thread\n")
     print("| mode | peak RSS MiB | model mapping resident MiB (end) | FFN resident MiB mean / max (of total) "
           "| hit rate | MiB loaded/token | tok/s |")
     print("|---|---|---|---|---|---|---|")
