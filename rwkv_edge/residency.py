@@ -201,9 +201,11 @@ class ResidentSparseFFN(SparseFFN):
     kernel on its packed codes (no float32 predictor copy), then the sparse FFN runs unfused."""
 
     def __init__(self, model, predictor, residency: NeuronResidency):
-        fn = getattr(predictor, "predict_indices", predictor)
-        super().__init__(model, _Tracked(fn, residency).predict_indices)
+        super().__init__(model, predictor)
         self.select_layers, self.fused = self.fused, None    # block7_step must not take the FFN over
+        if self.select_layers is None:      # any other predictor: its sets go through the residency
+            self.predict_indices = _Tracked(self.predict_indices, residency).predict_indices
+            self.predict_mask = None
         self.residency, self._last = residency, model.config.n_layer - 1
 
     def __call__(self, layer: int, xk: np.ndarray) -> np.ndarray:

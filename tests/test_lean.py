@@ -89,6 +89,7 @@ def test_open_model_resident_mode_and_cli_errors(files):
         nb.set_simd_select(True)
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * np.abs(b).max())
     assert m.ffn.n_active == ref.ffn.n_active
+    assert m.ffn.select_layers is not None          # the bundle selects on its packed codes
     s = m.ffn.residency.stats()
     assert s["tokens"] == len(toks) and s["hit_rate"] is not None
     cmd = [sys.executable, "-m", "rwkv_edge.cli", "generate", "--model", files[0], "--backend", "numba",
