@@ -64,6 +64,11 @@ def add_model_args(p: argparse.ArgumentParser, sparse: bool = True) -> None:
         p.add_argument("--predictors", help="predictor bundle: run the FFN sparse on the predicted neurons")
         p.add_argument("--dense", action="store_true",
                        help="run a model package's weights dense (ignore its predictors), for comparison")
+        p.add_argument("--max-resident-mb", type=_float, default=None,
+                       help="with --predictors on a model file: weights kept resident; FFN neuron pages not "
+                            "used recently are dropped (see --resident-window)")
+        p.add_argument("--resident-window", type=positive_int, default=8,
+                       help="tokens an FFN neuron page stays resident after its last use (default: 8)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, chat: bool = False) -> None:
@@ -105,8 +110,12 @@ def load_for_run(parser, args):
 
     path = resolve_model_path(parser, args)
     try:
+        resident = getattr(args, "max_resident_mb", None)
+        if resident is not None and not getattr(args, "predictors", None):
+            parser.exit(2, f"{parser.prog}: error: --max-resident-mb needs --predictors (a sparse FFN)\n")
         model = open_model(path, backend=args.backend, predictors=getattr(args, "predictors", None),
-                           device=args.device, dtype=args.dtype, dense=getattr(args, "dense", False))
+                           device=args.device, dtype=args.dtype, dense=getattr(args, "dense", False),
+                           max_resident_mb=resident, resident_window=getattr(args, "resident_window", 8))
         tok = load_tokenizer(args.tokenizer, path, model.config.vocab_size)
     except (ModelLoadError, TokenizerError, ValueError, RuntimeError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")

@@ -107,16 +107,7 @@ def open_package(path, backend: str = "auto", dense: bool = False, device: str =
     package's predictors unless `dense` (or the package has none)."""
     from .runtime import open_model
 
-    man = read_manifest(path)
-    check_parts(path, man)
-    preds = None if dense else part(path, man, "predictors")
-    try:
-        model = open_model(part(path, man, "model"), backend=backend, predictors=preds, device=device, dtype=dtype)
-    except ValueError as e:
-        if preds is not None and "another model" in str(e):
-            raise ModelLoadError(f"{path}: {man['files']['predictors']} belongs to another model") from None
-        raise
-    return model, man
+    return open_model(path, backend=backend, dense=dense, device=device, dtype=dtype), read_manifest(path)
 
 
 def write_package(out, model_file: str, tokenizer_file: str, predictors_file: str | None = None,

@@ -39,7 +39,8 @@ def _load(path: str, backend: str):
 
 
 def open_model(path: str, backend: str = "auto", predictors: str | None = None, device: str = "cpu",
-               dtype: str = "fp32", dense: bool = False):
+               dtype: str = "fp32", dense: bool = False, max_resident_mb: float | None = None,
+               resident_window: int = 8):
     """Load a model (official `.pth`, the project's model file, or a model package directory) and
     optionally make it sparse.
 
@@ -48,21 +49,21 @@ def open_model(path: str, backend: str = "auto", predictors: str | None = None, 
     predictors: path of a predictor bundle; the FFN then runs sparse on the predicted neurons. A
     package runs sparse with its own bundle unless `dense` (or `predictors` names another one).
     dtype: weight storage on CUDA (fp32, fp16, bf16); on the CPU the model file decides (`convert`).
+    max_resident_mb: with predictors on a CPU model file, FFN neuron pages follow the active set
+    (rwkv_edge.residency: unused for `resident_window` tokens -> dropped; budget for all weights).
     """
     from .backends import resolve
-    from .package import is_package, open_package
+    from .package import check_parts, is_package, part, read_manifest
 
     if device not in ("cpu", "cuda"):
         raise ValueError(f"unknown device '{device}', choose cpu or cuda")
     if dtype not in ("fp32", "fp16", "bf16"):
         raise ValueError(f"unknown dtype '{dtype}', choose fp32, fp16 or bf16")
-    if is_package(path):
-        if predictors is None:
-            return open_package(path, backend=backend, dense=dense, device=device, dtype=dtype)[0]
-        from .package import check_parts, part, read_manifest
-
+    if is_package(path):                  # its model file, sparse with its own bundle unless told otherwise
         man = read_manifest(path)
         check_parts(path, man)
+        if predictors is None:
+            predictors = part(path, man, "predictors")
         path = part(path, man, "model")
     elif os.path.isdir(path):
         raise ModelLoadError(f"{path}: a directory without model.json is not a model package")
@@ -77,13 +78,25 @@ def open_model(path: str, backend: str = "auto", predictors: str | None = None, 
     if why:
         warnings.warn(why, RuntimeWarning, stacklevel=2)
     model = _load(path, backend)
-    if predictors and not dense:
+    sparse = bool(predictors) and not dense
+    if backend == "numba" and device == "cpu" and getattr(model, "modelfile_dtype", None):
+        from .lean import release_compiler_pages, warm_kernels
+        # kernels loaded before any weight page is touched, then LLVM's code pages given back
+        warm_kernels(model.modelfile_dtype, sparse=sparse)
+        release_compiler_pages()
+    if sparse:
         if not os.path.exists(predictors):
             raise ModelLoadError(f"{predictors}: no such predictor bundle")
         from rwkv_edge.predictors.bundle import PredictorBundle
         from .sparse import DeviceSparseFFN, SparseFFN
 
         bundle = PredictorBundle.load(predictors, model=model)
-        ffn = DeviceSparseFFN(model, bundle) if device == "cuda" else SparseFFN(model, bundle)
+        if max_resident_mb is not None:
+            if device != "cpu" or not getattr(model, "modelfile_dtype", None):
+                raise ValueError("--max-resident-mb needs a CPU model file (rwkv-edge convert): weights are mapped")
+            from .residency import resident_sparse_ffn
+            ffn = resident_sparse_ffn(model, bundle, resident_window, max_resident_mb)
+        else:
+            ffn = DeviceSparseFFN(model, bundle) if device == "cuda" else SparseFFN(model, bundle)
         model = model.with_ffn(ffn)
     return model

@@ -93,6 +93,9 @@ class SparseFFN:
             self.fused = list(layers)
         self.n_tokens = 0
         self.n_active = 0
+        if self.bundles is not None:
+            from .residency import advise_random
+            advise_random(self.bundles)     # mapped weights: no read-around of neighbours on a page fault
 
     def __call__(self, layer: int, xk: np.ndarray) -> np.ndarray:
         if self.dense is not None:
@@ -113,7 +116,9 @@ class SparseFFN:
             return out
         # prefill: one active set per token, all tokens in one parallel kernel call
         X = np.ascontiguousarray(xk, np.float32)
-        if self.predict_mask is not None:
+        if self.fused is not None:          # the decode select per token, on the packed codes
+            offsets, idx = self._fused_sets(layer, X)
+        elif self.predict_mask is not None:
             rows, idx = np.nonzero(self.predict_mask(layer, X))         # row-major: sorted per token
             offsets = np.zeros(T + 1, np.int64)
             np.cumsum(np.bincount(rows, minlength=T), out=offsets[1:])
@@ -141,6 +146,17 @@ class SparseFFN:
         self.n_active += int(mask.sum())
         k = np.maximum(X @ Wk.T, 0.0)
         return ((k * k) * mask) @ Wv.T
+
+    def _fused_sets(self, layer: int, X: np.ndarray, layers=None):
+        """(offsets (T+1,), idx) of T tokens by the same select kernel as decode: no float32 copy of
+        the predictor (its `predict` would cache one, 4 bytes per weight, for good)."""
+        p, F = (layers or self.fused)[layer], self.bundles[layer].F
+        select, P, S, Z = _nb().predictor_select(p.qm)
+        buf, thr = np.empty((X.shape[0], F), np.int32), np.float32(p.calib.threshold)
+        counts = np.array([select(P, S, Z, X[t], p.qm.bits, thr, buf[t], 1) for t in range(X.shape[0])], np.int64)
+        offsets = np.zeros(X.shape[0] + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        return offsets, np.concatenate([buf[t, :n] for t, n in enumerate(counts)])
 
     @property
     def density(self) -> float:
