@@ -114,23 +114,6 @@ def convert(model_or_path, out_path, dtype: str = "fp16") -> str:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}, choose one of {', '.join(DTYPES)}")
     config, weights, fingerprint, src = _source(model_or_path)
-    plan = _plan(config, {k: tuple(np.shape(v)) for k, v in weights.items()}, dtype)
-    table, off = [], 0
-    for name, dt, shape, _ in plan:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
-        table.append({"name": name, "dtype": np.dtype(dt).name, "shape": list(shape), "offset": off, "nbytes": nbytes})
-        off = _align(off + nbytes)
-    header = {"format": "rwkv-edge-model", "version": FORMAT_VERSION, "config": config.to_dict(),
-              "fingerprint": fingerprint, "dtype": dtype, "source": src, "tensors": table}
-    # data_start and file_size depend on the header length, which depends on them: iterate once
-    for _ in range(3):
-        hb = json.dumps(header, separators=(",", ":")).encode()
-        data_start = _align(_PREFIX.size + len(hb))
-        header.update(data_start=data_start, file_size=data_start + off)
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    if _align(_PREFIX.size + len(hb)) != data_start:
-        raise RuntimeError("header layout did not converge")
-
     bundles: dict = {}
 
     def produce(key):
@@ -151,17 +134,54 @@ def convert(model_or_path, out_path, dtype: str = "fp16") -> str:
         q, s = quantize_int8_rows(w)
         return q if kind == "q" else s
 
+    shapes = {k: tuple(np.shape(v)) for k, v in weights.items()}
+    return write_model(out_path, config, shapes, dtype, fingerprint, src, produce)
+
+
+def write_model(out_path, config: ModelConfig, shapes: dict, dtype: str, fingerprint: str, src: str, produce,
+                progress=None) -> str:
+    """Write a model file from official tensor `shapes` {name: shape}: `produce((kind, ref))` returns
+    each planned tensor (see _plan) as one array, or as an iterator of chunks along axis 0 (so a model
+    larger than memory streams through). progress: optional fn(bytes written). Atomic; returns out_path."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}, choose one of {', '.join(DTYPES)}")
+    plan = _plan(config, shapes, dtype)
+    table, off = [], 0
+    for name, dt, shape, _ in plan:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+        table.append({"name": name, "dtype": np.dtype(dt).name, "shape": list(shape), "offset": off, "nbytes": nbytes})
+        off = _align(off + nbytes)
+    header = {"format": "rwkv-edge-model", "version": FORMAT_VERSION, "config": config.to_dict(),
+              "fingerprint": fingerprint, "dtype": dtype, "source": src, "tensors": table}
+    # data_start and file_size depend on the header length, which depends on them: iterate once
+    for _ in range(3):
+        hb = json.dumps(header, separators=(",", ":")).encode()
+        data_start = _align(_PREFIX.size + len(hb))
+        header.update(data_start=data_start, file_size=data_start + off)
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    if _align(_PREFIX.size + len(hb)) != data_start:
+        raise RuntimeError("header layout did not converge")
+
     out_path = os.fspath(out_path)
     with atomic_write(out_path, prefix=".rwkve-") as f:
         f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(hb)))
         f.write(hb)
         f.write(b"\0" * (data_start - _PREFIX.size - len(hb)))
         for (name, dt, shape, key), rec in zip(plan, table):
-            a = np.ascontiguousarray(produce(key), dtype=dt)
-            if a.shape != tuple(shape):
-                raise ValueError(f"tensor {name}: shape {a.shape} != planned {tuple(shape)}")
+            out = produce(key)
+            chunks = (out,) if isinstance(out, np.ndarray) else out
             f.seek(data_start + rec["offset"])
-            f.write(memoryview(a.reshape(-1)).cast("B"))
+            n = 0
+            for c in chunks:
+                a = np.ascontiguousarray(c, dtype=dt)
+                if a.shape[1:] != tuple(shape[1:]):
+                    raise ValueError(f"tensor {name}: chunk shape {a.shape} does not fit planned {tuple(shape)}")
+                f.write(memoryview(a.reshape(-1)).cast("B"))
+                n += a.shape[0] if a.ndim else 1
+                if progress is not None:
+                    progress(a.nbytes)
+            if n != (shape[0] if shape else 1):
+                raise ValueError(f"tensor {name}: {n} rows written, planned {tuple(shape)}")
         f.truncate(data_start + off)
     return out_path
 

@@ -115,7 +115,20 @@ def run_one(cfg) -> dict:
     if dens:
         out["ffn_density"] = round(float(dens), 3)
     out["peak_rss_mib"] = round(_peak_rss_kib() / 1024, 1)
+    out.update(_memory_report(cfg, m))
     return out
+
+
+def _memory_report(cfg, m) -> dict:
+    """Resident bytes of the model-file mapping (smaps) and the process's anon/file split, at the end."""
+    from rwkv_edge import memstat
+    r = {}
+    if cfg["impl"] == "rwkv-edge" and cfg.get("file", "").endswith(".rwkve"):
+        r["model_mapping_resident_mib"] = round((memstat.mapping_resident(cfg["file"]) or 0) / 2**20, 1)
+        r["model_file_mib"] = round(os.path.getsize(cfg["file"]) / 2**20, 1)
+    s = memstat.status_mib()
+    r.update(rss_anon_mib=s.get("RssAnon"), rss_file_mib=s.get("RssFile"))
+    return r
 
 
 def _peak_rss_kib() -> float:

@@ -176,14 +176,7 @@ class NeuronBundledFFN:
     @classmethod
     def from_dense(cls, w_key: np.ndarray, w_value: np.ndarray, dtype: str = "fp16") -> "NeuronBundledFFN":
         """Bundle W_k (F, D) and W_v (D, F); dtype "fp32", "fp16" or "int8" (per-neuron scales)."""
-        kv = np.stack([np.asarray(w_key, np.float32), np.asarray(w_value, np.float32).T], axis=1)
-        if dtype == "int8":
-            scale = (np.abs(kv).max(axis=2) / 127.0).astype(np.float32)             # (F, 2)
-            q = np.rint(kv / np.where(scale > 0, scale, 1.0)[:, :, None])
-            return cls(np.clip(q, -127, 127).astype(np.int8), scale)
-        if dtype in ("fp16", "fp32"):
-            return cls(np.ascontiguousarray(kv, np.float16 if dtype == "fp16" else np.float32))
-        raise ValueError(f"unknown bundle dtype {dtype!r} (fp32, fp16, int8)")
+        return cls(*bundle_arrays(w_key, w_value, dtype))
 
     F = property(lambda self: self.kv.shape[0])
     D = property(lambda self: self.kv.shape[2])
@@ -200,6 +193,19 @@ class NeuronBundledFFN:
         if self.scale is not None:
             kv *= self.scale[:, :, None]
         return np.ascontiguousarray(kv[:, 0]), np.ascontiguousarray(kv[:, 1].T)
+
+
+def bundle_arrays(w_key: np.ndarray, w_value: np.ndarray, dtype: str = "fp16") -> tuple:
+    """(kv (F, 2, D), scale (F, 2) or None) of NeuronBundledFFN.from_dense, without the object (whose
+    views form a reference cycle: streaming writers would leave each chunk to the cyclic GC)."""
+    kv = np.stack([np.asarray(w_key, np.float32), np.asarray(w_value, np.float32).T], axis=1)
+    if dtype == "int8":
+        scale = (np.abs(kv).max(axis=2) / 127.0).astype(np.float32)             # (F, 2)
+        q = np.rint(kv / np.where(scale > 0, scale, 1.0)[:, :, None])
+        return np.clip(q, -127, 127).astype(np.int8), scale
+    if dtype in ("fp16", "fp32"):
+        return np.ascontiguousarray(kv, np.float16 if dtype == "fp16" else np.float32), None
+    raise ValueError(f"unknown bundle dtype {dtype!r} (fp32, fp16, int8)")
 
 
 class FFNKeyView(_ArrayLike):
