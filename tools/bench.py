@@ -45,8 +45,12 @@ def _load(cfg):
         return RwkvPackageModel(cfg["model"], "cuda fp16" if cfg["device"] == "cuda" else "cpu fp32")
     from rwkv_edge.runtime import open_model
     # CUDA: weights stored in cfg["dtype"]; CPU: the converted model file holds its dtype
-    return open_model(cfg["file"], backend=cfg.get("backend", "numba"), predictors=cfg.get("predictors"),
-                      device=cfg["device"], dtype=cfg["dtype"] if cfg["device"] == "cuda" else "fp32")
+    m = open_model(cfg["file"], backend=cfg.get("backend", "numba"), predictors=cfg.get("predictors"),
+                   device=cfg["device"], dtype=cfg["dtype"] if cfg["device"] == "cuda" else "fp32")
+    if cfg.get("sets"):                         # --shape: active sets of the reference model, replayed
+        from rwkv_edge.replay import ActiveSets, replayed_sparse_ffn
+        m = m.with_ffn(replayed_sparse_ffn(m, ActiveSets.load(cfg["sets"])))
+    return m
 
 
 def _sync(cfg):
@@ -182,6 +186,7 @@ def main(argv=None) -> int:
     ap.add_argument("--with-reference", action="store_true", help="also run the numpy reference backend (fp32)")
     ap.add_argument("--llama-cpp", action="store_true",
                     help="also run llama.cpp (pip llama-cpp-python + gguf) on the same model: Q8_0 and Q4_0, logits checked first")
+    ap.add_argument("--shape", help="0.1b, 0.4b or 1.5b: random-weight models of official shapes, replayed active sets")
     ap.add_argument("--tokenizer", help="tokenizer.json for the GGUF (default: tokenizer.json beside --model)")
     ap.add_argument("--workdir", default=os.path.join(os.path.dirname(HERE), "out", "bench"))
     ap.add_argument("--one", help=argparse.SUPPRESS)   # internal: run one configuration (JSON)
@@ -195,6 +200,12 @@ def main(argv=None) -> int:
             return 0
         print(json.dumps(run_one(cfg)), flush=True)
         return 0
+    if args.shape:
+        from shape_bench import shape_configs
+        args.dtype = args.dtype or "int8"
+        base = dict(device="cpu", threads=args.threads, tokens=args.tokens, rounds=args.rounds,
+                    prefill_tokens=args.prefill_tokens)
+        return _run_all(args, shape_configs(args, base))
     if not args.model or not os.path.exists(args.model):
         ap.error(f"--model {args.model}: no such file")
     if args.tokens <= 0 or args.rounds <= 0 or args.prefill_tokens <= 0 or args.threads <= 0:
@@ -225,7 +236,11 @@ def main(argv=None) -> int:
     if args.llama_cpp:
         from llama_peer import llama_configs
         cfgs += llama_configs(args, base)
+    return _run_all(args, cfgs)
 
+
+def _run_all(args, cfgs) -> int:
+    """Run each configuration in its own process, print its JSON line, then the ratio lines."""
     results, llama_ok = {}, True
     for cfg in cfgs:
         if cfg["impl"] == "llama.cpp" and not llama_ok:

@@ -357,3 +357,17 @@ def _key1_float(kv, j, x):
     for d in range(kv.shape[2]):
         a += _f32(k[d]) * x[d]
     return a
+
+
+def active_for(I: int) -> bool:
+    """True when int8 mat-vecs / bundle keys with I inputs run the integer kernels on this machine."""
+    return bool(level()) and I % GS == 0
+
+
+def reference_keys(bundle, x: np.ndarray) -> np.ndarray:
+    """(F,) float64 key activations W_k x of an int8 NeuronBundledFFN as the decode kernels compute them
+    (integer dot products where `active_for(D)`, else the float dot of the dequantized rows)."""
+    K = np.ascontiguousarray(bundle.kv[:, 0])
+    if active_for(bundle.D):
+        return reference_matvec(K, bundle.scale[:, 0], x).astype(np.float64)
+    return (K.astype(np.float64) * bundle.scale[:, :1]) @ np.asarray(x, np.float64)
