@@ -11,6 +11,7 @@ import pytest
 
 import rwkv_edge
 from rwkv_edge.backends import numba_cpu as nb
+from rwkv_edge.backends import numba_i8dot as i8d
 from rwkv_edge.config import ModelLoadError
 from rwkv_edge.modelfile import ALIGN, MAGIC, convert, is_modelfile, load_modelfile, read_header
 
@@ -59,7 +60,9 @@ def test_quantized_files_close_to_pth(files, pth_logits, dtype, tol):
     s = None
     for t, tok in enumerate(TOKENS):
         logits, s = m.step(tok, s)
-    assert np.abs(logits - got[-1]).max() <= 1e-4 * np.abs(got).max()
+    # int8 decode rounds the activations to int8 per 32 (numba_i8dot) where the CPU has integer kernels
+    rel = 3e-2 if dtype == "int8" and i8d.active_for(m.config.n_embd) else 1e-4
+    assert np.abs(logits - got[-1]).max() <= rel * np.abs(got).max()
 
 
 def test_header_layout(files, pth_logits):

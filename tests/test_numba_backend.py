@@ -7,6 +7,7 @@ import pytest
 from checkpoints import make_state_dict
 from rwkv_edge.backends import numba_common as nbc
 from rwkv_edge.backends import numba_cpu as nb
+from rwkv_edge.backends import numba_i8dot as i8d
 from rwkv_edge.backends import numba_sparse as nbs
 from rwkv_edge.backends import numba_v7 as nv7
 from rwkv_edge.backends import reference as ref
@@ -18,6 +19,24 @@ RNG = np.random.default_rng(0)
 
 def rel_err(got, want):
     return float(np.abs(np.asarray(got) - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+# int8 decode mat-vecs round the activations to int8 per 32 (numba_i8dot, where the CPU runs integer
+# kernels): ~0.4% of a mat-vec's scale each, compounding through a block. Whole-path int8 comparisons
+# against the float reference use this bound; the kernels themselves are checked to 1e-5 against the
+# same math in numpy (tests/test_numba_i8dot.py and the int8 cases below).
+INT8_ACT_TOL = 3e-2
+
+
+def tol(fmt, exact=1e-4):
+    return INT8_ACT_TOL if fmt == "int8" and i8d.level() else exact
+
+
+def linear_ref(x, name, Wobj, Wref):
+    """What nb.linear computes: for int8 decode shapes the quantized-activation math (numba_i8dot)."""
+    if name == "int8" and i8d.active_for(x.shape[-1]) and x.shape[0] <= nbc.SMALL_T:
+        return np.stack([i8d.reference_matvec(Wobj.q, Wobj.scale, r) for r in x])
+    return ref.linear(x, Wref)
 
 
 def randn(*shape, scale=1.0):
@@ -46,7 +65,7 @@ def test_linear_all_formats(T):
     for name, Wobj, Wref in weight_formats(W):
         got = nb.linear(x, Wobj)
         assert got.shape == (T, 97) and got.dtype == np.float32
-        assert rel_err(got, ref.linear(x, Wref)) < 1e-5, name
+        assert rel_err(got, linear_ref(x, name, Wobj, Wref)) < 1e-5, name
 
 
 def test_linear_parallel_kernel(monkeypatch):
@@ -54,7 +73,7 @@ def test_linear_parallel_kernel(monkeypatch):
     W = randn(203, 64)
     x = randn(1, 64)
     for name, Wobj, Wref in weight_formats(W):
-        assert rel_err(nb.linear(x, Wobj), ref.linear(x, Wref)) < 1e-5, name
+        assert rel_err(nb.linear(x, Wobj), linear_ref(x, name, Wobj, Wref)) < 1e-5, name
 
 
 def test_linear_accepts_1d_and_noncontiguous_input():
@@ -231,7 +250,10 @@ def test_bundle_views_and_ffn_dense(dtype, T):
     assert rel_err(nb.linear(x, bundle.key), x @ Kd.T) < 1e-4
     h = np.maximum(x @ Kd.T, 0.0) ** 2
     assert rel_err(nb.linear(h, bundle.value), h @ Vd.T) < 1e-4
-    assert rel_err(nb.ffn_dense(x, bundle.key, bundle.value), dense_ffn(x, Kd, Vd)) < 1e-4
+    want = dense_ffn(x, Kd, Vd)
+    if dtype == "int8" and T == 1:        # decode: keys from the integer dot products
+        want = (np.maximum(i8d.reference_keys(bundle, x[0]), 0.0) ** 2 @ Vd.T)[None]
+    assert rel_err(nb.ffn_dense(x, bundle.key, bundle.value), want) < 1e-4
     np.testing.assert_allclose(np.asarray(bundle.key), Kd)
     if dtype != "int8":   # fp32/fp16 bundles hold W_k and W_v exactly (up to the fp16 rounding)
         assert np.abs(Kd - K).max() < (1e-3 if dtype == "fp16" else 1e-7)
@@ -247,8 +269,9 @@ def test_sparse_ffn_exact_set_equals_dense(dtype, par_min, monkeypatch):
     Kd, Vd = bundle.dequantize()
     for _ in range(5):
         x = randn(64)
-        idx = np.flatnonzero(Kd @ x > 0).astype(np.int32)
-        want = dense_ffn(x[None], Kd, Vd)[0]
+        keys = i8d.reference_keys(bundle, x) if dtype == "int8" else Kd @ x
+        idx = np.flatnonzero(keys > 0).astype(np.int32)
+        want = np.maximum(keys, 0.0) ** 2 @ Vd.T
         got = nb.sparse_ffn(x, idx, bundle)
         assert np.abs(got - want).max() <= 1e-3
         assert rel_err(got, want) < 1e-4
@@ -345,11 +368,11 @@ def test_time_mix7_step_matches_model_time_mix(tiny, fmt, par):
         wkv_in = st.wkv[i].copy()
         out, S, v = nv7.time_mix7_step(fast.blocks[i], x, st.att_x[i], st.wkv[i], ctx.get("v_first"))
         np.testing.assert_array_equal(st.wkv[i], wkv_in)             # not in place unless asked
-        assert rel_err(out, want) < 1e-4 and rel_err(S, s_ref.wkv[i]) < 1e-4
+        assert rel_err(out, want) < tol(fmt) and rel_err(S, s_ref.wkv[i]) < tol(fmt)
         nv7.time_mix7_step(fast.blocks[i], x, st.att_x[i], st.wkv[i], ctx.get("v_first"), wkv_out=st.wkv[i])
-        assert rel_err(st.wkv[i], s_ref.wkv[i]) < 1e-4                # in place
+        assert rel_err(st.wkv[i], s_ref.wkv[i]) < tol(fmt)                # in place
         if i == 0:
-            assert rel_err(v, c_ref["v_first"]) < 1e-5
+            assert rel_err(v, c_ref["v_first"]) < tol(fmt, 1e-5)
             ctx["v_first"] = v
 
 
@@ -362,11 +385,11 @@ def test_whole_model_numba_matches_reference(tiny, fmt):
     toks = [5, 17, 200, 3, 99, 42, 7, 250, 0, 1, 2, 3]
     want, s_want = slow.forward(toks, full_output=True)
     got, s_got = fast.forward(toks, full_output=True)
-    assert rel_err(got, want) < 1e-4 and rel_err(s_got.wkv, s_want.wkv) < 1e-4
+    assert rel_err(got, want) < 1e-4 and rel_err(s_got.wkv, s_want.wkv) < 1e-4     # T > SMALL_T: float BLAS
     s = None
     for t, tok in enumerate(toks):
         logits, s = fast.step(tok, s)
-        assert rel_err(logits, want[t]) < 1e-4
+        assert rel_err(logits, want[t]) < tol(fmt)
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "int8"])

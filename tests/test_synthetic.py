@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import rwkv_edge
+from rwkv_edge.backends import numba_i8dot as i8d
 from rwkv_edge.config import ModelConfig
 from rwkv_edge.modelfile import convert, load_modelfile, open_tensors, read_header
 from rwkv_edge.replay import ActiveSets, ReplayedSets, map_indices, replayed_sparse_ffn
@@ -113,7 +114,11 @@ def test_replayed_sparse_ffn_equals_masked_dense(ref_sets, tmp_path, dtype):
         K, V = ffn.bundles[layer].dequantize()
         X = rng.standard_normal((5, CFG.n_embd)).astype(np.float32)
         got = np.concatenate([ffn(layer, X[:1]), ffn(layer, X[1:])])       # decode, then a 4-token prefill
-        k = np.maximum(X.astype(np.float64) @ K.T, 0.0) ** 2
+        b = ffn.bundles[layer]
+        if b.kv.dtype == np.int8:     # the sparse kernels' int8 keys: x rounded to int8 per 32 (numba_i8dot)
+            k = np.maximum(np.stack([i8d.reference_keys(b, x) for x in X]), 0.0) ** 2
+        else:
+            k = np.maximum(X.astype(np.float64) @ K.T, 0.0) ** 2
         k *= np.stack([rep.mask(layer, 3 + t) for t in range(5)])
         want = k @ V.T
         assert 0.05 < np.mean(k > 0) < 0.5                   # the replayed set, not all neurons

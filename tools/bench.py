@@ -45,8 +45,12 @@ def _load(cfg):
         return RwkvPackageModel(cfg["model"], "cuda fp16" if cfg["device"] == "cuda" else "cpu fp32")
     from rwkv_edge.runtime import open_model
     # CUDA: weights stored in cfg["dtype"]; CPU: the converted model file holds its dtype
-    return open_model(cfg["file"], backend=cfg.get("backend", "numba"), predictors=cfg.get("predictors"),
-                      device=cfg["device"], dtype=cfg["dtype"] if cfg["device"] == "cuda" else "fp32")
+    m = open_model(cfg["file"], backend=cfg.get("backend", "numba"), predictors=cfg.get("predictors"),
+                   device=cfg["device"], dtype=cfg["dtype"] if cfg["device"] == "cuda" else "fp32")
+    if cfg.get("sets"):                         # --shape: active sets of the reference model, replayed
+        from rwkv_edge.replay import ActiveSets, replayed_sparse_ffn
+        m = m.with_ffn(replayed_sparse_ffn(m, ActiveSets.load(cfg["sets"])))
+    return m
 
 
 def _sync(cfg):
@@ -58,6 +62,9 @@ def _sync(cfg):
 def run_one(cfg) -> dict:
     """Measure one configuration in this process."""
     import numpy as np
+    if cfg["impl"] == "llama.cpp":
+        from llama_peer import run_one as llama_run
+        return llama_run(cfg)
 
     _set_threads(cfg["threads"], torch_too=cfg["impl"] == "rwkv" or cfg["device"] == "cuda")
     t0 = time.perf_counter()
@@ -207,12 +214,28 @@ def _main(argv=None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--compare-rwkv", action="store_true", help="also run the `rwkv` pip package")
     ap.add_argument("--with-reference", action="store_true", help="also run the numpy reference backend (fp32)")
+    ap.add_argument("--llama-cpp", action="store_true",
+                    help="also run llama.cpp (pip llama-cpp-python + gguf) on the same model: Q8_0 and Q4_0, logits checked first")
+    ap.add_argument("--shape", help="0.1b, 0.4b or 1.5b: random-weight models of official shapes, replayed active sets")
+    ap.add_argument("--tokenizer", help="tokenizer.json for the GGUF (default: tokenizer.json beside --model)")
     ap.add_argument("--workdir", default=os.path.join(os.path.dirname(HERE), "out", "bench"))
     ap.add_argument("--one", help=argparse.SUPPRESS)   # internal: run one configuration (JSON)
     args = ap.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(json.loads(args.one))), flush=True)
+        cfg = json.loads(args.one)
+        if cfg["impl"] == "llama-check":
+            from llama_peer import check
+            for row in check(cfg):
+                print(json.dumps(row), flush=True)
+            return 0
+        print(json.dumps(run_one(cfg)), flush=True)
         return 0
+    if args.shape:
+        from shape_bench import shape_configs
+        args.dtype = args.dtype or "int8"
+        base = dict(device="cpu", threads=args.threads, tokens=args.tokens, rounds=args.rounds,
+                    prefill_tokens=args.prefill_tokens)
+        return _run_all(args, shape_configs(args, base))
     if not args.model or not os.path.exists(args.model):
         ap.error(f"--model {args.model}: no such file")
     if args.tokens <= 0 or args.rounds <= 0 or args.prefill_tokens <= 0 or args.threads <= 0:
@@ -241,16 +264,34 @@ def _main(argv=None) -> int:
         if args.predictors and (d != "fp32" or args.device == "cuda"):
             cfgs.append(dict(base, name=f"sparse {d}", impl="rwkv-edge", dtype=d, file=f, predictors=args.predictors))
 
-    results, failed = {}, []
+    if args.llama_cpp:
+        from llama_peer import llama_configs
+        cfgs += llama_configs(args, base)
+    return _run_all(args, cfgs)
+
+
+def _run_all(args, cfgs) -> int:
+    """Run each configuration in its own process, print its JSON line, then the ratio lines."""
+    results, llama_ok, failed = {}, True, []
     for cfg in cfgs:
+        if cfg["impl"] == "llama.cpp" and not llama_ok:
+            print(json.dumps({"config": cfg["name"], "error": "skipped: the F32 GGUF's logits do not match ours"}), flush=True)
+            continue
         env = dict(os.environ, OPENBLAS_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
         r = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", json.dumps(cfg)],
                            capture_output=True, text=True, env=env)
         lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+        if cfg["impl"] == "llama-check":
+            from llama_peer import check_ok
+            llama_ok = r.returncode == 0 and check_ok([json.loads(ln) for ln in lines])
         if r.returncode != 0 or not lines:
             err = (r.stderr.strip().splitlines() or ["?"])[-1]
             print(json.dumps({"config": cfg["name"], "error": err}), flush=True)
             failed.append(f"{cfg['name']}: {err}")
+            continue
+        if cfg["impl"] == "llama-check":
+            for ln in lines:
+                print(ln, flush=True)
             continue
         res = json.loads(lines[-1])
         results[cfg["name"]] = res
@@ -276,6 +317,9 @@ def _main(argv=None) -> int:
     s2 = rate(sp) / rate(dn) if rate(sp) and rate(dn) else float("nan")
     tag = "fp16" if args.device == "cuda" else "int8"
     print(f"speedup_sparse_{tag}_vs_rwkv={s1:.2f} speedup_sparse_vs_dense_{tag}={s2:.2f}")
+    if args.llama_cpp:
+        from llama_peer import ratio_line
+        print(ratio_line(results))
     if failed:
         print(f"{PROG}: error: {len(failed)} of {len(cfgs)} configuration(s) failed; first: {failed[0]}",
               file=sys.stderr)

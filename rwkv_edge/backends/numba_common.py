@@ -325,10 +325,11 @@ def _rows_matvec(Wk, s, x2):
         Wk = np.ascontiguousarray(Wk)
     y = np.empty((T, O), np.float32)
     if T <= SMALL_T:
+        from .numba_i8dot import mv_parallel, mv_serial      # int8: integer dot products where the CPU has them
         if Wk.size >= PAR_MIN and _get_num_threads() > 1:
-            _mv_parallel(Wk, s, x2, y, _nchunk())
+            mv_parallel(Wk, s, x2, y, _nchunk())
         else:
-            _mv_serial(Wk, s, x2, y)
+            mv_serial(Wk, s, x2, y)
         return y
     bs = max(16, _BLOCK_ELEMS // max(I, 1))
     buf = np.empty((min(bs, O), I), np.float32)

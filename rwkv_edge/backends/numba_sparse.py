@@ -17,10 +17,12 @@ from numba import types as _types
 from numba.extending import intrinsic as _intrinsic
 
 from . import numba_common as _common
+from .numba_i8dot import key1, key4, prep_x
 from .numba_common import (_BLOCK_ELEMS, _threshold_select, NeuronBundledFFN, _dequant_rows, _f32, _get_num_threads, _h2f,
                            _nchunk, _prefetch, counter)
 
 _SIMD = {"on": True}
+_PF_NEURONS = 8     # the sparse FFN prefetches the rows of the neurons this far ahead in its index list
 
 
 def set_simd_select(on: bool) -> None:
@@ -44,12 +46,10 @@ def _ffn_seq(kv, sc, x, idx, lo, hi, out):
     DRAM it ran ~2x faster than the four-neuron interleave that suits scattered sparse sets."""
     D = kv.shape[2]
     has_s = sc.shape[0] > 0
+    X, xs, corr = prep_x(kv, x)           # int8 keys: x quantized once, integer dot products
     for p in range(lo, hi):
         j = np.int64(idx[p])
-        k = kv[j, 0]
-        a = np.float32(0.0)
-        for d in range(D):
-            a += _f32(k[d]) * x[d]
+        a = key1(kv, j, x, X, xs, corr)
         if has_s:
             a *= sc[j, 0]
         h = a * a if a > 0 else np.float32(0.0)
@@ -64,59 +64,55 @@ def _ffn_seq(kv, sc, x, idx, lo, hi, out):
 @_njit(fastmath=True, cache=True)
 def _ffn_range(kv, sc, x, idx, lo, hi, out, dense):
     """out += sum over j in idx[lo:hi] of relu(K[j] . x)^2 V[:, j]; returns the value columns read.
-    Keys go four neurons at a time (x loads shared), value columns four at a time (one pass over out);
-    neurons 4-8 ahead are prefetched. dense=True (every neuron, value columns of zero activations
+    Two passes: all predicted key rows (four at a time, x loads shared), then the value columns of the
+    active neurons (four per pass over out); each pass prefetches its own rows ahead. Measured on the
+    reference model's sets this beat one interleaved pass (key, then value, per four neurons). dense=True (every neuron, value columns of zero activations
     read too) runs _ffn_seq."""
     if dense:
         return _ffn_seq(kv, sc, x, idx, lo, hi, out)
     D = kv.shape[2]
-    nb = 2 * D * kv.itemsize
+    kb = D * kv.itemsize                   # bytes of a key row (= of a value column)
     has_s = sc.shape[0] > 0
-    pj = np.empty(8, np.int64)
-    ph = np.empty(8, np.float32)
+    pj = np.empty(hi - lo + 4, np.int64)   # active neurons and their h = relu(k . x)^2 (value scale in)
+    ph = np.empty(hi - lo + 4, np.float32)
+    a4 = np.empty(4, np.float32)
+    X, xs, corr = prep_x(kv, x)           # int8 keys: x quantized once, integer dot products
+    # pass 1: the key rows of every predicted neuron, four at a time, _PF_NEURONS ahead prefetched
     n = 0
-    nval = 0
     p = lo
     while p < hi:
-        for q in range(p + 4, min(p + 8, hi)):
-            base = np.int64(idx[q]) * nb
-            for l in range(0, nb, 64):
+        for q in range(p + _PF_NEURONS, min(p + _PF_NEURONS + 4, hi)):
+            base = np.int64(idx[q]) * (2 * kb)
+            for l in range(0, kb, 64):
                 _prefetch(kv, base + l)
         m = min(4, hi - p)
         j0 = np.int64(idx[p])
         j1 = np.int64(idx[p + 1]) if m > 1 else j0
         j2 = np.int64(idx[p + 2]) if m > 2 else j0
         j3 = np.int64(idx[p + 3]) if m > 3 else j0
-        a0 = np.float32(0.0)
-        a1 = np.float32(0.0)
-        a2 = np.float32(0.0)
-        a3 = np.float32(0.0)
-        for d in range(D):
-            xd = x[d]
-            a0 += _f32(kv[j0, 0, d]) * xd
-            a1 += _f32(kv[j1, 0, d]) * xd
-            a2 += _f32(kv[j2, 0, d]) * xd
-            a3 += _f32(kv[j3, 0, d]) * xd
+        key4(kv, j0, j1, j2, j3, x, X, xs, corr, a4)
         for q in range(m):
             j = j0 if q == 0 else (j1 if q == 1 else (j2 if q == 2 else j3))
-            a = a0 if q == 0 else (a1 if q == 1 else (a2 if q == 2 else a3))
-            if has_s:
-                a *= sc[j, 0]
+            a = a4[q] * sc[j, 0] if has_s else a4[q]
             if a > 0:
-                h = a * a
                 pj[n] = j
-                ph[n] = h * sc[j, 1] if has_s else h
+                ph[n] = a * a * sc[j, 1] if has_s else a * a
                 n += 1
-        while n >= 4:
-            n -= 4
-            _axpy4(kv, out, pj[n], ph[n], pj[n + 1], ph[n + 1], pj[n + 2], ph[n + 2], pj[n + 3], ph[n + 3])
-            nval += 4
         p += m
-    for q in range(n):
-        j, h = pj[q], ph[q]
+    # pass 2: the value columns of the active ones, four per pass over out, prefetched the same way
+    q = 0
+    while q + 4 <= n:
+        for r in range(q + _PF_NEURONS, min(q + _PF_NEURONS + 4, n)):
+            base = pj[r] * (2 * kb) + kb
+            for l in range(0, kb, 64):
+                _prefetch(kv, base + l)
+        _axpy4(kv, out, pj[q], ph[q], pj[q + 1], ph[q + 1], pj[q + 2], ph[q + 2], pj[q + 3], ph[q + 3])
+        q += 4
+    for r in range(q, n):
+        j, h = pj[r], ph[r]
         for d in range(D):
             out[d] += h * _f32(kv[j, 1, d])
-    return nval + n
+    return n
 
 
 @_njit(fastmath=True, cache=True)

@@ -21,9 +21,10 @@ from numba.extending import intrinsic as _intrinsic
 
 from . import numba_common as _common
 from .numba_common import (_NO_SCALE, FFNKeyView, FFNValueView, Int8Weight, _get_num_threads, _kernel_array,
-                           _mv_parallel, _mv_range, _nchunk, _prefetch, counter)
+                           _mv_range, _nchunk, _prefetch, counter)
 from .numba_cpu import _layer_norm, _margs, _wkv7_step, _xm1
 from . import numba_simd as _ns
+from .numba_i8dot import mv_any, mv_parallel
 from .numba_sparse import _all_neurons, _ffn_parallel, _ffn_range, _qselect, predictor_select
 
 
@@ -37,11 +38,11 @@ def _rkv_parallel(Wr, sr, Wk, sk, Wv, sv, xs, rkv, nchunk):
         r0 = (q * O // nchunk) // 4 * 4
         r1 = O if q == nchunk - 1 else ((q + 1) * O // nchunk) // 4 * 4
         if m == 0:
-            _mv_range(Wr, sr, xs[0], rkv[0], r0, r1)
+            mv_any(Wr, sr, xs[0], rkv[0], r0, r1)
         elif m == 1:
-            _mv_range(Wk, sk, xs[2], rkv[1], r0, r1)
+            mv_any(Wk, sk, xs[2], rkv[1], r0, r1)
         else:
-            _mv_range(Wv, sv, xs[3], rkv[2], r0, r1)
+            mv_any(Wv, sv, xs[3], rkv[2], r0, r1)
 
 
 @_intrinsic
@@ -97,9 +98,9 @@ def _tm7(x, prev, mix, Wr, sr, Wk, sk, Wv, sv, Wo, so, w0, w1, s_w1, w2, s_w2, a
     if nchunk > 1:
         _rkv_parallel(Wr, sr, Wk, sk, Wv, sv, xs, rkv, nchunk)
     else:
-        _mv_range(Wr, sr, xs[0], rkv[0], 0, D)
-        _mv_range(Wk, sk, xs[2], rkv[1], 0, D)
-        _mv_range(Wv, sv, xs[3], rkv[2], 0, D)
+        mv_any(Wr, sr, xs[0], rkv[0], 0, D)
+        mv_any(Wk, sk, xs[2], rkv[1], 0, D)
+        mv_any(Wv, sv, xs[3], rkv[2], 0, D)
     r, k, v = rkv[0, 0], rkv[1, 0], v_out
     v[:] = rkv[2, 0]
     # the LoRAs and the recurrence below compute on little data: fetch the output projection meanwhile
@@ -173,9 +174,9 @@ def _tm7(x, prev, mix, Wr, sr, Wk, sk, Wv, sv, Wo, so, w0, w1, s_w1, w2, s_w2, a
         for j in range(N):
             yh[j] = ((yh[j] - mu) * inv * lw[j] + lb[j] + bonus * vh[j]) * gh[j]
     if nchunk > 1:
-        _mv_parallel(Wo, so, y, out, nchunk)
+        mv_parallel(Wo, so, y, out, nchunk)
     else:
-        _mv_range(Wo, so, y, out, 0, D)
+        mv_any(Wo, so, y, out, 0, D)
 
 
 def _wargs(W):
@@ -267,15 +268,15 @@ def _block7_ffn(x, xk, o, kind, n, kv, sc, idx, Wk, sk, Wv, sv, nchunk):
         F = Wk.shape[0]
         k = np.empty((1, F), np.float32)
         if nchunk > 1:
-            _mv_parallel(Wk, sk, xk, k, nchunk)
+            mv_parallel(Wk, sk, xk, k, nchunk)
         else:
-            _mv_range(Wk, sk, xk, k, 0, F)
+            mv_any(Wk, sk, xk, k, 0, F)
         for j in range(F):
             k[0, j] = k[0, j] * k[0, j] if k[0, j] > 0 else np.float32(0.0)
         if nchunk > 1:
-            _mv_parallel(Wv, sv, k, o, nchunk)
+            mv_parallel(Wv, sv, k, o, nchunk)
         else:
-            _mv_range(Wv, sv, k, o, 0, D)
+            mv_any(Wv, sv, k, o, 0, D)
         n, nval = F, F
     elif nchunk > 1 and kind == FFN_BUNDLED:
         nval = _ffn_parallel(kv, sc, xk[0], idx, o[0], True, nchunk)
