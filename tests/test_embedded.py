@@ -58,11 +58,13 @@ def test_embedded_dense_matches_rwkv_package(golden):
         assert model.fingerprint == str(golden["fingerprint"]) and model.modelfile_dtype == "int8"
         got[backend] = _run(model, golden)
     for prompt, steps in got.values():
-        assert np.abs(prompt - golden["prompt"]).max() < 0.3 and np.abs(steps - golden["steps"]).max() < 0.3
+        assert np.abs(prompt - golden["prompt"]).max() < 0.5 and np.abs(steps - golden["steps"]).max() < 0.5
         assert _kld(golden["prompt"], prompt) < 5e-3 and _kld(golden["steps"], steps) < 5e-3
         assert (steps.argmax(-1) == golden["steps"].argmax(-1)).all()
+    # numba's int8 decode also rounds the activations to int8 per 32 (integer dot products; checked
+    # exactly against a quantized-activation reference in test_numba_i8dot.py): close, not identical
     for a, b in zip(got["reference"], got["numba"]):
-        assert np.abs(a - b).max() < 1e-3
+        assert _kld(a, b) < 1e-3 and np.abs(a - b).max() < 0.2
 
 
 def test_tiny_checkpoint_matches_golden(golden):
