@@ -8,6 +8,8 @@ CPU configurations: the `rwkv` package `cpu fp32`, our dense fp32 (.pth, numba k
 fp16/int8 (converted model files, cached in --workdir), and sparse fp16/int8 with --predictors.
 Decode tok/s is the median of --rounds runs of --tokens tokens after a warm-up; bytes read per
 token are counted by the kernels; the machine's read bandwidth is measured in the same run.
+The first CPU row, "default path (auto)", is what a user gets with no options (`--backend auto` on the
+model as given); every row reports time_to_first_token_s (process start to the prompt's logits).
 Final line: `speedup_sparse_int8_vs_rwkv=X.XX speedup_sparse_vs_dense_int8=X.XX`.
 """
 import argparse
@@ -62,6 +64,7 @@ def _sync(cfg):
 def run_one(cfg) -> dict:
     """Measure one configuration in this process."""
     import numpy as np
+    import psutil
     if cfg["impl"] == "llama.cpp":
         from llama_peer import run_one as llama_run
         return llama_run(cfg)
@@ -77,6 +80,8 @@ def run_one(cfg) -> dict:
     if cfg["device"] == "cuda" and cfg["impl"] == "rwkv-edge" and not cfg.get("predictors"):
         graph = m.ops.CudaGraphStep(m)          # batch-1 decode replays one captured graph per token
     _, st = m.forward(prompt)
+    # process start (interpreter, imports, numba's cache, model load) to the prompt's logits
+    ttft = time.time() - psutil.Process().create_time()
     for t in toks[:4]:                          # warm-up: kernel compilation, caches
         _, st = step(t, st)
     rates = []
@@ -103,8 +108,9 @@ def run_one(cfg) -> dict:
         pre.append(len(long) / (time.perf_counter() - t))
     out = {"config": cfg["name"], "device": cfg["device"], "threads": cfg["threads"],
            "decode_tok_s": round(float(np.median(rates)), 1), "decode_tok_s_best": round(max(rates), 1),
-           "prefill_tok_s": round(float(np.median(pre)), 1), "prefill_tokens": len(long), "load_s": round(load_s, 2)}
-    if cfg["impl"] == "rwkv-edge" and cfg["device"] == "cpu" and cfg.get("backend", "numba") == "numba":
+           "prefill_tok_s": round(float(np.median(pre)), 1), "prefill_tokens": len(long), "load_s": round(load_s, 2),
+           "time_to_first_token_s": round(ttft, 2)}
+    if cfg["impl"] == "rwkv-edge" and cfg["device"] == "cpu" and cfg.get("backend", "numba") in ("numba", "auto"):
         from rwkv_edge.backends import numba_cpu as nb
         _, s = m.forward(prompt)
         nb.counter.reset()
@@ -256,6 +262,9 @@ def _main(argv=None) -> int:
     if args.compare_rwkv:
         peer = "rwkv cuda fp16" if args.device == "cuda" else "rwkv cpu fp32"
         cfgs.append(dict(base, name=peer, impl="rwkv"))
+    if args.device == "cpu":   # what a user gets with no options: --backend auto on the file as given
+        cfgs.append(dict(base, name="default path (auto)", impl="rwkv-edge", dtype="fp32", file=args.model,
+                         backend="auto"))
     if args.with_reference and args.device == "cpu":
         cfgs.append(dict(base, name="reference fp32", impl="rwkv-edge", dtype="fp32", file=args.model, backend="reference"))
     for d in dtypes:
