@@ -76,7 +76,7 @@ def test_kl_matches_a_direct_computation(model, tokens):
     pb, pc = (np.exp(z - z.max(1, keepdims=True)) for z in (lb.astype(np.float64), lc.astype(np.float64)))
     pb, pc = pb / pb.sum(1, keepdims=True), pc / pc.sum(1, keepdims=True)
     want = (pb * np.log(pb / pc)).sum(1)
-    assert np.allclose(arr["kld"], want, rtol=1e-4, atol=1e-7)
+    assert np.allclose(arr["kld"], want, rtol=1e-3, atol=2e-6)          # float32 log-softmax
 
 
 @pytest.mark.parametrize("top_k", [0, 32, 256])

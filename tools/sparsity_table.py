@@ -220,7 +220,10 @@ def write_tables(out: str, header: str) -> list[dict]:
     for name in sorted(os.listdir(rdir)) if os.path.isdir(rdir) else []:
         if name.endswith(".json"):
             with open(os.path.join(rdir, name)) as f:
-                rows.append(json.load(f))
+                r = json.load(f)
+            if "bytes_tok_i8" not in r and "bytes_tok" in r:         # rows made before the column existed
+                r["bytes_tok_i8"] = int(round(r["pred_bytes"] + (r["bytes_tok"] - r["pred_bytes"]) / 4))
+            rows.append(r)
     order = {k: i for i, k in enumerate(("dense",) + KINDS)}
     sorder = {s: i for i, s in enumerate(("-", "r0.95", "r0.98", "r0.99", "r0.995", "seed"))}
     rows.sort(key=lambda r: (order.get(r["kind"], 99), sorder.get(r["setting"], 99)))
