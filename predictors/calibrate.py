@@ -71,6 +71,36 @@ def threshold_for_target(scores: np.ndarray, act: np.ndarray, target: float, met
     return Calibration(threshold=t, percentile=float(1.0 - pred.mean()), recall=rec)
 
 
+def threshold_for_percentile(scores: np.ndarray, act: np.ndarray, percentile: float,
+                             metric: str = "mass") -> Calibration:
+    """The threshold at the `percentile` quantile of all scores (n, F) of these rows, so that a share
+    `percentile` of the (token, neuron) cells is predicted inactive (the seed's per-layer
+    "percentile" setting); the recall reached there is measured on the same rows."""
+    check_target(0.5, metric)
+    if not 0.0 <= float(percentile) < 1.0:
+        raise ValueError(f"percentile must be in [0, 1), got {percentile}")
+    t = float(np.asarray(np.quantile(scores, float(percentile), method="lower"), scores.dtype))
+    pred = scores >= t
+    w_all = _weights(act, metric)
+    total = w_all.sum()
+    rec = float((w_all * pred).sum() / total) if total > 0 else 1.0
+    return Calibration(threshold=t, percentile=float(1.0 - pred.mean()), recall=rec)
+
+
+def seed_schedule(n_layer: int) -> list[float]:
+    """The seed's per-layer percentiles mapped to `n_layer` layers. The seed (a 24-layer RWKV-5) used
+    0.95 for layers <= 4, 0.85 in the middle and 0.80-0.85 for the last layers: here the first
+    round(5 n / 24) layers get 0.95, the last round(4 n / 24) go linearly from 0.85 down to 0.80
+    (0.80 if only one), the rest 0.85."""
+    if n_layer < 1:
+        raise ValueError("n_layer must be >= 1")
+    first = max(1, round(5 * n_layer / 24))
+    last = max(1, round(4 * n_layer / 24)) if n_layer > first else 0
+    out = [0.95] * first + [0.85] * (n_layer - first - last)
+    out += [0.80] if last == 1 else [round(float(v), 4) for v in np.linspace(0.85, 0.80, last)]
+    return out[:n_layer]
+
+
 def topk_for_target(scores: np.ndarray, act: np.ndarray, target: float, metric: str = "mass",
                     margin: float = 0.0) -> Calibration:
     """The smallest k with recall(top-k scores of each row) >= target + margin on these rows."""

@@ -118,3 +118,41 @@ def fit(model, data_dir: str, kind: str = "quantized", bits: int = 2, group_size
             "layers": per_layer}
     return PredictorBundle(preds, model.fingerprint, cfg, "+".join(members),
                            bits if "quantized" in members else None, target, metric, meta)
+
+
+def recalibrate(bundle: PredictorBundle, model, data_dir: str, target: float | None = None,
+                percentiles: list[float] | None = None, metric: str = "mass", margin: float = 0.0,
+                heldout_frac: float = 0.1, max_heldout: int = 16384) -> PredictorBundle:
+    """Re-set every layer's threshold of a fitted bundle, without refitting, on the held-out rows
+    `fit` calibrated on (same split): either for a recall `target` (+ margin), or at a per-layer
+    score `percentiles` list (predicted sparsity per layer, e.g. `calibrate.seed_schedule`).
+    Cheap next to fitting, so a grid fits each kind once. The bundle is changed and returned."""
+    from .calibrate import threshold_for_percentile
+
+    if (target is None) == (percentiles is None):
+        raise ValueError("give either a recall target or per-layer percentiles")
+    L = model.config.n_layer
+    if percentiles is not None:
+        percentiles = [float(p) for p in percentiles]
+        if len(percentiles) != L:
+            raise ValueError(f"need {L} per-layer percentiles, got {len(percentiles)}")
+    else:
+        check_target(target, metric)
+    bundle.check_model(model)
+    man = read_manifest(data_dir)
+    check_model(man, model, data_dir)
+    for layer, p in enumerate(bundle.predictors):
+        n = int(man["layers"][layer]["count"])
+        n_held = min(max(1, int(n * heldout_frac)), max_heldout)
+        x_held = load_layer(data_dir, layer, start=n - n_held)
+        _, act = labels(model, layer, x_held)
+        if percentiles is None:
+            p.calibrate(x_held, act, target, metric, margin)
+        elif getattr(p, "mode", "") != "threshold":
+            raise ValueError(f"layer {layer}: percentile thresholds need a threshold predictor, not {p.kind}")
+        else:
+            p.calib = threshold_for_percentile(p.score(x_held), act, percentiles[layer], metric)
+    bundle.target = target
+    bundle.metric = metric
+    bundle.meta["calibration"] = {"target": target, "percentiles": percentiles, "metric": metric, "margin": margin}
+    return bundle

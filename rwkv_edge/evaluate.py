@@ -9,8 +9,8 @@ from typing import Iterable, List, Tuple
 import numpy as np
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
+def log_softmax(logits: np.ndarray, dtype=np.float64) -> np.ndarray:
+    z = logits.astype(dtype)
     z = z - z.max(-1, keepdims=True)
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
