@@ -9,7 +9,9 @@ model.json (UTF-8 JSON):
     format "rwkv-edge-package", format_version (int; a newer one than FORMAT_VERSION is refused),
     fingerprint (the source checkpoint's, also in the model file's header and the bundle),
     source (file name the package was made from), config (ModelConfig.to_dict()), dtype (of the model
-    file), files {model, predictors (or null), tokenizer}, tokenizer_sha256, predictor (kind and
+    file), files {model, predictors (or null), tokenizer}, tokenizer_sha256, model_sha256 and
+    predictors_sha256 (of the part files; predictors are checked at open, the model file by its header),
+    predictor (kind and
     threshold settings, free-form), measured (density, bytes/token, KLD, ..., free-form), created
     (ISO date), tool (the rwkv-edge version that wrote it).
 
@@ -96,6 +98,12 @@ def check_parts(path, man: dict) -> None:
     if header["fingerprint"] != man["fingerprint"] or header["config"] != man.get("config", header["config"]):
         raise ModelLoadError(f"{path}: {man['files']['model']} belongs to another model "
                              f"(fingerprint {header['fingerprint']}, package {man['fingerprint']})")
+    if header["dtype"] != man.get("dtype", header["dtype"]):
+        raise ModelLoadError(f"{path}: {man['files']['model']} is a {header['dtype']} model file, the package's is "
+                             f"{man['dtype']}")
+    preds = part(path, man, "predictors")
+    if preds is not None and man.get("predictors_sha256") and _sha256(preds) != man["predictors_sha256"]:
+        raise ModelLoadError(f"{path}: {man['files']['predictors']} is not the predictor bundle this package was made with")
     tok = part(path, man, "tokenizer")
     if tok is not None and man.get("tokenizer_sha256") and _sha256(tok) != man["tokenizer_sha256"]:
         raise ModelLoadError(f"{path}: {man['files']['tokenizer']} is not the tokenizer this package was made with")
@@ -135,7 +143,8 @@ def write_package(out, model_file: str, tokenizer_file: str, predictors_file: st
            "config": header["config"], "dtype": header["dtype"],
            "files": {"model": MODEL_FILE, "predictors": PREDICTORS_FILE if predictors_file else None,
                      "tokenizer": TOKENIZER_FILE},
-           "tokenizer_sha256": _sha256(tokenizer_file),
+           "tokenizer_sha256": _sha256(tokenizer_file), "model_sha256": _sha256(model_file),
+           "predictors_sha256": _sha256(predictors_file) if predictors_file else None,
            "created": datetime.date.today().isoformat(), "tool": f"rwkv-edge {__version__}"}
     man.update(info or {})
     parent = os.path.dirname(out)
