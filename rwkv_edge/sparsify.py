@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -121,8 +122,10 @@ def check_output(out: str) -> str:
     parent = os.path.dirname(out)
     if not os.path.isdir(parent):
         raise SparsifyError(f"--out {out}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise SparsifyError(f"--out {out}: directory {parent} is not writable")
+    try:                                    # a real probe: os.access says yes to root on read-only mounts
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".probe-"))
+    except OSError as e:
+        raise SparsifyError(f"--out {out}: directory {parent} is not writable ({e.strerror or e})") from None
     return out
 
 
@@ -312,7 +315,8 @@ def _run(work, model_path, text_path, out, st: Settings, max_kld, tok_path, back
         if rec is not None and not redo(rec):
             say(f"[{i}/{len(STAGES)}] {name}: done earlier ({rec['seconds']:.1f} s), kept")
             return rec
-        say(f"[{i}/{len(STAGES)}] {name} ...")
+        if name != "tokens":                # (quick; a too-short text then fails with its one line only)
+            say(f"[{i}/{len(STAGES)}] {name} ...")
         t0 = time.perf_counter()
         info = fn() or {}
         t_run[name] = time.perf_counter() - t0

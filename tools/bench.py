@@ -2,6 +2,7 @@
 
     python tools/bench.py --model M [--predictors B] [--dtype fp32,fp16,int8] --tokens N [--compare-rwkv]
                           [--device cpu|cuda] [--threads T] [--rounds R] [--prefill-tokens P]
+    python tools/bench.py --model PACKAGE_DIR ...     # the package sparse vs the same weights dense
 
 Each configuration runs in its own process (so peak RSS is its own) and prints one JSON line.
 CPU configurations: the `rwkv` package `cpu fp32`, our dense fp32 (.pth, numba kernels) and
@@ -46,7 +47,8 @@ def _load(cfg):
     from rwkv_edge.runtime import open_model
     # CUDA: weights stored in cfg["dtype"]; CPU: the converted model file holds its dtype
     return open_model(cfg["file"], backend=cfg.get("backend", "numba"), predictors=cfg.get("predictors"),
-                      device=cfg["device"], dtype=cfg["dtype"] if cfg["device"] == "cuda" else "fp32")
+                      device=cfg["device"], dtype=cfg["dtype"] if cfg["device"] == "cuda" else "fp32",
+                      dense=cfg.get("dense", False))
 
 
 def _sync(cfg):
@@ -150,9 +152,28 @@ def _model_file(model, dtype, workdir):
     return out
 
 
+def _package_cfgs(ap, args, base):
+    """A model package: its weights dense (--dense) and sparse with its predictors, nothing else."""
+    from rwkv_edge.config import ModelLoadError
+    from rwkv_edge.package import check_parts, read_manifest
+    try:
+        man = read_manifest(args.model)
+        check_parts(args.model, man)
+    except ModelLoadError as e:
+        ap.exit(2, f"bench.py: error: {e}\n")
+    if args.compare_rwkv or args.with_reference or args.predictors:
+        ap.error("--model PACKAGE runs the package sparse vs dense; --compare-rwkv, --with-reference and "
+                 "--predictors need a .pth")
+    d = man["dtype"] if args.device == "cpu" else "fp16"
+    cfgs = [dict(base, name=f"dense {d}", impl="rwkv-edge", dtype=d, file=args.model, dense=True)]
+    if man["files"].get("predictors"):
+        cfgs.append(dict(base, name=f"sparse {d}", impl="rwkv-edge", dtype=d, file=args.model))
+    return cfgs
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="bench.py", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="official .pth checkpoint")
+    ap.add_argument("--model", help="official .pth checkpoint, or a model package directory (sparse vs its dense)")
     ap.add_argument("--predictors", help="predictor bundle: adds the sparse configurations")
     ap.add_argument("--dtype", default=None,
                     help="comma list of fp32, fp16, int8 (default all three); cuda: fp32, fp16, bf16 (default fp32,fp16)")
@@ -186,6 +207,11 @@ def main(argv=None) -> int:
     base = dict(model=args.model, device=args.device, threads=args.threads, tokens=args.tokens,
                 rounds=args.rounds, prefill_tokens=args.prefill_tokens)
     cfgs = []
+    from rwkv_edge.package import is_package
+    pkg = is_package(args.model)
+    if pkg:
+        cfgs += _package_cfgs(ap, args, base)    # the package's own model file: sparse vs the same weights dense
+        dtypes = []
     if args.compare_rwkv:
         peer = "rwkv cuda fp16" if args.device == "cuda" else "rwkv cpu fp32"
         cfgs.append(dict(base, name=peer, impl="rwkv"))
@@ -226,9 +252,11 @@ def main(argv=None) -> int:
     peer = "rwkv cuda fp16" if args.device == "cuda" else "rwkv cpu fp32"
     sp = "sparse fp16" if args.device == "cuda" else "sparse int8"
     dn = "dense fp16" if args.device == "cuda" else "dense int8"
+    if pkg:
+        sp, dn = cfgs[-1]["name"], cfgs[0]["name"]
     s1 = rate(sp) / rate(peer) if rate(sp) and rate(peer) else float("nan")
     s2 = rate(sp) / rate(dn) if rate(sp) and rate(dn) else float("nan")
-    tag = "fp16" if args.device == "cuda" else "int8"
+    tag = cfgs[0]["dtype"] if pkg else "fp16" if args.device == "cuda" else "int8"
     print(f"speedup_sparse_{tag}_vs_rwkv={s1:.2f} speedup_sparse_vs_dense_{tag}={s2:.2f}")
     return 0
 
