@@ -201,6 +201,8 @@ def run_report(args, parser) -> int:
             parser.error(f"--predictors {path}: no such file")
     if not os.path.isfile(args.text):
         parser.error(f"--text {args.text}: no such file")
+    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+        parser.error(f"--plot {args.plot}: directory does not exist")
     model = _load_model(parser, args.model, backend=args.backend)
     try:
         bundles = [PredictorBundle.load(path, model=model) for path in args.predictors]
@@ -208,7 +210,20 @@ def run_report(args, parser) -> int:
         return _fail(parser, e)
     ids = _tokens(parser, args, model, args.tokens)
     t0 = time.perf_counter()
-    text = report(model, bundles, ids, chunk=args.chunk, progress=not args.no_progress, names=args.predictors)
+    if args.plot:
+        from rwkv_edge.plots import PlotError, plot_report
+
+        from .report import evaluate, format_report, summarize
+        stats = evaluate(model, bundles, ids, args.chunk, not args.no_progress)
+        tables = [summarize(st, b, model.config) for st, b in zip(stats, bundles)]
+        text = "\n\n".join(format_report(t, b, model.config, len(ids), nm)
+                            for t, b, nm in zip(tables, bundles, args.predictors))
+        try:
+            plot_report(tables, [os.path.basename(n) for n in args.predictors], args.plot)
+        except PlotError as e:
+            return _fail(parser, e)
+    else:
+        text = report(model, bundles, ids, chunk=args.chunk, progress=not args.no_progress, names=args.predictors)
     print(text)
     print(f"# report over {len(ids)} tokens in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
@@ -225,5 +240,6 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=_positive_int, default=20_000, help="tokens to evaluate (default: 20000)")
     p.add_argument("--tokenizer", help="'world', a tokenizer.json or vocab .txt (default: next to the model)")
     p.add_argument("--chunk", type=_positive_int, default=512, help="tokens per forward window (default: 512)")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw per-layer recall vs predicted sparsity (needs matplotlib)")
     p.set_defaults(func=run_report)
     return p

@@ -84,7 +84,7 @@ def resolve_model_path(parser: argparse.ArgumentParser, args) -> str:
     if path is None:
         path = default_model_path()
         if path is None:
-            parser.error("--model is required: this install has no embedded default model")
+            parser.exit(2, f"{parser.prog}: error: --model is required: this install has no embedded default model\n")
         print(f"{parser.prog}: no --model given, using the embedded default model (rwkv7-tiny-9m, {path})",
               file=sys.stderr)
     if not os.path.exists(path):
@@ -143,6 +143,7 @@ _PLUGINS = [
     ("rwkv_edge.export.cli_commands", "add_export_parser"),
     ("rwkv_edge.export.cli_commands", "add_verify_parser"),
     ("rwkv_edge.sparsify_cli", "add_sparsify_parser"),
+    ("rwkv_edge.eval_command", "add_eval_parser"),
 ]
 
 

@@ -223,8 +223,32 @@ def open_tensors(path, header: dict | None = None) -> dict:
     return out
 
 
+def _float_weights(tensors: dict) -> dict:
+    """Official-name float32 weights (materialised in memory) for backends other than numba, with
+    numpy alone (numba need not import): the same values as the numba weight types' dequantize()."""
+    w = {}
+    for name, a in tensors.items():
+        m = re.match(r"^blocks\.(\d+)\.ffn\.kv$", name)
+        if m:
+            kv = a.astype(np.float32)
+            if name + "_scale" in tensors:
+                kv *= tensors[name + "_scale"][:, :, None]
+            w[f"blocks.{m.group(1)}.ffn.key.weight"] = np.ascontiguousarray(kv[:, 0])
+            w[f"blocks.{m.group(1)}.ffn.value.weight"] = np.ascontiguousarray(kv[:, 1].T)
+        elif name.endswith(".q") and name[:-2] + ".scale" in tensors:
+            w[name[:-2]] = a.astype(np.float32) * tensors[name[:-2] + ".scale"][:, None]
+        elif name.endswith(".qc") and name[:-3] + ".cscale" in tensors:
+            w[name[:-3]] = a.astype(np.float32) * tensors[name[:-3] + ".cscale"][None, :]
+        elif not (name.endswith(".scale") and name[:-6] + ".q" in tensors or name.endswith(".ffn.kv_scale")
+                  or name.endswith(".cscale")):
+            w[name] = np.ascontiguousarray(np.asarray(a, np.float32))
+    return w
+
+
 def model_weights(tensors: dict, header: dict, backend_name: str) -> dict:
     """Official-name weights for a model class: numba weight objects, or float32 for other backends."""
+    if backend_name != "numba":
+        return _float_weights(tensors)
     from .backends.numba_cpu import Int8Cols, Int8Weight, NeuronBundledFFN
 
     w = {}
@@ -242,8 +266,6 @@ def model_weights(tensors: dict, header: dict, backend_name: str) -> dict:
             continue
         else:
             w[name] = a
-    if backend_name != "numba":  # other backends take plain float32 arrays (materialised in memory)
-        w = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in w.items()}
     return w
 
 

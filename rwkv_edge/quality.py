@@ -254,9 +254,10 @@ class _Density:
         self.ok = self.ffn is not None and hasattr(self.ffn, "n_active") and hasattr(self.ffn, "n_tokens")
         self.a0, self.t0 = (self.ffn.n_active, self.ffn.n_tokens) if self.ok else (0, 0)
 
-    def value(self, ffn_dim: int):
+    def value(self, ffn_dim: int, model=None):
         if not self.ok or self.ffn.n_tokens == self.t0:
-            return None
+            d = getattr(model, "density", None)              # a candidate of fixed density (static top-k graph)
+            return float(d) if isinstance(d, (int, float)) else None
         F = getattr(self.ffn, "F", None) or ffn_dim
         return (self.ffn.n_active - self.a0) / ((self.ffn.n_tokens - self.t0) * F)
 
@@ -287,7 +288,7 @@ def run_segments(base_model, candidate, segments, base: BaseDists | None = None,
     bar.close()
     out = {k: np.concatenate(v) for k, v in acc.items()}
     F = (base_model.config if base_model is not None else candidate.config).ffn_dim
-    out.update(density=dens.value(F), seg_offsets=np.asarray(offsets, np.int64))
+    out.update(density=dens.value(F, candidate), seg_offsets=np.asarray(offsets, np.int64))
     return out
 
 
@@ -321,3 +322,35 @@ def compare(base_model, candidate_model, tokens, ctx: int = 512, base: BaseDists
     if base is not None:
         base.check(base_model, segments=segments, ctx=ctx)
     return summarize(run_segments(base_model, candidate_model, segments, base, progress))
+
+
+# --------------------------------------------------------------------------- LAMBADA
+
+
+def lambada_segments(tokenizer, items) -> tuple[list, list[int]]:
+    """LAMBADA items [(context, target)] as segments (input [0] + context + target[:-1], targets
+    context + target) and the number of target-word tokens at the end of each."""
+    segs, words = [], []
+    for ctx, target in items:
+        c, w = tokenizer.encode(ctx), tokenizer.encode(target)
+        segs.append(([BOS] + c + w[:-1], c + w))
+        words.append(len(w))
+    return segs, words
+
+
+def lambada_scores(arr: dict, segments, words) -> dict:
+    """lm-eval `lambada_openai` accuracy and perplexity of both models from `run_segments` arrays:
+    an item is right when every target-word token is the argmax; ppl = exp(mean item word NLL)."""
+    out = {}
+    for who in ("base", "cand"):
+        top1, lp = arr["top1_b" if who == "base" else "top1_c"], arr["lp_b" if who == "base" else "lp_c"]
+        right, nll = 0, 0.0
+        for s, ((_, tgt), n) in enumerate(zip(segments, words)):
+            b = int(arr["seg_offsets"][s + 1])
+            right += bool(np.all(top1[b - n:b] == np.asarray(tgt[-n:])))
+            nll -= float(lp[b - n:b].sum())
+        m = max(len(words), 1)
+        out["lambada_acc" + ("_base" if who == "base" else "")] = right / m
+        out["lambada_ppl" + ("_base" if who == "base" else "")] = math.exp(nll / m)
+    out["lambada_n"] = len(words)
+    return out

@@ -9,7 +9,8 @@ of the dense FFN core (the model code and its other hooks are untouched). Per to
 predictor (a function or a `PredictorBundle`) `predict_indices(layer, x (D,)) -> int32 sorted neuron
 ids` and runs `numba_cpu.sparse_ffn` over the layer's neuron-bundled weights: one contiguous key-row +
 value-column read per predicted neuron; a predicted neuron whose activation turns out zero costs
-only its key row.
+only its key row. Where numba cannot run (the `auto` backend fell back to the reference), the same
+sets run through numpy on the model's float32 W_k / W_v.
 """
 from __future__ import annotations
 
@@ -17,12 +18,19 @@ from typing import Callable
 
 import numpy as np
 
-from .backends import numba_cpu as nb
+
+
+def _nb():
+    """The numba kernels module (imported on first use: numba may be missing where this runs)."""
+    from .backends import numba_cpu
+
+    return numba_cpu
 
 
 def layer_bundles(model, dtype: str | None = None) -> list:
     """The model's per-layer `NeuronBundledFFN`s: the ones it already holds (model files), else built
     from its dense W_k / W_v arrays in `dtype` ("fp32", "fp16", "int8"; default fp32)."""
+    nb = _nb()
     out = []
     for b in model.blocks:
         k = b.ffn_key
@@ -55,9 +63,16 @@ class SparseFFN:
     """
 
     def __init__(self, model, predictor, dtype: str | None = None, fused: bool | None = None):
-        self.bundles = layer_bundles(model, dtype)
+        from .backends import resolve
+
+        self.F = model.config.ffn_dim
+        self.bundles, self.dense = None, None
+        if getattr(model.ops, "name", "") == "numba" or resolve("auto")[0] == "numba":
+            self.bundles = layer_bundles(model, dtype)
+        else:          # numba cannot run here: numpy on the float32 weights, (W_k (F, D), W_v (D, F))
+            self.dense = [(np.asarray(b.ffn_key, np.float32), np.asarray(b.ffn_value, np.float32)) for b in model.blocks]
         if predictor is None:  # exact: every key row, value columns of the active neurons only
-            every = np.arange(self.bundles[0].F, dtype=np.int32)
+            every = np.arange(self.F, dtype=np.int32)
             predictor = lambda layer, x: every  # noqa: E731
         if callable(predictor) and not hasattr(predictor, "predict_indices"):
             self.predict_indices, self.predict_mask = predictor, None
@@ -73,13 +88,16 @@ class SparseFFN:
         if fused is None:
             fused = getattr(model.ops, "name", "") == "numba"
         self.fused = None
-        if fused and layers is not None and len(layers) == len(self.bundles) and all(map(_is_quantized, layers)):
+        if (fused and self.bundles is not None and layers is not None and len(layers) == len(self.bundles)
+                and all(map(_is_quantized, layers))):
             self.fused = list(layers)
         self.n_tokens = 0
         self.n_active = 0
 
     def __call__(self, layer: int, xk: np.ndarray) -> np.ndarray:
-        bundle = self.bundles[layer]
+        if self.dense is not None:
+            return self._numpy(layer, xk)
+        nb, bundle = _nb(), self.bundles[layer]
         T = xk.shape[0]
         if T == 1:
             x = xk[0] if xk.dtype == np.float32 and xk.flags.c_contiguous else np.ascontiguousarray(xk[0], np.float32)
@@ -109,12 +127,27 @@ class SparseFFN:
         self.n_active += int(offsets[-1])
         return nb.sparse_ffn_tokens(X, idx, offsets, bundle)
 
+    def _numpy(self, layer: int, xk: np.ndarray) -> np.ndarray:
+        """The same sets with numpy: relu(W_k[S] x)^2 through W_v[:, S] (the dense math masked to S)."""
+        Wk, Wv = self.dense[layer]
+        X = np.asarray(xk, np.float32)
+        if self.predict_mask is not None:
+            mask = np.asarray(self.predict_mask(layer, X), bool)                      # (T, F)
+        else:
+            mask = np.zeros((X.shape[0], self.F), bool)
+            for t in range(X.shape[0]):
+                mask[t, np.asarray(self.predict_indices(layer, X[t]))] = True
+        self.n_tokens += X.shape[0]
+        self.n_active += int(mask.sum())
+        k = np.maximum(X @ Wk.T, 0.0)
+        return ((k * k) * mask) @ Wv.T
+
     @property
     def density(self) -> float:
         """Mean fraction of neurons whose key row was read, per token and layer so far."""
         if not self.n_tokens:
             return 0.0
-        return self.n_active / (self.n_tokens * self.bundles[0].F)
+        return self.n_active / (self.n_tokens * self.F)
 
 
 def _is_quantized(p) -> bool:

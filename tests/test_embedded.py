@@ -133,3 +133,25 @@ def test_numba_cache_hits_in_fresh_processes(tmp_path):
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0 and out.strip() == "ok", err[-2000:]
     assert _cache_bytes(cache) == size, "the numba cache grew after the first process"
+
+
+def test_auto_backend_falls_back_with_one_warning(tmp_path):
+    """Where numba cannot be imported, --backend auto runs the reference backend after one warning line."""
+    code = ("import sys\nsys.modules['numba'] = None\n"          # `import numba` now raises ImportError
+            "from rwkv_edge.cli import main\n"
+            "sys.exit(main(['generate', '--prompt', 'Hi', '--max-tokens', '3', '--temperature', '0']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    warn = [l for l in lines if "warning" in l]
+    assert len(warn) == 1 and "numba" in warn[0] and "reference" in warn[0], lines
+    assert "Traceback" not in r.stderr and len(lines) == 2                 # the warning + the embedded-model note
+
+
+def test_no_model_anywhere_is_one_line(tmp_path, monkeypatch):
+    """An install whose embedded model was deleted: one line naming --model, exit 2."""
+    code = ("import sys, rwkv_edge.runtime as rt\nrt.DEFAULT_MODEL = sys.argv[1]\n"
+            "from rwkv_edge.cli import main\nsys.exit(main(['generate', '--prompt', 'Hi']))\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "gone")], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 2 and "--model" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
