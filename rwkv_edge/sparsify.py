@@ -43,6 +43,7 @@ import numpy as np
 
 from .config import ModelLoadError
 from .fileio import atomic_write
+from .package import sha256_file
 
 WORK_FORMAT = "rwkv-edge-sparsify-work"
 WORK_VERSION = 1
@@ -92,14 +93,6 @@ class Settings:
     def candidates(self) -> list:
         """[(name, bits, target)] in a fixed order."""
         return [(f"q{b}-r{t:g}", b, t) for b in sorted(self.bits) for t in sorted(self.targets)]
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def bundle_digest(path: str) -> str:
