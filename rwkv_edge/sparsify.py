@@ -23,8 +23,8 @@ higher recall target. Decode tok/s is measured for the chosen setting only and r
 
 The work directory defaults to OUT + ".work" beside OUT and is removed after success (keep_work keeps
 it). Its stages.json records the settings that determine the outputs; a rerun with other settings
-is refused (max_kld and the speed measurement are not among them: changing --max-kld reuses every
-measurement). The package directory appears complete or not at all (package.write_package).
+is refused, except for the grid (--bits, --targets): then fit onwards rerun, reusing every fitted
+bundle and measurement of the same name (changing --max-kld reuses every measurement). The package directory appears complete or not at all (package.write_package).
 """
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ WORK_FORMAT = "rwkv-edge-sparsify-work"
 WORK_VERSION = 1
 STAGES = ("tokens", "convert", "collect", "fit", "measure", "speed", "package")
 DEFAULT_MAX_KLD = 0.01
+GRID = ("bits", "targets")      # settings a rerun may change: fit onwards reruns, reusing matching files
 
 
 class SparsifyError(ValueError):
@@ -138,9 +139,13 @@ class Work:
             if st.get("format") != WORK_FORMAT or st.get("version") != WORK_VERSION:
                 raise SparsifyError(f"{path}: not a sparsify work directory of this version; remove it")
             diff = sorted(k for k in set(key) | set(st["key"]) if key.get(k) != st["key"].get(k))
-            if diff:
+            if set(diff) - set(GRID):
                 raise SparsifyError(f"{path}: holds a run with other settings ({', '.join(diff)}); "
                                     f"remove it or rerun with the same settings")
+            if diff:                        # another grid: keep the collection, redo fit onwards (files are reused)
+                for stage in STAGES[STAGES.index("fit"):]:
+                    st["done"].pop(stage, None)
+                st["key"] = key
             self.state = st
         else:
             if any(not n.startswith(".") for n in os.listdir(path)):
@@ -299,6 +304,9 @@ def _run(work, model_path, text_path, out, st: Settings, max_kld, tok_path, back
 
     n_win = st.heldout // st.ctx
     cands = st.candidates()
+    fit_target = max(st.targets)            # fit (its auto clip) at the highest target, recalibrate to each
+    bundle_file = lambda name: f"{name}-f{fit_target:g}.npz"              # noqa: E731
+    measure_file = lambda name: f"measure-{name}-f{fit_target:g}.json"    # noqa: E731
     model_file, acts = work.file("model.rwkve"), work.file("acts")
     t_run = {}
 
@@ -359,16 +367,16 @@ def _run(work, model_path, text_path, out, st: Settings, max_kld, tok_path, back
 
     def do_fit():
         for b in sorted(st.bits):
-            base = work.file(f"fit-q{b}.npz")
+            base = work.file(f"fit-q{b}-f{fit_target:g}.npz")
             if not os.path.isfile(base):
                 fit(model, acts, kind="quantized", bits=b, group_size=st.group_size, clip="auto",
-                    target=max(st.targets), metric="mass", margin=st.margin, seed=st.seed,
+                    target=fit_target, metric="mass", margin=st.margin, seed=st.seed,
                     progress=progress).save(base)
             for name, bb, t in cands:
-                if bb == b and not os.path.isfile(work.file(name + ".npz")):
+                if bb == b and not os.path.isfile(work.file(bundle_file(name))):
                     bundle = recalibrate(PredictorBundle.load(base, model=model), model, acts, target=t,
                                          metric="mass", margin=st.margin)
-                    bundle.save(work.file(name + ".npz"))
+                    bundle.save(work.file(bundle_file(name)))
         return {"candidates": [c[0] for c in cands]}
 
     stage("fit", do_fit)
@@ -376,32 +384,32 @@ def _run(work, model_path, text_path, out, st: Settings, max_kld, tok_path, back
         return None
 
     def do_measure():
-        todo = [c for c in cands if not os.path.isfile(work.file(f"measure-{c[0]}.json"))]
+        todo = [c for c in cands if not os.path.isfile(work.file(measure_file(c[0])))]
         if not todo:
             return {}
         segments = window_segments(held, st.ctx)
         base = compute_base(model, segments, st.ctx, top_k=0, progress=progress, desc="dense")
         work.write_json("measure-dense.json", decode_figures(model, held, speed_tokens))
         for name, b, t in todo:
-            cm = _sparse(model, work.file(name + ".npz"))
+            cm = _sparse(model, work.file(bundle_file(name)))
             r = compare(None, cm, held, st.ctx, base=base, progress=progress)
             r.update(decode_figures(cm, held, speed_tokens), name=name, bits=b, target=t,
                      predictor_bytes=cm.ffn.predictor.nbytes)
             say(f"  {name}: density {r['density']:.3f}, {r['bytes_per_token']} bytes/token, "
                 f"KLD mean {r['kld_mean']:.4f} p99 {r['kld_p99']:.4f}, same top-1 {r['same_top1']:.3f}")
-            work.write_json(f"measure-{name}.json", r)
+            work.write_json(measure_file(name), r)
         return {}
 
     stage("measure", do_measure)
     if stopped("measure"):
         return None
-    measured = {c[0]: work.read_json(f"measure-{c[0]}.json") for c in cands}
+    measured = {c[0]: work.read_json(measure_file(c[0])) for c in cands}
     chosen = select(measured, max_kld)
     say(f"chosen: {chosen} (fewest bytes/token with KLD mean <= {max_kld:g})")
 
     def do_speed():
         dense = decode_figures(model, held, speed_tokens, rounds=3)
-        sparse = decode_figures(_sparse(model, work.file(chosen + ".npz")), held, speed_tokens, rounds=3)
+        sparse = decode_figures(_sparse(model, work.file(bundle_file(chosen))), held, speed_tokens, rounds=3)
         return {"chosen": chosen, "decode_tok_s": sparse["decode_tok_s"], "dense_decode_tok_s": dense["decode_tok_s"]}
 
     speed = stage("speed", do_speed, redo=lambda rec: rec.get("chosen") != chosen)
@@ -409,21 +417,23 @@ def _run(work, model_path, text_path, out, st: Settings, max_kld, tok_path, back
         return None
 
     say(f"[{len(STAGES)}/{len(STAGES)}] package -> {out}")
-    info = _manifest_info(work, model_path, text_path, st, max_kld, chosen, measured, speed, model, command)
+    info = _manifest_info(work, model_path, text_path, st, max_kld, chosen, work.file(bundle_file(chosen)),
+                          measured, speed, model, command)
     from .package import write_package
 
-    man = write_package(out, model_file, tok_path, work.file(chosen + ".npz"), info=info)
+    man = write_package(out, model_file, tok_path, work.file(bundle_file(chosen)), info=info)
     if not keep_work:
         shutil.rmtree(work.path, ignore_errors=True)
     return man
 
 
-def _manifest_info(work, model_path, text_path, st, max_kld, chosen, measured, speed, model, command) -> dict:
+def _manifest_info(work, model_path, text_path, st, max_kld, chosen, chosen_file, measured, speed, model,
+                   command) -> dict:
     from .predictors.bundle import PredictorBundle
 
     m = measured[chosen]
     dense = work.read_json("measure-dense.json")
-    bundle = PredictorBundle.load(work.file(chosen + ".npz"), model=model)
+    bundle = PredictorBundle.load(chosen_file, model=model)
     r = lambda x, n=5: None if x is None else round(float(x), n)   # noqa: E731
     figures = {k: r(m[k]) for k in ("kld_mean", "kld_se", "kld_p99", "kld_max", "same_top1", "ppl_base", "ppl",
                                     "ln_ppl_ratio", "density")}
@@ -452,5 +462,5 @@ def _manifest_info(work, model_path, text_path, st, max_kld, chosen, measured, s
                                            "kld_p99", "same_top1", "predictor_bytes")}
                                  for c in sorted(measured)],
                   "tokens_sha256": work.done("tokens")["tokens_sha256"],
-                  "predictors_digest": bundle_digest(work.file(chosen + ".npz"))},
+                  "predictors_digest": bundle_digest(chosen_file)},
     }

@@ -103,9 +103,16 @@ def test_rebuild_is_deterministic(package, ckpt, tmp_path):
     assert sha256_file(work / "model.rwkve") == man["model_sha256"]
     st = json.loads((work / "stages.json").read_text())
     assert st["done"]["tokens"]["tokens_sha256"] == man["build"]["tokens_sha256"]
-    chosen = f"q{man['predictor']['bits']}-r0.99.npz"
+    chosen = f"q{man['predictor']['bits']}-r0.99-f0.99.npz"          # candidate q{bits}-r0.99, fitted at 0.99
     assert bundle_digest(str(work / chosen)) == man["build"]["predictors_digest"]
     assert not out.exists()
+    # another grid reuses the collection (and refits: the fit target, the grid's highest, changed)
+    rc, _, err = _sparsify(ckpt, out, "--until", "fit", "--keep-work", "--bits", "2", "--targets", "0.99,0.995")
+    assert rc == 0, err
+    assert "collect: done earlier" in err and "fit: done earlier" not in err
+    assert (work / "q2-r0.995-f0.995.npz").is_file()
+    rc, _, err = _sparsify(ckpt, out, "--until", "fit", "--keep-work", "--tokens", "2000")
+    assert rc == 2 and "other settings (tokens)" in err
 
 
 def test_every_command_takes_the_package(package, tmp_path):
