@@ -139,8 +139,9 @@ class Work:
             if st.get("format") != WORK_FORMAT or st.get("version") != WORK_VERSION:
                 raise SparsifyError(f"{path}: not a sparsify work directory of this version; remove it")
             diff = sorted(k for k in set(key) | set(st["key"]) if key.get(k) != st["key"].get(k))
-            if set(diff) - set(GRID):
-                raise SparsifyError(f"{path}: holds a run with other settings ({', '.join(diff)}); "
+            fixed = [k for k in diff if k not in GRID]
+            if fixed:
+                raise SparsifyError(f"{path}: holds a run with other settings ({', '.join(fixed)}); "
                                     f"remove it or rerun with the same settings")
             if diff:                        # another grid: keep the collection, redo fit onwards (files are reused)
                 for stage in STAGES[STAGES.index("fit"):]:
