@@ -65,7 +65,7 @@ def _load_model(parser, path: str):
             from rwkv_edge.runtime import open_model
         except ImportError:
             return load_model(path)
-        return open_model(path)
+        return open_model(path, dense=True)            # a package's weights: the graphs' reference is dense
     except (ModelLoadError, ValueError) as e:
         parser.error(str(e))
 
@@ -94,7 +94,29 @@ def bundle_predictors(bundle) -> list:
     return out
 
 
+def _package_inputs(parser, args) -> None:
+    """--model DIR (a model package): export its model file with its predictors (the sparse graph)
+    and its tokenizer, or only the dense graph with --dense. Rewrites args in place."""
+    from rwkv_edge.config import ModelLoadError
+    from rwkv_edge.package import check_parts, is_package, part, read_manifest
+
+    if not is_package(args.model):
+        if args.dense:
+            parser.error("--dense applies to --model PACKAGE_DIR (for a model file, leave out --predictors)")
+        return
+    try:
+        man = read_manifest(args.model)
+        check_parts(args.model, man)
+    except ModelLoadError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    if not args.dense and args.predictors is None and args.sparse_topk is None and args.predictor_bits is None:
+        args.predictors = part(args.model, man, "predictors")
+    args.tokenizer = args.tokenizer or part(args.model, man, "tokenizer")
+    args.model = part(args.model, man, "model")
+
+
 def run_export(args, parser) -> int:
+    _package_inputs(parser, args)
     if args.sparse_topk_scale is not None and not (args.predictors or args.sparse_topk):
         parser.error("--sparse-topk-scale needs --predictors (or --sparse-topk)")
     if args.predictor_bits is not None and args.predictors:
@@ -160,7 +182,9 @@ def run_export(args, parser) -> int:
 def add_export_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("export-onnx", help="export an RWKV-7 model to ONNX (step + prefill graphs, "
                                                   "dense and sparse) with a model.json sidecar")
-    p.add_argument("--model", required=True, help="model file (.pth)")
+    p.add_argument("--model", required=True, help="model file (.pth, .rwkve) or a model package directory "
+                                                  "(exports its sparse graph with its predictors)")
+    p.add_argument("--dense", action="store_true", help="a model package: export the dense graph only")
     p.add_argument("--out", required=True, help="output directory (replaced atomically if it is an export)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "int8"), default="fp32", help="weight storage (default fp32)")
     p.add_argument("--predictors", help="predictor bundle (quantized W_k kind): adds model.sparse.onnx "
@@ -242,7 +266,7 @@ def run_verify(args, parser) -> int:
 def add_verify_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("verify-onnx", help="compare an ONNX export with the Python runtime (onnxruntime)")
     p.add_argument("--onnx", required=True, help="export directory (holds model.json)")
-    p.add_argument("--model", required=True, help="the model file it was exported from")
+    p.add_argument("--model", required=True, help="the model file (or model package) it was exported from")
     p.add_argument("--tokens", type=_int_at_least(1), default=64, help="tokens decoded one by one (default 64)")
     p.add_argument("--greedy", type=_int_at_least(0), default=32,
                    help="greedy continuation length compared (default 32)")

@@ -160,6 +160,7 @@ _PLUGINS = [
     ("rwkv_edge.predictors.cli_commands", "add_report_parser"),
     ("rwkv_edge.export.cli_commands", "add_export_parser"),
     ("rwkv_edge.export.cli_commands", "add_verify_parser"),
+    ("rwkv_edge.sparsify_cli", "add_sparsify_parser"),
     ("rwkv_edge.eval_command", "add_eval_parser"),
 ]
 

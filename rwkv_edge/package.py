@@ -9,7 +9,9 @@ model.json (UTF-8 JSON):
     format "rwkv-edge-package", format_version (int; a newer one than FORMAT_VERSION is refused),
     fingerprint (the source checkpoint's, also in the model file's header and the bundle),
     source (file name the package was made from), config (ModelConfig.to_dict()), dtype (of the model
-    file), files {model, predictors (or null), tokenizer}, tokenizer_sha256, predictor (kind and
+    file), files {model, predictors (or null), tokenizer}, tokenizer_sha256, model_sha256 and
+    predictors_sha256 (of the part files; predictors are checked at open, the model file by its header),
+    predictor (kind and
     threshold settings, free-form), measured (density, bytes/token, KLD, ..., free-form), created
     (ISO date), tool (the rwkv-edge version that wrote it).
 
@@ -39,7 +41,7 @@ def is_package(path) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST))
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -96,8 +98,14 @@ def check_parts(path, man: dict) -> None:
     if header["fingerprint"] != man["fingerprint"] or header["config"] != man.get("config", header["config"]):
         raise ModelLoadError(f"{path}: {man['files']['model']} belongs to another model "
                              f"(fingerprint {header['fingerprint']}, package {man['fingerprint']})")
+    if header["dtype"] != man.get("dtype", header["dtype"]):
+        raise ModelLoadError(f"{path}: {man['files']['model']} is a {header['dtype']} model file, the package's is "
+                             f"{man['dtype']}")
+    preds = part(path, man, "predictors")
+    if preds is not None and man.get("predictors_sha256") and sha256_file(preds) != man["predictors_sha256"]:
+        raise ModelLoadError(f"{path}: {man['files']['predictors']} is not the predictor bundle this package was made with")
     tok = part(path, man, "tokenizer")
-    if tok is not None and man.get("tokenizer_sha256") and _sha256(tok) != man["tokenizer_sha256"]:
+    if tok is not None and man.get("tokenizer_sha256") and sha256_file(tok) != man["tokenizer_sha256"]:
         raise ModelLoadError(f"{path}: {man['files']['tokenizer']} is not the tokenizer this package was made with")
     # the bundle's fingerprint is checked against the model when it is loaded (PredictorBundle.load)
 
@@ -126,7 +134,8 @@ def write_package(out, model_file: str, tokenizer_file: str, predictors_file: st
            "config": header["config"], "dtype": header["dtype"],
            "files": {"model": MODEL_FILE, "predictors": PREDICTORS_FILE if predictors_file else None,
                      "tokenizer": TOKENIZER_FILE},
-           "tokenizer_sha256": _sha256(tokenizer_file),
+           "tokenizer_sha256": sha256_file(tokenizer_file), "model_sha256": sha256_file(model_file),
+           "predictors_sha256": sha256_file(predictors_file) if predictors_file else None,
            "created": datetime.date.today().isoformat(), "tool": f"rwkv-edge {__version__}"}
     man.update(info or {})
     parent = os.path.dirname(out)

@@ -2,6 +2,7 @@
 
     python tools/bench.py --model M [--predictors B] [--dtype fp32,fp16,int8] --tokens N [--compare-rwkv]
                           [--device cpu|cuda] [--threads T] [--rounds R] [--prefill-tokens P]
+    python tools/bench.py --model PACKAGE_DIR ...     # the package sparse vs the same weights dense
 
 Each configuration runs in its own process (so peak RSS is its own) and prints one JSON line.
 CPU configurations: the `rwkv` package `cpu fp32`, our dense fp32 (.pth, numba kernels) and
@@ -48,7 +49,8 @@ def _load(cfg):
     from rwkv_edge.runtime import open_model
     # CUDA: weights stored in cfg["dtype"]; CPU: the converted model file holds its dtype
     m = open_model(cfg["file"], backend=cfg.get("backend", "numba"), predictors=cfg.get("predictors"),
-                   device=cfg["device"], dtype=cfg["dtype"] if cfg["device"] == "cuda" else "fp32")
+                   device=cfg["device"], dtype=cfg["dtype"] if cfg["device"] == "cuda" else "fp32",
+                   dense=cfg.get("dense", False))
     if cfg.get("sets"):                         # --shape: active sets of the reference model, replayed
         from rwkv_edge.replay import ActiveSets, replayed_sparse_ffn
         m = m.with_ffn(replayed_sparse_ffn(m, ActiveSets.load(cfg["sets"])))
@@ -181,6 +183,25 @@ def _model_file(model, dtype, workdir, fingerprint):
     return out
 
 
+def _package_cfgs(ap, args, base):
+    """A model package: its weights dense (--dense) and sparse with its predictors, nothing else."""
+    from rwkv_edge.config import ModelLoadError
+    from rwkv_edge.package import check_parts, read_manifest
+    try:
+        man = read_manifest(args.model)
+        check_parts(args.model, man)
+    except ModelLoadError as e:
+        ap.exit(2, f"{PROG}: error: {e}\n")
+    if args.compare_rwkv or args.with_reference or args.predictors:
+        ap.error("--model PACKAGE runs the package sparse vs dense; --compare-rwkv, --with-reference and "
+                 "--predictors need a .pth")
+    d = man["dtype"] if args.device == "cpu" else "fp16"
+    cfgs = [dict(base, name=f"dense {d}", impl="rwkv-edge", dtype=d, file=args.model, dense=True)]
+    if man["files"].get("predictors"):
+        cfgs.append(dict(base, name=f"sparse {d}", impl="rwkv-edge", dtype=d, file=args.model))
+    return cfgs
+
+
 def _check_inputs(ap, args) -> str:
     """Load the model once here (and the bundle against it), so a damaged or non-RWKV file or
     another model's bundle is one line and exit 2 before any configuration runs. Returns the
@@ -208,7 +229,8 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
     from rwkv_edge.errors import ArgumentParser
     ap = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="official .pth checkpoint")
+    ap.add_argument("--model", help="official .pth checkpoint, or a model package directory (sparse vs its "
+                                    "dense; default: the embedded model package)")
     ap.add_argument("--predictors", help="predictor bundle: adds the sparse configurations")
     ap.add_argument("--dtype", default=None,
                     help="comma list of fp32, fp16, int8 (default all three); cuda: fp32, fp16, bf16 (default fp32,fp16)")
@@ -242,7 +264,13 @@ def _main(argv=None) -> int:
         base = dict(device="cpu", threads=args.threads, tokens=args.tokens, rounds=args.rounds,
                     prefill_tokens=args.prefill_tokens)
         return _run_all(args, shape_configs(args, base))
-    if not args.model or not os.path.exists(args.model):
+    if not args.model:
+        from rwkv_edge.runtime import default_model_path
+        args.model = default_model_path()
+        if args.model is None:
+            ap.error("--model is required: this install has no embedded default model")
+        print(f"{PROG}: no --model given, using the embedded default model ({args.model})", file=sys.stderr)
+    if not os.path.exists(args.model):
         ap.error(f"--model {args.model}: no such file")
     if args.tokens <= 0 or args.rounds <= 0 or args.prefill_tokens <= 0 or args.threads <= 0:
         ap.error("--tokens, --rounds, --prefill-tokens and --threads must be > 0")
@@ -254,15 +282,20 @@ def _main(argv=None) -> int:
     allowed = {"cpu": {"fp32", "fp16", "int8"}, "cuda": {"fp32", "fp16", "bf16"}}[args.device]
     if not dtypes or set(dtypes) - allowed:
         ap.error(f"--dtype: choose from {', '.join(sorted(allowed))} for --device {args.device}")
-    fingerprint = _check_inputs(ap, args)
+    from rwkv_edge.package import is_package
+    args.pkg = pkg = is_package(args.model)
+    fingerprint = None if pkg else _check_inputs(ap, args)
 
     base = dict(model=args.model, device=args.device, threads=args.threads, tokens=args.tokens,
                 rounds=args.rounds, prefill_tokens=args.prefill_tokens)
     cfgs = []
+    if pkg:
+        cfgs += _package_cfgs(ap, args, base)    # the package's own model file: sparse vs the same weights dense
+        dtypes = []
     if args.compare_rwkv:
         peer = "rwkv cuda fp16" if args.device == "cuda" else "rwkv cpu fp32"
         cfgs.append(dict(base, name=peer, impl="rwkv"))
-    if args.device == "cpu":   # what a user gets with no options: --backend auto on the file as given
+    if args.device == "cpu" and not pkg:   # what a user gets with no options: --backend auto on the file as given
         cfgs.append(dict(base, name="default path (auto)", impl="rwkv-edge", dtype="fp32", file=args.model,
                          backend="auto"))
     if args.with_reference and args.device == "cpu":
@@ -322,9 +355,12 @@ def _run_all(args, cfgs) -> int:
     peer = "rwkv cuda fp16" if args.device == "cuda" else "rwkv cpu fp32"
     sp = "sparse fp16" if args.device == "cuda" else "sparse int8"
     dn = "dense fp16" if args.device == "cuda" else "dense int8"
+    pkg = getattr(args, "pkg", False)
+    if pkg:
+        sp, dn = cfgs[-1]["name"], cfgs[0]["name"]
     s1 = rate(sp) / rate(peer) if rate(sp) and rate(peer) else float("nan")
     s2 = rate(sp) / rate(dn) if rate(sp) and rate(dn) else float("nan")
-    tag = "fp16" if args.device == "cuda" else "int8"
+    tag = cfgs[0]["dtype"] if pkg else "fp16" if args.device == "cuda" else "int8"
     print(f"speedup_sparse_{tag}_vs_rwkv={s1:.2f} speedup_sparse_vs_dense_{tag}={s2:.2f}")
     if args.llama_cpp:
         from llama_peer import ratio_line
