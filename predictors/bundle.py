@@ -16,7 +16,7 @@ import zipfile
 import numpy as np
 
 from rwkv_edge.config import ModelConfig
-from rwkv_edge.fileio import atomic_write
+from rwkv_edge.fileio import atomic_write, read_versioned_npz
 
 from .base import LayerPredictor
 from . import ensemble, mlp, pq, quantized  # noqa: F401  (register the kinds)
@@ -106,20 +106,8 @@ class PredictorBundle:
         """Read a bundle; with `model`, also check it belongs to that model. ValueError if the file
         is missing, is not a predictor bundle, has another format version, or fits another model."""
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ValueError(f"{path}: no such predictor bundle")
+        data = read_versioned_npz(path, MAGIC, FORMAT_VERSION, "predictor bundle")
         try:
-            z = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{path}: not a predictor bundle ({type(e).__name__})") from None
-        try:
-            with z:
-                if not isinstance(z, np.lib.npyio.NpzFile) or "magic" not in z.files or str(z["magic"]) != MAGIC:
-                    raise ValueError(f"{path}: not an rwkv-edge predictor bundle")
-                ver = int(z["format_version"])
-                if ver != FORMAT_VERSION:
-                    raise ValueError(f"{path}: predictor bundle format version {ver}, this code reads {FORMAT_VERSION}")
-                data = {k: z[k] for k in z.files}
             config = ModelConfig.from_dict(json.loads(str(data["config"])))
             preds = [LayerPredictor.from_arrays(data, f"L{i}") for i in range(int(data["n_layer"]))]
             target = float(data["target"])

@@ -76,3 +76,32 @@ def atomic_write(path, mode: str = "wb", prefix: str = ".tmp-"):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def read_versioned_npz(path, magic: str, version: int, what: str, unreadable: str | None = None) -> dict:
+    """{name: array} of a .npz that the tools write with a `magic` and `format_version` entry (no
+    pickles). ValueError naming `what` (e.g. "predictor bundle") when the file is missing, cannot be
+    read (`unreadable`: the message for that case, default "not a {what}"), is not this kind of file
+    or has another format version."""
+    import zipfile
+
+    import numpy as np
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such {what}")
+    unreadable = unreadable or f"not a {what}"
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: {unreadable} ({type(e).__name__})") from None
+    try:
+        with z:
+            if not isinstance(z, np.lib.npyio.NpzFile) or "magic" not in z.files or str(z["magic"]) != magic:
+                raise ValueError(f"{path}: not an rwkv-edge {what}")
+            ver = int(z["format_version"])
+            if ver != version:
+                raise ValueError(f"{path}: {what} format version {ver}, this code reads {version}")
+            return {k: z[k] for k in z.files}
+    except (OSError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: {unreadable} ({type(e).__name__})") from None

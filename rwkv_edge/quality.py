@@ -216,28 +216,16 @@ def save_base(path, base: BaseDists) -> None:
 def load_base(path, model=None, tokenizer: str | None = None) -> BaseDists:
     """Read a base file; ValueError if it is not one, has another format version, or (with `model`
     / `tokenizer` id) belongs to another model or tokenizer."""
-    import zipfile
+    from .fileio import read_versioned_npz
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such base file")
+    d = read_versioned_npz(path, MAGIC, FORMAT_VERSION, "base file", unreadable="not a readable base file")
     try:
-        z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path}: not a readable base file ({type(e).__name__})") from None
-    try:
-        with z:
-            if not isinstance(z, np.lib.npyio.NpzFile) or "magic" not in z.files or str(z["magic"]) != MAGIC:
-                raise ValueError(f"{path}: not an rwkv-edge base-distributions file")
-            ver = int(z["format_version"])
-            if ver != FORMAT_VERSION:
-                raise ValueError(f"{path}: base file format version {ver}, this code reads {FORMAT_VERSION}")
-            d = {k: z[k] for k in z.files}
         base = BaseDists(str(d["fingerprint"]), json.loads(str(d["config"])), str(d["tokenizer"]), int(d["ctx"]),
                          str(d["segments_sha"]), d["seg_offsets"], d["target_lp"], d["top1"], int(d["top_k"]),
                          d.get("top_lp"), d.get("top_idx"), d.get("tail_lp"), d.get("full_lp"),
                          json.loads(str(d["meta"])))
-    except (OSError, EOFError, KeyError, TypeError, json.JSONDecodeError, zipfile.BadZipFile) as e:
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a readable base file ({type(e).__name__})") from None
     base.check(model, tokenizer, where=path)
     return base
