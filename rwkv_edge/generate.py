@@ -45,8 +45,11 @@ class Generation:
         text, emitted = "", 0
         hold = max((len(s) for s in stop), default=0)
         eos = getattr(self.tokenizer, "eos_id", 0)
+        # a model may have more logits than its tokenizer has ids (padded vocabularies): never sample those
+        n_ids = getattr(self.tokenizer, "vocab_size", None)
         for _ in range(max_tokens):
-            tok = self.sampler(self.logits)
+            logits = self.logits if not n_ids or n_ids >= len(self.logits) else self.logits[:n_ids]
+            tok = self.sampler(logits)
             self.feed([tok])
             if tok == eos:
                 break

@@ -96,3 +96,28 @@ def test_chat_loop_in_process(tiny_with_tok):
     chat_loop(m, tok, Sampler(SamplingParams(temperature=0)), max_tokens=5,
               inp=io.StringIO("hi\n\n/load /does/not/exist\n"), out=out, interactive=False)
     assert out.getvalue().startswith("Assistant:") and "[cannot load:" in out.getvalue()
+
+
+def test_generation_never_samples_ids_the_tokenizer_lacks():
+    """A model with more logits than its tokenizer has ids (padded vocabulary): the ids past the
+    tokenizer are never sampled, even where their logits are the largest."""
+    from rwkv_edge.generate import Generation
+
+    class Tok:
+        vocab_size, eos_id = 4, 0
+
+        def decode_bytes(self, ids):
+            assert max(ids) < self.vocab_size
+            return bytes(ids)
+
+        def decode(self, ids):
+            return self.decode_bytes(ids).decode("latin-1")
+
+    class Model:
+        def forward(self, tokens, state=None):
+            return np.array([-50.0, 1.0, 2.0, 0.5, 9.0, 8.0], np.float32), state     # ids 4, 5 > vocab; 0 = eos
+
+    for temperature in (0.0, 1.0):
+        g = Generation(Model(), Tok(), Sampler(SamplingParams(temperature, 1.0, 0), seed=0))
+        g.feed([1])
+        assert len("".join(g.stream(20))) == 20

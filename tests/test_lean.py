@@ -49,7 +49,8 @@ def test_release_compiler_pages_keeps_numba_working(files):
     m = load_modelfile(files[0])
     want, _ = load_modelfile(files[0], backend="reference").forward([1, 2, 3, 4])
     got, _ = m.forward([1, 2, 3, 4])                 # kernels still run (LLVM pages fault back on demand)
-    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+    # int8 mat-vecs round the activations to int8 per 32 (numba_i8dot): 3e-2, as for int8 decode elsewhere
+    np.testing.assert_allclose(got, want, rtol=3e-2, atol=3e-2 * np.abs(want).max())
 
 
 def test_fused_prefill_uses_the_decode_select_and_no_float_copy(files):
