@@ -7,7 +7,7 @@ The JSON header holds the config, the fingerprint of the source model (so predic
 on the .pth still match), the storage dtype, the data start, the file size, and the tensor table
 [{name, dtype, shape, offset (from the data start), nbytes}].
 
-Storage by role (dtype = "fp32" | "fp16" | "int8"):
+Storage by role (dtype = "fp32" | "fp16" | "int8" | "int4"):
 - FFN key/value of each layer: one neuron-bundled tensor `blocks.{i}.ffn.kv` (F, 2, D) =
   (key row, value column) per neuron; int8 adds `blocks.{i}.ffn.kv_scale` (F, 2) per-neuron scales.
 - Linear matrices (`*.weight`, 2-D: att r/k/v/o/g, ffn receptance, head): the file dtype; int8 is
@@ -15,7 +15,26 @@ Storage by role (dtype = "fp32" | "fp16" | "int8"):
 - emb: float32 in fp32 files, float16 otherwise. LoRA-style matrices (w1, w2, a1, ...): float32 /
   float16 / int8 (`{name}.qc` int8 (in, out) + `{name}.cscale` float32 (out,) per output column).
 - Everything else (vectors, mixing coefficients, r_k, ...): float32.
-Loading maps the file (mmap); nothing is read until a kernel touches it.
+
+int4 (quant/q4.py, symmetric, groups of GROUP = 32 consecutive values along a row, like llama.cpp's Q4_0
+with the scales in a table of their own; D, I must be multiples of 32):
+- codes: uint8, two per byte. In each group of 32 values (16 bytes) byte i holds value i in its low nibble
+  and value 16 + i in its high nibble, each as q + 8 in 0..15 (q in -8..7); w_hat = d * q.
+- group table: float16 d per group (d = m / -8, m the group's value of largest magnitude).
+- FFN: `blocks.{i}.ffn.kv4` uint8 (F, 2, D/2): per neuron j its key row W_k[j, :] (row 0) then its value
+  column W_v[:, j] (row 1), groups along D; `blocks.{i}.ffn.kv4_scale` float16 (F, 2, D/32). A neuron is one
+  contiguous read of D bytes plus one of D/8 bytes of scales (576 bytes, 9 cache lines at D = 512).
+- Linear matrices (att r/k/v/o, head, ...) (out, in): `{name}.q4` uint8 (out, in/2), groups along `in`,
+  and `{name}.s4` float16 (out, in/32).
+- LoRA matrices stay int8 (`.qc`/`.cscale`), emb float16, everything else float32 (as in int8 files).
+- The header says `"int4": {"group": 32, "scale": "float16", "nibbles": "lo=i,hi=i+16"}` when any tensor
+  is int4; the loader checks it, every table's shape against its codes and that every scale is finite
+  (a corrupt group table is a ModelLoadError, not wrong numbers).
+`convert(..., head_dtype="int4")` stores the head alone in int4 (header "head_dtype"); the int4 tensors
+have names of their own, so a reader that predates them fails on a missing tensor, never misreads one
+(the format version stays 1).
+Loading maps the file (mmap); nothing is read until a kernel touches it (int4 group tables excepted:
+the finiteness check reads them, 1/9 of the int4 bytes).
 """
 from __future__ import annotations
 
@@ -33,7 +52,9 @@ from .fileio import atomic_write
 MAGIC = b"RWKVEDGE"
 FORMAT_VERSION = 1
 ALIGN = 64
-DTYPES = ("fp32", "fp16", "int8")
+DTYPES = ("fp32", "fp16", "int8", "int4")
+GROUP = 32                                    # int4 group size (quant/q4.py)
+_INT4_INFO = {"group": GROUP, "scale": "float16", "nibbles": "lo=i,hi=i+16"}
 _PREFIX = struct.Struct("<8sIIQ")             # magic, version, reserved, header length
 _LORA = re.compile(r"\.(w1|w2|a1|a2|v1|v2|g1|g2|time_maa_w1|time_maa_w2|time_decay_w1|time_decay_w2)$")
 _FFN = re.compile(r"^blocks\.(\d+)\.ffn\.(key|value)\.weight$")
@@ -53,28 +74,39 @@ def _role(name: str, shape) -> str:
     return "fp32"
 
 
-def _plan(config: ModelConfig, shapes: dict, dtype: str):
-    """[(tensor name, numpy dtype, shape, producer key)] in file order; producers are resolved in _write."""
+def _plan(config: ModelConfig, shapes: dict, dtype: str, head_dtype: str | None = None):
+    """[(tensor name, numpy dtype, shape, producer key)] in file order; producers are resolved in _write.
+    head_dtype: storage of head.weight alone (None: dtype)."""
     f16 = np.float32 if dtype == "fp32" else np.float16
     plan = []
     for name, shape in shapes.items():
         role = _role(name, shape)
+        ldt = head_dtype if (name == "head.weight" and head_dtype) else dtype
         if role == "ffn":
             m = _FFN.match(name)
             if m.group(2) == "value":
                 continue
             i = int(m.group(1))
             F, D = shape
+            if dtype == "int4":
+                plan.append((f"blocks.{i}.ffn.kv4", np.uint8, (F, 2, D // 2), ("kv", i)))
+                plan.append((f"blocks.{i}.ffn.kv4_scale", np.float16, (F, 2, D // GROUP), ("kv_scale", i)))
+                continue
             kvt = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}[dtype]
             plan.append((f"blocks.{i}.ffn.kv", kvt, (F, 2, D), ("kv", i)))
             if dtype == "int8":
                 plan.append((f"blocks.{i}.ffn.kv_scale", np.float32, (F, 2), ("kv_scale", i)))
-        elif role == "linear" and dtype == "int8":
+        elif role == "linear" and ldt == "int4":
+            plan.append((name + ".q4", np.uint8, (shape[0], shape[1] // 2), ("q4", name)))
+            plan.append((name + ".s4", np.float16, (shape[0], shape[1] // GROUP), ("s4", name)))
+        elif role == "linear" and ldt in ("fp16", "fp32") and ldt != dtype:
+            plan.append((name, np.float16 if ldt == "fp16" else np.float32, tuple(shape), ("cast", name)))
+        elif role == "linear" and ldt == "int8":
             plan.append((name + ".q", np.int8, tuple(shape), ("q", name)))
             plan.append((name + ".scale", np.float32, (shape[0],), ("scale", name)))
         elif role == "linear":
             plan.append((name, f16, tuple(shape), ("cast", name)))
-        elif role == "half" and dtype == "int8" and len(shape) == 2 and name != "emb.weight":
+        elif role == "half" and dtype in ("int8", "int4") and len(shape) == 2 and name != "emb.weight":
             plan.append((name + ".qc", np.int8, tuple(shape), ("qc", name)))
             plan.append((name + ".cscale", np.float32, (shape[1],), ("cscale", name)))
         elif role == "half":
@@ -107,15 +139,16 @@ def _source(model_or_path):
     return config, weights, fp, src
 
 
-def convert(model_or_path, out_path, dtype: str = "fp16") -> str:
+def convert(model_or_path, out_path, dtype: str = "fp16", head_dtype: str | None = None) -> str:
     """Write `model_or_path` (a .pth path, (config, weights) or a model keeping `.weights`) to the
-    model file `out_path` with storage `dtype` ("fp32", "fp16", "int8"); atomic (temp + rename).
-    Returns out_path."""
-    from rwkv_edge.quant import quantize_int8_rows
-    from .backends.numba_cpu import NeuronBundledFFN
+    model file `out_path` with storage `dtype` ("fp32", "fp16", "int8", "int4"; head.weight in
+    `head_dtype` if given); atomic (temp + rename). Returns out_path."""
+    from rwkv_edge.quant import quantize_int8_rows, quantize_q4
+    from .backends.numba_common import NeuronBundledFFN
 
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}, choose one of {', '.join(DTYPES)}")
+    for d in (dtype, head_dtype or dtype):
+        if d not in DTYPES:
+            raise ValueError(f"unknown dtype {d!r}, choose one of {', '.join(DTYPES)}")
     config, weights, fingerprint, src = _source(model_or_path)
     bundles: dict = {}
 
@@ -131,6 +164,9 @@ def convert(model_or_path, out_path, dtype: str = "fp16") -> str:
         w = np.asarray(weights[ref], np.float32)
         if kind == "cast":
             return w
+        if kind in ("q4", "s4"):
+            q, s = quantize_q4(w)
+            return q if kind == "q4" else s
         if kind in ("qc", "cscale"):  # per-column scales: quantize the transpose by rows
             q, s = quantize_int8_rows(w.T)
             return q.T if kind == "qc" else s
@@ -138,17 +174,27 @@ def convert(model_or_path, out_path, dtype: str = "fp16") -> str:
         return q if kind == "q" else s
 
     shapes = {k: tuple(np.shape(v)) for k, v in weights.items()}
-    return write_model(out_path, config, shapes, dtype, fingerprint, src, produce)
+    return write_model(out_path, config, shapes, dtype, fingerprint, src, produce, head_dtype=head_dtype)
 
 
 def write_model(out_path, config: ModelConfig, shapes: dict, dtype: str, fingerprint: str, src: str, produce,
-                progress=None) -> str:
+                progress=None, head_dtype: str | None = None) -> str:
     """Write a model file from official tensor `shapes` {name: shape}: `produce((kind, ref))` returns
     each planned tensor (see _plan) as one array, or as an iterator of chunks along axis 0 (so a model
     larger than memory streams through). progress: optional fn(bytes written). Atomic; returns out_path."""
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}, choose one of {', '.join(DTYPES)}")
-    plan = _plan(config, shapes, dtype)
+    for d in (dtype, head_dtype or dtype):
+        if d not in DTYPES:
+            raise ValueError(f"unknown dtype {d!r}, choose one of {', '.join(DTYPES)}")
+    if "int4" in (dtype, head_dtype):
+        def groups_along(n, shp):      # the length int4 groups run along (D for both FFN tensors)
+            m = _FFN.match(n)
+            return (shp[1] if m.group(2) == "key" else shp[0]) if m else shp[1]
+        bad = [n for n, shp in shapes.items() if len(shp) == 2 and groups_along(n, shp) % GROUP and (
+               (_role(n, shp) == "ffn" and dtype == "int4")
+               or (_role(n, shp) == "linear" and (head_dtype if n == "head.weight" and head_dtype else dtype) == "int4"))]
+        if bad:
+            raise ValueError(f"int4 needs input sizes that are multiples of {GROUP}: {bad[0]} {tuple(shapes[bad[0]])}")
+    plan = _plan(config, shapes, dtype, head_dtype)
     table, off = [], 0
     for name, dt, shape, _ in plan:
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
@@ -156,6 +202,10 @@ def write_model(out_path, config: ModelConfig, shapes: dict, dtype: str, fingerp
         off = _align(off + nbytes)
     header = {"format": "rwkv-edge-model", "version": FORMAT_VERSION, "config": config.to_dict(),
               "fingerprint": fingerprint, "dtype": dtype, "source": src, "tensors": table}
+    if head_dtype and head_dtype != dtype:
+        header["head_dtype"] = head_dtype
+    if "int4" in (dtype, head_dtype):
+        header["int4"] = dict(_INT4_INFO)
     # data_start and file_size depend on the header length, which depends on them: iterate once
     for _ in range(3):
         hb = json.dumps(header, separators=(",", ":")).encode()
@@ -258,34 +308,73 @@ def _float_weights(tensors: dict) -> dict:
                 kv *= tensors[name + "_scale"][:, :, None]
             w[f"blocks.{m.group(1)}.ffn.key.weight"] = np.ascontiguousarray(kv[:, 0])
             w[f"blocks.{m.group(1)}.ffn.value.weight"] = np.ascontiguousarray(kv[:, 1].T)
+        elif _KV4.match(name):
+            from rwkv_edge.quant.q4 import dequantize_q4
+            F, _, H = a.shape
+            kv = dequantize_q4(a.reshape(2 * F, H), tensors[name + "_scale"].reshape(2 * F, -1)).reshape(F, 2, 2 * H)
+            i = _KV4.match(name).group(1)
+            w[f"blocks.{i}.ffn.key.weight"] = np.ascontiguousarray(kv[:, 0])
+            w[f"blocks.{i}.ffn.value.weight"] = np.ascontiguousarray(kv[:, 1].T)
+        elif name.endswith(".q4") and name[:-3] + ".s4" in tensors:
+            from rwkv_edge.quant.q4 import dequantize_q4
+            w[name[:-3]] = dequantize_q4(a, tensors[name[:-3] + ".s4"])
         elif name.endswith(".q") and name[:-2] + ".scale" in tensors:
             w[name[:-2]] = a.astype(np.float32) * tensors[name[:-2] + ".scale"][:, None]
         elif name.endswith(".qc") and name[:-3] + ".cscale" in tensors:
             w[name[:-3]] = a.astype(np.float32) * tensors[name[:-3] + ".cscale"][None, :]
-        elif not (name.endswith(".scale") and name[:-6] + ".q" in tensors or name.endswith(".ffn.kv_scale")
-                  or name.endswith(".cscale")):
+        elif not _is_table(name, tensors):
             w[name] = np.ascontiguousarray(np.asarray(a, np.float32))
     return w
+
+
+_KV4 = re.compile(r"^blocks\.(\d+)\.ffn\.kv4$")
+
+
+def _is_table(name: str, tensors: dict) -> bool:
+    """True for the scale tables that travel with another tensor (read together with it)."""
+    return (name.endswith(".scale") and name[:-6] + ".q" in tensors or name.endswith((".ffn.kv_scale", ".ffn.kv4_scale"))
+            or name.endswith(".cscale") or name.endswith(".s4") and name[:-3] + ".q4" in tensors)
+
+
+def check_int4(tensors: dict, header: dict, path="") -> None:
+    """ModelLoadError unless every int4 tensor has its group table, of the right shape and finite, and the
+    header describes the layout this runtime reads (see the module docstring)."""
+    pairs = [(n, n + "_scale") for n in tensors if _KV4.match(n)] + \
+            [(n, n[:-3] + ".s4") for n in tensors if n.endswith(".q4")]
+    if not pairs:
+        return
+    if header.get("int4") != _INT4_INFO:
+        raise ModelLoadError(f"{path}: corrupt int4 group table (header says {header.get('int4')!r}, "
+                             f"this runtime reads {_INT4_INFO!r})")
+    for qn, sn in pairs:
+        q, s = tensors[qn], tensors.get(sn)
+        if (s is None or q.dtype != np.uint8 or s.dtype != np.float16
+                or s.shape != q.shape[:-1] + (2 * q.shape[-1] // GROUP,) or (2 * q.shape[-1]) % GROUP):
+            raise ModelLoadError(f"{path}: corrupt int4 group table for {qn} (codes {q.dtype} {q.shape}, "
+                                 f"scales {None if s is None else (s.dtype.name, s.shape)})")
+        if not np.isfinite(s).all():
+            raise ModelLoadError(f"{path}: corrupt int4 group table for {qn} (non-finite scales)")
 
 
 def model_weights(tensors: dict, header: dict, backend_name: str) -> dict:
     """Official-name weights for a model class: numba weight objects, or float32 for other backends."""
     if backend_name != "numba":
         return _float_weights(tensors)
-    from .backends.numba_cpu import Int8Cols, Int8Weight, NeuronBundledFFN
+    from .backends.numba_cpu import Int4Weight, Int8Cols, Int8Weight, NeuronBundledFFN
 
     w = {}
     for name, a in tensors.items():
-        m = re.match(r"^blocks\.(\d+)\.ffn\.kv$", name)
+        m = re.match(r"^blocks\.(\d+)\.ffn\.kv4?$", name)
         if m:
             b = NeuronBundledFFN(a, tensors.get(name + "_scale"))
             w[f"blocks.{m.group(1)}.ffn.key.weight"], w[f"blocks.{m.group(1)}.ffn.value.weight"] = b.key, b.value
+        elif name.endswith(".q4") and name[:-3] + ".s4" in tensors:
+            w[name[:-3]] = Int4Weight(a, tensors[name[:-3] + ".s4"])
         elif name.endswith(".q") and name[:-2] + ".scale" in tensors:
             w[name[:-2]] = Int8Weight(a, tensors[name[:-2] + ".scale"])
         elif name.endswith(".qc") and name[:-3] + ".cscale" in tensors:
             w[name[:-3]] = Int8Cols(a, tensors[name[:-3] + ".cscale"])
-        elif (name.endswith(".scale") and name[:-6] + ".q" in tensors or name.endswith(".ffn.kv_scale")
-              or name.endswith(".cscale")):
+        elif _is_table(name, tensors):
             continue
         else:
             w[name] = a
@@ -301,6 +390,7 @@ def load_modelfile(path, backend="numba"):
     config = ModelConfig.from_dict(header["config"])
     ops = get_backend(backend)
     tensors = open_tensors(path, header)
+    check_int4(tensors, header, path)
     if "emb.weight" in tensors:         # one row per token: no read-around / fault-around on the mapping
         from .residency import advise_random
         advise_random([tensors["emb.weight"]])
@@ -316,7 +406,10 @@ def add_convert_parser(sub) -> None:
     p = sub.add_parser("convert", help="write the mmap-able model file (neuron-bundled FFN, fp16/int8 weights)")
     p.add_argument("--model", required=True, help="official .pth checkpoint")
     p.add_argument("--out", required=True, help="model file to write (atomically)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp16", help="weight storage (default: fp16)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp16",
+                   help="weight storage (default: fp16); int4: groups of 32 with float16 scales, LoRAs int8")
+    p.add_argument("--head-dtype", choices=DTYPES, default=None,
+                   help="storage of the head (vocab x D) alone, e.g. --dtype int8 --head-dtype int4")
     p.set_defaults(func=_run_convert)
 
 
@@ -333,7 +426,7 @@ def _run_convert(args, parser) -> int:
     if os.path.isdir(args.out):
         parser.error(f"--out {args.out}: is a directory, expected a file name")
     t0 = time.perf_counter()
-    convert(args.model, args.out, args.dtype)
+    convert(args.model, args.out, args.dtype, head_dtype=args.head_dtype)
     h = read_header(args.out)
     # the tokenizer travels with the model: generate/chat find a tokenizer.json next to the model
     # file, so it is copied beside --out (never into the current directory)
@@ -346,7 +439,8 @@ def _run_convert(args, parser) -> int:
             shutil.copyfileobj(g, f)
         print(f"copied {src_tok} -> {dst_tok}")
     c = h["config"]
-    print(f"wrote {args.out}: {h['file_size'] / 2**20:.1f} MiB, dtype {h['dtype']}, {c['version']} "
+    head = f" (head {h['head_dtype']})" if h.get("head_dtype") else ""
+    print(f"wrote {args.out}: {h['file_size'] / 2**20:.1f} MiB, dtype {h['dtype']}{head}, {c['version']} "
           f"L{c['n_layer']} D{c['n_embd']} F{c['ffn_dim']} V{c['vocab_size']}, fingerprint {h['fingerprint']}, "
           f"{time.perf_counter() - t0:.1f} s")
     return 0

@@ -43,7 +43,7 @@ def layer_bundles(model, dtype: str | None = None) -> list:
 
 
 def _dtype_name(bundle) -> str:
-    return {"float32": "fp32", "float16": "fp16", "int8": "int8"}[bundle.kv.dtype.name]
+    return {"float32": "fp32", "float16": "fp16", "int8": "int8", "uint8": "int4"}[bundle.kv.dtype.name]
 
 
 class SparseFFN:

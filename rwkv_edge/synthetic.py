@@ -196,7 +196,7 @@ def _cfg_args(config: ModelConfig):
 
 def write_synthetic(path, shape, dtype: str = "int8", seed: int = 0, progress=None, **kw) -> str:
     """Write a random x070 model of `shape` (an official name, or a ModelConfig) to the model file
-    `path` in `dtype` ("fp32", "fp16", "int8"), streaming tensor chunks (see module docstring).
+    `path` in `dtype` ("fp32", "fp16", "int8", "int4"), streaming tensor chunks (see module docstring).
     kw: tensor_specs options (default for official shapes: matrix_std 0.8). Returns path."""
     from rwkv_edge.quant import quantize_int8_rows
 
@@ -227,14 +227,24 @@ def write_synthetic(path, shape, dtype: str = "int8", seed: int = 0, progress=No
             sc.append(s)
             yield q
 
+    def q4_rows(name):
+        from rwkv_edge.quant import quantize_q4
+        sc = pending.setdefault(("q4", name), [])
+        for w in chunks(name):
+            q, s = quantize_q4(w)
+            sc.append(s)
+            yield q
+
     def produce(key):
         kind, ref = key
         if kind == "kv":
             return kv(ref)
-        if kind in ("kv_scale", "scale"):
-            return np.concatenate(pending.pop(("kv" if kind == "kv_scale" else "q", ref)))
+        if kind in ("kv_scale", "scale", "s4"):
+            return np.concatenate(pending.pop(({"kv_scale": "kv", "scale": "q", "s4": "q4"}[kind], ref)))
         if kind == "q":
             return q_rows(ref)
+        if kind == "q4":
+            return q4_rows(ref)
         if kind in ("qc", "cscale"):       # LoRA matrices (D, <=256): small, per-column scales
             w = np.concatenate(list(chunks(ref)))
             q, s = quantize_int8_rows(w.T)

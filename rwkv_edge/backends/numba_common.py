@@ -156,39 +156,88 @@ class Int8Cols(Int8Weight):
         return self.dequantize()[idx]
 
 
+class Int4Weight(_ArrayLike):
+    """int4 weights W (out, in) in the quant/q4.py layout: q uint8 (out, in/2) packed codes, scale
+    float16 (out, in/32) per group of 32 inputs. W ~= scale_g * (code - 8)."""
+
+    def __init__(self, q: np.ndarray, scale: np.ndarray):
+        if (q.dtype != np.uint8 or q.ndim != 2 or np.shape(scale) != (q.shape[0], 2 * q.shape[1] // 32)
+                or (2 * q.shape[1]) % 32 or np.asarray(scale).dtype != np.float16):
+            raise ValueError(f"Int4Weight needs q uint8 (out, in/2) and scale float16 (out, in/32), got {q.dtype} "
+                             f"{q.shape} and {np.asarray(scale).dtype} {np.shape(scale)}")
+        self.q, self.scale = q, scale
+        self._s = scale.view(np.uint16)
+
+    @classmethod
+    def from_float(cls, w: np.ndarray) -> "Int4Weight":
+        from rwkv_edge.quant import quantize_q4
+        return cls(*quantize_q4(w))
+
+    shape = property(lambda self: (self.q.shape[0], 2 * self.q.shape[1]))
+    nbytes = property(lambda self: self.q.nbytes + self.scale.nbytes)
+
+    def dequantize(self) -> np.ndarray:
+        from rwkv_edge.quant import dequantize_q4
+        return dequantize_q4(self.q, self.scale)
+
+    def __getitem__(self, idx):
+        if isinstance(idx, tuple):
+            return self.dequantize()[idx]
+        from rwkv_edge.quant import dequantize_q4
+        q, s = self.q[idx], self.scale[idx]
+        return dequantize_q4(q.reshape(-1, q.shape[-1]), s.reshape(-1, s.shape[-1])).reshape(*q.shape[:-1], -1)
+
+
 class NeuronBundledFFN:
     """One layer's FFN, neuron-major. kv (F, 2, D): kv[j, 0] = W_k[j, :], kv[j, 1] = W_v[:, j];
-    float32, float16, or int8 with scale (F, 2) float32 = (key-row scale, value-column scale)."""
+    float32, float16, or int8 with scale (F, 2) float32 = (key-row scale, value-column scale); or int4:
+    kv uint8 (F, 2, D/2) packed as quant/q4.py with scale float16 (F, 2, D/32) per group of 32."""
 
     def __init__(self, kv: np.ndarray, scale: np.ndarray | None = None):
-        if kv.ndim != 3 or kv.shape[1] != 2 or kv.dtype not in (np.float32, np.float16, np.int8):
-            raise ValueError(f"kv must be (F, 2, D) float32/float16/int8, got {kv.dtype} {kv.shape}")
-        if (kv.dtype == np.int8) != (scale is not None) or (scale is not None and scale.shape != kv.shape[:2]):
+        if kv.ndim != 3 or kv.shape[1] != 2 or kv.dtype not in (np.float32, np.float16, np.int8, np.uint8):
+            raise ValueError(f"kv must be (F, 2, D) float32/float16/int8 or (F, 2, D/2) uint8, got {kv.dtype} {kv.shape}")
+        self.int4 = kv.dtype == np.uint8
+        if self.int4:
+            if (scale is None or np.asarray(scale).dtype != np.float16 or (2 * kv.shape[2]) % 32
+                    or scale.shape != (kv.shape[0], 2, 2 * kv.shape[2] // 32)):
+                raise ValueError("int4 bundles need scale float16 (F, 2, D/32)")
+        elif (kv.dtype == np.int8) != (scale is not None) or (scale is not None and scale.shape != kv.shape[:2]):
             raise ValueError("int8 bundles need scale (F, 2); float bundles take none")
         if not kv.flags.c_contiguous:
             raise ValueError("kv must be C-contiguous (one contiguous read per neuron)")
         self.kv = kv
-        self.scale = None if scale is None else np.asarray(scale, np.float32)
-        self._kv = _kernel_array(kv)
-        self._sc = _NO_SCALE2 if scale is None else self.scale
+        if self.int4:
+            self.scale = np.ascontiguousarray(scale)
+            self._kv, self._sc = kv, self.scale.view(np.uint16)
+        else:
+            self.scale = None if scale is None else np.asarray(scale, np.float32)
+            self._kv = _kernel_array(kv)
+            self._sc = _NO_SCALE2 if scale is None else self.scale
         self.key, self.value = FFNKeyView(self), FFNValueView(self)
 
     @classmethod
     def from_dense(cls, w_key: np.ndarray, w_value: np.ndarray, dtype: str = "fp16") -> "NeuronBundledFFN":
-        """Bundle W_k (F, D) and W_v (D, F); dtype "fp32", "fp16" or "int8" (per-neuron scales)."""
+        """Bundle W_k (F, D) and W_v (D, F); dtype "fp32", "fp16", "int8" (per-neuron scales) or "int4"."""
         return cls(*bundle_arrays(w_key, w_value, dtype))
 
     F = property(lambda self: self.kv.shape[0])
-    D = property(lambda self: self.kv.shape[2])
+    D = property(lambda self: self.kv.shape[2] * (2 if self.int4 else 1))
     nbytes = property(lambda self: self.kv.nbytes + (0 if self.scale is None else self.scale.nbytes))
 
     @property
     def neuron_bytes(self) -> int:
         """Bytes read per active neuron (key row + value column + their scales)."""
+        if self.int4:
+            return 2 * self.kv.shape[2] + 2 * self.scale.shape[2] * 2
         return 2 * self.D * self.kv.itemsize + (8 if self.scale is not None else 0)
 
     def dequantize(self) -> tuple[np.ndarray, np.ndarray]:
         """(W_k (F, D), W_v (D, F)) as float32."""
+        if self.int4:
+            from rwkv_edge.quant import dequantize_q4
+            F, D = self.F, self.D
+            kv = dequantize_q4(self.kv.reshape(2 * F, D // 2), self.scale.reshape(2 * F, D // 32)).reshape(F, 2, D)
+            return np.ascontiguousarray(kv[:, 0]), np.ascontiguousarray(kv[:, 1].T)
         kv = self.kv.astype(np.float32)
         if self.scale is not None:
             kv *= self.scale[:, :, None]
@@ -203,9 +252,14 @@ def bundle_arrays(w_key: np.ndarray, w_value: np.ndarray, dtype: str = "fp16") -
         scale = (np.abs(kv).max(axis=2) / 127.0).astype(np.float32)             # (F, 2)
         q = np.rint(kv / np.where(scale > 0, scale, 1.0)[:, :, None])
         return np.clip(q, -127, 127).astype(np.int8), scale
+    if dtype == "int4":                                                         # quant/q4.py per row
+        from rwkv_edge.quant import quantize_q4
+        F, _, D = kv.shape
+        q, s = quantize_q4(kv.reshape(2 * F, D))
+        return q.reshape(F, 2, D // 2), s.reshape(F, 2, D // 32)
     if dtype in ("fp16", "fp32"):
         return np.ascontiguousarray(kv, np.float16 if dtype == "fp16" else np.float32), None
-    raise ValueError(f"unknown bundle dtype {dtype!r} (fp32, fp16, int8)")
+    raise ValueError(f"unknown bundle dtype {dtype!r} (fp32, fp16, int8, int4)")
 
 
 class FFNKeyView(_ArrayLike):
@@ -319,6 +373,8 @@ def _as_x2d(x):
 def _rows_matvec(Wk, s, x2):
     """x2 (T, I) @ (Wk * s).T -> (T, O) for a kernel array Wk (O, I)."""
     T, (O, I) = x2.shape[0], Wk.shape
+    if Wk.dtype == np.uint8:           # int4 (numba_i4dot): s holds the group scales' uint16 bits
+        I = 2 * I
     if Wk.dtype == np.float32 and (T > SMALL_T or not Wk.flags.c_contiguous):
         return x2 @ (Wk.T if s.shape[0] == 0 else (Wk * s[:, None]).T)
     if not Wk.flags.c_contiguous:
@@ -335,6 +391,10 @@ def _rows_matvec(Wk, s, x2):
     buf = np.empty((min(bs, O), I), np.float32)
     for r0 in range(0, O, bs):
         r1 = min(O, r0 + bs)
-        _dequant_rows(Wk, s, r0, r1, buf)
+        if Wk.dtype == np.uint8:
+            from .numba_i4dot import dequant_rows4
+            dequant_rows4(Wk, s, r0, r1, buf)
+        else:
+            _dequant_rows(Wk, s, r0, r1, buf)
         y[:, r0:r1] = x2 @ buf[: r1 - r0].T
     return y

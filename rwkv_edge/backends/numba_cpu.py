@@ -34,7 +34,7 @@ import numpy as np
 from numba import njit as _njit
 from numba import prange as _prange
 
-from .numba_common import (_NO_SCALE, FFNKeyView, FFNValueView, Int8Cols, Int8Weight,  # noqa: F401
+from .numba_common import (_NO_SCALE, FFNKeyView, FFNValueView, Int4Weight, Int8Cols, Int8Weight,  # noqa: F401
                            NeuronBundledFFN, _as_x2d, _f32, _kernel_array, _nchunk, _rows_matvec,
                            counter)
 from .numba_sparse import (_all_neurons, _bundle_blocks, _bundle_key, _bundle_value, _run_ffn,  # noqa: F401
@@ -50,6 +50,8 @@ def linear(x: np.ndarray, W) -> np.ndarray:
     tw = type(W)
     if tw is Int8Weight:
         Wk, s = W.q, W.scale
+    elif tw is Int4Weight:
+        Wk, s = W.q, W._s
     elif tw is FFNKeyView or tw is FFNValueView:
         y = (_bundle_key if tw is FFNKeyView else _bundle_value)(W.bundle, x2)
         if counter.enabled:

@@ -249,7 +249,11 @@ def mv_any(W, s, x, y, r0, r1):  # pragma: no cover - njit only (overload below)
 @_overload(mv_any)
 def _mv_any_ov(W, s, x, y, r0, r1):
     """_mv_range's contract (y[:, r0:r1] = x @ (W[r0:r1] * s).T); int8 W on a CPU with integer
-    kernels runs them (x quantized once per row of x), anything else the float _mv_range."""
+    kernels runs them (x quantized once per row of x), uint8 W is int4 (numba_i4dot: s the uint16 bits
+    of its float16 group scales, (O, I/32)), anything else the float _mv_range."""
+    if isinstance(W, _types.Array) and W.dtype == _types.uint8:
+        from .numba_i4dot import mv4_range
+        return lambda W, s, x, y, r0, r1: mv4_range(W, s, x, y, r0, r1)
     if not (isinstance(W, _types.Array) and W.dtype == _types.int8 and level()):
         return lambda W, s, x, y, r0, r1: _mv_range(W, s, x, y, r0, r1)
     vn = level() == "vnni"

@@ -15,6 +15,7 @@ from numba import njit as _njit
 from numba import prange as _prange
 from numba import types as _types
 from numba.extending import intrinsic as _intrinsic
+from numba.extending import overload as _overload
 
 from . import numba_common as _common
 from .numba_i8dot import key1, key4, prep_x
@@ -61,8 +62,28 @@ def _ffn_seq(kv, sc, x, idx, lo, hi, out):
     return hi - lo
 
 
+def ffn_range(kv, sc, x, idx, lo, hi, out, dense):  # pragma: no cover - njit only (overload below)
+    raise NotImplementedError("njit only")
+
+
+@_overload(ffn_range)
+def _ffn_range_ov(kv, sc, x, idx, lo, hi, out, dense):
+    """int4 bundles (uint8 kv) run numba_i4dot.ffn4_range, the others _ffn_range_std."""
+    if isinstance(kv, _types.Array) and kv.dtype == _types.uint8:
+        from .numba_i4dot import ffn4_range
+        return lambda kv, sc, x, idx, lo, hi, out, dense: ffn4_range(kv, sc, x, idx, lo, hi, out, dense)
+    return lambda kv, sc, x, idx, lo, hi, out, dense: _ffn_range_std(kv, sc, x, idx, lo, hi, out, dense)
+
+
 @_njit(fastmath=True, cache=True)
 def _ffn_range(kv, sc, x, idx, lo, hi, out, dense):
+    """out += sum over j in idx[lo:hi] of relu(K[j] . x)^2 V[:, j] for any bundle; returns the value
+    columns read (see _ffn_range_std, numba_i4dot.ffn4_range)."""
+    return ffn_range(kv, sc, x, idx, lo, hi, out, dense)
+
+
+@_njit(fastmath=True, cache=True)
+def _ffn_range_std(kv, sc, x, idx, lo, hi, out, dense):
     """out += sum over j in idx[lo:hi] of relu(K[j] . x)^2 V[:, j]; returns the value columns read.
     Two passes: all predicted key rows (four at a time, x loads shared), then the value columns of the
     active neurons (four per pass over out); each pass prefetches its own rows ahead. Measured on the
@@ -123,7 +144,7 @@ def _ffn_serial(kv, sc, x, idx, out, dense):
 
 @_njit(fastmath=True, cache=True, parallel=True)
 def _ffn_parallel(kv, sc, x, idx, out, dense, nchunk):
-    D, K = kv.shape[2], idx.shape[0]
+    D, K = out.shape[0], idx.shape[0]
     part = np.zeros((nchunk, D), np.float32)
     cnt = np.zeros(nchunk, np.int64)
     for c in _prange(nchunk):
@@ -200,10 +221,14 @@ def _bundle_blocks(bundle):
         return
     bs = max(16, _BLOCK_ELEMS // (2 * D))
     buf = np.empty((min(bs, F), 2, D), np.float32)
-    flat_kv, flat_sc = bundle._kv.reshape(F * 2, D), bundle._sc.reshape(-1)
+    if bundle.int4:
+        from .numba_i4dot import dequant_rows4
+        flat_kv, flat_sc = bundle._kv.reshape(F * 2, D // 2), bundle._sc.reshape(F * 2, -1)
+    else:
+        flat_kv, flat_sc = bundle._kv.reshape(F * 2, D), bundle._sc.reshape(-1)
     for j0 in range(0, F, bs):
         j1 = min(F, j0 + bs)
-        _dequant_rows(flat_kv, flat_sc, 2 * j0, 2 * j1, buf.reshape(-1, D))
+        (dequant_rows4 if bundle.int4 else _dequant_rows)(flat_kv, flat_sc, 2 * j0, 2 * j1, buf.reshape(-1, D))
         yield j0, j1, buf[: j1 - j0, 0], buf[: j1 - j0, 1]
 
 

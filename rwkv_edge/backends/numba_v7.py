@@ -20,7 +20,7 @@ from numba import types as _types
 from numba.extending import intrinsic as _intrinsic
 
 from . import numba_common as _common
-from .numba_common import (_NO_SCALE, FFNKeyView, FFNValueView, Int8Weight, _get_num_threads, _kernel_array,
+from .numba_common import (_NO_SCALE, FFNKeyView, FFNValueView, Int4Weight, Int8Weight, _get_num_threads, _kernel_array,
                            _mv_range, _nchunk, _prefetch, counter)
 from .numba_cpu import _layer_norm, _margs, _wkv7_step, _xm1
 from . import numba_simd as _ns
@@ -183,6 +183,8 @@ def _wargs(W):
     """(kernel array, per-row scale) of a linear weight."""
     if type(W) is Int8Weight:
         return W.q, W.scale
+    if type(W) is Int4Weight:
+        return W.q, W._s
     return _kernel_array(np.asarray(W)), _NO_SCALE
 
 
