@@ -35,10 +35,13 @@ def check_shape(n_cols: int) -> int:
     return n_cols // GROUP
 
 
-def quantize_q4(w: np.ndarray, search: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def quantize_q4(w: np.ndarray, search: bool = False, importance: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """(packed uint8 (R, C/2), scale float16 (R, C/32)) of w (R, C) float (see the module docstring).
-    search: pick each group's scale by least squares instead (see `_search`); the codes still lie in
-    -8..7 and dequantize the same way, but quantize(dequantize(.)) is then not exact."""
+    search: pick each group's scale by least squares instead (see `_search`), with the squared error of
+    column c weighted by importance[c] (C,) when given (e.g. the mean square of the input that column
+    multiplies); the codes still lie in -8..7 and dequantize the same way, but quantize(dequantize(.))
+    is then not exact."""
     w = np.asarray(w)
     if w.ndim != 2 or w.dtype.kind not in "fiu":
         raise ValueError(f"quantize_q4 expects a numeric 2-D matrix (R, C), got {w.dtype} {w.shape}")
@@ -53,35 +56,43 @@ def quantize_q4(w: np.ndarray, search: bool = False) -> tuple[np.ndarray, np.nda
     if np.abs(m).max(initial=0.0) / 8 > _F16_MAX:
         raise ValueError("quantize_q4: values too large for a float16 group scale")
     d = (m / np.float32(-8.0)).astype(np.float16)
-    if search:
-        d = _search(wg, m)
+    if search or importance is not None:
+        if importance is not None:
+            importance = np.asarray(importance, np.float32)
+            if importance.shape != (C,) or not np.all(np.isfinite(importance)) or importance.min() < 0:
+                raise ValueError(f"importance must be (C,) = ({C},) finite and >= 0")
+            importance = importance.reshape(G, GROUP) + np.float32(1e-12)
+        d = _search(wg, m, importance)
     df = d.astype(np.float32)
     safe = np.where(df != 0, df, np.float32(1.0))
     q = np.where(df[:, :, None] != 0, np.clip(np.rint(wg / safe[:, :, None]), -8, 7), 0)
     return pack_q4((q + 8).astype(np.uint8).reshape(R, C)), d
 
 
-_STEPS = np.arange(-8, 9, dtype=np.float32) * np.float32(0.1)   # candidate divisors -8 + step
+_STEPS = np.arange(-10, 11, dtype=np.float32) * np.float32(0.1)   # candidate divisors -8 + step
 
 
-def _search(wg: np.ndarray, m: np.ndarray, rows: int = 4096) -> np.ndarray:
+def _search(wg: np.ndarray, m: np.ndarray, imp: np.ndarray | None = None, rows: int = 4096) -> np.ndarray:
     """Least-squares group scales (R, G) float16 for groups wg (R, G, 32) with signed extremes m: for
-    each divisor k in -8 + {-0.8, ..., 0.8} the codes q = clip(rint(w k / m), -8, 7), then the scale that
-    minimises |w - d q|^2 for those codes, d = (w . q) / (q . q); the candidate with the least error wins
-    (k = -8 is the plain scale, so the error is never larger than plain's, float16 rounding aside).
-    The idea of llama.cpp's make_qx_quants; done in row blocks to bound memory."""
+    each divisor k in -8 + {-1.0, ..., 1.0} the codes q = clip(rint(w k / m), -8, 7), then the scale that
+    minimises sum a (w - d q)^2 for those codes, d = sum(a w q) / sum(a q q) (a = imp (G, 32) per column,
+    or 1); the candidate with the least error wins (k = -8 is the plain scale, so the error is never
+    larger than plain's, float16 rounding aside). The idea of llama.cpp's make_qx_quants (with its
+    importance matrix); done in row blocks to bound memory."""
     R, G, _ = wg.shape
     out = np.empty((R, G), np.float16)
+    a = np.float32(1.0) if imp is None else imp[None]
     for r0 in range(0, R, rows):
         w = wg[r0:r0 + rows]
         mm = m[r0:r0 + rows]
         safe = np.where(mm != 0, mm, np.float32(1.0))
         best_e = np.full(mm.shape, np.inf, np.float32)
         best_d = (mm / np.float32(-8.0)).astype(np.float32)
-        ww = (w * w).sum(2)
+        aw = a * w
+        ww = (aw * w).sum(2)
         for st in _STEPS:
             q = np.clip(np.rint(w * ((np.float32(-8.0) + st) / safe)[:, :, None]), -8, 7)
-            wq, qq = (w * q).sum(2), (q * q).sum(2)
+            wq, qq = (aw * q).sum(2), (a * q * q).sum(2)
             d = np.where(qq > 0, wq / np.where(qq > 0, qq, 1), 0).astype(np.float32)
             e = ww - d * wq                                     # |w - d q|^2 at the optimal d
             take = (e < best_e) & (mm != 0)

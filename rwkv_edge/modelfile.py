@@ -139,17 +139,22 @@ def _source(model_or_path):
     return config, weights, fp, src
 
 
-def convert(model_or_path, out_path, dtype: str = "fp16", head_dtype: str | None = None) -> str:
+def convert(model_or_path, out_path, dtype: str = "fp16", head_dtype: str | None = None,
+            importance: dict | None = None, source_name: str | None = None) -> str:
     """Write `model_or_path` (a .pth path, (config, weights) or a model keeping `.weights`) to the
     model file `out_path` with storage `dtype` ("fp32", "fp16", "int8", "int4"; head.weight in
-    `head_dtype` if given); atomic (temp + rename). Returns out_path."""
+    `head_dtype` if given); atomic (temp + rename). Returns out_path.
+    int4 scales come from quant.q4's least-squares search, weighted per input column by
+    importance[name] (imatrix.input_moments) where given."""
     from rwkv_edge.quant import quantize_int8_rows, quantize_q4
-    from .backends.numba_common import NeuronBundledFFN
+    from .backends.numba_common import bundle_arrays
 
     for d in (dtype, head_dtype or dtype):
         if d not in DTYPES:
             raise ValueError(f"unknown dtype {d!r}, choose one of {', '.join(DTYPES)}")
     config, weights, fingerprint, src = _source(model_or_path)
+    src = source_name or src
+    importance = importance or {}
     bundles: dict = {}
 
     def produce(key):
@@ -157,15 +162,16 @@ def convert(model_or_path, out_path, dtype: str = "fp16", head_dtype: str | None
         if kind in ("kv", "kv_scale"):
             if ref not in bundles:
                 bundles.clear()  # one layer at a time keeps peak memory low
-                bundles[ref] = NeuronBundledFFN.from_dense(weights[f"blocks.{ref}.ffn.key.weight"],
-                                                           weights[f"blocks.{ref}.ffn.value.weight"], dtype)
-            b = bundles[ref]
-            return b.kv if kind == "kv" else b.scale
+                name = f"blocks.{ref}.ffn.key.weight"
+                bundles[ref] = bundle_arrays(weights[name], weights[f"blocks.{ref}.ffn.value.weight"], dtype,
+                                             importance.get(name))
+            kv, sc = bundles[ref]
+            return kv if kind == "kv" else sc
         w = np.asarray(weights[ref], np.float32)
         if kind == "cast":
             return w
         if kind in ("q4", "s4"):
-            q, s = quantize_q4(w)
+            q, s = quantize_q4(w, search=True, importance=importance.get(ref))
             return q if kind == "q4" else s
         if kind in ("qc", "cscale"):  # per-column scales: quantize the transpose by rows
             q, s = quantize_int8_rows(w.T)
@@ -410,6 +416,9 @@ def add_convert_parser(sub) -> None:
                    help="weight storage (default: fp16); int4: groups of 32 with float16 scales, LoRAs int8")
     p.add_argument("--head-dtype", choices=DTYPES, default=None,
                    help="storage of the head (vocab x D) alone, e.g. --dtype int8 --head-dtype int4")
+    p.add_argument("--calib", metavar="TEXT", help="int4: weight each group's scale search by the mean square of "
+                   "the inputs seen on this UTF-8 text (an importance matrix)")
+    p.add_argument("--calib-tokens", type=int, default=4096, help="tokens of --calib to run (default: 4096)")
     p.set_defaults(func=_run_convert)
 
 
@@ -425,8 +434,20 @@ def _run_convert(args, parser) -> int:
         parser.error(f"--out {args.out}: directory {out_dir} does not exist")
     if os.path.isdir(args.out):
         parser.error(f"--out {args.out}: is a directory, expected a file name")
+    if args.calib and "int4" not in (args.dtype, args.head_dtype):
+        parser.error("--calib applies to int4 weights (--dtype int4 or --head-dtype int4)")
+    if args.calib and not os.path.isfile(args.calib):
+        parser.error(f"--calib {args.calib}: no such file")
+    if args.calib_tokens <= 0:
+        parser.error("--calib-tokens must be > 0")
     t0 = time.perf_counter()
-    convert(args.model, args.out, args.dtype, head_dtype=args.head_dtype)
+    if args.calib:
+        from .imatrix import text_moments
+        config, weights, mom = text_moments(args.model, args.calib, args.calib_tokens)
+        convert((config, weights), args.out, args.dtype, head_dtype=args.head_dtype, importance=mom,
+                source_name=os.path.basename(args.model))
+    else:
+        convert(args.model, args.out, args.dtype, head_dtype=args.head_dtype)
     h = read_header(args.out)
     # the tokenizer travels with the model: generate/chat find a tokenizer.json next to the model
     # file, so it is copied beside --out (never into the current directory)

@@ -69,6 +69,39 @@ def test_scale_search_never_worse_than_plain():
     assert e_found.sum() < 0.97 * e_plain.sum()
 
 
+def test_importance_weighted_search():
+    """With importance a (C,), the weighted error sum a (w - w_hat)^2 is lower than the unweighted
+    search's, and the activation-side error on inputs of that scale drops with it."""
+    w = weights(128, 256, seed=4)
+    a = np.ones(256, np.float32)
+    a[::7] = 50.0                                      # heavy input channels, as RWKV's have
+    werr = lambda qd: (a * (dequantize_q4(*qd) - w) ** 2).sum()           # noqa: E731
+    plain, weighted = quantize_q4(w, search=True), quantize_q4(w, search=True, importance=a)
+    assert werr(weighted) < 0.9 * werr(plain)
+    x = RNG.standard_normal((64, 256)).astype(np.float32) * np.sqrt(a)
+    oerr = lambda qd: ((x @ (dequantize_q4(*qd) - w).T) ** 2).mean()     # noqa: E731
+    assert oerr(weighted) < oerr(plain)
+    with pytest.raises(ValueError, match="importance"):
+        quantize_q4(w, importance=a[:10])
+
+
+def test_input_moments_are_the_mean_squares_of_each_input(ckpt):
+    """imatrix.input_moments records E[x^2] of the input of each attention / FFN-key / head matrix."""
+    from rwkv_edge.imatrix import input_moments
+    from rwkv_edge.weights import load_checkpoint
+
+    config, w = load_checkpoint(ckpt)
+    seen = {}
+    m = rwkv_edge.load_model(ckpt, backend="reference")
+    m.hooks.ffn_input.append(lambda i, xk: seen.setdefault(i, []).append(np.asarray(xk, np.float64)))
+    m.forward(TOKENS, None, full_output=False)
+    mom = input_moments(config, w, TOKENS, ctx=len(TOKENS))
+    assert "head.weight" in mom and "blocks.1.att.value.weight" in mom and "blocks.0.ffn.value.weight" not in mom
+    xk = np.concatenate(seen[1])
+    np.testing.assert_allclose(mom["blocks.1.ffn.key.weight"], (xk ** 2).mean(0), rtol=1e-5)
+    assert all(v.shape == (np.shape(w[n])[1],) and (v >= 0).all() for n, v in mom.items())
+
+
 @pytest.mark.parametrize("bad", [np.zeros((2, 48)), np.zeros(64), np.array([[np.nan] * 32])])
 def test_quantize_rejects(bad):
     with pytest.raises(ValueError):
@@ -158,7 +191,7 @@ def test_bundled_ffn_sparse_and_dense(density):
     b = nb.NeuronBundledFFN.from_dense(weights(F, D, 1), weights(D, F, 2) * 0.1, "int4")
     assert b.int4 and b.D == D and b.neuron_bytes == D + 4 * D // 32
     Kd, Vd = b.dequantize()
-    np.testing.assert_array_equal(Kd, dequantize_q4(*quantize_q4(weights(F, D, 1))))
+    np.testing.assert_array_equal(Kd, dequantize_q4(*quantize_q4(weights(F, D, 1), search=True)))
     x = RNG.standard_normal(D).astype(np.float32)
     idx = np.sort(RNG.choice(F, max(1, int(density * F)), replace=False)).astype(np.int32)
     want = i4d.reference_ffn4(b.kv, b.scale, x, idx)
@@ -205,7 +238,7 @@ def test_int4_file_layout(files, ckpt):
     import torch
     w = torch.load(ckpt, map_location="cpu", weights_only=True)
     m = load_modelfile(files["int4"], backend="reference")
-    np.testing.assert_array_equal(m.head, dequantize_q4(*quantize_q4(w["head.weight"].float().numpy())))
+    np.testing.assert_array_equal(m.head, dequantize_q4(*quantize_q4(w["head.weight"].float().numpy(), search=True)))
 
 
 @pytest.mark.parametrize("kind", ["int4", "head4"])

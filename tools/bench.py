@@ -1,6 +1,6 @@
 """Decode/prefill speed, peak RSS and bytes of weights read per token, vs the `rwkv` pip package.
 
-    python tools/bench.py --model M [--predictors B] [--dtype fp32,fp16,int8] --tokens N [--compare-rwkv]
+    python tools/bench.py --model M [--predictors B] [--dtype fp32,fp16,int8,int4,int8-h4] --tokens N [--compare-rwkv]
                           [--device cpu|cuda] [--threads T] [--rounds R] [--prefill-tokens P]
     python tools/bench.py --model PACKAGE_DIR ...     # the package sparse vs the same weights dense
 
@@ -177,10 +177,15 @@ def _model_file(model, dtype, workdir, fingerprint):
         h = read_header(out) if os.path.exists(out) else None
     except ModelLoadError:
         h = None                                      # damaged cache entry: convert again
-    if h is None or h.get("fingerprint") != fingerprint or h.get("dtype") != dtype:
+    file_dtype, head = _DTYPE_SPLIT.get(dtype, (dtype, None))
+    if h is None or h.get("fingerprint") != fingerprint or (h.get("dtype"), h.get("head_dtype")) != (file_dtype, head):
         print(f"converting {model} -> {out}", file=sys.stderr)
-        convert(model, out, dtype)
+        convert(model, out, file_dtype, head_dtype=head)
     return out
+
+
+# bench dtypes that are a file dtype with another head dtype (convert --dtype D --head-dtype H)
+_DTYPE_SPLIT = {"int8-h4": ("int8", "int4")}
 
 
 def _package_cfgs(ap, args, base):
@@ -279,7 +284,7 @@ def _main(argv=None) -> int:
     if args.dtype is None:
         args.dtype = "fp32,fp16" if args.device == "cuda" else "fp32,fp16,int8"
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
-    allowed = {"cpu": {"fp32", "fp16", "int8"}, "cuda": {"fp32", "fp16", "bf16"}}[args.device]
+    allowed = {"cpu": {"fp32", "fp16", "int8", "int4", "int8-h4"}, "cuda": {"fp32", "fp16", "bf16"}}[args.device]
     if not dtypes or set(dtypes) - allowed:
         ap.error(f"--dtype: choose from {', '.join(sorted(allowed))} for --device {args.device}")
     from rwkv_edge.package import is_package
@@ -362,6 +367,12 @@ def _run_all(args, cfgs) -> int:
     s2 = rate(sp) / rate(dn) if rate(sp) and rate(dn) else float("nan")
     tag = cfgs[0]["dtype"] if pkg else "fp16" if args.device == "cuda" else "int8"
     print(f"speedup_sparse_{tag}_vs_rwkv={s1:.2f} speedup_sparse_vs_dense_{tag}={s2:.2f}")
+    if rate("dense int4") and rate("dense int8"):        # int4 against int8, same run
+        r = [f"speedup_dense_int4_vs_int8={rate('dense int4') / rate('dense int8'):.2f}"]
+        if rate("sparse int4") and rate("sparse int8"):
+            r += [f"speedup_sparse_int4_vs_int8={rate('sparse int4') / rate('sparse int8'):.2f}",
+                  f"speedup_sparse_vs_dense_int4={rate('sparse int4') / rate('dense int4'):.2f}"]
+        print(" ".join(r))
     if args.llama_cpp:
         from llama_peer import ratio_line
         print(ratio_line(results))

@@ -1,6 +1,6 @@
 """KL divergence of our decode path against dense fp16, over held-out text (rwkv_edge.quality).
 
-    python tools/kld_decode.py --model M.pth --predictors B.npz [--dtype int8] [--ctx 256] [--windows 4]
+    python tools/kld_decode.py --model M.pth --predictors B.npz [--dtype int8|int4|int8-h4] [--ctx 256] [--windows 4]
 
 quality.compare scores a candidate through forward(ids, full_output=True), i.e. our prefill path
 (float BLAS). Decode runs other kernels (int8 activations in numba_i8dot, the fused block kernel,
@@ -51,11 +51,12 @@ def main(argv=None) -> int:
     from rwkv_edge import quality
     from rwkv_edge.runtime import open_model
     from rwkv_edge.tokenizer import load_tokenizer
-    base = open_model(_model_file(args.model, "fp16", args.workdir), backend="numba")
+    fp = open_model(args.model, backend="reference").fingerprint     # the converted files' cache key
+    base = open_model(_model_file(args.model, "fp16", args.workdir, fp), backend="numba")
     tok = load_tokenizer(None, args.model, base.config.vocab_size)
     with open(args.text, encoding="utf-8") as f:
         ids = tok.encode(f.read())[: args.ctx * args.windows]
-    f = _model_file(args.model, args.dtype, args.workdir)
+    f = _model_file(args.model, args.dtype, args.workdir, fp)
     cands = [(f"dense {args.dtype}", open_model(f, backend="numba"))]
     if args.predictors:
         cands.append((f"sparse {args.dtype}", open_model(f, backend="numba", predictors=args.predictors)))

@@ -244,19 +244,21 @@ class NeuronBundledFFN:
         return np.ascontiguousarray(kv[:, 0]), np.ascontiguousarray(kv[:, 1].T)
 
 
-def bundle_arrays(w_key: np.ndarray, w_value: np.ndarray, dtype: str = "fp16") -> tuple:
+def bundle_arrays(w_key: np.ndarray, w_value: np.ndarray, dtype: str = "fp16", key_importance=None) -> tuple:
     """(kv (F, 2, D), scale (F, 2) or None) of NeuronBundledFFN.from_dense, without the object (whose
-    views form a reference cycle: streaming writers would leave each chunk to the cyclic GC)."""
+    views form a reference cycle: streaming writers would leave each chunk to the cyclic GC).
+    int4: (kv (F, 2, D/2) uint8, scale (F, 2, D/32) float16), scales found by quant.q4's search, the key
+    rows' weighted by key_importance (D,) when given."""
+    if dtype == "int4":                                                         # quant/q4.py per row
+        from rwkv_edge.quant import quantize_q4
+        kq, ks = quantize_q4(w_key, search=True, importance=key_importance)
+        vq, vs = quantize_q4(np.asarray(w_value, np.float32).T, search=True)
+        return np.ascontiguousarray(np.stack([kq, vq], 1)), np.ascontiguousarray(np.stack([ks, vs], 1))
     kv = np.stack([np.asarray(w_key, np.float32), np.asarray(w_value, np.float32).T], axis=1)
     if dtype == "int8":
         scale = (np.abs(kv).max(axis=2) / 127.0).astype(np.float32)             # (F, 2)
         q = np.rint(kv / np.where(scale > 0, scale, 1.0)[:, :, None])
         return np.clip(q, -127, 127).astype(np.int8), scale
-    if dtype == "int4":                                                         # quant/q4.py per row
-        from rwkv_edge.quant import quantize_q4
-        F, _, D = kv.shape
-        q, s = quantize_q4(kv.reshape(2 * F, D))
-        return q.reshape(F, 2, D // 2), s.reshape(F, 2, D // 32)
     if dtype in ("fp16", "fp32"):
         return np.ascontiguousarray(kv, np.float16 if dtype == "fp16" else np.float32), None
     raise ValueError(f"unknown bundle dtype {dtype!r} (fp32, fp16, int8, int4)")
