@@ -109,19 +109,26 @@ def test_quantize_rejects(bad):
 
 
 # --- kernels against the numpy reference -----------------------------------------------------------------
-def test_activation_rounding_is_numba_i8dots():
-    x = RNG.standard_normal(128).astype(np.float32)
+@pytest.mark.parametrize("G", [4, 5])
+def test_activation_rounding_is_numba_i8dots(G):
+    """quantize_x4 rounds as numba_i8dot (and the reference) do, in the pair layout of its docstring."""
+    x = RNG.standard_normal(32 * G).astype(np.float32)
     x[64:96] = 0.0
-    X, xs, init = np.empty(128, np.int8), np.empty(4, np.float32), np.empty((4, 8), np.int32)
+    X, xs, init = np.empty(32 * G, np.int8), np.empty(G, np.float32), np.empty((G, 8), np.int32)
     i4d.quantize_x4(x, X, xs, init)
     xq, xs_ref = quantize_activation(x)
     xq8, xs8 = i8d.reference_quantize(x)
     np.testing.assert_array_equal(xq, xq8)
     np.testing.assert_array_equal(xs_ref, xs8)
-    np.testing.assert_array_equal(X, xq.reshape(-1))
     np.testing.assert_array_equal(xs, xs_ref)
-    np.testing.assert_array_equal(init[:, 0], -8 * xq.sum(1))
-    assert not init[:, 1:].any()
+    for p in range(G // 2):
+        np.testing.assert_array_equal(X[64 * p:64 * p + 32], np.concatenate([xq[2 * p, :16], xq[2 * p + 1, :16]]))
+        np.testing.assert_array_equal(X[64 * p + 32:64 * p + 64], np.concatenate([xq[2 * p, 16:], xq[2 * p + 1, 16:]]))
+        assert list(init[2 * p]) == [-8 * xq[2 * p].sum(), 0, 0, 0, -8 * xq[2 * p + 1].sum(), 0, 0, 0]
+        assert not init[2 * p + 1].any()
+    if G % 2:
+        np.testing.assert_array_equal(X[-32:], xq[-1])
+        assert list(init[-1]) == [-8 * xq[-1].sum()] + [0] * 7
 
 
 def _rel_tol(q, d, x):

@@ -185,7 +185,7 @@ def _model_file(model, dtype, workdir, fingerprint):
 
 
 # bench dtypes that are a file dtype with another head dtype (convert --dtype D --head-dtype H)
-_DTYPE_SPLIT = {"int8-h4": ("int8", "int4")}
+_DTYPE_SPLIT = {"int8-h4": ("int8", "int4"), "int4-h8": ("int4", "int8")}
 
 
 def _package_cfgs(ap, args, base):
@@ -284,7 +284,7 @@ def _main(argv=None) -> int:
     if args.dtype is None:
         args.dtype = "fp32,fp16" if args.device == "cuda" else "fp32,fp16,int8"
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
-    allowed = {"cpu": {"fp32", "fp16", "int8", "int4", "int8-h4"}, "cuda": {"fp32", "fp16", "bf16"}}[args.device]
+    allowed = {"cpu": {"fp32", "fp16", "int8", "int4", "int8-h4", "int4-h8"}, "cuda": {"fp32", "fp16", "bf16"}}[args.device]
     if not dtypes or set(dtypes) - allowed:
         ap.error(f"--dtype: choose from {', '.join(sorted(allowed))} for --device {args.device}")
     from rwkv_edge.package import is_package

@@ -36,11 +36,17 @@ _PF_NEURONS = 8
 
 
 def _dot_codegen(vnni, nrow, builder, Aa, Sa, Xa, xsa, ia, rows):
-    """LLVM of sum_g d_rg xs_g (u_g . xq_g - 8 sum xq_g) for the nrow rows `rows`: float32 values."""
+    """LLVM of sum_g d_rg xs_g (u_g . xq_g - 8 sum xq_g) for the nrow rows `rows`: float32 values.
+    Groups go two at a time (see `quantize_x4` for the activation layout that makes this work): one
+    32-byte load holds both groups' codes, `and 15` gives the low nibbles of both (group g in the low
+    128 bits, g + 1 in the high), a shift the high nibbles; each meets one 32-byte activation vector.
+    The lanes of the i32 result then belong to g (0-3) and g + 1 (4-7), scaled by one vector. An odd
+    last group runs alone (low and high nibbles concatenated)."""
     i8, i16, i32, i64 = _ir.IntType(8), _ir.IntType(16), _ir.IntType(32), _ir.IntType(64)
     f32 = _ir.FloatType()
     v16i8, v32i8 = _ir.VectorType(i8, 16), _ir.VectorType(i8, 32)
     v16i16, v8i32, v8f = _ir.VectorType(i16, 16), _ir.VectorType(i32, 8), _ir.VectorType(f32, 8)
+    v2h, v2f = _ir.VectorType(_ir.HalfType(), 2), _ir.VectorType(f32, 2)
     H = _cgutils.unpack_tuple(builder, Aa.shape, 2)[1]          # bytes per row
     G = _cgutils.unpack_tuple(builder, Sa.shape, 2)[1]          # groups per row
     abase = builder.bitcast(Aa.data, i8.as_pointer())
@@ -57,28 +63,51 @@ def _dot_codegen(vnni, nrow, builder, Aa, Sa, Xa, xsa, ia, rows):
         ubsw = fn("llvm.x86.avx2.pmadd.ub.sw", v16i16, v32i8, v32i8)
         wd = fn("llvm.x86.avx2.pmadd.wd", v8i32, v16i16, v16i16)
     facc = [_cgutils.alloca_once_value(builder, _ir.Constant(v8f, None)) for _ in range(nrow)]
-    zero8 = _ir.Constant(v8i32, [0] * 8)
-    lo_mask = _ir.Constant(v16i8, [15] * 16)
-    four = _ir.Constant(v16i8, [4] * 16)
-    cat = _ir.Constant(_ir.VectorType(i32, 32), list(range(32)))
-    with _cgutils.for_range(builder, G) as lg:
-        g = lg.index
-        xv = builder.load(builder.bitcast(builder.gep(xbase, [builder.mul(g, i64(32))]), v32i8.as_pointer()), align=1)
-        iv = builder.load(builder.bitcast(builder.gep(ibase, [builder.mul(g, i64(8))]), v8i32.as_pointer()), align=4)
-        xsg = builder.load(builder.gep(xsa.data, [g]))
+    ones = _ir.Constant(v16i16, [1] * 16)
+    vload = lambda base, off, ty, al: builder.load(builder.bitcast(builder.gep(base, [off]), ty.as_pointer()), align=al)  # noqa: E731
+
+    def dot(acc, w, x):                     # acc (v8i32) + the dot of u8 codes w with s8 x, per 4 bytes
+        if vnni:
+            return builder.call(dp, [acc, builder.bitcast(w, v8i32), builder.bitcast(x, v8i32)])
+        return builder.add(builder.call(wd, [builder.call(ubsw, [w, x]), ones]), acc)
+
+    m15_32 = _ir.Constant(v32i8, [15] * 32)
+    four32 = _ir.Constant(v32i8, [4] * 32)
+    with _cgutils.for_range(builder, builder.sdiv(G, i64(2))) as lp:
+        p = lp.index
+        xlo = vload(xbase, builder.mul(p, i64(64)), v32i8, 1)
+        xhi = vload(xbase, builder.add(builder.mul(p, i64(64)), i64(32)), v32i8, 1)
+        iv = vload(ibase, builder.mul(p, i64(16)), v8i32, 4)
+        xs2 = vload(builder.bitcast(xsa.data, f32.as_pointer()), builder.mul(p, i64(2)), v2f, 4)
         for k in range(nrow):
-            wb = builder.load(builder.bitcast(builder.gep(aptr[k], [builder.mul(g, i64(16))]), v16i8.as_pointer()),
-                              align=1)
-            w = builder.shuffle_vector(builder.and_(wb, lo_mask), builder.lshr(wb, four), cat)   # 32 codes u8
+            wb = vload(aptr[k], builder.mul(p, i64(32)), v32i8, 1)
+            lo = builder.and_(wb, m15_32)
+            hi = builder.and_(builder.lshr(wb, four32), m15_32)
             if vnni:
-                acc = builder.call(dp, [iv, builder.bitcast(w, v8i32), builder.bitcast(xv, v8i32)])
+                acc = dot(dot(iv, lo, xlo), hi, xhi)
             else:
-                h = builder.call(ubsw, [w, xv])
-                acc = builder.add(builder.call(wd, [h, _ir.Constant(v16i16, [1] * 16)]), iv)
+                h = builder.add(builder.call(ubsw, [lo, xlo]), builder.call(ubsw, [hi, xhi]))   # <= 7620: no overflow
+                acc = builder.add(builder.call(wd, [h, ones]), iv)
+            d2 = builder.fpext(vload(sptr[k], builder.mul(p, i64(2)), v2h, 2), v2f)
+            scv = builder.shuffle_vector(builder.fmul(d2, xs2), _ir.Constant(v2f, _ir.Undefined),
+                                         _ir.Constant(_ir.VectorType(i32, 8), [0, 0, 0, 0, 1, 1, 1, 1]))
+            builder.store(builder.call(fma, [builder.sitofp(acc, v8f), scv, builder.load(facc[k])]), facc[k])
+    odd = builder.icmp_signed("!=", builder.srem(G, i64(2)), i64(0))
+    with builder.if_then(odd):                                  # the last group alone, natural order
+        g = builder.sub(G, i64(1))
+        xv = vload(xbase, builder.mul(g, i64(32)), v32i8, 1)
+        iv = vload(ibase, builder.mul(g, i64(8)), v8i32, 4)
+        xsg = builder.load(builder.gep(xsa.data, [g]))
+        cat = _ir.Constant(_ir.VectorType(i32, 32), list(range(32)))
+        for k in range(nrow):
+            wb = vload(aptr[k], builder.mul(g, i64(16)), v16i8, 1)
+            w = builder.shuffle_vector(builder.and_(wb, _ir.Constant(v16i8, [15] * 16)),
+                                       builder.lshr(wb, _ir.Constant(v16i8, [4] * 16)), cat)
+            acc = dot(iv, w, xv)
             d = builder.fpext(builder.bitcast(builder.load(builder.gep(sptr[k], [g]), align=2), _ir.HalfType()), f32)
             sc = builder.fmul(d, xsg)
             scv = builder.shuffle_vector(builder.insert_element(_ir.Constant(v8f, _ir.Undefined), sc, i32(0)),
-                                         _ir.Constant(v8f, _ir.Undefined), zero8)
+                                         _ir.Constant(v8f, _ir.Undefined), _ir.Constant(v8i32, [0] * 8))
             builder.store(builder.call(fma, [builder.sitofp(acc, v8f), scv, builder.load(facc[k])]), facc[k])
     res = []
     for k in range(nrow):
@@ -131,15 +160,33 @@ dot4_vnni, dot1_vnni = _make_dot(True)
 dot4_avx2, dot1_avx2 = _make_dot(False)
 
 
+@_njit(cache=True, inline="always")
+def _xpos(g, i, G):
+    """Index in the kernel layout X (see quantize_x4) of activation column g * 32 + i."""
+    if g >= G - G % 2:                              # an odd last group: natural order
+        return g * 32 + i
+    half = 32 if i >= 16 else 0
+    return (g // 2) * 64 + half + (g % 2) * 16 + (i - 16 if i >= 16 else i)
+
+
+@_njit(cache=True, inline="always")
+def _init_of(init, g, G):
+    """-8 sum(xq_g) from the kernel layout of init (see quantize_x4)."""
+    if g >= G - G % 2:
+        return init[g, 0]
+    return init[g - g % 2, 4 * (g % 2)]
+
+
 @_njit(cache=True)
 def dot1_loops(A, S, r, X, xs, init):
     """dot1's math in plain integer loops (the path of CPUs without AVX2; also a test oracle)."""
     t = np.float32(0.0)
-    for g in range(S.shape[1]):
-        acc = np.int32(init[g, 0])
+    G = S.shape[1]
+    for g in range(G):
+        acc = np.int32(_init_of(init, g, G))
         for i in range(16):
             b = np.int32(A[r, g * 16 + i])
-            acc += (b & 15) * np.int32(X[g * 32 + i]) + (b >> 4) * np.int32(X[g * 32 + 16 + i])
+            acc += (b & 15) * np.int32(X[_xpos(g, i, G)]) + (b >> 4) * np.int32(X[_xpos(g, 16 + i, G)])
         t += np.float32(acc) * (_h2f(S[r, g]) * xs[g])
     return t
 
@@ -180,20 +227,28 @@ def _dot1_ov(A, S, r, X, xs, init):
 
 @_njit(cache=True)      # no fastmath: rounding as in the numpy reference (quant.q4.quantize_activation)
 def quantize_x4(x, X, xs, init):
-    """X (I,) int8, xs (I/32,) float32 and init (I/32, 8) int32 (lane 0: -8 sum(X_g), others 0) of x."""
-    for g in range(x.shape[0] // GS):
+    """The activation in the kernels' layout: xs (G,) float32 the group scales, X (I,) int8 the rounded
+    values xq and init (G, 8) int32 the -8 sum(xq_g) terms, G = I / 32. Groups go in pairs (2p, 2p+1):
+    X[64p:64p+32] = xq_2p[0:16], xq_2p+1[0:16] and X[64p+32:64p+64] = xq_2p[16:32], xq_2p+1[16:32] (what
+    the low and the high nibbles of the pair's 32 code bytes meet); init[2p] holds group 2p's term in
+    lane 0 and 2p+1's in lane 4. An odd last group g: natural order, its term in init[g, 0]."""
+    G = x.shape[0] // GS
+    init[:, :] = 0
+    for g in range(G):
         mx = np.float32(0.0)
         for i in range(g * GS, (g + 1) * GS):
             mx = max(mx, abs(x[i]))
         inv = np.float32(127.0) / mx if mx > 0 else np.float32(0.0)
         xs[g] = mx / np.float32(127.0)
         sq = 0
-        for i in range(g * GS, (g + 1) * GS):
-            v = np.int32(np.rint(x[i] * inv))
-            X[i] = v
+        for i in range(GS):
+            v = np.int32(np.rint(x[g * GS + i] * inv))
+            X[_xpos(g, i, G)] = v
             sq += v
-        init[g, :] = 0
-        init[g, 0] = -8 * sq
+        if g >= G - G % 2:
+            init[g, 0] = -8 * sq
+        else:
+            init[g - g % 2, 4 * (g % 2)] = -8 * sq
 
 
 @_njit(fastmath=True, cache=True)
@@ -229,6 +284,17 @@ def mv4_range(W, S, x, y, r0, r1):
         rows_i4(W, S, X, xs, init, y[t], r0, r1)
 
 
+@_intrinsic
+def _nib(typingctx, byte, shift):
+    """float32((byte >> shift) & 15) in 32-bit integer arithmetic (numba would widen to int64, whose
+    conversion to float does not vectorise on AVX2)."""
+    def codegen(context, builder, sig, args):
+        i32 = _ir.IntType(32)
+        v = builder.lshr(builder.zext(args[0], i32), builder.trunc(args[1], i32))
+        return builder.uitofp(builder.and_(v, i32(15)), _ir.FloatType())
+    return _types.float32(_types.uint8, _types.int64), codegen
+
+
 @_njit(fastmath=True, cache=True)
 def dequant_rows4(W, S, r0, r1, out):
     """out[:r1-r0] = float32 W_hat[r0:r1] (the prefill path: dequantized blocks, then BLAS)."""
@@ -236,10 +302,13 @@ def dequant_rows4(W, S, r0, r1, out):
         o = out[r - r0]
         for g in range(S.shape[1]):
             d = _h2f(S[r, g])
+            c = np.float32(-8.0) * d
+            ab = W[r, g * 16:(g + 1) * 16]
+            o0 = o[g * 32:g * 32 + 16]
+            o1 = o[g * 32 + 16:(g + 1) * 32]
             for i in range(16):
-                b = W[r, g * 16 + i]
-                o[g * 32 + i] = d * np.float32(np.int32(b & 15) - 8)
-                o[g * 32 + 16 + i] = d * np.float32(np.int32(b >> 4) - 8)
+                o0[i] = _nib(ab[i], 0) * d + c
+                o1[i] = _nib(ab[i], 4) * d + c
 
 
 # --- the neuron-bundled FFN -------------------------------------------------------------------------
@@ -253,9 +322,24 @@ def _axpy(A, S, row, h, out):
         o0 = out[g * 32:g * 32 + 16]
         o1 = out[g * 32 + 16:(g + 1) * 32]
         for i in range(16):
-            b = np.int32(ab[i])
-            o0[i] += np.float32(b & 15) * hd + c
-            o1[i] += np.float32(b >> 4) * hd + c
+            o0[i] += _nib(ab[i], 0) * hd + c
+            o1[i] += _nib(ab[i], 4) * hd + c
+
+
+@_njit(fastmath=True, cache=True, inline="always")
+def _axpy2(A, S, r0, h0, r1, h1, out):
+    """out += h0 W_hat[r0] + h1 W_hat[r1] (two value columns per pass over out)."""
+    for g in range(S.shape[1]):
+        a0 = h0 * _h2f(S[r0, g])
+        a1 = h1 * _h2f(S[r1, g])
+        c = np.float32(-8.0) * (a0 + a1)
+        b0 = A[r0, g * 16:(g + 1) * 16]
+        b1 = A[r1, g * 16:(g + 1) * 16]
+        o0 = out[g * 32:g * 32 + 16]
+        o1 = out[g * 32 + 16:(g + 1) * 32]
+        for i in range(16):
+            o0[i] += (_nib(b0[i], 0) * a0 + _nib(b1[i], 0) * a1) + c
+            o1[i] += (_nib(b0[i], 4) * a0 + _nib(b1[i], 4) * a1) + c
 
 
 @_njit(fastmath=True, cache=True)
@@ -273,15 +357,28 @@ def ffn4_range(kv, sc, x, idx, lo, hi, out, dense):
     xs = np.empty(G, np.float32)
     init = np.empty((G, 8), np.int32)
     quantize_x4(x, X, xs, init)
-    if dense:
-        for p in range(lo, hi):
-            j = np.int64(idx[p])
-            a = dot1(A, S, 2 * j, X, xs, init)
-            _axpy(A, S, 2 * j + 1, a * a if a > 0 else np.float32(0.0), out)
+    a4 = np.empty(4, np.float32)
+    if dense:                    # four neurons at a time: their keys in one dot4, then their values
+        p = lo
+        while p < hi:
+            m = min(4, hi - p)
+            j0 = np.int64(idx[p])
+            j1 = np.int64(idx[p + 1]) if m > 1 else j0
+            j2 = np.int64(idx[p + 2]) if m > 2 else j0
+            j3 = np.int64(idx[p + 3]) if m > 3 else j0
+            dot4(A, S, 2 * j0, 2 * j1, 2 * j2, 2 * j3, X, xs, init, a4)
+            for q in range(m):
+                a4[q] = a4[q] * a4[q] if a4[q] > 0 else np.float32(0.0)
+            if m == 4:
+                _axpy2(A, S, 2 * j0 + 1, a4[0], 2 * j1 + 1, a4[1], out)
+                _axpy2(A, S, 2 * j2 + 1, a4[2], 2 * j3 + 1, a4[3], out)
+            else:
+                for q in range(m):
+                    _axpy(A, S, 2 * np.int64(idx[p + q]) + 1, a4[q], out)
+            p += m
         return hi - lo
     pj = np.empty(hi - lo + 4, np.int64)
     ph = np.empty(hi - lo + 4, np.float32)
-    a4 = np.empty(4, np.float32)
     n = 0
     p = lo
     while p < hi:
@@ -303,12 +400,17 @@ def ffn4_range(kv, sc, x, idx, lo, hi, out, dense):
                 ph[n] = a * a
                 n += 1
         p += m
-    for q in range(n):
-        if q + _PF_NEURONS < n:
-            jq = pj[q + _PF_NEURONS]
+    q = 0
+    while q < n:
+        for r in range(q + _PF_NEURONS, min(q + _PF_NEURONS + 2, n)):
             for l in range(0, H, 64):
-                _prefetch(kv, jq * (2 * H) + H + l)
-        _axpy(A, S, 2 * pj[q] + 1, ph[q], out)
+                _prefetch(kv, pj[r] * (2 * H) + H + l)
+        if q + 2 <= n:
+            _axpy2(A, S, 2 * pj[q] + 1, ph[q], 2 * pj[q + 1] + 1, ph[q + 1], out)
+            q += 2
+        else:
+            _axpy(A, S, 2 * pj[q] + 1, ph[q], out)
+            q += 1
     return n
 
 
