@@ -38,13 +38,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--predictors")
-    ap.add_argument("--dtype", default="int8")
+    ap.add_argument("--dtype", default="int8", help="int8, int4, int8-h4 (int8 + int4 head), int4-h8, fp16: "
+                    "converted from --model into --workdir")
+    ap.add_argument("--file", help="a converted model file of --model to score instead of --dtype's (e.g. an "
+                    "int4 file made with convert --calib)")
     ap.add_argument("--text", default=os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data", "heldout.txt"))
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--workdir", default=os.path.join(os.path.dirname(HERE), "out", "bench"))
     args = ap.parse_args(argv)
-    for p in [args.model, args.text] + ([args.predictors] if args.predictors else []):
+    for p in [args.model, args.text] + ([args.predictors] if args.predictors else []) + ([args.file] if args.file else []):
         if not os.path.exists(p):
             ap.error(f"{p}: no such file")
     from bench import _model_file
@@ -56,10 +59,11 @@ def main(argv=None) -> int:
     tok = load_tokenizer(None, args.model, base.config.vocab_size)
     with open(args.text, encoding="utf-8") as f:
         ids = tok.encode(f.read())[: args.ctx * args.windows]
-    f = _model_file(args.model, args.dtype, args.workdir, fp)
-    cands = [(f"dense {args.dtype}", open_model(f, backend="numba"))]
+    f = args.file or _model_file(args.model, args.dtype, args.workdir, fp)
+    tag = os.path.basename(args.file) if args.file else args.dtype
+    cands = [(f"dense {tag}", open_model(f, backend="numba"))]
     if args.predictors:
-        cands.append((f"sparse {args.dtype}", open_model(f, backend="numba", predictors=args.predictors)))
+        cands.append((f"sparse {tag}", open_model(f, backend="numba", predictors=args.predictors)))
     for name, m in cands:
         r = quality.compare(base, Stepwise(m), ids, ctx=args.ctx, progress=False)
         keep = {k: r[k] for k in r if k.startswith(("kld", "same_top1", "ln_ppl", "ppl", "density", "n_tokens"))}

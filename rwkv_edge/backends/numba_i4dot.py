@@ -73,12 +73,14 @@ def _dot_codegen(vnni, nrow, builder, Aa, Sa, Xa, xsa, ia, rows):
 
     m15_32 = _ir.Constant(v32i8, [15] * 32)
     four32 = _ir.Constant(v32i8, [4] * 32)
-    with _cgutils.for_range(builder, builder.sdiv(G, i64(2))) as lp:
-        p = lp.index
+    xsf = builder.bitcast(xsa.data, f32.as_pointer())
+    v8h = _ir.VectorType(_ir.HalfType(), 8)
+
+    def pair(p, scale):
+        """Groups 2p, 2p+1 of every row; scale(k) -> v8f (d xs of 2p in lanes 0-3, of 2p+1 in 4-7)."""
         xlo = vload(xbase, builder.mul(p, i64(64)), v32i8, 1)
         xhi = vload(xbase, builder.add(builder.mul(p, i64(64)), i64(32)), v32i8, 1)
         iv = vload(ibase, builder.mul(p, i64(16)), v8i32, 4)
-        xs2 = vload(builder.bitcast(xsa.data, f32.as_pointer()), builder.mul(p, i64(2)), v2f, 4)
         for k in range(nrow):
             wb = vload(aptr[k], builder.mul(p, i64(32)), v32i8, 1)
             lo = builder.and_(wb, m15_32)
@@ -88,10 +90,23 @@ def _dot_codegen(vnni, nrow, builder, Aa, Sa, Xa, xsa, ia, rows):
             else:
                 h = builder.add(builder.call(ubsw, [lo, xlo]), builder.call(ubsw, [hi, xhi]))   # <= 7620: no overflow
                 acc = builder.add(builder.call(wd, [h, ones]), iv)
-            d2 = builder.fpext(vload(sptr[k], builder.mul(p, i64(2)), v2h, 2), v2f)
-            scv = builder.shuffle_vector(builder.fmul(d2, xs2), _ir.Constant(v2f, _ir.Undefined),
-                                         _ir.Constant(_ir.VectorType(i32, 8), [0, 0, 0, 0, 1, 1, 1, 1]))
-            builder.store(builder.call(fma, [builder.sitofp(acc, v8f), scv, builder.load(facc[k])]), facc[k])
+            builder.store(builder.call(fma, [builder.sitofp(acc, v8f), scale(k), builder.load(facc[k])]), facc[k])
+
+    # four pairs at a time: the eight groups' d xs computed as one vector per row, then one shuffle per pair
+    nq = builder.sdiv(G, i64(8))
+    with _cgutils.for_range(builder, nq) as lq:
+        q = lq.index
+        xs8 = vload(xsf, builder.mul(q, i64(8)), v8f, 4)
+        d8 = [builder.fmul(builder.fpext(vload(sptr[k], builder.mul(q, i64(8)), v8h, 2), v8f), xs8) for k in range(nrow)]
+        for pp in range(4):
+            sel = _ir.Constant(v8i32, [2 * pp] * 4 + [2 * pp + 1] * 4)
+            pair(builder.add(builder.mul(q, i64(4)), i64(pp)),
+                 lambda k, sel=sel: builder.shuffle_vector(d8[k], _ir.Constant(v8f, _ir.Undefined), sel))
+    with _cgutils.for_range_slice(builder, builder.mul(nq, i64(4)), builder.sdiv(G, i64(2)), i64(1)) as (p, _):
+        xs2 = vload(xsf, builder.mul(p, i64(2)), v2f, 4)
+        pair(p, lambda k: builder.shuffle_vector(
+            builder.fmul(builder.fpext(vload(sptr[k], builder.mul(p, i64(2)), v2h, 2), v2f), xs2),
+            _ir.Constant(v2f, _ir.Undefined), _ir.Constant(v8i32, [0, 0, 0, 0, 1, 1, 1, 1])))
     odd = builder.icmp_signed("!=", builder.srem(G, i64(2)), i64(0))
     with builder.if_then(odd):                                  # the last group alone, natural order
         g = builder.sub(G, i64(1))
