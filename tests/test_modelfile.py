@@ -113,7 +113,7 @@ def test_convert_from_weights_pair_and_model(tmp_path, ckpt):
     with pytest.raises(TypeError):
         convert(object(), tmp_path / "x.rwkve")
     with pytest.raises(ValueError, match="dtype"):
-        convert(ckpt, tmp_path / "x.rwkve", "int4")
+        convert(ckpt, tmp_path / "x.rwkve", "int5")
 
 
 def test_failed_convert_leaves_nothing(tmp_path, ckpt, monkeypatch):
