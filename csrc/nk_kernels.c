@@ -163,10 +163,10 @@ AVX2 static inline float hsum8(__m256 v) {
             int64_t q = p + k < n ? p + k : p;                                                         \
             w[k] = base + stride * (idx ? idx[q] : q);                                                 \
         }                                                                                              \
-        if (idx && p + 12 < n)       /* scattered rows: fetch the rows two passes ahead */            \
+        if (p + 12 < n)              /* fetch the rows two passes ahead (scattered or strided) */     \
             for (int k = 8; k < 12; k++)                                                               \
                 for (int64_t l = 0; l < I; l += 64)                                                    \
-                    _mm_prefetch((const char *)(base + stride * idx[p + k] + l), _MM_HINT_T0);        \
+                    _mm_prefetch((const char *)(base + stride * (idx ? idx[p + k] : p + k) + l), _MM_HINT_T0); \
         for (int64_t t = 0; t < T; t++) {                                                              \
             const int8_t *xq = X + t * I;                                                              \
             __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;                                \

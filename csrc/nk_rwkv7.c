@@ -66,6 +66,8 @@ typedef struct {
     nk_pred_x px;
     nk_tls tls[NK_MAXT];
     uint8_t *rec;              /* NULL, or where this call records the predicted sets (tests) */
+    const int32_t *gidx;       /* NULL, or sets given by the caller (replayed): token t, layer i is */
+    const int64_t *goff;       /*   gidx[goff[t L + i] : goff[t L + i + 1]] */
     int64_t rec_t0, rec_layer;
 } nk_model;
 
@@ -235,6 +237,20 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
     const float *sc = f->b->kv_scale;
     memset(s->out, 0, T * D * sizeof(float));
     s->nval = 0;
+    if (T == 1) {              /* decode: all key rows, then the value columns of every active neuron */
+        m->k->dots(kv + lo * 2 * D, 2 * D, NULL, hi - lo, D, m->Xq, m->xs, 1, s->keys, 0);
+        int64_t n = 0;
+        for (int64_t j = lo; j < hi; j++) {
+            float a = s->keys[j - lo] * sc[2 * j];
+            if (a > 0) {
+                s->pj[n] = (int32_t)j;
+                s->ph[n++] = a * a * sc[2 * j + 1];
+            }
+        }
+        value_columns(m, kv, s->pj, s->ph, n, s->out);
+        s->nval = n;
+        return;
+    }
     for (int64_t j0 = lo; j0 < hi; j0 += NB) {
         int64_t nb = hi - j0 < NB ? hi - j0 : NB;
         m->k->dots(kv + j0 * 2 * D, 2 * D, NULL, nb, D, m->Xq, m->xs, T, s->keys, NB);
@@ -313,7 +329,7 @@ static void channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_
     memcpy(ffn_x, m->xa + (T - 1) * D, D * sizeof(float));
     quantize_rows(m, m->fx, T, D);
     ffn_ctx c = {m, b, T, 0};
-    if (!p) {
+    if (!p && !m->goff) {
         nk_pool_run(m->pool, ffn_dense_task, &c, m->F);
         for (int64_t i = 0; i < nt; i++) {
             if (m->F < 8 * nt && i > 0)
@@ -326,7 +342,14 @@ static void channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_
         return;
     }
     for (int64_t t = 0; t < T; t++) {
-        int64_t n = predict(m, p, m->fx + t * D);
+        int64_t n;
+        if (m->goff) {
+            const int64_t *o = m->goff + (m->rec_t0 + t) * m->L + m->rec_layer;
+            n = o[1] - o[0];
+            memcpy(m->idx, m->gidx + o[0], n * sizeof(int32_t));
+        } else {
+            n = predict(m, p, m->fx + t * D);
+        }
         c.t = t;
         if (m->rec)                                     /* rec (T, L, F): 1 where predicted */
             for (int64_t q = 0; q < n; q++)
@@ -420,11 +443,13 @@ void nk_model_free(void *mp) {
 /* Run tokens (T,) from the state (att_x (L, D), wkv (L, H, N, N), ffn_x (L, D), updated in place).
  * logits: (V,) for the last token, or (T, V) with full. stats: (L, 2) int64 accumulated (neurons
  * whose key row was read, value columns read). rec: NULL or (T, L, F) uint8 zeroed: the sparse
- * FFN marks each token's predicted neurons there. Returns 0. */
+ * FFN marks each token's predicted neurons there. gidx/goff: NULL, or the sets to run instead of a
+ * predictor's (distinct neuron ids; token t, layer i: gidx[goff[t L + i] : goff[t L + i + 1]]).
+ * Returns 0. */
 int nk_forward(void *mp, const int32_t *tokens, int64_t T, float *att_x, float *wkv, float *ffn_x,
-               float *logits, int64_t full, int64_t *stats, uint8_t *rec) {
+               float *logits, int64_t full, int64_t *stats, uint8_t *rec, const int32_t *gidx, const int64_t *goff) {
     nk_model *m = (nk_model *)mp;
-    m->rec = rec;
+    m->rec = rec, m->gidx = gidx, m->goff = goff;
     int64_t D = m->D, HNN = m->H * m->N * m->N;
     for (int64_t c0 = 0; c0 < T; c0 += TB) {
         int64_t n = T - c0 < TB ? T - c0 : TB;

@@ -151,12 +151,17 @@ def test_state_over_many_steps_and_prefill_vs_steps(int8_file):
     a, sa = m.forward(prompt)
     b, sb = q.forward(prompt)
     assert _rel(a, b) < 2e-4
+    per_step = []
     for t in steps:
         a, sa = m.step(t, sa)
         b, sb = q.step(t, sb)
+        per_step.append(a)
     assert _rel(a, b) < 1e-3 and _rel(sa.wkv, sb.wkv) < 1e-3
-    full, sf = m.forward(prompt + steps)
-    assert np.array_equal(full, a) and np.array_equal(sf.wkv, sa.wkv)
+    # prefill (64-token chunks, keys of each weight row for all tokens) vs the same tokens as steps:
+    # the same math, only the FFN's float summation order differs
+    full, sf = m.forward(prompt + steps, full_output=True)
+    _close(full[len(prompt):], np.stack(per_step))
+    assert _rel(sf.wkv, sa.wkv) < 1e-3
     # the input state is never modified
     s0 = sf.copy()
     m.step(5, sf)

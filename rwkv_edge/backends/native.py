@@ -50,7 +50,7 @@ def _load():
                 lib.nk_model_new.argtypes = [P, P, P, P]
                 lib.nk_model_free.argtypes = [P]
                 lib.nk_forward.restype = ctypes.c_int
-                lib.nk_forward.argtypes = [P, P, i64, P, P, P, P, i64, P, P]
+                lib.nk_forward.argtypes = [P, P, i64, P, P, P, P, i64, P, P, P, P]
                 lib.nk_level_name.restype = ctypes.c_char_p
                 lib.nk_level_name.argtypes = [ctypes.c_int]
                 lib.nk_test_dots.argtypes = [ctypes.c_int, P, i64, i64, P, i64, P]
@@ -153,7 +153,8 @@ class NativeRWKV7:
 
     version = "x070"
 
-    def __init__(self, config: ModelConfig, tensors: dict, fingerprint: str, bundle=None, threads: int | None = None):
+    def __init__(self, config: ModelConfig, tensors: dict, fingerprint: str, bundle=None, threads: int | None = None,
+                 sets=None):
         lib, why = _load()
         if lib is None:
             raise RuntimeError(why)
@@ -161,7 +162,8 @@ class NativeRWKV7:
         self.ops = _Ops
         self.hooks = _NoHooks()
         self._t, self._bundle, self._lib = tensors, bundle, lib
-        self.ffn = NativeFFNStats(config.ffn_dim) if bundle is not None else None
+        self._sets = sets            # an object with predict_indices(layer, x): sets given per token and layer
+        self.ffn = NativeFFNStats(config.ffn_dim) if bundle is not None or sets is not None else None
         self.tokens_run, self.bytes_read = 0, 0      # weight bytes the kernels read (tools/bench.py)
         self.threads = int(threads or _THREADS["n"])
         self._build()
@@ -199,6 +201,11 @@ class NativeRWKV7:
         if q0.shape != (self.config.ffn_dim, self.config.n_embd):
             raise ValueError(f"predictor shape {q0.shape} does not fit this model")
         return NativeRWKV7(self.config, self._t, self.fingerprint, bundle, self.threads)
+
+    def with_sets(self, sets) -> "NativeRWKV7":
+        """A model sharing these weights whose FFN runs the sets `sets.predict_indices(layer, None)` gives
+        (called once per token and layer, in order: e.g. replay.ReplayedSets for tools/bench.py --shape)."""
+        return NativeRWKV7(self.config, self._t, self.fingerprint, None, self.threads, sets)
 
     def set_threads(self, n: int) -> None:
         """Use n threads from now on (rebuilds the C model; weights are not touched)."""
@@ -300,9 +307,19 @@ class NativeRWKV7:
             if not (isinstance(record, np.ndarray) and record.dtype == np.uint8 and record.flags.c_contiguous
                     and record.shape == (T, c.n_layer, c.ffn_dim)):
                 raise ValueError(f"record must be a C-contiguous uint8 array of shape {(T, c.n_layer, c.ffn_dim)}")
+        gidx = goff = None
+        if self._sets is not None:
+            L, F = self.config.n_layer, self.config.ffn_dim
+            sets = [np.asarray(self._sets.predict_indices(i, None), np.int32) for _ in range(T) for i in range(L)]
+            goff = np.zeros(T * L + 1, np.int64)
+            np.cumsum([len(x) for x in sets], out=goff[1:])
+            gidx = np.concatenate(sets) if goff[-1] else np.zeros(1, np.int32)
+            if gidx.size and (gidx.min() < 0 or gidx.max() >= F):
+                raise ValueError(f"given neuron ids out of range [0, {F})")
         self._lib.nk_forward(self._h, tok.ctypes.data, T, st.att_x.ctypes.data, st.wkv.ctypes.data,
                              st.ffn_x.ctypes.data, logits.ctypes.data, 1 if full_output else 0, s.ctypes.data,
-                             None if record is None else record.ctypes.data)
+                             None if record is None else record.ctypes.data,
+                             None if gidx is None else gidx.ctypes.data, None if goff is None else goff.ctypes.data)
         if self.ffn is not None:             # as sparse.SparseFFN counts: per token and layer
             self.ffn.n_tokens += T * self.config.n_layer
             self.ffn.n_active += int(s[:, 0].sum())
