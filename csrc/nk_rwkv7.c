@@ -445,9 +445,11 @@ void nk_model_free(void *mp) {
  * whose key row was read, value columns read). rec: NULL or (T, L, F) uint8 zeroed: the sparse
  * FFN marks each token's predicted neurons there. gidx/goff: NULL, or the sets to run instead of a
  * predictor's (distinct neuron ids; token t, layer i: gidx[goff[t L + i] : goff[t L + i + 1]]).
+ * wkv_in: NULL (wkv updated in place) or the input wkv state, copied into wkv as each layer starts.
  * Returns 0. */
 int nk_forward(void *mp, const int32_t *tokens, int64_t T, float *att_x, float *wkv, float *ffn_x,
-               float *logits, int64_t full, int64_t *stats, uint8_t *rec, const int32_t *gidx, const int64_t *goff) {
+               float *logits, int64_t full, int64_t *stats, uint8_t *rec, const int32_t *gidx, const int64_t *goff,
+               const float *wkv_in) {
     nk_model *m = (nk_model *)mp;
     m->rec = rec, m->gidx = gidx, m->goff = goff;
     int64_t D = m->D, HNN = m->H * m->N * m->N;
@@ -462,6 +464,8 @@ int nk_forward(void *mp, const int32_t *tokens, int64_t T, float *att_x, float *
         m->rec_t0 = c0;
         for (int64_t i = 0; i < m->L; i++) {
             m->rec_layer = i;
+            if (wkv_in && c0 == 0)     /* the caller keeps its state: copy it layer by layer, then hot */
+                memcpy(wkv + i * HNN, wkv_in + i * HNN, HNN * sizeof(float));
             time_mix(m, &m->layers[i], n, att_x + i * D, wkv + i * HNN, i == 0);
             channel_mix(m, &m->layers[i], m->pred ? &m->pred[i] : NULL, n, ffn_x + i * D, stats + 2 * i);
         }

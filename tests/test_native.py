@@ -259,6 +259,8 @@ def test_native_rejects_what_it_cannot_run(tiny_ckpt, tmp_path):
     m = native.NativeRWKV7.open(str(convert(tiny_ckpt("x070"), tmp_path / "m.rwkve", "int8")))
     with pytest.raises(ValueError, match="quantized"):
         m.with_predictors(SimpleNamespace(predictors=[object()] * m.config.n_layer))
+    with pytest.raises(ValueError, match="state shapes"):
+        m.forward([1], native.State.zeros(m.config.__class__.from_dict(dict(m.config.to_dict(), n_layer=3))))
     m.hooks.ffn_input.append(lambda i, x: None)
     with pytest.raises(RuntimeError, match="hooks"):
         m.forward([1])

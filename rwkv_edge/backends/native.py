@@ -50,7 +50,7 @@ def _load():
                 lib.nk_model_new.argtypes = [P, P, P, P]
                 lib.nk_model_free.argtypes = [P]
                 lib.nk_forward.restype = ctypes.c_int
-                lib.nk_forward.argtypes = [P, P, i64, P, P, P, P, i64, P, P, P, P]
+                lib.nk_forward.argtypes = [P, P, i64, P, P, P, P, i64, P, P, P, P, P]
                 lib.nk_level_name.restype = ctypes.c_char_p
                 lib.nk_level_name.argtypes = [ctypes.c_int]
                 lib.nk_test_dots.argtypes = [ctypes.c_int, P, i64, i64, P, i64, P]
@@ -296,8 +296,17 @@ class NativeRWKV7:
         V = self.config.vocab_size
         if tok.min() < 0 or tok.max() >= V:
             raise ValueError(f"token id out of range [0, {V})")
-        st = self.zero_state() if state is None else State(*(np.array(a, np.float32, order="C", copy=True)
-                                                              for a in (state.att_x, state.wkv, state.ffn_x)))
+        wkv_in = None
+        if state is None:
+            st = self.zero_state()
+        else:                          # a new state; the C side copies the wkv matrices layer by layer
+            c = self.config
+            want = ((c.n_layer, c.n_embd), (c.n_layer, c.n_head, c.head_size, c.head_size), (c.n_layer, c.n_embd))
+            if tuple(tuple(np.shape(a)) for a in (state.att_x, state.wkv, state.ffn_x)) != want:
+                raise ValueError("state shapes do not fit this model")
+            wkv_in = np.ascontiguousarray(state.wkv, np.float32)
+            st = State(np.array(state.att_x, np.float32, order="C", copy=True), np.empty_like(wkv_in),
+                       np.array(state.ffn_x, np.float32, order="C", copy=True))
         T = tok.shape[0]
         logits = np.empty((T, V) if full_output else V, np.float32)
         s = self._stats
@@ -319,7 +328,8 @@ class NativeRWKV7:
         self._lib.nk_forward(self._h, tok.ctypes.data, T, st.att_x.ctypes.data, st.wkv.ctypes.data,
                              st.ffn_x.ctypes.data, logits.ctypes.data, 1 if full_output else 0, s.ctypes.data,
                              None if record is None else record.ctypes.data,
-                             None if gidx is None else gidx.ctypes.data, None if goff is None else goff.ctypes.data)
+                             None if gidx is None else gidx.ctypes.data, None if goff is None else goff.ctypes.data,
+                             None if wkv_in is None else wkv_in.ctypes.data)
         if self.ffn is not None:             # as sparse.SparseFFN counts: per token and layer
             self.ffn.n_tokens += T * self.config.n_layer
             self.ffn.n_active += int(s[:, 0].sum())
