@@ -8,9 +8,7 @@
  * wkv recurrence and the LoRAs go token by token. Scratch is allocated once per model (~TB * D * 30
  * floats), so memory does not grow with the prompt.
  *
- * FFN. Dense: every neuron's key row; the value column only where relu(k)^2 > 0 (the same sum).
- * Sparse (a predictor per layer): the n-bit W_k predictor scores every neuron (nk_kernels.c) and
- * the neurons with score >= thr run: their key rows, then the value columns of the active ones.
+ * FFN: nk_ffn.c (dense, or sparse on the n-bit W_k predictor's sets).
  * Threads (nk_pool.c) split rows of the mat-vecs, predictor rows and FFN neurons (each thread adds
  * into its own output row; the rows are summed after).
  */
@@ -18,61 +16,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "nk.h"
-#include "nk_pool.h"
 
-#define TB 64      /* tokens per prefill chunk (<= 64: nk_kernels' VNNI correction array) */
-#define NB 64      /* neurons per key block of the dense FFN */
+#include "nk_model.h"
 
-/* One layer: pointers only, in this order (rwkv_edge/backends/native.py builds the same list). */
-typedef struct {
-    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
-    const float *x_r, *x_w, *x_k, *x_v, *x_a, *x_g;
-    const float *w0, *a0, *v0, *k_k, *k_a, *r_k, *lnx_w, *lnx_b;   /* v0 NULL in layer 0 */
-    const int8_t *w1, *w2, *a1, *a2, *g1, *g2, *v1, *v2;           /* LoRA (in, out) int8 */
-    const float *w1s, *w2s, *a1s, *a2s, *g1s, *g2s, *v1s, *v2s;    /* their column scales */
-    const int8_t *Wr, *Wk, *Wv, *Wo;                              /* (D, D) int8 rows */
-    const float *sr, *sk, *sv, *so;
-    const float *ffn_xk;
-    const int8_t *kv;                                             /* (F, 2, D) */
-    const float *kv_scale;                                        /* (F, 2) */
-    const uint8_t *p_packed;                                      /* predictor, NULL: dense FFN */
-    const uint16_t *p_scale, *p_zero;
-} nk_layer;
-
-typedef struct {               /* per-thread scratch */
-    float *out;                /* (TB, D) this thread's FFN output */
-    float *keys;               /* (TB, NB) or (F,) key activations */
-    int32_t *pj;               /* (F,) active neurons */
-    float *ph;                 /* (F,) their h = relu(k)^2 * value scale */
-    int64_t nval;              /* value columns read in the last call */
-} nk_tls;
-
-typedef struct {
-    int64_t L, D, H, N, F, V, dw, da, dg, dv;
-    const nk_kern *k;
-    nk_pool *pool;
-    const uint16_t *emb;
-    const float *ln0_w, *ln0_b, *lnout_w, *lnout_b, *head_s;
-    const int8_t *head;
-    nk_layer *layers;
-    nk_pred *pred;             /* (L,) or NULL */
-    float *x, *xa, *mix[6], *r, *kk, *v, *vf, *y, *o, *fx;          /* (TB, D) */
-    float *w, *a, *g, *nk, *bb, *gv, *t1;                             /* (D,) */
-    int8_t *Xq;
-    float *xs;
-    float *score;
-    int32_t *idx;
-    nk_pred_x px;
-    nk_tls tls[NK_MAXT];
-    uint8_t *rec;              /* NULL, or where this call records the predicted sets (tests) */
-    const int32_t *gidx;       /* NULL, or sets given by the caller (replayed): token t, layer i is */
-    const int64_t *goff;       /*   gidx[goff[t L + i] : goff[t L + i + 1]] */
-    int64_t rec_t0, rec_layer;
-} nk_model;
 
 /* ---- small helpers ------------------------------------------------------------------------------ */
-static void layer_norm(const float *x, const float *w, const float *b, float eps, int64_t D, float *out) {
+void nk_layer_norm(const float *x, const float *w, const float *b, float eps, int64_t D, float *out) {
     float mu = 0.0f, var = 0.0f;
     for (int64_t d = 0; d < D; d++)
         mu += x[d];
@@ -115,14 +64,14 @@ static void lin_task(void *c, int tid, int64_t lo, int64_t hi) {
             L->y[t * L->ldy + r] *= L->s[r];
 }
 
-static void quantize_rows(nk_model *m, const float *x, int64_t T, int64_t I) {
+void nk_quantize_rows(nk_model *m, const float *x, int64_t T, int64_t I) {
     for (int64_t t = 0; t < T; t++)
         nk_quantize(x + t * I, I, m->Xq + t * I, m->xs + t * (I / NK_GS));
 }
 
 static void linear(nk_model *m, const int8_t *W, const float *s, int64_t O, int64_t I, const float *x, int64_t T,
                    float *y, int64_t ldy) {
-    quantize_rows(m, x, T, I);
+    nk_quantize_rows(m, x, T, I);
     lin_ctx c = {m, W, s, I, T, ldy, y};
     nk_pool_run(m->pool, lin_task, &c, O);
 }
@@ -132,7 +81,7 @@ static void time_mix(nk_model *m, const nk_layer *b, int64_t T, float *att_x, fl
     int64_t D = m->D, H = m->H, N = m->N;
     const float *mixw[6] = {b->x_r, b->x_w, b->x_k, b->x_v, b->x_a, b->x_g};
     for (int64_t t = 0; t < T; t++)
-        layer_norm(m->x + t * D, b->ln1_w, b->ln1_b, 1e-5f, D, m->xa + t * D);
+        nk_layer_norm(m->x + t * D, b->ln1_w, b->ln1_b, 1e-5f, D, m->xa + t * D);
     for (int64_t t = 0; t < T; t++) {              /* token shift: x + (prev - x) * mix */
         const float *xa = m->xa + t * D, *prev = t ? xa - D : att_x;
         for (int c = 0; c < 6; c++)
@@ -205,168 +154,6 @@ static void time_mix(nk_model *m, const nk_layer *b, int64_t T, float *att_x, fl
         m->x[i] += m->o[i];
 }
 
-/* ---- FFN ----------------------------------------------------------------------------------------- */
-typedef struct {
-    nk_model *m;
-    const nk_layer *b;
-    int64_t T;                 /* tokens (dense); sparse runs one token, t */
-    int64_t t;
-} ffn_ctx;
-
-/* out (D,) += h_j V[:, j] for the n neurons pj/ph, four per pass over out */
-static void value_columns(const nk_model *m, const int8_t *kv, const int32_t *pj, const float *ph, int64_t n, float *out) {
-    int64_t D = m->D;
-    for (int64_t q = 0; q < n; q += 4) {
-        const int8_t *v[4];
-        float h[4];
-        for (int k = 0; k < 4; k++) {
-            int64_t p = q + k < n ? q + k : q;
-            v[k] = kv + (int64_t)pj[p] * 2 * D + D;
-            h[k] = q + k < n ? ph[p] : 0.0f;
-        }
-        m->k->axpy4(out, D, v, h);
-    }
-}
-
-static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
-    ffn_ctx *f = (ffn_ctx *)c;
-    nk_model *m = f->m;
-    nk_tls *s = &m->tls[tid];
-    int64_t D = m->D, T = f->T;
-    const int8_t *kv = f->b->kv;
-    const float *sc = f->b->kv_scale;
-    memset(s->out, 0, T * D * sizeof(float));
-    s->nval = 0;
-    if (T == 1) {              /* decode: all key rows, then the value columns of every active neuron */
-        m->k->dots(kv + lo * 2 * D, 2 * D, NULL, hi - lo, D, m->Xq, m->xs, 1, s->keys, 0);
-        int64_t n = 0;
-        for (int64_t j = lo; j < hi; j++) {
-            float a = s->keys[j - lo] * sc[2 * j];
-            if (a > 0) {
-                s->pj[n] = (int32_t)j;
-                s->ph[n++] = a * a * sc[2 * j + 1];
-            }
-        }
-        value_columns(m, kv, s->pj, s->ph, n, s->out);
-        s->nval = n;
-        return;
-    }
-    for (int64_t j0 = lo; j0 < hi; j0 += NB) {
-        int64_t nb = hi - j0 < NB ? hi - j0 : NB;
-        m->k->dots(kv + j0 * 2 * D, 2 * D, NULL, nb, D, m->Xq, m->xs, T, s->keys, NB);
-        for (int64_t t = 0; t < T; t++) {
-            int64_t n = 0;
-            for (int64_t p = 0; p < nb; p++) {
-                int64_t j = j0 + p;
-                float a = s->keys[t * NB + p] * sc[2 * j];
-                if (a > 0) {
-                    s->pj[n] = (int32_t)j;
-                    s->ph[n++] = a * a * sc[2 * j + 1];
-                }
-            }
-            value_columns(m, kv, s->pj, s->ph, n, s->out + t * D);
-            s->nval += n;
-        }
-    }
-}
-
-static void ffn_sparse_task(void *c, int tid, int64_t lo, int64_t hi) {
-    ffn_ctx *f = (ffn_ctx *)c;
-    nk_model *m = f->m;
-    nk_tls *s = &m->tls[tid];
-    int64_t D = m->D;
-    const int8_t *kv = f->b->kv;
-    const float *sc = f->b->kv_scale;
-    memset(s->out, 0, D * sizeof(float));
-    m->k->dots(kv, 2 * D, m->idx + lo, hi - lo, D, m->Xq + f->t * D, m->xs + f->t * (D / NK_GS), 1, s->keys, 0);
-    int64_t n = 0;
-    for (int64_t p = lo; p < hi; p++) {
-        int64_t j = m->idx[p];
-        float a = s->keys[p - lo] * sc[2 * j];
-        if (a > 0) {
-            s->pj[n] = (int32_t)j;
-            s->ph[n++] = a * a * sc[2 * j + 1];
-        }
-    }
-    value_columns(m, kv, s->pj, s->ph, n, s->out);
-    s->nval = n;
-}
-
-typedef struct {
-    nk_model *m;
-    const nk_pred *p;
-} pred_ctx;
-
-static void pred_task(void *c, int tid, int64_t lo, int64_t hi) {
-    pred_ctx *pc = (pred_ctx *)c;
-    (void)tid;
-    pc->m->k->pred(pc->p, &pc->m->px, lo, hi, pc->m->score + lo);
-}
-
-/* the predicted set of token xk (D,) into m->idx (sorted); returns its size */
-static int64_t predict(nk_model *m, const nk_pred *p, const float *xk) {
-    nk_pred_prep(p, xk, &m->px);
-    pred_ctx c = {m, p};
-    nk_pool_run(m->pool, pred_task, &c, p->R);
-    int64_t n = 0;
-    for (int64_t r = 0; r < p->R; r++)
-        if (m->score[r] >= p->thr)
-            m->idx[n++] = (int32_t)r;
-    return n;
-}
-
-/* x += FFN(token-shifted ln2 x) for T tokens; stats[0] += neurons whose key row was read,
- * stats[1] += value columns read */
-static void channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T, float *ffn_x, int64_t *stats) {
-    int64_t D = m->D, nt = nk_pool_size(m->pool);
-    for (int64_t t = 0; t < T; t++)
-        layer_norm(m->x + t * D, b->ln2_w, b->ln2_b, 1e-5f, D, m->xa + t * D);
-    for (int64_t t = 0; t < T; t++) {
-        const float *xa = m->xa + t * D, *prev = t ? xa - D : ffn_x;
-        for (int64_t d = 0; d < D; d++)
-            m->fx[t * D + d] = xa[d] + (prev[d] - xa[d]) * b->ffn_xk[d];
-    }
-    memcpy(ffn_x, m->xa + (T - 1) * D, D * sizeof(float));
-    quantize_rows(m, m->fx, T, D);
-    ffn_ctx c = {m, b, T, 0};
-    if (!p && !m->goff) {
-        nk_pool_run(m->pool, ffn_dense_task, &c, m->F);
-        for (int64_t i = 0; i < nt; i++) {
-            if (m->F < 8 * nt && i > 0)
-                break;                                  /* the pool ran it on thread 0 alone */
-            for (int64_t e = 0; e < T * D; e++)
-                m->x[e] += m->tls[i].out[e];
-            stats[1] += m->tls[i].nval;
-        }
-        stats[0] += T * m->F;
-        return;
-    }
-    for (int64_t t = 0; t < T; t++) {
-        int64_t n;
-        if (m->goff) {
-            const int64_t *o = m->goff + (m->rec_t0 + t) * m->L + m->rec_layer;
-            n = o[1] - o[0];
-            memcpy(m->idx, m->gidx + o[0], n * sizeof(int32_t));
-        } else {
-            n = predict(m, p, m->fx + t * D);
-        }
-        c.t = t;
-        if (m->rec)                                     /* rec (T, L, F): 1 where predicted */
-            for (int64_t q = 0; q < n; q++)
-                m->rec[((m->rec_t0 + t) * m->L + m->rec_layer) * m->F + m->idx[q]] = 1;
-        int used = n >= 8 * nt ? (int)nt : 1;
-        for (int i = 0; i < used; i++)
-            memset(m->tls[i].out, 0, D * sizeof(float)), m->tls[i].nval = 0;
-        nk_pool_run(m->pool, ffn_sparse_task, &c, n);
-        for (int i = 0; i < used; i++) {
-            for (int64_t d = 0; d < D; d++)
-                m->x[t * D + d] += m->tls[i].out[d];
-            stats[1] += m->tls[i].nval;
-        }
-        stats[0] += n;
-    }
-}
-
 /* ---- the public entry points (called through ctypes) ------------------------------------------- */
 enum { P_EMB, P_LN0W, P_LN0B, P_LNOW, P_LNOB, P_HEAD, P_HEADS, P_NGLOBAL };
 
@@ -409,6 +196,7 @@ void *nk_model_new(const int64_t *dims, const void *const *glob, const void *con
     m->xs = malloc(TB * (D / NK_GS) * sizeof(float));
     m->score = malloc(F * sizeof(float));
     m->idx = malloc(F * sizeof(int32_t));
+    m->mask = malloc(TB * F);
     m->px.xq = malloc(D);
     for (int k2 = 0; k2 < 4; k2++)
         m->px.plane[k2] = malloc(D);
@@ -432,7 +220,7 @@ void nk_model_free(void *mp) {
                      m->px.xs, m->px.e, m->px.xsum};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
         free(bufs[i]);
-    free(m->Xq), free(m->idx), free(m->px.xq);
+    free(m->Xq), free(m->idx), free(m->mask), free(m->px.xq);
     for (int k = 0; k < 4; k++)
         free(m->px.plane[k]);
     for (int i = 0; i < NK_MAXT; i++)
@@ -459,7 +247,7 @@ int nk_forward(void *mp, const int32_t *tokens, int64_t T, float *att_x, float *
             const uint16_t *e = m->emb + (int64_t)tokens[c0 + t] * D;
             for (int64_t d = 0; d < D; d++)
                 m->xa[t * D + d] = nk_h2f(e[d]);
-            layer_norm(m->xa + t * D, m->ln0_w, m->ln0_b, 1e-5f, D, m->x + t * D);
+            nk_layer_norm(m->xa + t * D, m->ln0_w, m->ln0_b, 1e-5f, D, m->x + t * D);
         }
         m->rec_t0 = c0;
         for (int64_t i = 0; i < m->L; i++) {
@@ -467,13 +255,13 @@ int nk_forward(void *mp, const int32_t *tokens, int64_t T, float *att_x, float *
             if (wkv_in && c0 == 0)     /* the caller keeps its state: copy it layer by layer, then hot */
                 memcpy(wkv + i * HNN, wkv_in + i * HNN, HNN * sizeof(float));
             time_mix(m, &m->layers[i], n, att_x + i * D, wkv + i * HNN, i == 0);
-            channel_mix(m, &m->layers[i], m->pred ? &m->pred[i] : NULL, n, ffn_x + i * D, stats + 2 * i);
+            nk_channel_mix(m, &m->layers[i], m->pred ? &m->pred[i] : NULL, n, ffn_x + i * D, stats + 2 * i);
         }
         int64_t h0 = full ? 0 : n - 1;                 /* tokens of this chunk that need logits */
         if (!full && c0 + n < T)
             continue;
         for (int64_t t = h0; t < n; t++)
-            layer_norm(m->x + t * D, m->lnout_w, m->lnout_b, 1e-5f, D, m->xa + (t - h0) * D);
+            nk_layer_norm(m->x + t * D, m->lnout_w, m->lnout_b, 1e-5f, D, m->xa + (t - h0) * D);
         float *out = full ? logits + c0 * m->V : logits;
         linear(m, m->head, m->head_s, m->V, D, m->xa, n - h0, out, m->V);
     }

@@ -190,14 +190,14 @@ def test_sparse_matches_reference_on_its_sets(request, fixture, bits):
     _close(got, want)
     dense, _ = m.forward(toks, full_output=True)
     assert _rel(got, dense) > 1e-3                     # the sets really dropped neurons
-    # decode steps record the same sets as the prefill (same math per token)
-    s, rec1 = None, np.zeros((1, L, F), np.uint8)
+    # decode steps: the same sets as the prefill (a score on the threshold may round either way) and
+    # the same logits up to float order (the prefill's dense key pass vs the steps' gathered rows)
+    s, rec1, outs = None, np.zeros((len(toks), 1, L, F), np.uint8), []
     for t, tok in enumerate(toks):
-        rec1[:] = 0
-        out, s = sm.step(tok, s) if t else sm.forward([tok], None, record=rec1)
-        if t == 0:
-            assert np.array_equal(rec1[0], rec[0])
-    assert np.array_equal(out, got[-1])
+        out, s = sm.forward([tok], s, record=rec1[t])
+        outs.append(out)
+    assert (rec1[:, 0] != rec).mean() < 1e-3
+    _close(np.stack(outs), got)
 
 
 def test_simd_equals_generic_and_threads(int8_file_wide):
