@@ -43,8 +43,6 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
     int64_t D = m->D, T = f->T;
     const int8_t *kv = f->b->kv;
     const float *sc = f->b->kv_scale;
-    memset(s->out, 0, T * D * sizeof(float));
-    s->nval = 0;
     if (T == 1) {              /* decode: all key rows, then the value columns of every active neuron */
         m->k->dots(kv + lo * 2 * D, 2 * D, NULL, hi - lo, D, m->Xq, m->xs, 1, s->keys, 0);
         int64_t n = 0;
@@ -56,7 +54,7 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
             }
         }
         value_columns(m, kv, s->pj, s->ph, n, s->out);
-        s->nval = n;
+        s->nval += n;
         return;
     }
     for (int64_t j0 = lo; j0 < hi; j0 += NB) {
@@ -85,7 +83,6 @@ static void ffn_sparse_task(void *c, int tid, int64_t lo, int64_t hi) {
     int64_t D = m->D;
     const int8_t *kv = f->b->kv;
     const float *sc = f->b->kv_scale;
-    memset(s->out, 0, D * sizeof(float));
     m->k->dots(kv, 2 * D, m->idx + lo, hi - lo, D, m->Xq + f->t * D, m->xs + f->t * (D / NK_GS), 1, s->keys, 0);
     int64_t n = 0;
     for (int64_t p = lo; p < hi; p++) {
@@ -97,7 +94,7 @@ static void ffn_sparse_task(void *c, int tid, int64_t lo, int64_t hi) {
         }
     }
     value_columns(m, kv, s->pj, s->ph, n, s->out);
-    s->nval = n;
+    s->nval += n;
 }
 
 typedef struct {
@@ -121,6 +118,12 @@ static int64_t predict(nk_model *m, const nk_pred *p, const float *xk) {
         if (m->score[r] >= p->thr)
             m->idx[n++] = (int32_t)r;
     return n;
+}
+
+/* the tasks add into their thread's output rows: zero them (and the counts) first */
+static void zero_outs(nk_model *m, int64_t n) {
+    for (int i = 0; i < nk_pool_size(m->pool); i++)
+        memset(m->tls[i].out, 0, n * sizeof(float)), m->tls[i].nval = 0;
 }
 
 /* token t's set (given, or predicted from m->fx) into m->idx, recorded in m->rec; returns its size */
@@ -167,10 +170,9 @@ void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T,
         c.mask = m->mask;
     }
     if (c.mask || (!p && !m->goff)) {
+        zero_outs(m, T * D);
         nk_pool_run(m->pool, ffn_dense_task, &c, m->F);
         for (int64_t i = 0; i < nt; i++) {
-            if (m->F < 8 * nt && i > 0)
-                break;                                  /* the pool ran it on thread 0 alone */
             for (int64_t e = 0; e < T * D; e++)
                 m->x[e] += m->tls[i].out[e];
             stats[1] += m->tls[i].nval;
@@ -182,11 +184,9 @@ void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T,
     for (int64_t t = 0; t < T; t++) {
         int64_t n = sparse_set(m, p, t);
         c.t = t;
-        int used = n >= 8 * nt ? (int)nt : 1;
-        for (int i = 0; i < used; i++)
-            memset(m->tls[i].out, 0, D * sizeof(float)), m->tls[i].nval = 0;
+        zero_outs(m, D);
         nk_pool_run(m->pool, ffn_sparse_task, &c, n);
-        for (int i = 0; i < used; i++) {
+        for (int i = 0; i < nt; i++) {
             for (int64_t d = 0; d < D; d++)
                 m->x[t * D + d] += m->tls[i].out[d];
             stats[1] += m->tls[i].nval;

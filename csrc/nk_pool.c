@@ -1,24 +1,33 @@
-/* A tiny thread pool for the native backend: nk_pool_run(pool, fn, ctx, n) runs fn(ctx, tid, lo, hi)
- * on every thread over a split of [0, n) (cut at multiples of 4 rows) and returns when all are done.
+/* A tiny thread pool for the native backend: nk_pool_run(pool, fn, ctx, n) cuts [0, n) into chunks
+ * (multiples of 4 rows), every thread claims chunks until none is left, and the call returns when
+ * all chunks are done. fn(ctx, tid, lo, hi) may run several times per thread (tasks accumulate).
  *
- * A decode step makes ~5 parallel calls per layer, tens of microseconds apart, so workers spin
- * (with pause) on a generation counter for a while after each call before sleeping on a condition
- * variable: a wake-up through the kernel costs more than the work of one call at 58M. */
+ * Why chunks that are claimed, not one share per thread: on a shared machine a worker may not be
+ * running when a call starts; the calling thread then takes its chunks instead of waiting for it.
+ * The claim counter packs (job generation, number of chunks, next chunk) in one 64-bit atomic, so a
+ * worker that wakes late can never take a chunk of a later job with an earlier job's arguments: its
+ * compare-and-swap fails. A decode step makes ~5 calls per layer, microseconds apart, so workers
+ * spin (with pause) for a while before sleeping on a condition variable. */
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 
 #include "nk_pool.h"
 
-#define NK_SPIN 200000
+#define NK_SPIN 20000       /* pauses a worker spins before sleeping (~0.1-1 ms) */
+#define IDX_BITS 20
+#define IDX_MASK ((1ull << IDX_BITS) - 1)
 
 struct nk_pool {
     int n;
     pthread_t th[NK_MAXT];
-    atomic_int gen, done, quit;
+    atomic_uint_fast64_t claim;       /* gen << 40 | nchunks << 20 | next chunk */
+    atomic_int done, quit;
+    atomic_uint gen;                  /* bumped per job: wakes the workers */
     nk_task fn;
     void *ctx;
-    int64_t total;
+    int64_t total, csize;
     pthread_mutex_t mu;
     pthread_cond_t cv;
 };
@@ -31,9 +40,20 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-static void split(int64_t n, int nt, int tid, int64_t *lo, int64_t *hi) {
-    *lo = (n * tid / nt) / 4 * 4;
-    *hi = tid == nt - 1 ? n : (n * (tid + 1) / nt) / 4 * 4;
+/* claim and run chunks of the current job until none is left */
+static void work(nk_pool *p, int tid) {
+    for (;;) {
+        uint64_t v = atomic_load(&p->claim);
+        uint64_t nch = (v >> IDX_BITS) & IDX_MASK, i = v & IDX_MASK;
+        if (i >= nch)
+            return;
+        if (!atomic_compare_exchange_weak(&p->claim, &v, v + 1))
+            continue;
+        /* the job cannot change before this chunk is counted done: its fields are stable */
+        int64_t lo = (int64_t)i * p->csize, hi = lo + p->csize < p->total ? lo + p->csize : p->total;
+        p->fn(p->ctx, tid, lo, hi);
+        atomic_fetch_add(&p->done, 1);
+    }
 }
 
 typedef struct {
@@ -44,10 +64,11 @@ typedef struct {
 static void *worker(void *arg) {
     worker_arg *wa = (worker_arg *)arg;
     nk_pool *p = wa->p;
-    int tid = wa->tid, seen = 0;
+    int tid = wa->tid;
+    unsigned seen = 0;
     free(wa);
     for (;;) {
-        int g = atomic_load(&p->gen);
+        unsigned g = atomic_load(&p->gen);
         for (int s = 0; s < NK_SPIN && g == seen; s++) {
             cpu_relax();
             g = atomic_load(&p->gen);
@@ -61,11 +82,7 @@ static void *worker(void *arg) {
         seen = g;
         if (atomic_load(&p->quit))
             return NULL;
-        int64_t lo, hi;
-        split(p->total, p->n, tid, &lo, &hi);
-        if (lo < hi)
-            p->fn(p->ctx, tid, lo, hi);
-        atomic_fetch_add(&p->done, 1);
+        work(p, tid);
     }
 }
 
@@ -91,23 +108,30 @@ nk_pool *nk_pool_new(int n) {
 int nk_pool_size(const nk_pool *p) { return p ? p->n : 1; }
 
 void nk_pool_run(nk_pool *p, nk_task fn, void *ctx, int64_t n) {
-    if (!p || p->n == 1 || n < 8 * p->n) {
-        if (n > 0)
-            fn(ctx, 0, 0, n);
+    if (n <= 0)
+        return;
+    if (!p || p->n == 1 || n < 16) {
+        fn(ctx, 0, 0, n);
         return;
     }
+    int64_t nch = 4 * p->n, cs = ((n + nch - 1) / nch + 3) / 4 * 4;     /* ~4 chunks per thread */
+    nch = (n + cs - 1) / cs;
     pthread_mutex_lock(&p->mu);
-    p->fn = fn, p->ctx = ctx, p->total = n;
+    p->fn = fn, p->ctx = ctx, p->total = n, p->csize = cs;
     atomic_store(&p->done, 0);
-    atomic_fetch_add(&p->gen, 1);
+    unsigned g = atomic_fetch_add(&p->gen, 1) + 1;
+    atomic_store(&p->claim, ((uint64_t)(g & 0xffffff) << 40) | ((uint64_t)nch << IDX_BITS));
     pthread_cond_broadcast(&p->cv);
     pthread_mutex_unlock(&p->mu);
-    int64_t lo, hi;
-    split(n, p->n, 0, &lo, &hi);
-    if (lo < hi)
-        fn(ctx, 0, lo, hi);
-    while (atomic_load(&p->done) < p->n - 1)
-        cpu_relax();
+    work(p, 0);
+    /* only chunks already claimed are left: a worker descheduled in one needs a core, so after a
+     * short spin give ours up */
+    for (int s = 0; atomic_load(&p->done) < nch; s++) {
+        if (s < 2000)
+            cpu_relax();
+        else
+            sched_yield();
+    }
 }
 
 void nk_pool_free(nk_pool *p) {
