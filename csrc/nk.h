@@ -43,8 +43,10 @@ typedef struct {
                  const int8_t *X, const float *xs, int64_t T, float *y, int64_t ldy);
     /* out[d] += h[0] v[0][d] + h[1] v[1][d] + h[2] v[2][d] + h[3] v[3][d], v int8 rows of length D */
     void (*axpy4)(float *out, int64_t D, const int8_t *const *v, const float *h);
-    /* scores of predictor rows [r0, r1) (see nk_pred_prep); returns nothing, writes score[r - r0] */
-    void (*pred)(const struct nk_pred *p, const struct nk_pred_x *px, int64_t r0, int64_t r1, float *score);
+    /* scores of predictor rows r0 + q (idx NULL) or idx[r0 + q], q in [0, r1 - r0) (see nk_pred_prep),
+     * into score[q] */
+    void (*pred)(const struct nk_pred *p, const struct nk_pred_x *px, const int32_t *idx, int64_t r0, int64_t r1,
+                 float *score);
     /* one RWKV-7 head, one token: S (N, N) [value i, key j] in place, S = S * w + (S @ a) b^T + v k^T,
      * y = S @ r (all vectors (N,), N % 8 == 0) */
     void (*wkv)(float *S, int64_t N, const float *r, const float *w, const float *k, const float *v,

@@ -4,8 +4,9 @@
  * column of each neuron with relu(k)^2 > 0 (the same sum as reading all of them).
  * Sparse: the layer's n-bit predictor scores all F neurons (nk_kernels.c pred), the neurons with
  * score >= thr form the set; decode reads only their key rows, then the value columns of the
- * active ones. Prefill computes the sets of all tokens of a chunk first, then runs the dense key
- * pass with each token's values masked to its set: the same sums, each key row read once per chunk.
+ * active ones. Prefill runs the dense key pass over a chunk (each key row read once for all its
+ * tokens) and asks the predictor only about the active neurons (relu(k) > 0): the same sums as
+ * the steps. Given sets (replayed, tools/bench.py --shape) mask the dense pass the same way.
  * Threads split neurons; each adds into its own output rows, summed after.
  */
 #include <string.h>
@@ -19,6 +20,7 @@ typedef struct {
     int64_t T;                 /* tokens (dense); sparse runs one token, t */
     int64_t t;
     const uint8_t *mask;       /* NULL, or (T, F): dense keys, but only these neurons' values (prefill) */
+    const nk_pred *pred;       /* NULL, or prefill: dense keys, values of the active neurons it keeps */
 } ffn_ctx;
 
 /* out (D,) += h_j V[:, j] for the n neurons pj/ph, four per pass over out */
@@ -70,6 +72,18 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
                     s->ph[n++] = a * a * sc[2 * j + 1];
                 }
             }
+            if (f->pred && n) {        /* the predictor's verdict, asked only where it matters */
+                m->k->pred(f->pred, &m->pxt[t], s->pj, 0, n, s->sc);
+                int64_t k = 0;
+                for (int64_t q = 0; q < n; q++)
+                    if (s->sc[q] >= f->pred->thr) {
+                        s->pj[k] = s->pj[q], s->ph[k++] = s->ph[q];
+                        if (m->rec)
+                            m->rec[((m->rec_t0 + t) * m->L + m->rec_layer) * m->F + s->pj[q]] = 1;
+                    }
+                n = k;
+                s->npred += n;
+            }
             value_columns(m, kv, s->pj, s->ph, n, s->out + t * D);
             s->nval += n;
         }
@@ -105,7 +119,7 @@ typedef struct {
 static void pred_task(void *c, int tid, int64_t lo, int64_t hi) {
     pred_ctx *pc = (pred_ctx *)c;
     (void)tid;
-    pc->m->k->pred(pc->p, &pc->m->px, lo, hi, pc->m->score + lo);
+    pc->m->k->pred(pc->p, &pc->m->px, NULL, lo, hi, pc->m->score + lo);
 }
 
 /* the predicted set of token xk (D,) into m->idx (sorted); returns its size */
@@ -123,7 +137,7 @@ static int64_t predict(nk_model *m, const nk_pred *p, const float *xk) {
 /* the tasks add into their thread's output rows: zero them (and the counts) first */
 static void zero_outs(nk_model *m, int64_t n) {
     for (int i = 0; i < nk_pool_size(m->pool); i++)
-        memset(m->tls[i].out, 0, n * sizeof(float)), m->tls[i].nval = 0;
+        memset(m->tls[i].out, 0, n * sizeof(float)), m->tls[i].nval = 0, m->tls[i].npred = 0;
 }
 
 /* token t's set (given, or predicted from m->fx) into m->idx, recorded in m->rec; returns its size */
@@ -155,8 +169,15 @@ void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T,
     }
     memcpy(ffn_x, m->xa + (T - 1) * D, D * sizeof(float));
     nk_quantize_rows(m, m->fx, T, D);
-    ffn_ctx c = {m, b, T, 0, NULL};
-    if (T > 1 && (p || m->goff)) {
+    ffn_ctx c = {m, b, T, 0, NULL, NULL};
+    if (T > 1 && p && !m->goff) {
+        /* sparse prefill: the dense key pass over the chunk (each key row read once for all T tokens);
+         * a neuron adds to token t iff relu(k) > 0 and its score >= thr, so only the active neurons
+         * are scored: the same sums as T sparse steps at a fraction of the predictor's work */
+        for (int64_t t = 0; t < T; t++)
+            nk_pred_prep(p, m->fx + t * D, &m->pxt[t]);
+        c.pred = p;
+    } else if (T > 1 && m->goff) {
         /* sparse prefill: every token's set first, then the dense key pass over the chunk (each key
          * row read once for all T tokens) with the values of each token's predicted neurons only:
          * the same sums as T sparse steps, without T scattered reads of the key rows */
@@ -169,15 +190,17 @@ void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T,
         }
         c.mask = m->mask;
     }
-    if (c.mask || (!p && !m->goff)) {
+    if (c.mask || c.pred || (!p && !m->goff)) {
         zero_outs(m, T * D);
         nk_pool_run(m->pool, ffn_dense_task, &c, m->F);
         for (int64_t i = 0; i < nt; i++) {
             for (int64_t e = 0; e < T * D; e++)
                 m->x[e] += m->tls[i].out[e];
             stats[1] += m->tls[i].nval;
+            if (c.pred)
+                stats[0] += m->tls[i].npred;
         }
-        if (!c.mask)
+        if (!c.mask && !c.pred)
             stats[0] += T * m->F;
         return;
     }

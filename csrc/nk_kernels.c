@@ -120,9 +120,10 @@ static float pred_row_tail(const nk_pred *p, const nk_pred_x *px, int64_t r, int
     return acc;
 }
 
-static void pred_generic(const nk_pred *p, const nk_pred_x *px, int64_t r0, int64_t r1, float *score) {
-    for (int64_t r = r0; r < r1; r++)
-        score[r - r0] = pred_row_tail(p, px, r, 0);
+static void pred_generic(const nk_pred *p, const nk_pred_x *px, const int32_t *idx, int64_t r0, int64_t r1,
+                         float *score) {
+    for (int64_t q = r0; q < r1; q++)
+        score[q - r0] = pred_row_tail(p, px, idx ? idx[q] : q, 0);
 }
 
 static void wkv_generic(float *S, int64_t N, const float *r, const float *w, const float *k, const float *v,
@@ -235,17 +236,18 @@ AVX2 static void axpy4_avx2(float *out, int64_t D, const int8_t *const *v, const
  * the eight groups in the order PERM2 below; the float scales are permuted to match.
  * 4-bit: one load = one group; planes raw & 15 (columns 2b) and (raw >> 4) & 15 (2b + 1); the hadd
  * tree of eight loads ends in natural order. */
-AVX2 static void pred_avx2(const nk_pred *p, const nk_pred_x *px, int64_t r0, int64_t r1, float *score) {
+AVX2 static void pred_avx2(const nk_pred *p, const nk_pred_x *px, const int32_t *idx, int64_t r0, int64_t r1,
+                           float *score) {
     int64_t gs = p->C / p->G, G8 = p->G / 8 * 8, rb = p->C * p->bits / 8;
     if (!((p->bits == 2 || p->bits == 4) && gs == 64) || G8 == 0) {
-        pred_generic(p, px, r0, r1, score);
+        pred_generic(p, px, idx, r0, r1, score);
         return;
     }
     const __m256i ones = _mm256_set1_epi16(1);
     const __m256i perm = p->bits == 2 ? _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7) : _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     float xsP[256], eP[256], sP[256];     /* per-call vectors in the kernel's group order (G <= 256) */
     if (p->G > 256) {
-        pred_generic(p, px, r0, r1, score);
+        pred_generic(p, px, idx, r0, r1, score);
         return;
     }
     for (int64_t c = 0; c < G8; c += 8)
@@ -253,7 +255,8 @@ AVX2 static void pred_avx2(const nk_pred *p, const nk_pred_x *px, int64_t r0, in
             int g = (int)c + (p->bits == 2 ? (i < 4 ? 2 * i : 2 * (i - 4) + 1) : i);
             xsP[c + i] = px->xs[g], eP[c + i] = px->e[g], sP[c + i] = px->xsum[g];
         }
-    for (int64_t r = r0; r < r1; r++) {
+    for (int64_t q = r0; q < r1; q++) {
+        int64_t r = idx ? idx[q] : q;
         const uint8_t *row = p->packed + r * rb;
         __m256 acc = _mm256_setzero_ps();
         for (int64_t c = 0; c < G8; c += 8) {
@@ -300,7 +303,7 @@ AVX2 static void pred_avx2(const nk_pred *p, const nk_pred_x *px, int64_t r0, in
         float s = hsum8(acc);
         if (G8 < p->G)
             s += pred_row_tail(p, px, r, G8);
-        score[r - r0] = s;
+        score[q - r0] = s;
     }
 }
 

@@ -31,6 +31,8 @@ typedef struct {               /* per-thread scratch */
     int32_t *pj;               /* (F,) active neurons */
     float *ph;                 /* (F,) their h = relu(k)^2 * value scale */
     int64_t nval;              /* value columns read in the last call */
+    int64_t npred;             /* prefill: active neurons the predictor kept */
+    float *sc;                 /* (F,) predictor scores of the candidates */
 } nk_tls;
 
 typedef struct {
@@ -50,6 +52,7 @@ typedef struct {
     int32_t *idx;
     uint8_t *mask;             /* (TB, F): the predicted sets of a prefill chunk */
     nk_pred_x px;
+    nk_pred_x pxt[TB];         /* prefill: the predictor's view of each token of a chunk */
     nk_tls tls[NK_MAXT];
     uint8_t *rec;              /* NULL, or where this call records the predicted sets (tests) */
     const int32_t *gidx;       /* NULL, or sets given by the caller (replayed): token t, layer i is */

@@ -197,15 +197,19 @@ void *nk_model_new(const int64_t *dims, const void *const *glob, const void *con
     m->score = malloc(F * sizeof(float));
     m->idx = malloc(F * sizeof(int32_t));
     m->mask = malloc(TB * F);
-    m->px.xq = malloc(D);
-    for (int k2 = 0; k2 < 4; k2++)
-        m->px.plane[k2] = malloc(D);
-    m->px.xs = malloc(G * sizeof(float)), m->px.e = malloc(G * sizeof(float)), m->px.xsum = malloc(G * sizeof(float));
+    for (int t = 0; t <= TB; t++) {       /* m->px, then the TB of a prefill chunk */
+        nk_pred_x *px = t ? &m->pxt[t - 1] : &m->px;
+        px->xq = malloc(D);
+        for (int k2 = 0; k2 < 4; k2++)
+            px->plane[k2] = malloc(D);
+        px->xs = malloc(G * sizeof(float)), px->e = malloc(G * sizeof(float)), px->xsum = malloc(G * sizeof(float));
+    }
     for (int i = 0; i < nk_pool_size(m->pool); i++) {
         m->tls[i].out = malloc(TB * D * sizeof(float));
         m->tls[i].keys = malloc((TB * NB > F ? TB * NB : F) * sizeof(float));
         m->tls[i].pj = malloc(F * sizeof(int32_t));
         m->tls[i].ph = malloc(F * sizeof(float));
+        m->tls[i].sc = malloc(F * sizeof(float));
     }
     return m;
 }
@@ -216,15 +220,18 @@ void nk_model_free(void *mp) {
         return;
     nk_pool_free(m->pool);
     float *bufs[] = {m->x, m->xa, m->mix[0], m->mix[1], m->mix[2], m->mix[3], m->mix[4], m->mix[5], m->r, m->kk,
-                     m->v, m->vf, m->y, m->o, m->fx, m->w, m->a, m->g, m->nk, m->bb, m->gv, m->t1, m->xs, m->score,
-                     m->px.xs, m->px.e, m->px.xsum};
+                     m->v, m->vf, m->y, m->o, m->fx, m->w, m->a, m->g, m->nk, m->bb, m->gv, m->t1, m->xs, m->score};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
         free(bufs[i]);
-    free(m->Xq), free(m->idx), free(m->mask), free(m->px.xq);
-    for (int k = 0; k < 4; k++)
-        free(m->px.plane[k]);
+    free(m->Xq), free(m->idx), free(m->mask);
+    for (int t = 0; t <= TB; t++) {
+        nk_pred_x *px = t ? &m->pxt[t - 1] : &m->px;
+        free(px->xq), free(px->xs), free(px->e), free(px->xsum);
+        for (int k = 0; k < 4; k++)
+            free(px->plane[k]);
+    }
     for (int i = 0; i < NK_MAXT; i++)
-        free(m->tls[i].out), free(m->tls[i].keys), free(m->tls[i].pj), free(m->tls[i].ph);
+        free(m->tls[i].out), free(m->tls[i].keys), free(m->tls[i].pj), free(m->tls[i].ph), free(m->tls[i].sc);
     free(m->layers), free(m->pred), free(m);
 }
 
@@ -303,7 +310,7 @@ int nk_test_pred(int level, int64_t bits, int64_t G, int64_t R, int64_t C, const
         px.plane[i] = malloc(C);
     px.xs = malloc(G * sizeof(float)), px.e = malloc(G * sizeof(float)), px.xsum = malloc(G * sizeof(float));
     nk_pred_prep(&p, x, &px);
-    k->pred(&p, &px, 0, R, score);
+    k->pred(&p, &px, NULL, 0, R, score);
     free(px.xq), free(px.xs), free(px.e), free(px.xsum);
     for (int i = 0; i < 4; i++)
         free(px.plane[i]);

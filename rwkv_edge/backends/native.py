@@ -136,7 +136,8 @@ def kernel_pred(qm, x: np.ndarray, lv: str) -> np.ndarray:
 
 
 class NativeFFNStats:
-    """What `model.ffn` reports for bench/CLI: density = neurons whose key row was read / (tokens * F)."""
+    """What `model.ffn` reports for bench/CLI: density = predicted neurons / (tokens * layers * F) over
+    the decode steps (one-token forwards)."""
 
     def __init__(self, F: int):
         self.F, self.n_tokens, self.n_active, self.n_values = F, 0, 0, 0
@@ -287,7 +288,8 @@ class NativeRWKV7:
 
     def forward(self, tokens, state: State | None = None, full_output: bool = False, record=None):
         """(logits (V,) of the last token, or (T, V) with full_output; the new state). record: None,
-        or a zeroed uint8 (T, L, F) array where a sparse model marks each token's predicted neurons."""
+        or a zeroed uint8 (T, L, F) array where a sparse model marks each token's predicted neurons
+        (with T > 1 only those with relu(k) > 0: the prefill asks the predictor about no others)."""
         if self.hooks.ffn_input or self.hooks.ffn_activation:
             raise RuntimeError("model hooks need the numba or reference backend (--backend numba)")
         tok = np.ascontiguousarray(np.asarray(tokens, np.int64).reshape(-1).astype(np.int32))
@@ -330,7 +332,8 @@ class NativeRWKV7:
                              None if record is None else record.ctypes.data,
                              None if gidx is None else gidx.ctypes.data, None if goff is None else goff.ctypes.data,
                              None if wkv_in is None else wkv_in.ctypes.data)
-        if self.ffn is not None:             # as sparse.SparseFFN counts: per token and layer
+        if self.ffn is not None and T == 1:  # decode steps, counted as sparse.SparseFFN does (per token
+            # and layer); a prefill scores only the neurons with relu(k) > 0 (see csrc/nk_ffn.c)
             self.ffn.n_tokens += T * self.config.n_layer
             self.ffn.n_active += int(s[:, 0].sum())
             self.ffn.n_values += int(s[:, 1].sum())
