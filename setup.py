@@ -11,7 +11,7 @@ from setuptools import Extension, setup
 if sys.platform == "win32":
     args, libs = ["/O2"], []
 else:
-    args, libs = ["-O3", "-std=gnu11", "-fno-math-errno", "-fno-trapping-math", "-pthread"], ["pthread"]
+    args, libs = ["-O3", "-std=gnu11", "-fno-math-errno", "-fno-trapping-math", "-pthread"], ["pthread", "m"]
 
 setup(ext_modules=[Extension(
     "rwkv_edge.backends._nk",

@@ -20,7 +20,7 @@
 
 #include "nk.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(NK_NO_SIMD)
 #define NK_X86 1
 #include <immintrin.h>
 #endif
