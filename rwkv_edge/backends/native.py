@@ -183,6 +183,10 @@ class NativeRWKV7:
         if config.n_embd % 32 or config.head_size % 8:
             raise ModelLoadError(f"{path}: the native backend needs n_embd % 32 == 0 and head_size % 8 == 0")
         tensors = open_tensors(path, header)
+        bad = [n for n, a in tensors.items() if n.endswith(".qc") and (a.shape[0] % 4 or a.shape[1] % 8)]
+        if bad:           # the LoRA kernels take four input rows per pass and eight outputs per vector
+            raise ModelLoadError(f"{path}: the native backend needs LoRA sizes divisible by 8 ({bad[0]} is "
+                                 f"{tuple(tensors[bad[0]].shape)}); use --backend numba")
         from ..residency import advise_random
         advise_random([tensors["emb.weight"]])      # one row per token: no read-around on its pages
         return cls(config, tensors, header["fingerprint"], threads=threads)
