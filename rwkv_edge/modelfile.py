@@ -392,6 +392,9 @@ def load_modelfile(path, backend="numba"):
     from .backends import get_backend
     from .models import model_class
 
+    if backend == "native":
+        from .backends.native import NativeRWKV7
+        return NativeRWKV7.open(path)
     header = read_header(path)
     config = ModelConfig.from_dict(header["config"])
     ops = get_backend(backend)

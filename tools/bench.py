@@ -31,9 +31,13 @@ def _tokens(n, vocab, seed):
     return [int(t) for t in np.random.default_rng(seed).integers(1, vocab, n)]
 
 
-def _set_threads(n, torch_too=False):
+def _set_threads(n, torch_too=False, native=False):
     # torch is imported only where it computes: its thread pool beside numba's slows numba down
     os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(n)
+    if native:                                  # the native rows never import numba (its RSS is measured)
+        from rwkv_edge.backends import native as nat
+        nat.set_num_threads(n)
+        return
     import numba
     numba.set_num_threads(n)
     if torch_too:
@@ -52,7 +56,9 @@ def _load(cfg):
                    device=cfg["device"], dtype=cfg["dtype"] if cfg["device"] == "cuda" else "fp32",
                    dense=cfg.get("dense", False))
     if cfg.get("sets"):                         # --shape: active sets of the reference model, replayed
-        from rwkv_edge.replay import ActiveSets, replayed_sparse_ffn
+        from rwkv_edge.replay import ActiveSets, ReplayedSets, replayed_sparse_ffn
+        if cfg.get("backend") == "native":
+            return m.with_sets(ReplayedSets(ActiveSets.load(cfg["sets"]), m.config.n_layer, m.config.ffn_dim))
         m = m.with_ffn(replayed_sparse_ffn(m, ActiveSets.load(cfg["sets"])))
     return m
 
@@ -71,7 +77,8 @@ def run_one(cfg) -> dict:
         from llama_peer import run_one as llama_run
         return llama_run(cfg)
 
-    _set_threads(cfg["threads"], torch_too=cfg["impl"] == "rwkv" or cfg["device"] == "cuda")
+    _set_threads(cfg["threads"], torch_too=cfg["impl"] == "rwkv" or cfg["device"] == "cuda",
+                 native=cfg.get("backend") == "native")
     t0 = time.perf_counter()
     m = _load(cfg)
     load_s = time.perf_counter() - t0
@@ -121,6 +128,13 @@ def run_one(cfg) -> dict:
             _, s = step(tok, s)
         nb.counter.enabled = False
         out["weight_bytes_per_token"] = int(nb.counter.bytes_read / len(toks))
+    elif cfg.get("backend") == "native":      # counted by the model from the C side's per-layer counts
+        _, s = m.forward(prompt)
+        n0, b0 = m.tokens_run, m.bytes_read
+        for tok in toks:
+            _, s = step(tok, s)
+        out["weight_bytes_per_token"] = int((m.bytes_read - b0) / (m.tokens_run - n0))
+        out["kernels"] = __import__("rwkv_edge.backends.native", fromlist=["level"]).level()
     elif cfg["impl"] == "rwkv" or cfg.get("backend") == "reference":
         out["weight_bytes_per_token"] = _dense_fp32_bytes(cfg["model"])   # dense fp32 reads every weight
     dens = getattr(getattr(m, "ffn", None), "density", None)
@@ -249,6 +263,8 @@ def _main(argv=None) -> int:
     ap.add_argument("--with-reference", action="store_true", help="also run the numpy reference backend (fp32)")
     ap.add_argument("--llama-cpp", action="store_true",
                     help="also run llama.cpp (pip llama-cpp-python + gguf) on the same model: Q8_0 and Q4_0, logits checked first")
+    ap.add_argument("--native", action="store_true",
+                    help="also run the native C backend (int8 rows: native dense int8, native sparse int8)")
     ap.add_argument("--shape", help="0.1b, 0.4b or 1.5b: random-weight models of official shapes, replayed active sets")
     ap.add_argument("--tokenizer", help="tokenizer.json for the GGUF (default: tokenizer.json beside --model)")
     ap.add_argument("--workdir", default=os.path.join(os.path.dirname(HERE), "out", "bench"))
@@ -310,11 +326,23 @@ def _main(argv=None) -> int:
         cfgs.append(dict(base, name=f"dense {d}", impl="rwkv-edge", dtype=d, file=f))
         if args.predictors and (d != "fp32" or args.device == "cuda"):
             cfgs.append(dict(base, name=f"sparse {d}", impl="rwkv-edge", dtype=d, file=f, predictors=args.predictors))
+        if args.native and d == "int8" and args.device == "cpu":
+            cfgs += native_cfgs(base, f, args.predictors)
 
     if args.llama_cpp:
         from llama_peer import llama_configs
         cfgs += llama_configs(args, base)
     return _run_all(args, cfgs)
+
+
+def native_cfgs(base, f, predictors=None, sets=None) -> list:
+    """The native backend's rows on int8 model file f: dense, and sparse with a bundle or replayed sets."""
+    cfgs = [dict(base, name="native dense int8", impl="rwkv-edge", dtype="int8", file=f, backend="native",
+                 dense=True)]
+    if predictors or sets:
+        cfgs.append(dict(base, name="native sparse int8", impl="rwkv-edge", dtype="int8", file=f, backend="native",
+                         predictors=predictors, sets=sets))
+    return cfgs
 
 
 def _run_all(args, cfgs) -> int:
@@ -376,6 +404,12 @@ def _run_all(args, cfgs) -> int:
     if args.llama_cpp:
         from llama_peer import ratio_line
         print(ratio_line(results))
+    if getattr(args, "native", False):
+        def ratio(a, b):
+            return rate(a) / rate(b) if rate(a) and rate(b) else float("nan")
+        print(f"native_sparse_vs_numba_sparse={ratio('native sparse int8', 'sparse int8'):.2f} "
+              f"native_dense_vs_numba_dense={ratio('native dense int8', 'dense int8'):.2f} "
+              f"native_sparse_vs_native_dense={ratio('native sparse int8', 'native dense int8'):.2f}")
     if failed:
         print(f"{PROG}: error: {len(failed)} of {len(cfgs)} configuration(s) failed; first: {failed[0]}",
               file=sys.stderr)

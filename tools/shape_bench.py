@@ -39,4 +39,7 @@ def shape_configs(args, base) -> list:
         b = dict(base, model=path, shape=args.shape)
         cfgs.append(dict(b, name=f"dense {d}", impl="rwkv-edge", dtype=d, file=path))
         cfgs.append(dict(b, name=f"sparse {d}", impl="rwkv-edge", dtype=d, file=path, sets=sets))
+        if getattr(args, "native", False) and d == "int8":
+            from bench import native_cfgs
+            cfgs += native_cfgs(b, path, sets=sets)
     return cfgs

@@ -63,7 +63,7 @@ def _one(cmd) -> tuple[float, float]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="startup.py", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="", help="model path (default: the embedded model)")
-    ap.add_argument("--backend", default="auto", choices=["auto", "numba", "reference"])
+    ap.add_argument("--backend", default="auto", choices=["auto", "native", "numba", "reference"])
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--prompt", default="The old man")
     args = ap.parse_args(argv)

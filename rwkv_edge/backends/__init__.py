@@ -5,6 +5,8 @@ relu_sq, token_shift, l2_normalize, linear, matmul, layer_norm, group_norm, wkv5
 A CPU backend may leave out numpy elementwise ops: they default to the reference ones.
 Backends are imported lazily so that e.g. numba or CUDA are only loaded when asked for.
 "auto" (the default everywhere) is numba where it imports and runs, else the numpy reference.
+"native" (backends/native.py) is not a function set but a whole-model runner for RWKV-7 int8 model
+files in C: runtime.open_model builds its model (`NativeRWKV7`) instead of an RWKVModel.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ _REGISTRY = {
     "reference": "rwkv_edge.backends.reference",
     "numba": ("rwkv_edge.backends.numba_cpu", "rwkv_edge.backends.numba_v7"),   # kernels + fused RWKV-7 decode
     "cuda": "rwkv_edge.backends.cuda",
+    "native": "rwkv_edge.backends.native",       # whole-model C runner (int8 RWKV-7 model files)
 }
 
 
