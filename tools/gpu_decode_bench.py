@@ -166,7 +166,7 @@ def run_row(cfg) -> dict:
             from rwkv_edge.predictors.bundle import PredictorBundle
             ref = [np.asarray(m.step(t, st)[0]) for t in toks[:1]]          # the generic path's logits
             bundle = PredictorBundle.load(cfg["bundle"], model=m) if cfg["mode"] == "predicted" else None
-            g = FusedDecode(m, mode=cfg["mode"], bundle=bundle, graph=cfg["graph"])
+            g = FusedDecode(m, mode=cfg["mode"], bundle=bundle, graph=cfg["graph"], tune=cfg.get("tune"))
             g.reset(st)
             out["max_logit_diff_vs_generic"] = float(np.abs(g.step(toks[0]).cpu().numpy() - ref[0]).max())
 
@@ -214,6 +214,8 @@ def main() -> int:
     ap.add_argument("--rows", default="rwkv,generic,dense,exact,predicted")
     ap.add_argument("--no-eager", action="store_true", help="skip the graph-off rows")
     ap.add_argument("--out")
+    ap.add_argument("--tune", type=json.loads, default=None, help="JSON overrides of cuda_decode.TUNE")
+    ap.add_argument("--reuse", action="store_true", help="keep a --shape checkpoint and bundle already in --out")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -228,7 +230,8 @@ def main() -> int:
         label = f"random {L}x{D} F{F} V{V} (density {args.density})"
         args.model = os.path.join(args.out, f"shape_{L}x{D}.pth")
         t = time.perf_counter()
-        make_shaped(args.model, L, D, F, V, args.density)
+        if not (args.reuse and os.path.exists(args.model)):
+            make_shaped(args.model, L, D, F, V, args.density)
         print(f"# built {args.model} ({os.path.getsize(args.model) / 1e9:.2f} GB) in {time.perf_counter() - t:.0f}s",
               flush=True)
     else:
@@ -244,11 +247,13 @@ def main() -> int:
         ids = np.load(args.calib_ids)[: args.calib] if args.calib_ids else \
             np.random.default_rng(5).integers(1, V, args.calib)
         t = time.perf_counter()
-        bundle = fit_bundle(args.model, os.path.join(args.out, "bundle.npz"), [int(v) for v in ids])
+        bundle = os.path.join(args.out, "bundle.npz")
+        if not (args.reuse and os.path.exists(bundle)):
+            fit_bundle(args.model, bundle, [int(v) for v in ids])
         print(f"# fitted the 2-bit predictor bundle in {time.perf_counter() - t:.0f}s", flush=True)
     print(json.dumps({"model": label, "file_mib": round(file_mib, 1), "copy_bw_TBps": round(bw / 1e12, 2)}), flush=True)
     base = dict(model=args.model, label=label, vocab=V, tokens=args.tokens, rounds=args.rounds,
-                prefill_tokens=args.prefill_tokens, bundle=bundle)
+                prefill_tokens=args.prefill_tokens, bundle=bundle, tune=args.tune)
     cfgs = []
     for r in rows:
         if r in ("rwkv", "generic"):
