@@ -24,16 +24,19 @@ launch reads them all, and ffn.value becomes a view of its transpose (F, D); the
 paths compute the same numbers on the views, and no weight is held twice. Activations, state and
 accumulation are float32; weights stay in the backend's storage dtype. See cuda_decode_kernels.py.
 
-Measured on an H200 (tools/gpu_decode_bench.py, fp16 weights, captured, decode tok/s; HBM copy
-4.2 TB/s): rwkv7-ref-58m dense 2848 / exact 2859 / predicted 2819 (the generic CudaGraphStep 568,
-the `rwkv` package cuda fp16 102-107); official 1.5B shapes (random, FFN density 0.13) dense 701
-(41% of 4.8 TB/s over the 2.78 GB read per token) / exact 749 / predicted 719 (generic 166, `rwkv`
-60-81). Without the graph the same kernels run at 150-410 tok/s (Python launch cost). Where the
-1.4 ms of a 1.5B step goes (torch.profiler, eager, dense): GEMVs 378 us, FFN key 323, FFN value 290,
-per-head kernel 216, the 49 single-program LayerNorm/mix kernels 210: the small latency-bound
-kernels (30%) and the key/value kernels at ~2.5-2.8 TB/s keep dense under half the roof; exact
-saves only ~4 us of the value kernel's 12 per layer (the masked loop still walks all F rows), and
-the predictor's code unpacking costs about what the skipped W_k rows save.
+Measured on an H200 (tools/gpu_decode_bench.py, fp16 weights, captured, decode tok/s, 256 tokens x
+3 rounds; HBM copy 4.2 TB/s): official 1.5B shapes (random, FFN density 0.13) dense 953 (55% of
+4.8 TB/s over the 2.78 GB read per token) / exact 998 / predicted 936 (generic CudaGraphStep 163,
+`rwkv` package cuda fp16 73); rwkv7-ref-58m (random head) dense 5449 / exact 4077 / predicted 3639
+(generic 557, `rwkv` 117). What moved dense from 41% to 55% of the roof: PDL, so that every
+kernel's weight loads are in flight before the previous kernel ends, and the dense FFN value as a
+plain W_v GEMV (no atomics). Why sparse gains little or loses: the value rows (and, predicted, the
+W_k rows) depend on the keys (scores) of the same step, so those loads cannot be issued early;
+each such dependent launch adds ~2-4 us of latency per layer, about what 13% density saves at
+1.5B (exact 1.05x dense) and more than it saves at 58M (0.75x). Launch shapes tuned with
+tools/gpu_decode_tune.py; fusing the LayerNorm + mix launches into the previous kernel's last
+program (a finished-programs counter) was measured slower (823 against 915 tok/s dense: every
+program's atomic on one counter) and dropped.
 """
 from __future__ import annotations
 
@@ -51,8 +54,8 @@ _BIG = 1 << 30
 # dense FFN value GEMV's value_bn rows of W_v (D, F); the sparse value kernel's value_bs listed rows
 # x value_bd columns with ~value_per_sm programs per SM; warps per kind of kernel (None: by width);
 # pdl: programmatic dependent launch (used on compute capability >= 9 only).
-TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk=1024, key_warps=8,
-            value_bn=2, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=4,
+TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk=1024, key_warps=4,
+            value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
             mix_warps=None, pdl=True)
 
 def _p2(n: int) -> int:
