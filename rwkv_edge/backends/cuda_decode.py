@@ -53,10 +53,12 @@ _BIG = 1 << 30
 # before the PDL wait) else gemv_bk columns per loop step; the FFN key kernel's key_bn rows; the
 # dense FFN value GEMV's value_bn rows of W_v (D, F); the sparse value kernel's value_bs listed rows
 # x value_bd columns with ~value_per_sm programs per SM; warps per kind of kernel (None: by width);
-# pdl: programmatic dependent launch (used on compute capability >= 9 only).
+# pdl: programmatic dependent launch (used on compute capability >= 9 only); fused_value: the sparse
+# modes add the value rows inside the key kernel (fused_key_bn rows per program, key_value_bd
+# columns per step) instead of listing the active rows for a second launch.
 TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk=1024, key_warps=4,
             value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
-            mix_warps=None, pdl=True)
+            mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048)
 
 def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -225,6 +227,7 @@ class FusedDecode:
         K, D, F, N, tn = self.K, self.D, self.F, self.N, self.tune
         st = self.st
         sparse = self.mode != "dense"
+        fv = tn["fused_value"]
         for i, lay in enumerate(self.layers):
             self._mix(i == 0, lay["ln1"], st.att_x[i], lay["amix"], self.x6, 6)
             r0 = 0
@@ -244,16 +247,18 @@ class FusedDecode:
             q = p or dict(q=self.xk, s=self.xk, z=self.xk, thr=0.0, bits=8, gs=1, g=0, per=1)
             one = q["g"] > 0 and q["g"] == _p2(q["g"]) and D == _p2(D)
             full = _p2(D) <= tn["full_k"]
-            K["ffn_key"][(-(-F // tn["key_bn"]),)](
+            kbn = tn["fused_key_bn"] if sparse and fv else tn["key_bn"]
+            K["ffn_key"][(-(-F // kbn),)](
                 lay["key"], self.xk, self.kbuf[i], self.idx[i], q["q"], q["s"], q["z"], q["thr"], self.slot[i],
-                F, D, q["g"], BN=tn["key_bn"], BK=_p2(D) if full else min(tn["key_bk"], _p2(D)), PRED=p is not None,
+                F, D, q["g"], lay["wv"], self.x, self.cnt[i], BN=kbn, BK=_p2(D) if full else min(tn["key_bk"], _p2(D)), PRED=p is not None,
                 BITS=q["bits"], GS=q["gs"], PER=q["per"], NB=q["gs"] // q["per"], ONESHOT=one,
-                GC=q["g"] if one else 1, FULL=full, COMPACT=sparse, PDL=self.pdl, **self._kw(tn["key_warps"]))
-            if sparse:   # only the listed (active) rows of W_v^T
+                GC=q["g"] if one else 1, FULL=full, COMPACT=sparse and not fv, PDL=self.pdl, VALUE=sparse and fv,
+                BVD=min(_p2(D), tn["key_value_bd"]), **self._kw(tn["key_warps"]))
+            if sparse and not fv:   # only the listed (active) rows of W_v^T
                 K["ffn_value"][(-(-D // self.bd), self.ns)](lay["wv"], self.kbuf[i], self.idx[i], self.slot[i],
                                                              self.cnt[i], self.x, D, self.ns, BD=self.bd, BS=self.bs,
                                                              PDL=self.pdl, **self._kw(tn["value_warps"]))
-            else:        # x += W_v k over all F neurons
+            elif not sparse:   # x += W_v k over all F neurons
                 self._gemv(lay["wv"], self.kbuf[i], self.x, base=self.x, bn=tn["value_bn"], warps=tn["value_warps"])
         self._mix(False, self.ln_out, self.xo, self.xo, self.xo, 0)
         self._gemv(self.head, self.xo, self.logits, bn=tn["gemv_bn"])

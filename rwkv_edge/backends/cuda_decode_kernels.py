@@ -12,7 +12,9 @@ Shapes (D = n_embd = H*N, F = FFN width, all activations float32, weights in any
   ffn_key    k[j] = relu(W_k[j] . xk)^2 on the rows a fused n-bit predictor selects
              (score = zero.sum(x) + scale.(q x) per group >= threshold; k = -1 on the others)
              or on all rows; with COMPACT the active rows (k > 0) are appended to an index list
-             of capacity F (slot from one atomic add per program: nothing can overflow or be dropped)
+             of capacity F (slot from one atomic add per program: nothing can overflow or be dropped);
+             with VALUE the program also adds sum_{its active j} k[j] Vt[j, :] into x (atomic adds
+             of (D,) partials): one launch for the whole sparse FFN, no list
   ffn_value  sparse modes: x[d] += sum_{j in the index list} k[j] Vt[j, d], Vt = W_v^T (F, D); only
              listed rows are loaded (zero activations' bytes never leave memory); each program adds
              its (BD,) partial atomically (the float32 sum order varies between runs, ~1e-7 relative)
@@ -204,10 +206,11 @@ def kernels():
     globals()["_score"] = _score
 
     @triton.jit
-    def ffn_key(w_p, x_p, k_p, idx_p, q_p, qs_p, qz_p, thr, slot_p, F, D, G,
+    def ffn_key(w_p, x_p, k_p, idx_p, q_p, qs_p, qz_p, thr, slot_p, F, D, G, vt_p, xo_p, cnt_p,
                 BN: tl.constexpr, BK: tl.constexpr, PRED: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
                 PER: tl.constexpr, NB: tl.constexpr, ONESHOT: tl.constexpr, GC: tl.constexpr,
-                FULL: tl.constexpr, COMPACT: tl.constexpr, PDL: tl.constexpr):
+                FULL: tl.constexpr, COMPACT: tl.constexpr, PDL: tl.constexpr, VALUE: tl.constexpr,
+                BVD: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
         rm = rows < F
@@ -261,6 +264,18 @@ def kernels():
         y = tl.maximum(y, 0.0)
         y = tl.where(sel, y * y, -1.0)                                   # -1: not predicted
         tl.store(k_p + rows, y, mask=rm)
+        if VALUE:     # the value rows of this program's active neurons, right here (no second launch)
+            act = y > 0
+            na = tl.sum(act.to(tl.int32), axis=0)
+            if na > 0:
+                for c0 in range(0, D, BVD):
+                    cols = c0 + tl.arange(0, BVD)
+                    cm = cols < D
+                    vv = tl.load(vt_p + rows[:, None] * D + cols[None, :], mask=act[:, None] & cm[None, :], other=0.0)
+                    tl.atomic_add(xo_p + cols, tl.sum(vv.to(tl.float32) * y[:, None], axis=0), mask=cm, sem="relaxed")
+            tl.atomic_add(cnt_p + 1, na, sem="relaxed")                              # running totals
+            if PRED:
+                tl.atomic_add(cnt_p, tl.sum(sel.to(tl.int32), axis=0), sem="relaxed")
         if COMPACT:   # append the active rows to the layer's index list (slot[1] = its length)
             act = (y > 0).to(tl.int32)
             base = tl.atomic_add(slot_p + 1, tl.sum(act, axis=0))
