@@ -1,5 +1,6 @@
 """`FusedDecode`: batch-1 RWKV-7 decode on the CUDA backend in seven Triton launches per layer, with
-a dense, an exact-sparse or a predicted-sparse FFN, captured once as a CUDA graph.
+a dense, an exact-sparse or a predicted-sparse FFN, captured once as a CUDA graph (six launches
+per layer in the sparse modes: the value rows are added inside the key kernel).
 
     dec = FusedDecode(model, mode="exact")              # model built with the cuda backend
     dec = FusedDecode(model, mode="predicted", bundle=b) # a bundle of n-bit W_k threshold predictors
@@ -25,18 +26,19 @@ paths compute the same numbers on the views, and no weight is held twice. Activa
 accumulation are float32; weights stay in the backend's storage dtype. See cuda_decode_kernels.py.
 
 Measured on an H200 (tools/gpu_decode_bench.py, fp16 weights, captured, decode tok/s, 256 tokens x
-3 rounds; HBM copy 4.2 TB/s): official 1.5B shapes (random, FFN density 0.13) dense 953 (55% of
-4.8 TB/s over the 2.78 GB read per token) / exact 998 / predicted 936 (generic CudaGraphStep 163,
-`rwkv` package cuda fp16 73); rwkv7-ref-58m (random head) dense 5449 / exact 4077 / predicted 3639
+3 rounds; HBM copy 4.2 TB/s): official 1.5B shapes (random, FFN density 0.13) dense 950 (55% of
+4.8 TB/s over the 2.78 GB read per token) / exact 1030 / predicted 1014 (generic CudaGraphStep 163,
+`rwkv` package cuda fp16 73); rwkv7-ref-58m (random head) dense 5485 / exact 5137 / predicted 4666
 (generic 557, `rwkv` 117). What moved dense from 41% to 55% of the roof: PDL, so that every
 kernel's weight loads are in flight before the previous kernel ends, and the dense FFN value as a
-plain W_v GEMV (no atomics). Why sparse gains little or loses: the value rows (and, predicted, the
-W_k rows) depend on the keys (scores) of the same step, so those loads cannot be issued early;
-each such dependent launch adds ~2-4 us of latency per layer, about what 13% density saves at
-1.5B (exact 1.05x dense) and more than it saves at 58M (0.75x). Launch shapes tuned with
-tools/gpu_decode_tune.py; fusing the LayerNorm + mix launches into the previous kernel's last
-program (a finished-programs counter) was measured slower (823 against 915 tok/s dense: every
-program's atomic on one counter) and dropped.
+plain W_v GEMV (no atomics). Why sparse gains little: its value rows (and, predicted, its W_k rows)
+depend on keys (scores) of the same step, so those loads cannot be issued early; in the key
+kernel they add one dependent round trip plus the atomic adds of the partial sums, about what 13%
+density saves at 1.5B (exact 1.08x dense) and more than it saves at 58M (0.94x), where the step
+is latency-bound (11% of the roof). A separate listed-row value launch (fused_value=False) was
+slower (1.5B exact 998, 58M 4077); fusing the LayerNorm + mix launches into the previous kernel's
+last program (a finished-programs counter) was slower too (823 against 915 tok/s dense: every
+program's atomic on one counter) and was dropped.
 """
 from __future__ import annotations
 
