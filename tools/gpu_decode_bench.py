@@ -41,17 +41,18 @@ def _lora(D):
     return r(1.8, 0.5), r(1.8, 0.5), r(1.3, 0.5), r(0.6, 0.8)
 
 
-def make_shaped(path, L, D, F, V, density, N=64, seed=0):
+def make_shaped(path, L, D, F, V, density, N=64, seed=0, device="cuda"):
     """A random fp16 x070 checkpoint (keys as tests/checkpoints.py) whose FFN density is ~density:
     ln2 of every layer outputs the constant B in dim 0 (weight 0, bias B), and W_k[j, 0] = -c_j with
     c_j B = z ||W_k[j, 1:]|| 0.816 (0.816: the rms of a token-shift mix of two unit-rms inputs), so
-    relu(W_k xk) > 0 for about a fraction `density` of the neurons (z = the normal quantile)."""
+    relu(W_k xk) > 0 for about a fraction `density` of the neurons (z = the normal quantile).
+    device: where the random tensors are drawn ("cpu" for the ONNX Runtime size runs)."""
     import torch
     from statistics import NormalDist
 
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    nrm = lambda *s, scale=0.1: torch.randn(s, generator=g, device="cuda") * scale  # noqa: E731
-    uni = lambda lo, hi, *s: torch.rand(s, generator=g, device="cuda") * (hi - lo) + lo  # noqa: E731
+    g = torch.Generator(device=device).manual_seed(seed)
+    nrm = lambda *s, scale=0.1: torch.randn(s, generator=g, device=device) * scale  # noqa: E731
+    uni = lambda lo, hi, *s: torch.rand(s, generator=g, device=device) * (hi - lo) + lo  # noqa: E731
     H, (lw, la, lv, lg) = D // N, _lora(D)
     z, B = NormalDist().inv_cdf(1 - density), 4.0
     sd = {"emb.weight": nrm(V, D), "head.weight": nrm(V, D), "ln_out.weight": 1 + nrm(D), "ln_out.bias": nrm(D)}
