@@ -176,6 +176,11 @@ class _RWKV7Graph:
         # Key rows (F, D) and value columns stored transposed (F, D): both gathers are row gathers.
         # Two tables, not one (F, 2D) table: splitting the gathered rows costs a copy in onnxruntime.
         p = f"b{i}.ffn."
+        if g.dtype == "int8" and g.int8_matmul == "dynamic" and not self.seq:
+            # int8 throughout: MatMulInteger on the gathered key and value codes (no float copies)
+            idx = g.reshape(idx, [-1])                                                       # (k,)
+            h = g.op("Relu", g.rows_dot(xk, b.ffn_key, idx, p + "key_rows"))                  # (1, k)
+            return g.matmul_rows(g.mul(h, h), np.asarray(b.ffn_value, np.float32).T, idx, p + "value_rows")
         if g.dtype == "int8":
             (qk, sk), (qv, sv) = quantize_int8_rows(b.ffn_key), quantize_int8_rows(b.ffn_value.T)
             kr = g.op("Cast", g.op("Gather", g.init(qk, p + "key_rows"), idx, axis=0), to=F32)   # (T, k, D)

@@ -191,6 +191,20 @@ class GraphBuilder:
                     self.init(np.zeros(s.shape, np.int8), name + ".zp"), axis=1)
         return self.op("MatMul", x, w)
 
+    def rows_dot(self, x: str, m: np.ndarray, idx: str, name: str) -> str:
+        """x (1, C) . m[j] for the rows j in idx (n,) of m (R, C) -> (1, n), only those rows read.
+        int8 "dynamic": the codes `linear(x, m)` stores (one scale per row of m) and MatMulInteger
+        on the gathered codes, so each output is bit-identical to that neuron's dense output."""
+        if self.dtype != "int8" or self.int8_matmul != "dynamic":
+            rows = self.gather_rows(m, idx, name)                                         # (n, C)
+            return self.op("MatMul", x, self.op("Transpose", rows, perm=[1, 0]))
+        q, s = quantize_int8_cols(np.asarray(m, np.float32).T, 63)                        # (C, R), (R,)
+        rows = self.op("Gather", self.init(np.ascontiguousarray(q.T), name), idx, axis=0)   # (n, C) int8
+        xq, xs, xz = self.op("DynamicQuantizeLinear", x, n_out=3)
+        y = self.op("Cast", self.op("MatMulInteger", xq, self.op("Transpose", rows, perm=[1, 0]), xz),
+                    to=TensorProto.FLOAT)
+        return self.mul(y, self.mul(xs, self.op("Gather", self.init(s, name + ".scale"), idx, axis=0)))
+
     def linear(self, x: str, w: np.ndarray, name: str) -> str:
         """x (..., in) @ w.T for a weight w (out, in) in the official layout."""
         return self.matmul(x, np.asarray(w).T, name)

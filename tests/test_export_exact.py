@@ -79,3 +79,18 @@ def test_cli_export_and_verify_exact(ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run("verify-onnx", "--onnx", out, "--model", ckpt, "--variant", "sparse")
     assert e.value.code == 2
+
+
+def test_int8_topk_graph_at_full_k_equals_the_dense_graph(model, tmp_path):
+    """The int8 top-k graph multiplies the gathered int8 codes (MatMulInteger on both sides): with
+    k = F every neuron is gathered and the logits are the dense int8 graph's, bit for bit."""
+    F = model.config.ffn_dim
+    out = export_onnx(model, tmp_path / "full8", "int8", sparse_topk=[F, F], prefill=False)
+    ops = {n.op_type for n in __import__("onnx").load(str(out / "model.sparse.onnx")).graph.node}
+    assert "MatMulInteger" in ops and "Cast" in ops
+    a, b = OrtModel(str(out), "dense"), OrtModel(str(out), "sparse")
+    sa, sb = a.zero_state(), b.zero_state()
+    for t in TOKENS:
+        la, sa = a.step(t, sa)
+        lb, sb = b.step(t, sb)
+        assert np.array_equal(la, lb)
