@@ -14,14 +14,17 @@ Modes (the FFN of every layer; the rest of the step is the same):
   predicted  the bundle's n-bit W_k (packed codes read on the device) scores every neuron; only
              the W_k rows scoring >= the layer's threshold are read, then only the non-zero W_v^T
              rows. Same math as `sparse.SparseFFN` with that predicted set.
-The active set is a device mask over all F neurons, not an index list of bounded capacity: nothing
-is dropped and no host synchronisation is needed, so the step captures as one graph (graph=False
-launches the same kernels eagerly, for timing the capture's effect). Predicted and active neuron
-counts are summed per layer on the device (atomic adds) and read by `stats()` (a host sync).
+The active set lives on the device: by default each key program adds the value rows of its own
+active neurons (a mask over its rows); with tune fused_value=False the key kernel appends the
+active rows to a per-layer list of capacity F (one atomic slot per program) for a second launch.
+Either way nothing can overflow or be dropped (the overflow count is 0 by construction) and no host
+synchronisation is needed, so the step captures as one graph (graph=False launches the same
+kernels eagerly, for timing the capture's effect). Predicted and active neuron counts are summed
+per layer on the device (atomic adds) and read by `stats()` (a host sync).
 
 Building rebinds the model's own weights (a transform, not a fork): per layer, att r/k/v and the
 transposed LoRA first stages (w1, a1, g1, v1) become views of one stacked matrix so that a single
-launch reads them all, and ffn.value becomes a view of its transpose (F, D); the model's other code
+launch reads them all, and (sparse modes) ffn.value becomes a view of its transpose (F, D); the model's other code
 paths compute the same numbers on the views, and no weight is held twice. Activations, state and
 accumulation are float32; weights stay in the backend's storage dtype. See cuda_decode_kernels.py.
 
