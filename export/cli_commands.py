@@ -164,7 +164,8 @@ def run_export(args, parser) -> int:
     from .export import export_onnx
     try:
         out = export_onnx(model, args.out, args.dtype, topk, preds, tokenizer=tokenizer,
-                          prefill=not args.no_prefill, sparsity_info=info, int8_matmul=args.int8_matmul)
+                          prefill=not args.no_prefill, sparsity_info=info, int8_matmul=args.int8_matmul,
+                          exact_sparse=args.exact_sparse)
     except (ValueError, FileExistsError) as e:
         parser.error(str(e))
     meta = json.loads((out / "model.json").read_text())
@@ -202,6 +203,9 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
                         "weight-only DequantizeLinear + fp32 MatMul (more exact; slow on onnxruntime CPU)")
     p.add_argument("--tokenizer", help="tokenizer.json to ship (default: the one next to the model)")
     p.add_argument("--no-prefill", action="store_true", help="do not write the T-token prefill graph")
+    p.add_argument("--exact-sparse", action="store_true",
+                   help="also write model.exact.onnx: the FFN reads only the W_v rows of active neurons "
+                        "(lossless, the dense graph's logits)")
     p.add_argument("--ort", action="store_true", help="also convert to the ORT mobile format and check it")
     p.set_defaults(func=run_export)
     return p
@@ -234,10 +238,11 @@ def run_verify(args, parser) -> int:
     if meta.get("fingerprint") != model.fingerprint:
         parser.error(f"--onnx {args.onnx} was exported from another model "
                      f"(fingerprint {meta.get('fingerprint')}, --model is {model.fingerprint})")
-    variants = ["dense"] + (["sparse"] if meta.get("sparsity") else [])
+    variants = ["dense"] + (["sparse"] if meta.get("sparsity") else []) + \
+        (["exact"] if "exact_step" in meta.get("graphs", {}) else [])
     if args.variant != "all":
         if args.variant not in variants:
-            parser.error(f"--variant {args.variant}: {args.onnx} has no sparse graph")
+            parser.error(f"--variant {args.variant}: {args.onnx} has no {args.variant} graph")
         variants = [args.variant]
     tol = args.max_diff if args.max_diff is not None else (1e-3 if meta["dtype"] == "fp32" else None)
     tokens = _verify_tokens(args.onnx, args.tokens, model.config.vocab_size)
@@ -270,7 +275,7 @@ def add_verify_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=_int_at_least(1), default=64, help="tokens decoded one by one (default 64)")
     p.add_argument("--greedy", type=_int_at_least(0), default=32,
                    help="greedy continuation length compared (default 32)")
-    p.add_argument("--variant", choices=("dense", "sparse", "all"), default="all")
+    p.add_argument("--variant", choices=("dense", "sparse", "exact", "all"), default="all")
     p.add_argument("--max-diff", type=_positive_float, default=None,
                    help="fail (exit 1) above this max |logit diff| (default: 1e-3 for fp32, report only otherwise)")
     p.add_argument("--ort", action="store_true", help="also convert to .ort and check it gives the same logits")

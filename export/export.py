@@ -3,6 +3,8 @@
 Layout of an export directory:
     model.onnx          one-token step graph, dense FFN
     model.sparse.onnx   one-token step graph, sparse FFN (only when sparse_topk is given)
+    model.exact.onnx    one-token step graph, FFN reading only the W_v rows of active neurons
+                        (lossless: the dense graph's numbers; only when exact_sparse is set)
     prefill.onnx        T-token prefill graph, dense FFN (optional)
     model.json          sidecar: sizes, graph I/O names, state names/shapes, dtype, sparsity, fingerprint
     tokenizer.json      copied from beside the checkpoint when there is one
@@ -60,7 +62,7 @@ def export_onnx(model, out_dir, dtype: str = "fp32", sparse_topk: Optional[Seque
                 predictor_weights: Optional[Sequence] = None, *, tokenizer: Optional[str] = None,
                 prefill: bool = True, sparsity_info: Optional[dict] = None,
                 ort_session_config: Optional[dict] = None, overwrite: bool = True,
-                int8_matmul: str = "dynamic") -> Path:
+                int8_matmul: str = "dynamic", exact_sparse: bool = False) -> Path:
     """Export `model` (an RWKV-7 model from `rwkv_edge.load_model`) to the directory `out_dir`.
 
     dtype: "fp32" | "fp16" | "int8" weight storage (state and activations are always fp32).
@@ -74,6 +76,7 @@ def export_onnx(model, out_dir, dtype: str = "fp32", sparse_topk: Optional[Seque
     ort_session_config: session config entries the sidecar recommends (default: exact kernels).
     overwrite: replace an existing export directory (one holding a model.json) at out_dir.
     int8_matmul: for dtype int8, "dynamic" (MatMulInteger) or "dequant" (DequantizeLinear + MatMul).
+    exact_sparse: also write `model.exact.onnx` (graph "exact_step"): the lossless zero-skipping FFN.
     The directory appears complete or not at all: everything is written to a temporary sibling
     directory that is renamed into place. Returns the directory path.
     """
@@ -92,9 +95,11 @@ def export_onnx(model, out_dir, dtype: str = "fp32", sparse_topk: Optional[Seque
         raise FileNotFoundError(f"tokenizer file {tokenizer} not found")
 
     # Graphs are built one at a time (a copy of the weights each) and saved straight away.
-    build = lambda topk=None, seq=False: build_graph(model, dtype, topk, predictor_weights, seq=seq,
-                                                     int8_matmul=int8_matmul)
+    build = lambda topk=None, seq=False, exact=False: build_graph(model, dtype, topk, predictor_weights, seq=seq,
+                                                                  int8_matmul=int8_matmul, exact_ffn=exact)
     graphs = {"step": ("model.onnx", lambda: build(), False)}
+    if exact_sparse:
+        graphs["exact_step"] = ("model.exact.onnx", lambda: build(exact=True), False)
     if sparse_topk is not None:
         graphs["sparse_step"] = ("model.sparse.onnx", lambda: build(sparse_topk), False)
     if prefill:

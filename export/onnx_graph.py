@@ -43,8 +43,9 @@ def _np_layer_norm(x, w, b, eps=1e-5):
 
 
 class _RWKV7Graph:
-    def __init__(self, model, dtype: str, seq: bool, sparse_topk, predictors, int8_matmul: str):
-        self.m, self.cfg, self.seq = model, model.config, seq
+    def __init__(self, model, dtype: str, seq: bool, sparse_topk, predictors, int8_matmul: str,
+                 exact_ffn: bool = False):
+        self.m, self.cfg, self.seq, self.exact_ffn = model, model.config, seq, exact_ffn
         self.g = GraphBuilder(dtype, int8_matmul=int8_matmul)
         self.topk = sparse_topk
         self.pred = predictors
@@ -138,6 +139,8 @@ class _RWKV7Graph:
         g, b = self.g, self.m.blocks[i]
         xx = g.sub(self.shift(x, f"ffn_x_{i}", f"new_ffn_x_{i}"), x)
         xk = g.add(x, g.mul(xx, g.vec(b.ffn_xk, f"b{i}.ffn.x_k")))
+        if self.exact_ffn:
+            return self.skip_zero_ffn(i, xk)
         if self.topk is None:
             h = g.op("Relu", g.linear(xk, b.ffn_key, f"b{i}.ffn.key"))
             return g.linear(g.mul(h, h), b.ffn_value, f"b{i}.ffn.value")
@@ -152,6 +155,20 @@ class _RWKV7Graph:
             return g.linear(xk, p, name)
         return g.lowbit_scores(xk, p.codes(), p.scale, p.zero, p.bits, name)
 
+    def skip_zero_ffn(self, i: int, xk: str) -> str:
+        """The exact sparse FFN of one token: all keys (as the dense graph), then only the W_v rows
+        of the neurons with relu(k)^2 > 0 (NonZero -> Gather of their stored rows), so the value
+        matrix is read at the active density and the result is the dense graph's."""
+        g, b = self.g, self.m.blocks[i]
+        h = g.op("Relu", g.linear(xk, b.ffn_key, f"b{i}.ffn.key"))
+        h = g.reshape(g.mul(h, h), [-1])                                                  # (F,)
+        idx = g.reshape(g.op("NonZero", g.op("Greater", h, g.const(0.0))), [-1])        # (n,)
+        # plus neuron 0 with weight 0: the list is never empty and the sum does not change
+        hv = g.op("Concat", g.op("Gather", h, idx, axis=0), g.const([0.0]), axis=0)
+        idx = g.op("Concat", idx, g.ints([0]), axis=0)
+        return g.matmul_rows(g.reshape(hv, [1, -1]), np.asarray(b.ffn_value, np.float32).T, idx,
+                             f"b{i}.ffn.value")                                           # (1, D)
+
     def sparse_ffn(self, i: int, xk: str) -> str:
         g, b, D = self.g, self.m.blocks[i], self.cfg.n_embd
         kk = int(self.topk[i])
@@ -159,6 +176,11 @@ class _RWKV7Graph:
         # Key rows (F, D) and value columns stored transposed (F, D): both gathers are row gathers.
         # Two tables, not one (F, 2D) table: splitting the gathered rows costs a copy in onnxruntime.
         p = f"b{i}.ffn."
+        if g.dtype == "int8" and g.int8_matmul == "dynamic" and not self.seq:
+            # int8 throughout: MatMulInteger on the gathered key and value codes (no float copies)
+            idx = g.reshape(idx, [-1])                                                       # (k,)
+            h = g.op("Relu", g.rows_dot(xk, b.ffn_key, idx, p + "key_rows"))                  # (1, k)
+            return g.matmul_rows(g.mul(h, h), np.asarray(b.ffn_value, np.float32).T, idx, p + "value_rows")
         if g.dtype == "int8":
             (qk, sk), (qv, sv) = quantize_int8_rows(b.ffn_key), quantize_int8_rows(b.ffn_value.T)
             kr = g.op("Cast", g.op("Gather", g.init(qk, p + "key_rows"), idx, axis=0), to=F32)   # (T, k, D)
@@ -208,7 +230,7 @@ class _RWKV7Graph:
 
 def build_graph(model, dtype: str = "fp32", sparse_topk: Optional[Sequence[int]] = None,
                 predictor_weights: Optional[Sequence] = None, seq: bool = False,
-                int8_matmul: str = "dynamic") -> onnx.ModelProto:
+                int8_matmul: str = "dynamic", exact_ffn: bool = False) -> onnx.ModelProto:
     """The ONNX model of one RWKV-7 step (`seq=False`) or of a prefill over T tokens (`seq=True`).
 
     dtype: "fp32" | "fp16" | "int8" weight storage (see export/onnx_ops.py); state is fp32.
@@ -219,8 +241,12 @@ def build_graph(model, dtype: str = "fp32", sparse_topk: Optional[Sequence[int]]
     the layer's own W_k (an exact "oracle" top-k). Ignored for a dense graph.
     int8_matmul: how int8 matrices are multiplied: "dynamic" (DynamicQuantizeLinear + MatMulInteger,
     int8 x uint8 kernels) or "dequant" (DequantizeLinear + fp32 MatMul, weight-only quantization).
+    exact_ffn: the one-token FFN reads only the W_v rows of active neurons (lossless; needs seq=False
+    and no sparse_topk).
     """
     cfg = model.config
+    if exact_ffn and (seq or sparse_topk is not None):
+        raise ValueError("exact_ffn applies to the one-token graph without a top-k")
     if cfg.version != "x070":
         raise ValueError(f"ONNX export supports RWKV-7 (x070) models, got {cfg.version}")
     if sparse_topk is not None:
@@ -240,4 +266,4 @@ def build_graph(model, dtype: str = "fp32", sparse_topk: Optional[Sequence[int]]
                                      f"{(cfg.ffn_dim, cfg.n_embd)} (F, D)")
     if model.ffn is not None:
         raise ValueError("export the plain model: its FFN core has been replaced (model.with_ffn)")
-    return _RWKV7Graph(model, dtype, seq, sparse_topk, predictor_weights, int8_matmul).build()
+    return _RWKV7Graph(model, dtype, seq, sparse_topk, predictor_weights, int8_matmul, exact_ffn).build()

@@ -168,6 +168,43 @@ class GraphBuilder:
                     self.init(np.zeros(s.shape, np.int8), name + ".zp"), axis=1)
         return self.op("MatMul", x, w)
 
+    def matmul_rows(self, x: str, m: np.ndarray, idx: str, name: str) -> str:
+        """x (1, n) @ m[idx] (n, out) for m (in, out) stored exactly as `matmul` stores it (the same
+        codes and per-output-column scales), reading only the rows idx (n,) (int8 rows stay int8:
+        MatMulInteger on the gathered codes). With idx = the non-zero entries of a non-negative
+        input (plus zeros), this equals `matmul` of the full input: in the int8 dynamic scheme the
+        activation range, hence its uint8 codes, is the same, so the integer sums are identical."""
+        m = np.asarray(m, np.float32)
+        if self.dtype == "fp32":
+            return self.op("MatMul", x, self.op("Gather", self.init(m, name), idx, axis=0))
+        if self.dtype == "fp16":
+            w = self.op("Gather", self.init(m.astype(np.float16), name), idx, axis=0)
+            return self.op("MatMul", x, self.op("Cast", w, to=TensorProto.FLOAT))
+        dynamic = self.int8_matmul == "dynamic"
+        q, s = quantize_int8_cols(m, 63 if dynamic else 127)
+        rows = self.op("Gather", self.init(q, name), idx, axis=0)                       # (n, out) int8
+        if dynamic:
+            xq, xs, xz = self.op("DynamicQuantizeLinear", x, n_out=3)
+            y = self.op("Cast", self.op("MatMulInteger", xq, rows, xz), to=TensorProto.FLOAT)
+            return self.mul(y, self.mul(xs, self.init(s, name + ".scale")))
+        w = self.op("DequantizeLinear", rows, self.init(s, name + ".scale"),
+                    self.init(np.zeros(s.shape, np.int8), name + ".zp"), axis=1)
+        return self.op("MatMul", x, w)
+
+    def rows_dot(self, x: str, m: np.ndarray, idx: str, name: str) -> str:
+        """x (1, C) . m[j] for the rows j in idx (n,) of m (R, C) -> (1, n), only those rows read.
+        int8 "dynamic": the codes `linear(x, m)` stores (one scale per row of m) and MatMulInteger
+        on the gathered codes, so each output is bit-identical to that neuron's dense output."""
+        if self.dtype != "int8" or self.int8_matmul != "dynamic":
+            rows = self.gather_rows(m, idx, name)                                         # (n, C)
+            return self.op("MatMul", x, self.op("Transpose", rows, perm=[1, 0]))
+        q, s = quantize_int8_cols(np.asarray(m, np.float32).T, 63)                        # (C, R), (R,)
+        rows = self.op("Gather", self.init(np.ascontiguousarray(q.T), name), idx, axis=0)   # (n, C) int8
+        xq, xs, xz = self.op("DynamicQuantizeLinear", x, n_out=3)
+        y = self.op("Cast", self.op("MatMulInteger", xq, self.op("Transpose", rows, perm=[1, 0]), xz),
+                    to=TensorProto.FLOAT)
+        return self.mul(y, self.mul(xs, self.op("Gather", self.init(s, name + ".scale"), idx, axis=0)))
+
     def linear(self, x: str, w: np.ndarray, name: str) -> str:
         """x (..., in) @ w.T for a weight w (out, in) in the official layout."""
         return self.matmul(x, np.asarray(w).T, name)

@@ -19,11 +19,14 @@ import numpy as np
 import onnxruntime as ort
 
 
+VARIANTS = {"dense": "step", "sparse": "sparse_step", "exact": "exact_step"}   # variant -> graph key
+
+
 class OrtModel:
     """The step (and prefill) sessions of an export directory.
 
-    variant: "dense" (model.onnx) or "sparse" (model.sparse.onnx). exact: apply the sidecar's
-    recommended session config (fp32 kernels). threads: intra-op threads (None: onnxruntime's choice).
+    variant: "dense" (model.onnx), "sparse" (model.sparse.onnx) or "exact" (model.exact.onnx).
+    exact: apply the sidecar's recommended session config (fp32 kernels). threads: intra-op threads (None: onnxruntime's choice).
     file_suffix: ".onnx", or ".ort" to load the ORT-format files written by `export.verify.to_ort`.
     """
 
@@ -41,7 +44,7 @@ class OrtModel:
             raise ValueError(f"{side} is not an rwkv-edge ONNX sidecar")
         if not isinstance(self.meta.get("graphs"), dict) or not isinstance(self.meta.get("state"), list):
             raise ValueError(f"{side}: damaged sidecar (no graphs or state list)")
-        key = {"dense": "step", "sparse": "sparse_step"}.get(variant)
+        key = VARIANTS.get(variant)
         if key is None or key not in self.meta["graphs"]:
             raise ValueError(f"{onnx_dir}: no {variant!r} graph (has {sorted(self.meta['graphs'])})")
         so = ort.SessionOptions()
@@ -188,7 +191,7 @@ def _main(argv=None) -> int:
     ap.add_argument("--temperature", type=_number(float, 0), default=1.0, help="0 = greedy (default: %(default)s)")
     ap.add_argument("--top-p", type=_number(float, 0, 1, lo_open=True), default=0.85, help="(default: %(default)s)")
     ap.add_argument("--seed", type=_number(int, 0), default=None)
-    ap.add_argument("--variant", choices=("dense", "sparse"), default="dense")
+    ap.add_argument("--variant", choices=tuple(VARIANTS), default="dense")
     ap.add_argument("--threads", type=_number(int, 1), default=None)
     ap.add_argument("--no-bos", action="store_true", help="do not start the context with <|endoftext|>")
     a = ap.parse_args(argv)

@@ -67,7 +67,7 @@ def predictors_from_graph(onnx_path, n_layer: int) -> list[np.ndarray]:
 
 def reference_model(onnx_dir, model, variant: str = "dense"):
     """The Python model the `variant` graph of `onnx_dir` should reproduce."""
-    if variant == "dense":
+    if variant in ("dense", "exact"):   # the exact graph skips only zero terms: the plain model
         return model
     meta = read_sidecar(onnx_dir)
     if not meta.get("sparsity"):
@@ -181,7 +181,7 @@ def to_ort(onnx_dir, tokens: Optional[Sequence[int]] = None, check: bool = True,
         return out
     tokens = list(tokens) if tokens is not None else [0, 1, 2, 3, 4, 5, 6, 7]
     for key, g in meta["graphs"].items():
-        variant = "sparse" if key == "sparse_step" else "dense"
+        variant = {"sparse_step": "sparse", "exact_step": "exact"}.get(key, "dense")
         a = OrtModel(str(onnx_dir), variant)
         b = OrtModel(str(onnx_dir), variant, file_suffix=".ort")
         if key == "prefill":

@@ -94,8 +94,10 @@ def test_fused_decode_matches_reference_with_the_same_sets(ckpt, mode, graph, dt
     assert stats["steps"] == len(TOKENS)
     if mode == "predicted":   # the predictor pruned something; active <= read
         assert stats["active_density"] <= stats["read_density"] < 1.0
-    else:
+    elif mode == "exact":
         assert stats["read_density"] == 1.0 and 0.2 < stats["active_density"] < 0.8
+    else:                     # dense counts nothing
+        assert stats["read_density"] == 1.0 and stats["active_density"] is None
 
 
 def test_exact_equals_dense_and_the_unrestricted_reference(ckpt):
@@ -170,3 +172,28 @@ def test_predicted_with_a_width_that_is_not_a_power_of_two(tmp_path):
         r, st = ref.step(t, st)
         assert np.abs(lg - r).max() < 1e-4 * max(1.0, np.abs(r).max())
     assert dec.stats()["read_density"] < 1.0
+
+
+@pytest.mark.parametrize("mode", ["dense", "exact", "predicted"])
+def test_launch_options_do_not_change_the_numbers(ckpt, mode):
+    """Programmatic dependent launch off, the sparse value rows in their own launch (not inside the
+    key kernel) and the looped (not whole-width) tiles give the same logits as the default launch,
+    token by token, and the separate value launch lists exactly the k > 0 rows."""
+    from rwkv_edge.backends.cuda_decode import FusedDecode
+    ref, _ = _models(ckpt("float16"), "fp16")
+    b = _bundle(ref) if mode == "predicted" else None
+    decs = [FusedDecode(_models(ckpt("float16"), "fp16")[1], mode, bundle=b, tune=t)
+            for t in ({}, {"pdl": False}, {"fused_value": False}, {"fused_value": False, "full_k": 64, "gemv_bk": 32,
+                      "key_bk": 64, "value_bs": 8, "value_bd": 32, "value_per_sm": 1},
+                      {"full_k": 64, "key_bk": 64, "key_value_bd": 32, "fused_key_bn": 4})]
+    for t in TOKENS:
+        outs = [d.step(t).cpu().numpy() for d in decs]
+        for o in outs[1:]:
+            assert np.abs(o - outs[0]).max() < 1e-4 * max(1.0, np.abs(outs[0]).max())
+        if mode != "dense":
+            for d in decs[2:4]:   # the list of active rows for the separate value launch
+                kb, n = d.kbuf.cpu().numpy(), d.slot.cpu().numpy()[:, 1]
+                for i in range(ref.config.n_layer):
+                    want = np.flatnonzero(kb[i] > 0)
+                    assert n[i] == want.size
+                    assert np.array_equal(np.sort(d.idx[i, :n[i]].cpu().numpy()), want)

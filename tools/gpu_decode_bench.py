@@ -41,17 +41,18 @@ def _lora(D):
     return r(1.8, 0.5), r(1.8, 0.5), r(1.3, 0.5), r(0.6, 0.8)
 
 
-def make_shaped(path, L, D, F, V, density, N=64, seed=0):
+def make_shaped(path, L, D, F, V, density, N=64, seed=0, device="cuda"):
     """A random fp16 x070 checkpoint (keys as tests/checkpoints.py) whose FFN density is ~density:
     ln2 of every layer outputs the constant B in dim 0 (weight 0, bias B), and W_k[j, 0] = -c_j with
     c_j B = z ||W_k[j, 1:]|| 0.816 (0.816: the rms of a token-shift mix of two unit-rms inputs), so
-    relu(W_k xk) > 0 for about a fraction `density` of the neurons (z = the normal quantile)."""
+    relu(W_k xk) > 0 for about a fraction `density` of the neurons (z = the normal quantile).
+    device: where the random tensors are drawn ("cpu" for the ONNX Runtime size runs)."""
     import torch
     from statistics import NormalDist
 
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    nrm = lambda *s, scale=0.1: torch.randn(s, generator=g, device="cuda") * scale  # noqa: E731
-    uni = lambda lo, hi, *s: torch.rand(s, generator=g, device="cuda") * (hi - lo) + lo  # noqa: E731
+    g = torch.Generator(device=device).manual_seed(seed)
+    nrm = lambda *s, scale=0.1: torch.randn(s, generator=g, device=device) * scale  # noqa: E731
+    uni = lambda lo, hi, *s: torch.rand(s, generator=g, device=device) * (hi - lo) + lo  # noqa: E731
     H, (lw, la, lv, lg) = D // N, _lora(D)
     z, B = NormalDist().inv_cdf(1 - density), 4.0
     sd = {"emb.weight": nrm(V, D), "head.weight": nrm(V, D), "ln_out.weight": 1 + nrm(D), "ln_out.bias": nrm(D)}
@@ -166,7 +167,7 @@ def run_row(cfg) -> dict:
             from rwkv_edge.predictors.bundle import PredictorBundle
             ref = [np.asarray(m.step(t, st)[0]) for t in toks[:1]]          # the generic path's logits
             bundle = PredictorBundle.load(cfg["bundle"], model=m) if cfg["mode"] == "predicted" else None
-            g = FusedDecode(m, mode=cfg["mode"], bundle=bundle, graph=cfg["graph"])
+            g = FusedDecode(m, mode=cfg["mode"], bundle=bundle, graph=cfg["graph"], tune=cfg.get("tune"))
             g.reset(st)
             out["max_logit_diff_vs_generic"] = float(np.abs(g.step(toks[0]).cpu().numpy() - ref[0]).max())
 
@@ -214,6 +215,8 @@ def main() -> int:
     ap.add_argument("--rows", default="rwkv,generic,dense,exact,predicted")
     ap.add_argument("--no-eager", action="store_true", help="skip the graph-off rows")
     ap.add_argument("--out")
+    ap.add_argument("--tune", type=json.loads, default=None, help="JSON overrides of cuda_decode.TUNE")
+    ap.add_argument("--reuse", action="store_true", help="keep a --shape checkpoint and bundle already in --out")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -228,7 +231,8 @@ def main() -> int:
         label = f"random {L}x{D} F{F} V{V} (density {args.density})"
         args.model = os.path.join(args.out, f"shape_{L}x{D}.pth")
         t = time.perf_counter()
-        make_shaped(args.model, L, D, F, V, args.density)
+        if not (args.reuse and os.path.exists(args.model)):
+            make_shaped(args.model, L, D, F, V, args.density)
         print(f"# built {args.model} ({os.path.getsize(args.model) / 1e9:.2f} GB) in {time.perf_counter() - t:.0f}s",
               flush=True)
     else:
@@ -244,11 +248,13 @@ def main() -> int:
         ids = np.load(args.calib_ids)[: args.calib] if args.calib_ids else \
             np.random.default_rng(5).integers(1, V, args.calib)
         t = time.perf_counter()
-        bundle = fit_bundle(args.model, os.path.join(args.out, "bundle.npz"), [int(v) for v in ids])
+        bundle = os.path.join(args.out, "bundle.npz")
+        if not (args.reuse and os.path.exists(bundle)):
+            fit_bundle(args.model, bundle, [int(v) for v in ids])
         print(f"# fitted the 2-bit predictor bundle in {time.perf_counter() - t:.0f}s", flush=True)
     print(json.dumps({"model": label, "file_mib": round(file_mib, 1), "copy_bw_TBps": round(bw / 1e12, 2)}), flush=True)
     base = dict(model=args.model, label=label, vocab=V, tokens=args.tokens, rounds=args.rounds,
-                prefill_tokens=args.prefill_tokens, bundle=bundle)
+                prefill_tokens=args.prefill_tokens, bundle=bundle, tune=args.tune)
     cfgs = []
     for r in rows:
         if r in ("rwkv", "generic"):

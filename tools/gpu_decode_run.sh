@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Issue 17 on the GPU machine, from the repo root: bash tools/gpu_decode_run.sh STEP OUT [DATA]
-#   tests  tests/test_cuda_decode.py and tests/test_cuda.py
-#   ref    tools/gpu_decode_bench.py on rwkv7-ref-58m (DATA/ref58m_nohead.npz: the pack of
-#          `tools/gpu_check.py pack-ref` less head.weight, dequantized to a fp16 .pth, random head; predictor fitted on DATA/heldout_ids.npy)
-#   big    tools/gpu_decode_bench.py at the official 1.5B shapes (random fp16, density 0.13)
-#   tune   tools/gpu_decode_tune.py at the same shapes (launch-shape search)
+#   tests  tests/test_cuda_decode.py and tests/test_cuda.py (TESTS= overrides the files)
+#   ref    tools/gpu_decode_bench.py on rwkv7-ref-58m (DATA/ref58m_int8.npz: the pack of
+#          `tools/gpu_check.py pack-ref`, dequantized to a fp16 .pth; without it DATA/ref58m_nohead.npz
+#          and a random head); predictor fitted on DATA/heldout_ids.npy
+#   big    tools/gpu_decode_bench.py at the official 1.5B shapes (random fp16, density 0.13; the
+#          checkpoint and bundle in /tmp/big are reused), then the per-kernel profile
+#   tune   tools/gpu_decode_tune.py at the same shapes (launch-shape search; TUNE_ARGS= knob lists)
+# BENCH_ARGS= extra tools/gpu_decode_bench.py arguments (e.g. --rows dense,exact --no-eager).
 # The `rwkv` wheel, if carried in DATA/whl, is installed to /tmp/site first.
 set -uo pipefail
 STEP=$1; OUT=$2; DATA=${3:-out/gpu}
@@ -16,30 +19,29 @@ export PYTHONPATH=$PYTHONPATH:/tmp/site
 # rwkv_edge.predictors/quant/export are mapped folders: install this tree (editable, no network)
 python3 -c "import rwkv_edge.predictors" 2>/dev/null || \
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install -e . failed"
+BIG="--shape 24,2048,8192,65536 --density 0.13 --calib 512 --out /tmp/big --reuse"
 case $STEP in
-  tests) python3 -m pytest -q tests/test_cuda_decode.py tests/test_cuda.py 2>&1 | tail -25 ;;
+  tests) python3 -m pytest -q ${TESTS:-tests/test_cuda_decode.py tests/test_cuda.py} 2>&1 | tail -25 ;;
   ref)
-    # ref58m_nohead.npz: the pack without head.weight (the pack with it is over the transfer limit
-    # beside the checkout): the head is random here; speed and FFN densities do not depend on it
-    [ -f /tmp/ref58m.pth ] || python3 - "$DATA/ref58m_nohead.npz" <<'PY'
+    PACK=$DATA/ref58m_int8.npz; [ -f "$PACK" ] || PACK=$DATA/ref58m_nohead.npz
+    [ -f /tmp/ref58m.pth ] || python3 - "$PACK" <<'PY'
 import sys, torch
 sys.path.insert(0, "tools")
 import gpu_check
 gpu_check.unpack_ref(sys.argv[1], "/tmp/ref58m.pth")
 sd = torch.load("/tmp/ref58m.pth", weights_only=True)
-if "head.weight" not in sd:
+if "head.weight" not in sd:   # the pack without head.weight: speed and densities do not depend on it
     V, D = sd["emb.weight"].shape
     sd["head.weight"] = (torch.randn(V, D, generator=torch.Generator().manual_seed(0)) * 0.05).half()
     torch.save(dict(sorted(sd.items())), "/tmp/ref58m.pth")
+    print("# random head (the pack has none)")
 PY
     python3 tools/gpu_decode_bench.py --model /tmp/ref58m.pth --calib-ids "$DATA/heldout_ids.npy" --calib 2048 \
         --out "$OUT/ref" ${BENCH_ARGS:-} ;;
   big)
-    python3 tools/gpu_decode_bench.py --shape 24,2048,8192,65536 --density 0.13 --calib 512 --out /tmp/big \
-        ${BENCH_ARGS:-}; cp /tmp/big/rows.jsonl "$OUT/big_rows.jsonl"
+    python3 tools/gpu_decode_bench.py $BIG ${BENCH_ARGS:-}; cp /tmp/big/rows.jsonl "$OUT/big_rows.jsonl"
     python3 tools/gpu_decode_profile.py /tmp/big/shape_24x2048.pth /tmp/big/bundle.npz ;;
   tune)
-    python3 tools/gpu_decode_bench.py --shape 24,2048,8192,65536 --density 0.13 --calib 512 --out /tmp/big \
-        --rows predicted --no-eager --tokens 128 | tail -2
-    python3 tools/gpu_decode_tune.py /tmp/big/shape_24x2048.pth /tmp/big/bundle.npz ;;
+    [ -f /tmp/big/bundle.npz ] || python3 tools/gpu_decode_bench.py $BIG --rows predicted --no-eager --tokens 64 | tail -2
+    python3 tools/gpu_decode_tune.py /tmp/big/shape_24x2048.pth /tmp/big/bundle.npz ${TUNE_ARGS:-} ;;
 esac

@@ -2,8 +2,10 @@
 coordinate descent over the knobs, each setting scored by the geometric mean of the captured
 decode tok/s of the dense, exact and predicted modes (median of 3 runs of 128 tokens).
 
-    python3 tools/gpu_decode_tune.py MODEL.pth BUNDLE.npz
+    python3 tools/gpu_decode_tune.py MODEL.pth BUNDLE.npz [KNOB=v1,v2 ...]
+KNOB=values (JSON values, e.g. head_warps=8,16 pdl=false) replaces the default knob list.
 Prints one line per evaluated setting and the best setting last."""
+import json
 import math
 import os
 import sys
@@ -11,9 +13,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-KNOBS = [("value_per_sm", [8, 32, 4]), ("gemv_bk", [1024, 2048, 512]), ("key_bk", [1024, 2048]),
-         ("key_bn", [4, 8, 2]), ("gemv_bn", [4, 8, 2]), ("value_bs", [64, 32]), ("value_bd", [64, 128]),
-         ("head_warps", [8, 4]), ("mix_warps", [None, 16, 4])]
+KNOBS = [("head_warps", [8, 16, 4]), ("gemv_bn", [4, 8, 2]), ("key_bn", [8, 16, 4]), ("value_bn", [2, 4, 1]),
+         ("key_warps", [8, 4]), ("value_bs", [64, 32, 128]), ("value_bd", [256, 128, 512]),
+         ("value_per_sm", [2, 4, 1]), ("gemv_warps", [4, 8]), ("pdl", [True, False])]
 
 
 def main() -> int:
@@ -24,6 +26,9 @@ def main() -> int:
     from rwkv_edge.predictors.bundle import PredictorBundle
     from rwkv_edge.runtime import open_model
 
+    knobs = KNOBS
+    if len(sys.argv) > 3:
+        knobs = [(a.split("=")[0], [json.loads(v) for v in a.split("=")[1].split(",")]) for a in sys.argv[3:]]
     m = open_model(sys.argv[1], device="cuda", dtype="fp16")
     bundle = PredictorBundle.load(sys.argv[2], model=m)
     _, st = m.forward([1, 2, 3])
@@ -50,7 +55,7 @@ def main() -> int:
 
     best = dict(CD.TUNE)
     best_s = score(best)
-    for k, vals in KNOBS:
+    for k, vals in knobs:
         for v in vals:
             if v == best[k]:
                 continue

@@ -1,5 +1,6 @@
 """`FusedDecode`: batch-1 RWKV-7 decode on the CUDA backend in seven Triton launches per layer, with
-a dense, an exact-sparse or a predicted-sparse FFN, captured once as a CUDA graph.
+a dense, an exact-sparse or a predicted-sparse FFN, captured once as a CUDA graph (six launches
+per layer in the sparse modes: the value rows are added inside the key kernel).
 
     dec = FusedDecode(model, mode="exact")              # model built with the cuda backend
     dec = FusedDecode(model, mode="predicted", bundle=b) # a bundle of n-bit W_k threshold predictors
@@ -13,27 +14,34 @@ Modes (the FFN of every layer; the rest of the step is the same):
   predicted  the bundle's n-bit W_k (packed codes read on the device) scores every neuron; only
              the W_k rows scoring >= the layer's threshold are read, then only the non-zero W_v^T
              rows. Same math as `sparse.SparseFFN` with that predicted set.
-The active set is a device mask over all F neurons, not an index list of bounded capacity: nothing
-is dropped and no host synchronisation is needed, so the step captures as one graph (graph=False
-launches the same kernels eagerly, for timing the capture's effect). Predicted and active neuron
-counts are summed per layer on the device (atomic adds) and read by `stats()` (a host sync).
+The active set lives on the device: by default each key program adds the value rows of its own
+active neurons (a mask over its rows); with tune fused_value=False the key kernel appends the
+active rows to a per-layer list of capacity F (one atomic slot per program) for a second launch.
+Either way nothing can overflow or be dropped (the overflow count is 0 by construction) and no host
+synchronisation is needed, so the step captures as one graph (graph=False launches the same
+kernels eagerly, for timing the capture's effect). Predicted and active neuron counts are summed
+per layer on the device (atomic adds) and read by `stats()` (a host sync).
 
 Building rebinds the model's own weights (a transform, not a fork): per layer, att r/k/v and the
 transposed LoRA first stages (w1, a1, g1, v1) become views of one stacked matrix so that a single
-launch reads them all, and ffn.value becomes a view of its transpose (F, D); the model's other code
+launch reads them all, and (sparse modes) ffn.value becomes a view of its transpose (F, D); the model's other code
 paths compute the same numbers on the views, and no weight is held twice. Activations, state and
 accumulation are float32; weights stay in the backend's storage dtype. See cuda_decode_kernels.py.
 
-Measured on an H200 (tools/gpu_decode_bench.py, fp16 weights, captured, decode tok/s; HBM copy
-4.2 TB/s): rwkv7-ref-58m dense 2848 / exact 2859 / predicted 2819 (the generic CudaGraphStep 568,
-the `rwkv` package cuda fp16 102-107); official 1.5B shapes (random, FFN density 0.13) dense 701
-(41% of 4.8 TB/s over the 2.78 GB read per token) / exact 749 / predicted 719 (generic 166, `rwkv`
-60-81). Without the graph the same kernels run at 150-410 tok/s (Python launch cost). Where the
-1.4 ms of a 1.5B step goes (torch.profiler, eager, dense): GEMVs 378 us, FFN key 323, FFN value 290,
-per-head kernel 216, the 49 single-program LayerNorm/mix kernels 210: the small latency-bound
-kernels (30%) and the key/value kernels at ~2.5-2.8 TB/s keep dense under half the roof; exact
-saves only ~4 us of the value kernel's 12 per layer (the masked loop still walks all F rows), and
-the predictor's code unpacking costs about what the skipped W_k rows save.
+Measured on an H200 (tools/gpu_decode_bench.py, fp16 weights, captured, decode tok/s, 256 tokens x
+3 rounds; HBM copy 4.2 TB/s): official 1.5B shapes (random, FFN density 0.13) dense 950 (55% of
+4.8 TB/s over the 2.78 GB read per token) / exact 1030 / predicted 1014 (generic CudaGraphStep 163,
+`rwkv` package cuda fp16 73); rwkv7-ref-58m (random head) dense 5485 / exact 5137 / predicted 4666
+(generic 557, `rwkv` 117). What moved dense from 41% to 55% of the roof: PDL, so that every
+kernel's weight loads are in flight before the previous kernel ends, and the dense FFN value as a
+plain W_v GEMV (no atomics). Why sparse gains little: its value rows (and, predicted, its W_k rows)
+depend on keys (scores) of the same step, so those loads cannot be issued early; in the key
+kernel they add one dependent round trip plus the atomic adds of the partial sums, about what 13%
+density saves at 1.5B (exact 1.08x dense) and more than it saves at 58M (0.94x), where the step
+is latency-bound (11% of the roof). A separate listed-row value launch (fused_value=False) was
+slower (1.5B exact 998, 58M 4077); fusing the LayerNorm + mix launches into the previous kernel's
+last program (a finished-programs counter) was slower too (823 against 915 tok/s dense: every
+program's atomic on one counter) and was dropped.
 """
 from __future__ import annotations
 
@@ -45,13 +53,17 @@ from .cuda_decode_kernels import kernels
 
 MODES = ("dense", "exact", "predicted")
 _BIG = 1 << 30
-# Launch shapes (measured on an H200 with tools/gpu_decode_tune.py at the 1.5B shapes; any values
-# give the same results): GEMV tiles gemv_bn rows x gemv_bk columns, the FFN key kernel's key_bn x
-# key_bk, the FFN value kernel's value_bs rows x value_bd columns with ~value_per_sm programs per
-# SM, warps of the per-head and the single-program LayerNorm/mix kernels (None: by width).
-TUNE = dict(gemv_bn=4, gemv_bk=1024, key_bn=8, key_bk=1024, value_bs=64, value_bd=64, value_per_sm=8,
-            head_warps=4, mix_warps=None)
-
+# Launch shapes (any values give the same results; tools/gpu_decode_tune.py searches them on a GPU):
+# GEMV tiles gemv_bn rows x the whole width when it is <= full_k (one load per program, issued
+# before the PDL wait) else gemv_bk columns per loop step; the FFN key kernel's key_bn rows; the
+# dense FFN value GEMV's value_bn rows of W_v (D, F); the sparse value kernel's value_bs listed rows
+# x value_bd columns with ~value_per_sm programs per SM; warps per kind of kernel (None: by width);
+# pdl: programmatic dependent launch (used on compute capability >= 9 only); fused_value: the sparse
+# modes add the value rows inside the key kernel (fused_key_bn rows per program, key_value_bd
+# columns per step) instead of listing the active rows for a second launch.
+TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk=1024, key_warps=4,
+            value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
+            mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048)
 
 def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -131,9 +143,12 @@ class FusedDecode:
                        lw=b.w1.shape[1], la=b.a1.shape[1], lg=b.g1.shape[1], lv=b.v1.shape[1] if i else 0,
                        att_o=b.att_o, key=b.ffn_key)
             lay["mats"] = [(m,) + _seg_tables(s, dev) for m, s in _rebind_block(b, i, D)]
-            vt = b.ffn_value.t().contiguous()      # (F, D): one neuron's value column per row
-            b.ffn_value = vt.t()
-            lay["vt"] = vt
+            if mode == "dense":                    # W_v (D, F): a plain GEMV, residual as its base
+                lay["wv"] = b.ffn_value = b.ffn_value.contiguous()
+            else:                                  # (F, D): one neuron's value column per row
+                vt = b.ffn_value.t().contiguous()
+                b.ffn_value = vt.t()
+                lay["wv"] = vt
             self.layers.append(lay)
         self.ln0 = tuple(f32(t) for t in model.ln0)
         self.ln_out = tuple(f32(t) for t in model.ln_out)
@@ -150,17 +165,18 @@ class FusedDecode:
         ny1 = 3 * D + max(l["lw"] + l["la"] + l["lg"] + l["lv"] for l in self.layers)
         self.x, self.x6, self.y1, self.yg, self.xk = z(D), z(6, D), z(ny1), z(D), z(D)
         self.kbuf, self.vfirst, self.xo = z(L, F), z(D), z(D)
-        # FFN value launch: (D / BD column blocks) x (NS row splits), ~8 programs per SM so that
-        # enough loads are in flight; each program adds its (BD,) partial into x atomically
-        nsm = torch.cuda.get_device_properties(dev).multi_processor_count
+        # sparse FFN value launch: (D / BD column blocks) x (NS splits of the active-row list), each
+        # split taking every NS-th block of BS listed rows; ~value_per_sm programs per SM
         tn = self.tune
+        nsm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+        self.pdl = bool(tn["pdl"]) and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
         self.bd, self.bs = min(tn["value_bd"], _p2(D)), tn["value_bs"]
         nd = -(-D // self.bd)
-        ns = max(1, min(-(-F // self.bs), -(-tn["value_per_sm"] * nsm // nd)))
-        self.rps = -(-(-(-F // ns)) // self.bs) * self.bs
-        self.ns = -(-F // self.rps)
+        self.ns = max(1, min(-(-F // self.bs), -(-tn["value_per_sm"] * nsm // nd)))
+        self.idx = torch.zeros((L, F), dtype=torch.int32, device=dev)    # active rows per layer
+        self.slot = torch.zeros((L, 2), dtype=torch.int32, device=dev)   # per step: rows read, listed
         self.logits = z(model.config.vocab_size)
-        self.cnt = torch.zeros((L, 2), dtype=torch.int32, device=dev)
+        self.cnt = torch.zeros((L, 2), dtype=torch.int32, device=dev)   # running sums of slot
         self.tok = torch.zeros(1, dtype=torch.long, device=dev)
         self.st = C.adopt_state(model.zero_state())
         self.n_steps = 0
@@ -192,52 +208,65 @@ class FusedDecode:
                     bits=qm.bits, gs=gs, g=D // gs, per=per)
 
     # --- the step ---------------------------------------------------------------------------
-    def _gemv(self, W, x, y, base=None, seg=None, act=0, bn=4):
-        # tiles of BN rows x up to 1024 columns (8 KB of fp16): one or two loads per program and
-        # thousands of programs, so that the HBM pipe stays full (BN divides every segment)
+    def _kw(self, warps):
+        return dict(num_warps=warps, launch_pdl=True) if self.pdl else dict(num_warps=warps)
+
+    def _gemv(self, W, x, y, base=None, seg=None, act=0, bn=4, warps=None):
+        # tiles of BN rows x the whole width (<= full_k): one load per program, issued before the
+        # PDL wait, and thousands of programs, so that the HBM pipe stays full (BN divides every segment)
         n, k = W.shape
         ends, xs, nseg = seg if seg is not None else (y, y, 1)
-        bn = min(bn, self.tune["gemv_bn"])
+        full = _p2(k) <= self.tune["full_k"]
         self.K["gemv"][(-(-n // bn),)](W, x, y, base if base is not None else y, ends, xs, n, k,
-                                       BN=bn, BK=min(self.tune["gemv_bk"], _p2(k)), NSEG=nseg, ACT=act, ADD=base is not None,
-                                       num_warps=4)
+                                       BN=bn, BK=_p2(k) if full else min(self.tune["gemv_bk"], _p2(k)), NSEG=nseg,
+                                       ACT=act, ADD=base is not None, FULL=full, PDL=self.pdl,
+                                       **self._kw(warps or self.tune["gemv_warps"]))
 
     def _mix(self, emb: bool, ln, prev, mix, out, nmix):
         D = self.D
         self.K["mix"][(1,)](self.x, self.emb, self.tok, self.ln0[0], self.ln0[1], ln[0], ln[1],
-                            prev, mix, out, D, 1e-5, BD=_p2(D), EMB=emb, NMIX=nmix,
-                            num_warps=self.tune["mix_warps"] or (4 if D <= 1024 else 16))
+                            prev, mix, out, D, 1e-5, BD=_p2(D), EMB=emb, NMIX=nmix, BM=_p2(max(1, nmix)),
+                            PDL=self.pdl, **self._kw(self.tune["mix_warps"] or (4 if D <= 1024 else 16)))
 
     def _forward(self):
-        K, D, F, N = self.K, self.D, self.F, self.N
+        K, D, F, N, tn = self.K, self.D, self.F, self.N, self.tune
         st = self.st
+        sparse = self.mode != "dense"
+        fv = tn["fused_value"]
         for i, lay in enumerate(self.layers):
             self._mix(i == 0, lay["ln1"], st.att_x[i], lay["amix"], self.x6, 6)
             r0 = 0
             for m, ends, xs, nseg, bn in lay["mats"]:
-                self._gemv(m, self.x6, self.y1[r0:r0 + m.shape[0]], seg=(ends, xs, nseg), bn=bn)
+                self._gemv(m, self.x6, self.y1[r0:r0 + m.shape[0]], seg=(ends, xs, nseg),
+                           bn=min(bn, tn["gemv_bn"]))
                 r0 += m.shape[0]
             K["att_head"][(self.H,)](self.y1, D, lay["lw"], lay["la"], lay["lg"], lay["lv"], lay["w2"], lay["a2"],
                                      lay["g2"], lay["v2"], lay["w0"], lay["a0"], lay["v0"], lay["kk"], lay["ka"],
                                      lay["rk"], lay["lnx"][0], lay["lnx"][1], self.vfirst, st.wkv[i], self.yg,
-                                     N=N, BLW=_p2(lay["lw"]), BLA=_p2(lay["la"]), BLG=_p2(lay["lg"]),
-                                     BLV=_p2(max(1, lay["lv"])), FIRST=i == 0, num_warps=self.tune["head_warps"])
-            self._gemv(lay["att_o"], self.yg, self.x, base=self.x)
+                                     self.slot[i], N=N, BLW=_p2(lay["lw"]), BLA=_p2(lay["la"]), BLG=_p2(lay["lg"]),
+                                     BLV=_p2(max(1, lay["lv"])), FIRST=i == 0, PDL=self.pdl,
+                                     **self._kw(tn["head_warps"]))
+            self._gemv(lay["att_o"], self.yg, self.x, base=self.x, bn=min(4, tn["gemv_bn"]))
             self._mix(False, lay["ln2"], st.ffn_x[i], lay["fmix"], self.xk, 1)
             p = self.pred[i] if self.pred else None
             q = p or dict(q=self.xk, s=self.xk, z=self.xk, thr=0.0, bits=8, gs=1, g=0, per=1)
             one = q["g"] > 0 and q["g"] == _p2(q["g"]) and D == _p2(D)
-            kbn = self.tune["key_bn"]
-            K["ffn_key"][(-(-F // kbn),)](lay["key"], self.xk, self.kbuf[i], q["q"], q["s"], q["z"], q["thr"],
-                                          self.cnt[i], F, D, q["g"], BN=kbn, BK=min(self.tune["key_bk"], _p2(D)),
-                                          PRED=p is not None,
-                                        BITS=q["bits"], GS=q["gs"], PER=q["per"], NB=q["gs"] // q["per"],
-                                        ONESHOT=one, GC=q["g"] if one else 1, num_warps=4)
-            K["ffn_value"][(-(-D // self.bd), self.ns)](lay["vt"], self.kbuf[i], self.x, F, D, self.rps,
-                                                         BD=self.bd, BS=self.bs, SKIP=self.mode != "dense",
-                                                         num_warps=4)
+            full = _p2(D) <= tn["full_k"]
+            kbn = tn["fused_key_bn"] if sparse and fv else tn["key_bn"]
+            K["ffn_key"][(-(-F // kbn),)](
+                lay["key"], self.xk, self.kbuf[i], self.idx[i], q["q"], q["s"], q["z"], q["thr"], self.slot[i],
+                F, D, q["g"], lay["wv"], self.x, self.cnt[i], BN=kbn, BK=_p2(D) if full else min(tn["key_bk"], _p2(D)), PRED=p is not None,
+                BITS=q["bits"], GS=q["gs"], PER=q["per"], NB=q["gs"] // q["per"], ONESHOT=one,
+                GC=q["g"] if one else 1, FULL=full, COMPACT=sparse and not fv, PDL=self.pdl, VALUE=sparse and fv,
+                BVD=min(_p2(D), tn["key_value_bd"]), **self._kw(tn["key_warps"]))
+            if sparse and not fv:   # only the listed (active) rows of W_v^T
+                K["ffn_value"][(-(-D // self.bd), self.ns)](lay["wv"], self.kbuf[i], self.idx[i], self.slot[i],
+                                                             self.cnt[i], self.x, D, self.ns, BD=self.bd, BS=self.bs,
+                                                             PDL=self.pdl, **self._kw(tn["value_warps"]))
+            elif not sparse:   # x += W_v k over all F neurons
+                self._gemv(lay["wv"], self.kbuf[i], self.x, base=self.x, bn=tn["value_bn"], warps=tn["value_warps"])
         self._mix(False, self.ln_out, self.xo, self.xo, self.xo, 0)
-        self._gemv(self.head, self.xo, self.logits)
+        self._gemv(self.head, self.xo, self.logits, bn=tn["gemv_bn"])
         return self.logits
 
     # --- public -----------------------------------------------------------------------------
@@ -267,11 +296,12 @@ class FusedDecode:
 
     def stats(self) -> dict:
         """Per-token FFN densities since reset, summed over layers on the device: `read` = key rows
-        read (1.0 unless predicted), `active` = neurons with relu(k)^2 > 0 (value rows read unless
-        dense). Reads the counters (a host sync)."""
+        read (1.0 unless predicted), `active` = neurons with relu(k)^2 > 0 = W_v^T rows read (None in
+        the dense mode, which counts nothing). Reads the counters (a host sync)."""
         c = self.cnt.sum(0).tolist()
         tot = max(1, self.n_steps * self.L * self.F)
-        return {"steps": self.n_steps, "read_density": round(c[0] / tot, 4), "active_density": round(c[1] / tot, 4)}
+        return {"steps": self.n_steps, "read_density": round(c[0] / tot, 4) if self.pred else 1.0,
+                "active_density": round(c[1] / tot, 4) if self.mode != "dense" else None}
 
     def bytes_per_token(self, density: float | None = None) -> int:
         """Weight bytes one step must read (each needed byte once): the roof's numerator."""
@@ -283,7 +313,7 @@ class FusedDecode:
         for i, lay in enumerate(self.layers):
             n += sum(it(m[0]) for m in lay["mats"]) + it(lay["att_o"])
             n += sum(it(lay[k]) for k in ("w2", "a2", "g2")) + (it(lay["v2"]) if i else 0)
-            n += int(rd * it(lay["key"])) + int(ac * it(lay["vt"]))
+            n += int(rd * it(lay["key"])) + int(ac * it(lay["wv"]))
             if self.pred:
                 p = self.pred[i]
                 n += it(p["q"]) + it(p["s"]) + it(p["z"])

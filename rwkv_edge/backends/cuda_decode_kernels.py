@@ -5,18 +5,26 @@ Shapes (D = n_embd = H*N, F = FFN width, all activations float32, weights in any
   mix        one program: [x = ln0(emb[tok])]; xl = LN(x);
              prev <- xl; out[m] = xl + (prev_old - xl) * mix[m] for NMIX mix vectors (NMIX 0: out = xl)
   gemv       y[n] = act(W[n, :] . x_seg(n)) (+ base[n]); W (N, K) row-major, the input row of a
-             block of rows chosen by a segment table (r/k/v and the LoRA first stages in one launch)
+             block of rows chosen by a segment table (r/k/v and the LoRA first stages in one launch;
+             the dense FFN value W_v (D, F) with base = x, the residual add)
   att_head   one program per head: LoRA second stages, decay/a/g/value-residual, kk normalise,
              the wkv state update (N x N in registers), group norm, bonus, times g
   ffn_key    k[j] = relu(W_k[j] . xk)^2 on the rows a fused n-bit predictor selects
              (score = zero.sum(x) + scale.(q x) per group >= threshold; k = -1 on the others)
-             or on all rows; predicted
-             and active neurons are counted on the device (atomic adds, read after the run)
-  ffn_value  x[d] += sum_{j in split s} k[j] Vt[j, d] (atomic add per split: the float32 sum order
-             varies between runs, ~1e-7 relative); Vt = W_v^T (F, D); with SKIP, rows whose k[j] is
-             not > 0 are masked out of the load, so their bytes are never read
-The active set is a device-side mask over all F neurons (no index buffer of bounded capacity), so
-no neuron can be dropped: there is no overflow to handle.
+             or on all rows; with COMPACT the active rows (k > 0) are appended to an index list
+             of capacity F (slot from one atomic add per program: nothing can overflow or be dropped);
+             with VALUE the program also adds sum_{its active j} k[j] Vt[j, :] into x (atomic adds
+             of (D,) partials): one launch for the whole sparse FFN, no list
+  ffn_value  sparse modes: x[d] += sum_{j in the index list} k[j] Vt[j, d], Vt = W_v^T (F, D); only
+             listed rows are loaded (zero activations' bytes never leave memory); each program adds
+             its (BD,) partial atomically (the float32 sum order varies between runs, ~1e-7 relative)
+
+Programmatic dependent launch (PDL, Hopper+): with PDL every kernel first issues the loads of its
+weights (never written by any kernel), then `gdc_launch_dependents` (the next kernel may be
+scheduled now) and `gdc_wait` (returns when the previous kernel has finished and its stores are
+visible); activations are read and everything is stored only after the wait. So the next kernel's
+weight reads overlap this kernel's tail and the latency-bound single-program kernels, and the
+ordering is the same as without PDL (each kernel waits for its predecessor, hence for all earlier).
 """
 from __future__ import annotations
 
@@ -31,33 +39,51 @@ def kernels():
     import triton.language as tl
 
     @triton.jit
+    def _sync(PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+
+    # the kernels call these by their global names (Triton resolves called jit functions there)
+    globals()["_sync"] = _sync
+
+    @triton.jit
     def mix(x_p, emb_p, tok_p, ln0w_p, ln0b_p, lnw_p, lnb_p, prev_p, mix_p, out_p, D, eps,
-            BD: tl.constexpr, EMB: tl.constexpr, NMIX: tl.constexpr):
+            BD: tl.constexpr, EMB: tl.constexpr, NMIX: tl.constexpr, BM: tl.constexpr, PDL: tl.constexpr):
         d = tl.arange(0, BD)
         dm = d < D
+        m = tl.arange(0, BM)
+        mm = (m < NMIX)[:, None] & dm[None, :]
+        lw = tl.load(lnw_p + d, mask=dm, other=0.0)
+        lb = tl.load(lnb_p + d, mask=dm, other=0.0)
+        mv = tl.load(mix_p + m[:, None] * D + d[None, :], mask=mm, other=0.0)     # (BM, BD)
+        if EMB:
+            w0 = tl.load(ln0w_p + d, mask=dm, other=0.0)
+            b0 = tl.load(ln0b_p + d, mask=dm, other=0.0)
+        _sync(PDL)
         if EMB:   # x = ln0(emb[tok]): the block input of layer 0
             tok = tl.load(tok_p)
             e = tl.load(emb_p + tok * D + d, mask=dm, other=0.0).to(tl.float32)
             mu = tl.sum(e, axis=0) / D
             c = tl.where(dm, e - mu, 0.0)
-            x = c / tl.sqrt(tl.sum(c * c, axis=0) / D + eps) * tl.load(ln0w_p + d, mask=dm) + tl.load(ln0b_p + d, mask=dm)
+            x = c / tl.sqrt(tl.sum(c * c, axis=0) / D + eps) * w0 + b0
             tl.store(x_p + d, x, mask=dm)
         else:
             x = tl.load(x_p + d, mask=dm, other=0.0)
         mu = tl.sum(tl.where(dm, x, 0.0), axis=0) / D
         c = tl.where(dm, x - mu, 0.0)
-        xl = c / tl.sqrt(tl.sum(c * c, axis=0) / D + eps) * tl.load(lnw_p + d, mask=dm) + tl.load(lnb_p + d, mask=dm)
+        xl = c / tl.sqrt(tl.sum(c * c, axis=0) / D + eps) * lw + lb
         if NMIX == 0:
             tl.store(out_p + d, xl, mask=dm)
         else:
             xx = tl.load(prev_p + d, mask=dm) - xl
             tl.store(prev_p + d, xl, mask=dm)
-            for m in tl.static_range(NMIX):
-                tl.store(out_p + m * D + d, xl + xx * tl.load(mix_p + m * D + d, mask=dm), mask=dm)
+            tl.store(out_p + m[:, None] * D + d[None, :], xl[None, :] + xx[None, :] * mv, mask=mm)
 
     @triton.jit
     def gemv(w_p, x_p, y_p, base_p, segend_p, segx_p, N, K,
-             BN: tl.constexpr, BK: tl.constexpr, NSEG: tl.constexpr, ACT: tl.constexpr, ADD: tl.constexpr):
+             BN: tl.constexpr, BK: tl.constexpr, NSEG: tl.constexpr, ACT: tl.constexpr, ADD: tl.constexpr,
+             FULL: tl.constexpr, PDL: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
         rm = rows < N
@@ -67,14 +93,23 @@ def kernels():
             xo = tl.load(segx_p + seg) * K
         else:
             xo = 0
-        acc = tl.zeros((BN, BK), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            ks = k0 + tl.arange(0, BK)
+        if FULL:   # the whole (BN, K) tile in one load, issued before waiting for the input
+            ks = tl.arange(0, BK)
             km = ks < K
-            xv = tl.load(x_p + xo + ks, mask=km, other=0.0)
             wv = tl.load(w_p + rows[:, None] * K + ks[None, :], mask=rm[:, None] & km[None, :], other=0.0)
-            acc += wv.to(tl.float32) * xv[None, :]
-        y = tl.sum(acc, axis=1)
+            _sync(PDL)
+            xv = tl.load(x_p + xo + ks, mask=km, other=0.0)
+            y = tl.sum(wv.to(tl.float32) * xv[None, :], axis=1)
+        else:
+            _sync(PDL)
+            acc = tl.zeros((BN, BK), dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                ks = k0 + tl.arange(0, BK)
+                km = ks < K
+                xv = tl.load(x_p + xo + ks, mask=km, other=0.0)
+                wv = tl.load(w_p + rows[:, None] * K + ks[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+                acc += wv.to(tl.float32) * xv[None, :]
+            y = tl.sum(acc, axis=1)
         if ACT == 1:
             y = tl.maximum(y, 0.0)
             y = y * y
@@ -84,69 +119,112 @@ def kernels():
 
     @triton.jit
     def att_head(y1_p, D, LW, LA, LG, LV, w2_p, a2_p, g2_p, v2_p, w0_p, a0_p, v0_p, kk_p, ka_p, rk_p,
-                 lnxw_p, lnxb_p, vfirst_p, s_p, out_p,
+                 lnxw_p, lnxb_p, vfirst_p, s_p, out_p, slot_p,
                  N: tl.constexpr, BLW: tl.constexpr, BLA: tl.constexpr, BLG: tl.constexpr, BLV: tl.constexpr,
-                 FIRST: tl.constexpr):
+                 FIRST: tl.constexpr, PDL: tl.constexpr):
         h = tl.program_id(0)
         n = tl.arange(0, N)
         col = h * N + n
+        # weights, constants and this layer's wkv state (last written by the previous step) first
+        lw = tl.arange(0, BLW)
+        la = tl.arange(0, BLA)
+        lg = tl.arange(0, BLG)
+        w2 = tl.load(w2_p + lw[:, None] * D + col[None, :], mask=(lw < LW)[:, None], other=0.0)
+        a2 = tl.load(a2_p + la[:, None] * D + col[None, :], mask=(la < LA)[:, None], other=0.0)
+        g2 = tl.load(g2_p + lg[:, None] * D + col[None, :], mask=(lg < LG)[:, None], other=0.0)
+        w0 = tl.load(w0_p + col)
+        a0 = tl.load(a0_p + col)
+        kkw = tl.load(kk_p + col)
+        kaw = tl.load(ka_p + col)
+        rkw = tl.load(rk_p + col)
+        lnw = tl.load(lnxw_p + col)
+        lnb = tl.load(lnxb_p + col)
+        soff = h * N * N + n[:, None] * N + n[None, :]
+        S = tl.load(s_p + soff)
+        if not FIRST:
+            lv = tl.arange(0, BLV)
+            v2 = tl.load(v2_p + lv[:, None] * D + col[None, :], mask=(lv < LV)[:, None], other=0.0)
+            v0 = tl.load(v0_p + col)
+        _sync(PDL)
+        tl.store(slot_p + tl.arange(0, 2), tl.zeros((2,), dtype=tl.int32), mask=(tl.arange(0, 2) < 2) & (h == 0))
         r = tl.load(y1_p + col)
         k = tl.load(y1_p + D + col)
         v = tl.load(y1_p + 2 * D + col)
         o = 3 * D
-        lw = tl.arange(0, BLW)
         hw = 2.0 * tl.sigmoid(2.0 * tl.load(y1_p + o + lw, mask=lw < LW, other=0.0)) - 1.0   # tanh
-        wl = tl.sum(tl.load(w2_p + lw[:, None] * D + col[None, :], mask=(lw < LW)[:, None], other=0.0).to(tl.float32)
-                    * hw[:, None], axis=0)
+        wl = tl.sum(w2.to(tl.float32) * hw[:, None], axis=0)
         o += LW
-        la = tl.arange(0, BLA)
         ha = tl.load(y1_p + o + la, mask=la < LA, other=0.0)
-        al = tl.sum(tl.load(a2_p + la[:, None] * D + col[None, :], mask=(la < LA)[:, None], other=0.0).to(tl.float32)
-                    * ha[:, None], axis=0)
+        al = tl.sum(a2.to(tl.float32) * ha[:, None], axis=0)
         o += LA
-        lg = tl.arange(0, BLG)
         hg = tl.sigmoid(tl.load(y1_p + o + lg, mask=lg < LG, other=0.0))
-        g = tl.sum(tl.load(g2_p + lg[:, None] * D + col[None, :], mask=(lg < LG)[:, None], other=0.0).to(tl.float32)
-                   * hg[:, None], axis=0)
+        g = tl.sum(g2.to(tl.float32) * hg[:, None], axis=0)
         o += LG
-        w = tl.exp(-0.606531 * tl.sigmoid(tl.load(w0_p + col) + wl))
-        a = tl.sigmoid(tl.load(a0_p + col) + al)
-        kk = k * tl.load(kk_p + col)
+        w = tl.exp(-0.606531 * tl.sigmoid(w0 + wl))
+        a = tl.sigmoid(a0 + al)
+        kk = k * kkw
         kk = kk / tl.maximum(tl.sqrt(tl.sum(kk * kk, axis=0)), 1e-12)
-        k = k * (1.0 + (a - 1.0) * tl.load(ka_p + col))
+        k = k * (1.0 + (a - 1.0) * kaw)
         if FIRST:
             tl.store(vfirst_p + col, v)
         else:
-            lv = tl.arange(0, BLV)
             hv = tl.load(y1_p + o + lv, mask=lv < LV, other=0.0)
-            vl = tl.sum(tl.load(v2_p + lv[:, None] * D + col[None, :], mask=(lv < LV)[:, None], other=0.0).to(tl.float32)
-                        * hv[:, None], axis=0)
-            v = v + (tl.load(vfirst_p + col) - v) * tl.sigmoid(tl.load(v0_p + col) + vl)
+            vl = tl.sum(v2.to(tl.float32) * hv[:, None], axis=0)
+            v = v + (tl.load(vfirst_p + col) - v) * tl.sigmoid(v0 + vl)
         # wkv: S[i, j] (value i, key j); S = S*w_j + (S @ -kk)_i (kk*a)_j + v_i k_j ; y_i = (S @ r)_i
-        soff = h * N * N + n[:, None] * N + n[None, :]
-        S = tl.load(s_p + soff)
         sa = tl.sum(S * (-kk)[None, :], axis=1)
         S = S * w[None, :] + sa[:, None] * (kk * a)[None, :] + v[:, None] * k[None, :]
         tl.store(s_p + soff, S)
         y = tl.sum(S * r[None, :], axis=1)
         mu = tl.sum(y, axis=0) / N
         c = y - mu
-        y = c / tl.sqrt(tl.sum(c * c, axis=0) / N + 64e-5) * tl.load(lnxw_p + col) + tl.load(lnxb_p + col)
-        y = y + tl.sum(r * k * tl.load(rk_p + col), axis=0) * v
+        y = c / tl.sqrt(tl.sum(c * c, axis=0) / N + 64e-5) * lnw + lnb
+        y = y + tl.sum(r * k * rkw, axis=0) * v
         tl.store(out_p + col, y * g)
 
     @triton.jit
-    def ffn_key(w_p, x_p, k_p, q_p, qs_p, qz_p, thr, cnt_p, F, D, G,
+    def _score(x_p, q_p, qs_p, qz_p, rows, rm, D, G, BN: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
+               PER: tl.constexpr, NB: tl.constexpr, PDL: tl.constexpr):
+        """Group-by-group n-bit predictor scores of `rows` (any D; waits for the input itself)."""
+        _sync(PDL)
+        c = tl.arange(0, NB)
+        sc = tl.zeros((BN,), dtype=tl.float32)
+        for g in range(0, G):
+            byt = tl.load(q_p + rows[:, None] * (D // PER) + g * NB + c[None, :], mask=rm[:, None], other=0)
+            qx = tl.zeros((BN, NB), dtype=tl.float32)
+            xs = 0.0
+            for s in tl.static_range(PER):
+                code = ((byt >> (s * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+                xq = tl.load(x_p + g * GS + c * PER + s)
+                qx += code * xq[None, :]
+                xs += tl.sum(xq, axis=0)
+            scale = tl.load(qs_p + rows * G + g, mask=rm, other=0.0).to(tl.float32)
+            zero = tl.load(qz_p + rows * G + g, mask=rm, other=0.0).to(tl.float32)
+            sc += zero * xs + scale * tl.sum(qx, axis=1)
+        return sc
+
+    globals()["_score"] = _score
+
+    @triton.jit
+    def ffn_key(w_p, x_p, k_p, idx_p, q_p, qs_p, qz_p, thr, slot_p, F, D, G, vt_p, xo_p, cnt_p,
                 BN: tl.constexpr, BK: tl.constexpr, PRED: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
-                PER: tl.constexpr, NB: tl.constexpr, ONESHOT: tl.constexpr, GC: tl.constexpr):
+                PER: tl.constexpr, NB: tl.constexpr, ONESHOT: tl.constexpr, GC: tl.constexpr,
+                FULL: tl.constexpr, COMPACT: tl.constexpr, PDL: tl.constexpr, VALUE: tl.constexpr,
+                BVD: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
         rm = rows < F
+        ks = tl.arange(0, BK)
+        km = ks < D
         if PRED:   # n-bit W_k predictor: score_j = sum_g zero_jg sum(x_g) + scale_jg (q_jg . x_g)
             # PER = 8 // BITS codes per byte, NB = GS // PER bytes per group and row
             if ONESHOT:  # the row tile's codes in one load (GC = G groups, D // PER and G powers of two)
                 cb = tl.arange(0, GC * NB)
+                gi = tl.arange(0, GC)
                 byt = tl.load(q_p + rows[:, None] * (GC * NB) + cb[None, :], mask=rm[:, None], other=0)
+                scale = tl.load(qs_p + rows[:, None] * GC + gi[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
+                zero = tl.load(qz_p + rows[:, None] * GC + gi[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
+                _sync(PDL)
                 qx = tl.zeros((BN, GC * NB), dtype=tl.float32)
                 xs = tl.zeros((GC * NB,), dtype=tl.float32)
                 for s in tl.static_range(PER):
@@ -156,57 +234,77 @@ def kernels():
                     xs += xq
                 qg = tl.sum(tl.reshape(qx, (BN, GC, NB)), axis=2)                  # (BN, G)
                 xg = tl.sum(tl.reshape(xs, (GC, NB)), axis=1)                      # (G,)
-                gi = tl.arange(0, GC)
-                scale = tl.load(qs_p + rows[:, None] * GC + gi[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
-                zero = tl.load(qz_p + rows[:, None] * GC + gi[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
                 sc = tl.sum(scale * qg + zero * xg[None, :], axis=1)
             else:
-                c = tl.arange(0, NB)
-                sc = tl.zeros((BN,), dtype=tl.float32)
-                for g in range(0, G):
-                    byt = tl.load(q_p + rows[:, None] * (D // PER) + g * NB + c[None, :], mask=rm[:, None], other=0)
-                    qx = tl.zeros((BN, NB), dtype=tl.float32)
-                    xs = 0.0
-                    for s in tl.static_range(PER):
-                        code = ((byt >> (s * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-                        xq = tl.load(x_p + g * GS + c * PER + s)
-                        qx += code * xq[None, :]
-                        xs += tl.sum(xq, axis=0)
-                    scale = tl.load(qs_p + rows * G + g, mask=rm, other=0.0).to(tl.float32)
-                    zero = tl.load(qz_p + rows * G + g, mask=rm, other=0.0).to(tl.float32)
-                    sc += zero * xs + scale * tl.sum(qx, axis=1)
+                sc = _score(x_p, q_p, qs_p, qz_p, rows, rm, D, G, BN, BITS, GS, PER, NB, PDL)
             sel = rm & (sc >= thr)
+            # only the selected rows of W_k are read (after the scores: no prefetch here)
+            if FULL:
+                xv = tl.load(x_p + ks, mask=km, other=0.0)
+                wv = tl.load(w_p + rows[:, None] * D + ks[None, :], mask=sel[:, None] & km[None, :], other=0.0)
+                y = tl.sum(wv.to(tl.float32) * xv[None, :], axis=1)
         else:
             sel = rm
-        acc = tl.zeros((BN, BK), dtype=tl.float32)
-        for k0 in range(0, D, BK):
-            ks = k0 + tl.arange(0, BK)
-            km = ks < D
-            xv = tl.load(x_p + ks, mask=km, other=0.0)
-            wv = tl.load(w_p + rows[:, None] * D + ks[None, :], mask=sel[:, None] & km[None, :], other=0.0)
-            acc += wv.to(tl.float32) * xv[None, :]
-        y = tl.maximum(tl.sum(acc, axis=1), 0.0)
+            if FULL:
+                wv = tl.load(w_p + rows[:, None] * D + ks[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+                _sync(PDL)
+                xv = tl.load(x_p + ks, mask=km, other=0.0)
+                y = tl.sum(wv.to(tl.float32) * xv[None, :], axis=1)
+            else:
+                _sync(PDL)
+        if not FULL:
+            acc = tl.zeros((BN, BK), dtype=tl.float32)
+            for k0 in range(0, D, BK):
+                kc = k0 + ks
+                kcm = kc < D
+                xv = tl.load(x_p + kc, mask=kcm, other=0.0)
+                wv = tl.load(w_p + rows[:, None] * D + kc[None, :], mask=sel[:, None] & kcm[None, :], other=0.0)
+                acc += wv.to(tl.float32) * xv[None, :]
+            y = tl.sum(acc, axis=1)
+        y = tl.maximum(y, 0.0)
         y = tl.where(sel, y * y, -1.0)                                   # -1: not predicted
         tl.store(k_p + rows, y, mask=rm)
-        tl.atomic_add(cnt_p, tl.sum(sel.to(tl.int32), axis=0))            # [0]: predicted (read) rows
-        tl.atomic_add(cnt_p + 1, tl.sum((y > 0).to(tl.int32), axis=0))    # [1]: active rows
+        if VALUE:     # the value rows of this program's active neurons, right here (no second launch)
+            act = y > 0
+            na = tl.sum(act.to(tl.int32), axis=0)
+            if na > 0:
+                for c0 in range(0, D, BVD):
+                    cols = c0 + tl.arange(0, BVD)
+                    cm = cols < D
+                    vv = tl.load(vt_p + rows[:, None] * D + cols[None, :], mask=act[:, None] & cm[None, :], other=0.0)
+                    tl.atomic_add(xo_p + cols, tl.sum(vv.to(tl.float32) * y[:, None], axis=0), mask=cm, sem="relaxed")
+            tl.atomic_add(cnt_p + 1, na, sem="relaxed")                              # running totals
+            if PRED:
+                tl.atomic_add(cnt_p, tl.sum(sel.to(tl.int32), axis=0), sem="relaxed")
+        if COMPACT:   # append the active rows to the layer's index list (slot[1] = its length)
+            act = (y > 0).to(tl.int32)
+            base = tl.atomic_add(slot_p + 1, tl.sum(act, axis=0))
+            pos = base + tl.cumsum(act, axis=0) - act
+            tl.store(idx_p + pos, rows, mask=act > 0)
+            if PRED:
+                tl.atomic_add(slot_p, tl.sum(sel.to(tl.int32), axis=0))   # slot[0]: rows read
 
     @triton.jit
-    def ffn_value(vt_p, k_p, x_p, F, D, RPS, BD: tl.constexpr, BS: tl.constexpr, SKIP: tl.constexpr):
+    def ffn_value(vt_p, k_p, idx_p, slot_p, cnt_p, x_p, D, NS,
+                  BD: tl.constexpr, BS: tl.constexpr, PDL: tl.constexpr):
         pd = tl.program_id(0)
         ps = tl.program_id(1)
         cols = pd * BD + tl.arange(0, BD)
         cm = cols < D
+        _sync(PDL)
+        n = tl.sum(tl.load(slot_p + 1 + tl.arange(0, 1)), axis=0)   # active rows listed by ffn_key
         acc = tl.zeros((BS, BD), dtype=tl.float32)
-        for j0 in range(ps * RPS, ps * RPS + RPS, BS):
+        for j0 in range(ps * BS, n, NS * BS):
             js = j0 + tl.arange(0, BS)
-            jm = js < F
-            kv = tl.load(k_p + js, mask=jm, other=0.0)
-            if SKIP:   # a zero activation's row is not loaded: its bytes never leave memory
-                jm = jm & (kv > 0.0)
-            wv = tl.load(vt_p + js[:, None] * D + cols[None, :], mask=jm[:, None] & cm[None, :], other=0.0)
+            jm = js < n
+            j = tl.load(idx_p + js, mask=jm, other=0)
+            kv = tl.load(k_p + j, mask=jm, other=0.0)
+            wv = tl.load(vt_p + j[:, None] * D + cols[None, :], mask=jm[:, None] & cm[None, :], other=0.0)
             acc += wv.to(tl.float32) * kv[:, None]
-        tl.atomic_add(x_p + cols, tl.sum(acc, axis=0), mask=cm)   # the residual add, split over programs
+        tl.atomic_add(x_p + cols, tl.sum(acc, axis=0), mask=cm & (ps * BS < n))   # the residual add
+        first = (pd == 0) & (ps == 0)                 # per-step counts into the running totals
+        two = tl.arange(0, 2)
+        tl.atomic_add(cnt_p + two, tl.load(slot_p + two), mask=(two < 2) & first)
 
     _K.update(mix=mix, gemv=gemv, att_head=att_head, ffn_key=ffn_key, ffn_value=ffn_value)
     return _K
