@@ -18,6 +18,7 @@ where it stopped. `--plot` draws the quality/speed front and per-layer density (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import io
@@ -198,6 +199,25 @@ def speed_pass(model, args, log) -> None:
             f.close()
 
 
+@contextlib.contextmanager
+def row_lock(path: str | None):
+    """A shared flock on `path` for one row: timed runs (which take it exclusively) wait for the row to
+    end, not for the whole grid. After the row a short pause lets a waiting exclusive holder in first
+    (flock has no queue: re-taking the shared lock at once could starve it)."""
+    if not path:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+    time.sleep(2.0)
+
+
 def fmt(v, col: str) -> str:
     if v is None or (isinstance(v, float) and v != v):
         return ""
@@ -250,11 +270,13 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx", type=positive_int, default=512)
     ap.add_argument("--lambada", help="lambada_test.jsonl")
     ap.add_argument("--lambada-limit", type=non_negative_int, default=1000, help="0 = no LAMBADA")
-    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    ap.add_argument("--kinds", nargs="*", choices=KINDS, default=list(KINDS), help="none: the dense row only")
     ap.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
     ap.add_argument("--backend", choices=["reference", "numba"], default="numba")
     ap.add_argument("--decode-tokens", type=non_negative_int, default=32, help="decode steps timed per row (0 = skip)")
     ap.add_argument("--bench-lock", help="flock this file around each timing")
+    ap.add_argument("--row-lock", help="hold a shared flock on this file while each row runs (a timed run "
+                    "elsewhere, holding it exclusively, gets in between rows)")
     ap.add_argument("--speed-pass", action="store_true",
                     help="only measure decode tok/s of the finished rows, all under one hold of --bench-lock")
     ap.add_argument("--speed-tokens", type=positive_int, default=64, help="decode steps per row in --speed-pass")
@@ -309,9 +331,10 @@ def main(argv=None) -> int:
         path = os.path.join(args.out, "rows", f"{kind}__{setting}.json")
         if os.path.exists(path):
             continue
-        t0 = time.perf_counter()
-        row = run_row(model, tok, kind, setting, ctx_, args, log)
-        row["seconds"] = round(time.perf_counter() - t0, 1)
+        with row_lock(args.row_lock):
+            t0 = time.perf_counter()
+            row = run_row(model, tok, kind, setting, ctx_, args, log)
+            row["seconds"] = round(time.perf_counter() - t0, 1)
         _write(path, json.dumps(row, indent=1))
         write_tables(args.out, header)
         log(f"{kind} {setting}: density {row['density']:.3f} kld {row['kld_mean']:.4f} "
