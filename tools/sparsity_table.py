@@ -49,12 +49,29 @@ def _write(path: str, text: str) -> None:
 def fitted(model, data: str, kind: str, out: str, args, log):
     """The bundle of `kind` fitted once at recall 0.99 (cached in out/bundles)."""
     from rwkv_edge.predictors.bundle import PredictorBundle
-    from rwkv_edge.predictors.fit import fit
 
     path = os.path.join(out, "bundles", f"{kind}.npz")
     if os.path.exists(path):
         return PredictorBundle.load(path, model)
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    with _file_lock(path + ".lock"):       # two runs on one --out (disjoint --settings) fit each kind once
+        if os.path.exists(path):
+            return PredictorBundle.load(path, model)
+        return _fit(model, data, kind, path, args, log)
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _fit(model, data: str, kind: str, path: str, args, log):
+    from rwkv_edge.predictors.fit import fit
+
     t0 = time.perf_counter()
     if kind.endswith("bit"):
         b = fit(model, data, "quantized", bits=int(kind[:-3]), target=0.99, progress=args.progress,
@@ -164,8 +181,10 @@ def run_row(model, tok, kind, setting, ctx_: dict, args, log) -> dict:
 
 
 def speed_pass(model, args, log) -> None:
-    """Decode tok/s of every row lacking it, all in one sitting under one hold of --bench-lock (a fair
-    comparison: same load for all), dense measured first and last to show the drift."""
+    """Decode tok/s of every finished row, all in one sitting under one hold of --bench-lock (a fair
+    comparison: same load for all). `--speed-rounds` rounds, each timing every row once in turn (so
+    a change of load hits all rows alike); a row's tok_s is the median of its rounds. The load average
+    before and after and the dense row's spread go to speed.json (the load the figures were taken at)."""
     import fcntl
 
     from rwkv_edge.predictors.bundle import PredictorBundle
@@ -173,30 +192,48 @@ def speed_pass(model, args, log) -> None:
 
     rdir = os.path.join(args.out, "rows")
     names = sorted(n for n in os.listdir(rdir) if n.endswith(".json"))
+    rows, cands = [], []
+    for name in names:
+        with open(os.path.join(rdir, name)) as fh:
+            row = json.load(fh)
+        if row["kind"] == "dense":
+            cand = model
+        else:
+            b = PredictorBundle.load(os.path.join(args.out, "bundles", f"{row['kind']}__{row['setting']}.npz"), model)
+            cand = model.with_ffn(SparseFFN(model, b))
+            if row.get("layer_stats") != "measured":
+                row.update(layer_stats(model, b, args.data))
+        rows.append(row)
+        cands.append(cand)
     f = open(args.bench_lock, "a") if args.bench_lock else None
     if f is not None:
         log(f"waiting for {args.bench_lock}")
         fcntl.flock(f, fcntl.LOCK_EX)
     try:
-        dense0 = decode_speed(model, args.speed_tokens, None)
-        for name in names:
-            with open(os.path.join(rdir, name)) as fh:
-                row = json.load(fh)
-            if row["kind"] == "dense":
-                cand = model
-            else:
-                b = PredictorBundle.load(os.path.join(args.out, "bundles", f"{row['kind']}__{row['setting']}.npz"), model)
-                cand = model.with_ffn(SparseFFN(model, b))
-                if row.get("layer_stats") != "measured":
-                    row.update(layer_stats(model, b, args.data))
-            row["bytes_tok_i8"] = ffn_bytes_per_token(model.config, row["density"], 1, row["pred_bytes"])
-            row["tok_s"] = decode_speed(cand, args.speed_tokens, None)
-            _write(os.path.join(rdir, name), json.dumps(row, indent=1))
-            log(f"speed {row['kind']} {row['setting']}: {row['tok_s']:.1f} tok/s")
-        log(f"dense before {dense0:.1f} tok/s, after {decode_speed(model, args.speed_tokens, None):.1f} tok/s")
+        load0, t0 = os.getloadavg(), time.strftime("%H:%M:%S")
+        for cand in cands:                                      # warm-up: numba compile, page-in
+            decode_speed(cand, 4, None)
+        times = [[] for _ in rows]
+        for rnd in range(args.speed_rounds):
+            for i, cand in enumerate(cands):
+                times[i].append(decode_speed(cand, args.speed_tokens, None))
+            log(f"speed round {rnd + 1}/{args.speed_rounds}: dense {times[names.index('dense__-.json')][-1]:.1f} tok/s"
+                if "dense__-.json" in names else f"speed round {rnd + 1}/{args.speed_rounds}")
+        load1 = os.getloadavg()
     finally:
         if f is not None:
             f.close()
+    for name, row, ts in zip(names, rows, times):
+        row["bytes_tok_i8"] = ffn_bytes_per_token(model.config, row["density"], 1, row["pred_bytes"])
+        row["tok_s"] = float(np.median(ts))
+        row["tok_s_all"] = [round(t, 2) for t in ts]
+        _write(os.path.join(rdir, name), json.dumps(row, indent=1))
+        log(f"speed {row['kind']} {row['setting']}: median {row['tok_s']:.1f} tok/s ({min(ts):.1f}-{max(ts):.1f})")
+    info = {"started": t0, "load_before": load0, "load_after": load1, "rounds": args.speed_rounds,
+            "tokens": args.speed_tokens, "cpu_count": os.cpu_count(),
+            "threads": {k: os.environ.get(k) for k in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
+    _write(os.path.join(args.out, "speed.json"), json.dumps(info, indent=1))
+    log(f"load average before {load0[0]:.2f}, after {load1[0]:.2f} (1 min)")
 
 
 @contextlib.contextmanager
@@ -280,6 +317,7 @@ def main(argv=None) -> int:
     ap.add_argument("--speed-pass", action="store_true",
                     help="only measure decode tok/s of the finished rows, all under one hold of --bench-lock")
     ap.add_argument("--speed-tokens", type=positive_int, default=64, help="decode steps per row in --speed-pass")
+    ap.add_argument("--speed-rounds", type=positive_int, default=5, help="--speed-pass: rounds over all rows (median)")
     ap.add_argument("--group-size", type=positive_int, default=64)
     ap.add_argument("--mlp-epochs", type=positive_int, default=4)
     ap.add_argument("--mlp-hidden", type=positive_int, default=64)
