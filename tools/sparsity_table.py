@@ -323,6 +323,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mlp-hidden", type=positive_int, default=64)
     ap.add_argument("--threads", type=positive_int, default=1, help="torch threads for MLP training")
     ap.add_argument("--plot", action="store_true", help="also draw front.png and layer_density.png")
+    ap.add_argument("--density-kinds", nargs="+", choices=KINDS, default=["2bit", "4bit"],
+                    help="kinds drawn in layer_density.png (every setting of each; default: 2bit 4bit)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
     for p, what in ((args.model, "--model"), (args.text, "--text"), (args.lambada, "--lambada")):
@@ -381,7 +383,8 @@ def main(argv=None) -> int:
     if args.plot:
         from rwkv_edge.plots import plot_front, plot_layer_density
         plot_front(rows, os.path.join(args.out, "front.png"), title=os.path.basename(args.model))
-        plot_layer_density(rows, os.path.join(args.out, "layer_density.png"), title=os.path.basename(args.model))
+        plot_layer_density([r for r in rows if r["kind"] in args.density_kinds], os.path.join(args.out, "layer_density.png"),
+                           title=f"{os.path.basename(args.model)}: {', '.join(args.density_kinds)}")
     print(open(os.path.join(args.out, "table.md")).read())
     return 0
 
