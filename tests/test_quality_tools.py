@@ -160,3 +160,18 @@ def test_row_lock_is_shared_and_released(tmp_path, monkeypatch):
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     with open(lock) as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_row_claims_share_rows_between_runs_and_stale_claims_are_taken(tmp_path):
+    import subprocess
+
+    c = str(tmp_path / "2bit__r0.99.claim")
+    assert sparsity_table.claim(c) and open(c).read() == str(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        open(c, "w").write(str(child.pid))              # a live run holds it
+        assert not sparsity_table.claim(c)
+    finally:
+        child.kill()
+        child.wait()
+    assert sparsity_table.claim(c) and open(c).read() == str(os.getpid())   # its run is gone: taken over

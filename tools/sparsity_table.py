@@ -236,6 +236,42 @@ def speed_pass(model, args, log) -> None:
     log(f"load average before {load0[0]:.2f}, after {load1[0]:.2f} (1 min)")
 
 
+def claim(path: str) -> bool:
+    """Take row claim file `path` (holding this pid) unless a live process holds it: several runs on
+    one --out share the rows, each taking the next unclaimed one in the priority order."""
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(open(path).read() or 0)
+                if pid and pid != os.getpid():
+                    os.kill(pid, 0)
+                    return False                # alive
+            except ProcessLookupError:
+                pass
+            except (ValueError, OSError):
+                return False                    # being written / unreadable: leave it
+            try:
+                os.unlink(path)                 # a killed run's claim
+            except FileNotFoundError:
+                pass
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def _claimed(path: str):
+    try:
+        yield
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
 @contextlib.contextmanager
 def row_lock(path: str | None):
     """A shared flock on `path` for one row: timed runs (which take it exclusively) wait for the row to
@@ -369,9 +405,12 @@ def main(argv=None) -> int:
         todo = [("dense", "-")] + [(k, s) for s in args.settings for k in args.kinds]
     for kind, setting in todo:
         path = os.path.join(args.out, "rows", f"{kind}__{setting}.json")
-        if os.path.exists(path):
+        if os.path.exists(path) or not claim(path[:-5] + ".claim"):
+            continue                    # done, or another run on this --out is running it
+        if os.path.exists(path):        # finished by another run just before the claim
+            os.unlink(path[:-5] + ".claim")
             continue
-        with row_lock(args.row_lock):
+        with row_lock(args.row_lock), _claimed(path[:-5] + ".claim"):
             t0 = time.perf_counter()
             row = run_row(model, tok, kind, setting, ctx_, args, log)
             row["seconds"] = round(time.perf_counter() - t0, 1)
