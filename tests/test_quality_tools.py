@@ -175,3 +175,16 @@ def test_row_claims_share_rows_between_runs_and_stale_claims_are_taken(tmp_path)
         child.kill()
         child.wait()
     assert sparsity_table.claim(c) and open(c).read() == str(os.getpid())   # its run is gone: taken over
+
+
+def test_exclusive_waiters_are_read_from_proc_locks(tmp_path):
+    lock = tmp_path / "bench.lock"
+    lock.write_text("")
+    ino = os.stat(lock).st_ino
+    locks = tmp_path / "locks"
+    locks.write_text(f"1: FLOCK  ADVISORY  READ  20499 fe:00:{ino} 0 EOF\n")
+    assert not sparsity_table.exclusive_waiters(str(lock), str(locks))          # a holder, nobody waiting
+    locks.write_text(f"1: FLOCK  ADVISORY  READ  20499 fe:00:{ino} 0 EOF\n1: -> FLOCK  ADVISORY  WRITE 16556 fe:00:{ino} 0 EOF\n")
+    assert sparsity_table.exclusive_waiters(str(lock), str(locks))
+    locks.write_text(f"1: -> FLOCK  ADVISORY  WRITE 16556 fe:00:{ino + 1} 0 EOF\n")           # another file
+    assert not sparsity_table.exclusive_waiters(str(lock), str(locks))

@@ -283,12 +283,33 @@ def row_lock(path: str | None):
     import fcntl
 
     with open(path, "a") as f:
+        t0 = time.monotonic()
+        while exclusive_waiters(path) and time.monotonic() - t0 < 1200:
+            time.sleep(5.0)             # let a waiting timed run in before this row starts
         fcntl.flock(f, fcntl.LOCK_SH)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
     time.sleep(2.0)
+
+
+def exclusive_waiters(path: str, locks: str = "/proc/locks") -> bool:
+    """True if a process is blocked waiting for an exclusive flock on `path` (Linux /proc/locks lists
+    it as `N: -> FLOCK ADVISORY WRITE pid maj:min:inode ...`). Shared holders that overlap (several rows,
+    several helpers) never leave the lock free on their own, so each row start defers to such a waiter."""
+    try:
+        ino = os.stat(path).st_ino
+        with open(locks) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        f = line.split()
+        if "->" in f and "WRITE" in f and len(f) > f.index("WRITE") + 2:
+            if f[f.index("WRITE") + 2].rsplit(":", 1)[-1] == str(ino):
+                return True
+    return False
 
 
 def fmt(v, col: str) -> str:
