@@ -88,11 +88,24 @@ def test_lambada_mode_reports_both_accuracies(setup, capsys):
     assert q["lambada_ppl"] == q["lambada_ppl_base"] and q["kld_mean"] == "0"
 
 
-@pytest.mark.parametrize("case", ["limit0", "short", "other_model_base", "other_text_base", "dir", "nothing"])
+def swapped_tokenizer(d):
+    """tokenizer.json with the strings of two ids swapped: a valid tokenizer with another id map."""
+    path = d / "swapped.json"
+    if not path.exists():
+        tj = json.loads(TOKJSON.read_text(encoding="utf-8"))
+        vocab = tj["model"]["vocab"]
+        a, b = [k for k, v in vocab.items() if v in (300, 301)]
+        vocab[a], vocab[b] = vocab[b], vocab[a]
+        path.write_text(json.dumps(tj), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("case", ["limit0", "short", "other_model_base", "other_tokenizer_base", "other_text_base",
+                                  "dir", "nothing"])
 def test_bad_input_is_one_line_exit_2(setup, capsys, case):
     d = setup
     m, t = d / "m" / "m.pth", d / "t.txt"
-    if case in ("other_model_base", "other_text_base"):
+    if case in ("other_model_base", "other_tokenizer_base", "other_text_base"):
         rc, *_ = run(capsys, "--model", m, "--text", t, "--save-base", d / "b2.npz")
         assert rc == 0
     (d / "notexport").mkdir(exist_ok=True)
@@ -100,6 +113,8 @@ def test_bad_input_is_one_line_exit_2(setup, capsys, case):
             "short": ["--model", m, "--candidate", m, "--text", d / "short.txt"],
             "other_model_base": ["--model", d / "other" / "m.pth", "--candidate", d / "other" / "m.pth", "--text", t,
                                  "--base", d / "b2.npz"],
+            "other_tokenizer_base": ["--model", m, "--tokenizer", swapped_tokenizer(d), "--candidate", m, "--text", t,
+                                     "--base", d / "b2.npz"],
             "other_text_base": ["--model", m, "--candidate", m, "--text", t, "--limit", "32", "--base", d / "b2.npz"],
             "dir": ["--model", m, "--candidate", d / "notexport", "--text", t],
             "nothing": ["--model", m, "--text", t]}[case]
@@ -108,6 +123,28 @@ def test_bad_input_is_one_line_exit_2(setup, capsys, case):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "error:" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 or case in ("limit0", "nothing")     # argparse adds its usage line
+    if case == "other_tokenizer_base":
+        assert "another tokenizer" in err
+
+
+def test_save_base_is_atomic(setup, capsys, monkeypatch):
+    """A write that fails midway leaves the previous base file as it was and no temp file behind."""
+    import rwkv_edge.quality as Q
+
+    d = setup / "atomic"
+    d.mkdir(exist_ok=True)
+    m, t = setup / "m" / "m.pth", setup / "t.txt"
+    rc, *_ = run(capsys, "--model", m, "--text", t, "--save-base", d / "b.npz")
+    before = (d / "b.npz").read_bytes()
+
+    def savez(f, **arrays):
+        f.write(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Q.np, "savez", savez)
+    rc2, _, err = run(capsys, "--model", m, "--text", t, "--limit", "64", "--save-base", d / "b.npz")
+    assert rc == 0 and rc2 != 0 and "No space left" in err and len(err.strip().splitlines()) == 1
+    assert (d / "b.npz").read_bytes() == before and sorted(p.name for p in d.iterdir()) == ["b.npz"]
 
 
 def test_embedded_package_runs_sparse_against_its_dense_weights(setup, capsys):

@@ -182,10 +182,10 @@ class _WordTok:
 
 class _AlwaysB:
     """Predicts token 2 (" b") everywhere."""
-    def forward(self, ids, full_output=False):
+    def forward(self, ids, state=None, full_output=False):
         logits = np.zeros((len(ids), 4), np.float32)
         logits[:, 2] = 5.0
-        return logits, None
+        return (logits if full_output else logits[-1]), None
 
 
 def test_lambada_progress_bar_shows_running_accuracy(capsys):

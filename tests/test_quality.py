@@ -120,3 +120,28 @@ def test_base_file_refuses_other_model_tokenizer_and_tokens(model, tiny_ckpt, to
     with pytest.raises(ValueError, match="not a readable base file"):
         Q.load_base(tmp_path / "x.npz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.npz", "x.npz"]     # no temp files left
+
+
+class _ByteTok:
+    def encode(self, s):
+        return [1 + b % 255 for b in s.encode()]
+
+
+def test_lambada_scoring_runs_the_head_on_targets_only_and_matches_the_full_forward(model):
+    """score_lambada runs the context (but its last token) first and the head only on the scored
+    positions; acc / ppl must be those of one full-output forward over context + target."""
+    from rwkv_edge.evaluate import log_softmax, score_lambada
+
+    tok = _ByteTok()
+    items = [("the cat sat on the", " mat"), ("a", " b"), ("once upon a time there was", " somebody")]
+    correct, nll = 0, 0.0
+    for ctx, target in items:
+        src, dst = [0] + tok.encode(ctx), tok.encode(target)
+        lp = log_softmax(model.forward(src + dst[:-1], full_output=True)[0])[len(src) - 1:]
+        nll -= sum(lp[j, t] for j, t in enumerate(dst))
+        correct += all(int(np.argmax(lp[j])) == t for j, t in enumerate(dst))
+    r = score_lambada(model, tok, items, progress=False)
+    assert r.n == 3 and r.accuracy == correct / 3
+    assert r.perplexity == pytest.approx(np.exp(nll / 3), rel=1e-5)
+    sparse = model.with_ffn(SparseFFN(model, keep_top(model, 0.05)))          # a candidate differs
+    assert score_lambada(sparse, tok, items, progress=False).perplexity != pytest.approx(r.perplexity, rel=1e-5)

@@ -115,3 +115,76 @@ def test_layer_stats_match_the_calibration_of_a_fitted_bundle(tiny_ckpt, tmp_pat
     s = sparsity_table.layer_stats(model, b, str(tmp_path / "c"))
     assert s["layer_density"] == pytest.approx([1 - p.calib.percentile for p in b.predictors], abs=1e-6)
     assert s["layer_recall"] == pytest.approx([p.calib.recall for p in b.predictors], abs=1e-5)
+
+
+def test_speed_pass_times_every_row_in_rounds_and_records_the_load(model, tmp_path):
+    import argparse
+    import fcntl
+
+    from rwkv_edge.predictors.calibrate import Calibration
+    from rwkv_edge.predictors.quantized import QuantizedPredictor
+
+    os.makedirs(tmp_path / "rows"), os.makedirs(tmp_path / "bundles")
+    preds = []
+    for b in model.blocks:
+        p = QuantizedPredictor.fit(np.asarray(b.ffn_key, np.float32), 4, 16)
+        p.calib = Calibration(threshold=0.0)
+        preds.append(p)
+    PredictorBundle(preds, model.fingerprint, model.config, "quantized", 4).save(str(tmp_path / "bundles" / "4bit__r0.99.npz"))
+    for kind, setting in (("dense", "-"), ("4bit", "r0.99")):
+        (tmp_path / "rows" / f"{kind}__{setting}.json").write_text(json.dumps(
+            {"kind": kind, "setting": setting, "density": 0.5, "pred_bytes": 100, "layer_stats": "measured"}))
+    lock = tmp_path / "bench.lock"
+    args = argparse.Namespace(out=str(tmp_path), data=None, bench_lock=str(lock), speed_tokens=3, speed_rounds=3)
+    sparsity_table.speed_pass(model, args, lambda s: None)
+    for name in ("dense__-.json", "4bit__r0.99.json"):
+        r = json.loads((tmp_path / "rows" / name).read_text())
+        assert len(r["tok_s_all"]) == 3 and r["tok_s"] > 0
+        assert r["tok_s"] == pytest.approx(float(np.median(r["tok_s_all"])), rel=1e-3)
+    info = json.loads((tmp_path / "speed.json").read_text())
+    assert info["rounds"] == 3 and len(info["load_before"]) == 3
+    with open(lock) as f:                                   # released
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_row_lock_is_shared_and_released(tmp_path, monkeypatch):
+    import fcntl
+
+    monkeypatch.setattr(sparsity_table.time, "sleep", lambda s: None)
+    lock = str(tmp_path / "bench.lock")
+    with sparsity_table.row_lock(lock):
+        with open(lock) as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)         # another row may run beside it
+            fcntl.flock(f, fcntl.LOCK_UN)
+            with pytest.raises(BlockingIOError):                  # a timed run waits
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(lock) as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_row_claims_share_rows_between_runs_and_stale_claims_are_taken(tmp_path):
+    import subprocess
+
+    c = str(tmp_path / "2bit__r0.99.claim")
+    assert sparsity_table.claim(c) and open(c).read() == str(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        open(c, "w").write(str(child.pid))              # a live run holds it
+        assert not sparsity_table.claim(c)
+    finally:
+        child.kill()
+        child.wait()
+    assert sparsity_table.claim(c) and open(c).read() == str(os.getpid())   # its run is gone: taken over
+
+
+def test_exclusive_waiters_are_read_from_proc_locks(tmp_path):
+    lock = tmp_path / "bench.lock"
+    lock.write_text("")
+    ino = os.stat(lock).st_ino
+    locks = tmp_path / "locks"
+    locks.write_text(f"1: FLOCK  ADVISORY  READ  20499 fe:00:{ino} 0 EOF\n")
+    assert not sparsity_table.exclusive_waiters(str(lock), str(locks))          # a holder, nobody waiting
+    locks.write_text(f"1: FLOCK  ADVISORY  READ  20499 fe:00:{ino} 0 EOF\n1: -> FLOCK  ADVISORY  WRITE 16556 fe:00:{ino} 0 EOF\n")
+    assert sparsity_table.exclusive_waiters(str(lock), str(locks))
+    locks.write_text(f"1: -> FLOCK  ADVISORY  WRITE 16556 fe:00:{ino + 1} 0 EOF\n")           # another file
+    assert not sparsity_table.exclusive_waiters(str(lock), str(locks))

@@ -18,6 +18,7 @@ where it stopped. `--plot` draws the quality/speed front and per-layer density (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import io
@@ -48,12 +49,29 @@ def _write(path: str, text: str) -> None:
 def fitted(model, data: str, kind: str, out: str, args, log):
     """The bundle of `kind` fitted once at recall 0.99 (cached in out/bundles)."""
     from rwkv_edge.predictors.bundle import PredictorBundle
-    from rwkv_edge.predictors.fit import fit
 
     path = os.path.join(out, "bundles", f"{kind}.npz")
     if os.path.exists(path):
         return PredictorBundle.load(path, model)
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    with _file_lock(path + ".lock"):       # two runs on one --out (disjoint --settings) fit each kind once
+        if os.path.exists(path):
+            return PredictorBundle.load(path, model)
+        return _fit(model, data, kind, path, args, log)
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _fit(model, data: str, kind: str, path: str, args, log):
+    from rwkv_edge.predictors.fit import fit
+
     t0 = time.perf_counter()
     if kind.endswith("bit"):
         b = fit(model, data, "quantized", bits=int(kind[:-3]), target=0.99, progress=args.progress,
@@ -163,8 +181,10 @@ def run_row(model, tok, kind, setting, ctx_: dict, args, log) -> dict:
 
 
 def speed_pass(model, args, log) -> None:
-    """Decode tok/s of every row lacking it, all in one sitting under one hold of --bench-lock (a fair
-    comparison: same load for all), dense measured first and last to show the drift."""
+    """Decode tok/s of every finished row, all in one sitting under one hold of --bench-lock (a fair
+    comparison: same load for all). `--speed-rounds` rounds, each timing every row once in turn (so
+    a change of load hits all rows alike); a row's tok_s is the median of its rounds. The load average
+    before and after and the dense row's spread go to speed.json (the load the figures were taken at)."""
     import fcntl
 
     from rwkv_edge.predictors.bundle import PredictorBundle
@@ -172,30 +192,124 @@ def speed_pass(model, args, log) -> None:
 
     rdir = os.path.join(args.out, "rows")
     names = sorted(n for n in os.listdir(rdir) if n.endswith(".json"))
+    rows, cands = [], []
+    for name in names:
+        with open(os.path.join(rdir, name)) as fh:
+            row = json.load(fh)
+        if row["kind"] == "dense":
+            cand = model
+        else:
+            b = PredictorBundle.load(os.path.join(args.out, "bundles", f"{row['kind']}__{row['setting']}.npz"), model)
+            cand = model.with_ffn(SparseFFN(model, b))
+            if row.get("layer_stats") != "measured":
+                row.update(layer_stats(model, b, args.data))
+        rows.append(row)
+        cands.append(cand)
     f = open(args.bench_lock, "a") if args.bench_lock else None
     if f is not None:
         log(f"waiting for {args.bench_lock}")
         fcntl.flock(f, fcntl.LOCK_EX)
     try:
-        dense0 = decode_speed(model, args.speed_tokens, None)
-        for name in names:
-            with open(os.path.join(rdir, name)) as fh:
-                row = json.load(fh)
-            if row["kind"] == "dense":
-                cand = model
-            else:
-                b = PredictorBundle.load(os.path.join(args.out, "bundles", f"{row['kind']}__{row['setting']}.npz"), model)
-                cand = model.with_ffn(SparseFFN(model, b))
-                if row.get("layer_stats") != "measured":
-                    row.update(layer_stats(model, b, args.data))
-            row["bytes_tok_i8"] = ffn_bytes_per_token(model.config, row["density"], 1, row["pred_bytes"])
-            row["tok_s"] = decode_speed(cand, args.speed_tokens, None)
-            _write(os.path.join(rdir, name), json.dumps(row, indent=1))
-            log(f"speed {row['kind']} {row['setting']}: {row['tok_s']:.1f} tok/s")
-        log(f"dense before {dense0:.1f} tok/s, after {decode_speed(model, args.speed_tokens, None):.1f} tok/s")
+        load0, t0 = os.getloadavg(), time.strftime("%H:%M:%S")
+        for cand in cands:                                      # warm-up: numba compile, page-in
+            decode_speed(cand, 4, None)
+        times = [[] for _ in rows]
+        for rnd in range(args.speed_rounds):
+            for i, cand in enumerate(cands):
+                times[i].append(decode_speed(cand, args.speed_tokens, None))
+            log(f"speed round {rnd + 1}/{args.speed_rounds}: dense {times[names.index('dense__-.json')][-1]:.1f} tok/s"
+                if "dense__-.json" in names else f"speed round {rnd + 1}/{args.speed_rounds}")
+        load1 = os.getloadavg()
     finally:
         if f is not None:
             f.close()
+    for name, row, ts in zip(names, rows, times):
+        row["bytes_tok_i8"] = ffn_bytes_per_token(model.config, row["density"], 1, row["pred_bytes"])
+        row["tok_s"] = float(np.median(ts))
+        row["tok_s_all"] = [round(t, 2) for t in ts]
+        _write(os.path.join(rdir, name), json.dumps(row, indent=1))
+        log(f"speed {row['kind']} {row['setting']}: median {row['tok_s']:.1f} tok/s ({min(ts):.1f}-{max(ts):.1f})")
+    info = {"started": t0, "load_before": load0, "load_after": load1, "rounds": args.speed_rounds,
+            "tokens": args.speed_tokens, "cpu_count": os.cpu_count(),
+            "threads": {k: os.environ.get(k) for k in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
+    _write(os.path.join(args.out, "speed.json"), json.dumps(info, indent=1))
+    log(f"load average before {load0[0]:.2f}, after {load1[0]:.2f} (1 min)")
+
+
+def claim(path: str) -> bool:
+    """Take row claim file `path` (holding this pid) unless a live process holds it: several runs on
+    one --out share the rows, each taking the next unclaimed one in the priority order."""
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(open(path).read() or 0)
+                if pid and pid != os.getpid():
+                    os.kill(pid, 0)
+                    return False                # alive
+            except ProcessLookupError:
+                pass
+            except (ValueError, OSError):
+                return False                    # being written / unreadable: leave it
+            try:
+                os.unlink(path)                 # a killed run's claim
+            except FileNotFoundError:
+                pass
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def _claimed(path: str):
+    try:
+        yield
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+@contextlib.contextmanager
+def row_lock(path: str | None):
+    """A shared flock on `path` for one row: timed runs (which take it exclusively) wait for the row to
+    end, not for the whole grid. After the row a short pause lets a waiting exclusive holder in first
+    (flock has no queue: re-taking the shared lock at once could starve it)."""
+    if not path:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as f:
+        t0 = time.monotonic()
+        while exclusive_waiters(path) and time.monotonic() - t0 < 1200:
+            time.sleep(5.0)             # let a waiting timed run in before this row starts
+        fcntl.flock(f, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+    time.sleep(2.0)
+
+
+def exclusive_waiters(path: str, locks: str = "/proc/locks") -> bool:
+    """True if a process is blocked waiting for an exclusive flock on `path` (Linux /proc/locks lists
+    it as `N: -> FLOCK ADVISORY WRITE pid maj:min:inode ...`). Shared holders that overlap (several rows,
+    several helpers) never leave the lock free on their own, so each row start defers to such a waiter."""
+    try:
+        ino = os.stat(path).st_ino
+        with open(locks) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        f = line.split()
+        if "->" in f and "WRITE" in f and len(f) > f.index("WRITE") + 2:
+            if f[f.index("WRITE") + 2].rsplit(":", 1)[-1] == str(ino):
+                return True
+    return False
 
 
 def fmt(v, col: str) -> str:
@@ -250,19 +364,24 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx", type=positive_int, default=512)
     ap.add_argument("--lambada", help="lambada_test.jsonl")
     ap.add_argument("--lambada-limit", type=non_negative_int, default=1000, help="0 = no LAMBADA")
-    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    ap.add_argument("--kinds", nargs="*", choices=KINDS, default=list(KINDS), help="none: the dense row only")
     ap.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
     ap.add_argument("--backend", choices=["reference", "numba"], default="numba")
     ap.add_argument("--decode-tokens", type=non_negative_int, default=32, help="decode steps timed per row (0 = skip)")
     ap.add_argument("--bench-lock", help="flock this file around each timing")
+    ap.add_argument("--row-lock", help="hold a shared flock on this file while each row runs (a timed run "
+                    "elsewhere, holding it exclusively, gets in between rows)")
     ap.add_argument("--speed-pass", action="store_true",
                     help="only measure decode tok/s of the finished rows, all under one hold of --bench-lock")
     ap.add_argument("--speed-tokens", type=positive_int, default=64, help="decode steps per row in --speed-pass")
+    ap.add_argument("--speed-rounds", type=positive_int, default=5, help="--speed-pass: rounds over all rows (median)")
     ap.add_argument("--group-size", type=positive_int, default=64)
     ap.add_argument("--mlp-epochs", type=positive_int, default=4)
     ap.add_argument("--mlp-hidden", type=positive_int, default=64)
     ap.add_argument("--threads", type=positive_int, default=1, help="torch threads for MLP training")
     ap.add_argument("--plot", action="store_true", help="also draw front.png and layer_density.png")
+    ap.add_argument("--density-kinds", nargs="+", choices=KINDS, default=["2bit", "4bit"],
+                    help="kinds drawn in layer_density.png (every setting of each; default: 2bit 4bit)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
     for p, what in ((args.model, "--model"), (args.text, "--text"), (args.lambada, "--lambada")):
@@ -307,12 +426,16 @@ def main(argv=None) -> int:
         todo = [("dense", "-")] + [(k, s) for s in args.settings for k in args.kinds]
     for kind, setting in todo:
         path = os.path.join(args.out, "rows", f"{kind}__{setting}.json")
-        if os.path.exists(path):
+        if os.path.exists(path) or not claim(path[:-5] + ".claim"):
+            continue                    # done, or another run on this --out is running it
+        if os.path.exists(path):        # finished by another run just before the claim
+            os.unlink(path[:-5] + ".claim")
             continue
-        t0 = time.perf_counter()
-        row = run_row(model, tok, kind, setting, ctx_, args, log)
-        row["seconds"] = round(time.perf_counter() - t0, 1)
-        _write(path, json.dumps(row, indent=1))
+        with row_lock(args.row_lock), _claimed(path[:-5] + ".claim"):
+            t0 = time.perf_counter()
+            row = run_row(model, tok, kind, setting, ctx_, args, log)
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            _write(path, json.dumps(row, indent=1))        # before the claim goes: no other run starts it
         write_tables(args.out, header)
         log(f"{kind} {setting}: density {row['density']:.3f} kld {row['kld_mean']:.4f} "
             f"top1 {row['same_top1']:.3f} ({row['seconds']} s)")
@@ -320,7 +443,8 @@ def main(argv=None) -> int:
     if args.plot:
         from rwkv_edge.plots import plot_front, plot_layer_density
         plot_front(rows, os.path.join(args.out, "front.png"), title=os.path.basename(args.model))
-        plot_layer_density(rows, os.path.join(args.out, "layer_density.png"), title=os.path.basename(args.model))
+        plot_layer_density([r for r in rows if r["kind"] in args.density_kinds], os.path.join(args.out, "layer_density.png"),
+                           title=f"{os.path.basename(args.model)}: {', '.join(args.density_kinds)}")
     print(open(os.path.join(args.out, "table.md")).read())
     return 0
 
