@@ -143,10 +143,19 @@ def test_export_directory_follows_the_umask(bad_input_assets):
     assert stat.S_IMODE(os.stat(bad_input_assets["onnx"]).st_mode) == 0o777 & ~mask
 
 
+def _as_from_a_terminal():
+    """Child side of fork: Ctrl-C as a terminal delivers it. A child inherits an ignored or blocked
+    SIGINT from its parent (here the pytest process, after other tests' libraries ran in it), and a
+    Python started with SIGINT ignored keeps ignoring it: the chat then waited on stdin forever."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_in_chat_prints_one_line_and_exits_130(bad_input_assets):
     cmd = [sys.executable, "-m", "rwkv_edge.cli", "chat", "--model", bad_input_assets["model"],
            "--max-tokens", "2", "--temperature", "0", "--backend", "reference"]
-    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                         preexec_fn=_as_from_a_terminal)
     try:
         p.stdin.write(b"hi\n")
         p.stdin.flush()
