@@ -13,7 +13,7 @@
  *   vpmaddwd with ones to i32, then per group i32 -> float and one FMA with xs_g.
  * - vnni (AVX-512 VNNI + VL, 256-bit vpdpbusd): u8 x s8 with the weight made unsigned by flipping
  *   its sign bit (w + 128); sum (w + 128) xq = w . xq + 128 sum xq, and the second term, the same
- *   for every row, is taken off once per token (corr).
+ *   for every row, starts each lane's accumulator negated (integer: bit-identical to avx2).
  */
 #include <math.h>
 #include <string.h>
@@ -156,7 +156,7 @@ AVX2 static inline float hsum8(__m256 v) {
 
 /* Four rows x T tokens per pass: the four rows (4 I bytes) stay in L1 while every token reads them;
  * the integer product of one group is DOT(w, xv) (8 x i32), then facc += float(i32) * xs_g. */
-#define DOTS_BODY(DOT, CORR)                                                                           \
+#define DOTS_BODY(DOT)                                                                                 \
     int64_t G = I / NK_GS;                                                                             \
     for (int64_t p = 0; p < n; p += 4) {                                                               \
         const int8_t *w[4];                                                                            \
@@ -180,7 +180,7 @@ AVX2 static inline float hsum8(__m256 v) {
                 f2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(w[2] + g * NK_GS)), xsv, f2);              \
                 f3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(w[3] + g * NK_GS)), xsv, f3);              \
             }                                                                                          \
-            float c = CORR, r[4] = {hsum8(f0) - c, hsum8(f1) - c, hsum8(f2) - c, hsum8(f3) - c};       \
+            float r[4] = {hsum8(f0), hsum8(f1), hsum8(f2), hsum8(f3)};                                 \
             for (int k = 0; k < 4 && p + k < n; k++)                                                   \
                 y[t * ldy + p + k] = r[k];                                                             \
         }                                                                                              \
@@ -192,28 +192,21 @@ AVX2 static void dots_avx2(const int8_t *base, int64_t stride, const int32_t *id
 #define PREP __m256i ax = _mm256_sign_epi8(xv, xv)      /* |xq| as u8, shared by the four rows */
 #define DOT(ptr) _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(                        \
                      _mm256_loadu_si256((const __m256i *)(ptr)), xv)), ones)
-    DOTS_BODY(DOT, 0.0f)
+    DOTS_BODY(DOT)
 #undef PREP
 #undef DOT
 }
 
 VNNI static void dots_vnni(const int8_t *base, int64_t stride, const int32_t *idx, int64_t n, int64_t I,
                            const int8_t *X, const float *xs, int64_t T, float *y, int64_t ldy) {
+    /* (w + 128) . xq - 128 . xq per i32 lane (4 bytes): exact in int32, so the float accumulation
+     * sees the same integers as the AVX2 kernel (same lane layout: 4 consecutive bytes per lane) and
+     * the results are bit-identical; a float correction taken off after the sum would cancel
+     * catastrophically (|sum (w + 128) xq| ~ 1e6 per group against a result of ~1e3). */
     const __m256i flip = _mm256_set1_epi8((char)0x80), zero = _mm256_setzero_si256();
-    float corr[64];               /* per token: sum_g xs_g 128 sum(xq_g); callers pass T <= 64 */
-    for (int64_t t = 0; t < T && t < 64; t++) {
-        double c = 0.0;
-        for (int64_t g = 0; g < I / NK_GS; g++) {
-            int32_t s = 0;
-            for (int i = 0; i < NK_GS; i++)
-                s += X[t * I + g * NK_GS + i];
-            c += (double)xs[t * (I / NK_GS) + g] * 128.0 * s;
-        }
-        corr[t] = (float)c;
-    }
-#define PREP (void)0
-#define DOT(ptr) _mm256_dpbusd_epi32(zero, _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(ptr)), flip), xv)
-    DOTS_BODY(DOT, corr[t])
+#define PREP __m256i nc = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, flip, xv))   /* -128 xq per lane */
+#define DOT(ptr) _mm256_dpbusd_epi32(nc, _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(ptr)), flip), xv)
+    DOTS_BODY(DOT)
 #undef PREP
 #undef DOT
 }
