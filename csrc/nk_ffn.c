@@ -144,6 +144,8 @@ static void zero_outs(nk_model *m, int64_t n) {
 static int64_t sparse_set(nk_model *m, const nk_pred *p, int64_t t) {
     int64_t n;
     if (m->goff) {
+        if (p)                /* given sets and a predictor (bench --shape): pay the scoring, run the sets */
+            predict(m, p, m->fx + t * m->D);
         const int64_t *o = m->goff + (m->rec_t0 + t) * m->L + m->rec_layer;
         n = o[1] - o[0];
         memcpy(m->idx, m->gidx + o[0], n * sizeof(int32_t));

@@ -266,6 +266,8 @@ def _main(argv=None) -> int:
     ap.add_argument("--native", action="store_true",
                     help="also run the native C backend (int8 rows: native dense int8, native sparse int8)")
     ap.add_argument("--shape", help="0.1b, 0.4b or 1.5b: random-weight models of official shapes, replayed active sets")
+    ap.add_argument("--shape-predictor-bits", type=int, choices=[1, 2, 4],
+                    help="with --shape --native: the native sparse row also scores an n-bit random W_k predictor")
     ap.add_argument("--tokenizer", help="tokenizer.json for the GGUF (default: tokenizer.json beside --model)")
     ap.add_argument("--workdir", default=os.path.join(os.path.dirname(HERE), "out", "bench"))
     ap.add_argument("--one", help=argparse.SUPPRESS)   # internal: run one configuration (JSON)

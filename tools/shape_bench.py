@@ -5,7 +5,10 @@ layer's density and token-to-token overlap). Random weights would make ~50% of t
 replay gives the sizes' bytes and speed at a trained model's sparsity.
 
 The replayed sets are the true active sets (no predictor): the sparse rows exclude the predictor's
-cost (a 2-bit predictor reads 1/4 of the int8 W_k bytes: 1/8 of the int8 FFN bytes).
+cost (a 2-bit predictor reads 1/4 of the int8 W_k bytes: 1/8 of the int8 FFN bytes), except with
+`--shape-predictor-bits N` on the native rows: an N-bit W_k predictor quantized from random weights of
+the shape scores every neuron of every layer each token (the predictor's bytes and arithmetic are
+paid), while the replayed sets still decide which neurons run.
 """
 from __future__ import annotations
 
@@ -41,5 +44,30 @@ def shape_configs(args, base) -> list:
         cfgs.append(dict(b, name=f"sparse {d}", impl="rwkv-edge", dtype=d, file=path, sets=sets))
         if getattr(args, "native", False) and d == "int8":
             from bench import native_cfgs
-            cfgs += native_cfgs(b, path, sets=sets)
+            bits = getattr(args, "shape_predictor_bits", None)
+            pred = shape_bundle(path, bits, args.workdir) if bits else None
+            cfgs += native_cfgs(b, path, predictors=pred, sets=sets)
     return cfgs
+
+
+def shape_bundle(path: str, bits: int, workdir: str) -> str:
+    """An n-bit W_k threshold-predictor bundle for the random-weight model file `path`, quantized from
+    random normal (F, D) matrices (its scores are only timed), cached in workdir; returns its path."""
+    import numpy as np
+    from rwkv_edge.backends.native import NativeRWKV7
+    from rwkv_edge.predictors.bundle import PredictorBundle
+    from rwkv_edge.predictors.calibrate import Calibration
+    from rwkv_edge.predictors.quantized import QuantizedPredictor
+    m = NativeRWKV7.open(path)
+    out = os.path.join(workdir, f"{os.path.basename(path)}.pred{bits}.npz")
+    if os.path.exists(out):
+        return out
+    c, rng, preds = m.config, np.random.default_rng(0), []
+    for _ in range(c.n_layer):
+        p = QuantizedPredictor.fit(rng.standard_normal((c.ffn_dim, c.n_embd), np.float32), bits, 64)
+        p.calib = Calibration(threshold=0.0)
+        preds.append(p)
+    print(f"writing {out}", file=sys.stderr)
+    PredictorBundle(preds, m.fingerprint, c, "quantized", bits, None, "mass",
+                    {"note": "random weights: timing only"}).save(out)
+    return out

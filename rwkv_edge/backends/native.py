@@ -209,8 +209,10 @@ class NativeRWKV7:
 
     def with_sets(self, sets) -> "NativeRWKV7":
         """A model sharing these weights whose FFN runs the sets `sets.predict_indices(layer, None)` gives
-        (called once per token and layer, in order: e.g. replay.ReplayedSets for tools/bench.py --shape)."""
-        return NativeRWKV7(self.config, self._t, self.fingerprint, None, self.threads, sets)
+        (called once per token and layer, in order: e.g. replay.ReplayedSets for tools/bench.py --shape).
+        On a model with predictors, the predictor still scores every neuron (its cost is paid, its
+        verdict unused): a random-weight model's predictor timed on a trained model's sets."""
+        return NativeRWKV7(self.config, self._t, self.fingerprint, self._bundle, self.threads, sets)
 
     def set_threads(self, n: int) -> None:
         """Use n threads from now on (rebuilds the C model; weights are not touched)."""
