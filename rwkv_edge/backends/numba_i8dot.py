@@ -11,16 +11,19 @@ and the only error is the activation rounding: |w . x - that| <= sum_g xs_g / 2 
 Instructions (x86-64, LLVM intrinsics; the callers compile them only where `level()` says so):
 - VNNI (AVX512-VNNI + VL, 256-bit vpdpbusd: u8 x s8, four products summed into each i32 lane). The
   weight bytes are made unsigned by flipping their sign bit (w + 128, one vpxor), so
-  sum (w + 128) xq = w . xq + 128 sum(xq): the second term is per group and per call, not per row,
-  and is taken off once (`corr` below). One load, one xor, one vpdpbusd per 32 weights.
+  sum (w + 128) xq = w . xq + 128 sum(xq): the second term is per group and per call, not per row;
+  each lane's accumulator starts at -128 (sum of its four xq), computed once per group for all rows
+  (one more vpdpbusd), so the i32 lanes are exactly those of AVX2 and the results bit-identical.
+  (Taking a float correction off after the sum cancels catastrophically: the offset products are
+  ~1e6 per group against results of ~1e3.) One load, one xor, one vpdpbusd per 32 weights.
 - AVX2: |xq| (u8, once per chunk, shared by the rows) times sign(w, xq) (vpsignb) with vpmaddubsw
   (pairs <= 2 * 127 * 127 < 32767: never saturates), widened by vpmaddwd with ones.
 Each group's i32 lanes are converted and FMA'd with xs_g into a float vector per row; one horizontal
 sum per row at the end. Rows go four at a time so the activation loads are shared.
 Elsewhere (aarch64, no AVX2) the callers use the float kernels (numba_common._mv_range).
 
-    dot4(A, r0, r1, r2, r3, X, xs, corr, out)     out[k] = sum_g xs_g (A[r_k] . xq)_g  (rows of A)
-    quantize_x(x, X, xs) -> corr                 the activation; corr as dot4 needs it
+    dot4(A, r0, r1, r2, r3, X, xs, corr, out)     out[k] = sum_g xs_g (A[r_k] . xq)_g - corr  (rows of A)
+    quantize_x(x, X, xs) -> corr                 the activation; corr is 0.0 (kept in the signatures)
 """
 from __future__ import annotations
 
@@ -84,13 +87,16 @@ def _dot_codegen(vnni, nrow, context, builder, Aa, Xa, xsa, rows, corr):
         xsg = builder.load(builder.gep(xsa.data, [lg.index]))
         xsv = builder.shuffle_vector(builder.insert_element(_ir.Constant(v8f, _ir.Undefined), xsg, i32(0)),
                                      _ir.Constant(v8f, _ir.Undefined), zero8)
-        if not vnni:
+        if vnni:                                                # -128 * (sum of each lane's 4 xq)
+            nc = builder.sub(zero8, builder.call(dp, [zero8, _ir.Constant(v8i32, [-2139062144] * 8),
+                                                      builder.bitcast(xv, v8i32)]))
+        else:
             ax = builder.call(sgn, [xv, xv])                    # |xq| as u8, shared by the rows
         for k in range(nrow):
             w = builder.load(builder.bitcast(builder.gep(ptrs[k], [off]), v32i8.as_pointer()), align=1)
             if vnni:                                            # (w + 128) as u8 . xq as s8
                 wu = builder.xor(w, _ir.Constant(v32i8, [-128] * 32))
-                acc = builder.call(dp, [zero8, builder.bitcast(wu, v8i32), builder.bitcast(xv, v8i32)])
+                acc = builder.call(dp, [nc, builder.bitcast(wu, v8i32), builder.bitcast(xv, v8i32)])
             else:
                 h = builder.call(ubsw, [ax, builder.call(sgn, [w, xv])])
                 acc = builder.call(wd, [h, _ir.Constant(v16i16, [1] * 16)])
@@ -146,22 +152,17 @@ dot4_avx2, dot1_avx2 = _make_dot(False)
 
 @_njit(cache=True)      # no fastmath: rounding as in the numpy reference
 def quantize_x(x, X, xs, vnni):
-    """X (I,) int8 and xs (I/GS,) float32 from x (I,) float32, I % GS == 0; returns corr, the term
-    the VNNI kernel takes off: sum_g xs_g * 128 * sum(xq_g) (0.0 for AVX2)."""
-    corr = 0.0
+    """X (I,) int8 and xs (I/GS,) float32 from x (I,) float32, I % GS == 0; returns corr = 0.0 (the
+    VNNI kernel takes its u8 offset off in integers; `vnni` is kept for the callers' signature)."""
     for g in range(x.shape[0] // GS):
         mx = np.float32(0.0)
         for i in range(g * GS, (g + 1) * GS):
             mx = max(mx, abs(x[i]))
         inv = np.float32(127.0) / mx if mx > 0 else np.float32(0.0)
         xs[g] = mx / np.float32(127.0)
-        sq = 0
         for i in range(g * GS, (g + 1) * GS):
-            v = np.int32(np.rint(x[i] * inv))
-            X[i] = v
-            sq += v
-        corr += np.float64(xs[g]) * 128.0 * sq
-    return np.float32(corr) if vnni else np.float32(0.0)
+            X[i] = np.int32(np.rint(x[i] * inv))
+    return np.float32(0.0)
 
 
 # --- numpy reference ----------------------------------------------------------------------------

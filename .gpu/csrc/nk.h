@@ -1,0 +1,64 @@
+/* rwkv-edge native CPU backend: shared declarations.
+ *
+ * Two C files: nk_kernels.c (int8 dot products, int8 value axpy, n-bit predictor scores, each in a
+ * plain C version and, on x86-64, AVX2 / AVX-512 VNNI versions chosen at run time by cpuid) and
+ * nk_rwkv7.c (a whole RWKV-7 forward over T tokens: all layers and the head in one call).
+ * Weights are never copied: every pointer below points into the mmap of the .rwkve model file.
+ */
+#ifndef NK_H
+#define NK_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define NK_GS 32          /* activation group: one float scale per 32 int8 values (as numba_i8dot) */
+
+/* An n-bit W_k predictor (quant.QuantizedMatrix): W_hat[r, c] = scale[r, g] code[r, c] + zero[r, g]. */
+typedef struct nk_pred {
+    int32_t bits, G;          /* bits 1/2/4/8; G groups of gs = C / G columns per row */
+    int64_t R, C;             /* rows (= FFN neurons), columns (= D) */
+    const uint8_t *packed;    /* (R, C * bits / 8), codes little-endian in each byte */
+    const uint16_t *scale;    /* (R, G) float16 bits */
+    const uint16_t *zero;     /* (R, G) float16 bits */
+    float thr;                /* the layer's threshold: neuron r runs iff score >= thr */
+} nk_pred;
+
+/* The activation as the predictor kernels read it (built once per token by nk_pred_prep).
+ * x is rounded to int8 per predictor group g (xs_g = max|x_g| / 127), symmetric; with
+ * mid = (2^bits - 1) / 2 and e_g = mid (sum x_g - xs_g sum xq_g) the score is
+ *     sum_g scale[r, g] (xs_g (codes_g . xq_g) + e_g) + zero[r, g] sum x_g
+ * (the centring term e_g leaves only (code - mid) times the rounding error, as numba_simd). */
+typedef struct nk_pred_x {
+    int8_t *xq;               /* (C,) */
+    int8_t *plane[4];         /* plane k: xq[per * b + k] at b (per = 8 / bits codes per byte) */
+    float *xs, *e, *xsum;     /* (G,) each */
+} nk_pred_x;
+
+/* The kernels that have SIMD versions. All rows are int8, all activations int8 per NK_GS group. */
+typedef struct {
+    const char *name;     /* "vnni", "avx2" or "generic" */
+    /* y[t * ldy + p] = sum_g xs[t * G + g] * (row_p . X[t])_g   (G = I / NK_GS; exact int32 per group)
+     * row_p = base + stride * (idx ? idx[p] : p), p in [0, n); X (T, I) int8, xs (T, G). Unscaled. */
+    void (*dots)(const int8_t *base, int64_t stride, const int32_t *idx, int64_t n, int64_t I,
+                 const int8_t *X, const float *xs, int64_t T, float *y, int64_t ldy);
+    /* out[d] += h[0] v[0][d] + h[1] v[1][d] + h[2] v[2][d] + h[3] v[3][d], v int8 rows of length D */
+    void (*axpy4)(float *out, int64_t D, const int8_t *const *v, const float *h);
+    /* scores of predictor rows r0 + q (idx NULL) or idx[r0 + q], q in [0, r1 - r0) (see nk_pred_prep),
+     * into score[q] */
+    void (*pred)(const struct nk_pred *p, const struct nk_pred_x *px, const int32_t *idx, int64_t r0, int64_t r1,
+                 float *score);
+    /* one RWKV-7 head, one token: S (N, N) [value i, key j] in place, S = S * w + (S @ a) b^T + v k^T,
+     * y = S @ r (all vectors (N,), N % 8 == 0) */
+    void (*wkv)(float *S, int64_t N, const float *r, const float *w, const float *k, const float *v,
+                const float *a, const float *b, float *y);
+} nk_kern;
+
+const nk_kern *nk_kern_get(int level);       /* 0 generic, 1 avx2, 2 vnni; NULL if this CPU lacks it */
+int nk_cpu_level(void);                       /* the best level this CPU runs */
+
+/* quantize x (I,) to X (I,) int8 and xs (I / NK_GS,) as numba_i8dot.quantize_x */
+void nk_quantize(const float *x, int64_t I, int8_t *X, float *xs);
+void nk_pred_prep(const nk_pred *p, const float *x, nk_pred_x *px);
+float nk_h2f(uint16_t h);
+
+#endif

@@ -1,0 +1,220 @@
+/* FFN of the native backend (see nk_rwkv7.c for the whole forward).
+ *
+ * Dense: every neuron's key row (int8 dots, TB tokens per row load in prefill), then the value
+ * column of each neuron with relu(k)^2 > 0 (the same sum as reading all of them).
+ * Sparse: the layer's n-bit predictor scores all F neurons (nk_kernels.c pred), the neurons with
+ * score >= thr form the set; decode reads only their key rows, then the value columns of the
+ * active ones. Prefill runs the dense key pass over a chunk (each key row read once for all its
+ * tokens) and asks the predictor only about the active neurons (relu(k) > 0): the same sums as
+ * the steps. Given sets (replayed, tools/bench.py --shape) mask the dense pass the same way.
+ * Threads split neurons; each adds into its own output rows, summed after.
+ */
+#include <string.h>
+
+#include "nk_model.h"
+
+/* ---- FFN ----------------------------------------------------------------------------------------- */
+typedef struct {
+    nk_model *m;
+    const nk_layer *b;
+    int64_t T;                 /* tokens (dense); sparse runs one token, t */
+    int64_t t;
+    const uint8_t *mask;       /* NULL, or (T, F): dense keys, but only these neurons' values (prefill) */
+    const nk_pred *pred;       /* NULL, or prefill: dense keys, values of the active neurons it keeps */
+} ffn_ctx;
+
+/* out (D,) += h_j V[:, j] for the n neurons pj/ph, four per pass over out */
+static void value_columns(const nk_model *m, const int8_t *kv, const int32_t *pj, const float *ph, int64_t n, float *out) {
+    int64_t D = m->D;
+    for (int64_t q = 0; q < n; q += 4) {
+        const int8_t *v[4];
+        float h[4];
+        for (int k = 0; k < 4; k++) {
+            int64_t p = q + k < n ? q + k : q;
+            v[k] = kv + (int64_t)pj[p] * 2 * D + D;
+            h[k] = q + k < n ? ph[p] : 0.0f;
+        }
+        m->k->axpy4(out, D, v, h);
+    }
+}
+
+static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
+    ffn_ctx *f = (ffn_ctx *)c;
+    nk_model *m = f->m;
+    nk_tls *s = &m->tls[tid];
+    int64_t D = m->D, T = f->T;
+    const int8_t *kv = f->b->kv;
+    const float *sc = f->b->kv_scale;
+    if (T == 1) {              /* decode: all key rows, then the value columns of every active neuron */
+        m->k->dots(kv + lo * 2 * D, 2 * D, NULL, hi - lo, D, m->Xq, m->xs, 1, s->keys, 0);
+        int64_t n = 0;
+        for (int64_t j = lo; j < hi; j++) {
+            float a = s->keys[j - lo] * sc[2 * j];
+            if (a > 0) {
+                s->pj[n] = (int32_t)j;
+                s->ph[n++] = a * a * sc[2 * j + 1];
+            }
+        }
+        value_columns(m, kv, s->pj, s->ph, n, s->out);
+        s->nval += n;
+        return;
+    }
+    for (int64_t j0 = lo; j0 < hi; j0 += NB) {
+        int64_t nb = hi - j0 < NB ? hi - j0 : NB;
+        m->k->dots(kv + j0 * 2 * D, 2 * D, NULL, nb, D, m->Xq, m->xs, T, s->keys, NB);
+        for (int64_t t = 0; t < T; t++) {
+            int64_t n = 0;
+            for (int64_t p = 0; p < nb; p++) {
+                int64_t j = j0 + p;
+                float a = s->keys[t * NB + p] * sc[2 * j];
+                if (a > 0 && (!f->mask || f->mask[t * m->F + j])) {
+                    s->pj[n] = (int32_t)j;
+                    s->ph[n++] = a * a * sc[2 * j + 1];
+                }
+            }
+            if (f->pred && n) {        /* the predictor's verdict, asked only where it matters */
+                m->k->pred(f->pred, &m->pxt[t], s->pj, 0, n, s->sc);
+                int64_t k = 0;
+                for (int64_t q = 0; q < n; q++)
+                    if (s->sc[q] >= f->pred->thr) {
+                        s->pj[k] = s->pj[q], s->ph[k++] = s->ph[q];
+                        if (m->rec)
+                            m->rec[((m->rec_t0 + t) * m->L + m->rec_layer) * m->F + s->pj[q]] = 1;
+                    }
+                n = k;
+                s->npred += n;
+            }
+            value_columns(m, kv, s->pj, s->ph, n, s->out + t * D);
+            s->nval += n;
+        }
+    }
+}
+
+static void ffn_sparse_task(void *c, int tid, int64_t lo, int64_t hi) {
+    ffn_ctx *f = (ffn_ctx *)c;
+    nk_model *m = f->m;
+    nk_tls *s = &m->tls[tid];
+    int64_t D = m->D;
+    const int8_t *kv = f->b->kv;
+    const float *sc = f->b->kv_scale;
+    m->k->dots(kv, 2 * D, m->idx + lo, hi - lo, D, m->Xq + f->t * D, m->xs + f->t * (D / NK_GS), 1, s->keys, 0);
+    int64_t n = 0;
+    for (int64_t p = lo; p < hi; p++) {
+        int64_t j = m->idx[p];
+        float a = s->keys[p - lo] * sc[2 * j];
+        if (a > 0) {
+            s->pj[n] = (int32_t)j;
+            s->ph[n++] = a * a * sc[2 * j + 1];
+        }
+    }
+    value_columns(m, kv, s->pj, s->ph, n, s->out);
+    s->nval += n;
+}
+
+typedef struct {
+    nk_model *m;
+    const nk_pred *p;
+} pred_ctx;
+
+static void pred_task(void *c, int tid, int64_t lo, int64_t hi) {
+    pred_ctx *pc = (pred_ctx *)c;
+    (void)tid;
+    pc->m->k->pred(pc->p, &pc->m->px, NULL, lo, hi, pc->m->score + lo);
+}
+
+/* the predicted set of token xk (D,) into m->idx (sorted); returns its size */
+static int64_t predict(nk_model *m, const nk_pred *p, const float *xk) {
+    nk_pred_prep(p, xk, &m->px);
+    pred_ctx c = {m, p};
+    nk_pool_run(m->pool, pred_task, &c, p->R);
+    int64_t n = 0;
+    for (int64_t r = 0; r < p->R; r++)
+        if (m->score[r] >= p->thr)
+            m->idx[n++] = (int32_t)r;
+    return n;
+}
+
+/* the tasks add into their thread's output rows: zero them (and the counts) first */
+static void zero_outs(nk_model *m, int64_t n) {
+    for (int i = 0; i < nk_pool_size(m->pool); i++)
+        memset(m->tls[i].out, 0, n * sizeof(float)), m->tls[i].nval = 0, m->tls[i].npred = 0;
+}
+
+/* token t's set (given, or predicted from m->fx) into m->idx, recorded in m->rec; returns its size */
+static int64_t sparse_set(nk_model *m, const nk_pred *p, int64_t t) {
+    int64_t n;
+    if (m->goff) {
+        const int64_t *o = m->goff + (m->rec_t0 + t) * m->L + m->rec_layer;
+        n = o[1] - o[0];
+        memcpy(m->idx, m->gidx + o[0], n * sizeof(int32_t));
+    } else {
+        n = predict(m, p, m->fx + t * m->D);
+    }
+    if (m->rec)                                     /* rec (T, L, F): 1 where predicted */
+        for (int64_t q = 0; q < n; q++)
+            m->rec[((m->rec_t0 + t) * m->L + m->rec_layer) * m->F + m->idx[q]] = 1;
+    return n;
+}
+
+/* x += FFN(token-shifted ln2 x) for T tokens; stats[0] += neurons whose key row was read,
+ * stats[1] += value columns read */
+void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T, float *ffn_x, int64_t *stats) {
+    int64_t D = m->D, nt = nk_pool_size(m->pool);
+    for (int64_t t = 0; t < T; t++)
+        nk_layer_norm(m->x + t * D, b->ln2_w, b->ln2_b, 1e-5f, D, m->xa + t * D);
+    for (int64_t t = 0; t < T; t++) {
+        const float *xa = m->xa + t * D, *prev = t ? xa - D : ffn_x;
+        for (int64_t d = 0; d < D; d++)
+            m->fx[t * D + d] = xa[d] + (prev[d] - xa[d]) * b->ffn_xk[d];
+    }
+    memcpy(ffn_x, m->xa + (T - 1) * D, D * sizeof(float));
+    nk_quantize_rows(m, m->fx, T, D);
+    ffn_ctx c = {m, b, T, 0, NULL, NULL};
+    if (T > 1 && p && !m->goff) {
+        /* sparse prefill: the dense key pass over the chunk (each key row read once for all T tokens);
+         * a neuron adds to token t iff relu(k) > 0 and its score >= thr, so only the active neurons
+         * are scored: the same sums as T sparse steps at a fraction of the predictor's work */
+        for (int64_t t = 0; t < T; t++)
+            nk_pred_prep(p, m->fx + t * D, &m->pxt[t]);
+        c.pred = p;
+    } else if (T > 1 && m->goff) {
+        /* sparse prefill: every token's set first, then the dense key pass over the chunk (each key
+         * row read once for all T tokens) with the values of each token's predicted neurons only:
+         * the same sums as T sparse steps, without T scattered reads of the key rows */
+        memset(m->mask, 0, T * m->F);
+        for (int64_t t = 0; t < T; t++) {
+            int64_t n = sparse_set(m, p, t);
+            for (int64_t q = 0; q < n; q++)
+                m->mask[t * m->F + m->idx[q]] = 1;
+            stats[0] += n;
+        }
+        c.mask = m->mask;
+    }
+    if (c.mask || c.pred || (!p && !m->goff)) {
+        zero_outs(m, T * D);
+        nk_pool_run(m->pool, ffn_dense_task, &c, m->F);
+        for (int64_t i = 0; i < nt; i++) {
+            for (int64_t e = 0; e < T * D; e++)
+                m->x[e] += m->tls[i].out[e];
+            stats[1] += m->tls[i].nval;
+            if (c.pred)
+                stats[0] += m->tls[i].npred;
+        }
+        if (!c.mask && !c.pred)
+            stats[0] += T * m->F;
+        return;
+    }
+    for (int64_t t = 0; t < T; t++) {
+        int64_t n = sparse_set(m, p, t);
+        c.t = t;
+        zero_outs(m, D);
+        nk_pool_run(m->pool, ffn_sparse_task, &c, n);
+        for (int i = 0; i < nt; i++) {
+            for (int64_t d = 0; d < D; d++)
+                m->x[t * D + d] += m->tls[i].out[d];
+            stats[1] += m->tls[i].nval;
+        }
+        stats[0] += n;
+    }
+}
+

@@ -1,0 +1,350 @@
+/* Kernels of the native backend: int8 row dot products, int8 value axpy, n-bit predictor scores.
+ *
+ * Math of the dots (as rwkv_edge/backends/numba_i8dot.py, so both paths agree): a weight row w (I,)
+ * int8 and an activation x (I,) float32 rounded once per call in groups of NK_GS = 32 values:
+ * xs_g = max|x_g| / 127, xq = rint(x * (127 / max|x_g|)) in [-127, 127]; then
+ *     w . x ~= sum_g xs_g (w_g . xq_g)       (w_g . xq_g exact in int32)
+ * The per-row weight scale is applied by the caller.
+ *
+ * Three versions of each kernel; nk_kern_get picks one at run time (cpuid), so the library is built
+ * for the baseline target and runs on any CPU of its architecture:
+ * - generic: plain C, any compiler and CPU (aarch64 too); the same integer math.
+ * - avx2: vpmaddubsw on |xq| (u8) x sign(w, xq) (s8) (pairs <= 2 * 127 * 127: never saturates),
+ *   vpmaddwd with ones to i32, then per group i32 -> float and one FMA with xs_g.
+ * - vnni (AVX-512 VNNI + VL, 256-bit vpdpbusd): u8 x s8 with the weight made unsigned by flipping
+ *   its sign bit (w + 128); sum (w + 128) xq = w . xq + 128 sum xq, and the second term, the same
+ *   for every row, starts each lane's accumulator negated (integer: bit-identical to avx2).
+ */
+#include <math.h>
+#include <string.h>
+
+#include "nk.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(NK_NO_SIMD)
+#define NK_X86 1
+#include <immintrin.h>
+#endif
+
+float nk_h2f(uint16_t h) {
+    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, f;
+    if (e == 0) {                      /* zero or subnormal: m * 2^-24 */
+        float v = (float)m * 5.9604644775390625e-8f;
+        return s ? -v : v;
+    }
+    f = e == 31 ? (s | 0x7f800000u | (m << 13)) : (s | ((e + 112) << 23) | (m << 13));
+    float out;
+    memcpy(&out, &f, 4);
+    return out;
+}
+
+void nk_quantize(const float *x, int64_t I, int8_t *X, float *xs) {
+    for (int64_t g = 0; g < I / NK_GS; g++) {
+        const float *xg = x + g * NK_GS;
+        float mx = 0.0f;
+        for (int i = 0; i < NK_GS; i++)
+            mx = fmaxf(mx, fabsf(xg[i]));
+        float inv = mx > 0 ? 127.0f / mx : 0.0f;
+        xs[g] = mx / 127.0f;
+        for (int i = 0; i < NK_GS; i++)
+            X[g * NK_GS + i] = (int8_t)lrintf(xg[i] * inv);      /* round half to even, as np.rint */
+    }
+}
+
+void nk_pred_prep(const nk_pred *p, const float *x, nk_pred_x *px) {
+    int64_t C = p->C, gs = C / p->G;
+    int per = 8 / p->bits;
+    double mid = ((1 << p->bits) - 1) / 2.0;
+    for (int64_t g = 0; g < p->G; g++) {
+        const float *xg = x + g * gs;
+        float mx = 0.0f;
+        double sum = 0.0;
+        for (int64_t i = 0; i < gs; i++) {
+            mx = fmaxf(mx, fabsf(xg[i]));
+            sum += xg[i];
+        }
+        float inv = mx > 0 ? 127.0f / mx : 0.0f;
+        long sq = 0;
+        for (int64_t i = 0; i < gs; i++) {
+            int8_t q = (int8_t)lrintf(xg[i] * inv);
+            px->xq[g * gs + i] = q;
+            sq += q;
+        }
+        px->xs[g] = mx / 127.0f;
+        px->xsum[g] = (float)sum;
+        px->e[g] = (float)(mid * (sum - (double)px->xs[g] * (double)sq));
+    }
+    if (per <= 4)
+        for (int k = 0; k < per; k++)
+            for (int64_t b = 0; b < C / per; b++)
+                px->plane[k][b] = px->xq[per * b + k];
+}
+
+/* ---- generic C -------------------------------------------------------------------------------- */
+static void dots_generic(const int8_t *base, int64_t stride, const int32_t *idx, int64_t n, int64_t I,
+                         const int8_t *X, const float *xs, int64_t T, float *y, int64_t ldy) {
+    int64_t G = I / NK_GS;
+    for (int64_t p = 0; p < n; p++) {
+        const int8_t *w = base + stride * (idx ? idx[p] : p);
+        for (int64_t t = 0; t < T; t++) {
+            const int8_t *xq = X + t * I;
+            float acc = 0.0f;
+            for (int64_t g = 0; g < G; g++) {
+                int32_t s = 0;
+                for (int i = 0; i < NK_GS; i++)
+                    s += (int32_t)w[g * NK_GS + i] * (int32_t)xq[g * NK_GS + i];
+                acc += (float)s * xs[t * G + g];
+            }
+            y[t * ldy + p] = acc;
+        }
+    }
+}
+
+static void axpy4_generic(float *out, int64_t D, const int8_t *const *v, const float *h) {
+    for (int64_t d = 0; d < D; d++)
+        out[d] += (h[0] * v[0][d] + h[1] * v[1][d]) + (h[2] * v[2][d] + h[3] * v[3][d]);
+}
+
+/* score of one row over groups [g0, G): the plain form of the predictor math (any bits) */
+static float pred_row_tail(const nk_pred *p, const nk_pred_x *px, int64_t r, int64_t g0) {
+    int64_t gs = p->C / p->G, rb = p->C * p->bits / 8;
+    int per = 8 / p->bits, mask = (1 << p->bits) - 1;
+    const uint8_t *row = p->packed + r * rb;
+    float acc = 0.0f;
+    for (int64_t g = g0; g < p->G; g++) {
+        int32_t dot = 0;
+        for (int64_t c = g * gs; c < (g + 1) * gs; c++)
+            dot += ((row[c / per] >> ((c % per) * p->bits)) & mask) * (int32_t)px->xq[c];
+        acc += nk_h2f(p->scale[r * p->G + g]) * ((float)dot * px->xs[g] + px->e[g])
+               + nk_h2f(p->zero[r * p->G + g]) * px->xsum[g];
+    }
+    return acc;
+}
+
+static void pred_generic(const nk_pred *p, const nk_pred_x *px, const int32_t *idx, int64_t r0, int64_t r1,
+                         float *score) {
+    for (int64_t q = r0; q < r1; q++)
+        score[q - r0] = pred_row_tail(p, px, idx ? idx[q] : q, 0);
+}
+
+static void wkv_generic(float *S, int64_t N, const float *r, const float *w, const float *k, const float *v,
+                        const float *a, const float *b, float *y) {
+    for (int64_t i = 0; i < N; i++) {
+        float *s = S + i * N, sa = 0.0f, acc = 0.0f;
+        for (int64_t j = 0; j < N; j++)
+            sa += s[j] * a[j];
+        for (int64_t j = 0; j < N; j++) {
+            s[j] = s[j] * w[j] + sa * b[j] + v[i] * k[j];
+            acc += s[j] * r[j];
+        }
+        y[i] = acc;
+    }
+}
+
+static const nk_kern K_GENERIC = {"generic", dots_generic, axpy4_generic, pred_generic, wkv_generic};
+
+#ifdef NK_X86
+/* ---- AVX2 (and the VNNI variant of the dots) ----------------------------------------------------- */
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+#define VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+AVX2 static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Four rows x T tokens per pass: the four rows (4 I bytes) stay in L1 while every token reads them;
+ * the integer product of one group is DOT(w, xv) (8 x i32), then facc += float(i32) * xs_g. */
+#define DOTS_BODY(DOT)                                                                                 \
+    int64_t G = I / NK_GS;                                                                             \
+    for (int64_t p = 0; p < n; p += 4) {                                                               \
+        const int8_t *w[4];                                                                            \
+        for (int k = 0; k < 4; k++) {                                                                  \
+            int64_t q = p + k < n ? p + k : p;                                                         \
+            w[k] = base + stride * (idx ? idx[q] : q);                                                 \
+        }                                                                                              \
+        if (p + 12 < n)              /* fetch the rows two passes ahead (scattered or strided) */     \
+            for (int k = 8; k < 12; k++)                                                               \
+                for (int64_t l = 0; l < I; l += 64)                                                    \
+                    _mm_prefetch((const char *)(base + stride * (idx ? idx[p + k] : p + k) + l), _MM_HINT_T0); \
+        for (int64_t t = 0; t < T; t++) {                                                              \
+            const int8_t *xq = X + t * I;                                                              \
+            __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;                                \
+            for (int64_t g = 0; g < G; g++) {                                                          \
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + g * NK_GS));                    \
+                __m256 xsv = _mm256_set1_ps(xs[t * G + g]);                                            \
+                PREP;                                                                                  \
+                f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(w[0] + g * NK_GS)), xsv, f0);              \
+                f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(w[1] + g * NK_GS)), xsv, f1);              \
+                f2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(w[2] + g * NK_GS)), xsv, f2);              \
+                f3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(w[3] + g * NK_GS)), xsv, f3);              \
+            }                                                                                          \
+            float r[4] = {hsum8(f0), hsum8(f1), hsum8(f2), hsum8(f3)};                                 \
+            for (int k = 0; k < 4 && p + k < n; k++)                                                   \
+                y[t * ldy + p + k] = r[k];                                                             \
+        }                                                                                              \
+    }
+
+AVX2 static void dots_avx2(const int8_t *base, int64_t stride, const int32_t *idx, int64_t n, int64_t I,
+                           const int8_t *X, const float *xs, int64_t T, float *y, int64_t ldy) {
+    const __m256i ones = _mm256_set1_epi16(1);
+#define PREP __m256i ax = _mm256_sign_epi8(xv, xv)      /* |xq| as u8, shared by the four rows */
+#define DOT(ptr) _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(                        \
+                     _mm256_loadu_si256((const __m256i *)(ptr)), xv)), ones)
+    DOTS_BODY(DOT)
+#undef PREP
+#undef DOT
+}
+
+VNNI static void dots_vnni(const int8_t *base, int64_t stride, const int32_t *idx, int64_t n, int64_t I,
+                           const int8_t *X, const float *xs, int64_t T, float *y, int64_t ldy) {
+    /* (w + 128) . xq - 128 . xq per i32 lane (4 bytes): exact in int32, so the float accumulation
+     * sees the same integers as the AVX2 kernel (same lane layout: 4 consecutive bytes per lane) and
+     * the results are bit-identical; a float correction taken off after the sum would cancel
+     * catastrophically (|sum (w + 128) xq| ~ 1e6 per group against a result of ~1e3). */
+    const __m256i flip = _mm256_set1_epi8((char)0x80), zero = _mm256_setzero_si256();
+#define PREP __m256i nc = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, flip, xv))   /* -128 xq per lane */
+#define DOT(ptr) _mm256_dpbusd_epi32(nc, _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(ptr)), flip), xv)
+    DOTS_BODY(DOT)
+#undef PREP
+#undef DOT
+}
+
+AVX2 static void axpy4_avx2(float *out, int64_t D, const int8_t *const *v, const float *h) {
+    __m256 h0 = _mm256_set1_ps(h[0]), h1 = _mm256_set1_ps(h[1]), h2 = _mm256_set1_ps(h[2]), h3 = _mm256_set1_ps(h[3]);
+#define CV(k) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(v[k] + d))))
+    for (int64_t d = 0; d < D; d += 8) {
+        __m256 a = _mm256_fmadd_ps(h0, CV(0), _mm256_mul_ps(h1, CV(1)));
+        __m256 b = _mm256_fmadd_ps(h2, CV(2), _mm256_mul_ps(h3, CV(3)));
+        _mm256_storeu_ps(out + d, _mm256_add_ps(_mm256_loadu_ps(out + d), _mm256_add_ps(a, b)));
+    }
+#undef CV
+}
+
+/* Predictor rows, 2 or 4 bits with 64 columns per group, eight groups per pass:
+ * 2-bit: a 32-byte load holds 128 columns = two groups; plane k = (raw >> 2k) & 3 holds columns
+ * 4b + k, multiplied by plane k of xq (xq[4b + k]); the i32 lanes of one load are 16 columns each,
+ * lanes 0-3 group 2q, 4-7 group 2q + 1. Two rounds of hadd fold four loads into one vector holding
+ * the eight groups in the order PERM2 below; the float scales are permuted to match.
+ * 4-bit: one load = one group; planes raw & 15 (columns 2b) and (raw >> 4) & 15 (2b + 1); the hadd
+ * tree of eight loads ends in natural order. */
+AVX2 static void pred_avx2(const nk_pred *p, const nk_pred_x *px, const int32_t *idx, int64_t r0, int64_t r1,
+                           float *score) {
+    int64_t gs = p->C / p->G, G8 = p->G / 8 * 8, rb = p->C * p->bits / 8;
+    if (!((p->bits == 2 || p->bits == 4) && gs == 64) || G8 == 0) {
+        pred_generic(p, px, idx, r0, r1, score);
+        return;
+    }
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i perm = p->bits == 2 ? _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7) : _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    float xsP[256], eP[256], sP[256];     /* per-call vectors in the kernel's group order (G <= 256) */
+    if (p->G > 256) {
+        pred_generic(p, px, idx, r0, r1, score);
+        return;
+    }
+    for (int64_t c = 0; c < G8; c += 8)
+        for (int i = 0; i < 8; i++) {
+            int g = (int)c + (p->bits == 2 ? (i < 4 ? 2 * i : 2 * (i - 4) + 1) : i);
+            xsP[c + i] = px->xs[g], eP[c + i] = px->e[g], sP[c + i] = px->xsum[g];
+        }
+    for (int64_t q = r0; q < r1; q++) {
+        int64_t r = idx ? idx[q] : q;
+        const uint8_t *row = p->packed + r * rb;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t c = 0; c < G8; c += 8) {
+            __m256i hh;
+            if (p->bits == 2) {
+                const __m256i m3 = _mm256_set1_epi8(3);
+                __m256i v[4];
+                for (int q = 0; q < 4; q++) {
+                    int64_t b = c * 16 + 32 * q;              /* byte offset in the row */
+                    __m256i raw = _mm256_loadu_si256((const __m256i *)(row + b));
+                    __m256i s = _mm256_maddubs_epi16(_mm256_and_si256(raw, m3), _mm256_loadu_si256((const __m256i *)(px->plane[0] + b)));
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 2), m3),
+                                                                 _mm256_loadu_si256((const __m256i *)(px->plane[1] + b))));
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m3),
+                                                                 _mm256_loadu_si256((const __m256i *)(px->plane[2] + b))));
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 6), m3),
+                                                                 _mm256_loadu_si256((const __m256i *)(px->plane[3] + b))));
+                    v[q] = _mm256_madd_epi16(s, ones);
+                }
+                hh = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+            } else {
+                const __m256i m15 = _mm256_set1_epi8(15);
+                __m256i v[8];
+                for (int q = 0; q < 8; q++) {
+                    int64_t b = c * 32 + 32 * q;
+                    __m256i raw = _mm256_loadu_si256((const __m256i *)(row + b));
+                    __m256i s = _mm256_maddubs_epi16(_mm256_and_si256(raw, m15), _mm256_loadu_si256((const __m256i *)(px->plane[0] + b)));
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m15),
+                                                                 _mm256_loadu_si256((const __m256i *)(px->plane[1] + b))));
+                    v[q] = _mm256_madd_epi16(s, ones);
+                }
+                __m256i A = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+                __m256i B = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+                hh = _mm256_add_epi32(_mm256_permute2x128_si256(A, B, 0x20), _mm256_permute2x128_si256(A, B, 0x31));
+            }
+            __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p->scale + r * p->G + c)));
+            __m256 zc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p->zero + r * p->G + c)));
+            sc = _mm256_permutevar8x32_ps(sc, perm);
+            zc = _mm256_permutevar8x32_ps(zc, perm);
+            __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hh), _mm256_loadu_ps(xsP + c), _mm256_loadu_ps(eP + c));
+            acc = _mm256_fmadd_ps(sc, f, acc);
+            acc = _mm256_fmadd_ps(zc, _mm256_loadu_ps(sP + c), acc);
+        }
+        float s = hsum8(acc);
+        if (G8 < p->G)
+            s += pred_row_tail(p, px, r, G8);
+        score[q - r0] = s;
+    }
+}
+
+AVX2 static void wkv_avx2(float *S, int64_t N, const float *r, const float *w, const float *k, const float *v,
+                         const float *a, const float *b, float *y) {
+    for (int64_t i = 0; i < N; i++) {
+        float *s = S + i * N;
+        __m256 sa = _mm256_setzero_ps(), acc = _mm256_setzero_ps();
+        for (int64_t j = 0; j < N; j += 8)
+            sa = _mm256_fmadd_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(a + j), sa);
+        __m256 sav = _mm256_set1_ps(hsum8(sa)), vi = _mm256_set1_ps(v[i]);
+        for (int64_t j = 0; j < N; j += 8) {
+            __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(w + j));
+            x = _mm256_fmadd_ps(sav, _mm256_loadu_ps(b + j), x);
+            x = _mm256_fmadd_ps(vi, _mm256_loadu_ps(k + j), x);
+            _mm256_storeu_ps(s + j, x);
+            acc = _mm256_fmadd_ps(x, _mm256_loadu_ps(r + j), acc);
+        }
+        y[i] = hsum8(acc);
+    }
+}
+
+static const nk_kern K_AVX2 = {"avx2", dots_avx2, axpy4_avx2, pred_avx2, wkv_avx2};
+static const nk_kern K_VNNI = {"vnni", dots_vnni, axpy4_avx2, pred_avx2, wkv_avx2};
+#endif
+
+int nk_cpu_level(void) {
+#ifdef NK_X86
+    __builtin_cpu_init();
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
+        return 0;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")
+        && __builtin_cpu_supports("avx512vnni"))
+        return 2;
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+const nk_kern *nk_kern_get(int level) {
+    if (level < 0 || level > nk_cpu_level())
+        return NULL;
+#ifdef NK_X86
+    if (level == 2)
+        return &K_VNNI;
+    if (level == 1)
+        return &K_AVX2;
+#endif
+    return &K_GENERIC;
+}

@@ -1,0 +1,68 @@
+/* The native backend's model: struct of one layer's weight pointers, scratch, shared helpers.
+ * Private to csrc/ (nk_rwkv7.c: time-mix, forward, entry points; nk_ffn.c: FFN and predictor). */
+#ifndef NK_MODEL_H
+#define NK_MODEL_H
+
+#include "nk.h"
+#include "nk_pool.h"
+
+#define TB 64      /* tokens per prefill chunk (<= 64: nk_kernels' VNNI correction array) */
+#define NB 64      /* neurons per key block of the dense FFN */
+
+/* One layer: pointers only, in this order (rwkv_edge/backends/native.py builds the same list). */
+typedef struct {
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    const float *x_r, *x_w, *x_k, *x_v, *x_a, *x_g;
+    const float *w0, *a0, *v0, *k_k, *k_a, *r_k, *lnx_w, *lnx_b;   /* v0 NULL in layer 0 */
+    const int8_t *w1, *w2, *a1, *a2, *g1, *g2, *v1, *v2;           /* LoRA (in, out) int8 */
+    const float *w1s, *w2s, *a1s, *a2s, *g1s, *g2s, *v1s, *v2s;    /* their column scales */
+    const int8_t *Wr, *Wk, *Wv, *Wo;                              /* (D, D) int8 rows */
+    const float *sr, *sk, *sv, *so;
+    const float *ffn_xk;
+    const int8_t *kv;                                             /* (F, 2, D) */
+    const float *kv_scale;                                        /* (F, 2) */
+    const uint8_t *p_packed;                                      /* predictor, NULL: dense FFN */
+    const uint16_t *p_scale, *p_zero;
+} nk_layer;
+
+typedef struct {               /* per-thread scratch */
+    float *out;                /* (TB, D) this thread's FFN output */
+    float *keys;               /* (TB, NB) or (F,) key activations */
+    int32_t *pj;               /* (F,) active neurons */
+    float *ph;                 /* (F,) their h = relu(k)^2 * value scale */
+    int64_t nval;              /* value columns read in the last call */
+    int64_t npred;             /* prefill: active neurons the predictor kept */
+    float *sc;                 /* (F,) predictor scores of the candidates */
+} nk_tls;
+
+typedef struct {
+    int64_t L, D, H, N, F, V, dw, da, dg, dv;
+    const nk_kern *k;
+    nk_pool *pool;
+    const uint16_t *emb;
+    const float *ln0_w, *ln0_b, *lnout_w, *lnout_b, *head_s;
+    const int8_t *head;
+    nk_layer *layers;
+    nk_pred *pred;             /* (L,) or NULL */
+    float *x, *xa, *mix[6], *r, *kk, *v, *vf, *y, *o, *fx;          /* (TB, D) */
+    float *w, *a, *g, *nk, *bb, *gv, *t1;                             /* (D,) */
+    int8_t *Xq;
+    float *xs;
+    float *score;
+    int32_t *idx;
+    uint8_t *mask;             /* (TB, F): the predicted sets of a prefill chunk */
+    nk_pred_x px;
+    nk_pred_x pxt[TB];         /* prefill: the predictor's view of each token of a chunk */
+    nk_tls tls[NK_MAXT];
+    uint8_t *rec;              /* NULL, or where this call records the predicted sets (tests) */
+    const int32_t *gidx;       /* NULL, or sets given by the caller (replayed): token t, layer i is */
+    const int64_t *goff;       /*   gidx[goff[t L + i] : goff[t L + i + 1]] */
+    int64_t rec_t0, rec_layer;
+} nk_model;
+
+void nk_layer_norm(const float *x, const float *w, const float *b, float eps, int64_t D, float *out);
+void nk_quantize_rows(nk_model *m, const float *x, int64_t T, int64_t I);     /* into m->Xq, m->xs */
+/* x += FFN(token-shifted ln2 x) for T tokens (nk_ffn.c) */
+void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T, float *ffn_x, int64_t *stats);
+
+#endif

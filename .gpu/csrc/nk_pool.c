@@ -1,0 +1,150 @@
+/* A tiny thread pool for the native backend: nk_pool_run(pool, fn, ctx, n) cuts [0, n) into chunks
+ * (multiples of 4 rows), every thread claims chunks until none is left, and the call returns when
+ * all chunks are done. fn(ctx, tid, lo, hi) may run several times per thread (tasks accumulate).
+ *
+ * Why chunks that are claimed, not one share per thread: on a shared machine a worker may not be
+ * running when a call starts; the calling thread then takes its chunks instead of waiting for it.
+ * The claim counter packs (job generation, number of chunks, next chunk) in one 64-bit atomic, so a
+ * worker that wakes late can never take a chunk of a later job with an earlier job's arguments: its
+ * compare-and-swap fails. A decode step makes ~5 calls per layer, microseconds apart, so workers
+ * spin (with pause) for a while before sleeping on a condition variable. */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+
+#include "nk_pool.h"
+
+#define NK_SPIN 20000       /* pauses a worker spins before sleeping (~0.1-1 ms) */
+#define IDX_BITS 20
+#define IDX_MASK ((1ull << IDX_BITS) - 1)
+
+struct nk_pool {
+    int n;
+    pthread_t th[NK_MAXT];
+    atomic_uint_fast64_t claim;       /* gen << 40 | nchunks << 20 | next chunk */
+    atomic_int done, quit;
+    atomic_uint gen;                  /* bumped per job: wakes the workers */
+    nk_task fn;
+    void *ctx;
+    int64_t total, csize;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+};
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* claim and run chunks of the current job until none is left */
+static void work(nk_pool *p, int tid) {
+    for (;;) {
+        uint64_t v = atomic_load(&p->claim);
+        uint64_t nch = (v >> IDX_BITS) & IDX_MASK, i = v & IDX_MASK;
+        if (i >= nch)
+            return;
+        if (!atomic_compare_exchange_weak(&p->claim, &v, v + 1))
+            continue;
+        /* the job cannot change before this chunk is counted done: its fields are stable */
+        int64_t lo = (int64_t)i * p->csize, hi = lo + p->csize < p->total ? lo + p->csize : p->total;
+        p->fn(p->ctx, tid, lo, hi);
+        atomic_fetch_add(&p->done, 1);
+    }
+}
+
+typedef struct {
+    nk_pool *p;
+    int tid;
+} worker_arg;
+
+static void *worker(void *arg) {
+    worker_arg *wa = (worker_arg *)arg;
+    nk_pool *p = wa->p;
+    int tid = wa->tid;
+    unsigned seen = 0;
+    free(wa);
+    for (;;) {
+        unsigned g = atomic_load(&p->gen);
+        for (int s = 0; s < NK_SPIN && g == seen; s++) {
+            cpu_relax();
+            g = atomic_load(&p->gen);
+        }
+        if (g == seen) {
+            pthread_mutex_lock(&p->mu);
+            while ((g = atomic_load(&p->gen)) == seen)
+                pthread_cond_wait(&p->cv, &p->mu);
+            pthread_mutex_unlock(&p->mu);
+        }
+        seen = g;
+        if (atomic_load(&p->quit))
+            return NULL;
+        work(p, tid);
+    }
+}
+
+nk_pool *nk_pool_new(int n) {
+    nk_pool *p = calloc(1, sizeof *p);
+    if (!p)
+        return NULL;
+    p->n = n < 1 ? 1 : (n > NK_MAXT ? NK_MAXT : n);
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->cv, NULL);
+    for (int t = 1; t < p->n; t++) {
+        worker_arg *wa = malloc(sizeof *wa);
+        wa->p = p, wa->tid = t;
+        if (pthread_create(&p->th[t], NULL, worker, wa) != 0) {   /* fewer threads, still correct */
+            free(wa);
+            p->n = t;
+            break;
+        }
+    }
+    return p;
+}
+
+int nk_pool_size(const nk_pool *p) { return p ? p->n : 1; }
+
+void nk_pool_run(nk_pool *p, nk_task fn, void *ctx, int64_t n) {
+    if (n <= 0)
+        return;
+    if (!p || p->n == 1 || n < 16) {
+        fn(ctx, 0, 0, n);
+        return;
+    }
+    int64_t nch = 4 * p->n, cs = ((n + nch - 1) / nch + 3) / 4 * 4;     /* ~4 chunks per thread */
+    nch = (n + cs - 1) / cs;
+    pthread_mutex_lock(&p->mu);
+    p->fn = fn, p->ctx = ctx, p->total = n, p->csize = cs;
+    atomic_store(&p->done, 0);
+    unsigned g = atomic_fetch_add(&p->gen, 1) + 1;
+    atomic_store(&p->claim, ((uint64_t)(g & 0xffffff) << 40) | ((uint64_t)nch << IDX_BITS));
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    work(p, 0);
+    /* only chunks already claimed are left: a worker descheduled in one needs a core, so after a
+     * short spin give ours up */
+    for (int s = 0; atomic_load(&p->done) < nch; s++) {
+        if (s < 2000)
+            cpu_relax();
+        else
+            sched_yield();
+    }
+}
+
+void nk_pool_free(nk_pool *p) {
+    if (!p)
+        return;
+    pthread_mutex_lock(&p->mu);
+    atomic_store(&p->quit, 1);
+    atomic_fetch_add(&p->gen, 1);
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    for (int t = 1; t < p->n; t++)
+        pthread_join(p->th[t], NULL);
+    pthread_mutex_destroy(&p->mu);
+    pthread_cond_destroy(&p->cv);
+    free(p);
+}

@@ -1,0 +1,318 @@
+/* RWKV-7 forward in C over T tokens in ONE call: embedding, all layers, head (math of
+ * rwkv_edge/models/v7.py; the decode step is T = 1). Weights are pointers into the mmap of an int8
+ * .rwkve file (rwkv_edge/modelfile.py): int8 linear rows + per-row scale, LoRA int8 (in, out) +
+ * per-column scale, neuron-bundled FFN kv (F, 2, D) int8 + kv_scale (F, 2), emb float16.
+ *
+ * Prefill runs in chunks of TB tokens, layer by layer: every weight row is loaded once per chunk and
+ * dotted with all TB int8-rounded activations while it sits in L1 (r/k/v/o, FFN keys, head); the
+ * wkv recurrence and the LoRAs go token by token. Scratch is allocated once per model (~TB * D * 30
+ * floats), so memory does not grow with the prompt.
+ *
+ * FFN: nk_ffn.c (dense, or sparse on the n-bit W_k predictor's sets).
+ * Threads (nk_pool.c) split rows of the mat-vecs, predictor rows and FFN neurons (each thread adds
+ * into its own output row; the rows are summed after).
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+
+#include "nk_model.h"
+
+
+/* ---- small helpers ------------------------------------------------------------------------------ */
+void nk_layer_norm(const float *x, const float *w, const float *b, float eps, int64_t D, float *out) {
+    float mu = 0.0f, var = 0.0f;
+    for (int64_t d = 0; d < D; d++)
+        mu += x[d];
+    mu /= (float)D;
+    for (int64_t d = 0; d < D; d++)
+        var += (x[d] - mu) * (x[d] - mu);
+    float inv = 1.0f / sqrtf(var / (float)D + eps);
+    for (int64_t d = 0; d < D; d++)
+        out[d] = (x[d] - mu) * inv * w[d] + b[d];
+}
+
+static inline float sigmoidf(float z) { return 1.0f / (1.0f + expf(-z)); }
+
+/* y (O,) = x (I,) @ (M (I, O) int8 * cs): four rows of M per pass over y (I % 4 == 0, O % 8 == 0) */
+static void lora(const nk_model *m, const float *x, const int8_t *M, const float *cs, int64_t I, int64_t O, float *y) {
+    memset(y, 0, O * sizeof(float));
+    for (int64_t i = 0; i < I; i += 4) {
+        const int8_t *v[4] = {M + i * O, M + (i + 1) * O, M + (i + 2) * O, M + (i + 3) * O};
+        m->k->axpy4(y, O, v, x + i);
+    }
+    for (int64_t o = 0; o < O; o++)
+        y[o] *= cs[o];
+}
+
+/* ---- y (T, O) = x (T, I) @ (W * s).T, int8 rows split over threads ------------------------------ */
+typedef struct {
+    const nk_model *m;
+    const int8_t *W;
+    const float *s;
+    int64_t I, T, ldy;
+    float *y;
+} lin_ctx;
+
+static void lin_task(void *c, int tid, int64_t lo, int64_t hi) {
+    lin_ctx *L = (lin_ctx *)c;
+    (void)tid;
+    L->m->k->dots(L->W + lo * L->I, L->I, NULL, hi - lo, L->I, L->m->Xq, L->m->xs, L->T, L->y + lo, L->ldy);
+    for (int64_t t = 0; t < L->T; t++)
+        for (int64_t r = lo; r < hi; r++)
+            L->y[t * L->ldy + r] *= L->s[r];
+}
+
+void nk_quantize_rows(nk_model *m, const float *x, int64_t T, int64_t I) {
+    for (int64_t t = 0; t < T; t++)
+        nk_quantize(x + t * I, I, m->Xq + t * I, m->xs + t * (I / NK_GS));
+}
+
+static void linear(nk_model *m, const int8_t *W, const float *s, int64_t O, int64_t I, const float *x, int64_t T,
+                   float *y, int64_t ldy) {
+    nk_quantize_rows(m, x, T, I);
+    lin_ctx c = {m, W, s, I, T, ldy, y};
+    nk_pool_run(m->pool, lin_task, &c, O);
+}
+
+/* ---- time-mix of T tokens: x += att(ln1 x), state att_x (D,), S (H, N, N) updated --------------- */
+static void time_mix(nk_model *m, const nk_layer *b, int64_t T, float *att_x, float *S, int first) {
+    int64_t D = m->D, H = m->H, N = m->N;
+    const float *mixw[6] = {b->x_r, b->x_w, b->x_k, b->x_v, b->x_a, b->x_g};
+    for (int64_t t = 0; t < T; t++)
+        nk_layer_norm(m->x + t * D, b->ln1_w, b->ln1_b, 1e-5f, D, m->xa + t * D);
+    for (int64_t t = 0; t < T; t++) {              /* token shift: x + (prev - x) * mix */
+        const float *xa = m->xa + t * D, *prev = t ? xa - D : att_x;
+        for (int c = 0; c < 6; c++)
+            for (int64_t d = 0; d < D; d++)
+                m->mix[c][t * D + d] = xa[d] + (prev[d] - xa[d]) * mixw[c][d];
+    }
+    memcpy(att_x, m->xa + (T - 1) * D, D * sizeof(float));
+    linear(m, b->Wr, b->sr, D, D, m->mix[0], T, m->r, D);
+    linear(m, b->Wk, b->sk, D, D, m->mix[2], T, m->kk, D);
+    linear(m, b->Wv, b->sv, D, D, m->mix[3], T, m->v, D);
+    for (int64_t t = 0; t < T; t++) {
+        float *r = m->r + t * D, *k = m->kk + t * D, *v = m->v + t * D, *y = m->y + t * D;
+        float *w = m->w, *a = m->a, *g = m->g, *kn = m->nk, *bb = m->bb, *t1 = m->t1;
+        lora(m, m->mix[1] + t * D, b->w1, b->w1s, D, m->dw, t1);          /* decay */
+        for (int64_t j = 0; j < m->dw; j++)
+            t1[j] = tanhf(t1[j]);
+        lora(m, t1, b->w2, b->w2s, m->dw, D, w);
+        lora(m, m->mix[4] + t * D, b->a1, b->a1s, D, m->da, t1);          /* in-context learning rate */
+        lora(m, t1, b->a2, b->a2s, m->da, D, a);
+        lora(m, m->mix[5] + t * D, b->g1, b->g1s, D, m->dg, t1);          /* output gate */
+        for (int64_t j = 0; j < m->dg; j++)
+            t1[j] = sigmoidf(t1[j]);
+        lora(m, t1, b->g2, b->g2s, m->dg, D, g);
+        if (first) {
+            memcpy(m->vf + t * D, v, D * sizeof(float));
+        } else {                                                            /* value residual */
+            lora(m, m->mix[3] + t * D, b->v1, b->v1s, D, m->dv, t1);
+            lora(m, t1, b->v2, b->v2s, m->dv, D, m->gv);
+            for (int64_t d = 0; d < D; d++)
+                v[d] += (m->vf[t * D + d] - v[d]) * sigmoidf(b->v0[d] + m->gv[d]);
+        }
+        for (int64_t d = 0; d < D; d++) {
+            a[d] = sigmoidf(b->a0[d] + a[d]);
+            kn[d] = k[d] * b->k_k[d];
+            w[d] = expf(-0.606531f * sigmoidf(b->w0[d] + w[d]));
+        }
+        for (int64_t h = 0; h < H; h++) {           /* kk = per-head L2-normalised k * k_k */
+            float ss = 0.0f, *kh = kn + h * N;
+            for (int64_t j = 0; j < N; j++)
+                ss += kh[j] * kh[j];
+            float inv = 1.0f / fmaxf(sqrtf(ss), 1e-12f);
+            for (int64_t j = 0; j < N; j++)
+                kh[j] *= inv;
+        }
+        for (int64_t d = 0; d < D; d++) {
+            bb[d] = kn[d] * a[d];
+            k[d] = k[d] * (1.0f + (a[d] - 1.0f) * b->k_a[d]);
+            kn[d] = -kn[d];                          /* the wkv's "a" */
+        }
+        for (int64_t h = 0; h < H; h++)
+            m->k->wkv(S + h * N * N, N, r + h * N, w + h * N, k + h * N, v + h * N, kn + h * N, bb + h * N, y + h * N);
+        for (int64_t h = 0; h < H; h++) {           /* group norm (eps 64e-5), bonus, gate */
+            float *yh = y + h * N, mu = 0.0f, var = 0.0f, bonus = 0.0f;
+            for (int64_t j = 0; j < N; j++)
+                mu += yh[j];
+            mu /= (float)N;
+            for (int64_t j = 0; j < N; j++)
+                var += (yh[j] - mu) * (yh[j] - mu);
+            float inv = 1.0f / sqrtf(var / (float)N + 64e-5f);
+            for (int64_t j = 0; j < N; j++)
+                bonus += r[h * N + j] * k[h * N + j] * b->r_k[h * N + j];
+            for (int64_t j = 0; j < N; j++) {
+                int64_t d = h * N + j;
+                yh[j] = ((yh[j] - mu) * inv * b->lnx_w[d] + b->lnx_b[d] + bonus * v[d]) * g[d];
+            }
+        }
+    }
+    linear(m, b->Wo, b->so, D, D, m->y, T, m->o, D);
+    for (int64_t i = 0; i < T * D; i++)
+        m->x[i] += m->o[i];
+}
+
+/* ---- the public entry points (called through ctypes) ------------------------------------------- */
+enum { P_EMB, P_LN0W, P_LN0B, P_LNOW, P_LNOB, P_HEAD, P_HEADS, P_NGLOBAL };
+
+/* dims: L, D, H, N, F, V, dw, da, dg, dv, predictor bits (0: dense), predictor groups, threads, level
+ * glob: emb, ln0 w/b, ln_out w/b, head.q, head.scale; layers: L * sizeof(nk_layer) / sizeof(void *)
+ * pointers; thr: (L,) thresholds (with a predictor). Returns NULL on a bad level or no memory. */
+void *nk_model_new(const int64_t *dims, const void *const *glob, const void *const *layers, const float *thr) {
+    const nk_kern *k = nk_kern_get((int)dims[13]);
+    if (!k)
+        return NULL;
+    nk_model *m = calloc(1, sizeof *m);
+    if (!m)
+        return NULL;
+    m->L = dims[0], m->D = dims[1], m->H = dims[2], m->N = dims[3], m->F = dims[4], m->V = dims[5];
+    m->dw = dims[6], m->da = dims[7], m->dg = dims[8], m->dv = dims[9];
+    m->k = k;
+    m->pool = nk_pool_new((int)dims[12]);
+    m->emb = glob[P_EMB], m->ln0_w = glob[P_LN0W], m->ln0_b = glob[P_LN0B];
+    m->lnout_w = glob[P_LNOW], m->lnout_b = glob[P_LNOB], m->head = glob[P_HEAD], m->head_s = glob[P_HEADS];
+    m->layers = malloc(m->L * sizeof(nk_layer));
+    memcpy(m->layers, layers, m->L * sizeof(nk_layer));
+    int64_t D = m->D, F = m->F, G = dims[11] > 0 ? dims[11] : 1;
+    if (dims[10] > 0) {
+        m->pred = calloc(m->L, sizeof(nk_pred));
+        for (int64_t i = 0; i < m->L; i++) {
+            nk_pred *p = &m->pred[i];
+            p->bits = (int32_t)dims[10], p->G = (int32_t)G, p->R = F, p->C = D, p->thr = thr[i];
+            p->packed = m->layers[i].p_packed, p->scale = m->layers[i].p_scale, p->zero = m->layers[i].p_zero;
+        }
+    }
+    float **bufs[] = {&m->x, &m->xa, &m->mix[0], &m->mix[1], &m->mix[2], &m->mix[3], &m->mix[4], &m->mix[5],
+                      &m->r, &m->kk, &m->v, &m->vf, &m->y, &m->o, &m->fx};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
+        *bufs[i] = malloc(TB * D * sizeof(float));
+    int64_t lmax = D > F ? D : F;
+    float **vecs[] = {&m->w, &m->a, &m->g, &m->nk, &m->bb, &m->gv, &m->t1};
+    for (size_t i = 0; i < sizeof vecs / sizeof *vecs; i++)
+        *vecs[i] = malloc(lmax * sizeof(float));
+    m->Xq = malloc(TB * D);
+    m->xs = malloc(TB * (D / NK_GS) * sizeof(float));
+    m->score = malloc(F * sizeof(float));
+    m->idx = malloc(F * sizeof(int32_t));
+    m->mask = malloc(TB * F);
+    for (int t = 0; t <= TB; t++) {       /* m->px, then the TB of a prefill chunk */
+        nk_pred_x *px = t ? &m->pxt[t - 1] : &m->px;
+        px->xq = malloc(D);
+        for (int k2 = 0; k2 < 4; k2++)
+            px->plane[k2] = malloc(D);
+        px->xs = malloc(G * sizeof(float)), px->e = malloc(G * sizeof(float)), px->xsum = malloc(G * sizeof(float));
+    }
+    for (int i = 0; i < nk_pool_size(m->pool); i++) {
+        m->tls[i].out = malloc(TB * D * sizeof(float));
+        m->tls[i].keys = malloc((TB * NB > F ? TB * NB : F) * sizeof(float));
+        m->tls[i].pj = malloc(F * sizeof(int32_t));
+        m->tls[i].ph = malloc(F * sizeof(float));
+        m->tls[i].sc = malloc(F * sizeof(float));
+    }
+    return m;
+}
+
+void nk_model_free(void *mp) {
+    nk_model *m = (nk_model *)mp;
+    if (!m)
+        return;
+    nk_pool_free(m->pool);
+    float *bufs[] = {m->x, m->xa, m->mix[0], m->mix[1], m->mix[2], m->mix[3], m->mix[4], m->mix[5], m->r, m->kk,
+                     m->v, m->vf, m->y, m->o, m->fx, m->w, m->a, m->g, m->nk, m->bb, m->gv, m->t1, m->xs, m->score};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
+        free(bufs[i]);
+    free(m->Xq), free(m->idx), free(m->mask);
+    for (int t = 0; t <= TB; t++) {
+        nk_pred_x *px = t ? &m->pxt[t - 1] : &m->px;
+        free(px->xq), free(px->xs), free(px->e), free(px->xsum);
+        for (int k = 0; k < 4; k++)
+            free(px->plane[k]);
+    }
+    for (int i = 0; i < NK_MAXT; i++)
+        free(m->tls[i].out), free(m->tls[i].keys), free(m->tls[i].pj), free(m->tls[i].ph), free(m->tls[i].sc);
+    free(m->layers), free(m->pred), free(m);
+}
+
+/* Run tokens (T,) from the state (att_x (L, D), wkv (L, H, N, N), ffn_x (L, D), updated in place).
+ * logits: (V,) for the last token, or (T, V) with full. stats: (L, 2) int64 accumulated (neurons
+ * whose key row was read, value columns read). rec: NULL or (T, L, F) uint8 zeroed: the sparse
+ * FFN marks each token's predicted neurons there. gidx/goff: NULL, or the sets to run instead of a
+ * predictor's (distinct neuron ids; token t, layer i: gidx[goff[t L + i] : goff[t L + i + 1]]).
+ * wkv_in: NULL (wkv updated in place) or the input wkv state, copied into wkv as each layer starts.
+ * Returns 0. */
+int nk_forward(void *mp, const int32_t *tokens, int64_t T, float *att_x, float *wkv, float *ffn_x,
+               float *logits, int64_t full, int64_t *stats, uint8_t *rec, const int32_t *gidx, const int64_t *goff,
+               const float *wkv_in) {
+    nk_model *m = (nk_model *)mp;
+    m->rec = rec, m->gidx = gidx, m->goff = goff;
+    int64_t D = m->D, HNN = m->H * m->N * m->N;
+    for (int64_t c0 = 0; c0 < T; c0 += TB) {
+        int64_t n = T - c0 < TB ? T - c0 : TB;
+        for (int64_t t = 0; t < n; t++) {
+            const uint16_t *e = m->emb + (int64_t)tokens[c0 + t] * D;
+            for (int64_t d = 0; d < D; d++)
+                m->xa[t * D + d] = nk_h2f(e[d]);
+            nk_layer_norm(m->xa + t * D, m->ln0_w, m->ln0_b, 1e-5f, D, m->x + t * D);
+        }
+        m->rec_t0 = c0;
+        for (int64_t i = 0; i < m->L; i++) {
+            m->rec_layer = i;
+            if (wkv_in && c0 == 0)     /* the caller keeps its state: copy it layer by layer, then hot */
+                memcpy(wkv + i * HNN, wkv_in + i * HNN, HNN * sizeof(float));
+            time_mix(m, &m->layers[i], n, att_x + i * D, wkv + i * HNN, i == 0);
+            nk_channel_mix(m, &m->layers[i], m->pred ? &m->pred[i] : NULL, n, ffn_x + i * D, stats + 2 * i);
+        }
+        int64_t h0 = full ? 0 : n - 1;                 /* tokens of this chunk that need logits */
+        if (!full && c0 + n < T)
+            continue;
+        for (int64_t t = h0; t < n; t++)
+            nk_layer_norm(m->x + t * D, m->lnout_w, m->lnout_b, 1e-5f, D, m->xa + (t - h0) * D);
+        float *out = full ? logits + c0 * m->V : logits;
+        linear(m, m->head, m->head_s, m->V, D, m->xa, n - h0, out, m->V);
+    }
+    return 0;
+}
+
+const char *nk_level_name(int level) {
+    const nk_kern *k = nk_kern_get(level);
+    return k ? k->name : "";
+}
+
+int nk_best_level(void) { return nk_cpu_level(); }
+
+/* ---- single kernels, for the tests (tests/test_native.py checks them against numpy) ------------- */
+/* y (T, n) = rows of W (n, I) . x (T, I) rounded to int8 per NK_GS, unscaled; T <= 64 */
+int nk_test_dots(int level, const int8_t *W, int64_t n, int64_t I, const float *x, int64_t T, float *y) {
+    const nk_kern *k = nk_kern_get(level);
+    if (!k || T > 64 || I % NK_GS)
+        return -1;
+    int8_t *X = malloc(T * I);
+    float *xs = malloc(T * (I / NK_GS) * sizeof(float));
+    for (int64_t t = 0; t < T; t++)
+        nk_quantize(x + t * I, I, X + t * I, xs + t * (I / NK_GS));
+    k->dots(W, I, NULL, n, I, X, xs, T, y, n);
+    free(X), free(xs);
+    return 0;
+}
+
+/* score (R,) of a predictor (see nk_pred) for x (C,) */
+int nk_test_pred(int level, int64_t bits, int64_t G, int64_t R, int64_t C, const uint8_t *packed,
+                 const uint16_t *scale, const uint16_t *zero, const float *x, float *score) {
+    const nk_kern *k = nk_kern_get(level);
+    if (!k)
+        return -1;
+    nk_pred p = {(int32_t)bits, (int32_t)G, R, C, packed, scale, zero, 0.0f};
+    nk_pred_x px;
+    px.xq = malloc(C);
+    for (int i = 0; i < 4; i++)
+        px.plane[i] = malloc(C);
+    px.xs = malloc(G * sizeof(float)), px.e = malloc(G * sizeof(float)), px.xsum = malloc(G * sizeof(float));
+    nk_pred_prep(&p, x, &px);
+    k->pred(&p, &px, NULL, 0, R, score);
+    free(px.xq), free(px.xs), free(px.e), free(px.xsum);
+    for (int i = 0; i < 4; i++)
+        free(px.plane[i]);
+    return 0;
+}

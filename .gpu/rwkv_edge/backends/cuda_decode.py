@@ -1,0 +1,365 @@
+"""`FusedDecode`: batch-1 RWKV-7 decode on the CUDA backend in seven Triton launches per layer, with
+a dense, an exact-sparse or a predicted-sparse FFN, captured once as a CUDA graph (six launches
+per layer in the sparse modes: the value rows are added inside the key kernel).
+
+    dec = FusedDecode(model, mode="exact")              # model built with the cuda backend
+    dec = FusedDecode(model, mode="predicted", bundle=b) # a bundle of n-bit W_k threshold predictors
+    dec.reset(state); logits = dec.step(token)            # (V,) float32 device tensor, state in place
+    dec.stats()                                           # densities counted on the device
+
+Modes (the FFN of every layer; the rest of the step is the same):
+  dense      relu(W_k xk)^2 over all F neurons, then all F rows of W_v^T.
+  exact      the same keys, then only the W_v^T rows whose activation is non-zero (the zero rows'
+             loads are masked off, so their bytes are never read): lossless, no predictor.
+  predicted  the bundle's n-bit W_k (packed codes read on the device) scores every neuron; only
+             the W_k rows scoring >= the layer's threshold are read, then only the non-zero W_v^T
+             rows. Same math as `sparse.SparseFFN` with that predicted set.
+The active set lives on the device: by default each key program adds the value rows of its own
+active neurons (a mask over its rows); with tune fused_value=False the key kernel appends the
+active rows to a per-layer list of capacity F (one atomic slot per program) for a second launch.
+Either way nothing can overflow or be dropped (the overflow count is 0 by construction) and no host
+synchronisation is needed, so the step captures as one graph (graph=False launches the same
+kernels eagerly, for timing the capture's effect). Predicted and active neuron counts are summed
+per layer on the device (atomic adds) and read by `stats()` (a host sync).
+
+Building rebinds the model's own weights (a transform, not a fork): per layer, att r/k/v and the
+transposed LoRA first stages (w1, a1, g1, v1) become views of one stacked matrix so that a single
+launch reads them all, and (sparse modes) ffn.value becomes a view of its transpose (F, D); the model's other code
+paths compute the same numbers on the views, and no weight is held twice. Activations, state and
+accumulation are float32; weights stay in the backend's storage dtype. See cuda_decode_kernels.py.
+
+Measured on an H200 (tools/gpu_decode_bench.py, fp16 weights, captured, decode tok/s, 256 tokens x
+3 rounds; HBM copy 4.2 TB/s): official 1.5B shapes (random, FFN density 0.13) dense 950 (55% of
+4.8 TB/s over the 2.78 GB read per token) / exact 1030 / predicted 1014 (generic CudaGraphStep 163,
+`rwkv` package cuda fp16 73); rwkv7-ref-58m (random head) dense 5485 / exact 5137 / predicted 4666
+(generic 557, `rwkv` 117). What moved dense from 41% to 55% of the roof: PDL, so that every
+kernel's weight loads are in flight before the previous kernel ends, and the dense FFN value as a
+plain W_v GEMV (no atomics). Why sparse gains little: its value rows (and, predicted, its W_k rows)
+depend on keys (scores) of the same step, so those loads cannot be issued early; in the key
+kernel they add one dependent round trip plus the atomic adds of the partial sums, about what 13%
+density saves at 1.5B (exact 1.08x dense) and more than it saves at 58M (0.94x), where the step
+is latency-bound (11% of the roof). A separate listed-row value launch (fused_value=False) was
+slower (1.5B exact 998, 58M 4077); fusing the LayerNorm + mix launches into the previous kernel's
+last program (a finished-programs counter) was slower too (823 against 915 tok/s dense: every
+program's atomic on one counter) and was dropped.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .cuda_decode_kernels import kernels
+
+MODES = ("dense", "exact", "predicted")
+_BIG = 1 << 30
+# Launch shapes (any values give the same results; tools/gpu_decode_tune.py searches them on a GPU):
+# GEMV tiles gemv_bn rows x the whole width when it is <= full_k (one load per program, issued
+# before the PDL wait) else gemv_bk columns per loop step; the FFN key kernel's key_bn rows; the
+# dense FFN value GEMV's value_bn rows of W_v (D, F); the sparse value kernel's value_bs listed rows
+# x value_bd columns with ~value_per_sm programs per SM; warps per kind of kernel (None: by width);
+# pdl: programmatic dependent launch (used on compute capability >= 9 only); fused_value: the sparse
+# modes add the value rows inside the key kernel (fused_key_bn rows per program, key_value_bd
+# columns per step) instead of listing the active rows for a second launch.
+# gather_na > 0: the sparse modes run `ffn_sparse` (sparse_bn rows per program, sparse_warps warps),
+# which gathers the selected/active rows gather_na at a time instead of masking a (rows, D) tile
+# (whole-width D only, and a power-of-two D and group count in the predicted mode; else the older
+# kernel runs); fuse_ffn_mix: LN2 + the FFN token shift inside the FFN kernel (no mix launch).
+TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk=1024, key_warps=4,
+            value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
+            mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048,
+            gather_na=0, sparse_bn=16, sparse_warps=8, fuse_ffn_mix=False, split_value=None, diag=0,
+            split_warps=4)
+
+def _p2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _rebind_block(b, i: int, D: int):
+    """Stack att r/k/v and the LoRA first stages of block b (in place, as views); returns
+    [(matrix, [(rows, input index)])]: one entry per storage dtype (usually one)."""
+    lora = [(b.w1, 1), (b.a1, 4), (b.g1, 5)] + ([(b.v1, 3)] if i > 0 else [])
+    parts = [(b.att_r, 0), (b.att_k, 2), (b.att_v, 3)] + [(m.t(), x) for m, x in lora]
+    groups = []
+    for p, x in parts:                                  # consecutive parts of one dtype share a matrix
+        if groups and groups[-1][0][0].dtype == p.dtype:
+            groups[-1].append((p, x))
+        else:
+            groups.append([(p, x)])
+    out, names = [], ["att_r", "att_k", "att_v", "w1", "a1", "g1", "v1"]
+    k = 0
+    for g in groups:
+        cat = torch.cat([p for p, _ in g], dim=0).contiguous()
+        r0 = 0
+        for p, _ in g:
+            view = cat[r0:r0 + p.shape[0]]
+            setattr(b, names[k], view if k < 3 else view.t())   # LoRA matrices keep their (D, L) shape
+            r0 += p.shape[0]
+            k += 1
+        out.append((cat, [(p.shape[0], x) for p, x in g]))
+    return out
+
+
+def _seg_tables(segs, dev):
+    ends, xs, r = [], [], 0
+    for n, x in segs:
+        r += n
+        ends.append(r)
+        xs.append(x)
+    nseg = _p2(len(ends))
+    ends += [_BIG] * (nseg - len(ends))
+    xs += [0] * (nseg - len(xs))
+    bn = 16
+    while any(n % bn for n, _ in segs):
+        bn //= 2
+    return (torch.tensor(ends, dtype=torch.int32, device=dev), torch.tensor(xs, dtype=torch.int32, device=dev),
+            nseg, bn)
+
+
+class FusedDecode:
+    def __init__(self, model, mode: str = "dense", bundle=None, graph: bool = True, tune: dict | None = None):
+        if getattr(model.ops, "name", "") != "cuda" or model.config.version != "x070":
+            raise ValueError("FusedDecode needs an RWKV-7 (x070) model built with the cuda backend")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}, choose one of {', '.join(MODES)}")
+        if (mode == "predicted") != (bundle is not None):
+            raise ValueError("mode 'predicted' needs a predictor bundle (and only it takes one)")
+        from . import cuda as C
+
+        self.C, self.model, self.mode, self.K = C, model, mode, kernels()
+        self.tune = dict(TUNE, **(tune or {}))
+        cfg = model.config
+        L, D, F, H, N = cfg.n_layer, cfg.n_embd, cfg.ffn_dim, cfg.n_head, cfg.head_size
+        if N & (N - 1):
+            raise ValueError(f"head size {N} must be a power of two")
+        self.L, self.D, self.F, self.H, self.N = L, D, F, H, N
+        dev = C.device()
+        f32 = lambda a: C._dev_f32(a).reshape(-1)  # noqa: E731
+        self.emb = C._device_emb(model.emb)
+        model.emb = self.emb                       # the host copy is no longer needed
+        self.layers = []
+        for i, b in enumerate(model.blocks):
+            lay = dict(ln1=(f32(b.ln1_w), f32(b.ln1_b)), ln2=(f32(b.ln2_w), f32(b.ln2_b)),
+                       amix=torch.stack([f32(getattr(b, "x_" + c)) for c in "rwkvag"]).contiguous(),
+                       fmix=f32(b.ffn_xk).reshape(1, D).contiguous(),
+                       w0=f32(b.w0), a0=f32(b.a0), v0=f32(b.v0) if i else f32(b.w0), kk=f32(b.k_k),
+                       ka=f32(b.k_a), rk=f32(b.r_k), lnx=(f32(b.lnx_w), f32(b.lnx_b)),
+                       w2=b.w2.contiguous(), a2=b.a2.contiguous(), g2=b.g2.contiguous(),
+                       v2=(b.v2 if i else b.w2).contiguous(),
+                       lw=b.w1.shape[1], la=b.a1.shape[1], lg=b.g1.shape[1], lv=b.v1.shape[1] if i else 0,
+                       att_o=b.att_o, key=b.ffn_key)
+            lay["mats"] = [(m,) + _seg_tables(s, dev) for m, s in _rebind_block(b, i, D)]
+            if mode == "dense":                    # W_v (D, F): a plain GEMV, residual as its base
+                lay["wv"] = b.ffn_value = b.ffn_value.contiguous()
+            else:                                  # (F, D): one neuron's value column per row
+                vt = b.ffn_value.t().contiguous()
+                b.ffn_value = vt.t()
+                lay["wv"] = vt
+            self.layers.append(lay)
+        self.ln0 = tuple(f32(t) for t in model.ln0)
+        self.ln_out = tuple(f32(t) for t in model.ln_out)
+        self.head = model.head
+        self.pred = None
+        if mode == "predicted":
+            self.pred = [self._predictor(p, D, dev) for p in getattr(bundle, "predictors", [])]
+            if len(self.pred) != L:
+                raise ValueError("the predicted mode needs one n-bit W_k threshold predictor per layer "
+                                 "(a --kind quantized bundle)")
+        # static buffers: x, the six mixed inputs, r/k/v + LoRA hiddens, head outputs, FFN input,
+        # keys of every layer (kept for tests: -1 = not predicted), logits
+        z = lambda *s: torch.zeros(s, dtype=torch.float32, device=dev)  # noqa: E731
+        ny1 = 3 * D + max(l["lw"] + l["la"] + l["lg"] + l["lv"] for l in self.layers)
+        self.x, self.x6, self.y1, self.yg, self.xk = z(D), z(6, D), z(ny1), z(D), z(D)
+        self.kbuf, self.vfirst, self.xo = z(L, F), z(D), z(D)
+        self.xb, self.fnew = z(D), z(L, D)        # fused FFN mix: post-attention residual, new ffn_x rows
+        full = _p2(D) <= self.tune["full_k"]
+        one = D == _p2(D) and all(p["g"] == _p2(p["g"]) for p in self.pred or [])
+        self.gather = mode != "dense" and self.tune["gather_na"] > 0 and full and (mode == "exact" or one)
+        self.mixin = bool(self.tune["fuse_ffn_mix"]) and full and (mode == "dense" or self.gather)
+        # sparse FFN value launch: (D / BD column blocks) x (NS splits of the active-row list), each
+        # split taking every NS-th block of BS listed rows; ~value_per_sm programs per SM
+        tn = self.tune
+        nsm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+        self.pdl = bool(tn["pdl"]) and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
+        self.bd, self.bs = min(tn["value_bd"], _p2(D)), tn["value_bs"]
+        nd = -(-D // self.bd)
+        self.ns = max(1, min(-(-F // self.bs), -(-tn["value_per_sm"] * nsm // nd)))
+        self.idx = torch.zeros((L, F), dtype=torch.int32, device=dev)    # active rows per layer
+        self.slot = torch.zeros((L, 2), dtype=torch.int32, device=dev)   # per step: rows read, listed
+        self.logits = z(model.config.vocab_size)
+        self.cnt = torch.zeros((L, 2), dtype=torch.int32, device=dev)   # running sums of slot
+        self.tok = torch.zeros(1, dtype=torch.long, device=dev)
+        self.st = C.adopt_state(model.zero_state())
+        self.n_steps = 0
+        self.graph = None
+        self._forward()                             # compile every kernel outside a capture
+        torch.cuda.synchronize(dev)
+        if graph:
+            s = torch.cuda.Stream(device=dev)
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                self._forward()
+            torch.cuda.current_stream().wait_stream(s)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._forward()
+        self.reset(None)
+
+    @staticmethod
+    def _predictor(p, D, dev):
+        qm = getattr(p, "qm", None)
+        if qm is None or getattr(p, "mode", "") != "threshold":
+            raise ValueError("the predicted mode needs n-bit W_k threshold predictors (--kind quantized)")
+        gs = qm.group_size or D
+        per = 8 // qm.bits
+        if gs & (gs - 1) or gs % per or (gs // per) & (gs // per - 1):
+            raise ValueError(f"predictor group size {gs} must be a power of two")
+        t = lambda a: torch.from_numpy(a).to(dev).contiguous()  # noqa: E731
+        return dict(q=t(qm.packed), s=t(qm.scale), z=t(qm.zero), thr=float(p.calib.threshold),
+                    bits=qm.bits, gs=gs, g=D // gs, per=per)
+
+    # --- the step ---------------------------------------------------------------------------
+    def _kw(self, warps):
+        return dict(num_warps=warps, launch_pdl=True) if self.pdl else dict(num_warps=warps)
+
+    def _gemv(self, W, x, y, base=None, seg=None, act=0, bn=4, warps=None, y2=None):
+        # tiles of BN rows x the whole width (<= full_k): one load per program, issued before the
+        # PDL wait, and thousands of programs, so that the HBM pipe stays full (BN divides every segment)
+        n, k = W.shape
+        ends, xs, nseg = seg if seg is not None else (y, y, 1)
+        full = _p2(k) <= self.tune["full_k"]
+        self.K["gemv"][(-(-n // bn),)](W, x, y, base if base is not None else y, ends, xs, n, k,
+                                       y2 if y2 is not None else y,
+                                       BN=bn, BK=_p2(k) if full else min(self.tune["gemv_bk"], _p2(k)), NSEG=nseg,
+                                       ACT=act, ADD=base is not None, FULL=full, PDL=self.pdl, DUAL=y2 is not None,
+                                       **self._kw(warps or self.tune["gemv_warps"]))
+
+    def _mix(self, emb: bool, ln, prev, mix, out, nmix, copy=None):
+        D = self.D
+        cp = copy or (out, out)
+        self.K["mix"][(1,)](self.x, self.emb, self.tok, self.ln0[0], self.ln0[1], ln[0], ln[1],
+                            prev, mix, out, D, 1e-5, cp[0], cp[1], BD=_p2(D), EMB=emb, NMIX=nmix,
+                            BM=_p2(max(1, nmix)), PDL=self.pdl, COPY=copy is not None,
+                            **self._kw(self.tune["mix_warps"] or (4 if D <= 1024 else 16)))
+
+    def _forward(self):
+        K, D, F, N, tn = self.K, self.D, self.F, self.N, self.tune
+        st = self.st
+        sparse = self.mode != "dense"
+        fv = tn["fused_value"]
+        mixin = self.mixin
+        for i, lay in enumerate(self.layers):
+            self._mix(i == 0, lay["ln1"], st.att_x[i], lay["amix"], self.x6, 6)
+            r0 = 0
+            for m, ends, xs, nseg, bn in lay["mats"]:
+                self._gemv(m, self.x6, self.y1[r0:r0 + m.shape[0]], seg=(ends, xs, nseg),
+                           bn=min(bn, tn["gemv_bn"]))
+                r0 += m.shape[0]
+            cp = (self.fnew[i - 1], st.ffn_x[i - 1]) if mixin and i else (self.yg, self.yg)
+            K["att_head"][(self.H,)](self.y1, D, lay["lw"], lay["la"], lay["lg"], lay["lv"], lay["w2"], lay["a2"],
+                                     lay["g2"], lay["v2"], lay["w0"], lay["a0"], lay["v0"], lay["kk"], lay["ka"],
+                                     lay["rk"], lay["lnx"][0], lay["lnx"][1], self.vfirst, st.wkv[i], self.yg,
+                                     self.slot[i], cp[0], cp[1], N=N, BLW=_p2(lay["lw"]), BLA=_p2(lay["la"]),
+                                     BLG=_p2(lay["lg"]), BLV=_p2(max(1, lay["lv"])), FIRST=i == 0, PDL=self.pdl,
+                                     COPY=mixin and i > 0, **self._kw(tn["head_warps"]))
+            if mixin:   # x stays the layer input; xb = x + att (the FFN's LN input); sparse: x = xb too
+                self._gemv(lay["att_o"], self.yg, self.xb, base=self.x, bn=min(4, tn["gemv_bn"]),
+                           y2=self.x if sparse else None)
+            else:
+                self._gemv(lay["att_o"], self.yg, self.x, base=self.x, bn=min(4, tn["gemv_bn"]))
+                self._mix(False, lay["ln2"], st.ffn_x[i], lay["fmix"], self.xk, 1)
+            mx = (self.xb, st.ffn_x[i], lay["fmix"], lay["ln2"][0], lay["ln2"][1], self.fnew[i])
+            p = self.pred[i] if self.pred else None
+            q = p or dict(q=self.xk, s=self.xk, z=self.xk, thr=0.0, bits=8, gs=1, g=0, per=1)
+            if self.gather:   # the whole sparse FFN, rows gathered (see ffn_sparse)
+                bn = tn["sparse_bn"]
+                K["ffn_sparse"][(-(-F // bn),)](
+                    lay["key"], self.xk, self.kbuf[i], q["q"], q["s"], q["z"], q["thr"], F, D, lay["wv"], self.x,
+                    self.cnt[i], *mx, BN=bn, BK=_p2(D), PRED=p is not None, BITS=q["bits"], PER=q["per"],
+                    NB=q["gs"] // q["per"], GC=max(1, q["g"]), MIXIN=mixin, NA=tn["gather_na"], PDL=self.pdl,
+                    **self._kw(tn["sparse_warps"]))
+                continue
+            one = q["g"] > 0 and q["g"] == _p2(q["g"]) and D == _p2(D)
+            full = _p2(D) <= tn["full_k"]
+            split = sparse and tn["split_value"] is not None    # (BF, BD): keys, then ffn_vsplit
+            fv = fv and not split
+            kbn = tn["fused_key_bn"] if sparse and fv else tn["key_bn"]
+            K["ffn_key"][(-(-F // kbn),)](
+                lay["key"], self.xk, self.kbuf[i], self.idx[i], q["q"], q["s"], q["z"], q["thr"], self.slot[i],
+                F, D, q["g"], lay["wv"], self.x, self.cnt[i], *mx, BN=kbn,
+                BK=_p2(D) if full else min(tn["key_bk"], _p2(D)), PRED=p is not None,
+                BITS=q["bits"], GS=q["gs"], PER=q["per"], NB=q["gs"] // q["per"], ONESHOT=one,
+                GC=q["g"] if one else 1, FULL=full, COMPACT=sparse and not fv, PDL=self.pdl, VALUE=sparse and fv,
+                BVD=min(_p2(D), tn["key_value_bd"]), MIXIN=mixin, DIAG=tn["diag"], COUNT=split and p is not None,
+                **self._kw(tn["key_warps"]))
+            if split:
+                bf, bd = tn["split_value"]
+                bd = min(bd, _p2(D))
+                K["ffn_vsplit"][(-(-F // bf), -(-D // bd))](lay["wv"], self.kbuf[i], self.x, self.cnt[i], F, D,
+                                                          BF=bf, BD=bd, PDL=self.pdl, **self._kw(tn["split_warps"]))
+            elif sparse and not fv:   # only the listed (active) rows of W_v^T
+                K["ffn_value"][(-(-D // self.bd), self.ns)](lay["wv"], self.kbuf[i], self.idx[i], self.slot[i],
+                                                             self.cnt[i], self.x, D, self.ns, BD=self.bd, BS=self.bs,
+                                                             PDL=self.pdl, **self._kw(tn["value_warps"]))
+            elif not sparse:   # x += W_v k over all F neurons (fused mix: x = xb + W_v k)
+                self._gemv(lay["wv"], self.kbuf[i], self.x, base=self.xb if mixin else self.x, bn=tn["value_bn"],
+                           warps=tn["value_warps"])
+        L = self.L
+        self._mix(False, self.ln_out, self.xo, self.xo, self.xo, 0,
+                  copy=(self.fnew[L - 1], st.ffn_x[L - 1]) if mixin else None)
+        self._gemv(self.head, self.xo, self.logits, bn=tn["gemv_bn"])
+        return self.logits
+
+    # --- public -----------------------------------------------------------------------------
+    def reset(self, state=None) -> None:
+        """Copy a State (host or device; None: zeros) into the step's buffers; zero the counters."""
+        src = self.C.adopt_state(self.model.zero_state() if state is None else state)
+        for f in ("att_x", "wkv", "ffn_x"):
+            getattr(self.st, f).copy_(getattr(src, f))
+        self.cnt.zero_()
+        self.n_steps = 0
+
+    def step(self, token) -> torch.Tensor:
+        """One token (int or device tensor): logits (V,) float32 on the device, state advanced."""
+        if isinstance(token, torch.Tensor):
+            self.tok.copy_(token.reshape(1))
+        else:
+            self.tok.fill_(int(token))
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._forward()
+        self.n_steps += 1
+        return self.logits
+
+    def state(self):
+        return self.st.copy()
+
+    def stats(self) -> dict:
+        """Per-token FFN densities since reset, summed over layers on the device: `read` = key rows
+        read (1.0 unless predicted), `active` = neurons with relu(k)^2 > 0 = W_v^T rows read (None in
+        the dense mode, which counts nothing). Reads the counters (a host sync)."""
+        c = self.cnt.sum(0).tolist()
+        tot = max(1, self.n_steps * self.L * self.F)
+        return {"steps": self.n_steps, "read_density": round(c[0] / tot, 4) if self.pred else 1.0,
+                "active_density": round(c[1] / tot, 4) if self.mode != "dense" else None}
+
+    def bytes_per_token(self, density: float | None = None) -> int:
+        """Weight bytes one step must read (each needed byte once): the roof's numerator."""
+        it = lambda t: t.numel() * t.element_size()  # noqa: E731
+        s = self.stats() if density is None else None
+        rd = 1.0 if self.mode != "predicted" else (s["read_density"] if s else density)
+        ac = 1.0 if self.mode == "dense" else (s["active_density"] if s else density)
+        n = it(self.head) + self.D * self.emb.element_size()
+        for i, lay in enumerate(self.layers):
+            n += sum(it(m[0]) for m in lay["mats"]) + it(lay["att_o"])
+            n += sum(it(lay[k]) for k in ("w2", "a2", "g2")) + (it(lay["v2"]) if i else 0)
+            n += int(rd * it(lay["key"])) + int(ac * it(lay["wv"]))
+            if self.pred:
+                p = self.pred[i]
+                n += it(p["q"]) + it(p["s"]) + it(p["z"])
+        return n
+
+
+def roof_tok_s(bytes_per_token: int, bw: float) -> float:
+    return bw / max(1, bytes_per_token) if math.isfinite(bw) else float("nan")

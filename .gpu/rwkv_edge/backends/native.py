@@ -1,0 +1,365 @@
+"""Native CPU backend: RWKV-7 int8 model files run by C kernels (csrc/), one call per forward.
+
+    model = NativeRWKV7.open("m-int8.rwkve")            # or open_model(path, backend="native")
+    sparse = model.with_predictors(PredictorBundle.load("q2.npz", model=model))
+    logits, state = sparse.forward(tokens)                 # all layers + head in one C call
+
+The library is the optional extension `rwkv_edge.backends._nk` (setup.py), loaded with ctypes; no
+numba anywhere on this path. The weights stay in the mmap of the model file: the C side gets
+pointers into the numpy views of the mapping (zero copies), so the process holds the Python
+runtime, the mapped pages it touches and a few hundred KiB of scratch.
+
+Math: models/v7.py, with every int8 mat-vec as integer dot products on the activation rounded to
+int8 per 32 values (as backends/numba_i8dot.py). Sparse: the n-bit W_k predictor of each layer
+(a `PredictorBundle` of quantized threshold predictors) scores all neurons from its packed codes,
+with the activation rounded to int8 per predictor group (as numba_simd), and the neurons with
+score >= the layer's threshold run. `forward(..., record=)` returns the predicted sets, so tests
+compare with the reference run on the very same sets (tests/test_native.py).
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+
+import numpy as np
+
+from ..config import ModelConfig, ModelLoadError
+from ..state import State
+
+name = "native"
+_LIB: list = []
+_THREADS = {"n": 1}
+_LEVEL: dict = {"forced": None}
+_LEVELS = ("generic", "avx2", "vnni")
+N_PTR = 48          # pointers per layer: the nk_layer struct of csrc/nk_rwkv7.c
+
+
+def _load():
+    """(ctypes library or None, why not)."""
+    if not _LIB:
+        lib, why = None, None
+        spec = importlib.util.find_spec("rwkv_edge.backends._nk")
+        if spec is None or not spec.origin or not os.path.exists(spec.origin):
+            why = "the native extension was not built (pip install needs a C compiler for it)"
+        else:
+            try:
+                lib = ctypes.CDLL(spec.origin)
+                P, i64 = ctypes.c_void_p, ctypes.c_int64
+                lib.nk_model_new.restype = P
+                lib.nk_model_new.argtypes = [P, P, P, P]
+                lib.nk_model_free.argtypes = [P]
+                lib.nk_forward.restype = ctypes.c_int
+                lib.nk_forward.argtypes = [P, P, i64, P, P, P, P, i64, P, P, P, P, P]
+                lib.nk_level_name.restype = ctypes.c_char_p
+                lib.nk_level_name.argtypes = [ctypes.c_int]
+                lib.nk_test_dots.argtypes = [ctypes.c_int, P, i64, i64, P, i64, P]
+                lib.nk_test_pred.argtypes = [ctypes.c_int, i64, i64, i64, i64, P, P, P, P, P]
+            except (OSError, AttributeError) as e:
+                lib, why = None, f"the native extension does not load ({e})"
+        _LIB.append((lib, why))
+    return _LIB[0]
+
+
+def available() -> tuple[bool, str | None]:
+    """(True, None) when the C library loads here, else (False, why not)."""
+    lib, why = _load()
+    return lib is not None, why
+
+
+def level() -> str:
+    """The kernel set in use: "vnni", "avx2" or "generic" (the best this CPU runs unless forced)."""
+    lib, why = _load()
+    if lib is None:
+        raise RuntimeError(why)
+    return _LEVELS[_level_index(lib)]
+
+
+def _level_index(lib) -> int:
+    best = int(lib.nk_best_level())
+    forced = _LEVEL["forced"]
+    return best if forced is None else min(best, forced)
+
+
+def set_level(lv: str | None) -> None:
+    """Force a kernel set ("generic", "avx2", "vnni"; None: the best). Models opened afterwards use it
+    (tests compare the SIMD kernels against the plain C ones)."""
+    _LEVEL["forced"] = None if lv is None else _LEVELS.index(lv)
+
+
+def set_num_threads(n: int) -> None:
+    """Threads for models opened afterwards (and for `NativeRWKV7.set_threads`); default 1."""
+    _THREADS["n"] = max(1, int(n))
+
+
+def _ptr(a) -> int:
+    return 0 if a is None else a.ctypes.data
+
+
+def _c_f32(a: np.ndarray) -> np.ndarray:
+    if a.dtype != np.float32 or not a.flags.c_contiguous:
+        raise ModelLoadError(f"native backend: expected a contiguous float32 tensor, got {a.dtype} {a.shape}")
+    return a
+
+
+def levels() -> list[str]:
+    """The kernel sets this CPU runs, plainest first."""
+    lib, why = _load()
+    if lib is None:
+        raise RuntimeError(why)
+    return list(_LEVELS[:int(lib.nk_best_level()) + 1])
+
+
+def kernel_dots(W: np.ndarray, x: np.ndarray, lv: str) -> np.ndarray:
+    """(T, n) unscaled integer dots of int8 rows W (n, I) with x (T, I) rounded to int8 per 32, by the
+    kernel set lv (for tests)."""
+    lib = _load()[0]
+    W, x = np.ascontiguousarray(W, np.int8), np.ascontiguousarray(np.atleast_2d(x), np.float32)
+    y = np.empty((x.shape[0], W.shape[0]), np.float32)
+    if lib.nk_test_dots(_LEVELS.index(lv), W.ctypes.data, W.shape[0], W.shape[1], x.ctypes.data, x.shape[0],
+                        y.ctypes.data) != 0:
+        raise ValueError("kernel_dots: unsupported shape or level")
+    return y
+
+
+def kernel_pred(qm, x: np.ndarray, lv: str) -> np.ndarray:
+    """(R,) predictor scores of a quant.QuantizedMatrix for x (C,) by the kernel set lv (for tests)."""
+    lib = _load()[0]
+    packed = np.ascontiguousarray(qm.packed)
+    sc, ze = (np.ascontiguousarray(a).view(np.uint16) for a in (qm.scale, qm.zero))
+    x = np.ascontiguousarray(x, np.float32).reshape(-1)
+    out = np.empty(qm.shape[0], np.float32)
+    if lib.nk_test_pred(_LEVELS.index(lv), qm.bits, qm.n_groups, qm.shape[0], qm.shape[1], packed.ctypes.data,
+                        sc.ctypes.data, ze.ctypes.data, x.ctypes.data, out.ctypes.data) != 0:
+        raise ValueError("kernel_pred: unsupported level")
+    return out
+
+
+class NativeFFNStats:
+    """What `model.ffn` reports for bench/CLI: density = predicted neurons / (tokens * layers * F) over
+    the decode steps (one-token forwards)."""
+
+    def __init__(self, F: int):
+        self.F, self.n_tokens, self.n_active, self.n_values = F, 0, 0, 0
+
+    @property
+    def density(self) -> float:
+        return self.n_active / (self.n_tokens * self.F) if self.n_tokens else 0.0
+
+
+class NativeRWKV7:
+    """An RWKV-7 int8 model file on the native backend: `forward(tokens, state, full_output)` and
+    `step(token, state)` as RWKVModel's (the input state is never modified), plus `with_predictors`.
+    Hooks (collect, ffn_activation) need the numba or reference backend."""
+
+    version = "x070"
+
+    def __init__(self, config: ModelConfig, tensors: dict, fingerprint: str, bundle=None, threads: int | None = None,
+                 sets=None):
+        lib, why = _load()
+        if lib is None:
+            raise RuntimeError(why)
+        self.config, self.fingerprint, self.modelfile_dtype = config, fingerprint, "int8"
+        self.ops = _Ops
+        self.hooks = _NoHooks()
+        self._t, self._bundle, self._lib = tensors, bundle, lib
+        self._sets = sets            # an object with predict_indices(layer, x): sets given per token and layer
+        self.ffn = NativeFFNStats(config.ffn_dim) if bundle is not None or sets is not None else None
+        self.tokens_run, self.bytes_read = 0, 0      # weight bytes the kernels read (tools/bench.py)
+        self.threads = int(threads or _THREADS["n"])
+        self._build()
+
+    # --- construction ------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path, threads: int | None = None) -> "NativeRWKV7":
+        from ..modelfile import open_tensors, read_header
+        header = read_header(path)
+        config = ModelConfig.from_dict(header["config"])
+        if config.version != "x070":
+            raise ModelLoadError(f"{path}: the native backend runs RWKV-7 (x070) models, this is {config.version}")
+        if header["dtype"] != "int8":
+            raise ModelLoadError(f"{path}: the native backend runs int8 model files, this one is {header['dtype']} "
+                                 "(rwkv-edge convert --dtype int8, or --backend numba)")
+        if config.n_embd % 32 or config.head_size % 8:
+            raise ModelLoadError(f"{path}: the native backend needs n_embd % 32 == 0 and head_size % 8 == 0")
+        tensors = open_tensors(path, header)
+        bad = [n for n, a in tensors.items() if n.endswith(".qc") and (a.shape[0] % 4 or a.shape[1] % 8)]
+        if bad:           # the LoRA kernels take four input rows per pass and eight outputs per vector
+            raise ModelLoadError(f"{path}: the native backend needs LoRA sizes divisible by 8 ({bad[0]} is "
+                                 f"{tuple(tensors[bad[0]].shape)}); use --backend numba")
+        from ..residency import advise_random
+        advise_random([tensors["emb.weight"]])      # one row per token: no read-around on its pages
+        return cls(config, tensors, header["fingerprint"], threads=threads)
+
+    def with_predictors(self, bundle) -> "NativeRWKV7":
+        """A model sharing these weights whose FFN runs sparse on `bundle`'s predicted sets (a
+        PredictorBundle of quantized W_k threshold predictors, one bit width and group layout)."""
+        layers = getattr(bundle, "predictors", None)
+        ok = layers is not None and len(layers) == self.config.n_layer and all(
+            getattr(p, "kind", "") == "quantized" and getattr(p, "mode", "") == "threshold" for p in layers)
+        if not ok:
+            raise ValueError("the native backend runs bundles of quantized W_k threshold predictors "
+                             "(fit-predictors --kind quantized); use --backend numba for other kinds")
+        q0 = layers[0].qm
+        if any(p.qm.bits != q0.bits or p.qm.n_groups != q0.n_groups or p.qm.shape != q0.shape for p in layers):
+            raise ValueError("the native backend needs one bit width and group layout in all layers of a bundle")
+        if q0.shape != (self.config.ffn_dim, self.config.n_embd):
+            raise ValueError(f"predictor shape {q0.shape} does not fit this model")
+        return NativeRWKV7(self.config, self._t, self.fingerprint, bundle, self.threads)
+
+    def with_sets(self, sets) -> "NativeRWKV7":
+        """A model sharing these weights whose FFN runs the sets `sets.predict_indices(layer, None)` gives
+        (called once per token and layer, in order: e.g. replay.ReplayedSets for tools/bench.py --shape)."""
+        return NativeRWKV7(self.config, self._t, self.fingerprint, None, self.threads, sets)
+
+    def set_threads(self, n: int) -> None:
+        """Use n threads from now on (rebuilds the C model; weights are not touched)."""
+        self.threads = max(1, int(n))
+        self._free()
+        self._build()
+
+    def _build(self):
+        c, t = self.config, self._t
+        L, D, H, N, F, V = c.n_layer, c.n_embd, c.n_head, c.head_size, c.ffn_dim, c.vocab_size
+        keep, lay = [], np.zeros((L, N_PTR), np.uint64)
+        preds = self._bundle.predictors if self._bundle is not None else None
+        thr = np.zeros(L, np.float32)
+        for i in range(L):
+            p, a = f"blocks.{i}.", f"blocks.{i}.att."
+            vec = lambda n: _c_f32(t[n].reshape(-1))  # noqa: E731
+            row = [vec(p + "ln1.weight"), vec(p + "ln1.bias"), vec(p + "ln2.weight"), vec(p + "ln2.bias")]
+            row += [vec(a + n) for n in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")]
+            row += [vec(a + "w0"), vec(a + "a0"), vec(a + "v0") if i > 0 else None, vec(a + "k_k"), vec(a + "k_a"),
+                    vec(a + "r_k"), vec(a + "ln_x.weight"), vec(a + "ln_x.bias")]
+            lora = ("w1", "w2", "a1", "a2", "g1", "g2", "v1", "v2")
+            has = [i > 0 or not n.startswith("v") for n in lora]
+            row += [t[a + n + ".qc"] if h else None for n, h in zip(lora, has)]
+            row += [vec(a + n + ".cscale") if h else None for n, h in zip(lora, has)]
+            lin = ("receptance", "key", "value", "output")
+            row += [t[f"{a}{n}.weight.q"] for n in lin] + [vec(f"{a}{n}.weight.scale") for n in lin]
+            row += [vec(p + "ffn.x_k"), t[p + "ffn.kv"], _c_f32(t[p + "ffn.kv_scale"])]
+            if preds is not None:
+                qm = preds[i].qm
+                packed = np.ascontiguousarray(qm.packed)
+                sc, ze = (np.ascontiguousarray(x).view(np.uint16) for x in (qm.scale, qm.zero))
+                row += [packed, sc, ze]
+                thr[i] = np.float32(preds[i].calib.threshold)
+            else:
+                row += [None, None, None]
+            assert len(row) == N_PTR
+            keep += [r for r in row if r is not None]
+            lay[i] = [_ptr(r) for r in row]
+        emb = t["emb.weight"]
+        if emb.dtype != np.float16:
+            raise ModelLoadError("native backend: emb.weight must be float16 in an int8 model file")
+        glob = [emb.view(np.uint16), vec("blocks.0.ln0.weight"), vec("blocks.0.ln0.bias"), vec("ln_out.weight"),
+                vec("ln_out.bias"), t["head.weight.q"], vec("head.weight.scale")]
+        keep += glob
+        q0 = preds[0].qm if preds is not None else None
+        dims = np.array([L, D, H, N, F, V, t["blocks.0.att.w1.qc"].shape[1], t["blocks.0.att.a1.qc"].shape[1],
+                         t["blocks.0.att.g1.qc"].shape[1], t["blocks.1.att.v1.qc"].shape[1] if L > 1 else 0,
+                         q0.bits if q0 is not None else 0, q0.n_groups if q0 is not None else 0,
+                         self.threads, _level_index(self._lib)], np.int64)
+        gp = np.array([_ptr(g) for g in glob], np.uint64)
+        self._keep = (keep, lay, gp, dims, thr)
+        h = self._lib.nk_model_new(dims.ctypes.data, gp.ctypes.data, lay.ctypes.data, thr.ctypes.data)
+        if not h:
+            raise RuntimeError("native backend: could not create the model (out of memory?)")
+        self._h = h
+        self._stats = np.zeros((L, 2), np.int64)
+        # bytes read per token besides the FFN rows: time-mix weights, LoRAs, predictor, head, emb row
+        att = sum(t[f"blocks.{i}.att.{n}"].nbytes for i in range(L) for n in
+                  [f"{m}.weight.{x}" for m in ("receptance", "key", "value", "output") for x in ("q", "scale")] +
+                  [f"{m}.{x}" for m in ("w1", "w2", "a1", "a2", "g1", "g2", "v1", "v2") for x in ("qc", "cscale")]
+                  if f"blocks.{i}.att.{n}" in t)
+        pred = sum(p.qm.nbytes for p in preds) if preds is not None else 0
+        self._fixed_bytes = int(att + pred + t["head.weight.q"].nbytes + t["head.weight.scale"].nbytes + 2 * D)
+
+    def _free(self):
+        h, self._h = getattr(self, "_h", None), None
+        if h and self._lib is not None:
+            self._lib.nk_model_free(h)
+
+    def __del__(self):
+        try:
+            self._free()
+        except Exception:
+            pass
+
+    # --- running -------------------------------------------------------------------------------
+    def zero_state(self) -> State:
+        return State.zeros(self.config)
+
+    def forward(self, tokens, state: State | None = None, full_output: bool = False, record=None):
+        """(logits (V,) of the last token, or (T, V) with full_output; the new state). record: None,
+        or a zeroed uint8 (T, L, F) array where a sparse model marks each token's predicted neurons
+        (with T > 1 only those with relu(k) > 0: the prefill asks the predictor about no others)."""
+        if self.hooks.ffn_input or self.hooks.ffn_activation:
+            raise RuntimeError("model hooks need the numba or reference backend (--backend numba)")
+        tok = np.ascontiguousarray(np.asarray(tokens, np.int64).reshape(-1).astype(np.int32))
+        if tok.size == 0:
+            raise ValueError("forward needs at least one token")
+        V = self.config.vocab_size
+        if tok.min() < 0 or tok.max() >= V:
+            raise ValueError(f"token id out of range [0, {V})")
+        wkv_in = None
+        if state is None:
+            st = self.zero_state()
+        else:                          # a new state; the C side copies the wkv matrices layer by layer
+            c = self.config
+            want = ((c.n_layer, c.n_embd), (c.n_layer, c.n_head, c.head_size, c.head_size), (c.n_layer, c.n_embd))
+            if tuple(tuple(np.shape(a)) for a in (state.att_x, state.wkv, state.ffn_x)) != want:
+                raise ValueError("state shapes do not fit this model")
+            wkv_in = np.ascontiguousarray(state.wkv, np.float32)
+            st = State(np.array(state.att_x, np.float32, order="C", copy=True), np.empty_like(wkv_in),
+                       np.array(state.ffn_x, np.float32, order="C", copy=True))
+        T = tok.shape[0]
+        logits = np.empty((T, V) if full_output else V, np.float32)
+        s = self._stats
+        s[:] = 0
+        if record is not None:
+            c = self.config
+            if not (isinstance(record, np.ndarray) and record.dtype == np.uint8 and record.flags.c_contiguous
+                    and record.shape == (T, c.n_layer, c.ffn_dim)):
+                raise ValueError(f"record must be a C-contiguous uint8 array of shape {(T, c.n_layer, c.ffn_dim)}")
+        gidx = goff = None
+        if self._sets is not None:
+            L, F = self.config.n_layer, self.config.ffn_dim
+            sets = [np.asarray(self._sets.predict_indices(i, None), np.int32) for _ in range(T) for i in range(L)]
+            goff = np.zeros(T * L + 1, np.int64)
+            np.cumsum([len(x) for x in sets], out=goff[1:])
+            gidx = np.concatenate(sets) if goff[-1] else np.zeros(1, np.int32)
+            if gidx.size and (gidx.min() < 0 or gidx.max() >= F):
+                raise ValueError(f"given neuron ids out of range [0, {F})")
+        self._lib.nk_forward(self._h, tok.ctypes.data, T, st.att_x.ctypes.data, st.wkv.ctypes.data,
+                             st.ffn_x.ctypes.data, logits.ctypes.data, 1 if full_output else 0, s.ctypes.data,
+                             None if record is None else record.ctypes.data,
+                             None if gidx is None else gidx.ctypes.data, None if goff is None else goff.ctypes.data,
+                             None if wkv_in is None else wkv_in.ctypes.data)
+        if self.ffn is not None and T == 1:  # decode steps, counted as sparse.SparseFFN does (per token
+            # and layer); a prefill scores only the neurons with relu(k) > 0 (see csrc/nk_ffn.c)
+            self.ffn.n_tokens += T * self.config.n_layer
+            self.ffn.n_active += int(s[:, 0].sum())
+            self.ffn.n_values += int(s[:, 1].sum())
+        self.last_stats = s.copy()
+        self.tokens_run += T
+        self.bytes_read += self._fixed_bytes * T + int(s.sum()) * (self.config.n_embd + 4)
+        return logits, st
+
+    def step(self, token: int, state: State | None = None):
+        """One token: (logits (V,), new_state)."""
+        return self.forward([token], state)
+
+
+class _NoHooks:
+    def __init__(self):
+        self.ffn_input, self.ffn_activation = [], []
+
+
+class _Ops:
+    """What callers read from `model.ops` (the backend's name)."""
+    name = "native"
+
+    @staticmethod
+    def to_host(x):
+        return np.asarray(x)

@@ -1,0 +1,21 @@
+"""The optional native CPU backend (csrc/, loaded with ctypes by rwkv_edge/backends/native.py).
+
+Everything else about the package is in pyproject.toml. The extension is optional: without a C
+compiler `pip install` still succeeds and `--backend native` reports itself unavailable. It is built
+for the baseline of the target architecture (no -march): the AVX2 / AVX-512 VNNI kernels carry
+function target attributes and are chosen at run time by cpuid, so a wheel runs on any x86-64."""
+import sys
+
+from setuptools import Extension, setup
+
+if sys.platform == "win32":
+    args, libs = ["/O2"], []
+else:
+    args, libs = ["-O3", "-std=gnu11", "-fno-math-errno", "-fno-trapping-math", "-pthread"], ["pthread", "m"]
+
+setup(ext_modules=[Extension(
+    "rwkv_edge.backends._nk",
+    sources=["csrc/nk_module.c", "csrc/nk_kernels.c", "csrc/nk_pool.c", "csrc/nk_rwkv7.c", "csrc/nk_ffn.c"],
+    depends=["csrc/nk.h", "csrc/nk_pool.h", "csrc/nk_model.h"],
+    extra_compile_args=args, extra_link_args=["-pthread"] if sys.platform != "win32" else [], libraries=libs,
+    optional=True)])

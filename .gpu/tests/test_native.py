@@ -1,0 +1,271 @@
+"""The native C backend (csrc/, backends/native.py) against the numpy reference.
+
+Kernels: the integer dots and the predictor scores of every kernel set this CPU runs equal a numpy
+emulation of the same math (exact integer products, float sums). Whole model: dense, sparse (on the
+very sets the native predictor chose, recorded by forward(record=)), state over many steps, prefill
+against step-by-step, threads, on tiny random int8 model files and on the embedded model. The
+reference for the model is models/v7.py on the numpy backend with the activation of every int8
+mat-vec over n_embd inputs rounded as the kernels round it (`_quantizing_reference`): what remains
+is float32 summation order. Against the plain float reference the tolerance covers that rounding."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from rwkv_edge.backends import native, reference
+from rwkv_edge.modelfile import convert, load_modelfile
+from rwkv_edge.predictors.bundle import PredictorBundle
+from rwkv_edge.predictors.calibrate import Calibration
+from rwkv_edge.predictors.quantized import QuantizedPredictor
+from rwkv_edge.runtime import DEFAULT_MODEL, open_model
+
+pytestmark = pytest.mark.skipif(not native.available()[0], reason=f"native backend: {native.available()[1]}")
+RNG = np.random.default_rng(7)
+
+
+def _quantize(x):
+    """x (..., I) rounded as nk_quantize: groups of 32, xs = max|x| / 127, xq = rint(x * 127 / max)."""
+    xg = np.asarray(x, np.float32).reshape(*x.shape[:-1], -1, 32)
+    mx = np.abs(xg).max(-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(mx > 0, np.float32(127.0) / mx, np.float32(0.0)).astype(np.float32)
+    return np.rint(xg * inv).astype(np.int64), (mx / np.float32(127.0)).astype(np.float32)
+
+
+def _quantizing_reference(D: int):
+    """The reference backend with x rounded to int8 per 32 before every linear with D inputs (the
+    native int8 mat-vecs: r/k/v/o, FFN keys, head); the FFN values and LoRAs stay float."""
+    ns = {k: getattr(reference, k) for k in dir(reference) if not k.startswith("_")}
+
+    def linear(x, W):
+        if x.shape[-1] == D:
+            q, s = _quantize(x)
+            x = (q * s).reshape(x.shape).astype(np.float32)
+        return x @ W.T
+    ns.update(linear=linear, name="reference")
+    return SimpleNamespace(**ns)
+
+
+@pytest.fixture(scope="module")
+def int8_file(tiny_ckpt, tmp_path_factory):
+    """A random 2-layer RWKV-7 (D 64, F 256, vocab 256) as an int8 model file."""
+    out = tmp_path_factory.mktemp("native") / "tiny-int8.rwkve"
+    return str(convert(tiny_ckpt("x070"), out, "int8"))
+
+
+@pytest.fixture(scope="module")
+def int8_file_wide(tiny_ckpt, tmp_path_factory):
+    """D 512 (eight 64-column predictor groups: the AVX2 predictor path), 2 layers, head size 64."""
+    out = tmp_path_factory.mktemp("native") / "wide-int8.rwkve"
+    return str(convert(tiny_ckpt("x070", n_embd=512, head_size=64, seed=3), out, "int8"))
+
+
+def _bundle(model_ref, bits, thr=-0.02):
+    """A quantized-W_k threshold bundle for a model (float weights), fixed threshold per layer."""
+    preds = []
+    for b in model_ref.blocks:
+        p = QuantizedPredictor.fit(np.asarray(b.ffn_key, np.float32), bits, 64)
+        p.calib = Calibration(threshold=thr)
+        preds.append(p)
+    return PredictorBundle(preds, model_ref.fingerprint, model_ref.config, "quantized", bits, 0.99, "mass")
+
+
+def _toks(n, V=256, seed=0):
+    return np.random.default_rng(seed).integers(0, V, n).tolist()
+
+
+def _rel(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / max(1e-6, np.abs(b).max()))
+
+
+def _close(got, want):
+    """Per token: float32 order only (1e-4) for most tokens; an activation that sits on a rounding
+    boundary (x * 127 / max = k + 1/2 up to float error) may round the other way in one path, moving
+    that token's logits by ~1e-3 (seen at D 512): at most 1.5e-2 anywhere."""
+    e = np.array([_rel(g, w) for g, w in zip(got, want)])
+    assert np.median(e) < 1e-4 and e.max() < 1.5e-2, e
+
+
+# --- kernels ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n, I, T", [(13, 64, 1), (64, 512, 3), (5, 96, 64)])
+def test_dots_equal_integer_emulation(n, I, T):
+    W = RNG.integers(-127, 128, (n, I)).astype(np.int8)
+    x = RNG.standard_normal((T, I)).astype(np.float32)
+    x[0, :32] = 0.0                                   # an all-zero group: scale 0
+    q, s = _quantize(x)                               # (T, G, 32), (T, G, 1)
+    want = np.einsum("ngs,tgs->tng", W.astype(np.int64).reshape(n, -1, 32), q) * s[:, None, :, 0]
+    want = want.sum(-1)
+    got = {lv: native.kernel_dots(W, x, lv) for lv in native.levels()}
+    for lv in got:
+        np.testing.assert_allclose(got[lv], want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=lv)
+    if "vnni" in got:             # the same i32 lanes (the u8 offset is taken off in integers): identical
+        assert np.array_equal(got["vnni"], got["avx2"])
+
+
+@pytest.mark.parametrize("bits, C", [(2, 512), (4, 512), (2, 192), (4, 768), (1, 128), (8, 64)])
+def test_predictor_scores(bits, C):
+    """Scores equal the emulated integer math (x rounded per 64-column group, centred codes) and lie
+    within the rounding bound of the float scores W_hat @ x."""
+    from rwkv_edge.quant import QuantizedMatrix
+    R = 77
+    qm = QuantizedMatrix.quantize(RNG.standard_normal((R, C)).astype(np.float32), bits, 64)
+    x = RNG.standard_normal(C).astype(np.float32)
+    G, gs = qm.n_groups, C // qm.n_groups
+    xg = x.reshape(G, gs)
+    mx = np.abs(xg).max(1)
+    xq = np.rint(xg * (np.float32(127.0) / mx)[:, None]).astype(np.int64)
+    xs = (mx / np.float32(127.0)).astype(np.float64)
+    codes = qm.codes().astype(np.int64).reshape(R, G, gs)
+    sc, ze = qm.scale.astype(np.float64), qm.zero.astype(np.float64)
+    mid = ((1 << bits) - 1) / 2
+    e = mid * (xg.astype(np.float64).sum(1) - xs * xq.sum(1))
+    want = (sc * ((codes * xq).sum(-1) * xs + e) + ze * xg.astype(np.float64).sum(1)).sum(1)
+    exact = qm.dequantize().astype(np.float64) @ x
+    bound = (sc * (np.abs(codes - mid) * (xs / 2)[:, None]).sum(-1)).sum(1)
+    assert (np.abs(want - exact) <= bound + 1e-4).all()
+    for lv in native.levels():
+        got = native.kernel_pred(qm, x, lv)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=lv)
+
+
+# --- whole model -----------------------------------------------------------------------------------
+def test_dense_matches_reference(int8_file):
+    m = native.NativeRWKV7.open(int8_file)
+    toks = _toks(40)
+    got, st = m.forward(toks, full_output=True)
+    q = load_modelfile(int8_file, backend=_quantizing_reference(m.config.n_embd))
+    want, wst = q.forward(toks, full_output=True)
+    assert _rel(got, want) < 2e-4 and _rel(st.wkv, wst.wkv) < 2e-4 and _rel(st.ffn_x, wst.ffn_x) < 2e-4
+    plain, _ = load_modelfile(int8_file, backend="reference").forward(toks, full_output=True)
+    assert _rel(got, plain) < 3e-2                     # the activation rounding itself
+
+
+def test_state_over_many_steps_and_prefill_vs_steps(int8_file):
+    """100 steps from a 70-token prompt (two prefill chunks of 64) vs the reference carried the same
+    way; prefill of all tokens vs the same tokens one by one (the same math in the same order)."""
+    m = native.NativeRWKV7.open(int8_file)
+    q = load_modelfile(int8_file, backend=_quantizing_reference(m.config.n_embd))
+    prompt, steps = _toks(70, seed=1), _toks(100, seed=2)
+    a, sa = m.forward(prompt)
+    b, sb = q.forward(prompt)
+    assert _rel(a, b) < 2e-4
+    per_step = []
+    for t in steps:
+        a, sa = m.step(t, sa)
+        b, sb = q.step(t, sb)
+        per_step.append(a)
+    assert _rel(a, b) < 1e-3 and _rel(sa.wkv, sb.wkv) < 1e-3
+    # prefill (64-token chunks, keys of each weight row for all tokens) vs the same tokens as steps:
+    # the same math, only the FFN's float summation order differs
+    full, sf = m.forward(prompt + steps, full_output=True)
+    _close(full[len(prompt):], np.stack(per_step))
+    assert _rel(sf.wkv, sa.wkv) < 1e-3
+    # the input state is never modified
+    s0 = sf.copy()
+    m.step(5, sf)
+    assert np.array_equal(s0.wkv, sf.wkv) and np.array_equal(s0.att_x, sf.att_x)
+
+
+@pytest.mark.parametrize("fixture, bits", [("int8_file", 2), ("int8_file_wide", 2), ("int8_file_wide", 4)])
+def test_sparse_matches_reference_on_its_sets(request, fixture, bits):
+    path = request.getfixturevalue(fixture)
+    m = native.NativeRWKV7.open(path)
+    ref = load_modelfile(path, backend="reference")
+    sm = m.with_predictors(_bundle(ref, bits))
+    toks = _toks(24, seed=4)
+    L, F = m.config.n_layer, m.config.ffn_dim
+    rec = np.zeros((len(toks), L, F), np.uint8)
+    got, st = sm.forward(toks, full_output=True, record=rec)      # rec: predicted and active
+    assert 0.02 < rec.mean() < 0.9
+
+    q = load_modelfile(path, backend=_quantizing_reference(m.config.n_embd))
+
+    def replay(layer, xk):        # the dense math masked to the recorded sets (keys as the kernels round)
+        b = q.blocks[layer]
+        k = np.maximum(q.ops.linear(xk, b.ffn_key), 0.0)
+        return ((k * k) * rec[:, layer]) @ np.asarray(b.ffn_value).T
+    want, _ = q.with_ffn(replay).forward(toks, full_output=True)
+    _close(got, want)
+    dense, _ = m.forward(toks, full_output=True)
+    assert _rel(got, dense) > 1e-3                     # the sets really dropped neurons
+    # decode steps: the same sets as the prefill (a score on the threshold may round either way) and
+    # the same logits up to float order (the prefill's dense key pass vs the steps' gathered rows)
+    s, rec1, outs = None, np.zeros((len(toks), 1, L, F), np.uint8), []
+    for t, tok in enumerate(toks):
+        out, s = sm.forward([tok], s, record=rec1[t])
+        outs.append(out)
+    assert (rec.astype(bool) & ~rec1[:, 0].astype(bool)).mean() < 1e-3   # the prefill's within the steps' sets
+    assert 0.05 < rec1.mean() < 0.95 and abs(sm.ffn.density - rec1.mean()) < 1e-9 and rec1.mean() > rec.mean()
+    _close(np.stack(outs), got)
+
+
+def test_simd_equals_generic_and_threads(int8_file_wide):
+    toks = _toks(20, seed=5)
+    ref = load_modelfile(int8_file_wide, backend="reference")
+    bundle = _bundle(ref, 2)
+    outs = {}
+    try:
+        for lv in native.levels():
+            native.set_level(lv)
+            for threads in (1, 2):
+                m = native.NativeRWKV7.open(int8_file_wide, threads=threads)
+                rec = np.zeros((len(toks), 2, m.config.ffn_dim), np.uint8)
+                outs[lv, threads] = (m.forward(toks, full_output=True)[0],
+                                     m.with_predictors(bundle).forward(toks, full_output=True, record=rec)[0], rec)
+    finally:
+        native.set_level(None)
+    base = outs["generic", 1]
+    for key, (d, s, rec) in outs.items():
+        _close(d, base[0])
+        if np.array_equal(rec, base[2]):               # a score on the threshold may round either way
+            _close(s, base[1])
+
+
+def test_embedded_model_native(tmp_path):
+    """The embedded package on the native backend: dense close to the reference on the same int8
+    weights, sparse with the package's bundle runs sparse; greedy text as numba's."""
+    dense = open_model(DEFAULT_MODEL, backend="native", dense=True)
+    assert isinstance(dense, native.NativeRWKV7) and dense.ffn is None
+    toks = _toks(32, V=dense.config.vocab_size, seed=6)
+    got, _ = dense.forward(toks, full_output=True)
+    ref = open_model(DEFAULT_MODEL, backend="reference", dense=True)
+    want, _ = ref.forward(toks, full_output=True)
+    assert _rel(got, want) < 3e-2 and (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    sparse = open_model(DEFAULT_MODEL, backend="native")
+    _, s = sparse.forward(toks)
+    for t in toks[:8]:
+        _, s = sparse.step(t, s)
+    assert 0.02 < sparse.ffn.density < 0.6
+
+
+def test_no_numba_on_the_native_path():
+    code = ("import sys, numpy as np\n"
+            "from rwkv_edge.runtime import DEFAULT_MODEL, open_model\n"
+            "m = open_model(DEFAULT_MODEL, backend='native')\n"
+            "x, s = m.forward([1, 2, 3]); y, s = m.step(int(np.argmax(x)), s)\n"
+            "assert np.isfinite(y).all()\n"
+            "print('numba' in sys.modules, 'llvmlite' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["False", "False"]
+
+
+def test_native_rejects_what_it_cannot_run(tiny_ckpt, tmp_path):
+    from rwkv_edge.config import ModelLoadError
+    fp16 = str(convert(tiny_ckpt("x070"), tmp_path / "m-fp16.rwkve", "fp16"))
+    with pytest.raises(ModelLoadError, match="int8"):
+        open_model(fp16, backend="native")
+    with pytest.raises(ModelLoadError, match="int8 model files"):
+        open_model(tiny_ckpt("x070"), backend="native")
+    m = native.NativeRWKV7.open(str(convert(tiny_ckpt("x070"), tmp_path / "m.rwkve", "int8")))
+    with pytest.raises(ValueError, match="quantized"):
+        m.with_predictors(SimpleNamespace(predictors=[object()] * m.config.n_layer))
+    with pytest.raises(ValueError, match="state shapes"):
+        m.forward([1], native.State.zeros(m.config.__class__.from_dict(dict(m.config.to_dict(), n_layer=3))))
+    m.hooks.ffn_input.append(lambda i, x: None)
+    with pytest.raises(RuntimeError, match="hooks"):
+        m.forward([1])
