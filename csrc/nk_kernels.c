@@ -222,6 +222,32 @@ AVX2 static void axpy4_avx2(float *out, int64_t D, const int8_t *const *v, const
 #undef CV
 }
 
+/* Integer dot of one 64-column predictor group g of a row (2 or 4 bits) with xq: the groups after
+ * the last full eight (D = 768: 12 groups, 4 left; D = 192: 3) one at a time, same integers as below. */
+AVX2 static int32_t pred_group_dot(const nk_pred *p, const nk_pred_x *px, const uint8_t *row, int64_t g) {
+    if (p->bits == 4) {                           /* 32 bytes: columns 2b (low nibble), 2b + 1 (high) */
+        const __m256i m15 = _mm256_set1_epi8(15);
+        int64_t b = g * 32;
+        __m256i raw = _mm256_loadu_si256((const __m256i *)(row + b));
+        __m256i s = _mm256_maddubs_epi16(_mm256_and_si256(raw, m15), _mm256_loadu_si256((const __m256i *)(px->plane[0] + b)));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m15),
+                                                     _mm256_loadu_si256((const __m256i *)(px->plane[1] + b))));
+        __m256i v = _mm256_madd_epi16(s, _mm256_set1_epi16(1));
+        __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+        return _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1)));
+    }
+    const __m128i m3 = _mm_set1_epi8(3);          /* 2 bits: 16 bytes, plane k = columns 4b + k */
+    int64_t b = g * 16;
+    __m128i raw = _mm_loadu_si128((const __m128i *)(row + b)), s = _mm_setzero_si128();
+    for (int k = 0; k < 4; k++)
+        s = _mm_add_epi16(s, _mm_maddubs_epi16(_mm_and_si128(_mm_srli_epi16(raw, 2 * k), m3),
+                                               _mm_loadu_si128((const __m128i *)(px->plane[k] + b))));
+    __m128i h = _mm_madd_epi16(s, _mm_set1_epi16(1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+    return _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1)));
+}
+
 /* Predictor rows, 2 or 4 bits with 64 columns per group, eight groups per pass:
  * 2-bit: a 32-byte load holds 128 columns = two groups; plane k = (raw >> 2k) & 3 holds columns
  * 4b + k, multiplied by plane k of xq (xq[4b + k]); the i32 lanes of one load are 16 columns each,
@@ -232,7 +258,7 @@ AVX2 static void axpy4_avx2(float *out, int64_t D, const int8_t *const *v, const
 AVX2 static void pred_avx2(const nk_pred *p, const nk_pred_x *px, const int32_t *idx, int64_t r0, int64_t r1,
                            float *score) {
     int64_t gs = p->C / p->G, G8 = p->G / 8 * 8, rb = p->C * p->bits / 8;
-    if (!((p->bits == 2 || p->bits == 4) && gs == 64) || G8 == 0) {
+    if (!((p->bits == 2 || p->bits == 4) && gs == 64)) {
         pred_generic(p, px, idx, r0, r1, score);
         return;
     }
@@ -294,8 +320,9 @@ AVX2 static void pred_avx2(const nk_pred *p, const nk_pred_x *px, const int32_t 
             acc = _mm256_fmadd_ps(zc, _mm256_loadu_ps(sP + c), acc);
         }
         float s = hsum8(acc);
-        if (G8 < p->G)
-            s += pred_row_tail(p, px, r, G8);
+        for (int64_t g = G8; g < p->G; g++)
+            s += nk_h2f(p->scale[r * p->G + g]) * ((float)pred_group_dot(p, px, row, g) * px->xs[g] + px->e[g])
+                 + nk_h2f(p->zero[r * p->G + g]) * px->xsum[g];
         score[q - r0] = s;
     }
 }

@@ -412,6 +412,9 @@ def _run_all(args, cfgs) -> int:
         print(f"native_sparse_vs_numba_sparse={ratio('native sparse int8', 'sparse int8'):.2f} "
               f"native_dense_vs_numba_dense={ratio('native dense int8', 'dense int8'):.2f} "
               f"native_sparse_vs_native_dense={ratio('native sparse int8', 'native dense int8'):.2f}")
+        pred = [r for r in results if r.startswith("native sparse int8 + ")]
+        if pred:                  # --shape-predictor-bits: the sparse row that pays the predictor
+            print(f"native_sparse_with_predictor_vs_native_dense={ratio(pred[0], 'native dense int8'):.2f}")
     if failed:
         print(f"{PROG}: error: {len(failed)} of {len(cfgs)} configuration(s) failed; first: {failed[0]}",
               file=sys.stderr)

@@ -44,9 +44,11 @@ def shape_configs(args, base) -> list:
         cfgs.append(dict(b, name=f"sparse {d}", impl="rwkv-edge", dtype=d, file=path, sets=sets))
         if getattr(args, "native", False) and d == "int8":
             from bench import native_cfgs
+            cfgs += native_cfgs(b, path, sets=sets)
             bits = getattr(args, "shape_predictor_bits", None)
-            pred = shape_bundle(path, bits, args.workdir) if bits else None
-            cfgs += native_cfgs(b, path, predictors=pred, sets=sets)
+            if bits:                # the same sets, plus the predictor's scoring paid every token
+                pred = shape_bundle(path, bits, args.workdir)
+                cfgs.append(dict(cfgs[-1], name=f"native sparse int8 + {bits}-bit predictor", predictors=pred))
     return cfgs
 
 
