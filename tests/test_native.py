@@ -259,7 +259,7 @@ def test_native_rejects_what_it_cannot_run(tiny_ckpt, tmp_path):
     fp16 = str(convert(tiny_ckpt("x070"), tmp_path / "m-fp16.rwkve", "fp16"))
     with pytest.raises(ModelLoadError, match="int8"):
         open_model(fp16, backend="native")
-    with pytest.raises(ModelLoadError, match="int8 model files"):
+    with pytest.raises(ModelLoadError, match="int8 and int4 model files"):
         open_model(tiny_ckpt("x070"), backend="native")
     m = native.NativeRWKV7.open(str(convert(tiny_ckpt("x070"), tmp_path / "m.rwkve", "int8")))
     with pytest.raises(ValueError, match="quantized"):
