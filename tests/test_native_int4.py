@@ -17,7 +17,7 @@ import pytest
 from rwkv_edge.backends import native
 from rwkv_edge.modelfile import convert, load_modelfile
 from rwkv_edge.quant.q4 import dequantize_q4, pack_q4, quantize_q4, unpack_q4
-from test_native import _bundle, _close, _quantizing_reference, _rel, _toks
+from test_native import _bundle, _close, _quantizing_reference, _rel, _synced, _toks
 
 pytestmark = pytest.mark.skipif(not native.available()[0], reason=f"native backend: {native.available()[1]}")
 RNG = np.random.default_rng(11)
@@ -85,33 +85,6 @@ def files(tiny_ckpt, tmp_path_factory):
     ck = {False: tiny_ckpt("x070"), True: tiny_ckpt("x070", n_embd=512, head_size=64, seed=3)}
     return {(dt, hd, w): str(convert(ck[w], d / f"m-{dt}-{hd}-{w}.rwkve", dt, head_dtype=hd))
             for dt, hd in KINDS for w in (False, True)}
-
-
-def _synced(m, q, toks, chunk, bundle_sets=False):
-    """Per token errors of native vs reference, the reference run from the native state of each chunk
-    of `chunk` tokens (so an activation that rounds the other way in one path, whose effect the
-    recurrence would carry to every later token, moves at most the rest of its chunk). bundle_sets:
-    m is sparse; the reference runs the dense math masked to the sets m recorded in that chunk."""
-    L, F = m.config.n_layer, m.config.ffn_dim
-    s, errs, got_all = None, [], []
-    for c0 in range(0, len(toks), chunk):
-        tk = toks[c0:c0 + chunk]
-        rec = np.zeros((len(tk), L, F), np.uint8)
-        got, s_new = m.forward(tk, s, full_output=True, record=rec if bundle_sets else None)
-        r = q
-        if bundle_sets:
-            def replay(layer, xk, rec=rec):
-                b = q.blocks[layer]
-                k = np.maximum(q.ops.linear(xk, b.ffn_key), 0.0)
-                return ((k * k) * rec[:, layer]) @ np.asarray(b.ffn_value).T
-            r = q.with_ffn(replay)
-        want, _ = r.forward(tk, s, full_output=True)
-        errs += [_rel(g, w) for g, w in zip(got, want)]
-        got_all.append(got)
-        s = s_new
-    e = np.array(errs)
-    assert np.median(e) < 1e-4 and e.max() < 1.5e-2, e
-    return np.concatenate(got_all)
 
 
 @pytest.mark.parametrize("kind", KINDS)
