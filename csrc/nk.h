@@ -1,8 +1,9 @@
 /* rwkv-edge native CPU backend: shared declarations.
  *
- * Two C files: nk_kernels.c (int8 dot products, int8 value axpy, n-bit predictor scores, each in a
- * plain C version and, on x86-64, AVX2 / AVX-512 VNNI versions chosen at run time by cpuid) and
- * nk_rwkv7.c (a whole RWKV-7 forward over T tokens: all layers and the head in one call).
+ * Kernels: nk_kernels.c (int8 dot products, int8 value axpy, n-bit predictor scores) and nk_q4.c
+ * (the same for group-wise int4 weights), each in a plain C version and, on x86-64, AVX2 / AVX-512
+ * VNNI versions chosen at run time by cpuid. The model: nk_rwkv7.c (a whole RWKV-7 forward over T
+ * tokens: all layers and the head in one call) and nk_ffn.c (its FFN, dense or sparse).
  * Weights are never copied: every pointer below points into the mmap of the .rwkve model file.
  */
 #ifndef NK_H
@@ -12,6 +13,7 @@
 #include <stdint.h>
 
 #define NK_GS 32          /* activation group: one float scale per 32 int8 values (as numba_i8dot) */
+#define NK_INIT(G) (4 * (G) + 8)   /* int32 per token of the int4 kernels' -8 sum xq terms (nk_q4.c) */
 
 /* An n-bit W_k predictor (quant.QuantizedMatrix): W_hat[r, c] = scale[r, g] code[r, c] + zero[r, g]. */
 typedef struct nk_pred {
@@ -51,6 +53,15 @@ typedef struct {
      * y = S @ r (all vectors (N,), N % 8 == 0) */
     void (*wkv)(float *S, int64_t N, const float *r, const float *w, const float *k, const float *v,
                 const float *a, const float *b, float *y);
+    /* int4 rows (nk_q4.c): y[t * ldy + p] = sum_g (d_g xs[t * G + g]) (u_g . xq_g - 8 sum xq_g) for
+     * row r = idx ? idx[p] : p, codes base + stride * r (I / 2 bytes), scales sbase + sstride * r
+     * (G float16); X (T, I) int8, xs (T, G), init (T, NK_INIT(G)) as nk_quantize4 lays them out */
+    void (*dots4)(const uint8_t *base, const uint16_t *sbase, int64_t stride, int64_t sstride, const int32_t *idx,
+                  int64_t n, int64_t I, const int8_t *X, const float *xs, const int32_t *init, int64_t T,
+                  float *y, int64_t ldy);
+    /* out[d] += sum_k h[k] d_k,g (u_k[d] - 8), k < 4: four int4 value columns v[k] (D / 2 bytes) with
+     * scales s[k] (D / 32 float16) */
+    void (*axpy4q)(float *out, int64_t D, const uint8_t *const *v, const uint16_t *const *s, const float *h);
 } nk_kern;
 
 const nk_kern *nk_kern_get(int level);       /* 0 generic, 1 avx2, 2 vnni; NULL if this CPU lacks it */
@@ -59,6 +70,18 @@ int nk_cpu_level(void);                       /* the best level this CPU runs */
 /* quantize x (I,) to X (I,) int8 and xs (I / NK_GS,) as numba_i8dot.quantize_x */
 void nk_quantize(const float *x, int64_t I, int8_t *X, float *xs);
 void nk_pred_prep(const nk_pred *p, const float *x, nk_pred_x *px);
+/* quantize x (I,) for the int4 dots: X (I,) int8 in the pair layout, xs (I / NK_GS,), init
+ * (NK_INIT(I / NK_GS),) int32 (nk_q4.c); the same rounding as nk_quantize */
+void nk_quantize4(const float *x, int64_t I, int8_t *X, float *xs, int32_t *init);
+/* the int4 kernels of each level (nk_q4.c; the SIMD ones only on x86-64) */
+void nk_dots4_generic(const uint8_t *, const uint16_t *, int64_t, int64_t, const int32_t *, int64_t, int64_t,
+                      const int8_t *, const float *, const int32_t *, int64_t, float *, int64_t);
+void nk_dots4_avx2(const uint8_t *, const uint16_t *, int64_t, int64_t, const int32_t *, int64_t, int64_t,
+                   const int8_t *, const float *, const int32_t *, int64_t, float *, int64_t);
+void nk_dots4_vnni(const uint8_t *, const uint16_t *, int64_t, int64_t, const int32_t *, int64_t, int64_t,
+                   const int8_t *, const float *, const int32_t *, int64_t, float *, int64_t);
+void nk_axpy4q_generic(float *out, int64_t D, const uint8_t *const *v, const uint16_t *const *s, const float *h);
+void nk_axpy4q_avx2(float *out, int64_t D, const uint8_t *const *v, const uint16_t *const *s, const float *h);
 float nk_h2f(uint16_t h);
 
 #endif

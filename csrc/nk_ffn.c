@@ -8,6 +8,8 @@
  * tokens) and asks the predictor only about the active neurons (relu(k) > 0): the same sums as
  * the steps. Given sets (replayed, tools/bench.py --shape) mask the dense pass the same way.
  * Threads split neurons; each adds into its own output rows, summed after.
+ * Weights: int8 (kv (F, 2, D) + kv_scale (F, 2)) or int4 (kv4 (F, 2, D / 2) + group scales kv4s
+ * (F, 2, D / 32), nk_q4.c): the helpers below pick the kernels; int4 has no per-neuron scales.
  */
 #include <string.h>
 
@@ -24,52 +26,85 @@ typedef struct {
 } ffn_ctx;
 
 /* out (D,) += h_j V[:, j] for the n neurons pj/ph, four per pass over out */
-static void value_columns(const nk_model *m, const int8_t *kv, const int32_t *pj, const float *ph, int64_t n, float *out) {
-    int64_t D = m->D;
+static void value_columns(const nk_model *m, const nk_layer *b, const int32_t *pj, const float *ph, int64_t n,
+                          float *out) {
+    int64_t D = m->D, G = D / NK_GS;
     for (int64_t q = 0; q < n; q += 4) {
         const int8_t *v[4];
+        const uint8_t *v4[4];
+        const uint16_t *s4[4];
         float h[4];
         for (int k = 0; k < 4; k++) {
-            int64_t p = q + k < n ? q + k : q;
-            v[k] = kv + (int64_t)pj[p] * 2 * D + D;
-            h[k] = q + k < n ? ph[p] : 0.0f;
+            int64_t j = pj[q + k < n ? q + k : q];
+            h[k] = q + k < n ? ph[q + k] : 0.0f;
+            if (b->kv4)
+                v4[k] = b->kv4 + j * D + D / 2, s4[k] = b->kv4s + j * 2 * G + G;
+            else
+                v[k] = b->kv + j * 2 * D + D;
         }
-        m->k->axpy4(out, D, v, h);
+        if (b->kv4) {
+#if defined(__GNUC__) || defined(__clang__)
+            /* the columns two passes ahead (scattered neurons: D / 2 code bytes + D / 16 scale bytes each) */
+            for (int64_t p = q + 8; p < q + 12 && p < n; p++) {
+                const uint8_t *c = b->kv4 + (int64_t)pj[p] * D + D / 2;
+                for (int64_t l = 0; l < D / 2; l += 64)
+                    __builtin_prefetch(c + l);
+                __builtin_prefetch(b->kv4s + (int64_t)pj[p] * 2 * G + G);
+            }
+#endif
+            m->k->axpy4q(out, D, v4, s4, h);
+        } else
+            m->k->axpy4(out, D, v, h);
     }
 }
+
+/* y[t * ldy + p] (t < T, p < n) = key dots of neuron idx[p] (idx NULL: j0 + p) with the rounded
+ * activations of tokens t0 + t; int8 still to be multiplied by kscale */
+static void key_dots(const nk_model *m, const nk_layer *b, const int32_t *idx, int64_t j0, int64_t n, int64_t t0,
+                     int64_t T, float *y, int64_t ldy) {
+    int64_t D = m->D, G = D / NK_GS;
+    if (b->kv4)
+        m->k->dots4(b->kv4 + j0 * D, b->kv4s + j0 * 2 * G, D, 2 * G, idx, n, D, m->X4 + t0 * D, m->xs + t0 * G,
+                    m->init + t0 * NK_INIT(G), T, y, ldy);
+    else
+        m->k->dots(b->kv + j0 * 2 * D, 2 * D, idx, n, D, m->Xq + t0 * D, m->xs + t0 * G, T, y, ldy);
+}
+
+/* the per-neuron scales of the key row and value column (int8; int4 keeps its scales per group) */
+static inline float kscale(const nk_layer *b, int64_t j) { return b->kv4 ? 1.0f : b->kv_scale[2 * j]; }
+static inline float vscale(const nk_layer *b, int64_t j) { return b->kv4 ? 1.0f : b->kv_scale[2 * j + 1]; }
 
 static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
     ffn_ctx *f = (ffn_ctx *)c;
     nk_model *m = f->m;
     nk_tls *s = &m->tls[tid];
     int64_t D = m->D, T = f->T;
-    const int8_t *kv = f->b->kv;
-    const float *sc = f->b->kv_scale;
+    const nk_layer *b = f->b;
     if (T == 1) {              /* decode: all key rows, then the value columns of every active neuron */
-        m->k->dots(kv + lo * 2 * D, 2 * D, NULL, hi - lo, D, m->Xq, m->xs, 1, s->keys, 0);
+        key_dots(m, b, NULL, lo, hi - lo, 0, 1, s->keys, 0);
         int64_t n = 0;
         for (int64_t j = lo; j < hi; j++) {
-            float a = s->keys[j - lo] * sc[2 * j];
+            float a = s->keys[j - lo] * kscale(b, j);
             if (a > 0) {
                 s->pj[n] = (int32_t)j;
-                s->ph[n++] = a * a * sc[2 * j + 1];
+                s->ph[n++] = a * a * vscale(b, j);
             }
         }
-        value_columns(m, kv, s->pj, s->ph, n, s->out);
+        value_columns(m, b, s->pj, s->ph, n, s->out);
         s->nval += n;
         return;
     }
     for (int64_t j0 = lo; j0 < hi; j0 += NB) {
         int64_t nb = hi - j0 < NB ? hi - j0 : NB;
-        m->k->dots(kv + j0 * 2 * D, 2 * D, NULL, nb, D, m->Xq, m->xs, T, s->keys, NB);
+        key_dots(m, b, NULL, j0, nb, 0, T, s->keys, NB);
         for (int64_t t = 0; t < T; t++) {
             int64_t n = 0;
             for (int64_t p = 0; p < nb; p++) {
                 int64_t j = j0 + p;
-                float a = s->keys[t * NB + p] * sc[2 * j];
+                float a = s->keys[t * NB + p] * kscale(b, j);
                 if (a > 0 && (!f->mask || f->mask[t * m->F + j])) {
                     s->pj[n] = (int32_t)j;
-                    s->ph[n++] = a * a * sc[2 * j + 1];
+                    s->ph[n++] = a * a * vscale(b, j);
                 }
             }
             if (f->pred && n) {        /* the predictor's verdict, asked only where it matters */
@@ -84,7 +119,7 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
                 n = k;
                 s->npred += n;
             }
-            value_columns(m, kv, s->pj, s->ph, n, s->out + t * D);
+            value_columns(m, b, s->pj, s->ph, n, s->out + t * D);
             s->nval += n;
         }
     }
@@ -94,20 +129,18 @@ static void ffn_sparse_task(void *c, int tid, int64_t lo, int64_t hi) {
     ffn_ctx *f = (ffn_ctx *)c;
     nk_model *m = f->m;
     nk_tls *s = &m->tls[tid];
-    int64_t D = m->D;
-    const int8_t *kv = f->b->kv;
-    const float *sc = f->b->kv_scale;
-    m->k->dots(kv, 2 * D, m->idx + lo, hi - lo, D, m->Xq + f->t * D, m->xs + f->t * (D / NK_GS), 1, s->keys, 0);
+    const nk_layer *b = f->b;
+    key_dots(m, b, m->idx + lo, 0, hi - lo, f->t, 1, s->keys, 0);
     int64_t n = 0;
     for (int64_t p = lo; p < hi; p++) {
         int64_t j = m->idx[p];
-        float a = s->keys[p - lo] * sc[2 * j];
+        float a = s->keys[p - lo] * kscale(b, j);
         if (a > 0) {
             s->pj[n] = (int32_t)j;
-            s->ph[n++] = a * a * sc[2 * j + 1];
+            s->ph[n++] = a * a * vscale(b, j);
         }
     }
-    value_columns(m, kv, s->pj, s->ph, n, s->out);
+    value_columns(m, b, s->pj, s->ph, n, s->out);
     s->nval += n;
 }
 
@@ -170,7 +203,10 @@ void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T,
             m->fx[t * D + d] = xa[d] + (prev[d] - xa[d]) * b->ffn_xk[d];
     }
     memcpy(ffn_x, m->xa + (T - 1) * D, D * sizeof(float));
-    nk_quantize_rows(m, m->fx, T, D);
+    if (b->kv4)
+        nk_quantize_rows4(m, m->fx, T, D);
+    else
+        nk_quantize_rows(m, m->fx, T, D);
     ffn_ctx c = {m, b, T, 0, NULL, NULL};
     if (T > 1 && p && !m->goff) {
         /* sparse prefill: the dense key pass over the chunk (each key row read once for all T tokens);

@@ -140,7 +140,8 @@ static void wkv_generic(float *S, int64_t N, const float *r, const float *w, con
     }
 }
 
-static const nk_kern K_GENERIC = {"generic", dots_generic, axpy4_generic, pred_generic, wkv_generic};
+static const nk_kern K_GENERIC = {"generic", dots_generic, axpy4_generic, pred_generic, wkv_generic, nk_dots4_generic,
+                                  nk_axpy4q_generic};
 
 #ifdef NK_X86
 /* ---- AVX2 (and the VNNI variant of the dots) ----------------------------------------------------- */
@@ -346,8 +347,8 @@ AVX2 static void wkv_avx2(float *S, int64_t N, const float *r, const float *w, c
     }
 }
 
-static const nk_kern K_AVX2 = {"avx2", dots_avx2, axpy4_avx2, pred_avx2, wkv_avx2};
-static const nk_kern K_VNNI = {"vnni", dots_vnni, axpy4_avx2, pred_avx2, wkv_avx2};
+static const nk_kern K_AVX2 = {"avx2", dots_avx2, axpy4_avx2, pred_avx2, wkv_avx2, nk_dots4_avx2, nk_axpy4q_avx2};
+static const nk_kern K_VNNI = {"vnni", dots_vnni, axpy4_avx2, pred_avx2, wkv_avx2, nk_dots4_vnni, nk_axpy4q_avx2};
 #endif
 
 int nk_cpu_level(void) {

@@ -23,6 +23,11 @@ typedef struct {
     const float *kv_scale;                                        /* (F, 2) */
     const uint8_t *p_packed;                                      /* predictor, NULL: dense FFN */
     const uint16_t *p_scale, *p_zero;
+    /* int4 files (nk_q4.c layout): where an int8 pointer above is NULL its int4 twin here is used */
+    const uint8_t *Wr4, *Wk4, *Wv4, *Wo4;                         /* (D, D / 2) codes */
+    const uint16_t *sr4, *sk4, *sv4, *so4;                        /* (D, D / 32) float16 group scales */
+    const uint8_t *kv4;                                           /* (F, 2, D / 2): key row, value column */
+    const uint16_t *kv4s;                                         /* (F, 2, D / 32) */
 } nk_layer;
 
 typedef struct {               /* per-thread scratch */
@@ -41,13 +46,17 @@ typedef struct {
     nk_pool *pool;
     const uint16_t *emb;
     const float *ln0_w, *ln0_b, *lnout_w, *lnout_b, *head_s;
-    const int8_t *head;
+    const int8_t *head;        /* (V, D) int8 rows, or NULL and then head4 (V, D / 2) + head_s4 (V, D / 32) */
+    const uint8_t *head4;
+    const uint16_t *head_s4;
     nk_layer *layers;
     nk_pred *pred;             /* (L,) or NULL */
     float *x, *xa, *mix[6], *r, *kk, *v, *vf, *y, *o, *fx;          /* (TB, D) */
     float *w, *a, *g, *nk, *bb, *gv, *t1;                             /* (D,) */
-    int8_t *Xq;
-    float *xs;
+    int8_t *Xq;                /* (TB, D) the activation rounded for the int8 dots */
+    int8_t *X4;                /* (TB, D) the same values in the int4 dots' layout (nk_quantize4) */
+    int32_t *init;             /* (TB, NK_INIT(D / NK_GS)) their -8 sum xq terms */
+    float *xs;                 /* (TB, D / NK_GS) group scales (the same for both layouts) */
     float *score;
     int32_t *idx;
     uint8_t *mask;             /* (TB, F): the predicted sets of a prefill chunk */
@@ -62,6 +71,7 @@ typedef struct {
 
 void nk_layer_norm(const float *x, const float *w, const float *b, float eps, int64_t D, float *out);
 void nk_quantize_rows(nk_model *m, const float *x, int64_t T, int64_t I);     /* into m->Xq, m->xs */
+void nk_quantize_rows4(nk_model *m, const float *x, int64_t T, int64_t I);    /* into m->X4, m->xs, m->init */
 /* x += FFN(token-shifted ln2 x) for T tokens (nk_ffn.c) */
 void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T, float *ffn_x, int64_t *stats);
 

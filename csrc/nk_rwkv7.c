@@ -49,8 +49,10 @@ static void lora(const nk_model *m, const float *x, const int8_t *M, const float
 /* ---- y (T, O) = x (T, I) @ (W * s).T, int8 rows split over threads ------------------------------ */
 typedef struct {
     const nk_model *m;
-    const int8_t *W;
+    const int8_t *W;           /* int8 rows (I,) + per-row scale s, or NULL: */
     const float *s;
+    const uint8_t *W4;         /* int4 rows (I / 2,) + group scales s4 (I / 32,) float16 */
+    const uint16_t *s4;
     int64_t I, T, ldy;
     float *y;
 } lin_ctx;
@@ -58,6 +60,12 @@ typedef struct {
 static void lin_task(void *c, int tid, int64_t lo, int64_t hi) {
     lin_ctx *L = (lin_ctx *)c;
     (void)tid;
+    if (!L->W) {               /* int4: the scales are inside the dot (per group) */
+        int64_t G = L->I / NK_GS;
+        L->m->k->dots4(L->W4 + lo * (L->I / 2), L->s4 + lo * G, L->I / 2, G, NULL, hi - lo, L->I, L->m->X4, L->m->xs,
+                       L->m->init, L->T, L->y + lo, L->ldy);
+        return;
+    }
     L->m->k->dots(L->W + lo * L->I, L->I, NULL, hi - lo, L->I, L->m->Xq, L->m->xs, L->T, L->y + lo, L->ldy);
     for (int64_t t = 0; t < L->T; t++)
         for (int64_t r = lo; r < hi; r++)
@@ -69,10 +77,20 @@ void nk_quantize_rows(nk_model *m, const float *x, int64_t T, int64_t I) {
         nk_quantize(x + t * I, I, m->Xq + t * I, m->xs + t * (I / NK_GS));
 }
 
-static void linear(nk_model *m, const int8_t *W, const float *s, int64_t O, int64_t I, const float *x, int64_t T,
-                   float *y, int64_t ldy) {
-    nk_quantize_rows(m, x, T, I);
-    lin_ctx c = {m, W, s, I, T, ldy, y};
+void nk_quantize_rows4(nk_model *m, const float *x, int64_t T, int64_t I) {
+    int64_t G = I / NK_GS;
+    for (int64_t t = 0; t < T; t++)
+        nk_quantize4(x + t * I, I, m->X4 + t * I, m->xs + t * G, m->init + t * NK_INIT(G));
+}
+
+/* y (T, O) = x (T, I) @ W.T for an int8 (W, s) or, with W NULL, an int4 (W4, s4) matrix (O, I) */
+static void linear(nk_model *m, const int8_t *W, const float *s, const uint8_t *W4, const uint16_t *s4, int64_t O,
+                   int64_t I, const float *x, int64_t T, float *y, int64_t ldy) {
+    if (W)
+        nk_quantize_rows(m, x, T, I);
+    else
+        nk_quantize_rows4(m, x, T, I);
+    lin_ctx c = {m, W, s, W4, s4, I, T, ldy, y};
     nk_pool_run(m->pool, lin_task, &c, O);
 }
 
@@ -89,9 +107,9 @@ static void time_mix(nk_model *m, const nk_layer *b, int64_t T, float *att_x, fl
                 m->mix[c][t * D + d] = xa[d] + (prev[d] - xa[d]) * mixw[c][d];
     }
     memcpy(att_x, m->xa + (T - 1) * D, D * sizeof(float));
-    linear(m, b->Wr, b->sr, D, D, m->mix[0], T, m->r, D);
-    linear(m, b->Wk, b->sk, D, D, m->mix[2], T, m->kk, D);
-    linear(m, b->Wv, b->sv, D, D, m->mix[3], T, m->v, D);
+    linear(m, b->Wr, b->sr, b->Wr4, b->sr4, D, D, m->mix[0], T, m->r, D);
+    linear(m, b->Wk, b->sk, b->Wk4, b->sk4, D, D, m->mix[2], T, m->kk, D);
+    linear(m, b->Wv, b->sv, b->Wv4, b->sv4, D, D, m->mix[3], T, m->v, D);
     for (int64_t t = 0; t < T; t++) {
         float *r = m->r + t * D, *k = m->kk + t * D, *v = m->v + t * D, *y = m->y + t * D;
         float *w = m->w, *a = m->a, *g = m->g, *kn = m->nk, *bb = m->bb, *t1 = m->t1;
@@ -149,16 +167,16 @@ static void time_mix(nk_model *m, const nk_layer *b, int64_t T, float *att_x, fl
             }
         }
     }
-    linear(m, b->Wo, b->so, D, D, m->y, T, m->o, D);
+    linear(m, b->Wo, b->so, b->Wo4, b->so4, D, D, m->y, T, m->o, D);
     for (int64_t i = 0; i < T * D; i++)
         m->x[i] += m->o[i];
 }
 
 /* ---- the public entry points (called through ctypes) ------------------------------------------- */
-enum { P_EMB, P_LN0W, P_LN0B, P_LNOW, P_LNOB, P_HEAD, P_HEADS, P_NGLOBAL };
+enum { P_EMB, P_LN0W, P_LN0B, P_LNOW, P_LNOB, P_HEAD, P_HEADS, P_HEAD4, P_HEADS4, P_NGLOBAL };
 
 /* dims: L, D, H, N, F, V, dw, da, dg, dv, predictor bits (0: dense), predictor groups, threads, level
- * glob: emb, ln0 w/b, ln_out w/b, head.q, head.scale; layers: L * sizeof(nk_layer) / sizeof(void *)
+ * glob: emb, ln0 w/b, ln_out w/b, head.q, head.scale, head q4, head s4 (NULL: int8); layers: L * sizeof(nk_layer) / sizeof(void *)
  * pointers; thr: (L,) thresholds (with a predictor). Returns NULL on a bad level or no memory. */
 void *nk_model_new(const int64_t *dims, const void *const *glob, const void *const *layers, const float *thr) {
     const nk_kern *k = nk_kern_get((int)dims[13]);
@@ -173,6 +191,7 @@ void *nk_model_new(const int64_t *dims, const void *const *glob, const void *con
     m->pool = nk_pool_new((int)dims[12]);
     m->emb = glob[P_EMB], m->ln0_w = glob[P_LN0W], m->ln0_b = glob[P_LN0B];
     m->lnout_w = glob[P_LNOW], m->lnout_b = glob[P_LNOB], m->head = glob[P_HEAD], m->head_s = glob[P_HEADS];
+    m->head4 = glob[P_HEAD4], m->head_s4 = glob[P_HEADS4];
     m->layers = malloc(m->L * sizeof(nk_layer));
     memcpy(m->layers, layers, m->L * sizeof(nk_layer));
     int64_t D = m->D, F = m->F, G = dims[11] > 0 ? dims[11] : 1;
@@ -193,6 +212,8 @@ void *nk_model_new(const int64_t *dims, const void *const *glob, const void *con
     for (size_t i = 0; i < sizeof vecs / sizeof *vecs; i++)
         *vecs[i] = malloc(lmax * sizeof(float));
     m->Xq = malloc(TB * D);
+    m->X4 = malloc(TB * D);
+    m->init = malloc(TB * NK_INIT(D / NK_GS) * sizeof(int32_t));
     m->xs = malloc(TB * (D / NK_GS) * sizeof(float));
     m->score = malloc(F * sizeof(float));
     m->idx = malloc(F * sizeof(int32_t));
@@ -223,7 +244,7 @@ void nk_model_free(void *mp) {
                      m->v, m->vf, m->y, m->o, m->fx, m->w, m->a, m->g, m->nk, m->bb, m->gv, m->t1, m->xs, m->score};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
         free(bufs[i]);
-    free(m->Xq), free(m->idx), free(m->mask);
+    free(m->Xq), free(m->X4), free(m->init), free(m->idx), free(m->mask);
     for (int t = 0; t <= TB; t++) {
         nk_pred_x *px = t ? &m->pxt[t - 1] : &m->px;
         free(px->xq), free(px->xs), free(px->e), free(px->xsum);
@@ -270,7 +291,7 @@ int nk_forward(void *mp, const int32_t *tokens, int64_t T, float *att_x, float *
         for (int64_t t = h0; t < n; t++)
             nk_layer_norm(m->x + t * D, m->lnout_w, m->lnout_b, 1e-5f, D, m->xa + (t - h0) * D);
         float *out = full ? logits + c0 * m->V : logits;
-        linear(m, m->head, m->head_s, m->V, D, m->xa, n - h0, out, m->V);
+        linear(m, m->head, m->head_s, m->head4, m->head_s4, m->V, D, m->xa, n - h0, out, m->V);
     }
     return 0;
 }

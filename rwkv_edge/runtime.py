@@ -44,7 +44,7 @@ def _load(path: str, backend: str):
 
     if backend == "native":
         if not is_modelfile(path):
-            raise ModelLoadError(f"{path}: --backend native runs int8 model files "
+            raise ModelLoadError(f"{path}: --backend native runs int8 and int4 model files "
                                  "(rwkv-edge convert --dtype int8 --model M.pth --out M.rwkve)")
         from .backends.native import NativeRWKV7, available
         ok, why = available()

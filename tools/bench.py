@@ -2,6 +2,7 @@
 
     python tools/bench.py --model M [--predictors B] [--dtype fp32,fp16,int8,int4,int8-h4] --tokens N [--compare-rwkv]
                           [--device cpu|cuda] [--threads T] [--rounds R] [--prefill-tokens P]
+                          [--native] [--model-file int4-h8=M-int4h8.rwkve ...]
     python tools/bench.py --model PACKAGE_DIR ...     # the package sparse vs the same weights dense
 
 Each configuration runs in its own process (so peak RSS is its own) and prints one JSON line.
@@ -264,7 +265,10 @@ def _main(argv=None) -> int:
     ap.add_argument("--llama-cpp", action="store_true",
                     help="also run llama.cpp (pip llama-cpp-python + gguf) on the same model: Q8_0 and Q4_0, logits checked first")
     ap.add_argument("--native", action="store_true",
-                    help="also run the native C backend (int8 rows: native dense int8, native sparse int8)")
+                    help="also run the native C backend on every int8/int4 dtype (native dense D, native sparse D)")
+    ap.add_argument("--model-file", action="append", default=[], metavar="DTYPE=PATH",
+                    help="use this converted model file for DTYPE (e.g. int4-h8=ref-int4h8.rwkve, made with --calib) "
+                         "instead of converting --model; checked against --model's fingerprint and the dtype")
     ap.add_argument("--shape", help="0.1b, 0.4b or 1.5b: random-weight models of official shapes, replayed active sets")
     ap.add_argument("--shape-predictor-bits", type=int, choices=[1, 2, 4],
                     help="with --shape --native: the native sparse row also scores an n-bit random W_k predictor")
@@ -323,13 +327,14 @@ def _main(argv=None) -> int:
                          backend="auto"))
     if args.with_reference and args.device == "cpu":
         cfgs.append(dict(base, name="reference fp32", impl="rwkv-edge", dtype="fp32", file=args.model, backend="reference"))
+    given = _given_files(ap, args, fingerprint)
     for d in dtypes:
-        f = args.model if args.device == "cuda" else _model_file(args.model, d, args.workdir, fingerprint)
+        f = args.model if args.device == "cuda" else given.get(d) or _model_file(args.model, d, args.workdir, fingerprint)
         cfgs.append(dict(base, name=f"dense {d}", impl="rwkv-edge", dtype=d, file=f))
         if args.predictors and (d != "fp32" or args.device == "cuda"):
             cfgs.append(dict(base, name=f"sparse {d}", impl="rwkv-edge", dtype=d, file=f, predictors=args.predictors))
-        if args.native and d == "int8" and args.device == "cpu":
-            cfgs += native_cfgs(base, f, args.predictors)
+        if args.native and d in _NATIVE_DTYPES and args.device == "cpu":
+            cfgs += native_cfgs(base, f, args.predictors, dtype=d)
 
     if args.llama_cpp:
         from llama_peer import llama_configs
@@ -337,12 +342,36 @@ def _main(argv=None) -> int:
     return _run_all(args, cfgs)
 
 
-def native_cfgs(base, f, predictors=None, sets=None) -> list:
-    """The native backend's rows on int8 model file f: dense, and sparse with a bundle or replayed sets."""
-    cfgs = [dict(base, name="native dense int8", impl="rwkv-edge", dtype="int8", file=f, backend="native",
+_NATIVE_DTYPES = ("int8", "int4", "int8-h4", "int4-h8")      # what the native backend runs
+
+
+def _given_files(ap, args, fingerprint) -> dict:
+    """{bench dtype: model file} from --model-file DTYPE=PATH, each checked (one line, exit 2 if not)."""
+    from rwkv_edge.config import ModelLoadError
+    from rwkv_edge.modelfile import read_header
+    out = {}
+    for spec in args.model_file:
+        d, _, path = spec.partition("=")
+        try:
+            h = read_header(path)
+        except (ModelLoadError, OSError) as e:
+            ap.error(f"--model-file {spec}: {e}")
+        want = _DTYPE_SPLIT.get(d, (d, None))
+        if (h.get("dtype"), h.get("head_dtype")) != want:
+            ap.error(f"--model-file {spec}: the file holds {h.get('dtype')} (head {h.get('head_dtype') or 'same'}), not {d}")
+        if fingerprint is not None and h.get("fingerprint") != fingerprint:
+            ap.error(f"--model-file {spec}: converted from another model than --model")
+        out[d] = path
+    return out
+
+
+def native_cfgs(base, f, predictors=None, sets=None, dtype="int8") -> list:
+    """The native backend's rows on model file f (int8, int4 or a mix): dense, and sparse with a bundle or
+    replayed sets."""
+    cfgs = [dict(base, name=f"native dense {dtype}", impl="rwkv-edge", dtype=dtype, file=f, backend="native",
                  dense=True)]
     if predictors or sets:
-        cfgs.append(dict(base, name="native sparse int8", impl="rwkv-edge", dtype="int8", file=f, backend="native",
+        cfgs.append(dict(base, name=f"native sparse {dtype}", impl="rwkv-edge", dtype=dtype, file=f, backend="native",
                          predictors=predictors, sets=sets))
     return cfgs
 
@@ -415,6 +444,12 @@ def _run_all(args, cfgs) -> int:
         pred = [r for r in results if r.startswith("native sparse int8 + ")]
         if pred:                  # --shape-predictor-bits: the sparse row that pays the predictor
             print(f"native_sparse_with_predictor_vs_native_dense={ratio(pred[0], 'native dense int8'):.2f}")
+        for d in [c["dtype"] for c in cfgs if c["name"] == f"native dense {c['dtype']}" and c["dtype"] != "int8"]:
+            print(f"[{d}] native_sparse_vs_numba_sparse={ratio(f'native sparse {d}', f'sparse {d}'):.2f} "
+                  f"native_dense_vs_numba_dense={ratio(f'native dense {d}', f'dense {d}'):.2f} "
+                  f"native_sparse_vs_native_dense={ratio(f'native sparse {d}', f'native dense {d}'):.2f} "
+                  f"native_dense_vs_native_dense_int8={ratio(f'native dense {d}', 'native dense int8'):.2f} "
+                  f"native_sparse_vs_native_sparse_int8={ratio(f'native sparse {d}', 'native sparse int8'):.2f}")
     if failed:
         print(f"{PROG}: error: {len(failed)} of {len(cfgs)} configuration(s) failed; first: {failed[0]}",
               file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Native CPU backend: RWKV-7 int8 model files run by C kernels (csrc/), one call per forward.
+"""Native CPU backend: RWKV-7 int8 and int4 model files run by C kernels (csrc/), one call per forward.
 
     model = NativeRWKV7.open("m-int8.rwkve")            # or open_model(path, backend="native")
     sparse = model.with_predictors(PredictorBundle.load("q2.npz", model=model))
@@ -10,7 +10,10 @@ pointers into the numpy views of the mapping (zero copies), so the process holds
 runtime, the mapped pages it touches and a few hundred KiB of scratch.
 
 Math: models/v7.py, with every int8 mat-vec as integer dot products on the activation rounded to
-int8 per 32 values (as backends/numba_i8dot.py). Sparse: the n-bit W_k predictor of each layer
+int8 per 32 values (as backends/numba_i8dot.py); int4 matrices (att r/k/v/o, head, the bundled FFN
+`ffn.kv4` of `convert --dtype int4 [--head-dtype int8]`, quant/q4.py groups of 32) as integer dots of
+their 4-bit codes with the same rounded activation (as backends/numba_i4dot.py, csrc/nk_q4.c); any
+mix of int8 and int4 matrices in one file runs (e.g. int4 body + int8 head). Sparse: the n-bit W_k predictor of each layer
 (a `PredictorBundle` of quantized threshold predictors) scores all neurons from its packed codes,
 with the activation rounded to int8 per predictor group (as numba_simd), and the neurons with
 score >= the layer's threshold run. `forward(..., record=)` returns the predicted sets, so tests
@@ -32,7 +35,7 @@ _LIB: list = []
 _THREADS = {"n": 1}
 _LEVEL: dict = {"forced": None}
 _LEVELS = ("generic", "avx2", "vnni")
-N_PTR = 48          # pointers per layer: the nk_layer struct of csrc/nk_rwkv7.c
+N_PTR = 58          # pointers per layer: the nk_layer struct of csrc/nk_model.h
 
 
 def _load():
@@ -55,6 +58,8 @@ def _load():
                 lib.nk_level_name.argtypes = [ctypes.c_int]
                 lib.nk_test_dots.argtypes = [ctypes.c_int, P, i64, i64, P, i64, P]
                 lib.nk_test_pred.argtypes = [ctypes.c_int, i64, i64, i64, i64, P, P, P, P, P]
+                lib.nk_test_dots4.argtypes = [ctypes.c_int, P, P, i64, i64, P, i64, P]
+                lib.nk_test_axpy4q.argtypes = [ctypes.c_int, P, P, P, i64, i64, P]
             except (OSError, AttributeError) as e:
                 lib, why = None, f"the native extension does not load ({e})"
         _LIB.append((lib, why))
@@ -102,6 +107,22 @@ def _c_f32(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _f16_bits(a: np.ndarray) -> np.ndarray:
+    if a.dtype != np.float16 or not a.flags.c_contiguous:
+        raise ModelLoadError(f"native backend: expected a contiguous float16 group table, got {a.dtype} {a.shape}")
+    return a.view(np.uint16)
+
+
+def _matrix(t: dict, name: str) -> list:
+    """[int8 rows, float32 row scales, int4 codes, float16-bits group scales] of the linear matrix `name`
+    of a model file, two of them None: the C side runs the int8 pair when present, else the int4 one."""
+    if name + ".q" in t:
+        return [t[name + ".q"], _c_f32(t[name + ".scale"]), None, None]
+    if name + ".q4" in t:
+        return [None, None, t[name + ".q4"], _f16_bits(t[name + ".s4"])]
+    raise ModelLoadError(f"native backend: {name} must be int8 or int4 in the model file")
+
+
 def levels() -> list[str]:
     """The kernel sets this CPU runs, plainest first."""
     lib, why = _load()
@@ -120,6 +141,33 @@ def kernel_dots(W: np.ndarray, x: np.ndarray, lv: str) -> np.ndarray:
                         y.ctypes.data) != 0:
         raise ValueError("kernel_dots: unsupported shape or level")
     return y
+
+
+def kernel_dots4(packed: np.ndarray, scale: np.ndarray, x: np.ndarray, lv: str) -> np.ndarray:
+    """(T, n) dots of int4 rows (quant.q4 layout: packed uint8 (n, I/2), scale float16 (n, I/32)) with x
+    (T, I) rounded to int8 per 32, scales applied, by the kernel set lv (for tests)."""
+    lib = _load()[0]
+    packed = np.ascontiguousarray(packed, np.uint8)
+    sc = np.ascontiguousarray(scale, np.float16).view(np.uint16)
+    x = np.ascontiguousarray(np.atleast_2d(x), np.float32)
+    y = np.empty((x.shape[0], packed.shape[0]), np.float32)
+    if lib.nk_test_dots4(_LEVELS.index(lv), packed.ctypes.data, sc.ctypes.data, packed.shape[0], x.shape[1],
+                         x.ctypes.data, x.shape[0], y.ctypes.data) != 0:
+        raise ValueError("kernel_dots4: unsupported shape or level")
+    return y
+
+
+def kernel_axpy4(packed: np.ndarray, scale: np.ndarray, h: np.ndarray, out: np.ndarray, lv: str) -> np.ndarray:
+    """out (D,) += h @ V_hat for int4 value columns (packed (n, D/2), scale (n, D/32)), by lv (for tests)."""
+    lib = _load()[0]
+    packed = np.ascontiguousarray(packed, np.uint8)
+    sc = np.ascontiguousarray(scale, np.float16).view(np.uint16)
+    h = np.ascontiguousarray(h, np.float32)
+    out = np.ascontiguousarray(out, np.float32).copy()
+    if lib.nk_test_axpy4q(_LEVELS.index(lv), packed.ctypes.data, sc.ctypes.data, h.ctypes.data, packed.shape[0],
+                          out.shape[0], out.ctypes.data) != 0:
+        raise ValueError("kernel_axpy4: unsupported shape or level")
+    return out
 
 
 def kernel_pred(qm, x: np.ndarray, lv: str) -> np.ndarray:
@@ -148,18 +196,18 @@ class NativeFFNStats:
 
 
 class NativeRWKV7:
-    """An RWKV-7 int8 model file on the native backend: `forward(tokens, state, full_output)` and
+    """An RWKV-7 int8 or int4 model file on the native backend: `forward(tokens, state, full_output)` and
     `step(token, state)` as RWKVModel's (the input state is never modified), plus `with_predictors`.
     Hooks (collect, ffn_activation) need the numba or reference backend."""
 
     version = "x070"
 
     def __init__(self, config: ModelConfig, tensors: dict, fingerprint: str, bundle=None, threads: int | None = None,
-                 sets=None):
+                 sets=None, dtype: str = "int8"):
         lib, why = _load()
         if lib is None:
             raise RuntimeError(why)
-        self.config, self.fingerprint, self.modelfile_dtype = config, fingerprint, "int8"
+        self.config, self.fingerprint, self.modelfile_dtype = config, fingerprint, dtype
         self.ops = _Ops
         self.hooks = _NoHooks()
         self._t, self._bundle, self._lib = tensors, bundle, lib
@@ -177,9 +225,10 @@ class NativeRWKV7:
         config = ModelConfig.from_dict(header["config"])
         if config.version != "x070":
             raise ModelLoadError(f"{path}: the native backend runs RWKV-7 (x070) models, this is {config.version}")
-        if header["dtype"] != "int8":
-            raise ModelLoadError(f"{path}: the native backend runs int8 model files, this one is {header['dtype']} "
-                                 "(rwkv-edge convert --dtype int8, or --backend numba)")
+        head = header.get("head_dtype") or header["dtype"]
+        if header["dtype"] not in ("int8", "int4") or head not in ("int8", "int4"):
+            raise ModelLoadError(f"{path}: the native backend runs int8 and int4 model files, this one is "
+                                 f"{header['dtype']} (head {head}) (rwkv-edge convert --dtype int8|int4, or --backend numba)")
         if config.n_embd % 32 or config.head_size % 8:
             raise ModelLoadError(f"{path}: the native backend needs n_embd % 32 == 0 and head_size % 8 == 0")
         tensors = open_tensors(path, header)
@@ -189,7 +238,7 @@ class NativeRWKV7:
                                  f"{tuple(tensors[bad[0]].shape)}); use --backend numba")
         from ..residency import advise_random
         advise_random([tensors["emb.weight"]])      # one row per token: no read-around on its pages
-        return cls(config, tensors, header["fingerprint"], threads=threads)
+        return cls(config, tensors, header["fingerprint"], threads=threads, dtype=header["dtype"])
 
     def with_predictors(self, bundle) -> "NativeRWKV7":
         """A model sharing these weights whose FFN runs sparse on `bundle`'s predicted sets (a
@@ -205,14 +254,15 @@ class NativeRWKV7:
             raise ValueError("the native backend needs one bit width and group layout in all layers of a bundle")
         if q0.shape != (self.config.ffn_dim, self.config.n_embd):
             raise ValueError(f"predictor shape {q0.shape} does not fit this model")
-        return NativeRWKV7(self.config, self._t, self.fingerprint, bundle, self.threads)
+        return NativeRWKV7(self.config, self._t, self.fingerprint, bundle, self.threads, dtype=self.modelfile_dtype)
 
     def with_sets(self, sets) -> "NativeRWKV7":
         """A model sharing these weights whose FFN runs the sets `sets.predict_indices(layer, None)` gives
         (called once per token and layer, in order: e.g. replay.ReplayedSets for tools/bench.py --shape).
         On a model with predictors, the predictor still scores every neuron (its cost is paid, its
         verdict unused): a random-weight model's predictor timed on a trained model's sets."""
-        return NativeRWKV7(self.config, self._t, self.fingerprint, self._bundle, self.threads, sets)
+        return NativeRWKV7(self.config, self._t, self.fingerprint, self._bundle, self.threads, sets,
+                           dtype=self.modelfile_dtype)
 
     def set_threads(self, n: int) -> None:
         """Use n threads from now on (rebuilds the C model; weights are not touched)."""
@@ -237,9 +287,10 @@ class NativeRWKV7:
             has = [i > 0 or not n.startswith("v") for n in lora]
             row += [t[a + n + ".qc"] if h else None for n, h in zip(lora, has)]
             row += [vec(a + n + ".cscale") if h else None for n, h in zip(lora, has)]
-            lin = ("receptance", "key", "value", "output")
-            row += [t[f"{a}{n}.weight.q"] for n in lin] + [vec(f"{a}{n}.weight.scale") for n in lin]
-            row += [vec(p + "ffn.x_k"), t[p + "ffn.kv"], _c_f32(t[p + "ffn.kv_scale"])]
+            lin = [_matrix(t, f"{a}{n}.weight") for n in ("receptance", "key", "value", "output")]
+            row += [m[0] for m in lin] + [m[1] for m in lin]
+            kv4 = p + "ffn.kv4" in t
+            row += [vec(p + "ffn.x_k"), None if kv4 else t[p + "ffn.kv"], None if kv4 else _c_f32(t[p + "ffn.kv_scale"])]
             if preds is not None:
                 qm = preds[i].qm
                 packed = np.ascontiguousarray(qm.packed)
@@ -248,6 +299,9 @@ class NativeRWKV7:
                 thr[i] = np.float32(preds[i].calib.threshold)
             else:
                 row += [None, None, None]
+            # the int4 twins (NULL where the matrix is int8)
+            row += [m[2] for m in lin] + [m[3] for m in lin]
+            row += [t[p + "ffn.kv4"], _f16_bits(t[p + "ffn.kv4_scale"])] if kv4 else [None, None]
             assert len(row) == N_PTR
             keep += [r for r in row if r is not None]
             lay[i] = [_ptr(r) for r in row]
@@ -255,7 +309,7 @@ class NativeRWKV7:
         if emb.dtype != np.float16:
             raise ModelLoadError("native backend: emb.weight must be float16 in an int8 model file")
         glob = [emb.view(np.uint16), vec("blocks.0.ln0.weight"), vec("blocks.0.ln0.bias"), vec("ln_out.weight"),
-                vec("ln_out.bias"), t["head.weight.q"], vec("head.weight.scale")]
+                vec("ln_out.bias"), *_matrix(t, "head.weight")]
         keep += glob
         q0 = preds[0].qm if preds is not None else None
         dims = np.array([L, D, H, N, F, V, t["blocks.0.att.w1.qc"].shape[1], t["blocks.0.att.a1.qc"].shape[1],
@@ -271,11 +325,14 @@ class NativeRWKV7:
         self._stats = np.zeros((L, 2), np.int64)
         # bytes read per token besides the FFN rows: time-mix weights, LoRAs, predictor, head, emb row
         att = sum(t[f"blocks.{i}.att.{n}"].nbytes for i in range(L) for n in
-                  [f"{m}.weight.{x}" for m in ("receptance", "key", "value", "output") for x in ("q", "scale")] +
+                  [f"{m}.weight.{x}" for m in ("receptance", "key", "value", "output") for x in ("q", "scale", "q4", "s4")] +
                   [f"{m}.{x}" for m in ("w1", "w2", "a1", "a2", "g1", "g2", "v1", "v2") for x in ("qc", "cscale")]
                   if f"blocks.{i}.att.{n}" in t)
         pred = sum(p.qm.nbytes for p in preds) if preds is not None else 0
-        self._fixed_bytes = int(att + pred + t["head.weight.q"].nbytes + t["head.weight.scale"].nbytes + 2 * D)
+        head = sum(t[n].nbytes for n in ("head.weight.q", "head.weight.scale", "head.weight.q4", "head.weight.s4") if n in t)
+        self._fixed_bytes = int(att + pred + head + 2 * D)
+        # bytes of one FFN key row or value column (+ its scales): int8 D + 4, int4 D / 2 + 2 D / 32
+        self._row_bytes = D // 2 + D // 16 if "blocks.0.ffn.kv4" in t else D + 4
 
     def _free(self):
         h, self._h = getattr(self, "_h", None), None
@@ -345,7 +402,7 @@ class NativeRWKV7:
             self.ffn.n_values += int(s[:, 1].sum())
         self.last_stats = s.copy()
         self.tokens_run += T
-        self.bytes_read += self._fixed_bytes * T + int(s.sum()) * (self.config.n_embd + 4)
+        self.bytes_read += self._fixed_bytes * T + int(s.sum()) * self._row_bytes
         return logits, st
 
     def step(self, token: int, state: State | None = None):
