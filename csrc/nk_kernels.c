@@ -20,10 +20,7 @@
 
 #include "nk.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(NK_NO_SIMD)
-#define NK_X86 1
-#include <immintrin.h>
-#endif
+#include "nk_simd.h"
 
 float nk_h2f(uint16_t h) {
     uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, f;
@@ -145,16 +142,6 @@ static const nk_kern K_GENERIC = {"generic", dots_generic, axpy4_generic, pred_g
 
 #ifdef NK_X86
 /* ---- AVX2 (and the VNNI variant of the dots) ----------------------------------------------------- */
-#define AVX2 __attribute__((target("avx2,fma,f16c")))
-#define VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
-
-AVX2 static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* Four rows x T tokens per pass: the four rows (4 I bytes) stay in L1 while every token reads them;
  * the integer product of one group is DOT(w, xv) (8 x i32), then facc += float(i32) * xs_g. */
 #define DOTS_BODY(DOT)                                                                                 \

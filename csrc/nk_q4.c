@@ -27,10 +27,7 @@
 
 #include "nk.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(NK_NO_SIMD)
-#define NK_X86 1
-#include <immintrin.h>
-#endif
+#include "nk_simd.h"
 
 /* index in the pair layout of activation column g * 32 + i (i in [0, 32)) */
 static inline int64_t xpos4(int64_t g, int i, int64_t G) {
@@ -107,16 +104,6 @@ void nk_axpy4q_generic(float *out, int64_t D, const uint8_t *const *v, const uin
 }
 
 #ifdef NK_X86
-#define AVX2 __attribute__((target("avx2,fma,f16c")))
-#define VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
-
-AVX2 static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* Four rows x T tokens per pass (the four rows, 2 I bytes, stay in L1 while every token reads them).
  * Eight groups per inner step: d_kg xs_g of the eight as one vector per row (cvtph, one multiply),
  * then per pair a permute to (d xs of 2p in lanes 0-3, of 2p+1 in 4-7). PAIR(ptr, xlo, xhi, iv) gives
