@@ -188,3 +188,39 @@ def test_exclusive_waiters_are_read_from_proc_locks(tmp_path):
     assert sparsity_table.exclusive_waiters(str(lock), str(locks))
     locks.write_text(f"1: -> FLOCK  ADVISORY  WRITE 16556 fe:00:{ino + 1} 0 EOF\n")           # another file
     assert not sparsity_table.exclusive_waiters(str(lock), str(locks))
+
+
+def test_lambada_is_taken_from_an_earlier_run_only_for_the_same_candidate(model, tmp_path, monkeypatch):
+    import argparse
+    import csv
+
+    from rwkv_edge import evaluate
+
+    calls = []
+    monkeypatch.setattr(evaluate, "score_lambada",
+                        lambda cand, tok, items, progress=True: calls.append(1) or evaluate.LambadaResult(0.5, 9.0, 2))
+    tokens = (TOKENS * 6)[:64]
+    args = argparse.Namespace(data=None, out=str(tmp_path), ctx=32, progress=False, decode_tokens=0,
+                              bench_lock=None, lambada_from=str(tmp_path / "earlier.csv"))
+    ctx_ = {"tokens": tokens, "base": None, "lambada": [("a b", "c"), ("d e", "f")], "earlier": {}}
+    fresh = sparsity_table.run_row(model, None, "dense", "-", ctx_, args, lambda s: None)
+    assert calls == [1] and fresh["lambada_acc"] == 0.5 and "lambada_from" not in fresh
+
+    def earlier(**change):                      # the earlier run's CSV row, as read back from disk
+        r = {**fresh, "lambada_acc": 0.25, "lambada_ppl": 7.0, "lambada_n": 2, **change}
+        with open(args.lambada_from, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(r))
+            w.writeheader()
+            w.writerow(r)
+        return sparsity_table.read_earlier(args.lambada_from)
+
+    ctx_["earlier"] = earlier()                 # same figures: LAMBADA not run, the earlier figures kept
+    row = sparsity_table.run_row(model, None, "dense", "-", ctx_, args, lambda s: None)
+    assert calls == [1] and row["lambada_acc"] == 0.25 and row["lambada_from"] == args.lambada_from
+    assert row["lambada_from_dev"] <= sparsity_table.REUSE_TOL
+    for change in ({"density": 0.999}, {"ppl": fresh["ppl"] * (1 + 1e-5)}, {"lambada_n": 3},
+                   {"kld_mean": fresh["kld_mean"] + 1e-6}):
+        ctx_["earlier"] = earlier(**change)     # another candidate (or item count): LAMBADA runs again
+        row = sparsity_table.run_row(model, None, "dense", "-", ctx_, args, lambda s: None)
+        assert row["lambada_acc"] == 0.5 and "lambada_from" not in row
+    assert len(calls) == 5
