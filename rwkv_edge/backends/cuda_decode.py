@@ -68,7 +68,8 @@ _BIG = 1 << 30
 TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk=1024, key_warps=4,
             value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
             mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048,
-            gather_na=4, sparse_bn=16, sparse_warps=8, fuse_ffn_mix=True)
+            gather_na=0, sparse_bn=16, sparse_warps=8, fuse_ffn_mix=False, split_value=None, diag=0,
+            split_warps=4)
 
 def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -280,6 +281,8 @@ class FusedDecode:
                 continue
             one = q["g"] > 0 and q["g"] == _p2(q["g"]) and D == _p2(D)
             full = _p2(D) <= tn["full_k"]
+            split = sparse and tn["split_value"] is not None    # (BF, BD): keys, then ffn_vsplit
+            fv = fv and not split
             kbn = tn["fused_key_bn"] if sparse and fv else tn["key_bn"]
             K["ffn_key"][(-(-F // kbn),)](
                 lay["key"], self.xk, self.kbuf[i], self.idx[i], q["q"], q["s"], q["z"], q["thr"], self.slot[i],
@@ -287,8 +290,14 @@ class FusedDecode:
                 BK=_p2(D) if full else min(tn["key_bk"], _p2(D)), PRED=p is not None,
                 BITS=q["bits"], GS=q["gs"], PER=q["per"], NB=q["gs"] // q["per"], ONESHOT=one,
                 GC=q["g"] if one else 1, FULL=full, COMPACT=sparse and not fv, PDL=self.pdl, VALUE=sparse and fv,
-                BVD=min(_p2(D), tn["key_value_bd"]), MIXIN=mixin, **self._kw(tn["key_warps"]))
-            if sparse and not fv:   # only the listed (active) rows of W_v^T
+                BVD=min(_p2(D), tn["key_value_bd"]), MIXIN=mixin, DIAG=tn["diag"], COUNT=split and p is not None,
+                **self._kw(tn["key_warps"]))
+            if split:
+                bf, bd = tn["split_value"]
+                bd = min(bd, _p2(D))
+                K["ffn_vsplit"][(-(-F // bf), -(-D // bd))](lay["wv"], self.kbuf[i], self.x, self.cnt[i], F, D,
+                                                          BF=bf, BD=bd, PDL=self.pdl, **self._kw(tn["split_warps"]))
+            elif sparse and not fv:   # only the listed (active) rows of W_v^T
                 K["ffn_value"][(-(-D // self.bd), self.ns)](lay["wv"], self.kbuf[i], self.idx[i], self.slot[i],
                                                              self.cnt[i], self.x, D, self.ns, BD=self.bd, BS=self.bs,
                                                              PDL=self.pdl, **self._kw(tn["value_warps"]))

@@ -236,7 +236,7 @@ def kernels():
                 BN: tl.constexpr, BK: tl.constexpr, PRED: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
                 PER: tl.constexpr, NB: tl.constexpr, ONESHOT: tl.constexpr, GC: tl.constexpr,
                 FULL: tl.constexpr, COMPACT: tl.constexpr, PDL: tl.constexpr, VALUE: tl.constexpr,
-                BVD: tl.constexpr, MIXIN: tl.constexpr):
+                BVD: tl.constexpr, MIXIN: tl.constexpr, DIAG: tl.constexpr, COUNT: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
         rm = rows < F
@@ -296,15 +296,21 @@ def kernels():
         if VALUE:     # the value rows of this program's active neurons, right here (no second launch)
             act = y > 0
             na = tl.sum(act.to(tl.int32), axis=0)
-            if na > 0:
+            if (na > 0) & (DIAG != 1):   # DIAG (timing only, wrong results): 1 no value rows, 2 no atomics
                 for c0 in range(0, D, BVD):
                     cols = c0 + tl.arange(0, BVD)
                     cm = cols < D
                     vv = tl.load(vt_p + rows[:, None] * D + cols[None, :], mask=act[:, None] & cm[None, :], other=0.0)
-                    tl.atomic_add(xo_p + cols, tl.sum(vv.to(tl.float32) * y[:, None], axis=0), mask=cm, sem="relaxed")
+                    part = tl.sum(vv.to(tl.float32) * y[:, None], axis=0)
+                    if DIAG == 2:
+                        tl.store(xo_p + cols, part, mask=cm & (part != part))
+                    else:
+                        tl.atomic_add(xo_p + cols, part, mask=cm, sem="relaxed")
             tl.atomic_add(cnt_p + 1, na, sem="relaxed")                              # running totals
             if PRED:
                 tl.atomic_add(cnt_p, tl.sum(sel.to(tl.int32), axis=0), sem="relaxed")
+        if COUNT:     # predicted rows into the running total (the split value kernel counts the active)
+            tl.atomic_add(cnt_p, tl.sum(sel.to(tl.int32), axis=0), sem="relaxed")
         if COMPACT:   # append the active rows to the layer's index list (slot[1] = its length)
             act = (y > 0).to(tl.int32)
             base = tl.atomic_add(slot_p + 1, tl.sum(act, axis=0))
@@ -404,6 +410,26 @@ def kernels():
         tl.atomic_add(cnt_p + 1, na, sem="relaxed")
 
     @triton.jit
+    def ffn_vsplit(vt_p, k_p, x_p, cnt_p, F, D, BF: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
+        """Sparse FFN value as a split-K pass over W_v^T (F, D): program (f, d) takes BF neurons x BD
+        columns, loads only the rows with k > 0 (masked: zero rows never leave memory), and adds
+        its (BD,) partial to x: (F / BF) atomic adds per element instead of one per key program."""
+        pf = tl.program_id(0)
+        pd = tl.program_id(1)
+        fr = pf * BF + tl.arange(0, BF)
+        fm = fr < F
+        cols = pd * BD + tl.arange(0, BD)
+        cm = cols < D
+        _sync(PDL)
+        k = tl.load(k_p + fr, mask=fm, other=0.0)
+        act = k > 0
+        na = tl.sum(act.to(tl.int32), axis=0)
+        w = tl.load(vt_p + fr[:, None] * D + cols[None, :], mask=act[:, None] & cm[None, :], other=0.0)
+        part = tl.sum(w.to(tl.float32) * k[:, None], axis=0)
+        tl.atomic_add(x_p + cols, part, mask=cm & (na > 0), sem="relaxed")
+        tl.atomic_add(cnt_p + 1, na, mask=pd == 0, sem="relaxed")
+
+    @triton.jit
     def ffn_value(vt_p, k_p, idx_p, slot_p, cnt_p, x_p, D, NS,
                   BD: tl.constexpr, BS: tl.constexpr, PDL: tl.constexpr):
         pd = tl.program_id(0)
@@ -425,5 +451,6 @@ def kernels():
         two = tl.arange(0, 2)
         tl.atomic_add(cnt_p + two, tl.load(slot_p + two), mask=(two < 2) & first)
 
-    _K.update(mix=mix, gemv=gemv, att_head=att_head, ffn_key=ffn_key, ffn_value=ffn_value, ffn_sparse=ffn_sparse)
+    _K.update(mix=mix, gemv=gemv, att_head=att_head, ffn_key=ffn_key, ffn_value=ffn_value, ffn_sparse=ffn_sparse,
+               ffn_vsplit=ffn_vsplit)
     return _K
