@@ -69,7 +69,7 @@ TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk
             value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
             mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048,
             gather_na=0, sparse_bn=16, sparse_warps=8, fuse_ffn_mix=False, split_value=None, diag=0,
-            split_warps=4)
+            split_warps=4, value_on_sel=False)
 
 def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -176,6 +176,9 @@ class FusedDecode:
         one = D == _p2(D) and all(p["g"] == _p2(p["g"]) for p in self.pred or [])
         self.gather = mode != "dense" and self.tune["gather_na"] > 0 and full and (mode == "exact" or one)
         self.mixin = bool(self.tune["fuse_ffn_mix"]) and full and (mode == "dense" or self.gather)
+        tn = self.tune   # predicted, fused value: W_v^T rows of the selected (not active) rows, early
+        self.vsel = (mode == "predicted" and bool(tn["value_on_sel"]) and tn["fused_value"] and not self.gather
+                     and tn["split_value"] is None and full and _p2(D) <= tn["key_value_bd"])
         # sparse FFN value launch: (D / BD column blocks) x (NS splits of the active-row list), each
         # split taking every NS-th block of BS listed rows; ~value_per_sm programs per SM
         tn = self.tune
@@ -291,6 +294,7 @@ class FusedDecode:
                 BITS=q["bits"], GS=q["gs"], PER=q["per"], NB=q["gs"] // q["per"], ONESHOT=one,
                 GC=q["g"] if one else 1, FULL=full, COMPACT=sparse and not fv, PDL=self.pdl, VALUE=sparse and fv,
                 BVD=min(_p2(D), tn["key_value_bd"]), MIXIN=mixin, DIAG=tn["diag"], COUNT=split and p is not None,
+                VSEL=self.vsel,
                 **self._kw(tn["key_warps"]))
             if split:
                 bf, bd = tn["split_value"]
@@ -350,6 +354,7 @@ class FusedDecode:
         s = self.stats() if density is None else None
         rd = 1.0 if self.mode != "predicted" else (s["read_density"] if s else density)
         ac = 1.0 if self.mode == "dense" else (s["active_density"] if s else density)
+        ac = rd if self.vsel else ac     # value rows read for every predicted row
         n = it(self.head) + self.D * self.emb.element_size()
         for i, lay in enumerate(self.layers):
             n += sum(it(m[0]) for m in lay["mats"]) + it(lay["att_o"])

@@ -236,7 +236,8 @@ def kernels():
                 BN: tl.constexpr, BK: tl.constexpr, PRED: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
                 PER: tl.constexpr, NB: tl.constexpr, ONESHOT: tl.constexpr, GC: tl.constexpr,
                 FULL: tl.constexpr, COMPACT: tl.constexpr, PDL: tl.constexpr, VALUE: tl.constexpr,
-                BVD: tl.constexpr, MIXIN: tl.constexpr, DIAG: tl.constexpr, COUNT: tl.constexpr):
+                BVD: tl.constexpr, MIXIN: tl.constexpr, DIAG: tl.constexpr, COUNT: tl.constexpr,
+                VSEL: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
         rm = rows < F
@@ -268,6 +269,8 @@ def kernels():
             if FULL:
                 xv = tl.load(x_p + ks, mask=km, other=0.0)
                 wv = tl.load(w_p + rows[:, None] * D + ks[None, :], mask=sel[:, None] & km[None, :], other=0.0)
+                if VSEL:   # the selected rows of W_v^T in the same round trip (more bytes, one trip less)
+                    vs = tl.load(vt_p + rows[:, None] * D + ks[None, :], mask=sel[:, None] & km[None, :], other=0.0)
                 y = tl.sum(wv.to(tl.float32) * xv[None, :], axis=1)
         else:
             sel = rm
@@ -296,7 +299,11 @@ def kernels():
         if VALUE:     # the value rows of this program's active neurons, right here (no second launch)
             act = y > 0
             na = tl.sum(act.to(tl.int32), axis=0)
-            if (na > 0) & (DIAG != 1):   # DIAG (timing only, wrong results): 1 no value rows, 2 no atomics
+            if VSEL:
+                yv = tl.maximum(y, 0.0)                                     # k, with -1 -> 0
+                tl.atomic_add(xo_p + ks, tl.sum(vs.to(tl.float32) * yv[:, None], axis=0), mask=km & (na > 0),
+                              sem="relaxed")
+            elif (na > 0) & (DIAG != 1):   # DIAG (timing only, wrong results): 1 no value rows, 2 no atomics
                 for c0 in range(0, D, BVD):
                     cols = c0 + tl.arange(0, BVD)
                     cm = cols < D
