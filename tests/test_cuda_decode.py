@@ -178,7 +178,8 @@ def test_predicted_with_a_width_that_is_not_a_power_of_two(tmp_path):
 def test_launch_options_do_not_change_the_numbers(ckpt, mode):
     """Programmatic dependent launch off, the sparse value rows in their own launch (not inside the
     key kernel), the masked-tile (not gathered) sparse kernel, one gathered row at a time, the FFN
-    mix in its own launch and the looped (not whole-width) tiles give the same logits and state as
+    mix in its own launch, the split-K value pass, the selected rows' value rows loaded with their
+    W_k rows and the looped (not whole-width) tiles give the same logits and state as
     the default launch, token by token, and the separate value launch lists exactly the k > 0 rows."""
     from rwkv_edge.backends.cuda_decode import FusedDecode
     ref, _ = _models(ckpt("float16"), "fp16")
@@ -188,9 +189,13 @@ def test_launch_options_do_not_change_the_numbers(ckpt, mode):
                       {"fused_value": False, "full_k": 64, "gemv_bk": 32,
                       "key_bk": 64, "value_bs": 8, "value_bd": 32, "value_per_sm": 1},
                       {"full_k": 64, "key_bk": 64, "key_value_bd": 32, "fused_key_bn": 4},
-                      {"gather_na": 0}, {"fuse_ffn_mix": False}, {"gather_na": 1, "sparse_bn": 32, "sparse_warps": 4},
-                      {"gather_na": 2, "sparse_bn": 8, "pdl": False})]
-    assert decs[0].mixin and decs[0].gather == (mode != "dense") and not decs[6].mixin
+                      {"fuse_ffn_mix": True, "gather_na": 4}, {"fuse_ffn_mix": True},
+                      {"gather_na": 1, "sparse_bn": 32, "sparse_warps": 4},
+                      {"gather_na": 2, "sparse_bn": 8, "pdl": False}, {"split_value": [64, 32]},
+                      {"value_on_sel": True, "fused_key_bn": 8}, {"fused_key_bn": 32, "key_warps": 8}]
+    assert decs[5].mixin and decs[6].mixin == (mode == "dense") and not decs[0].mixin
+    assert decs[7].gather == (mode != "dense")
+    assert decs[10].vsel == (mode == "predicted")
     for t in TOKENS:
         outs = [d.step(t).cpu().numpy() for d in decs]
         for o in outs[1:]:
