@@ -181,7 +181,6 @@ class FusedDecode:
                      and tn["split_value"] is None and full and _p2(D) <= tn["key_value_bd"])
         # sparse FFN value launch: (D / BD column blocks) x (NS splits of the active-row list), each
         # split taking every NS-th block of BS listed rows; ~value_per_sm programs per SM
-        tn = self.tune
         nsm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
         self.pdl = bool(tn["pdl"]) and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
         self.bd, self.bs = min(tn["value_bd"], _p2(D)), tn["value_bs"]
