@@ -192,7 +192,7 @@ def test_launch_options_do_not_change_the_numbers(ckpt, mode):
                       {"fuse_ffn_mix": True, "gather_na": 4}, {"fuse_ffn_mix": True},
                       {"gather_na": 1, "sparse_bn": 32, "sparse_warps": 4},
                       {"gather_na": 2, "sparse_bn": 8, "pdl": False}, {"split_value": [64, 32]},
-                      {"value_on_sel": True, "fused_key_bn": 8}, {"fused_key_bn": 32, "key_warps": 8}]
+                      {"value_on_sel": True, "fused_key_bn": 8}, {"fused_key_bn": 32, "key_warps": 8})]
     assert decs[5].mixin and decs[6].mixin == (mode == "dense") and not decs[0].mixin
     assert decs[7].gather == (mode != "dense")
     assert decs[10].vsel == (mode == "predicted")

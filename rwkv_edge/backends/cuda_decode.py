@@ -69,7 +69,7 @@ TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk
             value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
             mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048,
             gather_na=0, sparse_bn=16, sparse_warps=8, fuse_ffn_mix=False, split_value=None, diag=0,
-            split_warps=4, value_on_sel=False)
+            split_warps=4, value_on_sel=False, evict_stream="", evict_value="")
 
 def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -234,6 +234,7 @@ class FusedDecode:
                                        y2 if y2 is not None else y,
                                        BN=bn, BK=_p2(k) if full else min(self.tune["gemv_bk"], _p2(k)), NSEG=nseg,
                                        ACT=act, ADD=base is not None, FULL=full, PDL=self.pdl, DUAL=y2 is not None,
+                                       EVW=self.tune["evict_stream"],
                                        **self._kw(warps or self.tune["gemv_warps"]))
 
     def _mix(self, emb: bool, ln, prev, mix, out, nmix, copy=None):
@@ -293,7 +294,7 @@ class FusedDecode:
                 BITS=q["bits"], GS=q["gs"], PER=q["per"], NB=q["gs"] // q["per"], ONESHOT=one,
                 GC=q["g"] if one else 1, FULL=full, COMPACT=sparse and not fv, PDL=self.pdl, VALUE=sparse and fv,
                 BVD=min(_p2(D), tn["key_value_bd"]), MIXIN=mixin, DIAG=tn["diag"], COUNT=split and p is not None,
-                VSEL=self.vsel,
+                VSEL=self.vsel, EVW=tn["evict_stream"], EVV=tn["evict_value"],
                 **self._kw(tn["key_warps"]))
             if split:
                 bf, bd = tn["split_value"]

@@ -86,7 +86,7 @@ def kernels():
     @triton.jit
     def gemv(w_p, x_p, y_p, base_p, segend_p, segx_p, N, K, y2_p,
              BN: tl.constexpr, BK: tl.constexpr, NSEG: tl.constexpr, ACT: tl.constexpr, ADD: tl.constexpr,
-             FULL: tl.constexpr, PDL: tl.constexpr, DUAL: tl.constexpr):
+             FULL: tl.constexpr, PDL: tl.constexpr, DUAL: tl.constexpr, EVW: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
         rm = rows < N
@@ -99,7 +99,8 @@ def kernels():
         if FULL:   # the whole (BN, K) tile in one load, issued before waiting for the input
             ks = tl.arange(0, BK)
             km = ks < K
-            wv = tl.load(w_p + rows[:, None] * K + ks[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+            wv = tl.load(w_p + rows[:, None] * K + ks[None, :], mask=rm[:, None] & km[None, :], other=0.0,
+                         eviction_policy=EVW)
             _sync(PDL)
             xv = tl.load(x_p + xo + ks, mask=km, other=0.0)
             y = tl.sum(wv.to(tl.float32) * xv[None, :], axis=1)
@@ -237,7 +238,7 @@ def kernels():
                 PER: tl.constexpr, NB: tl.constexpr, ONESHOT: tl.constexpr, GC: tl.constexpr,
                 FULL: tl.constexpr, COMPACT: tl.constexpr, PDL: tl.constexpr, VALUE: tl.constexpr,
                 BVD: tl.constexpr, MIXIN: tl.constexpr, DIAG: tl.constexpr, COUNT: tl.constexpr,
-                VSEL: tl.constexpr):
+                VSEL: tl.constexpr, EVW: tl.constexpr, EVV: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
         rm = rows < F
@@ -270,12 +271,14 @@ def kernels():
                 xv = tl.load(x_p + ks, mask=km, other=0.0)
                 wv = tl.load(w_p + rows[:, None] * D + ks[None, :], mask=sel[:, None] & km[None, :], other=0.0)
                 if VSEL:   # the selected rows of W_v^T in the same round trip (more bytes, one trip less)
-                    vs = tl.load(vt_p + rows[:, None] * D + ks[None, :], mask=sel[:, None] & km[None, :], other=0.0)
+                    vs = tl.load(vt_p + rows[:, None] * D + ks[None, :], mask=sel[:, None] & km[None, :], other=0.0,
+                                 eviction_policy=EVV)
                 y = tl.sum(wv.to(tl.float32) * xv[None, :], axis=1)
         else:
             sel = rm
             if FULL:
-                wv = tl.load(w_p + rows[:, None] * D + ks[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+                wv = tl.load(w_p + rows[:, None] * D + ks[None, :], mask=rm[:, None] & km[None, :], other=0.0,
+                             eviction_policy=EVW)
                 _sync(PDL)
                 if MIXIN:   # LN2 + token shift of the residual here (no mix launch; dense mode only)
                     xv = _ln_mix(xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p, D, ks, km, pid == 0)
@@ -307,7 +310,8 @@ def kernels():
                 for c0 in range(0, D, BVD):
                     cols = c0 + tl.arange(0, BVD)
                     cm = cols < D
-                    vv = tl.load(vt_p + rows[:, None] * D + cols[None, :], mask=act[:, None] & cm[None, :], other=0.0)
+                    vv = tl.load(vt_p + rows[:, None] * D + cols[None, :], mask=act[:, None] & cm[None, :], other=0.0,
+                                 eviction_policy=EVV)
                     part = tl.sum(vv.to(tl.float32) * y[:, None], axis=0)
                     if DIAG == 2:
                         tl.store(xo_p + cols, part, mask=cm & (part != part))
