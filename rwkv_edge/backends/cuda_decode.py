@@ -69,7 +69,7 @@ TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk
             value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
             mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048,
             gather_na=0, sparse_bn=16, sparse_warps=8, fuse_ffn_mix=False, split_value=None, diag=0,
-            split_warps=4, value_on_sel=False, evict_stream="", evict_value="")
+            split_warps=4, value_on_sel=False, evict_stream="", evict_value="", pred_key_bn=8)
 
 def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -286,7 +286,7 @@ class FusedDecode:
             full = _p2(D) <= tn["full_k"]
             split = sparse and tn["split_value"] is not None    # (BF, BD): keys, then ffn_vsplit
             fv = fv and not split
-            kbn = tn["fused_key_bn"] if sparse and fv else tn["key_bn"]
+            kbn = (tn["pred_key_bn"] if p else tn["fused_key_bn"]) if sparse and fv else tn["key_bn"]
             K["ffn_key"][(-(-F // kbn),)](
                 lay["key"], self.xk, self.kbuf[i], self.idx[i], q["q"], q["s"], q["z"], q["thr"], self.slot[i],
                 F, D, q["g"], lay["wv"], self.x, self.cnt[i], *mx, BN=kbn,
