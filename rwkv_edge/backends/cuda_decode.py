@@ -42,6 +42,20 @@ is latency-bound (11% of the roof). A separate listed-row value launch (fused_va
 slower (1.5B exact 998, 58M 4077); fusing the LayerNorm + mix launches into the previous kernel's
 last program (a finished-programs counter) was slower too (823 against 915 tok/s dense: every
 program's atomic on one counter) and was dropped.
+
+Session 6 (tools/gpu_decode_sweep.py, one process, every setting timed twice, random 12x512 F2048
+V16384 "58M shapes" and the 1.5B shapes, both at density 0.13): where the sparse step's time goes,
+from timing-only variants (diag, wrong results): without the value rows exact would run at 1212
+tok/s at 1.5B (1.28x dense 946) and 6190 at 58M (1.11x dense 5572); with the value rows but no
+atomic adds 1089 / 5130. So the dependent value-row loads (one HBM round trip after the keys,
+~10% of the 1.5B step and ~17% of the 58M step), not the atomics (~3%), hold sparse back. Tried
+and measured slower than the default masked-tile kernel, kept as options (tested): rows gathered
+NA at a time in `ffn_sparse` (gather_na; 1.5B exact 1036 at 4 warps, 920 at 8), LN2 + token shift
+recomputed in every FFN program (fuse_ffn_mix; dense 929 vs 953: the L2 reads of x, prev, mix and
+LN weights per program cost more than the mix launch), a split-K value pass over masked W_v^T
+tiles (split_value; exact 941-997), and, predicted, the selected rows' W_v^T rows loaded with
+their W_k rows (value_on_sel; 1042 vs 1038 at 1.5B, +7% bytes). Predicted now uses 8-row key
+programs (pred_key_bn: 1038 vs 1017 at 16).
 """
 from __future__ import annotations
 
