@@ -54,8 +54,9 @@ NA at a time in `ffn_sparse` (gather_na; 1.5B exact 1036 at 4 warps, 920 at 8), 
 recomputed in every FFN program (fuse_ffn_mix; dense 929 vs 953: the L2 reads of x, prev, mix and
 LN weights per program cost more than the mix launch), a split-K value pass over masked W_v^T
 tiles (split_value; exact 941-997), and, predicted, the selected rows' W_v^T rows loaded with
-their W_k rows (value_on_sel; 1042 vs 1038 at 1.5B, +7% bytes). Predicted now uses 8-row key
-programs (pred_key_bn: 1038 vs 1017 at 16).
+their W_k rows (value_on_sel; 1042 vs 1038 at 1.5B, +7% bytes). 8-row predicted key programs
+(pred_key_bn=8) measured 1038 vs 1017 at 16 (58M 4840 vs 4777); the default stays 16 until the GPU
+tests have run with 8 as the default. evict_stream / evict_value (L2 eviction hints) are untimed.
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk
             value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
             mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048,
             gather_na=0, sparse_bn=16, sparse_warps=8, fuse_ffn_mix=False, split_value=None, diag=0,
-            split_warps=4, value_on_sel=False, evict_stream="", evict_value="", pred_key_bn=8)
+            split_warps=4, value_on_sel=False, evict_stream="", evict_value="", pred_key_bn=16)
 
 def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
