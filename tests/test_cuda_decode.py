@@ -177,19 +177,33 @@ def test_predicted_with_a_width_that_is_not_a_power_of_two(tmp_path):
 @pytest.mark.parametrize("mode", ["dense", "exact", "predicted"])
 def test_launch_options_do_not_change_the_numbers(ckpt, mode):
     """Programmatic dependent launch off, the sparse value rows in their own launch (not inside the
-    key kernel) and the looped (not whole-width) tiles give the same logits as the default launch,
-    token by token, and the separate value launch lists exactly the k > 0 rows."""
+    key kernel), the masked-tile (not gathered) sparse kernel, one gathered row at a time, the FFN
+    mix in its own launch, the split-K value pass, the selected rows' value rows loaded with their
+    W_k rows and the looped (not whole-width) tiles give the same logits and state as
+    the default launch, token by token, and the separate value launch lists exactly the k > 0 rows."""
     from rwkv_edge.backends.cuda_decode import FusedDecode
     ref, _ = _models(ckpt("float16"), "fp16")
     b = _bundle(ref) if mode == "predicted" else None
     decs = [FusedDecode(_models(ckpt("float16"), "fp16")[1], mode, bundle=b, tune=t)
-            for t in ({}, {"pdl": False}, {"fused_value": False}, {"fused_value": False, "full_k": 64, "gemv_bk": 32,
+            for t in ({}, {"pdl": False}, {"fused_value": False, "gather_na": 0},
+                      {"fused_value": False, "full_k": 64, "gemv_bk": 32,
                       "key_bk": 64, "value_bs": 8, "value_bd": 32, "value_per_sm": 1},
-                      {"full_k": 64, "key_bk": 64, "key_value_bd": 32, "fused_key_bn": 4})]
+                      {"full_k": 64, "key_bk": 64, "key_value_bd": 32, "fused_key_bn": 4},
+                      {"fuse_ffn_mix": True, "gather_na": 4}, {"fuse_ffn_mix": True},
+                      {"gather_na": 1, "sparse_bn": 32, "sparse_warps": 4},
+                      {"gather_na": 2, "sparse_bn": 8, "pdl": False}, {"split_value": [64, 32]},
+                      {"value_on_sel": True, "fused_key_bn": 8}, {"fused_key_bn": 32, "key_warps": 8})]
+    assert decs[5].mixin and decs[6].mixin == (mode == "dense") and not decs[0].mixin
+    assert decs[7].gather == (mode != "dense")
+    assert decs[10].vsel == (mode == "predicted")
     for t in TOKENS:
         outs = [d.step(t).cpu().numpy() for d in decs]
         for o in outs[1:]:
             assert np.abs(o - outs[0]).max() < 1e-4 * max(1.0, np.abs(outs[0]).max())
+        sts = [d.state() for d in decs]
+        for s in sts[1:]:
+            for f in ("att_x", "ffn_x", "wkv"):
+                assert torch.allclose(getattr(s, f), getattr(sts[0], f), atol=1e-4, rtol=1e-4), f
         if mode != "dense":
             for d in decs[2:4]:   # the list of active rows for the separate value launch
                 kb, n = d.kbuf.cpu().numpy(), d.slot.cpu().numpy()[:, 1]
@@ -197,3 +211,6 @@ def test_launch_options_do_not_change_the_numbers(ckpt, mode):
                     want = np.flatnonzero(kb[i] > 0)
                     assert n[i] == want.size
                     assert np.array_equal(np.sort(d.idx[i, :n[i]].cpu().numpy()), want)
+    if mode != "dense":   # every variant counted the same active rows (up to sign flips of ~0 keys)
+        dens = [d.stats()["active_density"] for d in decs]
+        assert max(dens) - min(dens) <= 0.002, dens

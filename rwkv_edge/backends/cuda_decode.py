@@ -42,6 +42,21 @@ is latency-bound (11% of the roof). A separate listed-row value launch (fused_va
 slower (1.5B exact 998, 58M 4077); fusing the LayerNorm + mix launches into the previous kernel's
 last program (a finished-programs counter) was slower too (823 against 915 tok/s dense: every
 program's atomic on one counter) and was dropped.
+
+Session 6 (tools/gpu_decode_sweep.py, one process, every setting timed twice, random 12x512 F2048
+V16384 "58M shapes" and the 1.5B shapes, both at density 0.13): where the sparse step's time goes,
+from timing-only variants (diag, wrong results): without the value rows exact would run at 1212
+tok/s at 1.5B (1.28x dense 946) and 6190 at 58M (1.11x dense 5572); with the value rows but no
+atomic adds 1089 / 5130. So the dependent value-row loads (one HBM round trip after the keys,
+~10% of the 1.5B step and ~17% of the 58M step), not the atomics (~3%), hold sparse back. Tried
+and measured slower than the default masked-tile kernel, kept as options (tested): rows gathered
+NA at a time in `ffn_sparse` (gather_na; 1.5B exact 1036 at 4 warps, 920 at 8), LN2 + token shift
+recomputed in every FFN program (fuse_ffn_mix; dense 929 vs 953: the L2 reads of x, prev, mix and
+LN weights per program cost more than the mix launch), a split-K value pass over masked W_v^T
+tiles (split_value; exact 941-997), and, predicted, the selected rows' W_v^T rows loaded with
+their W_k rows (value_on_sel; 1042 vs 1038 at 1.5B, +7% bytes). 8-row predicted key programs
+(pred_key_bn=8) measured 1038 vs 1017 at 16 (58M 4840 vs 4777); the default stays 16 until the GPU
+tests have run with 8 as the default. evict_stream / evict_value (L2 eviction hints) are untimed.
 """
 from __future__ import annotations
 
@@ -61,9 +76,15 @@ _BIG = 1 << 30
 # pdl: programmatic dependent launch (used on compute capability >= 9 only); fused_value: the sparse
 # modes add the value rows inside the key kernel (fused_key_bn rows per program, key_value_bd
 # columns per step) instead of listing the active rows for a second launch.
+# gather_na > 0: the sparse modes run `ffn_sparse` (sparse_bn rows per program, sparse_warps warps),
+# which gathers the selected/active rows gather_na at a time instead of masking a (rows, D) tile
+# (whole-width D only, and a power-of-two D and group count in the predicted mode; else the older
+# kernel runs); fuse_ffn_mix: LN2 + the FFN token shift inside the FFN kernel (no mix launch).
 TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk=1024, key_warps=4,
             value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
-            mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048)
+            mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048,
+            gather_na=0, sparse_bn=16, sparse_warps=8, fuse_ffn_mix=False, split_value=None, diag=0,
+            split_warps=4, value_on_sel=False, evict_stream="", evict_value="", pred_key_bn=16)
 
 def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -165,9 +186,16 @@ class FusedDecode:
         ny1 = 3 * D + max(l["lw"] + l["la"] + l["lg"] + l["lv"] for l in self.layers)
         self.x, self.x6, self.y1, self.yg, self.xk = z(D), z(6, D), z(ny1), z(D), z(D)
         self.kbuf, self.vfirst, self.xo = z(L, F), z(D), z(D)
+        self.xb, self.fnew = z(D), z(L, D)        # fused FFN mix: post-attention residual, new ffn_x rows
+        full = _p2(D) <= self.tune["full_k"]
+        one = D == _p2(D) and all(p["g"] == _p2(p["g"]) for p in self.pred or [])
+        self.gather = mode != "dense" and self.tune["gather_na"] > 0 and full and (mode == "exact" or one)
+        self.mixin = bool(self.tune["fuse_ffn_mix"]) and full and (mode == "dense" or self.gather)
+        tn = self.tune   # predicted, fused value: W_v^T rows of the selected (not active) rows, early
+        self.vsel = (mode == "predicted" and bool(tn["value_on_sel"]) and tn["fused_value"] and not self.gather
+                     and tn["split_value"] is None and full and _p2(D) <= tn["key_value_bd"])
         # sparse FFN value launch: (D / BD column blocks) x (NS splits of the active-row list), each
         # split taking every NS-th block of BS listed rows; ~value_per_sm programs per SM
-        tn = self.tune
         nsm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
         self.pdl = bool(tn["pdl"]) and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
         self.bd, self.bs = min(tn["value_bd"], _p2(D)), tn["value_bs"]
@@ -211,28 +239,33 @@ class FusedDecode:
     def _kw(self, warps):
         return dict(num_warps=warps, launch_pdl=True) if self.pdl else dict(num_warps=warps)
 
-    def _gemv(self, W, x, y, base=None, seg=None, act=0, bn=4, warps=None):
+    def _gemv(self, W, x, y, base=None, seg=None, act=0, bn=4, warps=None, y2=None):
         # tiles of BN rows x the whole width (<= full_k): one load per program, issued before the
         # PDL wait, and thousands of programs, so that the HBM pipe stays full (BN divides every segment)
         n, k = W.shape
         ends, xs, nseg = seg if seg is not None else (y, y, 1)
         full = _p2(k) <= self.tune["full_k"]
         self.K["gemv"][(-(-n // bn),)](W, x, y, base if base is not None else y, ends, xs, n, k,
+                                       y2 if y2 is not None else y,
                                        BN=bn, BK=_p2(k) if full else min(self.tune["gemv_bk"], _p2(k)), NSEG=nseg,
-                                       ACT=act, ADD=base is not None, FULL=full, PDL=self.pdl,
+                                       ACT=act, ADD=base is not None, FULL=full, PDL=self.pdl, DUAL=y2 is not None,
+                                       EVW=self.tune["evict_stream"],
                                        **self._kw(warps or self.tune["gemv_warps"]))
 
-    def _mix(self, emb: bool, ln, prev, mix, out, nmix):
+    def _mix(self, emb: bool, ln, prev, mix, out, nmix, copy=None):
         D = self.D
+        cp = copy or (out, out)
         self.K["mix"][(1,)](self.x, self.emb, self.tok, self.ln0[0], self.ln0[1], ln[0], ln[1],
-                            prev, mix, out, D, 1e-5, BD=_p2(D), EMB=emb, NMIX=nmix, BM=_p2(max(1, nmix)),
-                            PDL=self.pdl, **self._kw(self.tune["mix_warps"] or (4 if D <= 1024 else 16)))
+                            prev, mix, out, D, 1e-5, cp[0], cp[1], BD=_p2(D), EMB=emb, NMIX=nmix,
+                            BM=_p2(max(1, nmix)), PDL=self.pdl, COPY=copy is not None,
+                            **self._kw(self.tune["mix_warps"] or (4 if D <= 1024 else 16)))
 
     def _forward(self):
         K, D, F, N, tn = self.K, self.D, self.F, self.N, self.tune
         st = self.st
         sparse = self.mode != "dense"
         fv = tn["fused_value"]
+        mixin = self.mixin
         for i, lay in enumerate(self.layers):
             self._mix(i == 0, lay["ln1"], st.att_x[i], lay["amix"], self.x6, 6)
             r0 = 0
@@ -240,32 +273,59 @@ class FusedDecode:
                 self._gemv(m, self.x6, self.y1[r0:r0 + m.shape[0]], seg=(ends, xs, nseg),
                            bn=min(bn, tn["gemv_bn"]))
                 r0 += m.shape[0]
+            cp = (self.fnew[i - 1], st.ffn_x[i - 1]) if mixin and i else (self.yg, self.yg)
             K["att_head"][(self.H,)](self.y1, D, lay["lw"], lay["la"], lay["lg"], lay["lv"], lay["w2"], lay["a2"],
                                      lay["g2"], lay["v2"], lay["w0"], lay["a0"], lay["v0"], lay["kk"], lay["ka"],
                                      lay["rk"], lay["lnx"][0], lay["lnx"][1], self.vfirst, st.wkv[i], self.yg,
-                                     self.slot[i], N=N, BLW=_p2(lay["lw"]), BLA=_p2(lay["la"]), BLG=_p2(lay["lg"]),
-                                     BLV=_p2(max(1, lay["lv"])), FIRST=i == 0, PDL=self.pdl,
-                                     **self._kw(tn["head_warps"]))
-            self._gemv(lay["att_o"], self.yg, self.x, base=self.x, bn=min(4, tn["gemv_bn"]))
-            self._mix(False, lay["ln2"], st.ffn_x[i], lay["fmix"], self.xk, 1)
+                                     self.slot[i], cp[0], cp[1], N=N, BLW=_p2(lay["lw"]), BLA=_p2(lay["la"]),
+                                     BLG=_p2(lay["lg"]), BLV=_p2(max(1, lay["lv"])), FIRST=i == 0, PDL=self.pdl,
+                                     COPY=mixin and i > 0, **self._kw(tn["head_warps"]))
+            if mixin:   # x stays the layer input; xb = x + att (the FFN's LN input); sparse: x = xb too
+                self._gemv(lay["att_o"], self.yg, self.xb, base=self.x, bn=min(4, tn["gemv_bn"]),
+                           y2=self.x if sparse else None)
+            else:
+                self._gemv(lay["att_o"], self.yg, self.x, base=self.x, bn=min(4, tn["gemv_bn"]))
+                self._mix(False, lay["ln2"], st.ffn_x[i], lay["fmix"], self.xk, 1)
+            mx = (self.xb, st.ffn_x[i], lay["fmix"], lay["ln2"][0], lay["ln2"][1], self.fnew[i])
             p = self.pred[i] if self.pred else None
             q = p or dict(q=self.xk, s=self.xk, z=self.xk, thr=0.0, bits=8, gs=1, g=0, per=1)
+            if self.gather:   # the whole sparse FFN, rows gathered (see ffn_sparse)
+                bn = tn["sparse_bn"]
+                K["ffn_sparse"][(-(-F // bn),)](
+                    lay["key"], self.xk, self.kbuf[i], q["q"], q["s"], q["z"], q["thr"], F, D, lay["wv"], self.x,
+                    self.cnt[i], *mx, BN=bn, BK=_p2(D), PRED=p is not None, BITS=q["bits"], PER=q["per"],
+                    NB=q["gs"] // q["per"], GC=max(1, q["g"]), MIXIN=mixin, NA=tn["gather_na"], PDL=self.pdl,
+                    **self._kw(tn["sparse_warps"]))
+                continue
             one = q["g"] > 0 and q["g"] == _p2(q["g"]) and D == _p2(D)
             full = _p2(D) <= tn["full_k"]
-            kbn = tn["fused_key_bn"] if sparse and fv else tn["key_bn"]
+            split = sparse and tn["split_value"] is not None    # (BF, BD): keys, then ffn_vsplit
+            fv = fv and not split
+            kbn = (tn["pred_key_bn"] if p else tn["fused_key_bn"]) if sparse and fv else tn["key_bn"]
             K["ffn_key"][(-(-F // kbn),)](
                 lay["key"], self.xk, self.kbuf[i], self.idx[i], q["q"], q["s"], q["z"], q["thr"], self.slot[i],
-                F, D, q["g"], lay["wv"], self.x, self.cnt[i], BN=kbn, BK=_p2(D) if full else min(tn["key_bk"], _p2(D)), PRED=p is not None,
+                F, D, q["g"], lay["wv"], self.x, self.cnt[i], *mx, BN=kbn,
+                BK=_p2(D) if full else min(tn["key_bk"], _p2(D)), PRED=p is not None,
                 BITS=q["bits"], GS=q["gs"], PER=q["per"], NB=q["gs"] // q["per"], ONESHOT=one,
                 GC=q["g"] if one else 1, FULL=full, COMPACT=sparse and not fv, PDL=self.pdl, VALUE=sparse and fv,
-                BVD=min(_p2(D), tn["key_value_bd"]), **self._kw(tn["key_warps"]))
-            if sparse and not fv:   # only the listed (active) rows of W_v^T
+                BVD=min(_p2(D), tn["key_value_bd"]), MIXIN=mixin, DIAG=tn["diag"], COUNT=split and p is not None,
+                VSEL=self.vsel, EVW=tn["evict_stream"], EVV=tn["evict_value"],
+                **self._kw(tn["key_warps"]))
+            if split:
+                bf, bd = tn["split_value"]
+                bd = min(bd, _p2(D))
+                K["ffn_vsplit"][(-(-F // bf), -(-D // bd))](lay["wv"], self.kbuf[i], self.x, self.cnt[i], F, D,
+                                                          BF=bf, BD=bd, PDL=self.pdl, **self._kw(tn["split_warps"]))
+            elif sparse and not fv:   # only the listed (active) rows of W_v^T
                 K["ffn_value"][(-(-D // self.bd), self.ns)](lay["wv"], self.kbuf[i], self.idx[i], self.slot[i],
                                                              self.cnt[i], self.x, D, self.ns, BD=self.bd, BS=self.bs,
                                                              PDL=self.pdl, **self._kw(tn["value_warps"]))
-            elif not sparse:   # x += W_v k over all F neurons
-                self._gemv(lay["wv"], self.kbuf[i], self.x, base=self.x, bn=tn["value_bn"], warps=tn["value_warps"])
-        self._mix(False, self.ln_out, self.xo, self.xo, self.xo, 0)
+            elif not sparse:   # x += W_v k over all F neurons (fused mix: x = xb + W_v k)
+                self._gemv(lay["wv"], self.kbuf[i], self.x, base=self.xb if mixin else self.x, bn=tn["value_bn"],
+                           warps=tn["value_warps"])
+        L = self.L
+        self._mix(False, self.ln_out, self.xo, self.xo, self.xo, 0,
+                  copy=(self.fnew[L - 1], st.ffn_x[L - 1]) if mixin else None)
         self._gemv(self.head, self.xo, self.logits, bn=tn["gemv_bn"])
         return self.logits
 
@@ -309,6 +369,7 @@ class FusedDecode:
         s = self.stats() if density is None else None
         rd = 1.0 if self.mode != "predicted" else (s["read_density"] if s else density)
         ac = 1.0 if self.mode == "dense" else (s["active_density"] if s else density)
+        ac = rd if self.vsel else ac     # value rows read for every predicted row
         n = it(self.head) + self.D * self.emb.element_size()
         for i, lay in enumerate(self.layers):
             n += sum(it(m[0]) for m in lay["mats"]) + it(lay["att_o"])

@@ -48,8 +48,9 @@ def kernels():
     globals()["_sync"] = _sync
 
     @triton.jit
-    def mix(x_p, emb_p, tok_p, ln0w_p, ln0b_p, lnw_p, lnb_p, prev_p, mix_p, out_p, D, eps,
-            BD: tl.constexpr, EMB: tl.constexpr, NMIX: tl.constexpr, BM: tl.constexpr, PDL: tl.constexpr):
+    def mix(x_p, emb_p, tok_p, ln0w_p, ln0b_p, lnw_p, lnb_p, prev_p, mix_p, out_p, D, eps, cps_p, cpd_p,
+            BD: tl.constexpr, EMB: tl.constexpr, NMIX: tl.constexpr, BM: tl.constexpr, PDL: tl.constexpr,
+            COPY: tl.constexpr):
         d = tl.arange(0, BD)
         dm = d < D
         m = tl.arange(0, BM)
@@ -61,6 +62,8 @@ def kernels():
             w0 = tl.load(ln0w_p + d, mask=dm, other=0.0)
             b0 = tl.load(ln0b_p + d, mask=dm, other=0.0)
         _sync(PDL)
+        if COPY:  # the FFN token-shift state the fused FFN mix of the last layer left in scratch
+            tl.store(cpd_p + d, tl.load(cps_p + d, mask=dm), mask=dm)
         if EMB:   # x = ln0(emb[tok]): the block input of layer 0
             tok = tl.load(tok_p)
             e = tl.load(emb_p + tok * D + d, mask=dm, other=0.0).to(tl.float32)
@@ -81,9 +84,9 @@ def kernels():
             tl.store(out_p + m[:, None] * D + d[None, :], xl[None, :] + xx[None, :] * mv, mask=mm)
 
     @triton.jit
-    def gemv(w_p, x_p, y_p, base_p, segend_p, segx_p, N, K,
+    def gemv(w_p, x_p, y_p, base_p, segend_p, segx_p, N, K, y2_p,
              BN: tl.constexpr, BK: tl.constexpr, NSEG: tl.constexpr, ACT: tl.constexpr, ADD: tl.constexpr,
-             FULL: tl.constexpr, PDL: tl.constexpr):
+             FULL: tl.constexpr, PDL: tl.constexpr, DUAL: tl.constexpr, EVW: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
         rm = rows < N
@@ -96,7 +99,8 @@ def kernels():
         if FULL:   # the whole (BN, K) tile in one load, issued before waiting for the input
             ks = tl.arange(0, BK)
             km = ks < K
-            wv = tl.load(w_p + rows[:, None] * K + ks[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+            wv = tl.load(w_p + rows[:, None] * K + ks[None, :], mask=rm[:, None] & km[None, :], other=0.0,
+                         eviction_policy=EVW)
             _sync(PDL)
             xv = tl.load(x_p + xo + ks, mask=km, other=0.0)
             y = tl.sum(wv.to(tl.float32) * xv[None, :], axis=1)
@@ -116,12 +120,14 @@ def kernels():
         if ADD:
             y += tl.load(base_p + rows, mask=rm, other=0.0)
         tl.store(y_p + rows, y, mask=rm)
+        if DUAL:   # the same rows again (att_o: the FFN's LN input and the base its atomics add to)
+            tl.store(y2_p + rows, y, mask=rm)
 
     @triton.jit
     def att_head(y1_p, D, LW, LA, LG, LV, w2_p, a2_p, g2_p, v2_p, w0_p, a0_p, v0_p, kk_p, ka_p, rk_p,
-                 lnxw_p, lnxb_p, vfirst_p, s_p, out_p, slot_p,
+                 lnxw_p, lnxb_p, vfirst_p, s_p, out_p, slot_p, cps_p, cpd_p,
                  N: tl.constexpr, BLW: tl.constexpr, BLA: tl.constexpr, BLG: tl.constexpr, BLV: tl.constexpr,
-                 FIRST: tl.constexpr, PDL: tl.constexpr):
+                 FIRST: tl.constexpr, PDL: tl.constexpr, COPY: tl.constexpr):
         h = tl.program_id(0)
         n = tl.arange(0, N)
         col = h * N + n
@@ -146,6 +152,8 @@ def kernels():
             v2 = tl.load(v2_p + lv[:, None] * D + col[None, :], mask=(lv < LV)[:, None], other=0.0)
             v0 = tl.load(v0_p + col)
         _sync(PDL)
+        if COPY:  # ffn_x[i-1] <- the scratch the fused FFN mix of layer i-1 wrote (read by nobody now)
+            tl.store(cpd_p + col, tl.load(cps_p + col))
         tl.store(slot_p + tl.arange(0, 2), tl.zeros((2,), dtype=tl.int32), mask=(tl.arange(0, 2) < 2) & (h == 0))
         r = tl.load(y1_p + col)
         k = tl.load(y1_p + D + col)
@@ -183,6 +191,24 @@ def kernels():
         tl.store(out_p + col, y * g)
 
     @triton.jit
+    def _ln_mix(xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p, D, ks, km, WRITE):
+        """The FFN input of one layer, as the mix kernel computes it (NMIX 1), in every program:
+        xl = LN(xb); xk = xl + (prev - xl) * mix; xl goes to new_p (program 0 only; the state row is
+        copied from there by a later launch, since other programs still read prev). (BK,) float32."""
+        x = tl.load(xb_p + ks, mask=km, other=0.0)
+        prev = tl.load(prev_p + ks, mask=km, other=0.0)
+        m = tl.load(mix_p + ks, mask=km, other=0.0)
+        lw = tl.load(lnw_p + ks, mask=km, other=0.0)
+        lb = tl.load(lnb_p + ks, mask=km, other=0.0)
+        mu = tl.sum(x, axis=0) / D
+        c = tl.where(km, x - mu, 0.0)
+        xl = c / tl.sqrt(tl.sum(c * c, axis=0) / D + 1e-5) * lw + lb
+        tl.store(new_p + ks, xl, mask=km & WRITE)
+        return xl + (prev - xl) * m
+
+    globals()["_ln_mix"] = _ln_mix
+
+    @triton.jit
     def _score(x_p, q_p, qs_p, qz_p, rows, rm, D, G, BN: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
                PER: tl.constexpr, NB: tl.constexpr, PDL: tl.constexpr):
         """Group-by-group n-bit predictor scores of `rows` (any D; waits for the input itself)."""
@@ -207,10 +233,12 @@ def kernels():
 
     @triton.jit
     def ffn_key(w_p, x_p, k_p, idx_p, q_p, qs_p, qz_p, thr, slot_p, F, D, G, vt_p, xo_p, cnt_p,
+                xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p,
                 BN: tl.constexpr, BK: tl.constexpr, PRED: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
                 PER: tl.constexpr, NB: tl.constexpr, ONESHOT: tl.constexpr, GC: tl.constexpr,
                 FULL: tl.constexpr, COMPACT: tl.constexpr, PDL: tl.constexpr, VALUE: tl.constexpr,
-                BVD: tl.constexpr):
+                BVD: tl.constexpr, MIXIN: tl.constexpr, DIAG: tl.constexpr, COUNT: tl.constexpr,
+                VSEL: tl.constexpr, EVW: tl.constexpr, EVV: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
         rm = rows < F
@@ -242,13 +270,20 @@ def kernels():
             if FULL:
                 xv = tl.load(x_p + ks, mask=km, other=0.0)
                 wv = tl.load(w_p + rows[:, None] * D + ks[None, :], mask=sel[:, None] & km[None, :], other=0.0)
+                if VSEL:   # the selected rows of W_v^T in the same round trip (more bytes, one trip less)
+                    vs = tl.load(vt_p + rows[:, None] * D + ks[None, :], mask=sel[:, None] & km[None, :], other=0.0,
+                                 eviction_policy=EVV)
                 y = tl.sum(wv.to(tl.float32) * xv[None, :], axis=1)
         else:
             sel = rm
             if FULL:
-                wv = tl.load(w_p + rows[:, None] * D + ks[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+                wv = tl.load(w_p + rows[:, None] * D + ks[None, :], mask=rm[:, None] & km[None, :], other=0.0,
+                             eviction_policy=EVW)
                 _sync(PDL)
-                xv = tl.load(x_p + ks, mask=km, other=0.0)
+                if MIXIN:   # LN2 + token shift of the residual here (no mix launch; dense mode only)
+                    xv = _ln_mix(xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p, D, ks, km, pid == 0)
+                else:
+                    xv = tl.load(x_p + ks, mask=km, other=0.0)
                 y = tl.sum(wv.to(tl.float32) * xv[None, :], axis=1)
             else:
                 _sync(PDL)
@@ -267,15 +302,26 @@ def kernels():
         if VALUE:     # the value rows of this program's active neurons, right here (no second launch)
             act = y > 0
             na = tl.sum(act.to(tl.int32), axis=0)
-            if na > 0:
+            if VSEL:
+                yv = tl.maximum(y, 0.0)                                     # k, with -1 -> 0
+                tl.atomic_add(xo_p + ks, tl.sum(vs.to(tl.float32) * yv[:, None], axis=0), mask=km & (na > 0),
+                              sem="relaxed")
+            elif (na > 0) & (DIAG != 1):   # DIAG (timing only, wrong results): 1 no value rows, 2 no atomics
                 for c0 in range(0, D, BVD):
                     cols = c0 + tl.arange(0, BVD)
                     cm = cols < D
-                    vv = tl.load(vt_p + rows[:, None] * D + cols[None, :], mask=act[:, None] & cm[None, :], other=0.0)
-                    tl.atomic_add(xo_p + cols, tl.sum(vv.to(tl.float32) * y[:, None], axis=0), mask=cm, sem="relaxed")
+                    vv = tl.load(vt_p + rows[:, None] * D + cols[None, :], mask=act[:, None] & cm[None, :], other=0.0,
+                                 eviction_policy=EVV)
+                    part = tl.sum(vv.to(tl.float32) * y[:, None], axis=0)
+                    if DIAG == 2:
+                        tl.store(xo_p + cols, part, mask=cm & (part != part))
+                    else:
+                        tl.atomic_add(xo_p + cols, part, mask=cm, sem="relaxed")
             tl.atomic_add(cnt_p + 1, na, sem="relaxed")                              # running totals
             if PRED:
                 tl.atomic_add(cnt_p, tl.sum(sel.to(tl.int32), axis=0), sem="relaxed")
+        if COUNT:     # predicted rows into the running total (the split value kernel counts the active)
+            tl.atomic_add(cnt_p, tl.sum(sel.to(tl.int32), axis=0), sem="relaxed")
         if COMPACT:   # append the active rows to the layer's index list (slot[1] = its length)
             act = (y > 0).to(tl.int32)
             base = tl.atomic_add(slot_p + 1, tl.sum(act, axis=0))
@@ -283,6 +329,116 @@ def kernels():
             tl.store(idx_p + pos, rows, mask=act > 0)
             if PRED:
                 tl.atomic_add(slot_p, tl.sum(sel.to(tl.int32), axis=0))   # slot[0]: rows read
+
+    @triton.jit
+    def _gather(sel, pos, rows, y, c0, n, NA: tl.constexpr):
+        """Slots c0..c0+NA of the in-program list of selected rows (pos = rank among them): the row
+        numbers, their y and which slots are real (< n). (NA,) each; a (NA, BN) compare, no memory."""
+        s = c0 + tl.arange(0, NA)
+        eq = (pos[None, :] == s[:, None]) & sel[None, :]
+        r = tl.sum(tl.where(eq, rows[None, :], 0), axis=1)
+        yk = tl.sum(tl.where(eq, y[None, :], 0.0), axis=1)
+        return r, yk, s < n
+
+    globals()["_gather"] = _gather
+
+    @triton.jit
+    def ffn_sparse(w_p, x_p, k_p, q_p, qs_p, qz_p, thr, F, D, vt_p, xo_p, cnt_p,
+                   xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p,
+                   BN: tl.constexpr, BK: tl.constexpr, PRED: tl.constexpr, BITS: tl.constexpr,
+                   PER: tl.constexpr, NB: tl.constexpr, GC: tl.constexpr, MIXIN: tl.constexpr,
+                   NA: tl.constexpr, PDL: tl.constexpr):
+        """The whole sparse FFN of one layer for BN rows (D <= BK, whole-width tiles): [LN2 + mix],
+        [predictor scores -> the selected W_k rows, NA at a time, gathered into a (NA, BK) tile],
+        keys, then the active rows' W_v^T columns gathered NA at a time, summed in registers and
+        added to xo_p once per program (atomics over D). Registers hold NA rows, not BN masked ones,
+        so that every program is resident at once and the dependent loads of all programs overlap."""
+        pid = tl.program_id(0)
+        rows = pid * BN + tl.arange(0, BN)
+        rm = rows < F
+        ks = tl.arange(0, BK)
+        km = ks < D
+        acc = tl.zeros((BK,), dtype=tl.float32)
+        if PRED:   # codes, scales, zeros of the row tile first (weights: before the wait)
+            cb = tl.arange(0, GC * NB)
+            gi = tl.arange(0, GC)
+            byt = tl.load(q_p + rows[:, None] * (GC * NB) + cb[None, :], mask=rm[:, None], other=0)
+            scale = tl.load(qs_p + rows[:, None] * GC + gi[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
+            zero = tl.load(qz_p + rows[:, None] * GC + gi[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
+            _sync(PDL)
+            if MIXIN:
+                xv = _ln_mix(xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p, D, ks, km, pid == 0)
+            else:
+                xv = tl.load(x_p + ks, mask=km, other=0.0)
+            x2 = tl.reshape(xv, (GC * NB, PER))                      # x2[c, s] = x[c * PER + s]
+            qx = tl.zeros((BN, GC * NB), dtype=tl.float32)
+            xs = tl.zeros((GC * NB,), dtype=tl.float32)
+            for s in tl.static_range(PER):
+                code = ((byt >> (s * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+                xq = tl.sum(tl.where(tl.arange(0, PER)[None, :] == s, x2, 0.0), axis=1)
+                qx += code * xq[None, :]
+                xs += xq
+            qg = tl.sum(tl.reshape(qx, (BN, GC, NB)), axis=2)
+            xg = tl.sum(tl.reshape(xs, (GC, NB)), axis=1)
+            sc = tl.sum(scale * qg + zero * xg[None, :], axis=1)
+            sel = rm & (sc >= thr)
+            tl.store(k_p + rows, tl.full((BN,), -1.0, tl.float32), mask=rm & (sc < thr))   # -1: not predicted
+            sl = sel.to(tl.int32)
+            ns = tl.sum(sl, axis=0)
+            pos = tl.cumsum(sl, axis=0) - sl
+            na = ns * 0
+            for c0 in range(0, ns, NA):   # NA selected rows at a time: W_k rows, keys, W_v^T rows
+                r, yk, ok = _gather(sel, pos, rows, rows.to(tl.float32), c0, ns, NA)
+                wk = tl.load(w_p + r[:, None] * D + ks[None, :], mask=ok[:, None] & km[None, :], other=0.0)
+                y = tl.maximum(tl.sum(wk.to(tl.float32) * xv[None, :], axis=1), 0.0)
+                y = y * y
+                tl.store(k_p + r, y, mask=ok)
+                a = ok & (y > 0)
+                na += tl.sum(a.to(tl.int32), axis=0)
+                vv = tl.load(vt_p + r[:, None] * D + ks[None, :], mask=a[:, None] & km[None, :], other=0.0)
+                acc += tl.sum(vv.to(tl.float32) * y[:, None], axis=0)
+            tl.atomic_add(cnt_p, ns, sem="relaxed")
+        else:      # exact: every W_k row (prefetched), then only the active rows of W_v^T
+            wv = tl.load(w_p + rows[:, None] * D + ks[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+            _sync(PDL)
+            if MIXIN:
+                xv = _ln_mix(xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p, D, ks, km, pid == 0)
+            else:
+                xv = tl.load(x_p + ks, mask=km, other=0.0)
+            y = tl.maximum(tl.sum(wv.to(tl.float32) * xv[None, :], axis=1), 0.0)
+            y = y * y
+            tl.store(k_p + rows, y, mask=rm)
+            act = rm & (y > 0)
+            al = act.to(tl.int32)
+            na = tl.sum(al, axis=0)
+            pos = tl.cumsum(al, axis=0) - al
+            for c0 in range(0, na, NA):
+                r, yk, ok = _gather(act, pos, rows, y, c0, na, NA)
+                vv = tl.load(vt_p + r[:, None] * D + ks[None, :], mask=ok[:, None] & km[None, :], other=0.0)
+                acc += tl.sum(vv.to(tl.float32) * yk[:, None], axis=0)
+        if na > 0:
+            tl.atomic_add(xo_p + ks, acc, mask=km, sem="relaxed")
+        tl.atomic_add(cnt_p + 1, na, sem="relaxed")
+
+    @triton.jit
+    def ffn_vsplit(vt_p, k_p, x_p, cnt_p, F, D, BF: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
+        """Sparse FFN value as a split-K pass over W_v^T (F, D): program (f, d) takes BF neurons x BD
+        columns, loads only the rows with k > 0 (masked: zero rows never leave memory), and adds
+        its (BD,) partial to x: (F / BF) atomic adds per element instead of one per key program."""
+        pf = tl.program_id(0)
+        pd = tl.program_id(1)
+        fr = pf * BF + tl.arange(0, BF)
+        fm = fr < F
+        cols = pd * BD + tl.arange(0, BD)
+        cm = cols < D
+        _sync(PDL)
+        k = tl.load(k_p + fr, mask=fm, other=0.0)
+        act = k > 0
+        na = tl.sum(act.to(tl.int32), axis=0)
+        w = tl.load(vt_p + fr[:, None] * D + cols[None, :], mask=act[:, None] & cm[None, :], other=0.0)
+        part = tl.sum(w.to(tl.float32) * k[:, None], axis=0)
+        tl.atomic_add(x_p + cols, part, mask=cm & (na > 0), sem="relaxed")
+        tl.atomic_add(cnt_p + 1, na, mask=pd == 0, sem="relaxed")
 
     @triton.jit
     def ffn_value(vt_p, k_p, idx_p, slot_p, cnt_p, x_p, D, NS,
@@ -306,5 +462,6 @@ def kernels():
         two = tl.arange(0, 2)
         tl.atomic_add(cnt_p + two, tl.load(slot_p + two), mask=(two < 2) & first)
 
-    _K.update(mix=mix, gemv=gemv, att_head=att_head, ffn_key=ffn_key, ffn_value=ffn_value)
+    _K.update(mix=mix, gemv=gemv, att_head=att_head, ffn_key=ffn_key, ffn_value=ffn_value, ffn_sparse=ffn_sparse,
+               ffn_vsplit=ffn_vsplit)
     return _K

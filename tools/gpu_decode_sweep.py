@@ -1,0 +1,98 @@
+"""Captured decode tok/s of the fused decode under several launch settings, in one process (one
+model load, every mode): the A/B table of tools/gpu_decode_run.sh sweep.
+
+    python3 tools/gpu_decode_sweep.py --shape 24,2048,8192,65536 --density 0.13 --out /tmp/big \\
+        --set old='{"gather_na":0,"fuse_ffn_mix":false}' --set new='{}' [--modes dense,exact,predicted]
+
+--shape/--density/--calib build (or with an existing --out, reuse) the random checkpoint and the
+2-bit bundle as tools/gpu_decode_bench.py does. Each --set NAME=JSON (cuda_decode.TUNE overrides;
+"modes": [...] inside limits it to those modes) is timed as the bench times a row: median of
+--rounds runs of --tokens tokens from one state, graph on. Sets are run in rounds (every set once,
+then again) so that clock drift spreads over all of them; the table gives each set's median over
+the rounds, % of the 4.8 TB/s roof over the bytes the step reads, densities and the ratio to the
+first set's dense row. One JSON line per measurement."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", required=True)
+    ap.add_argument("--density", type=float, default=0.13)
+    ap.add_argument("--calib", type=int, default=512)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--set", action="append", default=[], help="NAME=JSON tune overrides")
+    ap.add_argument("--modes", default="dense,exact,predicted")
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--passes", type=int, default=2, help="rounds over all sets")
+    args = ap.parse_args()
+    import numpy as np
+    import torch
+
+    import gpu_decode_bench as B
+    from rwkv_edge.backends.cuda_decode import FusedDecode
+    from rwkv_edge.predictors.bundle import PredictorBundle
+    from rwkv_edge.runtime import open_model
+
+    L, D, F, V = (int(v) for v in args.shape.split(","))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"shape_{L}x{D}.pth")
+    t = time.perf_counter()
+    if not os.path.exists(path):
+        B.make_shaped(path, L, D, F, V, args.density)
+    bpath = os.path.join(args.out, "bundle.npz")
+    if not os.path.exists(bpath):
+        ids = np.random.default_rng(5).integers(1, V, args.calib)
+        B.fit_bundle(path, bpath, [int(v) for v in ids])
+    print(f"# model and bundle ready in {time.perf_counter() - t:.0f}s", flush=True)
+    m = open_model(path, device="cuda", dtype="fp16")
+    bundle = PredictorBundle.load(bpath, model=m)
+    toks = [int(v) for v in np.random.default_rng(2).integers(1, V, args.tokens)]
+    _, st = m.forward(toks[:16])
+    sets = [(s.split("=", 1)[0], json.loads(s.split("=", 1)[1])) for s in args.set] or [("default", {})]
+    res: dict = {}
+    for _ in range(args.passes):
+        for name, tune in sets:
+            tune = dict(tune)
+            modes = tune.pop("modes", args.modes.split(","))
+            for mode in modes:
+                dec = FusedDecode(m, mode, bundle=bundle if mode == "predicted" else None, tune=tune)
+                rates = []
+                for r in range(args.rounds + 1):
+                    dec.reset(st)
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    for tok in toks:
+                        dec.step(tok)
+                    torch.cuda.synchronize()
+                    if r:                                   # the first round warms up
+                        rates.append(len(toks) / (time.perf_counter() - t))
+                dens = dec.stats()
+                row = dict(set=name, mode=mode, tok_s=round(float(np.median(rates)), 1),
+                           bytes=dec.bytes_per_token(), gather=dec.gather, mixin=dec.mixin, **dens)
+                print(json.dumps(row), flush=True)
+                res.setdefault((name, mode), []).append(row)
+                del dec
+    base = None
+    print(f"\n| {L}x{D} F{F} V{V} | mode | tok/s | x dense[{sets[0][0]}] | % 4.8 TB/s roof | read/active density |")
+    for (name, mode), rows in res.items():
+        v = float(np.median([r["tok_s"] for r in rows]))
+        base = v if base is None and mode == "dense" else base
+        r0 = rows[-1]
+        print(f"| {name} | {mode} | {v:.1f} | {v / base if base else float('nan'):.3f} | "
+              f"{100 * v * r0['bytes'] / 4.8e12:.1f} | {r0['read_density']}/{r0['active_density']} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
