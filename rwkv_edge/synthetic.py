@@ -198,7 +198,7 @@ def write_synthetic(path, shape, dtype: str = "int8", seed: int = 0, progress=No
     """Write a random x070 model of `shape` (an official name, or a ModelConfig) to the model file
     `path` in `dtype` ("fp32", "fp16", "int8", "int4"), streaming tensor chunks (see module docstring).
     kw: tensor_specs options (default for official shapes: matrix_std 0.8). Returns path."""
-    from rwkv_edge.quant import quantize_int8_rows
+    from rwkv_edge.quant import quantize_int8_rows, quantize_q4
 
     from .backends.numba_common import bundle_arrays
     from .modelfile import write_model
@@ -220,18 +220,13 @@ def write_synthetic(path, shape, dtype: str = "int8", seed: int = 0, progress=No
                 sc.append(s)
             yield q
 
-    def q_rows(name):
-        sc = pending.setdefault(("q", name), [])
+    def quantized_rows(kind, name):
+        """kind "q" (int8 rows) or "q4" (int4 groups): the codes, chunk by chunk; the scales kept for
+        the scale tensor that follows."""
+        quantize = quantize_int8_rows if kind == "q" else quantize_q4
+        sc = pending.setdefault((kind, name), [])
         for w in chunks(name):
-            q, s = quantize_int8_rows(w)
-            sc.append(s)
-            yield q
-
-    def q4_rows(name):
-        from rwkv_edge.quant import quantize_q4
-        sc = pending.setdefault(("q4", name), [])
-        for w in chunks(name):
-            q, s = quantize_q4(w)
+            q, s = quantize(w)
             sc.append(s)
             yield q
 
@@ -241,10 +236,8 @@ def write_synthetic(path, shape, dtype: str = "int8", seed: int = 0, progress=No
             return kv(ref)
         if kind in ("kv_scale", "scale", "s4"):
             return np.concatenate(pending.pop(({"kv_scale": "kv", "scale": "q", "s4": "q4"}[kind], ref)))
-        if kind == "q":
-            return q_rows(ref)
-        if kind == "q4":
-            return q4_rows(ref)
+        if kind in ("q", "q4"):
+            return quantized_rows(kind, ref)
         if kind in ("qc", "cscale"):       # LoRA matrices (D, <=256): small, per-column scales
             w = np.concatenate(list(chunks(ref)))
             q, s = quantize_int8_rows(w.T)

@@ -327,6 +327,16 @@ def dequant_rows4(W, S, r0, r1, out):
 
 
 # --- the neuron-bundled FFN -------------------------------------------------------------------------
+@_njit(cache=True, inline="always")
+def _quad(idx, p, m):
+    """Neurons idx[p], ..., idx[p + m - 1] (m <= 4) as four ids for dot4, the first repeated past m."""
+    j0 = np.int64(idx[p])
+    j1 = np.int64(idx[p + 1]) if m > 1 else j0
+    j2 = np.int64(idx[p + 2]) if m > 2 else j0
+    j3 = np.int64(idx[p + 3]) if m > 3 else j0
+    return j0, j1, j2, j3
+
+
 @_njit(fastmath=True, cache=True, inline="always")
 def _axpy(A, S, row, h, out):
     """out += h * W_hat[row] (a value column)."""
@@ -377,10 +387,7 @@ def ffn4_range(kv, sc, x, idx, lo, hi, out, dense):
         p = lo
         while p < hi:
             m = min(4, hi - p)
-            j0 = np.int64(idx[p])
-            j1 = np.int64(idx[p + 1]) if m > 1 else j0
-            j2 = np.int64(idx[p + 2]) if m > 2 else j0
-            j3 = np.int64(idx[p + 3]) if m > 3 else j0
+            j0, j1, j2, j3 = _quad(idx, p, m)
             dot4(A, S, 2 * j0, 2 * j1, 2 * j2, 2 * j3, X, xs, init, a4)
             for q in range(m):
                 a4[q] = a4[q] * a4[q] if a4[q] > 0 else np.float32(0.0)
@@ -403,10 +410,7 @@ def ffn4_range(kv, sc, x, idx, lo, hi, out, dense):
                 _prefetch(kv, jq * (2 * H) + l)
             _prefetch(sc, jq * (4 * G))
         m = min(4, hi - p)
-        j0 = np.int64(idx[p])
-        j1 = np.int64(idx[p + 1]) if m > 1 else j0
-        j2 = np.int64(idx[p + 2]) if m > 2 else j0
-        j3 = np.int64(idx[p + 3]) if m > 3 else j0
+        j0, j1, j2, j3 = _quad(idx, p, m)
         dot4(A, S, 2 * j0, 2 * j1, 2 * j2, 2 * j3, X, xs, init, a4)
         for q in range(m):
             a = a4[q]
