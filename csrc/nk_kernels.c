@@ -236,21 +236,21 @@ VNNI static void dots_vnni(const int8_t *base, int64_t stride, const int32_t *id
      * the results are bit-identical; a float correction taken off after the sum would cancel
      * catastrophically (|sum (w + 128) xq| ~ 1e6 per group against a result of ~1e3). */
     const __m256i flip = _mm256_set1_epi8((char)0x80), zero = _mm256_setzero_si256();
-#define PREP __m256i nc = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, flip, xv))   /* -128 xq per lane */
+#define NEG_OFFSET(xv) _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, flip, xv))   /* -128 xq per lane */
 #define DOT(ptr) _mm256_dpbusd_epi32(nc, _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(ptr)), flip), xv)
     if (T == 1 && I / NK_GS <= 256) {     /* the offsets once per call, not once per row and group */
         __m256i ncs[256];
         for (int64_t g = 0; g < I / NK_GS; g++)
-            ncs[g] = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, flip, _mm256_loadu_si256((const __m256i *)(X + g * NK_GS))));
-#undef PREP
+            ncs[g] = NEG_OFFSET(_mm256_loadu_si256((const __m256i *)(X + g * NK_GS)));
 #define PREP __m256i nc = ncs[gi]    /* gi: GROUP's group */
         DOT1_BODY(DOT)
+#undef PREP
     } else {
-#undef PREP
-#define PREP __m256i nc = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, flip, xv))
+#define PREP __m256i nc = NEG_OFFSET(xv)
         DOTS_BODY(DOT)
-    }
 #undef PREP
+    }
+#undef NEG_OFFSET
 #undef DOT
 }
 

@@ -60,10 +60,10 @@ def shape_bundle(path: str, bits: int, workdir: str) -> str:
     from rwkv_edge.predictors.bundle import PredictorBundle
     from rwkv_edge.predictors.calibrate import Calibration
     from rwkv_edge.predictors.quantized import QuantizedPredictor
-    m = NativeRWKV7.open(path)
     out = os.path.join(workdir, f"{os.path.basename(path)}.pred{bits}.npz")
     if os.path.exists(out):
         return out
+    m = NativeRWKV7.open(path)
     c, rng, preds = m.config, np.random.default_rng(0), []
     for _ in range(c.n_layer):
         p = QuantizedPredictor.fit(rng.standard_normal((c.ffn_dim, c.n_embd), np.float32), bits, 64)
