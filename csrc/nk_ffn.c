@@ -11,6 +11,7 @@
  * Weights: int8 (kv (F, 2, D) + kv_scale (F, 2)) or int4 (kv4 (F, 2, D / 2) + group scales kv4s
  * (F, 2, D / 32), nk_q4.c): the helpers below pick the kernels; int4 has no per-neuron scales.
  */
+#include <stdatomic.h>
 #include <string.h>
 
 #include "nk_model.h"
@@ -108,14 +109,13 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
                 }
             }
             if (f->pred && n) {        /* the predictor's verdict, asked only where it matters */
-                m->k->pred(f->pred, &m->pxt[t], s->pj, 0, n, s->sc);
-                int64_t k = 0;
-                for (int64_t q = 0; q < n; q++)
-                    if (s->sc[q] >= f->pred->thr) {
-                        s->pj[k] = s->pj[q], s->ph[k++] = s->ph[q];
-                        if (m->rec)
-                            m->rec[((m->rec_t0 + t) * m->L + m->rec_layer) * m->F + s->pj[q]] = 1;
-                    }
+                int64_t k = nk_pred_select(m->k, f->pred, &m->pxt[t], s->pj, 0, n, s->sel, s->sc);
+                for (int64_t i = 0; i < k; i++) {       /* positions ascending: in place */
+                    int64_t q = s->sel[i];
+                    s->pj[i] = s->pj[q], s->ph[i] = s->ph[q];
+                    if (m->rec)
+                        m->rec[((m->rec_t0 + t) * m->L + m->rec_layer) * m->F + s->pj[i]] = 1;
+                }
                 n = k;
                 s->npred += n;
             }
@@ -144,26 +144,48 @@ static void ffn_sparse_task(void *c, int tid, int64_t lo, int64_t hi) {
     s->nval += n;
 }
 
+#define NK_MAXREC 256            /* chunks of one pool call (nk_pool.c: about four per thread) */
 typedef struct {
     nk_model *m;
     const nk_pred *p;
+    int one;                   /* one thread: the single task writes straight into m->idx */
+    atomic_int nrec;
+    int64_t lo[NK_MAXREC], n[NK_MAXREC];
+    const int32_t *sel[NK_MAXREC];
 } pred_ctx;
 
+/* rows [lo, hi): the passing ones into m->idx (one thread), or into the thread's scratch at lo, recorded */
 static void pred_task(void *c, int tid, int64_t lo, int64_t hi) {
     pred_ctx *pc = (pred_ctx *)c;
-    (void)tid;
-    pc->m->k->pred(pc->p, &pc->m->px, NULL, lo, hi, pc->m->score + lo);
+    nk_model *m = pc->m;
+    int32_t *out = pc->one ? m->idx + lo : m->tls[tid].sel + lo;
+    int64_t n = nk_pred_select(m->k, pc->p, &m->px, NULL, lo, hi, out, m->score + lo);
+    int i = atomic_fetch_add(&pc->nrec, 1);
+    pc->lo[i] = lo, pc->n[i] = n, pc->sel[i] = out;
 }
 
-/* the predicted set of token xk (D,) into m->idx (sorted); returns its size */
+/* the predicted set of token xk (D,) into m->idx (sorted); returns its size. One fused pass per
+ * layer where the kernel set has it (nk_pred.c): scores, threshold and compaction in registers. */
 static int64_t predict(nk_model *m, const nk_pred *p, const float *xk) {
     nk_pred_prep(p, xk, &m->px);
-    pred_ctx c = {m, p};
+    pred_ctx c = {.m = m, .p = p, .one = nk_pool_size(m->pool) == 1};
+    atomic_init(&c.nrec, 0);
     nk_pool_run(m->pool, pred_task, &c, p->R);
+    int nr = atomic_load(&c.nrec);
+    if (c.one)
+        return nr ? c.n[0] : 0;
+    for (int i = 1; i < nr; i++)              /* the chunks in row order (insertion sort, nr <= ~64) */
+        for (int j = i; j > 0 && c.lo[j - 1] > c.lo[j]; j--) {
+            int64_t tl = c.lo[j], tn = c.n[j];
+            const int32_t *ts = c.sel[j];
+            c.lo[j] = c.lo[j - 1], c.n[j] = c.n[j - 1], c.sel[j] = c.sel[j - 1];
+            c.lo[j - 1] = tl, c.n[j - 1] = tn, c.sel[j - 1] = ts;
+        }
     int64_t n = 0;
-    for (int64_t r = 0; r < p->R; r++)
-        if (m->score[r] >= p->thr)
-            m->idx[n++] = (int32_t)r;
+    for (int i = 0; i < nr; i++) {
+        memcpy(m->idx + n, c.sel[i], c.n[i] * sizeof(int32_t));
+        n += c.n[i];
+    }
     return n;
 }
 

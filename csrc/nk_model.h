@@ -38,6 +38,7 @@ typedef struct {               /* per-thread scratch */
     int64_t nval;              /* value columns read in the last call */
     int64_t npred;             /* prefill: active neurons the predictor kept */
     float *sc;                 /* (F,) predictor scores of the candidates */
+    int32_t *sel;              /* (F,) the predictor's select: positions, or rows of a decode chunk */
 } nk_tls;
 
 typedef struct {

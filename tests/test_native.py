@@ -159,6 +159,41 @@ def test_predictor_scores(bits, C):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=lv)
 
 
+@pytest.mark.parametrize("C, R", [(512, 77), (512, 2048), (1024, 45), (2048, 19), (768, 21)])
+def test_predictor_select(C, R):
+    """The select (sparse decode: all rows; prefill: a list of candidates) keeps exactly the rows whose
+    score from the level's score kernel is >= thr, in order. Where the fused AVX-512 select runs (2 bits,
+    G % 8 == 0), its own scores are bit-identical to nk_pred_avx2's, GFNI copy and shift copy alike, so it
+    picks the very sets the unfused path picked (also with the threshold on a score exactly)."""
+    from rwkv_edge.quant import QuantizedMatrix
+    rng = np.random.default_rng(C + R)
+    qm = QuantizedMatrix.quantize(rng.standard_normal((R, C)).astype(np.float32), 2, 64)
+    x = rng.standard_normal(C).astype(np.float32)
+    x[:64] = 0.0                                    # an all-zero group: scale 0
+    idx = rng.permutation(R)[:R // 2].astype(np.int32)
+    base = native.kernel_pred_select(qm, x, 0.0, native.levels()[-1])[0]
+    fused_ran = 0
+    for thr in (float(np.median(base)), float(base[R // 3])):       # the second: on a score exactly
+        for lv in native.levels():
+            s, sel = native.kernel_pred_select(qm, x, thr, lv)
+            s2, sel2 = native.kernel_pred_select(qm, x, thr, lv, idx=idx)
+            assert np.array_equal(sel, np.flatnonzero(s >= thr)) and np.array_equal(sel2, np.flatnonzero(s2 >= thr))
+            assert 0 < len(sel) < R
+            if lv == "generic":
+                continue
+            assert np.array_equal(s2, s[idx])
+            for fused in (1, 2):
+                f, f2 = (native.kernel_pred_select(qm, x, thr, lv, idx=ix, fused=fused) for ix in (None, idx))
+                if f is None:
+                    assert lv != "vnni" or C % 512 or qm.bits != 2
+                    continue
+                fused_ran += 1
+                assert np.array_equal(f[0], s) and np.array_equal(f2[0], s2)       # bit-identical scores
+                assert np.array_equal(f[1], sel) and np.array_equal(f2[1], sel2)
+    if "vnni" in native.levels() and C % 512 == 0:
+        assert fused_ran == 4
+
+
 # --- whole model -----------------------------------------------------------------------------------
 def test_dense_matches_reference(int8_file):
     m = native.NativeRWKV7.open(int8_file)

@@ -58,6 +58,9 @@ def _load():
                 lib.nk_level_name.argtypes = [ctypes.c_int]
                 lib.nk_test_dots.argtypes = [ctypes.c_int, P, i64, i64, P, i64, P]
                 lib.nk_test_pred.argtypes = [ctypes.c_int, i64, i64, i64, i64, P, P, P, P, P]
+                lib.nk_test_pred_sel.restype = ctypes.c_int
+                lib.nk_test_pred_sel.argtypes = [ctypes.c_int, ctypes.c_int, i64, i64, i64, i64, P, P, P, P,
+                                                 ctypes.c_float, P, i64, P, P, P]
                 lib.nk_test_dots4.argtypes = [ctypes.c_int, P, P, i64, i64, P, i64, P]
                 lib.nk_test_axpy4q.argtypes = [ctypes.c_int, P, P, P, i64, i64, P]
             except (OSError, AttributeError) as e:
@@ -181,6 +184,28 @@ def kernel_pred(qm, x: np.ndarray, lv: str) -> np.ndarray:
                         sc.ctypes.data, ze.ctypes.data, x.ctypes.data, out.ctypes.data) != 0:
         raise ValueError("kernel_pred: unsupported level")
     return out
+
+
+def kernel_pred_select(qm, x: np.ndarray, thr: float, lv: str, idx=None, fused: int = 0):
+    """(scores, selected) of a quant.QuantizedMatrix for x (C,) by the kernel set lv (for tests): the scores
+    of the rows idx (None: all) by lv's score kernel, or with fused 1 by the fused select's own kernel (2: its
+    copy without GFNI; None where lv has none for this predictor), and the positions in idx (or rows) that the select keeps
+    (score >= thr, ascending), as the sparse decode and prefill run it."""
+    lib = _load()[0]
+    packed = np.ascontiguousarray(qm.packed)
+    sc, ze = (np.ascontiguousarray(a).view(np.uint16) for a in (qm.scale, qm.zero))
+    x = np.ascontiguousarray(x, np.float32).reshape(-1)
+    ix = None if idx is None else np.ascontiguousarray(idx, np.int32)
+    n = qm.shape[0] if ix is None else ix.size
+    score, sel, nsel = np.empty(n, np.float32), np.empty(n, np.int32), np.zeros(1, np.int64)
+    rc = lib.nk_test_pred_sel(_LEVELS.index(lv), int(fused), qm.bits, qm.n_groups, qm.shape[0], qm.shape[1],
+                              packed.ctypes.data, sc.ctypes.data, ze.ctypes.data, x.ctypes.data, float(thr),
+                              _ptr(ix), n, score.ctypes.data, sel.ctypes.data, nsel.ctypes.data)
+    if rc == -2:
+        return None
+    if rc != 0:
+        raise ValueError("kernel_pred_select: unsupported level")
+    return score, sel[:int(nsel[0])]
 
 
 class NativeFFNStats:
