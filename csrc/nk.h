@@ -32,7 +32,8 @@ typedef struct nk_pred {
  * (the centring term e_g leaves only (code - mid) times the rounding error, as numba_simd). */
 typedef struct nk_pred_x {
     int8_t *xq;               /* (C,) */
-    int8_t *plane[4];         /* plane k: xq[per * b + k] at b (per = 8 / bits codes per byte) */
+    int8_t *plane[4];         /* plane k: xq[per * b + k] at b (per = 8 / bits codes per byte; 1 bit: plane
+                               * k at plane[k & 3] + (k >> 2) C / 8) */
     float *xs, *e, *xsum;     /* (G,) each */
 } nk_pred_x;
 

@@ -6,7 +6,7 @@
  * - nk_pred_generic: plain C, any bits and group size.
  * - nk_pred_avx2: 2 or 4 bits, 64-column groups (maddubs), one row per pass; the VNNI level uses it
  *   for the scores the prefill asks for.
- * - sel2_vnni (AVX-512 VNNI): 2 bits, 64-column groups, G % 8 == 0: 16 rows per pass, 512-bit
+ * - sel2 (AVX-512 VNNI, nk_pred_sel2.h): 1 or 2 bits, 64-column groups, G % 8 == 0: 16 rows per pass, 512-bit
  *   vpdpbusd on the four code planes, the group sums of two rows folded into one vector in integers,
  *   then the float terms, the 16 row sums, the compare with the threshold and the compaction of the
  *   passing rows, all in registers. Its float operations are those of nk_pred_avx2 in the same order
@@ -65,6 +65,10 @@ void nk_pred_prep(const nk_pred *p, const float *x, nk_pred_x *px) {
         for (int k = 0; k < per; k++)
             for (int64_t b = 0; b < C / per; b++)
                 px->plane[k][b] = px->xq[per * b + k];
+    else if (per == 8)      /* 1 bit: plane k (C / 8 bytes) at plane[k & 3] + (k >> 2) C / 8 (each holds C) */
+        for (int k = 0; k < 8; k++)
+            for (int64_t b = 0; b < C / 8; b++)
+                px->plane[k & 3][(k >> 2) * (C / 8) + b] = px->xq[8 * b + k];
 }
 
 /* ---- generic C -------------------------------------------------------------------------------- */
@@ -221,19 +225,23 @@ VNNI static inline __m512 twice(__m256 a) {           /* [a | a] (AVX-512F only:
 #define SEL2(name) sel2_##name##_sh
 #define SEL2_TARGET VNNI
 #define SEL2_PLANE(raw, k) _mm512_and_si512(_mm512_srli_epi16(raw, 2 * (k)), m3)
+#define SEL2_BIT(raw, k) _mm512_and_si512(_mm512_srli_epi16(raw, k), m1)
 #include "nk_pred_sel2.h"
 #undef SEL2
 #undef SEL2_TARGET
 #undef SEL2_PLANE
-/* GF(2) affine map of each byte: output bits 0, 1 = input bits 2k, 2k + 1 (matrix row of output bit
- * i in byte 7 - i of the 64-bit operand) */
+#undef SEL2_BIT
+/* GF(2) affine map of each byte: output bits 0, 1 = input bits 2k, 2k + 1 (1 bit: output bit 0 = input
+ * bit k; the matrix row of output bit i is byte 7 - i of the 64-bit operand) */
 #define SEL2(name) sel2_##name##_gf
 #define SEL2_TARGET VNNIG
 #define SEL2_PLANE(raw, k) _mm512_gf2p8affine_epi64_epi8(raw, _mm512_set1_epi64((0x0102ll << (2 * (k))) << 48), 0)
+#define SEL2_BIT(raw, k) _mm512_gf2p8affine_epi64_epi8(raw, _mm512_set1_epi64((1ll << (k)) << 56), 0)
 #include "nk_pred_sel2.h"
 #undef SEL2
 #undef SEL2_TARGET
 #undef SEL2_PLANE
+#undef SEL2_BIT
 
 /* the GFNI copy where the CPU has GFNI (unless sh: the tests run both) */
 static int64_t sel2(const nk_pred *p, const nk_pred_x *px, const int32_t *idx, int64_t r0, int64_t r1, int32_t *out,
@@ -250,7 +258,8 @@ static int64_t sel2(const nk_pred *p, const nk_pred_x *px, const int32_t *idx, i
 /* Does the fused select (sel2) run p on kernel set k? */
 static int sel2_fits(const nk_kern *k, const nk_pred *p) {
 #ifdef NK_X86
-    return strcmp(k->name, "vnni") == 0 && p->bits == 2 && p->C == 64 * (int64_t)p->G && p->G % 8 == 0 && p->G <= 64;
+    return strcmp(k->name, "vnni") == 0 && (p->bits == 2 || p->bits == 1) && p->C == 64 * (int64_t)p->G && p->G % 8 == 0
+           && p->G <= 64;
 #else
     (void)k, (void)p;
     return 0;

@@ -194,6 +194,30 @@ def test_predictor_select(C, R):
         assert fused_ran == 4
 
 
+@pytest.mark.parametrize("C, R", [(512, 77), (1024, 45), (2048, 19)])
+def test_predictor_select_1bit(C, R):
+    """1-bit codes: the fused select (AVX-512 VNNI; nk_pred_avx2 has no 1-bit path, the level's scores are
+    the plain C ones) scores within float rounding of the generic kernel, its GFNI and shift copies are
+    bit-identical, and it keeps exactly its rows with score >= thr, for all rows and for a candidate list."""
+    from rwkv_edge.quant import QuantizedMatrix
+    if "vnni" not in native.levels():
+        pytest.skip("no AVX-512 VNNI here")
+    rng = np.random.default_rng(C + R)
+    qm = QuantizedMatrix.quantize(rng.standard_normal((R, C)).astype(np.float32), 1, 64)
+    x = rng.standard_normal(C).astype(np.float32)
+    idx = rng.permutation(R)[:R // 2].astype(np.int32)
+    plain = native.kernel_pred_select(qm, x, 0.0, "generic")[0]
+    thr = float(np.median(plain))
+    got = {fused: [native.kernel_pred_select(qm, x, thr, "vnni", idx=ix, fused=fused) for ix in (None, idx)]
+           for fused in (1, 2)}
+    (s, sel), (s2, sel2) = got[1]
+    np.testing.assert_allclose(s, plain, rtol=1e-5, atol=1e-5 * np.abs(plain).max())
+    assert np.array_equal(s2, s[idx]) and 0 < len(sel) < R
+    assert np.array_equal(sel, np.flatnonzero(s >= thr)) and np.array_equal(sel2, np.flatnonzero(s2 >= thr))
+    for a, b in zip(got[1], got[2]):
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
 # --- whole model -----------------------------------------------------------------------------------
 def test_dense_matches_reference(int8_file):
     m = native.NativeRWKV7.open(int8_file)
@@ -232,7 +256,8 @@ def test_state_over_many_steps_and_prefill_vs_steps(int8_file):
     assert np.array_equal(s0.wkv, sf.wkv) and np.array_equal(s0.att_x, sf.att_x)
 
 
-@pytest.mark.parametrize("fixture, bits", [("int8_file", 2), ("int8_file_wide", 2), ("int8_file_wide", 4)])
+@pytest.mark.parametrize("fixture, bits", [("int8_file", 2), ("int8_file_wide", 2), ("int8_file_wide", 4),
+                                           ("int8_file_wide", 1)])
 def test_sparse_matches_reference_on_its_sets(request, fixture, bits):
     path = request.getfixturevalue(fixture)
     m = native.NativeRWKV7.open(path)
