@@ -2,9 +2,9 @@
  *
  * Dense: every neuron's key row (int8 dots, TB tokens per row load in prefill), then the value
  * column of each neuron with relu(k)^2 > 0 (the same sum as reading all of them).
- * Sparse: the layer's n-bit predictor scores all F neurons (nk_kernels.c pred), the neurons with
- * score >= thr form the set; decode reads only their key rows, then the value columns of the
- * active ones. Prefill runs the dense key pass over a chunk (each key row read once for all its
+ * Sparse: the layer's n-bit predictor scores all F neurons (nk_pred.c; with AVX-512 VNNI one fused
+ * pass: scores, threshold and compaction), the neurons with score >= thr form the set; decode reads
+ * only their key rows, then the value columns of the active ones. Prefill runs the dense key pass over a chunk (each key row read once for all its
  * tokens) and asks the predictor only about the active neurons (relu(k) > 0): the same sums as
  * the steps. Given sets (replayed, tools/bench.py --shape) mask the dense pass the same way.
  * Threads split neurons; each adds into its own output rows, summed after.
