@@ -336,6 +336,20 @@ def test_given_sets_match_reference_and_predictor_is_only_timed(int8_file):
     assert given.ffn.density == timed.ffn.density and abs(given.ffn.density - mask.mean()) < 0.01
 
 
+def test_with_library_runs_the_same_model_on_another_build(int8_file_wide):
+    """tools/native_ab.py: a model moved to another build (here the same library file, bound again) gives
+    the same logits and sets, and the original keeps working."""
+    import importlib.util
+    ref = load_modelfile(int8_file_wide, backend="reference")
+    sm = native.NativeRWKV7.open(int8_file_wide).with_predictors(_bundle(ref, 2))
+    other = sm.with_library(native.bind_library(importlib.util.find_spec("rwkv_edge.backends._nk").origin))
+    toks = _toks(10, seed=9)
+    a, sa = sm.forward(toks)
+    b, sb = other.forward(toks)
+    assert np.array_equal(a, b) and np.array_equal(sa.wkv, sb.wkv)
+    assert np.array_equal(sm.step(3, sa)[0], other.step(3, sb)[0]) and other.ffn.density == sm.ffn.density > 0
+
+
 def test_simd_equals_generic_and_threads(int8_file_wide):
     toks = _toks(20, seed=5)
     ref = load_modelfile(int8_file_wide, backend="reference")

@@ -69,6 +69,19 @@ def _load():
     return _LIB[0]
 
 
+def bind_library(path: str):
+    """Another build of this extension (a .so/.dll path) with the entry points a forward needs bound, for
+    `NativeRWKV7.with_library` (tools/native_ab.py times two builds in one process)."""
+    lib = ctypes.CDLL(os.path.abspath(path))
+    P, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.nk_model_new.restype = P
+    lib.nk_model_new.argtypes = [P, P, P, P]
+    lib.nk_model_free.argtypes = [P]
+    lib.nk_forward.restype = ctypes.c_int
+    lib.nk_forward.argtypes = [P, P, i64, P, P, P, P, i64, P, P, P, P, P]
+    return lib
+
+
 def available() -> tuple[bool, str | None]:
     """(True, None) when the C library loads here, else (False, why not)."""
     lib, why = _load()
@@ -288,6 +301,15 @@ class NativeRWKV7:
         verdict unused): a random-weight model's predictor timed on a trained model's sets."""
         return NativeRWKV7(self.config, self._t, self.fingerprint, self._bundle, self.threads, sets,
                            dtype=self.modelfile_dtype)
+
+    def with_library(self, lib) -> "NativeRWKV7":
+        """This model (weights, predictors, sets, threads) on another build of the C library (`bind_library`)."""
+        m = NativeRWKV7.__new__(NativeRWKV7)
+        m.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("_h", "_keep", "_stats")})
+        m._lib, m.tokens_run, m.bytes_read, m.hooks = lib, 0, 0, _NoHooks()
+        m.ffn = NativeFFNStats(self.config.ffn_dim) if self.ffn is not None else None
+        m._build()
+        return m
 
     def set_threads(self, n: int) -> None:
         """Use n threads from now on (rebuilds the C model; weights are not touched)."""
