@@ -6,6 +6,9 @@ the per-round paired difference, and whether the last logits are bit-identical.
     python tools/native_ab.py --base-lib /path/to/other/checkout/rwkv_edge/backends/_nk*.so \\
         --model-file int8=ref-int8.rwkve --model-file int4-h8=ref-int4h8.rwkve --predictors q2.npz \\
         [--modes dense,sparse] [--tokens 64] [--rounds 16]
+    python tools/native_ab.py --base-lib ... --model-file int8=out/bench/synthetic-1.5b-int8.rwkve \
+        --predictors out/bench/synthetic-1.5b-int8.rwkve.pred2.npz --replay-sets out/bench/ref58m-active-sets.npz \
+        --modes sparse --tokens 16 --rounds 8       # 1.5B shapes (tools/bench.py --shape): the predictor's cost paid
 
 "new" is this checkout's build (rwkv_edge.backends._nk), "base" the library given. Build the other
 checkout in place first (`python setup.py build_ext --inplace` there). 1 thread. Hold the bench lock.
@@ -21,6 +24,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 
+def _open(path, predictors, replay):
+    """A native model of the file (sparse with a bundle), on its own replayed sets when replay is given."""
+    from rwkv_edge.runtime import open_model
+    m = open_model(path, backend="native", predictors=predictors)
+    if replay:
+        from rwkv_edge.replay import ActiveSets, ReplayedSets
+        m = m.with_sets(ReplayedSets(ActiveSets.load(replay), m.config.n_layer, m.config.ffn_dim))
+    return m
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base-lib", required=True, help="the other build's _nk shared library")
@@ -29,9 +42,10 @@ def main(argv=None):
     ap.add_argument("--modes", default="dense,sparse")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=16)
+    ap.add_argument("--replay-sets", help="active sets (replay.ActiveSets) the FFN runs instead of the predicted ones "
+                    "(the predictor is still scored: tools/bench.py --shape --shape-predictor-bits)")
     args = ap.parse_args(argv)
     from rwkv_edge.backends import native
-    from rwkv_edge.runtime import open_model
     native.set_num_threads(1)
     base = native.bind_library(args.base_lib)
     cfgs = {}
@@ -40,8 +54,9 @@ def main(argv=None):
         for mode in args.modes.split(","):
             if mode == "sparse" and not args.predictors:
                 continue
-            m = open_model(path, backend="native", predictors=args.predictors if mode == "sparse" else None)
-            cfgs[f"{mode} {dtype} new"], cfgs[f"{mode} {dtype} base"] = m, m.with_library(base)
+            cfgs[f"{mode} {dtype} new"] = _open(path, args.predictors if mode == "sparse" else None, args.replay_sets)
+            cfgs[f"{mode} {dtype} base"] = _open(path, args.predictors if mode == "sparse" else None,
+                                                 args.replay_sets).with_library(base)
     names = list(cfgs)
     rng = np.random.default_rng(2)
     V = cfgs[names[0]].config.vocab_size
