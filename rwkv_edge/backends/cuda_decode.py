@@ -65,6 +65,7 @@ import math
 import torch
 
 from .cuda_decode_kernels import kernels
+from .cuda_decode_pipe import kernels as pipe_kernels
 
 MODES = ("dense", "exact", "predicted")
 _BIG = 1 << 30
@@ -80,11 +81,15 @@ _BIG = 1 << 30
 # which gathers the selected/active rows gather_na at a time instead of masking a (rows, D) tile
 # (whole-width D only, and a power-of-two D and group count in the predicted mode; else the older
 # kernel runs); fuse_ffn_mix: LN2 + the FFN token shift inside the FFN kernel (no mix launch).
+# pipe_bn > 0: the sparse modes run `ffn_pipe` (cuda_decode_pipe.py): ~pipe_per_sm persistent programs
+# per SM (pipe_warps warps) loop over tiles of pipe_bn rows, the next tile's first-stage loads issued
+# before this tile's dependent ones (same width conditions as gather_na; gather_na takes precedence).
 TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk=1024, key_warps=4,
             value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
             mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048,
             gather_na=0, sparse_bn=16, sparse_warps=8, fuse_ffn_mix=False, split_value=None, diag=0,
-            split_warps=4, value_on_sel=False, evict_stream="", evict_value="", pred_key_bn=16)
+            split_warps=4, value_on_sel=False, evict_stream="", evict_value="", pred_key_bn=16,
+            pipe_bn=0, pipe_per_sm=2, pipe_warps=8, pipe_defer=False, evict_key=None)
 
 def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -190,7 +195,11 @@ class FusedDecode:
         full = _p2(D) <= self.tune["full_k"]
         one = D == _p2(D) and all(p["g"] == _p2(p["g"]) for p in self.pred or [])
         self.gather = mode != "dense" and self.tune["gather_na"] > 0 and full and (mode == "exact" or one)
-        self.mixin = bool(self.tune["fuse_ffn_mix"]) and full and (mode == "dense" or self.gather)
+        self.pipe = (mode != "dense" and self.tune["pipe_bn"] > 0 and not self.gather and full and D == _p2(D)
+                     and (mode == "exact" or one))
+        if self.pipe:
+            self.K = dict(self.K, **pipe_kernels())
+        self.mixin = bool(self.tune["fuse_ffn_mix"]) and full and (mode == "dense" or self.gather or self.pipe)
         tn = self.tune   # predicted, fused value: W_v^T rows of the selected (not active) rows, early
         self.vsel = (mode == "predicted" and bool(tn["value_on_sel"]) and tn["fused_value"] and not self.gather
                      and tn["split_value"] is None and full and _p2(D) <= tn["key_value_bd"])
@@ -201,6 +210,7 @@ class FusedDecode:
         self.bd, self.bs = min(tn["value_bd"], _p2(D)), tn["value_bs"]
         nd = -(-D // self.bd)
         self.ns = max(1, min(-(-F // self.bs), -(-tn["value_per_sm"] * nsm // nd)))
+        self.pipe_grid = min(-(-F // max(1, tn["pipe_bn"])), max(1, int(tn["pipe_per_sm"] * nsm)))
         self.idx = torch.zeros((L, F), dtype=torch.int32, device=dev)    # active rows per layer
         self.slot = torch.zeros((L, 2), dtype=torch.int32, device=dev)   # per step: rows read, listed
         self.logits = z(model.config.vocab_size)
@@ -266,6 +276,7 @@ class FusedDecode:
         sparse = self.mode != "dense"
         fv = tn["fused_value"]
         mixin = self.mixin
+        evk = tn["evict_stream"] if tn["evict_key"] is None else tn["evict_key"]   # W_k rows' L2 hint
         for i, lay in enumerate(self.layers):
             self._mix(i == 0, lay["ln1"], st.att_x[i], lay["amix"], self.x6, 6)
             r0 = 0
@@ -297,6 +308,14 @@ class FusedDecode:
                     NB=q["gs"] // q["per"], GC=max(1, q["g"]), MIXIN=mixin, NA=tn["gather_na"], PDL=self.pdl,
                     **self._kw(tn["sparse_warps"]))
                 continue
+            if self.pipe:     # the whole sparse FFN, persistent programs over row tiles (see ffn_pipe)
+                bn = tn["pipe_bn"]
+                K["ffn_pipe"][(self.pipe_grid,)](
+                    lay["key"], self.xk, self.kbuf[i], q["q"], q["s"], q["z"], q["thr"], F, D, lay["wv"], self.x,
+                    self.cnt[i], -(-F // bn), self.pipe_grid, *mx, BN=bn, BK=D, PRED=p is not None, BITS=q["bits"],
+                    PER=q["per"], NB=q["gs"] // q["per"], GC=max(1, q["g"]), MIXIN=mixin, PDL=self.pdl, EVW=evk,
+                    EVV=tn["evict_value"], DEFER=bool(tn["pipe_defer"]), **self._kw(tn["pipe_warps"]))
+                continue
             one = q["g"] > 0 and q["g"] == _p2(q["g"]) and D == _p2(D)
             full = _p2(D) <= tn["full_k"]
             split = sparse and tn["split_value"] is not None    # (BF, BD): keys, then ffn_vsplit
@@ -309,7 +328,7 @@ class FusedDecode:
                 BITS=q["bits"], GS=q["gs"], PER=q["per"], NB=q["gs"] // q["per"], ONESHOT=one,
                 GC=q["g"] if one else 1, FULL=full, COMPACT=sparse and not fv, PDL=self.pdl, VALUE=sparse and fv,
                 BVD=min(_p2(D), tn["key_value_bd"]), MIXIN=mixin, DIAG=tn["diag"], COUNT=split and p is not None,
-                VSEL=self.vsel, EVW=tn["evict_stream"], EVV=tn["evict_value"],
+                VSEL=self.vsel, EVW=evk, EVV=tn["evict_value"],
                 **self._kw(tn["key_warps"]))
             if split:
                 bf, bd = tn["split_value"]
