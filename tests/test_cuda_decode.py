@@ -194,7 +194,7 @@ def test_launch_options_do_not_change_the_numbers(ckpt, mode):
                       {"gather_na": 1, "sparse_bn": 32, "sparse_warps": 4},
                       {"gather_na": 2, "sparse_bn": 8, "pdl": False}, {"split_value": [64, 32]},
                       {"value_on_sel": True, "fused_key_bn": 8}, {"fused_key_bn": 32, "key_warps": 8},
-                      {"pipe_bn": 8, "pipe_per_sm": 0.05}, {"pipe_bn": 4, "pipe_per_sm": 0.1, "pipe_defer": True,
+                      {"pipe_bn": 8, "pipe_per_sm": 0.05, "pipe_stages": 1}, {"pipe_bn": 4, "pipe_per_sm": 0.1, "pipe_defer": True,
                                                             "fuse_ffn_mix": True, "pipe_warps": 4},
                       {"pipe_bn": 16, "pdl": False, "evict_stream": "evict_first", "evict_value": "evict_last",
                        "evict_key": "evict_last"},
@@ -206,8 +206,8 @@ def test_launch_options_do_not_change_the_numbers(ckpt, mode):
     assert decs[13].mixin and decs[12].pipe_grid < 16   # several tiles per persistent program
     for t in TOKENS:
         outs = [d.step(t).cpu().numpy() for d in decs]
-        for o in outs[1:]:
-            assert np.abs(o - outs[0]).max() < 1e-4 * max(1.0, np.abs(outs[0]).max())
+        for j, o in enumerate(outs[1:], 1):
+            assert np.abs(o - outs[0]).max() < 1e-4 * max(1.0, np.abs(outs[0]).max()), (j, t)
         sts = [d.state() for d in decs]
         for s in sts[1:]:
             for f in ("att_x", "ffn_x", "wkv"):

@@ -83,13 +83,14 @@ _BIG = 1 << 30
 # kernel runs); fuse_ffn_mix: LN2 + the FFN token shift inside the FFN kernel (no mix launch).
 # pipe_bn > 0: the sparse modes run `ffn_pipe` (cuda_decode_pipe.py): ~pipe_per_sm persistent programs
 # per SM (pipe_warps warps) loop over tiles of pipe_bn rows, the next tile's first-stage loads issued
-# before this tile's dependent ones (same width conditions as gather_na; gather_na takes precedence).
+# before this tile's dependent ones (same width conditions as gather_na; gather_na takes precedence);
+# pipe_defer: each tile's value rows summed one iteration later; pipe_stages: Triton's num_stages.
 TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk=1024, key_warps=4,
             value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
             mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048,
             gather_na=0, sparse_bn=16, sparse_warps=8, fuse_ffn_mix=False, split_value=None, diag=0,
             split_warps=4, value_on_sel=False, evict_stream="", evict_value="", pred_key_bn=16,
-            pipe_bn=0, pipe_per_sm=2, pipe_warps=8, pipe_defer=False, evict_key=None)
+            pipe_bn=0, pipe_per_sm=2, pipe_warps=8, pipe_defer=False, pipe_stages=None, evict_key=None)
 
 def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -246,8 +247,9 @@ class FusedDecode:
                     bits=qm.bits, gs=gs, g=D // gs, per=per)
 
     # --- the step ---------------------------------------------------------------------------
-    def _kw(self, warps):
-        return dict(num_warps=warps, launch_pdl=True) if self.pdl else dict(num_warps=warps)
+    def _kw(self, warps, stages=None):
+        kw = dict(num_warps=warps, launch_pdl=True) if self.pdl else dict(num_warps=warps)
+        return kw if stages is None else dict(kw, num_stages=stages)   # stages: Triton's loop pipelining
 
     def _gemv(self, W, x, y, base=None, seg=None, act=0, bn=4, warps=None, y2=None):
         # tiles of BN rows x the whole width (<= full_k): one load per program, issued before the
@@ -314,7 +316,8 @@ class FusedDecode:
                     lay["key"], self.xk, self.kbuf[i], q["q"], q["s"], q["z"], q["thr"], F, D, lay["wv"], self.x,
                     self.cnt[i], -(-F // bn), self.pipe_grid, *mx, BN=bn, BK=D, PRED=p is not None, BITS=q["bits"],
                     PER=q["per"], NB=q["gs"] // q["per"], GC=max(1, q["g"]), MIXIN=mixin, PDL=self.pdl, EVW=evk,
-                    EVV=tn["evict_value"], DEFER=bool(tn["pipe_defer"]), **self._kw(tn["pipe_warps"]))
+                    EVV=tn["evict_value"], DEFER=bool(tn["pipe_defer"]),
+                    **self._kw(tn["pipe_warps"], tn["pipe_stages"]))
                 continue
             one = q["g"] > 0 and q["g"] == _p2(q["g"]) and D == _p2(D)
             full = _p2(D) <= tn["full_k"]

@@ -42,10 +42,13 @@ def kernels():
     def _scores(byt, scale, zero, x2, xg, BN: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
                 GC: tl.constexpr, NB: tl.constexpr):
         """n-bit predictor scores of a (BN,) row tile: byt (BN, GC*NB) packed codes, scale/zero
-        (BN, GC), x2 (GC*NB, PER) = x reshaped (x2[c, s] = x[c*PER + s]), xg (GC,) group sums of x."""
-        sh = tl.arange(0, PER) * BITS
-        code = ((byt[:, :, None] >> sh[None, None, :]) & ((1 << BITS) - 1)).to(tl.float32)   # (BN, CB, PER)
-        qx = tl.sum(code * x2[None, :, :], axis=2)                                             # (BN, CB)
+        (BN, GC), x2 (GC*NB, PER) = x reshaped (x2[c, s] = x[c*PER + s]), xg (GC,) group sums of x.
+        2-D tiles only (as ffn_sparse): a (BN, GC*NB, PER) float32 temporary spilled registers."""
+        qx = tl.zeros((BN, GC * NB), dtype=tl.float32)
+        for s in tl.static_range(PER):
+            code = ((byt >> (s * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+            xq = tl.sum(tl.where(tl.arange(0, PER)[None, :] == s, x2, 0.0), axis=1)            # (GC*NB,)
+            qx += code * xq[None, :]
         qg = tl.sum(tl.reshape(qx, (BN, GC, NB)), axis=2)                                     # (BN, GC)
         return tl.sum(scale * qg + zero * xg[None, :], axis=1)
 
