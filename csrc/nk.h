@@ -62,6 +62,8 @@ typedef struct {
     /* out[d] += sum_k h[k] d_k,g (u_k[d] - 8), k < 4: four int4 value columns v[k] (D / 2 bytes) with
      * scales s[k] (D / 32 float16) */
     void (*axpy4q)(float *out, int64_t D, const uint8_t *const *v, const uint16_t *const *s, const float *h);
+    /* y (O,) = x (I,) @ M (I, O) int8 (a LoRA's input-major matrix; O % 8 == 0), unscaled */
+    void (*vecmat)(const float *x, const int8_t *M, int64_t I, int64_t O, float *y);
 } nk_kern;
 
 const nk_kern *nk_kern_get(int level);       /* 0 generic, 1 avx2, 2 vnni; NULL if this CPU lacks it */

@@ -35,13 +35,9 @@ void nk_layer_norm(const float *x, const float *w, const float *b, float eps, in
 
 static inline float sigmoidf(float z) { return 1.0f / (1.0f + expf(-z)); }
 
-/* y (O,) = x (I,) @ (M (I, O) int8 * cs): four rows of M per pass over y (I % 4 == 0, O % 8 == 0) */
+/* y (O,) = x (I,) @ (M (I, O) int8 * cs) (O % 8 == 0) */
 static void lora(const nk_model *m, const float *x, const int8_t *M, const float *cs, int64_t I, int64_t O, float *y) {
-    memset(y, 0, O * sizeof(float));
-    for (int64_t i = 0; i < I; i += 4) {
-        const int8_t *v[4] = {M + i * O, M + (i + 1) * O, M + (i + 2) * O, M + (i + 3) * O};
-        m->k->axpy4(y, O, v, x + i);
-    }
+    m->k->vecmat(x, M, I, O, y);
     for (int64_t o = 0; o < O; o++)
         y[o] *= cs[o];
 }
