@@ -50,8 +50,10 @@ void nk_quantize4(const float *x, int64_t I, int8_t *X, float *xs, int32_t *init
     for (int64_t g = 0; g < G; g++) {
         const float *xg = x + g * NK_GS;
         float mx = 0.0f;
-        for (int i = 0; i < NK_GS; i++)
-            mx = fmaxf(mx, fabsf(xg[i]));
+        for (int i = 0; i < NK_GS; i++) {  /* not fmaxf (a libm call at the baseline target): nk_quantize */
+            float a = fabsf(xg[i]);
+            mx = a > mx ? a : mx;
+        }
         float inv = mx > 0 ? 127.0f / mx : 0.0f;       /* the rounding of nk_quantize, bit for bit */
         xs[g] = mx / 127.0f;
         int32_t sq = 0;
