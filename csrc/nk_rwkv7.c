@@ -35,8 +35,23 @@ void nk_layer_norm(const float *x, const float *w, const float *b, float eps, in
 
 static inline float sigmoidf(float z) { return 1.0f / (1.0f + expf(-z)); }
 
-/* y (O,) = x (I,) @ (M (I, O) int8 * cs) (O % 8 == 0) */
-static void lora(const nk_model *m, const float *x, const int8_t *M, const float *cs, int64_t I, int64_t O, float *y) {
+/* the lines of LoRA matrix M (I, O) that vecmat reads first (column block 0's first 48 rows): a
+ * decode step's LoRAs come from DRAM, and each call's kernel prefetches only within its matrix,
+ * so each call fetches the start of the next one (perf: vecmat stalled at its first rows) */
+static void lora_head_prefetch(const int8_t *M, int64_t I, int64_t O) {
+#if defined(__GNUC__) || defined(__clang__)
+    for (int64_t i = 0; i < I && i < 48; i++)
+        __builtin_prefetch(M + i * O);
+#else
+    (void)M, (void)I, (void)O;
+#endif
+}
+
+/* y (O,) = x (I,) @ (M (I, O) int8 * cs) (O % 8 == 0); nx: NULL or the LoRA called next, (nI, nO) */
+static void lora(const nk_model *m, const float *x, const int8_t *M, const float *cs, int64_t I, int64_t O, float *y,
+                 const int8_t *nx, int64_t nI, int64_t nO) {
+    if (nx)
+        lora_head_prefetch(nx, nI, nO);
     m->k->vecmat(x, M, I, O, y);
     for (int64_t o = 0; o < O; o++)
         y[o] *= cs[o];
@@ -104,27 +119,29 @@ static void time_mix(nk_model *m, const nk_layer *b, int64_t T, float *att_x, fl
                 m->mix[c][t * D + d] = xa[d] + (prev[d] - xa[d]) * mixw[c][d];
     }
     memcpy(att_x, m->xa + (T - 1) * D, D * sizeof(float));
+    lora_head_prefetch(b->w1, D, m->dw);             /* the first LoRA, while r/k/v stream */
     linear(m, b->Wr, b->sr, b->Wr4, b->sr4, D, D, m->mix[0], T, m->r, D);
     linear(m, b->Wk, b->sk, b->Wk4, b->sk4, D, D, m->mix[2], T, m->kk, D);
     linear(m, b->Wv, b->sv, b->Wv4, b->sv4, D, D, m->mix[3], T, m->v, D);
     for (int64_t t = 0; t < T; t++) {
         float *r = m->r + t * D, *k = m->kk + t * D, *v = m->v + t * D, *y = m->y + t * D;
         float *w = m->w, *a = m->a, *g = m->g, *kn = m->nk, *bb = m->bb, *t1 = m->t1;
-        lora(m, m->mix[1] + t * D, b->w1, b->w1s, D, m->dw, t1);          /* decay */
+        const int8_t *after_g2 = first ? NULL : b->v1;                    /* the LoRAs' order, for the prefetch */
+        lora(m, m->mix[1] + t * D, b->w1, b->w1s, D, m->dw, t1, b->w2, m->dw, D);   /* decay */
         for (int64_t j = 0; j < m->dw; j++)
             t1[j] = tanhf(t1[j]);
-        lora(m, t1, b->w2, b->w2s, m->dw, D, w);
-        lora(m, m->mix[4] + t * D, b->a1, b->a1s, D, m->da, t1);          /* in-context learning rate */
-        lora(m, t1, b->a2, b->a2s, m->da, D, a);
-        lora(m, m->mix[5] + t * D, b->g1, b->g1s, D, m->dg, t1);          /* output gate */
+        lora(m, t1, b->w2, b->w2s, m->dw, D, w, b->a1, D, m->da);
+        lora(m, m->mix[4] + t * D, b->a1, b->a1s, D, m->da, t1, b->a2, m->da, D);   /* in-context l. rate */
+        lora(m, t1, b->a2, b->a2s, m->da, D, a, b->g1, D, m->dg);
+        lora(m, m->mix[5] + t * D, b->g1, b->g1s, D, m->dg, t1, b->g2, m->dg, D);   /* output gate */
         for (int64_t j = 0; j < m->dg; j++)
             t1[j] = sigmoidf(t1[j]);
-        lora(m, t1, b->g2, b->g2s, m->dg, D, g);
+        lora(m, t1, b->g2, b->g2s, m->dg, D, g, after_g2, D, m->dv);
         if (first) {
             memcpy(m->vf + t * D, v, D * sizeof(float));
         } else {                                                            /* value residual */
-            lora(m, m->mix[3] + t * D, b->v1, b->v1s, D, m->dv, t1);
-            lora(m, t1, b->v2, b->v2s, m->dv, D, m->gv);
+            lora(m, m->mix[3] + t * D, b->v1, b->v1s, D, m->dv, t1, b->v2, m->dv, D);
+            lora(m, t1, b->v2, b->v2s, m->dv, D, m->gv, NULL, 0, 0);
             for (int64_t d = 0; d < D; d++)
                 v[d] += (m->vf[t * D + d] - v[d]) * sigmoidf(b->v0[d] + m->gv[d]);
         }
