@@ -113,6 +113,11 @@ void nk_axpy4q_generic(float *out, int64_t D, const uint8_t *const *v, const uin
  * group's for its 32 codes v in natural order. */
 #define DOTS4_BODY(PAIR, ODD)                                                                          \
     int64_t G = I / NK_GS, NI = NK_INIT(G), H = I / 2, G8 = G / 8 * 8, P = G / 2;                      \
+    /* prefetch distance in rows: two passes in prefill (T tokens per pass: time to spare); ~8 KiB     \
+     * in decode, where a pass is short and the rows come from DRAM (kernel_dots4, 131072 x 512 vnni:  \
+     * 21-22 GB/s at 8 rows ahead, 29-31 at 28; 4.7 MB in L3 35-38 either way). The four rows per      \
+     * pass stay: one row at a time (as int8's DOT1_BODY) read 26-28 GB/s from DRAM but 29 in L3. */   \
+    int64_t pa = T > 1 || 8192 / (H + 2 * G) < 8 ? 8 : 8192 / (H + 2 * G) / 4 * 4;                     \
     for (int64_t p = 0; p < n; p += 4) {                                                               \
         const uint8_t *w[4];                                                                           \
         const uint16_t *s[4];                                                                          \
@@ -120,13 +125,12 @@ void nk_axpy4q_generic(float *out, int64_t D, const uint8_t *const *v, const uin
             int64_t r = idx ? idx[p + k < n ? p + k : p] : (p + k < n ? p + k : p);                    \
             w[k] = base + stride * r, s[k] = sbase + sstride * r;                                      \
         }                                                                                              \
-        if (p + 12 < n)              /* fetch the rows two passes ahead (scattered or strided) */     \
-            for (int k = 8; k < 12; k++) {                                                             \
-                int64_t r = idx ? idx[p + k] : p + k;                                                  \
-                for (int64_t l = 0; l < H; l += 64)                                                    \
-                    _mm_prefetch((const char *)(base + stride * r + l), _MM_HINT_T0);                  \
-                _mm_prefetch((const char *)(sbase + sstride * r), _MM_HINT_T0);                        \
-            }                                                                                          \
+        for (int64_t k = pa; k < pa + 4 && p + k < n; k++) {   /* scattered or strided rows */         \
+            int64_t r = idx ? idx[p + k] : p + k;                                                      \
+            for (int64_t l = 0; l < H; l += 64)                                                        \
+                _mm_prefetch((const char *)(base + stride * r + l), _MM_HINT_T0);                      \
+            _mm_prefetch((const char *)(sbase + sstride * r), _MM_HINT_T0);                            \
+        }                                                                                              \
         for (int64_t t = 0; t < T; t++) {                                                              \
             const int8_t *xq = X + t * I;                                                              \
             const float *xst = xs + t * G;                                                             \
@@ -174,58 +178,6 @@ void nk_axpy4q_generic(float *out, int64_t D, const uint8_t *const *v, const uin
         }                                                                                              \
     }
 
-/* One token (decode): one row at a time (as the int8 DOT1_BODY in nk_kernels.c): the row's codes
- * and scales are one sequential stream each, the rows ~8 KiB ahead are prefetched, and the row's
- * pairs go round four accumulators (independent FMA chains). Four interleaved rows (DOTS4_BODY)
- * read 18 GB/s in a decode step's mat-vecs (perf: r/k/v/o and the FFN keys of int4-h8). The same
- * integers per pair as DOTS4_BODY; the float order differs from it (AVX2 and VNNI still agree bit
- * for bit: both run this body). */
-#define DOT41_PAIR(PAIR, pr, dsc, acc)                                                                 \
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(PAIR(w + 32 * (pr), _mm256_loadu_si256((const __m256i *)(X + 64 * (pr))), \
-                                                  _mm256_loadu_si256((const __m256i *)(X + 64 * (pr) + 32)), \
-                                                  _mm256_loadu_si256((const __m256i *)(init + 8 * (pr))))), \
-                          dsc, acc)
-#define DOTS41_BODY(PAIR, ODD)                                                                         \
-    int64_t G = I / NK_GS, H = I / 2, G8 = G / 8 * 8, P = G / 2;                                       \
-    int64_t pf = 8192 / (H + 2 * G) > 2 ? 8192 / (H + 2 * G) : 2;                                      \
-    const __m256i sel0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), two = _mm256_set1_epi32(2);        \
-    const __m256i sel1 = _mm256_add_epi32(sel0, two), sel2 = _mm256_add_epi32(sel1, two),              \
-                  sel3 = _mm256_add_epi32(sel2, two);                                                  \
-    for (int64_t p = 0; p < n; p++) {                                                                  \
-        int64_t r = idx ? idx[p] : p;                                                                  \
-        const uint8_t *w = base + stride * r;                                                          \
-        const uint16_t *s = sbase + sstride * r;                                                       \
-        if (p + pf < n) {                                                                              \
-            int64_t rn = idx ? idx[p + pf] : p + pf;                                                   \
-            for (int64_t l = 0; l < H; l += 64)                                                        \
-                _mm_prefetch((const char *)(base + stride * rn + l), _MM_HINT_T0);                     \
-            _mm_prefetch((const char *)(sbase + sstride * rn), _MM_HINT_T0);                           \
-            _mm_prefetch((const char *)(sbase + sstride * rn + G - 1), _MM_HINT_T0);                   \
-        }                                                                                              \
-        __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;                                    \
-        for (int64_t q = 0; q < G8; q += 8) {                                                          \
-            __m256 d8 = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + q))),      \
-                                      _mm256_loadu_ps(xs + q));                                        \
-            DOT41_PAIR(PAIR, q / 2, _mm256_permutevar8x32_ps(d8, sel0), f0);                           \
-            DOT41_PAIR(PAIR, q / 2 + 1, _mm256_permutevar8x32_ps(d8, sel1), f1);                       \
-            DOT41_PAIR(PAIR, q / 2 + 2, _mm256_permutevar8x32_ps(d8, sel2), f2);                       \
-            DOT41_PAIR(PAIR, q / 2 + 3, _mm256_permutevar8x32_ps(d8, sel3), f3);                       \
-        }                                                                                              \
-        for (int64_t pr = G8 / 2; pr < P; pr++) {          /* pairs left over from the eights */       \
-            float a = _cvtsh_ss(s[2 * pr]) * xs[2 * pr], b = _cvtsh_ss(s[2 * pr + 1]) * xs[2 * pr + 1]; \
-            DOT41_PAIR(PAIR, pr, _mm256_setr_ps(a, a, a, a, b, b, b, b), f0);                          \
-        }                                                                                              \
-        if (G & 1) {                                       /* the odd last group, natural order */     \
-            int64_t g = G - 1;                                                                         \
-            __m128i b = _mm_loadu_si128((const __m128i *)(w + 16 * g)), c15 = _mm_set1_epi8(15);       \
-            __m256i v = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), c15), _mm_and_si128(b, c15)); \
-            f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ODD(v, _mm256_loadu_si256((const __m256i *)(X + 32 * g)), \
-                                                        _mm256_loadu_si256((const __m256i *)(init + 4 * g)))), \
-                                 _mm256_set1_ps(_cvtsh_ss(s[g]) * xs[g]), f0);                         \
-        }                                                                                              \
-        y[p] = hsum8(_mm256_add_ps(_mm256_add_ps(f0, f1), _mm256_add_ps(f2, f3)));                     \
-    }
-
 /* AVX2: vpmaddubsw of the u8 codes with the s8 activation (a pair <= 2 * 15 * 127, the low + high sum
  * <= 7620: no saturation), vpmaddwd with ones to i32, plus init */
 AVX2 static inline __m256i pair_avx2(const uint8_t *ptr, __m256i xlo, __m256i xhi, __m256i iv) {
@@ -243,11 +195,7 @@ AVX2 static inline __m256i odd_avx2(__m256i v, __m256i xv, __m256i iv) {
 AVX2 void nk_dots4_avx2(const uint8_t *base, const uint16_t *sbase, int64_t stride, int64_t sstride, const int32_t *idx,
                         int64_t n, int64_t I, const int8_t *X, const float *xs, const int32_t *init, int64_t T,
                         float *y, int64_t ldy) {
-    if (T == 1) {
-        DOTS41_BODY(pair_avx2, odd_avx2)
-    } else {
-        DOTS4_BODY(pair_avx2, odd_avx2)
-    }
+    DOTS4_BODY(pair_avx2, odd_avx2)
 }
 
 /* VNNI: vpdpbusd (u8 codes x s8 activation, 4 bytes per i32 lane) accumulating onto init: the same
@@ -264,11 +212,7 @@ VNNI static inline __m256i odd_vnni(__m256i v, __m256i xv, __m256i iv) { return 
 VNNI void nk_dots4_vnni(const uint8_t *base, const uint16_t *sbase, int64_t stride, int64_t sstride, const int32_t *idx,
                         int64_t n, int64_t I, const int8_t *X, const float *xs, const int32_t *init, int64_t T,
                         float *y, int64_t ldy) {
-    if (T == 1) {
-        DOTS41_BODY(pair_vnni, odd_vnni)
-    } else {
-        DOTS4_BODY(pair_vnni, odd_vnni)
-    }
+    DOTS4_BODY(pair_vnni, odd_vnni)
 }
 
 /* out += h_0 V_0 + ... + h_3 V_3 over one group (32 outputs) at a time: the 16 code bytes of each

@@ -43,8 +43,8 @@ def _emulate_dots4(packed, scale, x):
                                      (70, 512, 1), (5, 96, 1), (9, 288, 1), (3, 32, 1), (41, 1120, 1)])
 def test_dots4_equal_integer_emulation(n, I, T):
     """I 64: one pair; 512: the eight-group steps; 96 and 288: an odd last group; 32: that group alone.
-    T 1 is the one-row-at-a-time decode body (70 and 41 rows: past its prefetch distance; 1120: eight-
-    group steps, a pair left over and an odd group)."""
+    1120: eight-group steps, a pair left over and an odd group. T 1 (decode) prefetches further ahead
+    (28 rows at I 512): 70 and 41 rows run past that distance."""
     W = RNG.standard_normal((n, I)).astype(np.float32)
     packed, scale = quantize_q4(W)
     codes = unpack_q4(packed)
