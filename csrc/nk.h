@@ -50,9 +50,10 @@ typedef struct {
      * into score[q] */
     void (*pred)(const struct nk_pred *p, const struct nk_pred_x *px, const int32_t *idx, int64_t r0, int64_t r1,
                  float *score);
-    /* one RWKV-7 head, one token: S (N, N) [value i, key j] in place, S = S * w + (S @ a) b^T + v k^T,
-     * y = S @ r (all vectors (N,), N % 8 == 0) */
-    void (*wkv)(float *S, int64_t N, const float *r, const float *w, const float *k, const float *v,
+    /* one RWKV-7 head, one token: S (N, N) [value i, key j] = S0 * w + (S0 @ a) b^T + v k^T, y = S @ r
+     * (all vectors (N,), N % 8 == 0); S0 is the state before the token: S0 == S (in place) or another
+     * (N, N) (a caller that keeps its input state: no copy of it first) */
+    void (*wkv)(float *S, const float *S0, int64_t N, const float *r, const float *w, const float *k, const float *v,
                 const float *a, const float *b, float *y);
     /* int4 rows (nk_q4.c): y[t * ldy + p] = sum_g (d_g xs[t * G + g]) (u_g . xq_g - 8 sum xq_g) for
      * row r = idx ? idx[p] : p, codes base + stride * r (I / 2 bytes), scales sbase + sstride * r
@@ -63,6 +64,8 @@ typedef struct {
     /* out[d] += sum_k h[k] d_k,g (u_k[d] - 8), k < 4: four int4 value columns v[k] (D / 2 bytes) with
      * scales s[k] (D / 32 float16) */
     void (*axpy4q)(float *out, int64_t D, const uint8_t *const *v, const uint16_t *const *s, const float *h);
+    /* y (O,) = x (I,) @ M (I, O) int8 (a LoRA's input-major matrix; O % 8 == 0), unscaled */
+    void (*vecmat)(const float *x, const int8_t *M, int64_t I, int64_t O, float *y);
 } nk_kern;
 
 const nk_kern *nk_kern_get(int level);       /* 0 generic, 1 avx2, 2 vnni; NULL if this CPU lacks it */
