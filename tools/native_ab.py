@@ -8,7 +8,8 @@ the per-round paired difference, and whether the last logits are bit-identical.
         [--modes dense,sparse] [--tokens 64] [--rounds 16]
     python tools/native_ab.py --base-lib ... --model-file int8=out/bench/synthetic-1.5b-int8.rwkve \
         --predictors out/bench/synthetic-1.5b-int8.rwkve.pred2.npz --replay-sets out/bench/ref58m-active-sets.npz \
-        --modes sparse --tokens 16 --rounds 8       # 1.5B shapes (tools/bench.py --shape): the predictor's cost paid
+        --tokens 16 --rounds 8     # 1.5B shapes (tools/bench.py --shape): "sets" rows run the replayed sets
+                                   # alone, "sparse" rows also score the predictor (its cost paid)
 
 "new" is this checkout's build (rwkv_edge.backends._nk), "base" the library given. Build the other
 checkout in place first (`python setup.py build_ext --inplace` there). 1 thread. Hold the bench lock.
@@ -54,9 +55,10 @@ def main(argv=None):
         for mode in args.modes.split(","):
             if mode == "sparse" and not args.predictors:
                 continue
-            cfgs[f"{mode} {dtype} new"] = _open(path, args.predictors if mode == "sparse" else None, args.replay_sets)
-            cfgs[f"{mode} {dtype} base"] = _open(path, args.predictors if mode == "sparse" else None,
-                                                 args.replay_sets).with_library(base)
+            tag = "sets" if mode == "dense" and args.replay_sets else mode    # replayed sets, no predictor
+            cfgs[f"{tag} {dtype} new"] = _open(path, args.predictors if mode == "sparse" else None, args.replay_sets)
+            cfgs[f"{tag} {dtype} base"] = _open(path, args.predictors if mode == "sparse" else None,
+                                                args.replay_sets).with_library(base)
     names = list(cfgs)
     rng = np.random.default_rng(2)
     V = cfgs[names[0]].config.vocab_size
