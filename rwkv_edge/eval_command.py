@@ -117,6 +117,8 @@ def _candidate(parser, args, model):
             return cand, f"{os.path.basename(args.candidate)} + {os.path.basename(args.predictors)}"
         try:
             bundle = PredictorBundle.load(args.predictors, model=model)
+            if hasattr(model, "with_predictors"):          # the native backend runs the bundle in C
+                return model.with_predictors(bundle), os.path.basename(args.predictors)
             ffn = DeviceSparseFFN(model, bundle) if args.device == "cuda" else SparseFFN(model, bundle)
         except ValueError as e:
             _die(parser, str(e))

@@ -101,6 +101,10 @@ def test_converted_file_run_sparse_on_predictors(setup, capsys, backend):
     assert float(g["kld_mean"]) < 2 * float(a["kld_mean"]) + 1e-5
     assert g["density"] == ("na" if backend == "native" else "1")
     assert float(b["kld_mean"]) > 10 * float(a["kld_mean"])
+    if backend == "native":   # the model file itself as --model, run sparse: the same sets, the same logits
+        rc4, own, _ = run(capsys, "--model", f, "--predictors", d / "bad.npz", "--text", t, "--backend", backend,
+                          "--tokenizer", d / "m" / "tokenizer.json")
+        assert rc4 == 0 and float(kv(own)["kld_mean"]) > 0
     with pytest.raises(SystemExit) as e:
         run(capsys, "--model", m, "--candidate", d / "notexport", "--predictors", d / "good.npz", "--text", t)
     assert e.value.code == 2 and "must be a model file" in capsys.readouterr().err
