@@ -67,11 +67,17 @@ typedef struct {
     const int32_t *gidx;       /* NULL, or sets given by the caller (replayed): token t, layer i is */
     const int64_t *goff;       /*   gidx[goff[t L + i] : goff[t L + i + 1]] */
     int64_t rec_t0, rec_layer;
+    float *pre[6];             /* prefill time-mix scratch (nk_prefill.c): (TB, lora_max) each */
+    int64_t lora_max;          /* max(D, dw, da, dg, dv) */
 } nk_model;
 
 void nk_layer_norm(const float *x, const float *w, const float *b, float eps, int64_t D, float *out);
 void nk_quantize_rows(nk_model *m, const float *x, int64_t T, int64_t I);     /* into m->Xq, m->xs */
 void nk_quantize_rows4(nk_model *m, const float *x, int64_t T, int64_t I);    /* into m->X4, m->xs, m->init */
+/* a prefill chunk's time-mix between the r/k/v and the output mat-vecs (nk_prefill.c) */
+void nk_att_prefill(nk_model *m, const nk_layer *b, int64_t T, float *S, int first);
+/* nk_quantize of T rows of x (T, I) into X (T, I), xs (T, I / NK_GS), vectorised (nk_prefill.c) */
+void nk_quantize_many(const nk_model *m, const float *x, int64_t T, int64_t I, int8_t *X, float *xs);
 /* x += FFN(token-shifted ln2 x) for T tokens (nk_ffn.c) */
 void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T, float *ffn_x, int64_t *stats);
 

@@ -1,0 +1,232 @@
+/* The time-mix of a prefill chunk (T > 1 tokens) after its r/k/v mat-vecs (nk_rwkv7.c time_mix):
+ * the same math as the decode step's per-token loop, reorganised for a chunk:
+ * - the LoRAs (M (I, O) int8 (in, out) + column scale cs (O,)) for all T tokens at once: each int8
+ *   row of M is converted to float once per block of up to 6 tokens and FMA'd into all of them
+ *   (decode: once per token), 6 tokens x 16 outputs of accumulators in registers;
+ * - the elementwise part token by token with the steps' scalar code (libm expf: an 8-wide polynomial
+ *   exp differs from it by ~1 ulp, enough to flip an int8 rounding of a later activation, which the
+ *   prefill-vs-steps tests see as a 2e-2 jump in one token's logits);
+ * - the wkv recurrence head by head over all T tokens (the head's (N, N) state, 16 KiB at N 64,
+ *   stays in L1 across the chunk; decode walks all heads per token).
+ * The LoRA sums keep the order of the steps' axpy4: the time-mix of a prefill equals the steps' bit
+ * for bit (the 6-token tile only reuses each converted row, it does not reorder the sum).
+ * Scratch: m->pre[0..5], (TB, max(D, LoRA dims)) floats each (nk_model_new).
+ */
+#include <math.h>
+#include <string.h>
+
+#include "nk_model.h"
+
+#include "nk_simd.h"
+
+/* ---- Y (T, O) = X (T, I) @ (M (I, O) int8 * cs) ------------------------------------------------- */
+static void lora_rows_generic(const float *X, int64_t ldx, int64_t T, const int8_t *M, const float *cs, int64_t I,
+                              int64_t O, float *Y, int64_t ldy) {
+    for (int64_t t = 0; t < T; t++) {
+        float *y = Y + t * ldy;
+        memset(y, 0, O * sizeof(float));
+        int64_t i = 0;
+        for (; i + 4 <= I; i += 4) {            /* the order of axpy4_generic (the steps' lora()) */
+            const float *x = X + t * ldx + i;
+            const int8_t *r = M + i * O;
+            for (int64_t o = 0; o < O; o++)
+                y[o] += (x[0] * r[o] + x[1] * r[O + o]) + (x[2] * r[2 * O + o] + x[3] * r[3 * O + o]);
+        }
+        for (; i < I; i++)
+            for (int64_t o = 0; o < O; o++)
+                y[o] += X[t * ldx + i] * (float)M[i * O + o];
+        for (int64_t o = 0; o < O; o++)
+            y[o] *= cs[o];
+    }
+}
+
+#ifdef NK_X86
+/* NT (<= 6) tokens x 16 outputs: 12 accumulators; four rows of M converted per step, then per token
+ * acc += (x0 v0 + x1 v1) + (x2 v2 + x3 v3), the order of axpy4_avx2 in the steps' lora() (nk_rwkv7.c),
+ * so the prefill's LoRAs equal the steps' bit for bit */
+AVX2 static inline __attribute__((always_inline)) void lora_tile(const float *X, int64_t ldx, const int8_t *M,
+                                                                 const float *cs, int64_t I, int64_t O, float *Y,
+                                                                 int64_t ldy, const int NT) {
+    __m256 acc[6][2];
+    for (int t = 0; t < NT; t++)
+        acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+#define CV(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+    for (int64_t i = 0; i < I; i += 4) {
+        const int8_t *r = M + i * O;
+        __m256 w[4][2];
+        for (int k = 0; k < 4; k++)
+            w[k][0] = CV(r + k * O), w[k][1] = CV(r + k * O + 8);
+        for (int t = 0; t < NT; t++) {
+            const float *x = X + t * ldx + i;
+            __m256 x0 = _mm256_broadcast_ss(x), x1 = _mm256_broadcast_ss(x + 1);
+            __m256 x2 = _mm256_broadcast_ss(x + 2), x3 = _mm256_broadcast_ss(x + 3);
+            for (int h = 0; h < 2; h++) {
+                __m256 a = _mm256_fmadd_ps(x0, w[0][h], _mm256_mul_ps(x1, w[1][h]));
+                __m256 b = _mm256_fmadd_ps(x2, w[2][h], _mm256_mul_ps(x3, w[3][h]));
+                acc[t][h] = _mm256_add_ps(acc[t][h], _mm256_add_ps(a, b));
+            }
+        }
+    }
+#undef CV
+    __m256 c0 = _mm256_loadu_ps(cs), c1 = _mm256_loadu_ps(cs + 8);
+    for (int t = 0; t < NT; t++) {
+        _mm256_storeu_ps(Y + t * ldy, _mm256_mul_ps(acc[t][0], c0));
+        _mm256_storeu_ps(Y + t * ldy + 8, _mm256_mul_ps(acc[t][1], c1));
+    }
+}
+
+/* O % 16 == 0, I % 4 == 0; a 16-column stripe of M (16 I bytes) stays in L1 while every token block reads it */
+AVX2 static void lora_rows_avx2(const float *X, int64_t ldx, int64_t T, const int8_t *M, const float *cs, int64_t I,
+                                int64_t O, float *Y, int64_t ldy) {
+    for (int64_t o0 = 0; o0 < O; o0 += 16)
+        for (int64_t t0 = 0; t0 < T; t0 += 6) {
+            const float *x = X + t0 * ldx;
+            float *y = Y + t0 * ldy + o0;
+            switch (T - t0 < 6 ? T - t0 : 6) {
+            case 6: lora_tile(x, ldx, M + o0, cs + o0, I, O, y, ldy, 6); break;
+            case 5: lora_tile(x, ldx, M + o0, cs + o0, I, O, y, ldy, 5); break;
+            case 4: lora_tile(x, ldx, M + o0, cs + o0, I, O, y, ldy, 4); break;
+            case 3: lora_tile(x, ldx, M + o0, cs + o0, I, O, y, ldy, 3); break;
+            case 2: lora_tile(x, ldx, M + o0, cs + o0, I, O, y, ldy, 2); break;
+            default: lora_tile(x, ldx, M + o0, cs + o0, I, O, y, ldy, 1); break;
+            }
+        }
+}
+
+#endif
+
+#ifdef NK_X86
+/* nk_quantize of T rows, 8 lanes: the same max, the same 127 / max and x * inv, and cvtps2dq rounds
+ * half to even as lrintf does in the default rounding mode: bit-identical */
+AVX2 static void quantize_rows_avx2(const float *x, int64_t T, int64_t I, int8_t *X, float *xs) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t g = 0; g < T * (I / NK_GS); g++) {
+        const float *xg = x + g * NK_GS;
+        __m256 v[4], mx = _mm256_setzero_ps();
+        for (int k = 0; k < 4; k++) {
+            v[k] = _mm256_loadu_ps(xg + 8 * k);
+            mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[k]));
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        float m = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+        float inv = m > 0 ? 127.0f / m : 0.0f;
+        xs[g] = m / 127.0f;
+        __m256 iv = _mm256_set1_ps(inv);
+        __m256i q[4];
+        for (int k = 0; k < 4; k++)
+            q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], iv));
+        /* packs work per 128-bit lane: bytes come out as (0-3, 8-11, 16-19, 24-27, 4-7, ...) in i32 units */
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)(X + g * NK_GS), _mm256_permutevar8x32_epi32(p, order));
+    }
+}
+#endif
+
+/* X (T, I) int8 and xs (T, I / NK_GS) of x (T, I) as nk_quantize row by row */
+void nk_quantize_many(const nk_model *m, const float *x, int64_t T, int64_t I, int8_t *X, float *xs) {
+#ifdef NK_X86
+    if (m->k != nk_kern_get(0)) {
+        quantize_rows_avx2(x, T, I, X, xs);
+        return;
+    }
+#endif
+    for (int64_t t = 0; t < T; t++)
+        nk_quantize(x + t * I, I, X + t * I, xs + t * (I / NK_GS));
+}
+
+static inline float sigmoidf_(float z) { return 1.0f / (1.0f + expf(-z)); }
+
+static void mix_token_generic(const nk_layer *b, int64_t D, int64_t N, int first, float *k, float *v, const float *vf,
+                              float *W, float *A, const float *GV, float *KN) {
+    for (int64_t d = 0; d < D; d++) {
+        if (!first)
+            v[d] += (vf[d] - v[d]) * sigmoidf_(b->v0[d] + GV[d]);
+        A[d] = sigmoidf_(b->a0[d] + A[d]);
+        KN[d] = k[d] * b->k_k[d];
+        W[d] = expf(-0.606531f * sigmoidf_(b->w0[d] + W[d]));
+    }
+    for (int64_t h = 0; h < D / N; h++) {
+        float ss = 0.0f, *kh = KN + h * N;
+        for (int64_t j = 0; j < N; j++)
+            ss += kh[j] * kh[j];
+        float inv = 1.0f / fmaxf(sqrtf(ss), 1e-12f);
+        for (int64_t j = 0; j < N; j++) {
+            int64_t d = h * N + j;
+            float kn = kh[j] * inv, a = A[d];
+            A[d] = kn * a;
+            k[d] = k[d] * (1.0f + (a - 1.0f) * b->k_a[d]);
+            kh[j] = -kn;
+        }
+    }
+}
+
+/* the SIMD paths need O % 16 (LoRA), D % 8 and N % 8 */
+static void lora_rows(int simd, const float *X, int64_t ldx, int64_t T, const int8_t *M, const float *cs, int64_t I,
+                      int64_t O, float *Y, int64_t ldy) {
+#ifdef NK_X86
+    if (simd && O % 16 == 0 && I % 4 == 0) {
+        lora_rows_avx2(X, ldx, T, M, cs, I, O, Y, ldy);
+        return;
+    }
+#endif
+    lora_rows_generic(X, ldx, T, M, cs, I, O, Y, ldy);
+}
+
+/* x (T, n) (row stride ld) = tanh (kind 0) or sigmoid (kind 1) of itself */
+static void act_rows(float *x, int64_t T, int64_t n, int64_t ld, int kind) {
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t j = 0; j < n; j++)
+            x[t * ld + j] = kind ? sigmoidf_(x[t * ld + j]) : tanhf(x[t * ld + j]);
+    }
+}
+
+/* the prefill counterpart of time_mix's per-token loop (nk_rwkv7.c): from m->r, m->kk, m->v (T, D) and
+ * the token-shifted inputs m->mix[1, 3, 4, 5] to m->y (T, D) (before the output mat-vec); S (H, N, N) */
+void nk_att_prefill(nk_model *m, const nk_layer *b, int64_t T, float *S, int first) {
+    int64_t D = m->D, H = m->H, N = m->N, lt = m->lora_max;
+    int simd = m->k != nk_kern_get(0);              /* the AVX2 LoRA tile with the AVX2 / VNNI kernels */
+    float *W = m->pre[0], *A = m->pre[1], *Gt = m->pre[2], *GV = m->pre[3], *KN = m->pre[4], *t1 = m->pre[5];
+    lora_rows(simd, m->mix[1], D, T, b->w1, b->w1s, D, m->dw, t1, lt);          /* decay */
+    act_rows(t1, T, m->dw, lt, 0);
+    lora_rows(simd, t1, lt, T, b->w2, b->w2s, m->dw, D, W, D);
+    lora_rows(simd, m->mix[4], D, T, b->a1, b->a1s, D, m->da, t1, lt);          /* in-context learning rate */
+    lora_rows(simd, t1, lt, T, b->a2, b->a2s, m->da, D, A, D);
+    lora_rows(simd, m->mix[5], D, T, b->g1, b->g1s, D, m->dg, t1, lt);          /* output gate */
+    act_rows(t1, T, m->dg, lt, 1);
+    lora_rows(simd, t1, lt, T, b->g2, b->g2s, m->dg, D, Gt, D);
+    if (first) {
+        memcpy(m->vf, m->v, T * D * sizeof(float));
+    } else {                                                                      /* value residual */
+        lora_rows(simd, m->mix[3], D, T, b->v1, b->v1s, D, m->dv, t1, lt);
+        lora_rows(simd, t1, lt, T, b->v2, b->v2s, m->dv, D, GV, D);
+    }
+    for (int64_t t = 0; t < T; t++) {
+        float *k = m->kk + t * D, *v = m->v + t * D;
+        mix_token_generic(b, D, N, first, k, v, m->vf + t * D, W + t * D, A + t * D, GV + t * D, KN + t * D);
+    }
+    for (int64_t h = 0; h < H; h++)               /* head by head: its state stays in L1 for the chunk */
+        for (int64_t t = 0; t < T; t++) {
+            int64_t o = t * D + h * N;
+            m->k->wkv(S + h * N * N, N, m->r + o, W + o, m->kk + o, m->v + o, KN + o, A + o, m->y + o);
+        }
+    for (int64_t t = 0; t < T; t++) {
+        const float *r = m->r + t * D, *k = m->kk + t * D, *v = m->v + t * D, *g = Gt + t * D;
+        for (int64_t h = 0; h < H; h++) {           /* group norm (eps 64e-5), bonus, gate */
+            float *yh = m->y + t * D + h * N, mu = 0.0f, var = 0.0f, bonus = 0.0f;
+            for (int64_t j = 0; j < N; j++)
+                mu += yh[j];
+            mu /= (float)N;
+            for (int64_t j = 0; j < N; j++)
+                var += (yh[j] - mu) * (yh[j] - mu);
+            float inv = 1.0f / sqrtf(var / (float)N + 64e-5f);
+            for (int64_t j = 0; j < N; j++)
+                bonus += r[h * N + j] * k[h * N + j] * b->r_k[h * N + j];
+            for (int64_t j = 0; j < N; j++) {
+                int64_t d = h * N + j;
+                yh[j] = ((yh[j] - mu) * inv * b->lnx_w[d] + b->lnx_b[d] + bonus * v[d]) * g[d];
+            }
+        }
+    }
+}
