@@ -83,5 +83,8 @@ void nk_dots4_vnni(const uint8_t *, const uint16_t *, int64_t, int64_t, const in
 void nk_axpy4q_generic(float *out, int64_t D, const uint8_t *const *v, const uint16_t *const *s, const float *h);
 void nk_axpy4q_avx2(float *out, int64_t D, const uint8_t *const *v, const uint16_t *const *s, const float *h);
 float nk_h2f(uint16_t h);
+/* dots_vnni for T > 1 on 512-bit registers, bit-identical to it (nk_prefill.c; x86-64 VNNI only) */
+void nk_dots_vnni512(const int8_t *base, int64_t stride, const int32_t *idx, int64_t n, int64_t I, const int8_t *X,
+                     const float *xs, int64_t T, float *y, int64_t ldy);
 
 #endif

@@ -124,6 +124,75 @@ AVX2 static void quantize_rows_avx2(const float *x, int64_t T, int64_t I, int8_t
 }
 #endif
 
+#ifdef NK_X86
+/* ---- int8 row dots of a prefill chunk on 512-bit VNNI ------------------------------------------- *
+ * dots_vnni's T > 1 case (nk_kernels.c, same arguments and result): lanes 0-7 of a zmm carry token
+ * t, lanes 8-15 token t + 1, the weight group broadcast to both halves, so each lane sees exactly the
+ * integers and float operations (in the same order) of the 256-bit kernel's lane for that token, and
+ * each half ends in the same hsum8: bit-identical results. Four rows x NP (<= 4) token pairs of
+ * accumulators; each weight group is loaded and offset once for all NP pairs. */
+VNNI static inline __attribute__((always_inline)) void dots512_tile(const int8_t *const *w, int64_t G, const int8_t *X,
+                                                                    int64_t I, const float *xs, int64_t t0, int64_t T,
+                                                                    int64_t p, int64_t n, float *y, int64_t ldy,
+                                                                    const int NP) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+    __m512 f[4][4];
+    const int8_t *xa[4], *xb[4];
+    const float *sa[4], *sb[4];
+    int64_t ta[4], tb[4];
+    for (int q = 0; q < NP; q++) {
+        ta[q] = t0 + 2 * q, tb[q] = ta[q] + 1 < T ? ta[q] + 1 : ta[q];
+        xa[q] = X + ta[q] * I, xb[q] = X + tb[q] * I, sa[q] = xs + ta[q] * G, sb[q] = xs + tb[q] * G;
+        for (int k = 0; k < 4; k++)
+            f[k][q] = _mm512_setzero_ps();
+    }
+    for (int64_t g = 0; g < G; g++) {
+        __m512i wv[4];
+        for (int k = 0; k < 4; k++)
+            wv[k] = _mm512_xor_si512(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w[k] + g * NK_GS))), flip);
+        for (int q = 0; q < NP; q++) {
+            __m512i xv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(xa[q] + g * NK_GS))),
+                                            _mm256_loadu_si256((const __m256i *)(xb[q] + g * NK_GS)), 1);
+            __m512i nc = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, flip, xv));     /* -128 xq per lane */
+            __m512 xsv = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(sa[q][g])),
+                                                             _mm256_castps_pd(_mm256_set1_ps(sb[q][g])), 1));
+            for (int k = 0; k < 4; k++)
+                f[k][q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(nc, wv[k], xv)), xsv, f[k][q]);
+        }
+    }
+    for (int q = 0; q < NP; q++)
+        for (int k = 0; k < 4 && p + k < n; k++) {
+            y[ta[q] * ldy + p + k] = hsum8(_mm512_castps512_ps256(f[k][q]));
+            if (tb[q] != ta[q])
+                y[tb[q] * ldy + p + k] = hsum8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f[k][q]), 1)));
+        }
+}
+
+VNNI void nk_dots_vnni512(const int8_t *base, int64_t stride, const int32_t *idx, int64_t n, int64_t I,
+                          const int8_t *X, const float *xs, int64_t T, float *y, int64_t ldy) {
+    int64_t G = I / NK_GS;
+    for (int64_t p = 0; p < n; p += 4) {
+        const int8_t *w[4];
+        for (int k = 0; k < 4; k++) {
+            int64_t q = p + k < n ? p + k : p;
+            w[k] = base + stride * (idx ? idx[q] : q);
+        }
+        if (p + 12 < n)              /* fetch the rows two passes ahead (scattered or strided) */
+            for (int k = 8; k < 12; k++)
+                for (int64_t l = 0; l < I; l += 64)
+                    _mm_prefetch((const char *)(base + stride * (idx ? idx[p + k] : p + k) + l), _MM_HINT_T0);
+        for (int64_t t0 = 0; t0 < T; t0 += 8) {
+            switch ((T - t0 + 1) / 2 < 4 ? (T - t0 + 1) / 2 : 4) {
+            case 4: dots512_tile(w, G, X, I, xs, t0, T, p, n, y, ldy, 4); break;
+            case 3: dots512_tile(w, G, X, I, xs, t0, T, p, n, y, ldy, 3); break;
+            case 2: dots512_tile(w, G, X, I, xs, t0, T, p, n, y, ldy, 2); break;
+            default: dots512_tile(w, G, X, I, xs, t0, T, p, n, y, ldy, 1); break;
+            }
+        }
+    }
+}
+#endif
+
 /* X (T, I) int8 and xs (T, I / NK_GS) of x (T, I) as nk_quantize row by row */
 void nk_quantize_many(const nk_model *m, const float *x, int64_t T, int64_t I, int8_t *X, float *xs) {
 #ifdef NK_X86
