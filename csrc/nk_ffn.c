@@ -94,34 +94,51 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
         s->nval += n;
         return;
     }
+    /* prefill: the key rows block by block (each read once for all T tokens); each token's active
+     * neurons of [lo, hi) appended to its own list (ascending, as the step's), then per token the
+     * predictor's verdict and one value pass over the whole list: the same four-column groups as the
+     * step (a list per key block left ~2 of 4 columns of a group empty at density 0.04) */
+    int64_t cap = hi - lo, *cnt = s->cnt;
+    int32_t *pjT = s->pjT;
+    float *phT = s->phT;
+    for (int64_t t = 0; t < T; t++)
+        cnt[t] = 0;
     for (int64_t j0 = lo; j0 < hi; j0 += NB) {
         int64_t nb = hi - j0 < NB ? hi - j0 : NB;
         key_dots(m, b, NULL, j0, nb, 0, T, s->keys, NB);
         for (int64_t t = 0; t < T; t++) {
-            int64_t n = 0;
+            int64_t n = cnt[t];
+            int32_t *pj = pjT + t * cap;
+            float *ph = phT + t * cap;
             for (int64_t p = 0; p < nb; p++) {
                 int64_t j = j0 + p;
                 float a = s->keys[t * NB + p] * kscale(b, j);
                 if (a > 0 && (!f->mask || f->mask[t * m->F + j])) {
-                    s->pj[n] = (int32_t)j;
-                    s->ph[n++] = a * a * vscale(b, j);
+                    pj[n] = (int32_t)j;
+                    ph[n++] = a * a * vscale(b, j);
                 }
             }
-            if (f->pred && n) {        /* the predictor's verdict, asked only where it matters */
-                m->k->pred(f->pred, &m->pxt[t], s->pj, 0, n, s->sc);
-                int64_t k = 0;
-                for (int64_t q = 0; q < n; q++)
-                    if (s->sc[q] >= f->pred->thr) {
-                        s->pj[k] = s->pj[q], s->ph[k++] = s->ph[q];
-                        if (m->rec)
-                            m->rec[((m->rec_t0 + t) * m->L + m->rec_layer) * m->F + s->pj[q]] = 1;
-                    }
-                n = k;
-                s->npred += n;
-            }
-            value_columns(m, b, s->pj, s->ph, n, s->out + t * D);
-            s->nval += n;
+            cnt[t] = n;
         }
+    }
+    for (int64_t t = 0; t < T; t++) {
+        int64_t n = cnt[t];
+        int32_t *pj = pjT + t * cap;
+        float *ph = phT + t * cap;
+        if (f->pred && n) {            /* the predictor's verdict, asked only where it matters */
+            m->k->pred(f->pred, &m->pxt[t], pj, 0, n, s->sc);
+            int64_t k = 0;
+            for (int64_t q = 0; q < n; q++)
+                if (s->sc[q] >= f->pred->thr) {
+                    pj[k] = pj[q], ph[k++] = ph[q];
+                    if (m->rec)
+                        m->rec[((m->rec_t0 + t) * m->L + m->rec_layer) * m->F + pj[q]] = 1;
+                }
+            n = k;
+            s->npred += n;
+        }
+        value_columns(m, b, pj, ph, n, s->out + t * D);
+        s->nval += n;
     }
 }
 

@@ -193,6 +193,103 @@ VNNI void nk_dots_vnni512(const int8_t *base, int64_t stride, const int32_t *idx
 }
 #endif
 
+#ifdef NK_X86
+/* ---- int4 row dots of a prefill chunk on 512-bit VNNI (nk_q4.c layout) -------------------------- *
+ * nk_dots4_vnni's T > 1 case for G % 8 == 0, bit-identical to it as nk_dots_vnni512 is to dots_vnni:
+ * lanes 0-7 token t, 8-15 token t + 1; the 32 code bytes of a group pair broadcast to both halves and
+ * split into nibbles once for all NP (<= 3) token pairs; per lane the same d_g xs_g product, the same
+ * pair permutation, the same dpbusd onto init and FMA, in the same order, then hsum8 per half. */
+VNNI static inline __m512 pair512_ps(__m256 a, __m256 b) {
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(a)), _mm256_castps_pd(b), 1));
+}
+
+VNNI static inline __m512i pair512_si(const void *a, const void *b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
+                              _mm256_loadu_si256((const __m256i *)b), 1);
+}
+
+VNNI static inline __attribute__((always_inline)) void dots4_512_tile(const uint8_t *const *w, const uint16_t *const *s,
+                                                                      int64_t I, const int8_t *X, const float *xs,
+                                                                      const int32_t *init, int64_t t0, int64_t T,
+                                                                      int64_t p, int64_t n, float *y, int64_t ldy,
+                                                                      const int NP) {
+    int64_t G = I / NK_GS, NI = NK_INIT(G);
+    const __m512i m15 = _mm512_set1_epi8(15);
+    __m512 f[4][3];
+    int64_t ta[3], tb[3];
+    for (int q = 0; q < NP; q++) {
+        ta[q] = t0 + 2 * q, tb[q] = ta[q] + 1 < T ? ta[q] + 1 : ta[q];
+        for (int k = 0; k < 4; k++)
+            f[k][q] = _mm512_setzero_ps();
+    }
+    for (int64_t q8 = 0; q8 < G; q8 += 8) {
+        __m512 cv[4];                  /* the eight group scales of each row, in both halves */
+        for (int k = 0; k < 4; k++) {
+            __m256 c = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s[k] + q8)));
+            cv[k] = pair512_ps(c, c);
+        }
+        __m512 xs2[3];
+        for (int q = 0; q < NP; q++)
+            xs2[q] = pair512_ps(_mm256_loadu_ps(xs + ta[q] * G + q8), _mm256_loadu_ps(xs + tb[q] * G + q8));
+        for (int pp = 0; pp < 4; pp++) {
+            int64_t pr = q8 / 2 + pp;
+            const __m512i sel = _mm512_setr_epi32(2 * pp, 2 * pp, 2 * pp, 2 * pp, 2 * pp + 1, 2 * pp + 1, 2 * pp + 1,
+                                                  2 * pp + 1, 8 + 2 * pp, 8 + 2 * pp, 8 + 2 * pp, 8 + 2 * pp,
+                                                  9 + 2 * pp, 9 + 2 * pp, 9 + 2 * pp, 9 + 2 * pp);
+            __m512i lo[4], hi[4];
+            for (int k = 0; k < 4; k++) {
+                __m512i wb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w[k] + 32 * pr)));
+                lo[k] = _mm512_and_si512(wb, m15), hi[k] = _mm512_and_si512(_mm512_srli_epi16(wb, 4), m15);
+            }
+            for (int q = 0; q < NP; q++) {
+                const int8_t *xa = X + ta[q] * I + 64 * pr, *xb = X + tb[q] * I + 64 * pr;
+                __m512i xlo = pair512_si(xa, xb), xhi = pair512_si(xa + 32, xb + 32);
+                __m512i iv = pair512_si(init + ta[q] * NI + 8 * pr, init + tb[q] * NI + 8 * pr);
+                for (int k = 0; k < 4; k++) {
+                    __m512 sc = _mm512_permutexvar_ps(sel, _mm512_mul_ps(cv[k], xs2[q]));
+                    __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(iv, lo[k], xlo), hi[k], xhi);
+                    f[k][q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, f[k][q]);
+                }
+            }
+        }
+    }
+    for (int q = 0; q < NP; q++)
+        for (int k = 0; k < 4 && p + k < n; k++) {
+            y[ta[q] * ldy + p + k] = hsum8(_mm512_castps512_ps256(f[k][q]));
+            if (tb[q] != ta[q])
+                y[tb[q] * ldy + p + k] = hsum8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f[k][q]), 1)));
+        }
+}
+
+VNNI void nk_dots4_vnni512(const uint8_t *base, const uint16_t *sbase, int64_t stride, int64_t sstride,
+                           const int32_t *idx, int64_t n, int64_t I, const int8_t *X, const float *xs,
+                           const int32_t *init, int64_t T, float *y, int64_t ldy) {
+    int64_t H = I / 2;
+    for (int64_t p = 0; p < n; p += 4) {
+        const uint8_t *w[4];
+        const uint16_t *s[4];
+        for (int k = 0; k < 4; k++) {
+            int64_t r = idx ? idx[p + k < n ? p + k : p] : (p + k < n ? p + k : p);
+            w[k] = base + stride * r, s[k] = sbase + sstride * r;
+        }
+        if (p + 12 < n)              /* fetch the rows two passes ahead (scattered or strided) */
+            for (int k = 8; k < 12; k++) {
+                int64_t r = idx ? idx[p + k] : p + k;
+                for (int64_t l = 0; l < H; l += 64)
+                    _mm_prefetch((const char *)(base + stride * r + l), _MM_HINT_T0);
+                _mm_prefetch((const char *)(sbase + sstride * r), _MM_HINT_T0);
+            }
+        for (int64_t t0 = 0; t0 < T; t0 += 6) {
+            switch ((T - t0 + 1) / 2 < 3 ? (T - t0 + 1) / 2 : 3) {
+            case 3: dots4_512_tile(w, s, I, X, xs, init, t0, T, p, n, y, ldy, 3); break;
+            case 2: dots4_512_tile(w, s, I, X, xs, init, t0, T, p, n, y, ldy, 2); break;
+            default: dots4_512_tile(w, s, I, X, xs, init, t0, T, p, n, y, ldy, 1); break;
+            }
+        }
+    }
+}
+#endif
+
 /* X (T, I) int8 and xs (T, I / NK_GS) of x (T, I) as nk_quantize row by row */
 void nk_quantize_many(const nk_model *m, const float *x, int64_t T, int64_t I, int8_t *X, float *xs) {
 #ifdef NK_X86

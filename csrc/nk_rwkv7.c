@@ -243,6 +243,8 @@ void *nk_model_new(const int64_t *dims, const void *const *glob, const void *con
         m->tls[i].pj = malloc(F * sizeof(int32_t));
         m->tls[i].ph = malloc(F * sizeof(float));
         m->tls[i].sc = malloc(F * sizeof(float));
+        m->tls[i].pjT = malloc(TB * F * sizeof(int32_t));
+        m->tls[i].phT = malloc(TB * F * sizeof(float));
     }
     return m;
 }
@@ -267,6 +269,8 @@ void nk_model_free(void *mp) {
     }
     for (int i = 0; i < NK_MAXT; i++)
         free(m->tls[i].out), free(m->tls[i].keys), free(m->tls[i].pj), free(m->tls[i].ph), free(m->tls[i].sc);
+    for (int i = 0; i < NK_MAXT; i++)
+        free(m->tls[i].pjT), free(m->tls[i].phT);
     free(m->layers), free(m->pred), free(m);
 }
 

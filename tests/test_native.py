@@ -118,7 +118,7 @@ def _synced(m, q, toks, chunk, bundle_sets=False):
 
 
 # --- kernels ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n, I, T", [(13, 64, 1), (64, 512, 3), (5, 96, 64)])
+@pytest.mark.parametrize("n, I, T", [(13, 64, 1), (64, 512, 3), (5, 96, 64), (7, 512, 17)])
 def test_dots_equal_integer_emulation(n, I, T):
     W = RNG.integers(-127, 128, (n, I)).astype(np.int8)
     x = RNG.standard_normal((T, I)).astype(np.float32)
@@ -227,9 +227,12 @@ def test_sparse_matches_reference_on_its_sets(request, fixture, bits):
     assert 0.05 < rec1.mean() < 0.95 and abs(sm.ffn.density - rec1.mean()) < 1e-9 and rec1.mean() > rec.mean()
     # prefill chunks of 4, each from the steps' state: an activation on a rounding boundary that rounds
     # the other way in one path moves the rest of its chunk only (over all 24 tokens it moved every later
-    # token through the state: seen at D 512 on an AVX-512 VNNI host)
+    # token through the state: seen at D 512 on an AVX-512 VNNI host). A score on the threshold that
+    # the float noise moves across it drops one neuron of any size from one path's set: 2.0e-2 in one
+    # token (then 5e-3, 1e-5 in the rest of its chunk; dense, the same tokens moved <= 6.5e-4)
     chunks = [sm.forward(toks[4 * c:4 * c + 4], s0, full_output=True)[0] for c, s0 in enumerate(starts)]
-    _close(np.stack(outs), np.concatenate(chunks))
+    e = np.array([_rel(g, w) for g, w in zip(np.stack(outs), np.concatenate(chunks))])
+    assert (e > 1e-4).sum() <= 3 and e.max() < 5e-2, e
 
 
 class _FixedSets:

@@ -39,9 +39,10 @@ def _emulate_dots4(packed, scale, x):
     return (brk * (d[None] * xs[:, None, :]).astype(np.float64)).sum(-1)
 
 
-@pytest.mark.parametrize("n, I, T", [(13, 64, 1), (64, 512, 3), (5, 96, 64), (8, 288, 2), (4, 32, 5)])
+@pytest.mark.parametrize("n, I, T", [(13, 64, 1), (64, 512, 3), (5, 96, 64), (8, 288, 2), (4, 32, 5), (9, 256, 64)])
 def test_dots4_equal_integer_emulation(n, I, T):
-    """I 64: one pair; 512: the eight-group steps; 96 and 288: an odd last group; 32: that group alone."""
+    """I 64: one pair; 512: the eight-group steps; 96 and 288: an odd last group; 32: that group alone;
+    256 with T 64: the 512-bit prefill kernel's full and partial token tiles."""
     W = RNG.standard_normal((n, I)).astype(np.float32)
     packed, scale = quantize_q4(W)
     codes = unpack_q4(packed)
