@@ -96,30 +96,61 @@ AVX2 static void lora_rows_avx2(const float *X, int64_t ldx, int64_t T, const in
 #endif
 
 #ifdef NK_X86
-/* nk_quantize of T rows, 8 lanes: the same max, the same 127 / max and x * inv, and cvtps2dq rounds
- * half to even as lrintf does in the default rounding mode: bit-identical */
-AVX2 static void quantize_rows_avx2(const float *x, int64_t T, int64_t I, int8_t *X, float *xs) {
+/* one group of 32: xs = max|x| / 127 and xq = rint(x * (127 / max)) in natural order, as nk_quantize
+ * (the same max, the same 127 / max and x * inv; cvtps2dq rounds half to even as lrintf does in the
+ * default rounding mode: bit-identical); *sum (if not NULL) = sum xq */
+AVX2 static inline __m256i quantize32_avx2(const float *xg, float *xs, int32_t *sum) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for (int64_t g = 0; g < T * (I / NK_GS); g++) {
-        const float *xg = x + g * NK_GS;
-        __m256 v[4], mx = _mm256_setzero_ps();
-        for (int k = 0; k < 4; k++) {
-            v[k] = _mm256_loadu_ps(xg + 8 * k);
-            mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[k]));
+    __m256 v[4], mx = _mm256_setzero_ps();
+    for (int k = 0; k < 4; k++) {
+        v[k] = _mm256_loadu_ps(xg + 8 * k);
+        mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[k]));
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    float m = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    float inv = m > 0 ? 127.0f / m : 0.0f;
+    *xs = m / 127.0f;
+    __m256 iv = _mm256_set1_ps(inv);
+    __m256i q[4];
+    for (int k = 0; k < 4; k++)
+        q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], iv));
+    if (sum) {
+        __m256i a = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i b = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+        b = _mm_add_epi32(b, _mm_shuffle_epi32(b, 0x4e));
+        *sum = _mm_cvtsi128_si32(_mm_add_epi32(b, _mm_shuffle_epi32(b, 0xb1)));
+    }
+    /* packs work per 128-bit lane: bytes come out as (0-3, 8-11, 16-19, 24-27, 4-7, ...) in i32 units */
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    return _mm256_permutevar8x32_epi32(p, order);
+}
+
+AVX2 static void quantize_rows_avx2(const float *x, int64_t T, int64_t I, int8_t *X, float *xs) {
+    for (int64_t g = 0; g < T * (I / NK_GS); g++)
+        _mm256_storeu_si256((__m256i *)(X + g * NK_GS), quantize32_avx2(x + g * NK_GS, xs + g, NULL));
+}
+
+/* nk_quantize4 of T rows (nk_q4.c's pair layout and -8 sum xq terms), bit-identical to it */
+AVX2 static void quantize4_rows_avx2(const float *x, int64_t T, int64_t I, int8_t *X, float *xs, int32_t *init) {
+    int64_t G = I / NK_GS, NI = NK_INIT(G);
+    for (int64_t t = 0; t < T; t++) {
+        int8_t *Xt = X + t * I;
+        int32_t *it = init + t * NI, sq;
+        memset(it, 0, NI * sizeof(int32_t));
+        for (int64_t g = 0; g < G; g++) {
+            __m256i q = quantize32_avx2(x + t * I + g * NK_GS, xs + t * G + g, &sq);
+            if ((G & 1) && g == G - 1) {           /* the odd last group: natural order, term in lane 0 */
+                _mm256_storeu_si256((__m256i *)(Xt + g * NK_GS), q);
+                it[4 * g] = -8 * sq;
+            } else {                               /* xq[0:16] at 64p + 16 (g & 1), xq[16:32] 32 further */
+                int8_t *o = Xt + (g >> 1) * 64 + (g & 1) * 16;
+                _mm_storeu_si128((__m128i *)o, _mm256_castsi256_si128(q));
+                _mm_storeu_si128((__m128i *)(o + 32), _mm256_extracti128_si256(q, 1));
+                it[(g >> 1) * 8 + (g & 1) * 4] = -8 * sq;
+            }
         }
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        float m = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
-        float inv = m > 0 ? 127.0f / m : 0.0f;
-        xs[g] = m / 127.0f;
-        __m256 iv = _mm256_set1_ps(inv);
-        __m256i q[4];
-        for (int k = 0; k < 4; k++)
-            q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], iv));
-        /* packs work per 128-bit lane: bytes come out as (0-3, 8-11, 16-19, 24-27, 4-7, ...) in i32 units */
-        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-        _mm256_storeu_si256((__m256i *)(X + g * NK_GS), _mm256_permutevar8x32_epi32(p, order));
     }
 }
 #endif
@@ -289,6 +320,19 @@ VNNI void nk_dots4_vnni512(const uint8_t *base, const uint16_t *sbase, int64_t s
     }
 }
 #endif
+
+/* X (T, I), xs (T, I / NK_GS), init (T, NK_INIT(I / NK_GS)) of x (T, I) as nk_quantize4 row by row */
+void nk_quantize4_many(const nk_model *m, const float *x, int64_t T, int64_t I, int8_t *X, float *xs, int32_t *init) {
+#ifdef NK_X86
+    if (m->k != nk_kern_get(0)) {
+        quantize4_rows_avx2(x, T, I, X, xs, init);
+        return;
+    }
+#endif
+    int64_t G = I / NK_GS;
+    for (int64_t t = 0; t < T; t++)
+        nk_quantize4(x + t * I, I, X + t * I, xs + t * G, init + t * NK_INIT(G));
+}
 
 /* X (T, I) int8 and xs (T, I / NK_GS) of x (T, I) as nk_quantize row by row */
 void nk_quantize_many(const nk_model *m, const float *x, int64_t T, int64_t I, int8_t *X, float *xs) {
