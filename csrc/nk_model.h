@@ -72,6 +72,7 @@ typedef struct {
     int64_t rec_t0, rec_layer;
     float *pre[6];             /* prefill time-mix scratch (nk_prefill.c): (TB, lora_max) each */
     int64_t lora_max;          /* max(D, dw, da, dg, dv) */
+    int64_t pre_T;             /* tokens of the chunk nk_att_prefill works on */
 } nk_model;
 
 void nk_layer_norm(const float *x, const float *w, const float *b, float eps, int64_t D, float *out);

@@ -392,38 +392,61 @@ static void act_rows(float *x, int64_t T, int64_t n, int64_t ld, int kind) {
     }
 }
 
-/* the prefill counterpart of time_mix's per-token loop (nk_rwkv7.c): from m->r, m->kk, m->v (T, D) and
- * the token-shifted inputs m->mix[1, 3, 4, 5] to m->y (T, D) (before the output mat-vec); S (H, N, N) */
-void nk_att_prefill(nk_model *m, const nk_layer *b, int64_t T, float *S, int first) {
-    int64_t D = m->D, H = m->H, N = m->N, lt = m->lora_max;
+typedef struct {
+    nk_model *m;
+    const nk_layer *b;
+    float *S;
+    int first;
+} att_ctx;
+
+/* tokens [lo, hi) of the chunk: their LoRAs and elementwise part (tokens are independent here) */
+static void att_tokens_task(void *c, int tid, int64_t lo, int64_t hi) {
+    att_ctx *a = (att_ctx *)c;
+    nk_model *m = a->m;
+    const nk_layer *b = a->b;
+    (void)tid;
+    int64_t D = m->D, N = m->N, lt = m->lora_max, T = hi - lo;
     int simd = m->k != nk_kern_get(0);              /* the AVX2 LoRA tile with the AVX2 / VNNI kernels */
-    float *W = m->pre[0], *A = m->pre[1], *Gt = m->pre[2], *GV = m->pre[3], *KN = m->pre[4], *t1 = m->pre[5];
-    lora_rows(simd, m->mix[1], D, T, b->w1, b->w1s, D, m->dw, t1, lt);          /* decay */
+    float *W = m->pre[0] + lo * D, *A = m->pre[1] + lo * D, *Gt = m->pre[2] + lo * D, *GV = m->pre[3] + lo * D;
+    float *t1 = m->pre[5] + lo * lt;
+    lora_rows(simd, m->mix[1] + lo * D, D, T, b->w1, b->w1s, D, m->dw, t1, lt);          /* decay */
     act_rows(t1, T, m->dw, lt, 0);
     lora_rows(simd, t1, lt, T, b->w2, b->w2s, m->dw, D, W, D);
-    lora_rows(simd, m->mix[4], D, T, b->a1, b->a1s, D, m->da, t1, lt);          /* in-context learning rate */
+    lora_rows(simd, m->mix[4] + lo * D, D, T, b->a1, b->a1s, D, m->da, t1, lt);          /* in-context rate */
     lora_rows(simd, t1, lt, T, b->a2, b->a2s, m->da, D, A, D);
-    lora_rows(simd, m->mix[5], D, T, b->g1, b->g1s, D, m->dg, t1, lt);          /* output gate */
+    lora_rows(simd, m->mix[5] + lo * D, D, T, b->g1, b->g1s, D, m->dg, t1, lt);          /* output gate */
     act_rows(t1, T, m->dg, lt, 1);
     lora_rows(simd, t1, lt, T, b->g2, b->g2s, m->dg, D, Gt, D);
-    if (first) {
-        memcpy(m->vf, m->v, T * D * sizeof(float));
-    } else {                                                                      /* value residual */
-        lora_rows(simd, m->mix[3], D, T, b->v1, b->v1s, D, m->dv, t1, lt);
+    if (a->first) {
+        memcpy(m->vf + lo * D, m->v + lo * D, T * D * sizeof(float));
+    } else {                                                                              /* value residual */
+        lora_rows(simd, m->mix[3] + lo * D, D, T, b->v1, b->v1s, D, m->dv, t1, lt);
         lora_rows(simd, t1, lt, T, b->v2, b->v2s, m->dv, D, GV, D);
     }
-    for (int64_t t = 0; t < T; t++) {
-        float *k = m->kk + t * D, *v = m->v + t * D;
-        mix_token_generic(b, D, N, first, k, v, m->vf + t * D, W + t * D, A + t * D, GV + t * D, KN + t * D);
+    for (int64_t t = lo; t < hi; t++) {
+        int64_t o = t * D;
+        mix_token_generic(b, D, N, a->first, m->kk + o, m->v + o, m->vf + o, m->pre[0] + o, m->pre[1] + o,
+                          m->pre[3] + o, m->pre[4] + o);
     }
-    for (int64_t h = 0; h < H; h++)               /* head by head: its state stays in L1 for the chunk */
+}
+
+/* heads [lo, hi): the wkv over all T tokens (the head's state stays in L1 for the chunk), then the
+ * group norm (eps 64e-5), bonus and gate of those heads */
+static void att_heads_task(void *c, int tid, int64_t lo, int64_t hi) {
+    att_ctx *a = (att_ctx *)c;
+    nk_model *m = a->m;
+    const nk_layer *b = a->b;
+    (void)tid;
+    int64_t D = m->D, N = m->N, T = m->pre_T;
+    float *W = m->pre[0], *A = m->pre[1], *Gt = m->pre[2], *KN = m->pre[4];
+    for (int64_t h = lo; h < hi; h++)
         for (int64_t t = 0; t < T; t++) {
             int64_t o = t * D + h * N;
-            m->k->wkv(S + h * N * N, N, m->r + o, W + o, m->kk + o, m->v + o, KN + o, A + o, m->y + o);
+            m->k->wkv(a->S + h * N * N, N, m->r + o, W + o, m->kk + o, m->v + o, KN + o, A + o, m->y + o);
         }
     for (int64_t t = 0; t < T; t++) {
         const float *r = m->r + t * D, *k = m->kk + t * D, *v = m->v + t * D, *g = Gt + t * D;
-        for (int64_t h = 0; h < H; h++) {           /* group norm (eps 64e-5), bonus, gate */
+        for (int64_t h = lo; h < hi; h++) {
             float *yh = m->y + t * D + h * N, mu = 0.0f, var = 0.0f, bonus = 0.0f;
             for (int64_t j = 0; j < N; j++)
                 mu += yh[j];
@@ -439,4 +462,14 @@ void nk_att_prefill(nk_model *m, const nk_layer *b, int64_t T, float *S, int fir
             }
         }
     }
+}
+
+/* the prefill counterpart of time_mix's per-token loop (nk_rwkv7.c): from m->r, m->kk, m->v (T, D) and
+ * the token-shifted inputs m->mix[1, 3, 4, 5] to m->y (T, D) (before the output mat-vec); S (H, N, N).
+ * Threads split the tokens (LoRAs, elementwise), then the heads (wkv, group norm). */
+void nk_att_prefill(nk_model *m, const nk_layer *b, int64_t T, float *S, int first) {
+    att_ctx c = {m, b, S, first};
+    m->pre_T = T;
+    nk_pool_run(m->pool, att_tokens_task, &c, T);
+    nk_pool_run(m->pool, att_heads_task, &c, m->H);
 }
