@@ -94,22 +94,22 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
         s->nval += n;
         return;
     }
-    /* prefill: the key rows block by block (each read once for all T tokens); each token's active
-     * neurons of [lo, hi) appended to its own list (ascending, as the step's), then per token the
-     * predictor's verdict and one value pass over the whole list: the same four-column groups as the
-     * step (a list per key block left ~2 of 4 columns of a group empty at density 0.04) */
-    int64_t cap = hi - lo, *cnt = s->cnt;
-    int32_t *pjT = s->pjT;
-    float *phT = s->phT;
+    /* prefill: the key rows block by block (each read once for all T tokens), then per token the active
+     * neurons of the block (and the predictor's verdict on them) and their value columns while the
+     * block is in cache. Each token carries its last (< 4) neurons over to the next block, so its value
+     * columns go in the same four-column groups as the step's list (one list per block left ~2 of
+     * the 4 columns of a group empty at density 0.04) */
+    const int64_t cap = NB + 4;
+    int64_t *cnt = s->cnt;
     for (int64_t t = 0; t < T; t++)
         cnt[t] = 0;
     for (int64_t j0 = lo; j0 < hi; j0 += NB) {
         int64_t nb = hi - j0 < NB ? hi - j0 : NB;
         key_dots(m, b, NULL, j0, nb, 0, T, s->keys, NB);
         for (int64_t t = 0; t < T; t++) {
-            int64_t n = cnt[t];
-            int32_t *pj = pjT + t * cap;
-            float *ph = phT + t * cap;
+            int32_t *pj = s->pjT + t * cap;
+            float *ph = s->phT + t * cap;
+            int64_t c0 = cnt[t], n = c0;       /* pj[0 : c0]: carried from the blocks before */
             for (int64_t p = 0; p < nb; p++) {
                 int64_t j = j0 + p;
                 float a = s->keys[t * NB + p] * kscale(b, j);
@@ -118,27 +118,25 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
                     ph[n++] = a * a * vscale(b, j);
                 }
             }
-            cnt[t] = n;
+            if (f->pred && n > c0) {   /* the predictor's verdict, asked only where it matters */
+                m->k->pred(f->pred, &m->pxt[t], pj + c0, 0, n - c0, s->sc);
+                int64_t k = c0;
+                for (int64_t q = c0; q < n; q++)
+                    if (s->sc[q - c0] >= f->pred->thr) {
+                        pj[k] = pj[q], ph[k++] = ph[q];
+                        if (m->rec)
+                            m->rec[((m->rec_t0 + t) * m->L + m->rec_layer) * m->F + pj[q]] = 1;
+                    }
+                s->npred += k - c0;
+                n = k;
+            }
+            s->nval += n - c0;
+            int64_t full = j0 + NB < hi ? n / 4 * 4 : n;          /* the last block: all of them */
+            value_columns(m, b, pj, ph, full, s->out + t * D);
+            for (int64_t q = full; q < n; q++)
+                pj[q - full] = pj[q], ph[q - full] = ph[q];
+            cnt[t] = n - full;
         }
-    }
-    for (int64_t t = 0; t < T; t++) {
-        int64_t n = cnt[t];
-        int32_t *pj = pjT + t * cap;
-        float *ph = phT + t * cap;
-        if (f->pred && n) {            /* the predictor's verdict, asked only where it matters */
-            m->k->pred(f->pred, &m->pxt[t], pj, 0, n, s->sc);
-            int64_t k = 0;
-            for (int64_t q = 0; q < n; q++)
-                if (s->sc[q] >= f->pred->thr) {
-                    pj[k] = pj[q], ph[k++] = ph[q];
-                    if (m->rec)
-                        m->rec[((m->rec_t0 + t) * m->L + m->rec_layer) * m->F + pj[q]] = 1;
-                }
-            n = k;
-            s->npred += n;
-        }
-        value_columns(m, b, pj, ph, n, s->out + t * D);
-        s->nval += n;
     }
 }
 
