@@ -75,6 +75,57 @@ AVX2 static inline __attribute__((always_inline)) void lora_tile(const float *X,
     }
 }
 
+/* the same tile on 512-bit registers (VNNI level): NT tokens x 32 outputs; every lane does the
+ * operations of the 256-bit tile's lane in the same order: the same floats */
+VNNI static inline __attribute__((always_inline)) void lora_tile512(const float *X, int64_t ldx, const int8_t *M,
+                                                                    const float *cs, int64_t I, int64_t O, float *Y,
+                                                                    int64_t ldy, const int NT) {
+    __m512 acc[6][2];
+    for (int t = 0; t < NT; t++)
+        acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+#define CV(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+    for (int64_t i = 0; i < I; i += 4) {
+        const int8_t *r = M + i * O;
+        __m512 w[4][2];
+        for (int k = 0; k < 4; k++)
+            w[k][0] = CV(r + k * O), w[k][1] = CV(r + k * O + 16);
+        for (int t = 0; t < NT; t++) {
+            const float *x = X + t * ldx + i;
+            __m512 x0 = _mm512_set1_ps(x[0]), x1 = _mm512_set1_ps(x[1]);
+            __m512 x2 = _mm512_set1_ps(x[2]), x3 = _mm512_set1_ps(x[3]);
+            for (int h = 0; h < 2; h++) {
+                __m512 a = _mm512_fmadd_ps(x0, w[0][h], _mm512_mul_ps(x1, w[1][h]));
+                __m512 b = _mm512_fmadd_ps(x2, w[2][h], _mm512_mul_ps(x3, w[3][h]));
+                acc[t][h] = _mm512_add_ps(acc[t][h], _mm512_add_ps(a, b));
+            }
+        }
+    }
+#undef CV
+    __m512 c0 = _mm512_loadu_ps(cs), c1 = _mm512_loadu_ps(cs + 16);
+    for (int t = 0; t < NT; t++) {
+        _mm512_storeu_ps(Y + t * ldy, _mm512_mul_ps(acc[t][0], c0));
+        _mm512_storeu_ps(Y + t * ldy + 16, _mm512_mul_ps(acc[t][1], c1));
+    }
+}
+
+/* O % 32 == 0, I % 4 == 0 */
+VNNI static void lora_rows_512(const float *X, int64_t ldx, int64_t T, const int8_t *M, const float *cs, int64_t I,
+                               int64_t O, float *Y, int64_t ldy) {
+    for (int64_t o0 = 0; o0 < O; o0 += 32)
+        for (int64_t t0 = 0; t0 < T; t0 += 6) {
+            const float *x = X + t0 * ldx;
+            float *y = Y + t0 * ldy + o0;
+            switch (T - t0 < 6 ? T - t0 : 6) {
+            case 6: lora_tile512(x, ldx, M + o0, cs + o0, I, O, y, ldy, 6); break;
+            case 5: lora_tile512(x, ldx, M + o0, cs + o0, I, O, y, ldy, 5); break;
+            case 4: lora_tile512(x, ldx, M + o0, cs + o0, I, O, y, ldy, 4); break;
+            case 3: lora_tile512(x, ldx, M + o0, cs + o0, I, O, y, ldy, 3); break;
+            case 2: lora_tile512(x, ldx, M + o0, cs + o0, I, O, y, ldy, 2); break;
+            default: lora_tile512(x, ldx, M + o0, cs + o0, I, O, y, ldy, 1); break;
+            }
+        }
+}
+
 /* O % 16 == 0, I % 4 == 0; a 16-column stripe of M (16 I bytes) stays in L1 while every token block reads it */
 AVX2 static void lora_rows_avx2(const float *X, int64_t ldx, int64_t T, const int8_t *M, const float *cs, int64_t I,
                                 int64_t O, float *Y, int64_t ldy) {
@@ -376,6 +427,10 @@ static void mix_token_generic(const nk_layer *b, int64_t D, int64_t N, int first
 static void lora_rows(int simd, const float *X, int64_t ldx, int64_t T, const int8_t *M, const float *cs, int64_t I,
                       int64_t O, float *Y, int64_t ldy) {
 #ifdef NK_X86
+    if (simd == 2 && O % 32 == 0 && I % 4 == 0) {
+        lora_rows_512(X, ldx, T, M, cs, I, O, Y, ldy);
+        return;
+    }
     if (simd && O % 16 == 0 && I % 4 == 0) {
         lora_rows_avx2(X, ldx, T, M, cs, I, O, Y, ldy);
         return;
@@ -406,7 +461,7 @@ static void att_tokens_task(void *c, int tid, int64_t lo, int64_t hi) {
     const nk_layer *b = a->b;
     (void)tid;
     int64_t D = m->D, N = m->N, lt = m->lora_max, T = hi - lo;
-    int simd = m->k != nk_kern_get(0);              /* the AVX2 LoRA tile with the AVX2 / VNNI kernels */
+    int simd = m->k == nk_kern_get(2) ? 2 : m->k != nk_kern_get(0);  /* 2: 512-bit LoRA tile, 1: 256-bit */
     float *W = m->pre[0] + lo * D, *A = m->pre[1] + lo * D, *Gt = m->pre[2] + lo * D, *GV = m->pre[3] + lo * D;
     float *t1 = m->pre[5] + lo * lt;
     lora_rows(simd, m->mix[1] + lo * D, D, T, b->w1, b->w1s, D, m->dw, t1, lt);          /* decay */
