@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "nk_model.h"
+#include "nk_simd.h"
 
 /* ---- FFN ----------------------------------------------------------------------------------------- */
 typedef struct {
@@ -99,17 +100,25 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
      * block is in cache. Each token carries its last (< 4) neurons over to the next block, so its value
      * columns go in the same four-column groups as the step's list (one list per block left ~2 of
      * the 4 columns of a group empty at density 0.04) */
-    const int64_t cap = NB + 4;
+    const int64_t cap = NB + 20;          /* <= 3 carried + NB + 16 of slack for nk_active_512 */
     int64_t *cnt = s->cnt;
     for (int64_t t = 0; t < T; t++)
         cnt[t] = 0;
     for (int64_t j0 = lo; j0 < hi; j0 += NB) {
         int64_t nb = hi - j0 < NB ? hi - j0 : NB;
         key_dots(m, b, NULL, j0, nb, 0, T, s->keys, NB);
+#ifdef NK_X86
+        int fast = !f->mask && nb % 16 == 0 && m->k == nk_kern_get(2);
+#else
+        int fast = 0;
+#endif
         for (int64_t t = 0; t < T; t++) {
             int32_t *pj = s->pjT + t * cap;
             float *ph = s->phT + t * cap;
             int64_t c0 = cnt[t], n = c0;       /* pj[0 : c0]: carried from the blocks before */
+            if (fast)
+                n += nk_active_512(s->keys + t * NB, b->kv4 ? NULL : b->kv_scale + 2 * j0, j0, nb, pj + n, ph + n);
+            else
             for (int64_t p = 0; p < nb; p++) {
                 int64_t j = j0 + p;
                 float a = s->keys[t * NB + p] * kscale(b, j);

@@ -372,6 +372,36 @@ VNNI void nk_dots4_vnni512(const uint8_t *base, const uint16_t *sbase, int64_t s
 }
 #endif
 
+#ifdef NK_X86
+/* The active neurons of one token in a key block (nk_ffn.c, VNNI level): for p < nb (nb % 16 == 0)
+ * with a = keys[p] * ks_p > 0, appends j0 + p to pj and (a * a) * vs_p to ph; (ks, vs) = sc[2p],
+ * sc[2p + 1] (int8 kv_scale), or 1 with sc NULL (int4). The scalar loop's operations, so the same
+ * floats; each 16 are compressed in registers and stored whole: pj, ph need 16 entries of slack.
+ * Returns how many it appended. */
+VNNI int64_t nk_active_512(const float *keys, const float *sc, int64_t j0, int64_t nb, int32_t *pj, float *ph) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    int64_t n = 0;
+    for (int64_t p = 0; p < nb; p += 16) {
+        __m512 ks = _mm512_set1_ps(1.0f), vs = ks;
+        if (sc) {
+            __m512 s0 = _mm512_loadu_ps(sc + 2 * p), s1 = _mm512_loadu_ps(sc + 2 * p + 16);
+            ks = _mm512_permutex2var_ps(s0, even, s1), vs = _mm512_permutex2var_ps(s0, odd, s1);
+        }
+        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(keys + p), ks);
+        __mmask16 k = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ);
+        if (!k)
+            continue;
+        __m512i j = _mm512_add_epi32(iota, _mm512_set1_epi32((int32_t)(j0 + p)));
+        _mm512_storeu_si512(pj + n, _mm512_maskz_compress_epi32(k, j));
+        _mm512_storeu_ps(ph + n, _mm512_maskz_compress_ps(k, _mm512_mul_ps(_mm512_mul_ps(a, a), vs)));
+        n += __builtin_popcount(k);
+    }
+    return n;
+}
+#endif
+
 /* X (T, I), xs (T, I / NK_GS), init (T, NK_INIT(I / NK_GS)) of x (T, I) as nk_quantize4 row by row */
 void nk_quantize4_many(const nk_model *m, const float *x, int64_t T, int64_t I, int8_t *X, float *xs, int32_t *init) {
 #ifdef NK_X86

@@ -247,8 +247,8 @@ void *nk_model_new(const int64_t *dims, const void *const *glob, const void *con
         m->tls[i].pj = malloc(F * sizeof(int32_t));
         m->tls[i].ph = malloc(F * sizeof(float));
         m->tls[i].sc = malloc(F * sizeof(float));
-        m->tls[i].pjT = malloc(TB * (NB + 4) * sizeof(int32_t));
-        m->tls[i].phT = malloc(TB * (NB + 4) * sizeof(float));
+        m->tls[i].pjT = malloc(TB * (NB + 20) * sizeof(int32_t));
+        m->tls[i].phT = malloc(TB * (NB + 20) * sizeof(float));
     }
     return m;
 }
