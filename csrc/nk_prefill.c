@@ -558,3 +558,20 @@ void nk_att_prefill(nk_model *m, const nk_layer *b, int64_t T, float *S, int fir
     nk_pool_run(m->pool, att_tokens_task, &c, T);
     nk_pool_run(m->pool, att_heads_task, &c, m->H);
 }
+
+/* ---- for the tests (tests/test_native.py): the prefill's activation rounding at a level ---------- */
+/* x (T, I) rounded as the prefill rounds it: bits 8 into X (T, I), xs (T, I / NK_GS) (nk_quantize's
+ * layout); bits 4 into X in the int4 pair layout, xs, init (T, NK_INIT(I / NK_GS)) (nk_quantize4's) */
+int nk_test_quantize_rows(int level, int64_t bits, const float *x, int64_t T, int64_t I, int8_t *X, float *xs,
+                          int32_t *init) {
+    static nk_model m;                 /* only m.k is read */
+    const nk_kern *k = nk_kern_get(level);
+    if (!k || I % NK_GS || I <= 0 || (bits != 8 && bits != 4))
+        return -1;
+    m.k = k;
+    if (bits == 4)
+        nk_quantize4_many(&m, x, T, I, X, xs, init);
+    else
+        nk_quantize_many(&m, x, T, I, X, xs);
+    return 0;
+}
