@@ -477,6 +477,47 @@ static void act_rows(float *x, int64_t T, int64_t n, int64_t ld, int kind) {
     }
 }
 
+#ifdef NK_X86
+/* wkv_avx2 (nk_kernels.c) on 512-bit registers, two state rows per register (lanes 0-7 row i,
+ * 8-15 row i + 1, the vectors a, b, k, r, w broadcast to both halves): every lane does the 256-bit
+ * kernel's operations in its order, each half ends in the same hsum8: the same floats. N % 16 == 0. */
+VNNI static inline __m512 rows2(const float *p, int64_t N) {
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(p))),
+                                               _mm256_castps_pd(_mm256_loadu_ps(p + N)), 1));
+}
+
+VNNI static inline __m512 bcast8(const float *p) {
+    return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(p))));
+}
+
+VNNI static inline __m256 hi8(__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
+
+VNNI static void wkv_512(float *S, int64_t N, const float *r, const float *w, const float *k, const float *v,
+                         const float *a, const float *b, float *y) {
+    for (int64_t i = 0; i < N; i += 2) {
+        float *s = S + i * N;
+        __m512 sa = _mm512_setzero_ps(), acc = _mm512_setzero_ps();
+        for (int64_t j = 0; j < N; j += 8)
+            sa = _mm512_fmadd_ps(rows2(s + j, N), bcast8(a + j), sa);
+        __m512 sav = _mm512_castpd_ps(_mm512_insertf64x4(
+            _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(hsum8(_mm512_castps512_ps256(sa))))),
+            _mm256_castps_pd(_mm256_set1_ps(hsum8(hi8(sa)))), 1));
+        __m512 vi = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(v[i]))),
+                                                        _mm256_castps_pd(_mm256_set1_ps(v[i + 1])), 1));
+        for (int64_t j = 0; j < N; j += 8) {
+            __m512 x = _mm512_mul_ps(rows2(s + j, N), bcast8(w + j));
+            x = _mm512_fmadd_ps(sav, bcast8(b + j), x);
+            x = _mm512_fmadd_ps(vi, bcast8(k + j), x);
+            _mm256_storeu_ps(s + j, _mm512_castps512_ps256(x));
+            _mm256_storeu_ps(s + N + j, hi8(x));
+            acc = _mm512_fmadd_ps(x, bcast8(r + j), acc);
+        }
+        y[i] = hsum8(_mm512_castps512_ps256(acc));
+        y[i + 1] = hsum8(hi8(acc));
+    }
+}
+#endif
+
 typedef struct {
     nk_model *m;
     const nk_layer *b;
@@ -524,10 +565,16 @@ static void att_heads_task(void *c, int tid, int64_t lo, int64_t hi) {
     (void)tid;
     int64_t D = m->D, N = m->N, T = m->pre_T;
     float *W = m->pre[0], *A = m->pre[1], *Gt = m->pre[2], *KN = m->pre[4];
+    void (*wkv)(float *, int64_t, const float *, const float *, const float *, const float *, const float *,
+                const float *, float *) = m->k->wkv;
+#ifdef NK_X86
+    if (m->k == nk_kern_get(2) && N % 16 == 0)
+        wkv = wkv_512;
+#endif
     for (int64_t h = lo; h < hi; h++)
         for (int64_t t = 0; t < T; t++) {
             int64_t o = t * D + h * N;
-            m->k->wkv(a->S + h * N * N, N, m->r + o, W + o, m->kk + o, m->v + o, KN + o, A + o, m->y + o);
+            wkv(a->S + h * N * N, N, m->r + o, W + o, m->kk + o, m->v + o, KN + o, A + o, m->y + o);
         }
     for (int64_t t = 0; t < T; t++) {
         const float *r = m->r + t * D, *k = m->kk + t * D, *v = m->v + t * D, *g = Gt + t * D;
