@@ -28,8 +28,16 @@ typedef struct {
 
 /* out (D,) += h_j V[:, j] for the n neurons pj/ph, four per pass over out */
 static void value_columns(const nk_model *m, const nk_layer *b, const int32_t *pj, const float *ph, int64_t n,
-                          float *out) {
+                          float *out, int wide) {
     int64_t D = m->D, G = D / NK_GS;
+    void (*ax)(float *, int64_t, const int8_t *const *, const float *) = m->k->axpy4;
+    void (*axq)(float *, int64_t, const uint8_t *const *, const uint16_t *const *, const float *) = m->k->axpy4q;
+#ifdef NK_X86
+    if (wide && m->k == nk_kern_get(2) && D % NK_GS == 0)   /* prefill: the 512-bit twins (same floats) */
+        ax = nk_axpy4_512, axq = nk_axpy4q_512;
+#else
+    (void)wide;
+#endif
     for (int64_t q = 0; q < n; q += 4) {
         const int8_t *v[4];
         const uint8_t *v4[4];
@@ -53,9 +61,9 @@ static void value_columns(const nk_model *m, const nk_layer *b, const int32_t *p
                 __builtin_prefetch(b->kv4s + (int64_t)pj[p] * 2 * G + G);
             }
 #endif
-            m->k->axpy4q(out, D, v4, s4, h);
+            axq(out, D, v4, s4, h);
         } else
-            m->k->axpy4(out, D, v, h);
+            ax(out, D, v, h);
     }
 }
 
@@ -91,7 +99,7 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
                 s->ph[n++] = a * a * vscale(b, j);
             }
         }
-        value_columns(m, b, s->pj, s->ph, n, s->out);
+        value_columns(m, b, s->pj, s->ph, n, s->out, 0);
         s->nval += n;
         return;
     }
@@ -141,7 +149,7 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
             }
             s->nval += n - c0;
             int64_t full = j0 + NB < hi ? n / 4 * 4 : n;          /* the last block: all of them */
-            value_columns(m, b, pj, ph, full, s->out + t * D);
+            value_columns(m, b, pj, ph, full, s->out + t * D, 1);
             for (int64_t q = full; q < n; q++)
                 pj[q - full] = pj[q], ph[q - full] = ph[q];
             cnt[t] = n - full;
@@ -164,7 +172,7 @@ static void ffn_sparse_task(void *c, int tid, int64_t lo, int64_t hi) {
             s->ph[n++] = a * a * vscale(b, j);
         }
     }
-    value_columns(m, b, s->pj, s->ph, n, s->out);
+    value_columns(m, b, s->pj, s->ph, n, s->out, 0);
     s->nval += n;
 }
 

@@ -518,6 +518,44 @@ VNNI static void wkv_512(float *S, int64_t N, const float *r, const float *w, co
 }
 #endif
 
+#ifdef NK_X86
+/* axpy4_avx2 and nk_axpy4q_avx2 (four value columns into out (D,)) on 512-bit registers for the
+ * prefill's value pass: every output gets the 256-bit kernels' operations in their order (the same
+ * h_k d_kg products, the same (h0 c0 + h1 c1) + (h2 c2 + h3 c3) and add): the same floats. D % 32 == 0. */
+VNNI void nk_axpy4_512(float *out, int64_t D, const int8_t *const *v, const float *h) {
+    __m512 h0 = _mm512_set1_ps(h[0]), h1 = _mm512_set1_ps(h[1]), h2 = _mm512_set1_ps(h[2]), h3 = _mm512_set1_ps(h[3]);
+#define CV(k) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(v[k] + d))))
+    for (int64_t d = 0; d < D; d += 16) {
+        __m512 a = _mm512_fmadd_ps(h0, CV(0), _mm512_mul_ps(h1, CV(1)));
+        __m512 b = _mm512_fmadd_ps(h2, CV(2), _mm512_mul_ps(h3, CV(3)));
+        _mm512_storeu_ps(out + d, _mm512_add_ps(_mm512_loadu_ps(out + d), _mm512_add_ps(a, b)));
+    }
+#undef CV
+}
+
+VNNI void nk_axpy4q_512(float *out, int64_t D, const uint8_t *const *v, const uint16_t *const *s, const float *h) {
+    const __m128i m15 = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+    for (int64_t g = 0; g < D / NK_GS; g++) {
+        __m512 hd[4];
+        __m128i c[4][2];
+        for (int k = 0; k < 4; k++) {
+            hd[k] = _mm512_set1_ps(h[k] * _cvtsh_ss(s[k][g]));
+            __m128i b = _mm_loadu_si128((const __m128i *)(v[k] + 16 * g));
+            c[k][0] = _mm_sub_epi8(_mm_and_si128(b, m15), eight);                 /* outputs 0-15 */
+            c[k][1] = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), m15), eight);   /* 16-31 */
+        }
+        for (int q = 0; q < 2; q++) {
+#define CV(k) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c[k][q]))
+            __m512 a = _mm512_fmadd_ps(hd[0], CV(0), _mm512_mul_ps(hd[1], CV(1)));
+            __m512 b = _mm512_fmadd_ps(hd[2], CV(2), _mm512_mul_ps(hd[3], CV(3)));
+#undef CV
+            float *o = out + g * 32 + 16 * q;
+            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_add_ps(a, b)));
+        }
+    }
+}
+#endif
+
 typedef struct {
     nk_model *m;
     const nk_layer *b;
