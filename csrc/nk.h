@@ -49,9 +49,10 @@ typedef struct {
      * into score[q] */
     void (*pred)(const struct nk_pred *p, const struct nk_pred_x *px, const int32_t *idx, int64_t r0, int64_t r1,
                  float *score);
-    /* one RWKV-7 head, one token: S (N, N) [value i, key j] in place, S = S * w + (S @ a) b^T + v k^T,
-     * y = S @ r (all vectors (N,), N % 8 == 0) */
-    void (*wkv)(float *S, int64_t N, const float *r, const float *w, const float *k, const float *v,
+    /* one RWKV-7 head, one token: S (N, N) [value i, key j] = S0 * w + (S0 @ a) b^T + v k^T, y = S @ r
+     * (all vectors (N,), N % 8 == 0); S0 is the state before the token: S0 == S (in place) or another
+     * (N, N) (a caller that keeps its input state: no copy of it first) */
+    void (*wkv)(float *S, const float *S0, int64_t N, const float *r, const float *w, const float *k, const float *v,
                 const float *a, const float *b, float *y);
     /* int4 rows (nk_q4.c): y[t * ldy + p] = sum_g (d_g xs[t * G + g]) (u_g . xq_g - 8 sum xq_g) for
      * row r = idx ? idx[p] : p, codes base + stride * r (I / 2 bytes), scales sbase + sstride * r
@@ -62,6 +63,8 @@ typedef struct {
     /* out[d] += sum_k h[k] d_k,g (u_k[d] - 8), k < 4: four int4 value columns v[k] (D / 2 bytes) with
      * scales s[k] (D / 32 float16) */
     void (*axpy4q)(float *out, int64_t D, const uint8_t *const *v, const uint16_t *const *s, const float *h);
+    /* y (O,) = x (I,) @ M (I, O) int8 (a LoRA's input-major matrix; O % 8 == 0), unscaled */
+    void (*vecmat)(const float *x, const int8_t *M, int64_t I, int64_t O, float *y);
 } nk_kern;
 
 const nk_kern *nk_kern_get(int level);       /* 0 generic, 1 avx2, 2 vnni; NULL if this CPU lacks it */
@@ -83,15 +86,15 @@ void nk_dots4_vnni(const uint8_t *, const uint16_t *, int64_t, int64_t, const in
 void nk_axpy4q_generic(float *out, int64_t D, const uint8_t *const *v, const uint16_t *const *s, const float *h);
 void nk_axpy4q_avx2(float *out, int64_t D, const uint8_t *const *v, const uint16_t *const *s, const float *h);
 float nk_h2f(uint16_t h);
-/* dots_vnni for T > 1 on 512-bit registers, bit-identical to it (nk_prefill.c; x86-64 VNNI only) */
+/* dots_vnni for T > 1 on 512-bit registers, bit-identical to it (nk_prefill_kernels.c; x86-64 VNNI only) */
 void nk_dots_vnni512(const int8_t *base, int64_t stride, const int32_t *idx, int64_t n, int64_t I, const int8_t *X,
                      const float *xs, int64_t T, float *y, int64_t ldy);
-/* axpy4 / axpy4q on 512-bit registers, the same floats as the AVX2 ones (nk_prefill.c; prefill only) */
+/* axpy4 / axpy4q on 512-bit registers, the same floats as the AVX2 ones (nk_prefill_kernels.c; prefill only) */
 void nk_axpy4_512(float *out, int64_t D, const int8_t *const *v, const float *h);
 void nk_axpy4q_512(float *out, int64_t D, const uint8_t *const *v, const uint16_t *const *s, const float *h);
-/* a token's active neurons of a prefill key block, 512-bit (nk_prefill.c; see there) */
+/* a token's active neurons of a prefill key block, 512-bit (nk_prefill_kernels.c; see there) */
 int64_t nk_active_512(const float *keys, const float *sc, int64_t j0, int64_t nb, int32_t *pj, float *ph);
-/* nk_dots4_vnni for T > 1 and I % 256 == 0 on 512-bit registers, bit-identical to it (nk_prefill.c) */
+/* nk_dots4_vnni for T > 1 and I % 256 == 0 on 512-bit registers, bit-identical to it (nk_prefill_kernels.c) */
 void nk_dots4_vnni512(const uint8_t *base, const uint16_t *sbase, int64_t stride, int64_t sstride, const int32_t *idx,
                       int64_t n, int64_t I, const int8_t *X, const float *xs, const int32_t *init, int64_t T,
                       float *y, int64_t ldy);

@@ -38,8 +38,10 @@ void nk_quantize(const float *x, int64_t I, int8_t *X, float *xs) {
     for (int64_t g = 0; g < I / NK_GS; g++) {
         const float *xg = x + g * NK_GS;
         float mx = 0.0f;
-        for (int i = 0; i < NK_GS; i++)
-            mx = fmaxf(mx, fabsf(xg[i]));
+        for (int i = 0; i < NK_GS; i++) {  /* not fmaxf: a libm call at the baseline target (~1% of a step) */
+            float a = fabsf(xg[i]);
+            mx = a > mx ? a : mx;           /* the same max (a NaN is skipped as fmaxf skips it) */
+        }
         float inv = mx > 0 ? 127.0f / mx : 0.0f;
         xs[g] = mx / 127.0f;
         for (int i = 0; i < NK_GS; i++)
@@ -123,22 +125,30 @@ static void pred_generic(const nk_pred *p, const nk_pred_x *px, const int32_t *i
         score[q - r0] = pred_row_tail(p, px, idx ? idx[q] : q, 0);
 }
 
-static void wkv_generic(float *S, int64_t N, const float *r, const float *w, const float *k, const float *v,
-                        const float *a, const float *b, float *y) {
+static void wkv_generic(float *S, const float *S0, int64_t N, const float *r, const float *w, const float *k,
+                        const float *v, const float *a, const float *b, float *y) {
     for (int64_t i = 0; i < N; i++) {
         float *s = S + i * N, sa = 0.0f, acc = 0.0f;
+        const float *s0 = S0 + i * N;
         for (int64_t j = 0; j < N; j++)
-            sa += s[j] * a[j];
+            sa += s0[j] * a[j];
         for (int64_t j = 0; j < N; j++) {
-            s[j] = s[j] * w[j] + sa * b[j] + v[i] * k[j];
+            s[j] = s0[j] * w[j] + sa * b[j] + v[i] * k[j];
             acc += s[j] * r[j];
         }
         y[i] = acc;
     }
 }
 
+static void vecmat_generic(const float *x, const int8_t *M, int64_t I, int64_t O, float *y) {
+    memset(y, 0, O * sizeof(float));
+    for (int64_t i = 0; i < I; i++)
+        for (int64_t o = 0; o < O; o++)
+            y[o] += x[i] * M[i * O + o];
+}
+
 static const nk_kern K_GENERIC = {"generic", dots_generic, axpy4_generic, pred_generic, wkv_generic, nk_dots4_generic,
-                                  nk_axpy4q_generic};
+                                  nk_axpy4q_generic, vecmat_generic};
 
 #ifdef NK_X86
 /* ---- AVX2 (and the VNNI variant of the dots) ----------------------------------------------------- */
@@ -238,7 +248,7 @@ VNNI static void dots_vnni(const int8_t *base, int64_t stride, const int32_t *id
 #define PREP __m256i nc = ncs[gi]    /* gi: GROUP's group */
         DOT1_BODY(DOT)
 #undef PREP
-    } else if (T > 1) {                   /* prefill: two tokens per 512-bit register (nk_prefill.c) */
+    } else if (T > 1) {                   /* prefill: two tokens per 512-bit register (nk_prefill_kernels.c) */
         nk_dots_vnni512(base, stride, idx, n, I, X, xs, T, y, ldy);
     } else {
 #define PREP __m256i nc = NEG_OFFSET(xv)
@@ -365,16 +375,17 @@ AVX2 static void pred_avx2(const nk_pred *p, const nk_pred_x *px, const int32_t 
     }
 }
 
-AVX2 static void wkv_avx2(float *S, int64_t N, const float *r, const float *w, const float *k, const float *v,
-                         const float *a, const float *b, float *y) {
+AVX2 static void wkv_avx2(float *S, const float *S0, int64_t N, const float *r, const float *w, const float *k,
+                         const float *v, const float *a, const float *b, float *y) {
     for (int64_t i = 0; i < N; i++) {
         float *s = S + i * N;
+        const float *s0 = S0 + i * N;
         __m256 sa = _mm256_setzero_ps(), acc = _mm256_setzero_ps();
         for (int64_t j = 0; j < N; j += 8)
-            sa = _mm256_fmadd_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(a + j), sa);
+            sa = _mm256_fmadd_ps(_mm256_loadu_ps(s0 + j), _mm256_loadu_ps(a + j), sa);
         __m256 sav = _mm256_set1_ps(hsum8(sa)), vi = _mm256_set1_ps(v[i]);
         for (int64_t j = 0; j < N; j += 8) {
-            __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(w + j));
+            __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s0 + j), _mm256_loadu_ps(w + j));
             x = _mm256_fmadd_ps(sav, _mm256_loadu_ps(b + j), x);
             x = _mm256_fmadd_ps(vi, _mm256_loadu_ps(k + j), x);
             _mm256_storeu_ps(s + j, x);
@@ -384,8 +395,54 @@ AVX2 static void wkv_avx2(float *S, int64_t N, const float *r, const float *w, c
     }
 }
 
-static const nk_kern K_AVX2 = {"avx2", dots_avx2, axpy4_avx2, pred_avx2, wkv_avx2, nk_dots4_avx2, nk_axpy4q_avx2};
-static const nk_kern K_VNNI = {"vnni", dots_vnni, axpy4_avx2, pred_avx2, wkv_avx2, nk_dots4_vnni, nk_axpy4q_avx2};
+/* y = x @ M for a LoRA's (I, O) int8 matrix, O small (32-512): column blocks of up to 64 held in
+ * eight accumulators while every row i adds x_i * M[i, block] (one 64-byte line per row and block),
+ * so y is not reloaded per row (axpy4 per four rows did, and was ~15% of a decode step).
+ * The matrices (32-128 KiB each, 8 per layer) come from DRAM in a decode step and the hardware
+ * prefetcher did not keep up (perf: ~60% of the kernel's time at the first load of a row): each row
+ * prefetches the line VM_PD rows ahead in this block, or, past the block's last row, the line of the
+ * next block's row (a block of O = 512 has 32-128 rows); the call starts by fetching block 0's first
+ * VM_PD rows. Prefetches do not change the sums (same order as before). */
+#define VM_PD 48
+#define VECMAT_BLOCK(NV)                                                                               \
+    {                                                                                                  \
+        __m256 acc[NV];                                                                                \
+        for (int v = 0; v < NV; v++)                                                                   \
+            acc[v] = _mm256_setzero_ps();                                                              \
+        int64_t cn = c0 + 8 * NV;                                                                      \
+        for (int64_t i = 0; i < I; i++) {                                                              \
+            int64_t j = i + VM_PD;                                                                     \
+            if (j < I)                                                                                 \
+                _mm_prefetch((const char *)(M + j * O + c0), _MM_HINT_T0);                             \
+            else if (cn < O && j - I < I)                                                              \
+                _mm_prefetch((const char *)(M + (j - I) * O + cn), _MM_HINT_T0);                      \
+            __m256 xb = _mm256_set1_ps(x[i]);                                                          \
+            const int8_t *row = M + i * O + c0;                                                        \
+            for (int v = 0; v < NV; v++)                                                               \
+                acc[v] = _mm256_fmadd_ps(xb, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(                  \
+                                                 _mm_loadl_epi64((const __m128i *)(row + 8 * v)))), acc[v]); \
+        }                                                                                              \
+        for (int v = 0; v < NV; v++)                                                                   \
+            _mm256_storeu_ps(y + c0 + 8 * v, acc[v]);                                                  \
+        c0 = cn;                                                                                       \
+    }
+
+AVX2 static void vecmat_avx2(const float *x, const int8_t *M, int64_t I, int64_t O, float *y) {
+    int64_t c0 = 0;
+    for (int64_t i = 0; i < I && i < VM_PD; i++)
+        _mm_prefetch((const char *)(M + i * O), _MM_HINT_T0);
+    while (O - c0 >= 64)
+        VECMAT_BLOCK(8)
+    while (O - c0 >= 32)
+        VECMAT_BLOCK(4)
+    while (O - c0 >= 8)
+        VECMAT_BLOCK(1)
+}
+
+static const nk_kern K_AVX2 = {"avx2", dots_avx2, axpy4_avx2, pred_avx2, wkv_avx2, nk_dots4_avx2, nk_axpy4q_avx2,
+                               vecmat_avx2};
+static const nk_kern K_VNNI = {"vnni", dots_vnni, axpy4_avx2, pred_avx2, wkv_avx2, nk_dots4_vnni, nk_axpy4q_avx2,
+                               vecmat_avx2};
 #endif
 
 int nk_cpu_level(void) {

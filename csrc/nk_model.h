@@ -7,7 +7,8 @@
 #include "nk_pool.h"
 
 #define TB 64      /* tokens per prefill chunk (<= 64: nk_kernels' VNNI correction array) */
-#define NB 256     /* neurons per key block of the prefill FFN (TB x NB keys, 64 KiB; 64 and 256 within noise dense, 256 +0-3% sparse: a quarter of the predictor calls) */
+#define NB 256     /* neurons per key block of the prefill FFN: TB x NB keys (64 KiB); 256 vs 64:
+                             dense within noise, sparse +0-3% (a quarter of the predictor calls) */
 
 /* One layer: pointers only, in this order (rwkv_edge/backends/native.py builds the same list). */
 typedef struct {
@@ -79,7 +80,7 @@ void nk_layer_norm(const float *x, const float *w, const float *b, float eps, in
 void nk_quantize_rows(nk_model *m, const float *x, int64_t T, int64_t I);     /* into m->Xq, m->xs */
 void nk_quantize_rows4(nk_model *m, const float *x, int64_t T, int64_t I);    /* into m->X4, m->xs, m->init */
 /* a prefill chunk's time-mix between the r/k/v and the output mat-vecs (nk_prefill.c) */
-void nk_att_prefill(nk_model *m, const nk_layer *b, int64_t T, float *S, int first);
+void nk_att_prefill(nk_model *m, const nk_layer *b, int64_t T, float *S, const float *S0, int first);
 /* nk_quantize of T rows of x (T, I) into X (T, I), xs (T, I / NK_GS), vectorised (nk_prefill.c) */
 void nk_quantize_many(const nk_model *m, const float *x, int64_t T, int64_t I, int8_t *X, float *xs);
 void nk_quantize4_many(const nk_model *m, const float *x, int64_t T, int64_t I, int8_t *X, float *xs, int32_t *init);

@@ -8,9 +8,12 @@
  *   prefill-vs-steps tests see as a 2e-2 jump in one token's logits);
  * - the wkv recurrence head by head over all T tokens (the head's (N, N) state, 16 KiB at N 64,
  *   stays in L1 across the chunk; decode walks all heads per token).
- * The LoRA sums keep the order of the steps' axpy4: the time-mix of a prefill equals the steps' bit
- * for bit (the 6-token tile only reuses each converted row, it does not reorder the sum).
+ * The LoRA sums keep the order of the steps' vecmat, so on the same inputs the prefill's time-mix
+ * gives the steps' floats (the 6-token tile only reuses each converted row; it does not reorder sums).
+ * Threads split the tokens (LoRAs, elementwise), then the heads (wkv, group norm).
  * Scratch: m->pre[0..5], (TB, max(D, LoRA dims)) floats each (nk_model_new).
+ * Also here: the vectorised activation rounding of a chunk and wkv on 512-bit registers; the other
+ * 512-bit prefill kernels (dots, value axpy, active neurons) are in nk_prefill_kernels.c.
  */
 #include <math.h>
 #include <string.h>
@@ -24,26 +27,20 @@ static void lora_rows_generic(const float *X, int64_t ldx, int64_t T, const int8
                               int64_t O, float *Y, int64_t ldy) {
     for (int64_t t = 0; t < T; t++) {
         float *y = Y + t * ldy;
+        const float *x = X + t * ldx;
         memset(y, 0, O * sizeof(float));
-        int64_t i = 0;
-        for (; i + 4 <= I; i += 4) {            /* the order of axpy4_generic (the steps' lora()) */
-            const float *x = X + t * ldx + i;
-            const int8_t *r = M + i * O;
+        for (int64_t i = 0; i < I; i++)                /* vecmat_generic's loop (the steps' lora()) */
             for (int64_t o = 0; o < O; o++)
-                y[o] += (x[0] * r[o] + x[1] * r[O + o]) + (x[2] * r[2 * O + o] + x[3] * r[3 * O + o]);
-        }
-        for (; i < I; i++)
-            for (int64_t o = 0; o < O; o++)
-                y[o] += X[t * ldx + i] * (float)M[i * O + o];
+                y[o] += x[i] * M[i * O + o];
         for (int64_t o = 0; o < O; o++)
             y[o] *= cs[o];
     }
 }
 
 #ifdef NK_X86
-/* NT (<= 6) tokens x 16 outputs: 12 accumulators; four rows of M converted per step, then per token
- * acc += (x0 v0 + x1 v1) + (x2 v2 + x3 v3), the order of axpy4_avx2 in the steps' lora() (nk_rwkv7.c),
- * so the prefill's LoRAs equal the steps' bit for bit */
+/* NT (<= 6) tokens x 16 outputs: 12 accumulators; each row of M converted once for the NT tokens,
+ * then per token acc = fma(x_i, M_i, acc) over i in order: the sums of vecmat_avx2 in the steps'
+ * lora() (nk_rwkv7.c), so the prefill's LoRAs equal the steps' bit for bit */
 AVX2 static inline __attribute__((always_inline)) void lora_tile(const float *X, int64_t ldx, const int8_t *M,
                                                                  const float *cs, int64_t I, int64_t O, float *Y,
                                                                  int64_t ldy, const int NT) {
@@ -51,20 +48,13 @@ AVX2 static inline __attribute__((always_inline)) void lora_tile(const float *X,
     for (int t = 0; t < NT; t++)
         acc[t][0] = acc[t][1] = _mm256_setzero_ps();
 #define CV(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
-    for (int64_t i = 0; i < I; i += 4) {
+    for (int64_t i = 0; i < I; i++) {
         const int8_t *r = M + i * O;
-        __m256 w[4][2];
-        for (int k = 0; k < 4; k++)
-            w[k][0] = CV(r + k * O), w[k][1] = CV(r + k * O + 8);
+        __m256 w0 = CV(r), w1 = CV(r + 8);
         for (int t = 0; t < NT; t++) {
-            const float *x = X + t * ldx + i;
-            __m256 x0 = _mm256_broadcast_ss(x), x1 = _mm256_broadcast_ss(x + 1);
-            __m256 x2 = _mm256_broadcast_ss(x + 2), x3 = _mm256_broadcast_ss(x + 3);
-            for (int h = 0; h < 2; h++) {
-                __m256 a = _mm256_fmadd_ps(x0, w[0][h], _mm256_mul_ps(x1, w[1][h]));
-                __m256 b = _mm256_fmadd_ps(x2, w[2][h], _mm256_mul_ps(x3, w[3][h]));
-                acc[t][h] = _mm256_add_ps(acc[t][h], _mm256_add_ps(a, b));
-            }
+            __m256 x = _mm256_set1_ps(X[t * ldx + i]);
+            acc[t][0] = _mm256_fmadd_ps(x, w0, acc[t][0]);
+            acc[t][1] = _mm256_fmadd_ps(x, w1, acc[t][1]);
         }
     }
 #undef CV
@@ -84,20 +74,13 @@ VNNI static inline __attribute__((always_inline)) void lora_tile512(const float 
     for (int t = 0; t < NT; t++)
         acc[t][0] = acc[t][1] = _mm512_setzero_ps();
 #define CV(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
-    for (int64_t i = 0; i < I; i += 4) {
+    for (int64_t i = 0; i < I; i++) {
         const int8_t *r = M + i * O;
-        __m512 w[4][2];
-        for (int k = 0; k < 4; k++)
-            w[k][0] = CV(r + k * O), w[k][1] = CV(r + k * O + 16);
+        __m512 w0 = CV(r), w1 = CV(r + 16);
         for (int t = 0; t < NT; t++) {
-            const float *x = X + t * ldx + i;
-            __m512 x0 = _mm512_set1_ps(x[0]), x1 = _mm512_set1_ps(x[1]);
-            __m512 x2 = _mm512_set1_ps(x[2]), x3 = _mm512_set1_ps(x[3]);
-            for (int h = 0; h < 2; h++) {
-                __m512 a = _mm512_fmadd_ps(x0, w[0][h], _mm512_mul_ps(x1, w[1][h]));
-                __m512 b = _mm512_fmadd_ps(x2, w[2][h], _mm512_mul_ps(x3, w[3][h]));
-                acc[t][h] = _mm512_add_ps(acc[t][h], _mm512_add_ps(a, b));
-            }
+            __m512 x = _mm512_set1_ps(X[t * ldx + i]);
+            acc[t][0] = _mm512_fmadd_ps(x, w0, acc[t][0]);
+            acc[t][1] = _mm512_fmadd_ps(x, w1, acc[t][1]);
         }
     }
 #undef CV
@@ -108,7 +91,7 @@ VNNI static inline __attribute__((always_inline)) void lora_tile512(const float 
     }
 }
 
-/* O % 32 == 0, I % 4 == 0 */
+/* O % 32 == 0 */
 VNNI static void lora_rows_512(const float *X, int64_t ldx, int64_t T, const int8_t *M, const float *cs, int64_t I,
                                int64_t O, float *Y, int64_t ldy) {
     for (int64_t o0 = 0; o0 < O; o0 += 32)
@@ -126,7 +109,7 @@ VNNI static void lora_rows_512(const float *X, int64_t ldx, int64_t T, const int
         }
 }
 
-/* O % 16 == 0, I % 4 == 0; a 16-column stripe of M (16 I bytes) stays in L1 while every token block reads it */
+/* O % 16 == 0; a 16-column stripe of M (16 I bytes) stays in L1 while every token block reads it */
 AVX2 static void lora_rows_avx2(const float *X, int64_t ldx, int64_t T, const int8_t *M, const float *cs, int64_t I,
                                 int64_t O, float *Y, int64_t ldy) {
     for (int64_t o0 = 0; o0 < O; o0 += 16)
@@ -206,202 +189,6 @@ AVX2 static void quantize4_rows_avx2(const float *x, int64_t T, int64_t I, int8_
 }
 #endif
 
-#ifdef NK_X86
-/* ---- int8 row dots of a prefill chunk on 512-bit VNNI ------------------------------------------- *
- * dots_vnni's T > 1 case (nk_kernels.c, same arguments and result): lanes 0-7 of a zmm carry token
- * t, lanes 8-15 token t + 1, the weight group broadcast to both halves, so each lane sees exactly the
- * integers and float operations (in the same order) of the 256-bit kernel's lane for that token, and
- * each half ends in the same hsum8: bit-identical results. Four rows x NP (<= 4) token pairs of
- * accumulators; each weight group is loaded and offset once for all NP pairs. */
-VNNI static inline __attribute__((always_inline)) void dots512_tile(const int8_t *const *w, int64_t G, const int8_t *X,
-                                                                    int64_t I, const float *xs, int64_t t0, int64_t T,
-                                                                    int64_t p, int64_t n, float *y, int64_t ldy,
-                                                                    const int NP) {
-    const __m512i flip = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
-    __m512 f[4][4];
-    const int8_t *xa[4], *xb[4];
-    const float *sa[4], *sb[4];
-    int64_t ta[4], tb[4];
-    for (int q = 0; q < NP; q++) {
-        ta[q] = t0 + 2 * q, tb[q] = ta[q] + 1 < T ? ta[q] + 1 : ta[q];
-        xa[q] = X + ta[q] * I, xb[q] = X + tb[q] * I, sa[q] = xs + ta[q] * G, sb[q] = xs + tb[q] * G;
-        for (int k = 0; k < 4; k++)
-            f[k][q] = _mm512_setzero_ps();
-    }
-    for (int64_t g = 0; g < G; g++) {
-        __m512i wv[4];
-        for (int k = 0; k < 4; k++)
-            wv[k] = _mm512_xor_si512(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w[k] + g * NK_GS))), flip);
-        for (int q = 0; q < NP; q++) {
-            __m512i xv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(xa[q] + g * NK_GS))),
-                                            _mm256_loadu_si256((const __m256i *)(xb[q] + g * NK_GS)), 1);
-            __m512i nc = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, flip, xv));     /* -128 xq per lane */
-            __m512 xsv = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(sa[q][g])),
-                                                             _mm256_castps_pd(_mm256_set1_ps(sb[q][g])), 1));
-            for (int k = 0; k < 4; k++)
-                f[k][q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(nc, wv[k], xv)), xsv, f[k][q]);
-        }
-    }
-    for (int q = 0; q < NP; q++)
-        for (int k = 0; k < 4 && p + k < n; k++) {
-            y[ta[q] * ldy + p + k] = hsum8(_mm512_castps512_ps256(f[k][q]));
-            if (tb[q] != ta[q])
-                y[tb[q] * ldy + p + k] = hsum8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f[k][q]), 1)));
-        }
-}
-
-VNNI void nk_dots_vnni512(const int8_t *base, int64_t stride, const int32_t *idx, int64_t n, int64_t I,
-                          const int8_t *X, const float *xs, int64_t T, float *y, int64_t ldy) {
-    int64_t G = I / NK_GS;
-    for (int64_t p = 0; p < n; p += 4) {
-        const int8_t *w[4];
-        for (int k = 0; k < 4; k++) {
-            int64_t q = p + k < n ? p + k : p;
-            w[k] = base + stride * (idx ? idx[q] : q);
-        }
-        if (p + 12 < n)              /* fetch the rows two passes ahead (scattered or strided) */
-            for (int k = 8; k < 12; k++)
-                for (int64_t l = 0; l < I; l += 64)
-                    _mm_prefetch((const char *)(base + stride * (idx ? idx[p + k] : p + k) + l), _MM_HINT_T0);
-        for (int64_t t0 = 0; t0 < T; t0 += 8) {
-            switch ((T - t0 + 1) / 2 < 4 ? (T - t0 + 1) / 2 : 4) {
-            case 4: dots512_tile(w, G, X, I, xs, t0, T, p, n, y, ldy, 4); break;
-            case 3: dots512_tile(w, G, X, I, xs, t0, T, p, n, y, ldy, 3); break;
-            case 2: dots512_tile(w, G, X, I, xs, t0, T, p, n, y, ldy, 2); break;
-            default: dots512_tile(w, G, X, I, xs, t0, T, p, n, y, ldy, 1); break;
-            }
-        }
-    }
-}
-#endif
-
-#ifdef NK_X86
-/* ---- int4 row dots of a prefill chunk on 512-bit VNNI (nk_q4.c layout) -------------------------- *
- * nk_dots4_vnni's T > 1 case for G % 8 == 0, bit-identical to it as nk_dots_vnni512 is to dots_vnni:
- * lanes 0-7 token t, 8-15 token t + 1; the 32 code bytes of a group pair broadcast to both halves and
- * split into nibbles once for all NP (<= 3) token pairs; per lane the same d_g xs_g product, the same
- * pair permutation, the same dpbusd onto init and FMA, in the same order, then hsum8 per half. */
-VNNI static inline __m512 pair512_ps(__m256 a, __m256 b) {
-    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(a)), _mm256_castps_pd(b), 1));
-}
-
-VNNI static inline __m512i pair512_si(const void *a, const void *b) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
-                              _mm256_loadu_si256((const __m256i *)b), 1);
-}
-
-VNNI static inline __attribute__((always_inline)) void dots4_512_tile(const uint8_t *const *w, const uint16_t *const *s,
-                                                                      int64_t I, const int8_t *X, const float *xs,
-                                                                      const int32_t *init, int64_t t0, int64_t T,
-                                                                      int64_t p, int64_t n, float *y, int64_t ldy,
-                                                                      const int NP) {
-    int64_t G = I / NK_GS, NI = NK_INIT(G);
-    const __m512i m15 = _mm512_set1_epi8(15);
-    __m512 f[4][3];
-    int64_t ta[3], tb[3];
-    for (int q = 0; q < NP; q++) {
-        ta[q] = t0 + 2 * q, tb[q] = ta[q] + 1 < T ? ta[q] + 1 : ta[q];
-        for (int k = 0; k < 4; k++)
-            f[k][q] = _mm512_setzero_ps();
-    }
-    for (int64_t q8 = 0; q8 < G; q8 += 8) {
-        __m512 cv[4];                  /* the eight group scales of each row, in both halves */
-        for (int k = 0; k < 4; k++) {
-            __m256 c = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s[k] + q8)));
-            cv[k] = pair512_ps(c, c);
-        }
-        __m512 xs2[3];
-        for (int q = 0; q < NP; q++)
-            xs2[q] = pair512_ps(_mm256_loadu_ps(xs + ta[q] * G + q8), _mm256_loadu_ps(xs + tb[q] * G + q8));
-        for (int pp = 0; pp < 4; pp++) {
-            int64_t pr = q8 / 2 + pp;
-            const __m512i sel = _mm512_setr_epi32(2 * pp, 2 * pp, 2 * pp, 2 * pp, 2 * pp + 1, 2 * pp + 1, 2 * pp + 1,
-                                                  2 * pp + 1, 8 + 2 * pp, 8 + 2 * pp, 8 + 2 * pp, 8 + 2 * pp,
-                                                  9 + 2 * pp, 9 + 2 * pp, 9 + 2 * pp, 9 + 2 * pp);
-            __m512i lo[4], hi[4];
-            for (int k = 0; k < 4; k++) {
-                __m512i wb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w[k] + 32 * pr)));
-                lo[k] = _mm512_and_si512(wb, m15), hi[k] = _mm512_and_si512(_mm512_srli_epi16(wb, 4), m15);
-            }
-            for (int q = 0; q < NP; q++) {
-                const int8_t *xa = X + ta[q] * I + 64 * pr, *xb = X + tb[q] * I + 64 * pr;
-                __m512i xlo = pair512_si(xa, xb), xhi = pair512_si(xa + 32, xb + 32);
-                __m512i iv = pair512_si(init + ta[q] * NI + 8 * pr, init + tb[q] * NI + 8 * pr);
-                for (int k = 0; k < 4; k++) {
-                    __m512 sc = _mm512_permutexvar_ps(sel, _mm512_mul_ps(cv[k], xs2[q]));
-                    __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(iv, lo[k], xlo), hi[k], xhi);
-                    f[k][q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, f[k][q]);
-                }
-            }
-        }
-    }
-    for (int q = 0; q < NP; q++)
-        for (int k = 0; k < 4 && p + k < n; k++) {
-            y[ta[q] * ldy + p + k] = hsum8(_mm512_castps512_ps256(f[k][q]));
-            if (tb[q] != ta[q])
-                y[tb[q] * ldy + p + k] = hsum8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f[k][q]), 1)));
-        }
-}
-
-VNNI void nk_dots4_vnni512(const uint8_t *base, const uint16_t *sbase, int64_t stride, int64_t sstride,
-                           const int32_t *idx, int64_t n, int64_t I, const int8_t *X, const float *xs,
-                           const int32_t *init, int64_t T, float *y, int64_t ldy) {
-    int64_t H = I / 2;
-    for (int64_t p = 0; p < n; p += 4) {
-        const uint8_t *w[4];
-        const uint16_t *s[4];
-        for (int k = 0; k < 4; k++) {
-            int64_t r = idx ? idx[p + k < n ? p + k : p] : (p + k < n ? p + k : p);
-            w[k] = base + stride * r, s[k] = sbase + sstride * r;
-        }
-        if (p + 12 < n)              /* fetch the rows two passes ahead (scattered or strided) */
-            for (int k = 8; k < 12; k++) {
-                int64_t r = idx ? idx[p + k] : p + k;
-                for (int64_t l = 0; l < H; l += 64)
-                    _mm_prefetch((const char *)(base + stride * r + l), _MM_HINT_T0);
-                _mm_prefetch((const char *)(sbase + sstride * r), _MM_HINT_T0);
-            }
-        for (int64_t t0 = 0; t0 < T; t0 += 6) {
-            switch ((T - t0 + 1) / 2 < 3 ? (T - t0 + 1) / 2 : 3) {
-            case 3: dots4_512_tile(w, s, I, X, xs, init, t0, T, p, n, y, ldy, 3); break;
-            case 2: dots4_512_tile(w, s, I, X, xs, init, t0, T, p, n, y, ldy, 2); break;
-            default: dots4_512_tile(w, s, I, X, xs, init, t0, T, p, n, y, ldy, 1); break;
-            }
-        }
-    }
-}
-#endif
-
-#ifdef NK_X86
-/* The active neurons of one token in a key block (nk_ffn.c, VNNI level): for p < nb (nb % 16 == 0)
- * with a = keys[p] * ks_p > 0, appends j0 + p to pj and (a * a) * vs_p to ph; (ks, vs) = sc[2p],
- * sc[2p + 1] (int8 kv_scale), or 1 with sc NULL (int4). The scalar loop's operations, so the same
- * floats; each 16 are compressed in registers and stored whole: pj, ph need 16 entries of slack.
- * Returns how many it appended. */
-VNNI int64_t nk_active_512(const float *keys, const float *sc, int64_t j0, int64_t nb, int32_t *pj, float *ph) {
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    int64_t n = 0;
-    for (int64_t p = 0; p < nb; p += 16) {
-        __m512 ks = _mm512_set1_ps(1.0f), vs = ks;
-        if (sc) {
-            __m512 s0 = _mm512_loadu_ps(sc + 2 * p), s1 = _mm512_loadu_ps(sc + 2 * p + 16);
-            ks = _mm512_permutex2var_ps(s0, even, s1), vs = _mm512_permutex2var_ps(s0, odd, s1);
-        }
-        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(keys + p), ks);
-        __mmask16 k = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ);
-        if (!k)
-            continue;
-        __m512i j = _mm512_add_epi32(iota, _mm512_set1_epi32((int32_t)(j0 + p)));
-        _mm512_storeu_si512(pj + n, _mm512_maskz_compress_epi32(k, j));
-        _mm512_storeu_ps(ph + n, _mm512_maskz_compress_ps(k, _mm512_mul_ps(_mm512_mul_ps(a, a), vs)));
-        n += __builtin_popcount(k);
-    }
-    return n;
-}
-#endif
-
 /* X (T, I), xs (T, I / NK_GS), init (T, NK_INIT(I / NK_GS)) of x (T, I) as nk_quantize4 row by row */
 void nk_quantize4_many(const nk_model *m, const float *x, int64_t T, int64_t I, int8_t *X, float *xs, int32_t *init) {
 #ifdef NK_X86
@@ -457,11 +244,11 @@ static void mix_token_generic(const nk_layer *b, int64_t D, int64_t N, int first
 static void lora_rows(int simd, const float *X, int64_t ldx, int64_t T, const int8_t *M, const float *cs, int64_t I,
                       int64_t O, float *Y, int64_t ldy) {
 #ifdef NK_X86
-    if (simd == 2 && O % 32 == 0 && I % 4 == 0) {
+    if (simd == 2 && O % 32 == 0) {
         lora_rows_512(X, ldx, T, M, cs, I, O, Y, ldy);
         return;
     }
-    if (simd && O % 16 == 0 && I % 4 == 0) {
+    if (simd && O % 16 == 0) {
         lora_rows_avx2(X, ldx, T, M, cs, I, O, Y, ldy);
         return;
     }
@@ -492,20 +279,21 @@ VNNI static inline __m512 bcast8(const float *p) {
 
 VNNI static inline __m256 hi8(__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
 
-VNNI static void wkv_512(float *S, int64_t N, const float *r, const float *w, const float *k, const float *v,
-                         const float *a, const float *b, float *y) {
+VNNI static void wkv_512(float *S, const float *S0, int64_t N, const float *r, const float *w, const float *k,
+                         const float *v, const float *a, const float *b, float *y) {
     for (int64_t i = 0; i < N; i += 2) {
         float *s = S + i * N;
+        const float *s0 = S0 + i * N;
         __m512 sa = _mm512_setzero_ps(), acc = _mm512_setzero_ps();
         for (int64_t j = 0; j < N; j += 8)
-            sa = _mm512_fmadd_ps(rows2(s + j, N), bcast8(a + j), sa);
+            sa = _mm512_fmadd_ps(rows2(s0 + j, N), bcast8(a + j), sa);
         __m512 sav = _mm512_castpd_ps(_mm512_insertf64x4(
             _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(hsum8(_mm512_castps512_ps256(sa))))),
             _mm256_castps_pd(_mm256_set1_ps(hsum8(hi8(sa)))), 1));
         __m512 vi = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(v[i]))),
                                                         _mm256_castps_pd(_mm256_set1_ps(v[i + 1])), 1));
         for (int64_t j = 0; j < N; j += 8) {
-            __m512 x = _mm512_mul_ps(rows2(s + j, N), bcast8(w + j));
+            __m512 x = _mm512_mul_ps(rows2(s0 + j, N), bcast8(w + j));
             x = _mm512_fmadd_ps(sav, bcast8(b + j), x);
             x = _mm512_fmadd_ps(vi, bcast8(k + j), x);
             _mm256_storeu_ps(s + j, _mm512_castps512_ps256(x));
@@ -518,48 +306,11 @@ VNNI static void wkv_512(float *S, int64_t N, const float *r, const float *w, co
 }
 #endif
 
-#ifdef NK_X86
-/* axpy4_avx2 and nk_axpy4q_avx2 (four value columns into out (D,)) on 512-bit registers for the
- * prefill's value pass: every output gets the 256-bit kernels' operations in their order (the same
- * h_k d_kg products, the same (h0 c0 + h1 c1) + (h2 c2 + h3 c3) and add): the same floats. D % 32 == 0. */
-VNNI void nk_axpy4_512(float *out, int64_t D, const int8_t *const *v, const float *h) {
-    __m512 h0 = _mm512_set1_ps(h[0]), h1 = _mm512_set1_ps(h[1]), h2 = _mm512_set1_ps(h[2]), h3 = _mm512_set1_ps(h[3]);
-#define CV(k) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(v[k] + d))))
-    for (int64_t d = 0; d < D; d += 16) {
-        __m512 a = _mm512_fmadd_ps(h0, CV(0), _mm512_mul_ps(h1, CV(1)));
-        __m512 b = _mm512_fmadd_ps(h2, CV(2), _mm512_mul_ps(h3, CV(3)));
-        _mm512_storeu_ps(out + d, _mm512_add_ps(_mm512_loadu_ps(out + d), _mm512_add_ps(a, b)));
-    }
-#undef CV
-}
-
-VNNI void nk_axpy4q_512(float *out, int64_t D, const uint8_t *const *v, const uint16_t *const *s, const float *h) {
-    const __m128i m15 = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
-    for (int64_t g = 0; g < D / NK_GS; g++) {
-        __m512 hd[4];
-        __m128i c[4][2];
-        for (int k = 0; k < 4; k++) {
-            hd[k] = _mm512_set1_ps(h[k] * _cvtsh_ss(s[k][g]));
-            __m128i b = _mm_loadu_si128((const __m128i *)(v[k] + 16 * g));
-            c[k][0] = _mm_sub_epi8(_mm_and_si128(b, m15), eight);                 /* outputs 0-15 */
-            c[k][1] = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), m15), eight);   /* 16-31 */
-        }
-        for (int q = 0; q < 2; q++) {
-#define CV(k) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c[k][q]))
-            __m512 a = _mm512_fmadd_ps(hd[0], CV(0), _mm512_mul_ps(hd[1], CV(1)));
-            __m512 b = _mm512_fmadd_ps(hd[2], CV(2), _mm512_mul_ps(hd[3], CV(3)));
-#undef CV
-            float *o = out + g * 32 + 16 * q;
-            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_add_ps(a, b)));
-        }
-    }
-}
-#endif
-
 typedef struct {
     nk_model *m;
     const nk_layer *b;
     float *S;
+    const float *S0;           /* the state before the chunk's first token (S itself, or the caller's) */
     int first;
 } att_ctx;
 
@@ -603,8 +354,8 @@ static void att_heads_task(void *c, int tid, int64_t lo, int64_t hi) {
     (void)tid;
     int64_t D = m->D, N = m->N, T = m->pre_T;
     float *W = m->pre[0], *A = m->pre[1], *Gt = m->pre[2], *KN = m->pre[4];
-    void (*wkv)(float *, int64_t, const float *, const float *, const float *, const float *, const float *,
-                const float *, float *) = m->k->wkv;
+    void (*wkv)(float *, const float *, int64_t, const float *, const float *, const float *, const float *,
+                const float *, const float *, float *) = m->k->wkv;
 #ifdef NK_X86
     if (m->k == nk_kern_get(2) && N % 16 == 0)
         wkv = wkv_512;
@@ -612,7 +363,8 @@ static void att_heads_task(void *c, int tid, int64_t lo, int64_t hi) {
     for (int64_t h = lo; h < hi; h++)
         for (int64_t t = 0; t < T; t++) {
             int64_t o = t * D + h * N;
-            wkv(a->S + h * N * N, N, m->r + o, W + o, m->kk + o, m->v + o, KN + o, A + o, m->y + o);
+            wkv(a->S + h * N * N, (t ? a->S : a->S0) + h * N * N, N, m->r + o, W + o, m->kk + o, m->v + o, KN + o,
+                A + o, m->y + o);
         }
     for (int64_t t = 0; t < T; t++) {
         const float *r = m->r + t * D, *k = m->kk + t * D, *v = m->v + t * D, *g = Gt + t * D;
@@ -635,10 +387,11 @@ static void att_heads_task(void *c, int tid, int64_t lo, int64_t hi) {
 }
 
 /* the prefill counterpart of time_mix's per-token loop (nk_rwkv7.c): from m->r, m->kk, m->v (T, D) and
- * the token-shifted inputs m->mix[1, 3, 4, 5] to m->y (T, D) (before the output mat-vec); S (H, N, N).
+ * the token-shifted inputs m->mix[1, 3, 4, 5] to m->y (T, D) (before the output mat-vec); S (H, N, N)
+ * written, its first token reading S0 (S itself or the caller's input state, as the steps' wkv).
  * Threads split the tokens (LoRAs, elementwise), then the heads (wkv, group norm). */
-void nk_att_prefill(nk_model *m, const nk_layer *b, int64_t T, float *S, int first) {
-    att_ctx c = {m, b, S, first};
+void nk_att_prefill(nk_model *m, const nk_layer *b, int64_t T, float *S, const float *S0, int first) {
+    att_ctx c = {m, b, S, S0, first};
     m->pre_T = T;
     nk_pool_run(m->pool, att_tokens_task, &c, T);
     nk_pool_run(m->pool, att_heads_task, &c, m->H);

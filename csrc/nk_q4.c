@@ -50,8 +50,10 @@ void nk_quantize4(const float *x, int64_t I, int8_t *X, float *xs, int32_t *init
     for (int64_t g = 0; g < G; g++) {
         const float *xg = x + g * NK_GS;
         float mx = 0.0f;
-        for (int i = 0; i < NK_GS; i++)
-            mx = fmaxf(mx, fabsf(xg[i]));
+        for (int i = 0; i < NK_GS; i++) {  /* not fmaxf (a libm call at the baseline target): nk_quantize */
+            float a = fabsf(xg[i]);
+            mx = a > mx ? a : mx;
+        }
         float inv = mx > 0 ? 127.0f / mx : 0.0f;       /* the rounding of nk_quantize, bit for bit */
         xs[g] = mx / 127.0f;
         int32_t sq = 0;
@@ -111,6 +113,11 @@ void nk_axpy4q_generic(float *out, int64_t D, const uint8_t *const *v, const uin
  * group's for its 32 codes v in natural order. */
 #define DOTS4_BODY(PAIR, ODD)                                                                          \
     int64_t G = I / NK_GS, NI = NK_INIT(G), H = I / 2, G8 = G / 8 * 8, P = G / 2;                      \
+    /* prefetch distance in rows: two passes in prefill (T tokens per pass: time to spare); ~8 KiB     \
+     * in decode, where a pass is short and the rows come from DRAM (kernel_dots4, 131072 x 512 vnni:  \
+     * 21-22 GB/s at 8 rows ahead, 29-31 at 28; 4.7 MB in L3 35-38 either way). The four rows per      \
+     * pass stay: one row at a time (as int8's DOT1_BODY) read 26-28 GB/s from DRAM but 29 in L3. */   \
+    int64_t pa = T > 1 || 8192 / (H + 2 * G) < 8 ? 8 : 8192 / (H + 2 * G) / 4 * 4;                     \
     for (int64_t p = 0; p < n; p += 4) {                                                               \
         const uint8_t *w[4];                                                                           \
         const uint16_t *s[4];                                                                          \
@@ -118,13 +125,12 @@ void nk_axpy4q_generic(float *out, int64_t D, const uint8_t *const *v, const uin
             int64_t r = idx ? idx[p + k < n ? p + k : p] : (p + k < n ? p + k : p);                    \
             w[k] = base + stride * r, s[k] = sbase + sstride * r;                                      \
         }                                                                                              \
-        if (p + 12 < n)              /* fetch the rows two passes ahead (scattered or strided) */     \
-            for (int k = 8; k < 12; k++) {                                                             \
-                int64_t r = idx ? idx[p + k] : p + k;                                                  \
-                for (int64_t l = 0; l < H; l += 64)                                                    \
-                    _mm_prefetch((const char *)(base + stride * r + l), _MM_HINT_T0);                  \
-                _mm_prefetch((const char *)(sbase + sstride * r), _MM_HINT_T0);                        \
-            }                                                                                          \
+        for (int64_t k = pa; k < pa + 4 && p + k < n; k++) {   /* scattered or strided rows */         \
+            int64_t r = idx ? idx[p + k] : p + k;                                                      \
+            for (int64_t l = 0; l < H; l += 64)                                                        \
+                _mm_prefetch((const char *)(base + stride * r + l), _MM_HINT_T0);                      \
+            _mm_prefetch((const char *)(sbase + sstride * r), _MM_HINT_T0);                            \
+        }                                                                                              \
         for (int64_t t = 0; t < T; t++) {                                                              \
             const int8_t *xq = X + t * I;                                                              \
             const float *xst = xs + t * G;                                                             \
@@ -206,7 +212,7 @@ VNNI static inline __m256i odd_vnni(__m256i v, __m256i xv, __m256i iv) { return 
 VNNI void nk_dots4_vnni(const uint8_t *base, const uint16_t *sbase, int64_t stride, int64_t sstride, const int32_t *idx,
                         int64_t n, int64_t I, const int8_t *X, const float *xs, const int32_t *init, int64_t T,
                         float *y, int64_t ldy) {
-    if (T > 1 && (I / NK_GS) % 8 == 0) {  /* prefill: two tokens per 512-bit register (nk_prefill.c) */
+    if (T > 1 && (I / NK_GS) % 8 == 0) {  /* prefill: two tokens per 512-bit register (nk_prefill_kernels.c) */
         nk_dots4_vnni512(base, sbase, stride, sstride, idx, n, I, X, xs, init, T, y, ldy);
         return;
     }

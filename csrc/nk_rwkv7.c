@@ -35,13 +35,24 @@ void nk_layer_norm(const float *x, const float *w, const float *b, float eps, in
 
 static inline float sigmoidf(float z) { return 1.0f / (1.0f + expf(-z)); }
 
-/* y (O,) = x (I,) @ (M (I, O) int8 * cs): four rows of M per pass over y (I % 4 == 0, O % 8 == 0) */
-static void lora(const nk_model *m, const float *x, const int8_t *M, const float *cs, int64_t I, int64_t O, float *y) {
-    memset(y, 0, O * sizeof(float));
-    for (int64_t i = 0; i < I; i += 4) {
-        const int8_t *v[4] = {M + i * O, M + (i + 1) * O, M + (i + 2) * O, M + (i + 3) * O};
-        m->k->axpy4(y, O, v, x + i);
-    }
+/* the lines of LoRA matrix M (I, O) that vecmat reads first (column block 0's first 48 rows): a
+ * decode step's LoRAs come from DRAM, and each call's kernel prefetches only within its matrix,
+ * so each call fetches the start of the next one (perf: vecmat stalled at its first rows) */
+static void lora_head_prefetch(const int8_t *M, int64_t I, int64_t O) {
+#if defined(__GNUC__) || defined(__clang__)
+    for (int64_t i = 0; i < I && i < 48; i++)
+        __builtin_prefetch(M + i * O);
+#else
+    (void)M, (void)I, (void)O;
+#endif
+}
+
+/* y (O,) = x (I,) @ (M (I, O) int8 * cs) (O % 8 == 0); nx: NULL or the LoRA called next, (nI, nO) */
+static void lora(const nk_model *m, const float *x, const int8_t *M, const float *cs, int64_t I, int64_t O, float *y,
+                 const int8_t *nx, int64_t nI, int64_t nO) {
+    if (nx)
+        lora_head_prefetch(nx, nI, nO);
+    m->k->vecmat(x, M, I, O, y);
     for (int64_t o = 0; o < O; o++)
         y[o] *= cs[o];
 }
@@ -103,7 +114,8 @@ static void linear(nk_model *m, const int8_t *W, const float *s, const uint8_t *
 }
 
 /* ---- time-mix of T tokens: x += att(ln1 x), state att_x (D,), S (H, N, N) updated --------------- */
-static void time_mix(nk_model *m, const nk_layer *b, int64_t T, float *att_x, float *S, int first) {
+/* S0: the state before the first token (S itself, or the caller's input state: read, not copied) */
+static void time_mix(nk_model *m, const nk_layer *b, int64_t T, float *att_x, float *S, const float *S0, int first) {
     int64_t D = m->D, H = m->H, N = m->N;
     const float *mixw[6] = {b->x_r, b->x_w, b->x_k, b->x_v, b->x_a, b->x_g};
     for (int64_t t = 0; t < T; t++)
@@ -115,30 +127,32 @@ static void time_mix(nk_model *m, const nk_layer *b, int64_t T, float *att_x, fl
                 m->mix[c][t * D + d] = xa[d] + (prev[d] - xa[d]) * mixw[c][d];
     }
     memcpy(att_x, m->xa + (T - 1) * D, D * sizeof(float));
+    lora_head_prefetch(b->w1, D, m->dw);             /* the first LoRA, while r/k/v stream */
     linear(m, b->Wr, b->sr, b->Wr4, b->sr4, D, D, m->mix[0], T, m->r, D);
     linear(m, b->Wk, b->sk, b->Wk4, b->sk4, D, D, m->mix[2], T, m->kk, D);
     linear(m, b->Wv, b->sv, b->Wv4, b->sv4, D, D, m->mix[3], T, m->v, D);
     if (T > 1)                                     /* a prefill chunk: LoRAs batched, wkv head-major */
-        nk_att_prefill(m, b, T, S, first);
+        nk_att_prefill(m, b, T, S, S0, first);
     else
     for (int64_t t = 0; t < T; t++) {
         float *r = m->r + t * D, *k = m->kk + t * D, *v = m->v + t * D, *y = m->y + t * D;
         float *w = m->w, *a = m->a, *g = m->g, *kn = m->nk, *bb = m->bb, *t1 = m->t1;
-        lora(m, m->mix[1] + t * D, b->w1, b->w1s, D, m->dw, t1);          /* decay */
+        const int8_t *after_g2 = first ? NULL : b->v1;                    /* the LoRAs' order, for the prefetch */
+        lora(m, m->mix[1] + t * D, b->w1, b->w1s, D, m->dw, t1, b->w2, m->dw, D);   /* decay */
         for (int64_t j = 0; j < m->dw; j++)
             t1[j] = tanhf(t1[j]);
-        lora(m, t1, b->w2, b->w2s, m->dw, D, w);
-        lora(m, m->mix[4] + t * D, b->a1, b->a1s, D, m->da, t1);          /* in-context learning rate */
-        lora(m, t1, b->a2, b->a2s, m->da, D, a);
-        lora(m, m->mix[5] + t * D, b->g1, b->g1s, D, m->dg, t1);          /* output gate */
+        lora(m, t1, b->w2, b->w2s, m->dw, D, w, b->a1, D, m->da);
+        lora(m, m->mix[4] + t * D, b->a1, b->a1s, D, m->da, t1, b->a2, m->da, D);   /* in-context l. rate */
+        lora(m, t1, b->a2, b->a2s, m->da, D, a, b->g1, D, m->dg);
+        lora(m, m->mix[5] + t * D, b->g1, b->g1s, D, m->dg, t1, b->g2, m->dg, D);   /* output gate */
         for (int64_t j = 0; j < m->dg; j++)
             t1[j] = sigmoidf(t1[j]);
-        lora(m, t1, b->g2, b->g2s, m->dg, D, g);
+        lora(m, t1, b->g2, b->g2s, m->dg, D, g, after_g2, D, m->dv);
         if (first) {
             memcpy(m->vf + t * D, v, D * sizeof(float));
         } else {                                                            /* value residual */
-            lora(m, m->mix[3] + t * D, b->v1, b->v1s, D, m->dv, t1);
-            lora(m, t1, b->v2, b->v2s, m->dv, D, m->gv);
+            lora(m, m->mix[3] + t * D, b->v1, b->v1s, D, m->dv, t1, b->v2, m->dv, D);
+            lora(m, t1, b->v2, b->v2s, m->dv, D, m->gv, NULL, 0, 0);
             for (int64_t d = 0; d < D; d++)
                 v[d] += (m->vf[t * D + d] - v[d]) * sigmoidf(b->v0[d] + m->gv[d]);
         }
@@ -160,8 +174,10 @@ static void time_mix(nk_model *m, const nk_layer *b, int64_t T, float *att_x, fl
             k[d] = k[d] * (1.0f + (a[d] - 1.0f) * b->k_a[d]);
             kn[d] = -kn[d];                          /* the wkv's "a" */
         }
+        const float *Sin = t ? S : S0;
         for (int64_t h = 0; h < H; h++)
-            m->k->wkv(S + h * N * N, N, r + h * N, w + h * N, k + h * N, v + h * N, kn + h * N, bb + h * N, y + h * N);
+            m->k->wkv(S + h * N * N, Sin + h * N * N, N, r + h * N, w + h * N, k + h * N, v + h * N, kn + h * N,
+                      bb + h * N, y + h * N);
         for (int64_t h = 0; h < H; h++) {           /* group norm (eps 64e-5), bonus, gate */
             float *yh = y + h * N, mu = 0.0f, var = 0.0f, bonus = 0.0f;
             for (int64_t j = 0; j < N; j++)
@@ -283,7 +299,8 @@ void nk_model_free(void *mp) {
  * whose key row was read, value columns read). rec: NULL or (T, L, F) uint8 zeroed: the sparse
  * FFN marks each token's predicted neurons there. gidx/goff: NULL, or the sets to run instead of a
  * predictor's (distinct neuron ids; token t, layer i: gidx[goff[t L + i] : goff[t L + i + 1]]).
- * wkv_in: NULL (wkv updated in place) or the input wkv state, copied into wkv as each layer starts.
+ * wkv_in: NULL (wkv updated in place) or the input wkv state, which the first token's wkv step reads
+ * (1.5 MiB at 58M: the memcpy it replaced was ~2.5% of a decode step).
  * Returns 0. */
 int nk_forward(void *mp, const int32_t *tokens, int64_t T, float *att_x, float *wkv, float *ffn_x,
                float *logits, int64_t full, int64_t *stats, uint8_t *rec, const int32_t *gidx, const int64_t *goff,
@@ -302,9 +319,8 @@ int nk_forward(void *mp, const int32_t *tokens, int64_t T, float *att_x, float *
         m->rec_t0 = c0;
         for (int64_t i = 0; i < m->L; i++) {
             m->rec_layer = i;
-            if (wkv_in && c0 == 0)     /* the caller keeps its state: copy it layer by layer, then hot */
-                memcpy(wkv + i * HNN, wkv_in + i * HNN, HNN * sizeof(float));
-            time_mix(m, &m->layers[i], n, att_x + i * D, wkv + i * HNN, i == 0);
+            const float *S0 = wkv_in && c0 == 0 ? wkv_in + i * HNN : wkv + i * HNN;
+            time_mix(m, &m->layers[i], n, att_x + i * D, wkv + i * HNN, S0, i == 0);
             nk_channel_mix(m, &m->layers[i], m->pred ? &m->pred[i] : NULL, n, ffn_x + i * D, stats + 2 * i);
         }
         int64_t h0 = full ? 0 : n - 1;                 /* tokens of this chunk that need logits */

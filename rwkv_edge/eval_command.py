@@ -104,6 +104,17 @@ def _candidate(parser, args, model):
         from rwkv_edge.predictors.bundle import PredictorBundle
         from .sparse import DeviceSparseFFN, SparseFFN
 
+        if args.candidate:      # a converted file of the same weights, run sparse on the bundle
+            if not os.path.isfile(args.candidate):
+                _die(parser, f"--candidate {args.candidate}: with --predictors it must be a model file")
+            try:
+                cand = load_candidate(args.candidate, model, args.backend, args.device)
+                bundle = PredictorBundle.load(args.predictors, model=cand)
+                cand = cand.with_predictors(bundle) if hasattr(cand, "with_predictors") else \
+                    cand.with_ffn(SparseFFN(cand, bundle))
+            except (ValueError, FileNotFoundError, RuntimeError) as e:
+                _die(parser, str(e))
+            return cand, f"{os.path.basename(args.candidate)} + {os.path.basename(args.predictors)}"
         try:
             bundle = PredictorBundle.load(args.predictors, model=model)
             ffn = DeviceSparseFFN(model, bundle) if args.device == "cuda" else SparseFFN(model, bundle)
@@ -144,6 +155,8 @@ def run_eval(args, parser) -> int:
         parser.error(f"--save-base {args.save_base}: directory does not exist")
     dense_args = copy.copy(args)
     dense_args.predictors, dense_args.dense = None, True          # the base: dense (a package's weights too)
+    if args.candidate and args.backend == "native":               # native runs the candidate file only
+        dense_args.backend = "auto"
     model, tok = load_for_run(parser, dense_args)
     tid = tokenizer_id(tok, model.config.vocab_size)
     segs, words = _segments(parser, args, tok)
@@ -180,7 +193,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                                           "(--base).")
     add_model_args(p)
     p.add_argument("--candidate", help="a converted model file (int8/fp16) of the same weights, an ONNX export dir, "
-                                       "or a model package dir (default with --model PACKAGE: the package run sparse)")
+                                       "or a model package dir (default with --model PACKAGE: the package run sparse); "
+                                       "a model file with --predictors runs sparse on them")
     p.add_argument("--onnx-variant", choices=["dense", "sparse"], default=None,
                    help="which graph of an ONNX export (default: sparse if it has one)")
     src = p.add_mutually_exclusive_group(required=True)

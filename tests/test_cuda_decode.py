@@ -179,8 +179,10 @@ def test_launch_options_do_not_change_the_numbers(ckpt, mode):
     """Programmatic dependent launch off, the sparse value rows in their own launch (not inside the
     key kernel), the masked-tile (not gathered) sparse kernel, one gathered row at a time, the FFN
     mix in its own launch, the split-K value pass, the selected rows' value rows loaded with their
-    W_k rows and the looped (not whole-width) tiles give the same logits and state as
-    the default launch, token by token, and the separate value launch lists exactly the k > 0 rows."""
+    W_k rows, the persistent pipelined exact kernel (ffn_pipe: several tiles per program, deferred
+    value sums, fused mix), L2 eviction hints off (and 16-row predicted key programs) and the looped
+    (not whole-width) tiles give the same logits and state as the default launch, token by token,
+    and the separate value launch lists exactly the k > 0 rows."""
     from rwkv_edge.backends.cuda_decode import FusedDecode
     ref, _ = _models(ckpt("float16"), "fp16")
     b = _bundle(ref) if mode == "predicted" else None
@@ -192,14 +194,23 @@ def test_launch_options_do_not_change_the_numbers(ckpt, mode):
                       {"fuse_ffn_mix": True, "gather_na": 4}, {"fuse_ffn_mix": True},
                       {"gather_na": 1, "sparse_bn": 32, "sparse_warps": 4},
                       {"gather_na": 2, "sparse_bn": 8, "pdl": False}, {"split_value": [64, 32]},
-                      {"value_on_sel": True, "fused_key_bn": 8}, {"fused_key_bn": 32, "key_warps": 8})]
+                      {"value_on_sel": True, "fused_key_bn": 8}, {"fused_key_bn": 32, "key_warps": 8},
+                      {"pipe_bn": 8, "pipe_per_sm": 0.05, "pipe_stages": 1},
+                      {"pipe_bn": 4, "pipe_per_sm": 0.1, "pipe_defer": True, "fuse_ffn_mix": True, "pipe_warps": 4},
+                      {"pipe_bn": 16, "pdl": False, "evict_stream": "evict_first", "evict_value": "evict_last",
+                       "evict_key": "evict_last"},
+                      {"evict_auto_l2x": 0, "pred_key_bn": 16})]
     assert decs[5].mixin and decs[6].mixin == (mode == "dense") and not decs[0].mixin
     assert decs[7].gather == (mode != "dense")
     assert decs[10].vsel == (mode == "predicted")
+    assert all(d.pipe == (mode == "exact") for d in decs[12:15]) and not decs[0].pipe
+    assert decs[13].mixin == (mode != "predicted") and decs[12].pipe_grid < 16   # several tiles a program
+    # L2 hints: on by default for a model whose weights fit in L2, off with evict_auto_l2x 0
+    assert decs[0].tune["evict_value"] == "evict_last" and decs[15].tune["evict_stream"] == ""
     for t in TOKENS:
         outs = [d.step(t).cpu().numpy() for d in decs]
-        for o in outs[1:]:
-            assert np.abs(o - outs[0]).max() < 1e-4 * max(1.0, np.abs(outs[0]).max())
+        for j, o in enumerate(outs[1:], 1):
+            assert np.abs(o - outs[0]).max() < 1e-4 * max(1.0, np.abs(outs[0]).max()), (j, t)
         sts = [d.state() for d in decs]
         for s in sts[1:]:
             for f in ("att_x", "ffn_x", "wkv"):

@@ -79,6 +79,33 @@ def test_report_stored_base_and_candidates(setup, capsys):
     assert float(b["density"]) < 0.2 and float(b["kld_mean"]) > 100 * float(g["kld_mean"])
 
 
+@pytest.mark.parametrize("backend", ["auto", "native"])
+def test_converted_file_run_sparse_on_predictors(setup, capsys, backend):
+    """--candidate FILE --predictors B: the converted file run sparse (native: the C backend; the base
+    runs on the default backend), against the same base as the file alone."""
+    if backend == "native":
+        from rwkv_edge.backends import native
+        if not native.available()[0]:
+            pytest.skip("native extension not built")
+    d = setup
+    m, f, t = d / "m" / "m.pth", d / "m" / "m-int8.rwkve", d / "t.txt"
+    rc, alone, _ = run(capsys, "--model", m, "--candidate", f, "--text", t, "--backend", backend)
+    rc2, good, _ = run(capsys, "--model", m, "--candidate", f, "--predictors", d / "good.npz", "--text", t,
+                       "--backend", backend)
+    rc3, bad, _ = run(capsys, "--model", m, "--candidate", f, "--predictors", d / "bad.npz", "--text", t,
+                      "--backend", backend)
+    a, g, b = kv(alone), kv(good), kv(bad)
+    assert rc == rc2 == rc3 == 0 and "m-int8.rwkve + good.npz" in good
+    # every neuron kept: the file's own KLD (the sparse kernels round in their own order); native counts
+    # the density of decode steps only (eval runs windows as prefills): "na" there
+    assert float(g["kld_mean"]) < 2 * float(a["kld_mean"]) + 1e-5
+    assert g["density"] == ("na" if backend == "native" else "1")
+    assert float(b["kld_mean"]) > 10 * float(a["kld_mean"])
+    with pytest.raises(SystemExit) as e:
+        run(capsys, "--model", m, "--candidate", d / "notexport", "--predictors", d / "good.npz", "--text", t)
+    assert e.value.code == 2 and "must be a model file" in capsys.readouterr().err
+
+
 def test_lambada_mode_reports_both_accuracies(setup, capsys):
     d = setup
     rc, out, _ = run(capsys, "--model", d / "m" / "m.pth", "--candidate", d / "m" / "m.pth", "--lambada",

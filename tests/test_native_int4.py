@@ -39,10 +39,13 @@ def _emulate_dots4(packed, scale, x):
     return (brk * (d[None] * xs[:, None, :]).astype(np.float64)).sum(-1)
 
 
-@pytest.mark.parametrize("n, I, T", [(13, 64, 1), (64, 512, 3), (5, 96, 64), (8, 288, 2), (4, 32, 5), (9, 256, 64)])
+@pytest.mark.parametrize("n, I, T", [(13, 64, 1), (64, 512, 3), (5, 96, 64), (8, 288, 2), (4, 32, 5),
+                                     (70, 512, 1), (5, 96, 1), (9, 288, 1), (3, 32, 1), (41, 1120, 1), (9, 256, 64)])
 def test_dots4_equal_integer_emulation(n, I, T):
-    """I 64: one pair; 512: the eight-group steps; 96 and 288: an odd last group; 32: that group alone;
-    256 with T 64: the 512-bit prefill kernel's full and partial token tiles."""
+    """I 64: one pair; 512: the eight-group steps; 96 and 288: an odd last group; 32: that group alone.
+    1120: eight-group steps, a pair left over and an odd group. T 1 (decode) prefetches further ahead
+    (28 rows at I 512): 70 and 41 rows run past that distance. 256 with T 64: the 512-bit prefill
+    kernel's full and partial token tiles."""
     W = RNG.standard_normal((n, I)).astype(np.float32)
     packed, scale = quantize_q4(W)
     codes = unpack_q4(packed)
@@ -157,11 +160,19 @@ def test_sparse_matches_reference_on_its_sets(files, wide, bits):
 
 
 def test_levels_agree_and_threads(files):
-    """Every level x 1/2 threads, dense and sparse int4-h8 at D 512: a prefill chunk of 8, then steps,
-    each from the generic one-thread model's state, per token within `_close`'s bounds of it (tokens
-    whose sparse sets differ, a score on the threshold, skipped); VNNI equals AVX2 bit for bit."""
+    """Every level x 1/2 threads, dense and sparse int4-h8 at D 512: a prefill chunk of 8, then 24
+    steps, each from the generic one-thread model's state, within `_close`'s bounds of it per chunk
+    (its largest token error; tokens whose sparse sets differ, a score on the threshold, skipped);
+    VNNI equals AVX2 bit for bit.
+
+    Per chunk, not per token: a rounding flip (an activation within ~1e-5 of a step's half, e.g.
+    layer 1's k input at 10.500012 steps on token 0 from the zero state, which the generic and the
+    AVX2 float order round apart) moves every later token of its prefill chunk through the
+    recurrence, so per token the first chunk alone counted 8 of 20 "flipped" tokens and one or two
+    flipped steps more (which ones depends on the float order, and at 2 threads on which thread
+    claimed which FFN chunk) put the median over 1e-4. A wrong row, scale or kernel moves most chunks."""
     path = files["int4", "int8", True]
-    toks = _toks(20, seed=5)
+    toks = _toks(32, seed=5)
     bundle = _bundle(load_modelfile(path, backend="reference"), 2)
     models = {}
     try:
@@ -183,12 +194,14 @@ def test_levels_agree_and_threads(files):
             base, brec = outs["generic", 1]
             for k, (o, rec) in outs.items():
                 same = (rec == brec).all(axis=(1, 2))
-                errs[k] += [_rel(g, w) for g, w, ok in zip(o, base, same) if ok]
+                e = [_rel(g, w) for g, w, ok in zip(o, base, same) if ok]
+                if e:
+                    errs[k].append(max(e))
             if ("vnni", 1) in outs:
                 assert all(np.array_equal(x, y) for x, y in zip(outs["vnni", 1], outs["avx2", 1]))
             s = models["generic", 1][sparse].forward(chunk, s)[1]
         for k, e in errs.items():
-            assert len(e) >= len(toks) * 0.8 and np.median(e) < 1e-4 and max(e) < 1.5e-2, (k, sparse, e)
+            assert len(e) >= (len(toks) - 7) * 0.8 and np.median(e) < 1e-4 and max(e) < 1.5e-2, (k, sparse, e)
 
 
 def test_native_still_rejects_other_dtypes(tiny_ckpt, tmp_path):

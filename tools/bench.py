@@ -444,7 +444,7 @@ def _run_all(args, cfgs) -> int:
         pred = [r for r in results if r.startswith("native sparse int8 + ")]
         if pred:                  # --shape-predictor-bits: the sparse row that pays the predictor
             print(f"native_sparse_with_predictor_vs_native_dense={ratio(pred[0], 'native dense int8'):.2f}")
-        for d in [c["dtype"] for c in cfgs if c["name"] == f"native dense {c['dtype']}" and c["dtype"] != "int8"]:
+        for d in [c["dtype"] for c in cfgs if c["name"] == f"native dense {c.get('dtype')}" and c["dtype"] != "int8"]:
             print(f"[{d}] native_sparse_vs_numba_sparse={ratio(f'native sparse {d}', f'sparse {d}'):.2f} "
                   f"native_dense_vs_numba_dense={ratio(f'native dense {d}', f'dense {d}'):.2f} "
                   f"native_sparse_vs_native_dense={ratio(f'native sparse {d}', f'native dense {d}'):.2f} "

@@ -9,7 +9,8 @@
 #   tune   tools/gpu_decode_tune.py at the same shapes (launch-shape search; TUNE_ARGS= knob lists)
 #   sweep  tools/gpu_decode_sweep.py A/B tables at 58M shapes (random 12 x 512, F 2048, V 16384, density
 #          0.13) and at the 1.5B shapes: SWEEP_SETS= a file of --set NAME=JSON lines (default
-#          tools/gpu_decode_sets.txt), SWEEP_PASSES= rounds over the sets (default 2)
+#          tools/gpu_decode_sets.txt), SWEEP_PASSES= rounds over the sets (default 2), SWEEP_BUDGET= seconds
+#          after which no further pass starts (per shape; default no limit)
 # BENCH_ARGS= extra tools/gpu_decode_bench.py arguments (e.g. --rows dense,exact --no-eager).
 # The `rwkv` wheel, if carried in DATA/whl, is installed to /tmp/site first.
 set -uo pipefail
@@ -52,6 +53,7 @@ PY
     for SH in "12,512,2048,16384 /tmp/s58" "24,2048,8192,65536 /tmp/big"; do
       set -- $SH
       python3 tools/gpu_decode_sweep.py --shape "$1" --density 0.13 --out "$2" --passes "${SWEEP_PASSES:-2}" \
+          --budget-s "${SWEEP_BUDGET:-0}" \
           "${SETS[@]}" | tee -a "$OUT/sweep.log"
     done ;;
 esac

@@ -35,6 +35,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--passes", type=int, default=2, help="rounds over all sets")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="start no further pass after this many seconds (0: no limit)")
     args = ap.parse_args()
     import numpy as np
     import torch
@@ -61,12 +63,20 @@ def main() -> int:
     _, st = m.forward(toks[:16])
     sets = [(s.split("=", 1)[0], json.loads(s.split("=", 1)[1])) for s in args.set] or [("default", {})]
     res: dict = {}
-    for _ in range(args.passes):
+    t_start = time.perf_counter()
+    for ps in range(args.passes):
+        if ps and args.budget_s and time.perf_counter() - t_start > args.budget_s:
+            print(f"# budget: stopped after {ps} pass(es)", flush=True)
+            break
         for name, tune in sets:
             tune = dict(tune)
             modes = tune.pop("modes", args.modes.split(","))
             for mode in modes:
-                dec = FusedDecode(m, mode, bundle=bundle if mode == "predicted" else None, tune=tune)
+                try:
+                    dec = FusedDecode(m, mode, bundle=bundle if mode == "predicted" else None, tune=tune)
+                except Exception as e:   # one broken setting must not end the table
+                    print(json.dumps(dict(set=name, mode=mode, error=repr(e)[:400])), flush=True)
+                    continue
                 rates = []
                 for r in range(args.rounds + 1):
                     dec.reset(st)
@@ -80,6 +90,7 @@ def main() -> int:
                 dens = dec.stats()
                 row = dict(set=name, mode=mode, tok_s=round(float(np.median(rates)), 1),
                            bytes=dec.bytes_per_token(), gather=dec.gather, mixin=dec.mixin, **dens)
+                row["t_s"] = round(time.perf_counter() - t_start, 1)
                 print(json.dumps(row), flush=True)
                 res.setdefault((name, mode), []).append(row)
                 del dec

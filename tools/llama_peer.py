@@ -202,12 +202,16 @@ def check_ok(rows) -> bool:
 
 
 def ratio_line(results) -> str:
-    """Our rows against llama.cpp's, decode and prefill, in this run."""
+    """Our rows against llama.cpp's, decode and prefill, in this run: int8 rows (int8, int8-h4) against
+    Q8_0, int4 rows (int4, int4-h8) against Q4_0, numba and native alike."""
     parts = []
-    for ours, peer in (("sparse int8", "Q8_0"), ("dense int8", "Q8_0"), ("sparse int4", "Q4_0"), ("dense int4", "Q4_0")):
-        a, b = results.get(ours), results.get(f"llama.cpp {peer}")
-        if a and b:
-            tag = ours.replace(" ", "_")
-            parts.append(f"{tag}_vs_llama_{peer.lower()}_decode={a['decode_tok_s'] / b['decode_tok_s']:.2f}")
-            parts.append(f"{tag}_vs_llama_{peer.lower()}_prefill={a['prefill_tok_s'] / b['prefill_tok_s']:.2f}")
+    for ours, a in results.items():
+        dtype = ours.split()[-1]
+        peer = "Q8_0" if dtype.startswith("int8") else "Q4_0" if dtype.startswith("int4") else None
+        b = results.get(f"llama.cpp {peer}")
+        if peer is None or ours.startswith("llama.cpp") or not (a and b):
+            continue
+        tag = ours.replace(" ", "_")
+        parts.append(f"{tag}_vs_llama_{peer.lower()}_decode={a['decode_tok_s'] / b['decode_tok_s']:.2f}")
+        parts.append(f"{tag}_vs_llama_{peer.lower()}_prefill={a['prefill_tok_s'] / b['prefill_tok_s']:.2f}")
     return " ".join(parts) or "no llama.cpp ratios (a row is missing)"

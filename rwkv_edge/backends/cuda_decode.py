@@ -54,9 +54,20 @@ NA at a time in `ffn_sparse` (gather_na; 1.5B exact 1036 at 4 warps, 920 at 8), 
 recomputed in every FFN program (fuse_ffn_mix; dense 929 vs 953: the L2 reads of x, prev, mix and
 LN weights per program cost more than the mix launch), a split-K value pass over masked W_v^T
 tiles (split_value; exact 941-997), and, predicted, the selected rows' W_v^T rows loaded with
-their W_k rows (value_on_sel; 1042 vs 1038 at 1.5B, +7% bytes). 8-row predicted key programs
-(pred_key_bn=8) measured 1038 vs 1017 at 16 (58M 4840 vs 4777); the default stays 16 until the GPU
-tests have run with 8 as the default. evict_stream / evict_value (L2 eviction hints) are untimed.
+their W_k rows (value_on_sel; 1042 vs 1038 at 1.5B, +7% bytes).
+
+Session 7 (same sweep, sets tools/gpu_decode_sets4.txt and sets5.txt, two passes each): 8-row predicted
+key programs are now the default (pred_key_bn 8: 1.5B 1042 vs 1018 at 16 in both passes, 58M 5104
+vs 5094). L2 eviction hints (evict_first on the streamed GEMV and W_k tiles, evict_last on the W_v^T
+rows) are on by default where the weights read per token are <= evict_auto_l2x (2) times the L2
+size: at 58M shapes (97 MB against 60 MB of L2) dense 5892-5913 vs 5599-5605, exact 5470-5488 vs
+5239-5247, predicted 5094-5116 vs 4803-4808; at 1.5B shapes (2.8 GB) they cost 1-3% (dense 930-932
+vs 944-956), so they stay off there; no size in between was measured. They speed every mode alike:
+sparse against dense is unchanged (58M exact 0.93x of dense with or without). A persistent,
+software-pipelined exact FFN (pipe_bn, cuda_decode_pipe.py) measured no faster; see that module.
+tools/gpu_decode_bench.py with these defaults (one process per row, 128 tokens x 3 rounds, graph on):
+1.5B shapes dense 949 / exact 1031 / predicted 1010 (`rwkv` cuda fp16 77); random 12x512 F2048
+V16384 shapes dense 5784 / exact 5584 / predicted 5222 (`rwkv` 160).
 """
 from __future__ import annotations
 
@@ -65,6 +76,7 @@ import math
 import torch
 
 from .cuda_decode_kernels import kernels
+from .cuda_decode_pipe import kernels as pipe_kernels
 
 MODES = ("dense", "exact", "predicted")
 _BIG = 1 << 30
@@ -80,11 +92,21 @@ _BIG = 1 << 30
 # which gathers the selected/active rows gather_na at a time instead of masking a (rows, D) tile
 # (whole-width D only, and a power-of-two D and group count in the predicted mode; else the older
 # kernel runs); fuse_ffn_mix: LN2 + the FFN token shift inside the FFN kernel (no mix launch).
+# pipe_bn > 0: the exact mode runs `ffn_pipe` (cuda_decode_pipe.py): ~pipe_per_sm persistent programs
+# per SM (pipe_warps warps) loop over tiles of pipe_bn rows, the next tile's W_k rows issued before
+# this tile's value rows (whole width, D a power of two; gather_na takes precedence); pipe_defer: each
+# tile's value rows summed one iteration later; pipe_stages: Triton's num_stages for that launch.
+# L2 eviction policies ("", "evict_first", "evict_last"): evict_stream on the GEMV weight tiles,
+# evict_key on the W_k rows (None: as evict_stream), evict_value on the sparse W_v^T rows; None for
+# evict_stream / evict_value: "evict_first" / "evict_last" when the weights read per token (dense)
+# are <= evict_auto_l2x times the L2 size, else "" (see the measurements above).
 TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk=1024, key_warps=4,
             value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
             mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048,
             gather_na=0, sparse_bn=16, sparse_warps=8, fuse_ffn_mix=False, split_value=None, diag=0,
-            split_warps=4, value_on_sel=False, evict_stream="", evict_value="", pred_key_bn=16)
+            split_warps=4, value_on_sel=False, evict_stream=None, evict_value=None, evict_key=None,
+            evict_auto_l2x=2.0, pred_key_bn=8, pipe_bn=0, pipe_per_sm=2, pipe_warps=8, pipe_defer=False,
+            pipe_stages=None)
 
 def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -190,10 +212,18 @@ class FusedDecode:
         full = _p2(D) <= self.tune["full_k"]
         one = D == _p2(D) and all(p["g"] == _p2(p["g"]) for p in self.pred or [])
         self.gather = mode != "dense" and self.tune["gather_na"] > 0 and full and (mode == "exact" or one)
-        self.mixin = bool(self.tune["fuse_ffn_mix"]) and full and (mode == "dense" or self.gather)
+        self.pipe = mode == "exact" and self.tune["pipe_bn"] > 0 and not self.gather and full and D == _p2(D)
+        if self.pipe:
+            self.K = dict(self.K, **pipe_kernels())
+        self.mixin = bool(self.tune["fuse_ffn_mix"]) and full and (mode == "dense" or self.gather or self.pipe)
         tn = self.tune   # predicted, fused value: W_v^T rows of the selected (not active) rows, early
         self.vsel = (mode == "predicted" and bool(tn["value_on_sel"]) and tn["fused_value"] and not self.gather
                      and tn["split_value"] is None and full and _p2(D) <= tn["key_value_bd"])
+        l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) if dev.type == "cuda" else 0
+        small = self.bytes_per_token(1.0) <= tn["evict_auto_l2x"] * l2    # the weights mostly fit in L2
+        for k, v in (("evict_stream", "evict_first"), ("evict_value", "evict_last")):
+            if tn[k] is None:
+                tn[k] = v if small else ""
         # sparse FFN value launch: (D / BD column blocks) x (NS splits of the active-row list), each
         # split taking every NS-th block of BS listed rows; ~value_per_sm programs per SM
         nsm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
@@ -201,6 +231,7 @@ class FusedDecode:
         self.bd, self.bs = min(tn["value_bd"], _p2(D)), tn["value_bs"]
         nd = -(-D // self.bd)
         self.ns = max(1, min(-(-F // self.bs), -(-tn["value_per_sm"] * nsm // nd)))
+        self.pipe_grid = min(-(-F // max(1, tn["pipe_bn"])), max(1, int(tn["pipe_per_sm"] * nsm)))
         self.idx = torch.zeros((L, F), dtype=torch.int32, device=dev)    # active rows per layer
         self.slot = torch.zeros((L, 2), dtype=torch.int32, device=dev)   # per step: rows read, listed
         self.logits = z(model.config.vocab_size)
@@ -236,8 +267,9 @@ class FusedDecode:
                     bits=qm.bits, gs=gs, g=D // gs, per=per)
 
     # --- the step ---------------------------------------------------------------------------
-    def _kw(self, warps):
-        return dict(num_warps=warps, launch_pdl=True) if self.pdl else dict(num_warps=warps)
+    def _kw(self, warps, stages=None):
+        kw = dict(num_warps=warps, launch_pdl=True) if self.pdl else dict(num_warps=warps)
+        return kw if stages is None else dict(kw, num_stages=stages)   # stages: Triton's loop pipelining
 
     def _gemv(self, W, x, y, base=None, seg=None, act=0, bn=4, warps=None, y2=None):
         # tiles of BN rows x the whole width (<= full_k): one load per program, issued before the
@@ -266,6 +298,7 @@ class FusedDecode:
         sparse = self.mode != "dense"
         fv = tn["fused_value"]
         mixin = self.mixin
+        evk = tn["evict_stream"] if tn["evict_key"] is None else tn["evict_key"]   # W_k rows' L2 hint
         for i, lay in enumerate(self.layers):
             self._mix(i == 0, lay["ln1"], st.att_x[i], lay["amix"], self.x6, 6)
             r0 = 0
@@ -297,6 +330,14 @@ class FusedDecode:
                     NB=q["gs"] // q["per"], GC=max(1, q["g"]), MIXIN=mixin, NA=tn["gather_na"], PDL=self.pdl,
                     **self._kw(tn["sparse_warps"]))
                 continue
+            if self.pipe:     # the whole exact FFN, persistent programs over row tiles (see ffn_pipe)
+                bn = tn["pipe_bn"]
+                K["ffn_pipe"][(self.pipe_grid,)](
+                    lay["key"], self.xk, self.kbuf[i], F, D, lay["wv"], self.x, self.cnt[i], -(-F // bn),
+                    self.pipe_grid, *mx, BN=bn, BK=D, MIXIN=mixin, PDL=self.pdl, EVW=evk,
+                    EVV=tn["evict_value"], DEFER=bool(tn["pipe_defer"]),
+                    **self._kw(tn["pipe_warps"], tn["pipe_stages"]))
+                continue
             one = q["g"] > 0 and q["g"] == _p2(q["g"]) and D == _p2(D)
             full = _p2(D) <= tn["full_k"]
             split = sparse and tn["split_value"] is not None    # (BF, BD): keys, then ffn_vsplit
@@ -309,7 +350,7 @@ class FusedDecode:
                 BITS=q["bits"], GS=q["gs"], PER=q["per"], NB=q["gs"] // q["per"], ONESHOT=one,
                 GC=q["g"] if one else 1, FULL=full, COMPACT=sparse and not fv, PDL=self.pdl, VALUE=sparse and fv,
                 BVD=min(_p2(D), tn["key_value_bd"]), MIXIN=mixin, DIAG=tn["diag"], COUNT=split and p is not None,
-                VSEL=self.vsel, EVW=tn["evict_stream"], EVV=tn["evict_value"],
+                VSEL=self.vsel, EVW=evk, EVV=tn["evict_value"],
                 **self._kw(tn["key_warps"]))
             if split:
                 bf, bd = tn["split_value"]

@@ -232,6 +232,19 @@ def kernels():
     globals()["_score"] = _score
 
     @triton.jit
+    def _codes(q_p, qs_p, qz_p, rows, rm, GC: tl.constexpr, NB: tl.constexpr):
+        """One row tile of an n-bit predictor in the ONESHOT layout (G = GC groups, a power of two):
+        packed codes (BN, GC*NB) uint8 and float32 scales and zeros (BN, GC); 0 on rows not in rm."""
+        cb = tl.arange(0, GC * NB)
+        gi = tl.arange(0, GC)
+        byt = tl.load(q_p + rows[:, None] * (GC * NB) + cb[None, :], mask=rm[:, None], other=0)
+        scale = tl.load(qs_p + rows[:, None] * GC + gi[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
+        zero = tl.load(qz_p + rows[:, None] * GC + gi[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
+        return byt, scale, zero
+
+    globals()["_codes"] = _codes
+
+    @triton.jit
     def ffn_key(w_p, x_p, k_p, idx_p, q_p, qs_p, qz_p, thr, slot_p, F, D, G, vt_p, xo_p, cnt_p,
                 xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p,
                 BN: tl.constexpr, BK: tl.constexpr, PRED: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
@@ -248,10 +261,7 @@ def kernels():
             # PER = 8 // BITS codes per byte, NB = GS // PER bytes per group and row
             if ONESHOT:  # the row tile's codes in one load (GC = G groups, D // PER and G powers of two)
                 cb = tl.arange(0, GC * NB)
-                gi = tl.arange(0, GC)
-                byt = tl.load(q_p + rows[:, None] * (GC * NB) + cb[None, :], mask=rm[:, None], other=0)
-                scale = tl.load(qs_p + rows[:, None] * GC + gi[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
-                zero = tl.load(qz_p + rows[:, None] * GC + gi[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
+                byt, scale, zero = _codes(q_p, qs_p, qz_p, rows, rm, GC, NB)
                 _sync(PDL)
                 qx = tl.zeros((BN, GC * NB), dtype=tl.float32)
                 xs = tl.zeros((GC * NB,), dtype=tl.float32)
@@ -360,11 +370,7 @@ def kernels():
         km = ks < D
         acc = tl.zeros((BK,), dtype=tl.float32)
         if PRED:   # codes, scales, zeros of the row tile first (weights: before the wait)
-            cb = tl.arange(0, GC * NB)
-            gi = tl.arange(0, GC)
-            byt = tl.load(q_p + rows[:, None] * (GC * NB) + cb[None, :], mask=rm[:, None], other=0)
-            scale = tl.load(qs_p + rows[:, None] * GC + gi[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
-            zero = tl.load(qz_p + rows[:, None] * GC + gi[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
+            byt, scale, zero = _codes(q_p, qs_p, qz_p, rows, rm, GC, NB)
             _sync(PDL)
             if MIXIN:
                 xv = _ln_mix(xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p, D, ks, km, pid == 0)

@@ -364,7 +364,7 @@ class NativeRWKV7:
         wkv_in = None
         if state is None:
             st = self.zero_state()
-        else:                          # a new state; the C side copies the wkv matrices layer by layer
+        else:                          # a new state; the C side reads the input wkv, writes the new
             c = self.config
             want = ((c.n_layer, c.n_embd), (c.n_layer, c.n_head, c.head_size, c.head_size), (c.n_layer, c.n_embd))
             if tuple(tuple(np.shape(a)) for a in (state.att_x, state.wkv, state.ffn_x)) != want:
