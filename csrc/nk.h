@@ -32,7 +32,8 @@ typedef struct nk_pred {
  * (the centring term e_g leaves only (code - mid) times the rounding error, as numba_simd). */
 typedef struct nk_pred_x {
     int8_t *xq;               /* (C,) */
-    int8_t *plane[4];         /* plane k: xq[per * b + k] at b (per = 8 / bits codes per byte) */
+    int8_t *plane[4];         /* plane k: xq[per * b + k] at b (per = 8 / bits codes per byte; 1 bit: plane
+                               * k at plane[k & 3] + (k >> 2) C / 8) */
     float *xs, *e, *xsum;     /* (G,) each */
 } nk_pred_x;
 
@@ -73,6 +74,13 @@ int nk_cpu_level(void);                       /* the best level this CPU runs */
 /* quantize x (I,) to X (I,) int8 and xs (I / NK_GS,) as numba_i8dot.quantize_x */
 void nk_quantize(const float *x, int64_t I, int8_t *X, float *xs);
 void nk_pred_prep(const nk_pred *p, const float *x, nk_pred_x *px);
+/* the predictor kernels (nk_pred.c): scores as nk_kern.pred, and the select: the positions q in
+ * [r0, r1) of the rows (idx ? idx[q] : q) with score >= p->thr, ascending, into out; returns their
+ * count. score: scratch of r1 - r0 floats (used where k has no fused select for p). */
+void nk_pred_generic(const nk_pred *p, const nk_pred_x *px, const int32_t *idx, int64_t r0, int64_t r1, float *score);
+void nk_pred_avx2(const nk_pred *p, const nk_pred_x *px, const int32_t *idx, int64_t r0, int64_t r1, float *score);
+int64_t nk_pred_select(const nk_kern *k, const nk_pred *p, const nk_pred_x *px, const int32_t *idx, int64_t r0,
+                       int64_t r1, int32_t *out, float *score);
 /* quantize x (I,) for the int4 dots: X (I,) int8 in the pair layout, xs (I / NK_GS,), init
  * (NK_INIT(I / NK_GS),) int32 (nk_q4.c); the same rounding as nk_quantize */
 void nk_quantize4(const float *x, int64_t I, int8_t *X, float *xs, int32_t *init);

@@ -2,15 +2,16 @@
  *
  * Dense: every neuron's key row (int8 dots, TB tokens per row load in prefill), then the value
  * column of each neuron with relu(k)^2 > 0 (the same sum as reading all of them).
- * Sparse: the layer's n-bit predictor scores all F neurons (nk_kernels.c pred), the neurons with
- * score >= thr form the set; decode reads only their key rows, then the value columns of the
- * active ones. Prefill runs the dense key pass over a chunk (each key row read once for all its
+ * Sparse: the layer's n-bit predictor scores all F neurons (nk_pred.c; with AVX-512 VNNI one fused
+ * pass: scores, threshold and compaction), the neurons with score >= thr form the set; decode reads
+ * only their key rows, then the value columns of the active ones. Prefill runs the dense key pass over a chunk (each key row read once for all its
  * tokens) and asks the predictor only about the active neurons (relu(k) > 0): the same sums as
  * the steps. Given sets (replayed, tools/bench.py --shape) mask the dense pass the same way.
  * Threads split neurons; each adds into its own output rows, summed after.
  * Weights: int8 (kv (F, 2, D) + kv_scale (F, 2)) or int4 (kv4 (F, 2, D / 2) + group scales kv4s
  * (F, 2, D / 32), nk_q4.c): the helpers below pick the kernels; int4 has no per-neuron scales.
  */
+#include <stdatomic.h>
 #include <string.h>
 
 #include "nk_model.h"
@@ -136,15 +137,15 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
                 }
             }
             if (f->pred && n > c0) {   /* the predictor's verdict, asked only where it matters */
-                m->k->pred(f->pred, &m->pxt[t], pj + c0, 0, n - c0, s->sc);
-                int64_t k = c0;
-                for (int64_t q = c0; q < n; q++)
-                    if (s->sc[q - c0] >= f->pred->thr) {
-                        pj[k] = pj[q], ph[k++] = ph[q];
-                        if (m->rec)
-                            m->rec[((m->rec_t0 + t) * m->L + m->rec_layer) * m->F + pj[q]] = 1;
-                    }
-                s->npred += k - c0;
+                int64_t k = nk_pred_select(m->k, f->pred, &m->pxt[t], pj + c0, 0, n - c0, s->sel, s->sc);
+                for (int64_t i = 0; i < k; i++) {       /* positions ascending: in place */
+                    int64_t q = c0 + s->sel[i];
+                    pj[c0 + i] = pj[q], ph[c0 + i] = ph[q];
+                    if (m->rec)
+                        m->rec[((m->rec_t0 + t) * m->L + m->rec_layer) * m->F + pj[c0 + i]] = 1;
+                }
+                s->npred += k;
+                k += c0;
                 n = k;
             }
             s->nval += n - c0;
@@ -176,26 +177,48 @@ static void ffn_sparse_task(void *c, int tid, int64_t lo, int64_t hi) {
     s->nval += n;
 }
 
+#define NK_MAXREC 256            /* chunks of one pool call (nk_pool.c: about four per thread) */
 typedef struct {
     nk_model *m;
     const nk_pred *p;
+    int one;                   /* one thread: the single task writes straight into m->idx */
+    atomic_int nrec;
+    int64_t lo[NK_MAXREC], n[NK_MAXREC];
+    const int32_t *sel[NK_MAXREC];
 } pred_ctx;
 
+/* rows [lo, hi): the passing ones into m->idx (one thread), or into the thread's scratch at lo, recorded */
 static void pred_task(void *c, int tid, int64_t lo, int64_t hi) {
     pred_ctx *pc = (pred_ctx *)c;
-    (void)tid;
-    pc->m->k->pred(pc->p, &pc->m->px, NULL, lo, hi, pc->m->score + lo);
+    nk_model *m = pc->m;
+    int32_t *out = pc->one ? m->idx + lo : m->tls[tid].sel + lo;
+    int64_t n = nk_pred_select(m->k, pc->p, &m->px, NULL, lo, hi, out, m->score + lo);
+    int i = atomic_fetch_add(&pc->nrec, 1);
+    pc->lo[i] = lo, pc->n[i] = n, pc->sel[i] = out;
 }
 
-/* the predicted set of token xk (D,) into m->idx (sorted); returns its size */
+/* the predicted set of token xk (D,) into m->idx (sorted); returns its size. One fused pass per
+ * layer where the kernel set has it (nk_pred.c): scores, threshold and compaction in registers. */
 static int64_t predict(nk_model *m, const nk_pred *p, const float *xk) {
     nk_pred_prep(p, xk, &m->px);
-    pred_ctx c = {m, p};
+    pred_ctx c = {.m = m, .p = p, .one = nk_pool_size(m->pool) == 1};
+    atomic_init(&c.nrec, 0);
     nk_pool_run(m->pool, pred_task, &c, p->R);
+    int nr = atomic_load(&c.nrec);
+    if (c.one)
+        return nr ? c.n[0] : 0;
+    for (int i = 1; i < nr; i++)              /* the chunks in row order (insertion sort, nr <= ~64) */
+        for (int j = i; j > 0 && c.lo[j - 1] > c.lo[j]; j--) {
+            int64_t tl = c.lo[j], tn = c.n[j];
+            const int32_t *ts = c.sel[j];
+            c.lo[j] = c.lo[j - 1], c.n[j] = c.n[j - 1], c.sel[j] = c.sel[j - 1];
+            c.lo[j - 1] = tl, c.n[j - 1] = tn, c.sel[j - 1] = ts;
+        }
     int64_t n = 0;
-    for (int64_t r = 0; r < p->R; r++)
-        if (m->score[r] >= p->thr)
-            m->idx[n++] = (int32_t)r;
+    for (int i = 0; i < nr; i++) {
+        memcpy(m->idx + n, c.sel[i], c.n[i] * sizeof(int32_t));
+        n += c.n[i];
+    }
     return n;
 }
 

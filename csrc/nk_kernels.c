@@ -1,4 +1,4 @@
-/* Kernels of the native backend: int8 row dot products, int8 value axpy, n-bit predictor scores.
+/* Kernels of the native backend: int8 row dot products, int8 value axpy (the predictor: nk_pred.c).
  *
  * Math of the dots (as rwkv_edge/backends/numba_i8dot.py, so both paths agree): a weight row w (I,)
  * int8 and an activation x (I,) float32 rounded once per call in groups of NK_GS = 32 values:
@@ -49,35 +49,6 @@ void nk_quantize(const float *x, int64_t I, int8_t *X, float *xs) {
     }
 }
 
-void nk_pred_prep(const nk_pred *p, const float *x, nk_pred_x *px) {
-    int64_t C = p->C, gs = C / p->G;
-    int per = 8 / p->bits;
-    double mid = ((1 << p->bits) - 1) / 2.0;
-    for (int64_t g = 0; g < p->G; g++) {
-        const float *xg = x + g * gs;
-        float mx = 0.0f;
-        double sum = 0.0;
-        for (int64_t i = 0; i < gs; i++) {
-            mx = fmaxf(mx, fabsf(xg[i]));
-            sum += xg[i];
-        }
-        float inv = mx > 0 ? 127.0f / mx : 0.0f;
-        long sq = 0;
-        for (int64_t i = 0; i < gs; i++) {
-            int8_t q = (int8_t)lrintf(xg[i] * inv);
-            px->xq[g * gs + i] = q;
-            sq += q;
-        }
-        px->xs[g] = mx / 127.0f;
-        px->xsum[g] = (float)sum;
-        px->e[g] = (float)(mid * (sum - (double)px->xs[g] * (double)sq));
-    }
-    if (per <= 4)
-        for (int k = 0; k < per; k++)
-            for (int64_t b = 0; b < C / per; b++)
-                px->plane[k][b] = px->xq[per * b + k];
-}
-
 /* ---- generic C -------------------------------------------------------------------------------- */
 static void dots_generic(const int8_t *base, int64_t stride, const int32_t *idx, int64_t n, int64_t I,
                          const int8_t *X, const float *xs, int64_t T, float *y, int64_t ldy) {
@@ -103,28 +74,6 @@ static void axpy4_generic(float *out, int64_t D, const int8_t *const *v, const f
         out[d] += (h[0] * v[0][d] + h[1] * v[1][d]) + (h[2] * v[2][d] + h[3] * v[3][d]);
 }
 
-/* score of one row over groups [g0, G): the plain form of the predictor math (any bits) */
-static float pred_row_tail(const nk_pred *p, const nk_pred_x *px, int64_t r, int64_t g0) {
-    int64_t gs = p->C / p->G, rb = p->C * p->bits / 8;
-    int per = 8 / p->bits, mask = (1 << p->bits) - 1;
-    const uint8_t *row = p->packed + r * rb;
-    float acc = 0.0f;
-    for (int64_t g = g0; g < p->G; g++) {
-        int32_t dot = 0;
-        for (int64_t c = g * gs; c < (g + 1) * gs; c++)
-            dot += ((row[c / per] >> ((c % per) * p->bits)) & mask) * (int32_t)px->xq[c];
-        acc += nk_h2f(p->scale[r * p->G + g]) * ((float)dot * px->xs[g] + px->e[g])
-               + nk_h2f(p->zero[r * p->G + g]) * px->xsum[g];
-    }
-    return acc;
-}
-
-static void pred_generic(const nk_pred *p, const nk_pred_x *px, const int32_t *idx, int64_t r0, int64_t r1,
-                         float *score) {
-    for (int64_t q = r0; q < r1; q++)
-        score[q - r0] = pred_row_tail(p, px, idx ? idx[q] : q, 0);
-}
-
 static void wkv_generic(float *S, const float *S0, int64_t N, const float *r, const float *w, const float *k,
                         const float *v, const float *a, const float *b, float *y) {
     for (int64_t i = 0; i < N; i++) {
@@ -147,7 +96,7 @@ static void vecmat_generic(const float *x, const int8_t *M, int64_t I, int64_t O
             y[o] += x[i] * M[i * O + o];
 }
 
-static const nk_kern K_GENERIC = {"generic", dots_generic, axpy4_generic, pred_generic, wkv_generic, nk_dots4_generic,
+static const nk_kern K_GENERIC = {"generic", dots_generic, axpy4_generic, nk_pred_generic, wkv_generic, nk_dots4_generic,
                                   nk_axpy4q_generic, vecmat_generic};
 
 #ifdef NK_X86
@@ -270,111 +219,6 @@ AVX2 static void axpy4_avx2(float *out, int64_t D, const int8_t *const *v, const
 #undef CV
 }
 
-/* Integer dot of one 64-column predictor group g of a row (2 or 4 bits) with xq: the groups after
- * the last full eight (D = 768: 12 groups, 4 left; D = 192: 3) one at a time, same integers as below. */
-AVX2 static int32_t pred_group_dot(const nk_pred *p, const nk_pred_x *px, const uint8_t *row, int64_t g) {
-    if (p->bits == 4) {                           /* 32 bytes: columns 2b (low nibble), 2b + 1 (high) */
-        const __m256i m15 = _mm256_set1_epi8(15);
-        int64_t b = g * 32;
-        __m256i raw = _mm256_loadu_si256((const __m256i *)(row + b));
-        __m256i s = _mm256_maddubs_epi16(_mm256_and_si256(raw, m15), _mm256_loadu_si256((const __m256i *)(px->plane[0] + b)));
-        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m15),
-                                                     _mm256_loadu_si256((const __m256i *)(px->plane[1] + b))));
-        __m256i v = _mm256_madd_epi16(s, _mm256_set1_epi16(1));
-        __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
-        return _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1)));
-    }
-    const __m128i m3 = _mm_set1_epi8(3);          /* 2 bits: 16 bytes, plane k = columns 4b + k */
-    int64_t b = g * 16;
-    __m128i raw = _mm_loadu_si128((const __m128i *)(row + b)), s = _mm_setzero_si128();
-    for (int k = 0; k < 4; k++)
-        s = _mm_add_epi16(s, _mm_maddubs_epi16(_mm_and_si128(_mm_srli_epi16(raw, 2 * k), m3),
-                                               _mm_loadu_si128((const __m128i *)(px->plane[k] + b))));
-    __m128i h = _mm_madd_epi16(s, _mm_set1_epi16(1));
-    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
-    return _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1)));
-}
-
-/* Predictor rows, 2 or 4 bits with 64 columns per group, eight groups per pass:
- * 2-bit: a 32-byte load holds 128 columns = two groups; plane k = (raw >> 2k) & 3 holds columns
- * 4b + k, multiplied by plane k of xq (xq[4b + k]); the i32 lanes of one load are 16 columns each,
- * lanes 0-3 group 2q, 4-7 group 2q + 1. Two rounds of hadd fold four loads into one vector holding
- * the eight groups in the order PERM2 below; the float scales are permuted to match.
- * 4-bit: one load = one group; planes raw & 15 (columns 2b) and (raw >> 4) & 15 (2b + 1); the hadd
- * tree of eight loads ends in natural order. */
-AVX2 static void pred_avx2(const nk_pred *p, const nk_pred_x *px, const int32_t *idx, int64_t r0, int64_t r1,
-                           float *score) {
-    int64_t gs = p->C / p->G, G8 = p->G / 8 * 8, rb = p->C * p->bits / 8;
-    if (!((p->bits == 2 || p->bits == 4) && gs == 64)) {
-        pred_generic(p, px, idx, r0, r1, score);
-        return;
-    }
-    const __m256i ones = _mm256_set1_epi16(1);
-    const __m256i perm = p->bits == 2 ? _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7) : _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    float xsP[256], eP[256], sP[256];     /* per-call vectors in the kernel's group order (G <= 256) */
-    if (p->G > 256) {
-        pred_generic(p, px, idx, r0, r1, score);
-        return;
-    }
-    for (int64_t c = 0; c < G8; c += 8)
-        for (int i = 0; i < 8; i++) {
-            int g = (int)c + (p->bits == 2 ? (i < 4 ? 2 * i : 2 * (i - 4) + 1) : i);
-            xsP[c + i] = px->xs[g], eP[c + i] = px->e[g], sP[c + i] = px->xsum[g];
-        }
-    for (int64_t q = r0; q < r1; q++) {
-        int64_t r = idx ? idx[q] : q;
-        const uint8_t *row = p->packed + r * rb;
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t c = 0; c < G8; c += 8) {
-            __m256i hh;
-            if (p->bits == 2) {
-                const __m256i m3 = _mm256_set1_epi8(3);
-                __m256i v[4];
-                for (int q = 0; q < 4; q++) {
-                    int64_t b = c * 16 + 32 * q;              /* byte offset in the row */
-                    __m256i raw = _mm256_loadu_si256((const __m256i *)(row + b));
-                    __m256i s = _mm256_maddubs_epi16(_mm256_and_si256(raw, m3), _mm256_loadu_si256((const __m256i *)(px->plane[0] + b)));
-                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 2), m3),
-                                                                 _mm256_loadu_si256((const __m256i *)(px->plane[1] + b))));
-                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m3),
-                                                                 _mm256_loadu_si256((const __m256i *)(px->plane[2] + b))));
-                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 6), m3),
-                                                                 _mm256_loadu_si256((const __m256i *)(px->plane[3] + b))));
-                    v[q] = _mm256_madd_epi16(s, ones);
-                }
-                hh = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-            } else {
-                const __m256i m15 = _mm256_set1_epi8(15);
-                __m256i v[8];
-                for (int q = 0; q < 8; q++) {
-                    int64_t b = c * 32 + 32 * q;
-                    __m256i raw = _mm256_loadu_si256((const __m256i *)(row + b));
-                    __m256i s = _mm256_maddubs_epi16(_mm256_and_si256(raw, m15), _mm256_loadu_si256((const __m256i *)(px->plane[0] + b)));
-                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m15),
-                                                                 _mm256_loadu_si256((const __m256i *)(px->plane[1] + b))));
-                    v[q] = _mm256_madd_epi16(s, ones);
-                }
-                __m256i A = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-                __m256i B = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-                hh = _mm256_add_epi32(_mm256_permute2x128_si256(A, B, 0x20), _mm256_permute2x128_si256(A, B, 0x31));
-            }
-            __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p->scale + r * p->G + c)));
-            __m256 zc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p->zero + r * p->G + c)));
-            sc = _mm256_permutevar8x32_ps(sc, perm);
-            zc = _mm256_permutevar8x32_ps(zc, perm);
-            __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hh), _mm256_loadu_ps(xsP + c), _mm256_loadu_ps(eP + c));
-            acc = _mm256_fmadd_ps(sc, f, acc);
-            acc = _mm256_fmadd_ps(zc, _mm256_loadu_ps(sP + c), acc);
-        }
-        float s = hsum8(acc);
-        for (int64_t g = G8; g < p->G; g++)
-            s += nk_h2f(p->scale[r * p->G + g]) * ((float)pred_group_dot(p, px, row, g) * px->xs[g] + px->e[g])
-                 + nk_h2f(p->zero[r * p->G + g]) * px->xsum[g];
-        score[q - r0] = s;
-    }
-}
-
 AVX2 static void wkv_avx2(float *S, const float *S0, int64_t N, const float *r, const float *w, const float *k,
                          const float *v, const float *a, const float *b, float *y) {
     for (int64_t i = 0; i < N; i++) {
@@ -439,9 +283,9 @@ AVX2 static void vecmat_avx2(const float *x, const int8_t *M, int64_t I, int64_t
         VECMAT_BLOCK(1)
 }
 
-static const nk_kern K_AVX2 = {"avx2", dots_avx2, axpy4_avx2, pred_avx2, wkv_avx2, nk_dots4_avx2, nk_axpy4q_avx2,
+static const nk_kern K_AVX2 = {"avx2", dots_avx2, axpy4_avx2, nk_pred_avx2, wkv_avx2, nk_dots4_avx2, nk_axpy4q_avx2,
                                vecmat_avx2};
-static const nk_kern K_VNNI = {"vnni", dots_vnni, axpy4_avx2, pred_avx2, wkv_avx2, nk_dots4_vnni, nk_axpy4q_avx2,
+static const nk_kern K_VNNI = {"vnni", dots_vnni, axpy4_avx2, nk_pred_avx2, wkv_avx2, nk_dots4_vnni, nk_axpy4q_avx2,
                                vecmat_avx2};
 #endif
 

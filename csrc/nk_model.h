@@ -39,6 +39,7 @@ typedef struct {               /* per-thread scratch */
     int64_t nval;              /* value columns read in the last call */
     int64_t npred;             /* prefill: active neurons the predictor kept */
     float *sc;                 /* (F,) predictor scores of the candidates */
+    int32_t *sel;              /* (F,) the predictor's select: positions, or rows of a decode chunk */
     int32_t *pjT;              /* prefill: (TB, NB + 20) each token's active neurons of a key block (nk_ffn.c) */
     float *phT;                /*   and their h */
     int64_t cnt[TB];           /*   and how many */

@@ -263,6 +263,7 @@ void *nk_model_new(const int64_t *dims, const void *const *glob, const void *con
         m->tls[i].pj = malloc(F * sizeof(int32_t));
         m->tls[i].ph = malloc(F * sizeof(float));
         m->tls[i].sc = malloc(F * sizeof(float));
+        m->tls[i].sel = malloc(F * sizeof(int32_t));
         m->tls[i].pjT = malloc(TB * (NB + 20) * sizeof(int32_t));
         m->tls[i].phT = malloc(TB * (NB + 20) * sizeof(float));
     }
@@ -288,7 +289,7 @@ void nk_model_free(void *mp) {
             free(px->plane[k]);
     }
     for (int i = 0; i < NK_MAXT; i++)
-        free(m->tls[i].out), free(m->tls[i].keys), free(m->tls[i].pj), free(m->tls[i].ph), free(m->tls[i].sc);
+        free(m->tls[i].out), free(m->tls[i].keys), free(m->tls[i].pj), free(m->tls[i].ph), free(m->tls[i].sc), free(m->tls[i].sel);
     for (int i = 0; i < NK_MAXT; i++)
         free(m->tls[i].pjT), free(m->tls[i].phT);
     free(m->layers), free(m->pred), free(m);

@@ -193,6 +193,65 @@ def test_prefill_rounding_is_the_steps(T, I):
         assert all(np.array_equal(a, b) for a, b in zip(got, out4["generic"])), lv
 
 
+@pytest.mark.parametrize("C, R", [(512, 77), (512, 2048), (1024, 45), (2048, 19), (768, 21)])
+def test_predictor_select(C, R):
+    """The select (sparse decode: all rows; prefill: a list of candidates) keeps exactly the rows whose
+    score from the level's score kernel is >= thr, in order. Where the fused AVX-512 select runs (2 bits,
+    G % 8 == 0), its own scores are bit-identical to nk_pred_avx2's, GFNI copy and shift copy alike, so it
+    picks the very sets the unfused path picked (also with the threshold on a score exactly)."""
+    from rwkv_edge.quant import QuantizedMatrix
+    rng = np.random.default_rng(C + R)
+    qm = QuantizedMatrix.quantize(rng.standard_normal((R, C)).astype(np.float32), 2, 64)
+    x = rng.standard_normal(C).astype(np.float32)
+    x[:64] = 0.0                                    # an all-zero group: scale 0
+    idx = rng.permutation(R)[:R // 2].astype(np.int32)
+    base = native.kernel_pred_select(qm, x, 0.0, native.levels()[-1])[0]
+    fused_ran = 0
+    for thr in (float(np.median(base)), float(base[R // 3])):       # the second: on a score exactly
+        for lv in native.levels():
+            s, sel = native.kernel_pred_select(qm, x, thr, lv)
+            s2, sel2 = native.kernel_pred_select(qm, x, thr, lv, idx=idx)
+            assert np.array_equal(sel, np.flatnonzero(s >= thr)) and np.array_equal(sel2, np.flatnonzero(s2 >= thr))
+            assert 0 < len(sel) < R
+            if lv == "generic":
+                continue
+            assert np.array_equal(s2, s[idx])
+            for fused in (1, 2):
+                f, f2 = (native.kernel_pred_select(qm, x, thr, lv, idx=ix, fused=fused) for ix in (None, idx))
+                if f is None:
+                    assert lv != "vnni" or C % 512 or qm.bits != 2
+                    continue
+                fused_ran += 1
+                assert np.array_equal(f[0], s) and np.array_equal(f2[0], s2)       # bit-identical scores
+                assert np.array_equal(f[1], sel) and np.array_equal(f2[1], sel2)
+    if "vnni" in native.levels() and C % 512 == 0:
+        assert fused_ran == 4
+
+
+@pytest.mark.parametrize("C, R", [(512, 77), (1024, 45), (2048, 19)])
+def test_predictor_select_1bit(C, R):
+    """1-bit codes: the fused select (AVX-512 VNNI; nk_pred_avx2 has no 1-bit path, the level's scores are
+    the plain C ones) scores within float rounding of the generic kernel, its GFNI and shift copies are
+    bit-identical, and it keeps exactly its rows with score >= thr, for all rows and for a candidate list."""
+    from rwkv_edge.quant import QuantizedMatrix
+    if "vnni" not in native.levels():
+        pytest.skip("no AVX-512 VNNI here")
+    rng = np.random.default_rng(C + R)
+    qm = QuantizedMatrix.quantize(rng.standard_normal((R, C)).astype(np.float32), 1, 64)
+    x = rng.standard_normal(C).astype(np.float32)
+    idx = rng.permutation(R)[:R // 2].astype(np.int32)
+    plain = native.kernel_pred_select(qm, x, 0.0, "generic")[0]
+    thr = float(np.median(plain))
+    got = {fused: [native.kernel_pred_select(qm, x, thr, "vnni", idx=ix, fused=fused) for ix in (None, idx)]
+           for fused in (1, 2)}
+    (s, sel), (s2, sel2) = got[1]
+    np.testing.assert_allclose(s, plain, rtol=1e-5, atol=1e-5 * np.abs(plain).max())
+    assert np.array_equal(s2, s[idx]) and 0 < len(sel) < R
+    assert np.array_equal(sel, np.flatnonzero(s >= thr)) and np.array_equal(sel2, np.flatnonzero(s2 >= thr))
+    for a, b in zip(got[1], got[2]):
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
 # --- whole model -----------------------------------------------------------------------------------
 def test_dense_matches_reference(int8_file):
     m = native.NativeRWKV7.open(int8_file)
@@ -231,7 +290,8 @@ def test_state_over_many_steps_and_prefill_vs_steps(int8_file):
     assert np.array_equal(s0.wkv, sf.wkv) and np.array_equal(s0.att_x, sf.att_x)
 
 
-@pytest.mark.parametrize("fixture, bits", [("int8_file", 2), ("int8_file_wide", 2), ("int8_file_wide", 4)])
+@pytest.mark.parametrize("fixture, bits", [("int8_file", 2), ("int8_file_wide", 2), ("int8_file_wide", 4),
+                                           ("int8_file_wide", 1)])
 def test_sparse_matches_reference_on_its_sets(request, fixture, bits):
     path = request.getfixturevalue(fixture)
     m = native.NativeRWKV7.open(path)
@@ -311,6 +371,20 @@ def test_given_sets_match_reference_and_predictor_is_only_timed(int8_file):
         o2, s2 = timed.forward([t], s2)
         assert np.array_equal(o1, o2)
     assert given.ffn.density == timed.ffn.density and abs(given.ffn.density - mask.mean()) < 0.01
+
+
+def test_with_library_runs_the_same_model_on_another_build(int8_file_wide):
+    """tools/native_ab.py: a model moved to another build (here the same library file, bound again) gives
+    the same logits and sets, and the original keeps working."""
+    import importlib.util
+    ref = load_modelfile(int8_file_wide, backend="reference")
+    sm = native.NativeRWKV7.open(int8_file_wide).with_predictors(_bundle(ref, 2))
+    other = sm.with_library(native.bind_library(importlib.util.find_spec("rwkv_edge.backends._nk").origin))
+    toks = _toks(10, seed=9)
+    a, sa = sm.forward(toks)
+    b, sb = other.forward(toks)
+    assert np.array_equal(a, b) and np.array_equal(sa.wkv, sb.wkv)
+    assert np.array_equal(sm.step(3, sa)[0], other.step(3, sb)[0]) and other.ffn.density == sm.ffn.density > 0
 
 
 def test_simd_equals_generic_and_threads(int8_file_wide):

@@ -130,7 +130,7 @@ def test_prefill_vs_steps_int4(files):
     assert _rel(sf.wkv, sa.wkv) < 1e-3
 
 
-@pytest.mark.parametrize("wide, bits", [(False, 2), (True, 2), (True, 4)])
+@pytest.mark.parametrize("wide, bits", [(False, 2), (True, 2), (True, 4), (True, 1)])
 def test_sparse_matches_reference_on_its_sets(files, wide, bits):
     """Sparse int4-h8 on the sets the native predictor chose (recorded), prefill chunks of 4 and decode
     steps, against the quantizing reference's dense math masked to those sets."""

@@ -1,6 +1,7 @@
 """KL divergence of our decode path against dense fp16, over held-out text (rwkv_edge.quality).
 
     python tools/kld_decode.py --model M.pth --predictors B.npz [--dtype int8|int4|int8-h4] [--ctx 256] [--windows 4]
+        [--backend native]
 
 quality.compare scores a candidate through forward(ids, full_output=True), i.e. our prefill path
 (float BLAS). Decode runs other kernels (int8 activations in numba_i8dot, the fused block kernel,
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--workdir", default=os.path.join(os.path.dirname(HERE), "out", "bench"))
+    ap.add_argument("--backend", default="numba", choices=("numba", "native"),
+                    help="the candidates' CPU kernels (the fp16 base always runs on numba)")
     args = ap.parse_args(argv)
     for p in [args.model, args.text] + ([args.predictors] if args.predictors else []) + ([args.file] if args.file else []):
         if not os.path.exists(p):
@@ -61,13 +64,14 @@ def main(argv=None) -> int:
         ids = tok.encode(f.read())[: args.ctx * args.windows]
     f = args.file or _model_file(args.model, args.dtype, args.workdir, fp)
     tag = os.path.basename(args.file) if args.file else args.dtype
-    cands = [(f"dense {tag}", open_model(f, backend="numba"))]
+    cands = [(f"dense {tag}", open_model(f, backend=args.backend))]
     if args.predictors:
-        cands.append((f"sparse {tag}", open_model(f, backend="numba", predictors=args.predictors)))
+        cands.append((f"sparse {tag}", open_model(f, backend=args.backend, predictors=args.predictors)))
     for name, m in cands:
         r = quality.compare(base, Stepwise(m), ids, ctx=args.ctx, progress=False)
         keep = {k: r[k] for k in r if k.startswith(("kld", "same_top1", "ln_ppl", "ppl", "density", "n_tokens"))}
-        print(json.dumps({"candidate": name, "path": "decode (step)", "base": "dense fp16", **keep}), flush=True)
+        print(json.dumps({"candidate": name, "backend": args.backend, "path": "decode (step)", "base": "dense fp16",
+                          **keep}), flush=True)
     return 0
 
 

@@ -58,12 +58,28 @@ def _load():
                 lib.nk_level_name.argtypes = [ctypes.c_int]
                 lib.nk_test_dots.argtypes = [ctypes.c_int, P, i64, i64, P, i64, P]
                 lib.nk_test_pred.argtypes = [ctypes.c_int, i64, i64, i64, i64, P, P, P, P, P]
+                lib.nk_test_pred_sel.restype = ctypes.c_int
+                lib.nk_test_pred_sel.argtypes = [ctypes.c_int, ctypes.c_int, i64, i64, i64, i64, P, P, P, P,
+                                                 ctypes.c_float, P, i64, P, P, P]
                 lib.nk_test_dots4.argtypes = [ctypes.c_int, P, P, i64, i64, P, i64, P]
                 lib.nk_test_axpy4q.argtypes = [ctypes.c_int, P, P, P, i64, i64, P]
             except (OSError, AttributeError) as e:
                 lib, why = None, f"the native extension does not load ({e})"
         _LIB.append((lib, why))
     return _LIB[0]
+
+
+def bind_library(path: str):
+    """Another build of this extension (a .so/.dll path) with the entry points a forward needs bound, for
+    `NativeRWKV7.with_library` (tools/native_ab.py times two builds in one process)."""
+    lib = ctypes.CDLL(os.path.abspath(path))
+    P, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.nk_model_new.restype = P
+    lib.nk_model_new.argtypes = [P, P, P, P]
+    lib.nk_model_free.argtypes = [P]
+    lib.nk_forward.restype = ctypes.c_int
+    lib.nk_forward.argtypes = [P, P, i64, P, P, P, P, i64, P, P, P, P, P]
+    return lib
 
 
 def available() -> tuple[bool, str | None]:
@@ -183,6 +199,28 @@ def kernel_pred(qm, x: np.ndarray, lv: str) -> np.ndarray:
     return out
 
 
+def kernel_pred_select(qm, x: np.ndarray, thr: float, lv: str, idx=None, fused: int = 0):
+    """(scores, selected) of a quant.QuantizedMatrix for x (C,) by the kernel set lv (for tests): the scores
+    of the rows idx (None: all) by lv's score kernel, or with fused 1 by the fused select's own kernel (2: its
+    copy without GFNI; None where lv has none for this predictor), and the positions in idx (or rows) that the select keeps
+    (score >= thr, ascending), as the sparse decode and prefill run it."""
+    lib = _load()[0]
+    packed = np.ascontiguousarray(qm.packed)
+    sc, ze = (np.ascontiguousarray(a).view(np.uint16) for a in (qm.scale, qm.zero))
+    x = np.ascontiguousarray(x, np.float32).reshape(-1)
+    ix = None if idx is None else np.ascontiguousarray(idx, np.int32)
+    n = qm.shape[0] if ix is None else ix.size
+    score, sel, nsel = np.empty(n, np.float32), np.empty(n, np.int32), np.zeros(1, np.int64)
+    rc = lib.nk_test_pred_sel(_LEVELS.index(lv), int(fused), qm.bits, qm.n_groups, qm.shape[0], qm.shape[1],
+                              packed.ctypes.data, sc.ctypes.data, ze.ctypes.data, x.ctypes.data, float(thr),
+                              _ptr(ix), n, score.ctypes.data, sel.ctypes.data, nsel.ctypes.data)
+    if rc == -2:
+        return None
+    if rc != 0:
+        raise ValueError("kernel_pred_select: unsupported level")
+    return score, sel[:int(nsel[0])]
+
+
 class NativeFFNStats:
     """What `model.ffn` reports for bench/CLI: density = predicted neurons / (tokens * layers * F) over
     the decode steps (one-token forwards)."""
@@ -263,6 +301,15 @@ class NativeRWKV7:
         verdict unused): a random-weight model's predictor timed on a trained model's sets."""
         return NativeRWKV7(self.config, self._t, self.fingerprint, self._bundle, self.threads, sets,
                            dtype=self.modelfile_dtype)
+
+    def with_library(self, lib) -> "NativeRWKV7":
+        """This model (weights, predictors, sets, threads) on another build of the C library (`bind_library`)."""
+        m = NativeRWKV7.__new__(NativeRWKV7)
+        m.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("_h", "_keep", "_stats")})
+        m._lib, m.tokens_run, m.bytes_read, m.hooks = lib, 0, 0, _NoHooks()
+        m.ffn = NativeFFNStats(self.config.ffn_dim) if self.ffn is not None else None
+        m._build()
+        return m
 
     def set_threads(self, n: int) -> None:
         """Use n threads from now on (rebuilds the C model; weights are not touched)."""
