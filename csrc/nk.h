@@ -94,5 +94,17 @@ void nk_dots4_vnni(const uint8_t *, const uint16_t *, int64_t, int64_t, const in
 void nk_axpy4q_generic(float *out, int64_t D, const uint8_t *const *v, const uint16_t *const *s, const float *h);
 void nk_axpy4q_avx2(float *out, int64_t D, const uint8_t *const *v, const uint16_t *const *s, const float *h);
 float nk_h2f(uint16_t h);
+/* dots_vnni for T > 1 on 512-bit registers, bit-identical to it (nk_prefill_kernels.c; x86-64 VNNI only) */
+void nk_dots_vnni512(const int8_t *base, int64_t stride, const int32_t *idx, int64_t n, int64_t I, const int8_t *X,
+                     const float *xs, int64_t T, float *y, int64_t ldy);
+/* axpy4 / axpy4q on 512-bit registers, the same floats as the AVX2 ones (nk_prefill_kernels.c; prefill only) */
+void nk_axpy4_512(float *out, int64_t D, const int8_t *const *v, const float *h);
+void nk_axpy4q_512(float *out, int64_t D, const uint8_t *const *v, const uint16_t *const *s, const float *h);
+/* a token's active neurons of a prefill key block, 512-bit (nk_prefill_kernels.c; see there) */
+int64_t nk_active_512(const float *keys, const float *sc, int64_t j0, int64_t nb, int32_t *pj, float *ph);
+/* nk_dots4_vnni for T > 1 and I % 256 == 0 on 512-bit registers, bit-identical to it (nk_prefill_kernels.c) */
+void nk_dots4_vnni512(const uint8_t *base, const uint16_t *sbase, int64_t stride, int64_t sstride, const int32_t *idx,
+                      int64_t n, int64_t I, const int8_t *X, const float *xs, const int32_t *init, int64_t T,
+                      float *y, int64_t ldy);
 
 #endif

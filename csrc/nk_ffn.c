@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "nk_model.h"
+#include "nk_simd.h"
 
 /* ---- FFN ----------------------------------------------------------------------------------------- */
 typedef struct {
@@ -28,8 +29,16 @@ typedef struct {
 
 /* out (D,) += h_j V[:, j] for the n neurons pj/ph, four per pass over out */
 static void value_columns(const nk_model *m, const nk_layer *b, const int32_t *pj, const float *ph, int64_t n,
-                          float *out) {
+                          float *out, int wide) {
     int64_t D = m->D, G = D / NK_GS;
+    void (*ax)(float *, int64_t, const int8_t *const *, const float *) = m->k->axpy4;
+    void (*axq)(float *, int64_t, const uint8_t *const *, const uint16_t *const *, const float *) = m->k->axpy4q;
+#ifdef NK_X86
+    if (wide && m->k == nk_kern_get(2) && D % NK_GS == 0)   /* prefill: the 512-bit twins (same floats) */
+        ax = nk_axpy4_512, axq = nk_axpy4q_512;
+#else
+    (void)wide;
+#endif
     for (int64_t q = 0; q < n; q += 4) {
         const int8_t *v[4];
         const uint8_t *v4[4];
@@ -53,9 +62,9 @@ static void value_columns(const nk_model *m, const nk_layer *b, const int32_t *p
                 __builtin_prefetch(b->kv4s + (int64_t)pj[p] * 2 * G + G);
             }
 #endif
-            m->k->axpy4q(out, D, v4, s4, h);
+            axq(out, D, v4, s4, h);
         } else
-            m->k->axpy4(out, D, v, h);
+            ax(out, D, v, h);
     }
 }
 
@@ -91,36 +100,60 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
                 s->ph[n++] = a * a * vscale(b, j);
             }
         }
-        value_columns(m, b, s->pj, s->ph, n, s->out);
+        value_columns(m, b, s->pj, s->ph, n, s->out, 0);
         s->nval += n;
         return;
     }
+    /* prefill: the key rows block by block (each read once for all T tokens), then per token the active
+     * neurons of the block (and the predictor's verdict on them) and their value columns while the
+     * block is in cache. Each token carries its last (< 4) neurons over to the next block, so its value
+     * columns go in the same four-column groups as the step's list (one list per block left ~2 of
+     * the 4 columns of a group empty at density 0.04) */
+    const int64_t cap = NB + 20;          /* <= 3 carried + NB + 16 of slack for nk_active_512 */
+    int64_t *cnt = s->cnt;
+    for (int64_t t = 0; t < T; t++)
+        cnt[t] = 0;
     for (int64_t j0 = lo; j0 < hi; j0 += NB) {
         int64_t nb = hi - j0 < NB ? hi - j0 : NB;
         key_dots(m, b, NULL, j0, nb, 0, T, s->keys, NB);
+#ifdef NK_X86
+        int fast = !f->mask && nb % 16 == 0 && m->k == nk_kern_get(2);
+#else
+        int fast = 0;
+#endif
         for (int64_t t = 0; t < T; t++) {
-            int64_t n = 0;
+            int32_t *pj = s->pjT + t * cap;
+            float *ph = s->phT + t * cap;
+            int64_t c0 = cnt[t], n = c0;       /* pj[0 : c0]: carried from the blocks before */
+            if (fast)
+                n += nk_active_512(s->keys + t * NB, b->kv4 ? NULL : b->kv_scale + 2 * j0, j0, nb, pj + n, ph + n);
+            else
             for (int64_t p = 0; p < nb; p++) {
                 int64_t j = j0 + p;
                 float a = s->keys[t * NB + p] * kscale(b, j);
                 if (a > 0 && (!f->mask || f->mask[t * m->F + j])) {
-                    s->pj[n] = (int32_t)j;
-                    s->ph[n++] = a * a * vscale(b, j);
+                    pj[n] = (int32_t)j;
+                    ph[n++] = a * a * vscale(b, j);
                 }
             }
-            if (f->pred && n) {        /* the predictor's verdict, asked only where it matters */
-                int64_t k = nk_pred_select(m->k, f->pred, &m->pxt[t], s->pj, 0, n, s->sel, s->sc);
+            if (f->pred && n > c0) {   /* the predictor's verdict, asked only where it matters */
+                int64_t k = nk_pred_select(m->k, f->pred, &m->pxt[t], pj + c0, 0, n - c0, s->sel, s->sc);
                 for (int64_t i = 0; i < k; i++) {       /* positions ascending: in place */
-                    int64_t q = s->sel[i];
-                    s->pj[i] = s->pj[q], s->ph[i] = s->ph[q];
+                    int64_t q = c0 + s->sel[i];
+                    pj[c0 + i] = pj[q], ph[c0 + i] = ph[q];
                     if (m->rec)
-                        m->rec[((m->rec_t0 + t) * m->L + m->rec_layer) * m->F + s->pj[i]] = 1;
+                        m->rec[((m->rec_t0 + t) * m->L + m->rec_layer) * m->F + pj[c0 + i]] = 1;
                 }
+                s->npred += k;
+                k += c0;
                 n = k;
-                s->npred += n;
             }
-            value_columns(m, b, s->pj, s->ph, n, s->out + t * D);
-            s->nval += n;
+            s->nval += n - c0;
+            int64_t full = j0 + NB < hi ? n / 4 * 4 : n;          /* the last block: all of them */
+            value_columns(m, b, pj, ph, full, s->out + t * D, 1);
+            for (int64_t q = full; q < n; q++)
+                pj[q - full] = pj[q], ph[q - full] = ph[q];
+            cnt[t] = n - full;
         }
     }
 }
@@ -140,7 +173,7 @@ static void ffn_sparse_task(void *c, int tid, int64_t lo, int64_t hi) {
             s->ph[n++] = a * a * vscale(b, j);
         }
     }
-    value_columns(m, b, s->pj, s->ph, n, s->out);
+    value_columns(m, b, s->pj, s->ph, n, s->out, 0);
     s->nval += n;
 }
 

@@ -197,6 +197,8 @@ VNNI static void dots_vnni(const int8_t *base, int64_t stride, const int32_t *id
 #define PREP __m256i nc = ncs[gi]    /* gi: GROUP's group */
         DOT1_BODY(DOT)
 #undef PREP
+    } else if (T > 1) {                   /* prefill: two tokens per 512-bit register (nk_prefill_kernels.c) */
+        nk_dots_vnni512(base, stride, idx, n, I, X, xs, T, y, ldy);
     } else {
 #define PREP __m256i nc = NEG_OFFSET(xv)
         DOTS_BODY(DOT)

@@ -7,7 +7,8 @@
 #include "nk_pool.h"
 
 #define TB 64      /* tokens per prefill chunk (<= 64: nk_kernels' VNNI correction array) */
-#define NB 64      /* neurons per key block of the dense FFN */
+#define NB 256     /* neurons per key block of the prefill FFN: TB x NB keys (64 KiB); 256 vs 64:
+                             dense within noise, sparse +0-3% (a quarter of the predictor calls) */
 
 /* One layer: pointers only, in this order (rwkv_edge/backends/native.py builds the same list). */
 typedef struct {
@@ -39,6 +40,9 @@ typedef struct {               /* per-thread scratch */
     int64_t npred;             /* prefill: active neurons the predictor kept */
     float *sc;                 /* (F,) predictor scores of the candidates */
     int32_t *sel;              /* (F,) the predictor's select: positions, or rows of a decode chunk */
+    int32_t *pjT;              /* prefill: (TB, NB + 20) each token's active neurons of a key block (nk_ffn.c) */
+    float *phT;                /*   and their h */
+    int64_t cnt[TB];           /*   and how many */
 } nk_tls;
 
 typedef struct {
@@ -68,11 +72,19 @@ typedef struct {
     const int32_t *gidx;       /* NULL, or sets given by the caller (replayed): token t, layer i is */
     const int64_t *goff;       /*   gidx[goff[t L + i] : goff[t L + i + 1]] */
     int64_t rec_t0, rec_layer;
+    float *pre[6];             /* prefill time-mix scratch (nk_prefill.c): (TB, lora_max) each */
+    int64_t lora_max;          /* max(D, dw, da, dg, dv) */
+    int64_t pre_T;             /* tokens of the chunk nk_att_prefill works on */
 } nk_model;
 
 void nk_layer_norm(const float *x, const float *w, const float *b, float eps, int64_t D, float *out);
 void nk_quantize_rows(nk_model *m, const float *x, int64_t T, int64_t I);     /* into m->Xq, m->xs */
 void nk_quantize_rows4(nk_model *m, const float *x, int64_t T, int64_t I);    /* into m->X4, m->xs, m->init */
+/* a prefill chunk's time-mix between the r/k/v and the output mat-vecs (nk_prefill.c) */
+void nk_att_prefill(nk_model *m, const nk_layer *b, int64_t T, float *S, const float *S0, int first);
+/* nk_quantize of T rows of x (T, I) into X (T, I), xs (T, I / NK_GS), vectorised (nk_prefill.c) */
+void nk_quantize_many(const nk_model *m, const float *x, int64_t T, int64_t I, int8_t *X, float *xs);
+void nk_quantize4_many(const nk_model *m, const float *x, int64_t T, int64_t I, int8_t *X, float *xs, int32_t *init);
 /* x += FFN(token-shifted ln2 x) for T tokens (nk_ffn.c) */
 void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T, float *ffn_x, int64_t *stats);
 

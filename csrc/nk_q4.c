@@ -212,6 +212,10 @@ VNNI static inline __m256i odd_vnni(__m256i v, __m256i xv, __m256i iv) { return 
 VNNI void nk_dots4_vnni(const uint8_t *base, const uint16_t *sbase, int64_t stride, int64_t sstride, const int32_t *idx,
                         int64_t n, int64_t I, const int8_t *X, const float *xs, const int32_t *init, int64_t T,
                         float *y, int64_t ldy) {
+    if (T > 1 && (I / NK_GS) % 8 == 0) {  /* prefill: two tokens per 512-bit register (nk_prefill_kernels.c) */
+        nk_dots4_vnni512(base, sbase, stride, sstride, idx, n, I, X, xs, init, T, y, ldy);
+        return;
+    }
     DOTS4_BODY(pair_vnni, odd_vnni)
 }
 

@@ -84,12 +84,20 @@ static void lin_task(void *c, int tid, int64_t lo, int64_t hi) {
 }
 
 void nk_quantize_rows(nk_model *m, const float *x, int64_t T, int64_t I) {
+    if (T > 1) {                               /* prefill: the same rounding, 8 lanes at a time */
+        nk_quantize_many(m, x, T, I, m->Xq, m->xs);
+        return;
+    }
     for (int64_t t = 0; t < T; t++)
         nk_quantize(x + t * I, I, m->Xq + t * I, m->xs + t * (I / NK_GS));
 }
 
 void nk_quantize_rows4(nk_model *m, const float *x, int64_t T, int64_t I) {
     int64_t G = I / NK_GS;
+    if (T > 1) {                               /* prefill: the same rounding, 8 lanes at a time */
+        nk_quantize4_many(m, x, T, I, m->X4, m->xs, m->init);
+        return;
+    }
     for (int64_t t = 0; t < T; t++)
         nk_quantize4(x + t * I, I, m->X4 + t * I, m->xs + t * G, m->init + t * NK_INIT(G));
 }
@@ -123,6 +131,9 @@ static void time_mix(nk_model *m, const nk_layer *b, int64_t T, float *att_x, fl
     linear(m, b->Wr, b->sr, b->Wr4, b->sr4, D, D, m->mix[0], T, m->r, D);
     linear(m, b->Wk, b->sk, b->Wk4, b->sk4, D, D, m->mix[2], T, m->kk, D);
     linear(m, b->Wv, b->sv, b->Wv4, b->sv4, D, D, m->mix[3], T, m->v, D);
+    if (T > 1)                                     /* a prefill chunk: LoRAs batched, wkv head-major */
+        nk_att_prefill(m, b, T, S, S0, first);
+    else
     for (int64_t t = 0; t < T; t++) {
         float *r = m->r + t * D, *k = m->kk + t * D, *v = m->v + t * D, *y = m->y + t * D;
         float *w = m->w, *a = m->a, *g = m->g, *kn = m->nk, *bb = m->bb, *t1 = m->t1;
@@ -227,6 +238,11 @@ void *nk_model_new(const int64_t *dims, const void *const *glob, const void *con
     float **vecs[] = {&m->w, &m->a, &m->g, &m->nk, &m->bb, &m->gv, &m->t1};
     for (size_t i = 0; i < sizeof vecs / sizeof *vecs; i++)
         *vecs[i] = malloc(lmax * sizeof(float));
+    m->lora_max = D;
+    for (int i = 6; i < 10; i++)
+        m->lora_max = dims[i] > m->lora_max ? dims[i] : m->lora_max;
+    for (int i = 0; i < 6; i++)
+        m->pre[i] = malloc(TB * m->lora_max * sizeof(float));
     m->Xq = malloc(TB * D);
     m->X4 = malloc(TB * D);
     m->init = malloc(TB * NK_INIT(D / NK_GS) * sizeof(int32_t));
@@ -248,6 +264,8 @@ void *nk_model_new(const int64_t *dims, const void *const *glob, const void *con
         m->tls[i].ph = malloc(F * sizeof(float));
         m->tls[i].sc = malloc(F * sizeof(float));
         m->tls[i].sel = malloc(F * sizeof(int32_t));
+        m->tls[i].pjT = malloc(TB * (NB + 20) * sizeof(int32_t));
+        m->tls[i].phT = malloc(TB * (NB + 20) * sizeof(float));
     }
     return m;
 }
@@ -261,6 +279,8 @@ void nk_model_free(void *mp) {
                      m->v, m->vf, m->y, m->o, m->fx, m->w, m->a, m->g, m->nk, m->bb, m->gv, m->t1, m->xs, m->score};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
         free(bufs[i]);
+    for (int i = 0; i < 6; i++)
+        free(m->pre[i]);
     free(m->Xq), free(m->X4), free(m->init), free(m->idx), free(m->mask);
     for (int t = 0; t <= TB; t++) {
         nk_pred_x *px = t ? &m->pxt[t - 1] : &m->px;
@@ -270,6 +290,8 @@ void nk_model_free(void *mp) {
     }
     for (int i = 0; i < NK_MAXT; i++)
         free(m->tls[i].out), free(m->tls[i].keys), free(m->tls[i].pj), free(m->tls[i].ph), free(m->tls[i].sc), free(m->tls[i].sel);
+    for (int i = 0; i < NK_MAXT; i++)
+        free(m->tls[i].pjT), free(m->tls[i].phT);
     free(m->layers), free(m->pred), free(m);
 }
 
