@@ -47,13 +47,8 @@ def _load():
             why = "the native extension was not built (pip install needs a C compiler for it)"
         else:
             try:
-                lib = ctypes.CDLL(spec.origin)
+                lib = bind_library(spec.origin)
                 P, i64 = ctypes.c_void_p, ctypes.c_int64
-                lib.nk_model_new.restype = P
-                lib.nk_model_new.argtypes = [P, P, P, P]
-                lib.nk_model_free.argtypes = [P]
-                lib.nk_forward.restype = ctypes.c_int
-                lib.nk_forward.argtypes = [P, P, i64, P, P, P, P, i64, P, P, P, P, P]
                 lib.nk_level_name.restype = ctypes.c_char_p
                 lib.nk_level_name.argtypes = [ctypes.c_int]
                 lib.nk_test_dots.argtypes = [ctypes.c_int, P, i64, i64, P, i64, P]
