@@ -144,8 +144,11 @@ static const nk_kern K_GENERIC = {"generic", dots_generic, axpy4_generic, nk_pre
         PREP;                                                                                          \
         _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(w + gi * NK_GS)), _mm256_set1_ps(xs[gi]), acc);         \
     })
+#ifndef NK_KPF
+#define NK_KPF 8192    /* bytes of rows fetched ahead */
+#endif
 #define DOT1_BODY(DOT)                                                                                 \
-    int64_t G = I / NK_GS, pf = 8192 / I > 2 ? 8192 / I : 2;                                           \
+    int64_t G = I / NK_GS, pf = NK_KPF / I > 2 ? NK_KPF / I : 2;                                       \
     for (int64_t p = 0; p < n; p++) {                                                                  \
         const int8_t *w = base + stride * (idx ? idx[p] : p);                                          \
         if (p + pf < n) {                                                                              \
