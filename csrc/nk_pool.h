@@ -20,9 +20,9 @@ void nk_pool_free(nk_pool *p);
 
 /* Profiling build only (-DNK_PROF; never in the shipped library): the pool calls are timed per tag
  * (NK_TAG before a call: 0 r/k/v, 1 o, 2 predictor, 3 FFN, 4 head; 5 is a whole nk_forward, 6 the decode
- * time-mix between the r/k/v and o mat-vecs), wall
+ * time-mix between the r/k/v and o mat-vecs, 7 its LoRA and head calls), wall
  * time per call and busy time per thread, read with nk_prof_get (see nk_pool.c). */
-#define NK_PROF_TAGS 7
+#define NK_PROF_TAGS 8
 #ifdef NK_PROF
 extern int nk_prof_tag;
 double nk_prof_now(void);

@@ -153,10 +153,74 @@ static void lora_task(void *c, int tid, int64_t lo, int64_t hi) {
     }
 }
 
+/* ---- the decode's time-mix after the LoRAs, heads [lo, hi) per task: every step below is per
+ * channel or per head (value residual, decay, kk normalised per head, wkv, group norm), so the
+ * heads split over threads compute the very floats of one thread (the wkv state: 16 KiB a head) */
+typedef struct {
+    const nk_model *m;
+    const nk_layer *b;
+    int64_t t;
+    int first;
+    float *S;
+    const float *Sin;
+} heads_ctx;
+
+static void heads_task(void *c, int tid, int64_t lo, int64_t hi) {
+    heads_ctx *hc = (heads_ctx *)c;
+    const nk_model *m = hc->m;
+    const nk_layer *b = hc->b;
+    int64_t D = m->D, N = m->N, t = hc->t, d0 = lo * N, d1 = hi * N;
+    float *r = m->r + t * D, *k = m->kk + t * D, *v = m->v + t * D, *y = m->y + t * D;
+    float *w = m->w, *a = m->a, *g = m->g, *kn = m->nk, *bb = m->bb;
+    (void)tid;
+    if (hc->first) {
+        memcpy(m->vf + t * D + d0, v + d0, (d1 - d0) * sizeof(float));
+    } else {                                                            /* value residual */
+        for (int64_t d = d0; d < d1; d++)
+            v[d] += (m->vf[t * D + d] - v[d]) * sigmoidf(b->v0[d] + m->gv[d]);
+    }
+    for (int64_t d = d0; d < d1; d++) {
+        a[d] = sigmoidf(b->a0[d] + a[d]);
+        kn[d] = k[d] * b->k_k[d];
+        w[d] = expf(-0.606531f * sigmoidf(b->w0[d] + w[d]));
+    }
+    for (int64_t h = lo; h < hi; h++) {           /* kk = per-head L2-normalised k * k_k */
+        float ss = 0.0f, *kh = kn + h * N;
+        for (int64_t j = 0; j < N; j++)
+            ss += kh[j] * kh[j];
+        float inv = 1.0f / fmaxf(sqrtf(ss), 1e-12f);
+        for (int64_t j = 0; j < N; j++)
+            kh[j] *= inv;
+    }
+    for (int64_t d = d0; d < d1; d++) {
+        bb[d] = kn[d] * a[d];
+        k[d] = k[d] * (1.0f + (a[d] - 1.0f) * b->k_a[d]);
+        kn[d] = -kn[d];                          /* the wkv's "a" */
+    }
+    for (int64_t h = lo; h < hi; h++)
+        m->k->wkv(hc->S + h * N * N, hc->Sin + h * N * N, N, r + h * N, w + h * N, k + h * N, v + h * N, kn + h * N,
+                  bb + h * N, y + h * N);
+    for (int64_t h = lo; h < hi; h++) {           /* group norm (eps 64e-5), bonus, gate */
+        float *yh = y + h * N, mu = 0.0f, var = 0.0f, bonus = 0.0f;
+        for (int64_t j = 0; j < N; j++)
+            mu += yh[j];
+        mu /= (float)N;
+        for (int64_t j = 0; j < N; j++)
+            var += (yh[j] - mu) * (yh[j] - mu);
+        float inv = 1.0f / sqrtf(var / (float)N + 64e-5f);
+        for (int64_t j = 0; j < N; j++)
+            bonus += r[h * N + j] * k[h * N + j] * b->r_k[h * N + j];
+        for (int64_t j = 0; j < N; j++) {
+            int64_t d = h * N + j;
+            yh[j] = ((yh[j] - mu) * inv * b->lnx_w[d] + b->lnx_b[d] + bonus * v[d]) * g[d];
+        }
+    }
+}
+
 /* ---- time-mix of T tokens: x += att(ln1 x), state att_x (D,), S (H, N, N) updated --------------- */
 /* S0: the state before the first token (S itself, or the caller's input state: read, not copied) */
 static void time_mix(nk_model *m, const nk_layer *b, int64_t T, float *att_x, float *S, const float *S0, int first) {
-    int64_t D = m->D, H = m->H, N = m->N;
+    int64_t D = m->D, H = m->H;
     const float *mixw[6] = {b->x_r, b->x_w, b->x_k, b->x_v, b->x_a, b->x_g};
     for (int64_t t = 0; t < T; t++)
         nk_layer_norm(m->x + t * D, b->ln1_w, b->ln1_b, 1e-5f, D, m->xa + t * D);
@@ -180,56 +244,14 @@ static void time_mix(nk_model *m, const nk_layer *b, int64_t T, float *att_x, fl
         nk_att_prefill(m, b, T, S, S0, first);
     else
     for (int64_t t = 0; t < T; t++) {
-        float *r = m->r + t * D, *k = m->kk + t * D, *v = m->v + t * D, *y = m->y + t * D;
-        float *w = m->w, *a = m->a, *g = m->g, *kn = m->nk, *bb = m->bb;
         /* the four LoRA pairs (gate, decay, in-context learning rate, value residual) are independent:
          * one pool call, a pair per task (2 MiB of LoRAs per layer at 1.5B shapes; on one thread
          * they were ~10% of a 2-thread sparse step) */
         lora_ctx lc = {m, b, t, first};
+        NK_TAG(7);
         nk_pool_run_items(m->pool, lora_task, &lc, first ? 3 : 4);
-        if (first) {
-            memcpy(m->vf + t * D, v, D * sizeof(float));
-        } else {                                                            /* value residual */
-            for (int64_t d = 0; d < D; d++)
-                v[d] += (m->vf[t * D + d] - v[d]) * sigmoidf(b->v0[d] + m->gv[d]);
-        }
-        for (int64_t d = 0; d < D; d++) {
-            a[d] = sigmoidf(b->a0[d] + a[d]);
-            kn[d] = k[d] * b->k_k[d];
-            w[d] = expf(-0.606531f * sigmoidf(b->w0[d] + w[d]));
-        }
-        for (int64_t h = 0; h < H; h++) {           /* kk = per-head L2-normalised k * k_k */
-            float ss = 0.0f, *kh = kn + h * N;
-            for (int64_t j = 0; j < N; j++)
-                ss += kh[j] * kh[j];
-            float inv = 1.0f / fmaxf(sqrtf(ss), 1e-12f);
-            for (int64_t j = 0; j < N; j++)
-                kh[j] *= inv;
-        }
-        for (int64_t d = 0; d < D; d++) {
-            bb[d] = kn[d] * a[d];
-            k[d] = k[d] * (1.0f + (a[d] - 1.0f) * b->k_a[d]);
-            kn[d] = -kn[d];                          /* the wkv's "a" */
-        }
-        const float *Sin = t ? S : S0;
-        for (int64_t h = 0; h < H; h++)
-            m->k->wkv(S + h * N * N, Sin + h * N * N, N, r + h * N, w + h * N, k + h * N, v + h * N, kn + h * N,
-                      bb + h * N, y + h * N);
-        for (int64_t h = 0; h < H; h++) {           /* group norm (eps 64e-5), bonus, gate */
-            float *yh = y + h * N, mu = 0.0f, var = 0.0f, bonus = 0.0f;
-            for (int64_t j = 0; j < N; j++)
-                mu += yh[j];
-            mu /= (float)N;
-            for (int64_t j = 0; j < N; j++)
-                var += (yh[j] - mu) * (yh[j] - mu);
-            float inv = 1.0f / sqrtf(var / (float)N + 64e-5f);
-            for (int64_t j = 0; j < N; j++)
-                bonus += r[h * N + j] * k[h * N + j] * b->r_k[h * N + j];
-            for (int64_t j = 0; j < N; j++) {
-                int64_t d = h * N + j;
-                yh[j] = ((yh[j] - mu) * inv * b->lnx_w[d] + b->lnx_b[d] + bonus * v[d]) * g[d];
-            }
-        }
+        heads_ctx hc = {m, b, t, first, S, t ? S : S0};
+        nk_pool_run(m->pool, heads_task, &hc, H);
     }
 #ifdef NK_PROF
     if (T == 1)
