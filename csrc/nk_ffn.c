@@ -27,6 +27,9 @@ typedef struct {
     const nk_pred *pred;       /* NULL, or prefill: dense keys, values of the active neurons it keeps */
 } ffn_ctx;
 
+#ifndef NK_WIDE_DECODE
+#define NK_WIDE_DECODE 0   /* 1: the decode's value columns on the 512-bit axpy (the same floats) */
+#endif
 #ifndef VPF
 #define VPF 2          /* value columns: passes of four fetched ahead */
 #endif
@@ -113,7 +116,7 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
                 s->ph[n++] = a * a * vscale(b, j);
             }
         }
-        value_columns(m, b, s->pj, s->ph, n, s->out, 0);
+        value_columns(m, b, s->pj, s->ph, n, s->out, NK_WIDE_DECODE);
         s->nval += n;
         return;
     }
@@ -186,7 +189,7 @@ static void ffn_sparse_task(void *c, int tid, int64_t lo, int64_t hi) {
             s->ph[n++] = a * a * vscale(b, j);
         }
     }
-    value_columns(m, b, s->pj, s->ph, n, s->out, 0);
+    value_columns(m, b, s->pj, s->ph, n, s->out, NK_WIDE_DECODE);
     s->nval += n;
 }
 
