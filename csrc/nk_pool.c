@@ -43,6 +43,9 @@ void nk_prof_get(double *out) {
 #define PROF_BUSY(tag, tid) ((void)0)
 #endif
 
+#ifndef NK_CPT
+#define NK_CPT 4            /* chunks per thread of a call */
+#endif
 #define NK_SPIN 20000       /* pauses a worker spins before sleeping (~0.1-1 ms) */
 #define IDX_BITS 20
 #define IDX_MASK ((1ull << IDX_BITS) - 1)
@@ -57,6 +60,7 @@ struct nk_pool {
     void *ctx;
     int64_t total, csize;
     int tag;
+    double t0;
     pthread_mutex_t mu;
     pthread_cond_t cv;
 };
@@ -71,6 +75,9 @@ static inline void cpu_relax(void) {
 
 /* claim and run chunks of the current job until none is left */
 static void work(nk_pool *p, int tid) {
+#ifdef NK_PROF
+    int first = tid > 0;
+#endif
     for (;;) {
         uint64_t v = atomic_load(&p->claim);
         uint64_t nch = (v >> IDX_BITS) & IDX_MASK, i = v & IDX_MASK;
@@ -81,6 +88,10 @@ static void work(nk_pool *p, int tid) {
         /* the job cannot change before this chunk is counted done: its fields are stable */
         int64_t lo = (int64_t)i * p->csize, hi = lo + p->csize < p->total ? lo + p->csize : p->total;
         PROF_T0();
+#ifdef NK_PROF
+        if (first)      /* a worker's start delay after the call began (slot NK_MAXT + 1) */
+            prof[p->tag][1 + NK_MAXT] += pt0 - p->t0, first = 0;
+#endif
         p->fn(p->ctx, tid, lo, hi);
         PROF_BUSY(p->tag, tid);
         atomic_fetch_add(&p->done, 1);
@@ -152,14 +163,14 @@ static void run(nk_pool *p, nk_task fn, void *ctx, int64_t n, int64_t cs) {
 #endif
         return;
     }
-    int64_t nch = 4 * p->n;
+    int64_t nch = NK_CPT * p->n;
     if (!cs)
-        cs = ((n + nch - 1) / nch + 3) / 4 * 4;     /* ~4 chunks per thread */
+        cs = ((n + nch - 1) / nch + 3) / 4 * 4;     /* ~NK_CPT chunks per thread */
     nch = (n + cs - 1) / cs;
     pthread_mutex_lock(&p->mu);
     p->fn = fn, p->ctx = ctx, p->total = n, p->csize = cs;
 #ifdef NK_PROF
-    p->tag = nk_prof_tag;
+    p->tag = nk_prof_tag, p->t0 = w0;
 #endif
     atomic_store(&p->done, 0);
     unsigned g = atomic_fetch_add(&p->gen, 1) + 1;
