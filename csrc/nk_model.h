@@ -58,6 +58,7 @@ typedef struct {
     nk_pred *pred;             /* (L,) or NULL */
     float *x, *xa, *mix[6], *r, *kk, *v, *vf, *y, *o, *fx;          /* (TB, D) */
     float *w, *a, *g, *nk, *bb, *gv, *t1;                             /* (D,) */
+    float *lt[4];              /* (lora_max,) the decode LoRA pairs' hidden vectors (nk_rwkv7.c) */
     int8_t *Xq;                /* (TB, D) the activation rounded for the int8 dots */
     int8_t *X4;                /* (TB, D) the same values in the int4 dots' layout (nk_quantize4) */
     int32_t *init;             /* (TB, NK_INIT(D / NK_GS)) their -8 sum xq terms */

@@ -15,6 +15,37 @@
 
 #include "nk_pool.h"
 
+#ifdef NK_PROF
+#include <string.h>
+#include <time.h>
+int nk_prof_tag;
+static double prof[NK_PROF_TAGS][2 + NK_MAXT];   /* per tag: calls, wall s, busy s per thread */
+double nk_prof_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+void nk_prof_add(int tag, int tid, double wall, double busy) {
+    if (wall > 0)
+        prof[tag][0] += 1, prof[tag][1] += wall;
+    if (tid >= 0)
+        prof[tag][2 + tid] += busy;         /* each thread its own slot */
+}
+/* out (NK_PROF_TAGS, 2 + NK_MAXT) doubles; then zeroed */
+void nk_prof_get(double *out) {
+    memcpy(out, prof, sizeof prof);
+    memset(prof, 0, sizeof prof);
+}
+#define PROF_T0() double pt0 = nk_prof_now()
+#define PROF_BUSY(tag, tid) nk_prof_add(tag, tid, 0, nk_prof_now() - pt0)
+#else
+#define PROF_T0() ((void)0)
+#define PROF_BUSY(tag, tid) ((void)0)
+#endif
+
+#ifndef NK_CPT
+#define NK_CPT 4            /* chunks per thread of a call */
+#endif
 #define NK_SPIN 20000       /* pauses a worker spins before sleeping (~0.1-1 ms) */
 #define IDX_BITS 20
 #define IDX_MASK ((1ull << IDX_BITS) - 1)
@@ -28,6 +59,8 @@ struct nk_pool {
     nk_task fn;
     void *ctx;
     int64_t total, csize;
+    int tag;
+    double t0;
     pthread_mutex_t mu;
     pthread_cond_t cv;
 };
@@ -42,6 +75,9 @@ static inline void cpu_relax(void) {
 
 /* claim and run chunks of the current job until none is left */
 static void work(nk_pool *p, int tid) {
+#ifdef NK_PROF
+    int first = tid > 0;
+#endif
     for (;;) {
         uint64_t v = atomic_load(&p->claim);
         uint64_t nch = (v >> IDX_BITS) & IDX_MASK, i = v & IDX_MASK;
@@ -51,7 +87,13 @@ static void work(nk_pool *p, int tid) {
             continue;
         /* the job cannot change before this chunk is counted done: its fields are stable */
         int64_t lo = (int64_t)i * p->csize, hi = lo + p->csize < p->total ? lo + p->csize : p->total;
+        PROF_T0();
+#ifdef NK_PROF
+        if (first)      /* a worker's start delay after the call began (slot NK_MAXT + 1) */
+            prof[p->tag][1 + NK_MAXT] += pt0 - p->t0, first = 0;
+#endif
         p->fn(p->ctx, tid, lo, hi);
+        PROF_BUSY(p->tag, tid);
         atomic_fetch_add(&p->done, 1);
     }
 }
@@ -107,17 +149,29 @@ nk_pool *nk_pool_new(int n) {
 
 int nk_pool_size(const nk_pool *p) { return p ? p->n : 1; }
 
-void nk_pool_run(nk_pool *p, nk_task fn, void *ctx, int64_t n) {
+/* [0, n) in chunks of cs (cs 0: about four chunks per thread, multiples of 4 rows) */
+static void run(nk_pool *p, nk_task fn, void *ctx, int64_t n, int64_t cs) {
     if (n <= 0)
         return;
-    if (!p || p->n == 1 || n < 16) {
+#ifdef NK_PROF
+    double w0 = nk_prof_now();
+#endif
+    if (!p || p->n == 1 || n < (cs ? 2 : 16)) {
         fn(ctx, 0, 0, n);
+#ifdef NK_PROF
+        nk_prof_add(nk_prof_tag, 0, nk_prof_now() - w0, nk_prof_now() - w0);
+#endif
         return;
     }
-    int64_t nch = 4 * p->n, cs = ((n + nch - 1) / nch + 3) / 4 * 4;     /* ~4 chunks per thread */
+    int64_t nch = NK_CPT * p->n;
+    if (!cs)
+        cs = ((n + nch - 1) / nch + 3) / 4 * 4;     /* ~NK_CPT chunks per thread */
     nch = (n + cs - 1) / cs;
     pthread_mutex_lock(&p->mu);
     p->fn = fn, p->ctx = ctx, p->total = n, p->csize = cs;
+#ifdef NK_PROF
+    p->tag = nk_prof_tag, p->t0 = w0;
+#endif
     atomic_store(&p->done, 0);
     unsigned g = atomic_fetch_add(&p->gen, 1) + 1;
     atomic_store(&p->claim, ((uint64_t)(g & 0xffffff) << 40) | ((uint64_t)nch << IDX_BITS));
@@ -132,7 +186,14 @@ void nk_pool_run(nk_pool *p, nk_task fn, void *ctx, int64_t n) {
         else
             sched_yield();
     }
+#ifdef NK_PROF
+    nk_prof_add(p->tag, -1, nk_prof_now() - w0, 0);
+#endif
 }
+
+void nk_pool_run(nk_pool *p, nk_task fn, void *ctx, int64_t n) { run(p, fn, ctx, n, 0); }
+
+void nk_pool_run_items(nk_pool *p, nk_task fn, void *ctx, int64_t n) { run(p, fn, ctx, n, 1); }
 
 void nk_pool_free(nk_pool *p) {
     if (!p)

@@ -13,6 +13,23 @@ typedef void (*nk_task)(void *ctx, int tid, int64_t lo, int64_t hi);
 nk_pool *nk_pool_new(int n);          /* n threads in all (the caller's counts as thread 0) */
 int nk_pool_size(const nk_pool *p);
 void nk_pool_run(nk_pool *p, nk_task fn, void *ctx, int64_t n);
+/* the same over n items that are each one task (chunks of one: fn(ctx, tid, i, i + 1)), claimed in
+ * order: a few unequal jobs (the decode's LoRA pairs), the largest first */
+void nk_pool_run_items(nk_pool *p, nk_task fn, void *ctx, int64_t n);
 void nk_pool_free(nk_pool *p);
+
+/* Profiling build only (-DNK_PROF; never in the shipped library): the pool calls are timed per tag
+ * (NK_TAG before a call: 0 r/k/v, 1 o, 2 predictor, 3 FFN, 4 head; 5 is a whole nk_forward, 6 the decode
+ * time-mix between the r/k/v and o mat-vecs, 7 its LoRA and head calls), wall
+ * time per call and busy time per thread, read with nk_prof_get (see nk_pool.c). */
+#define NK_PROF_TAGS 8
+#ifdef NK_PROF
+extern int nk_prof_tag;
+double nk_prof_now(void);
+void nk_prof_add(int tag, int tid, double wall, double busy);
+#define NK_TAG(t) (nk_prof_tag = (t))
+#else
+#define NK_TAG(t) ((void)0)
+#endif
 
 #endif

@@ -12,7 +12,7 @@ the per-round paired difference, and whether the last logits are bit-identical.
                                    # alone, "sparse" rows also score the predictor (its cost paid)
 
 "new" is this checkout's build (rwkv_edge.backends._nk), "base" the library given. Build the other
-checkout in place first (`python setup.py build_ext --inplace` there). 1 thread. Hold the bench lock.
+checkout in place first (`python setup.py build_ext --inplace` there). --threads N (default 1). Hold the bench lock.
 """
 import argparse
 import os
@@ -43,11 +43,12 @@ def main(argv=None):
     ap.add_argument("--modes", default="dense,sparse")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1, help="threads of both builds (default 1)")
     ap.add_argument("--replay-sets", help="active sets (replay.ActiveSets) the FFN runs instead of the predicted ones "
                     "(the predictor is still scored: tools/bench.py --shape --shape-predictor-bits)")
     args = ap.parse_args(argv)
     from rwkv_edge.backends import native
-    native.set_num_threads(1)
+    native.set_num_threads(args.threads)
     base = native.bind_library(args.base_lib)
     cfgs = {}
     for spec in args.model_file:

@@ -1,0 +1,82 @@
+"""Per-phase time and bytes of the native decode at 1.5B shapes (tools/bench.py --shape 1.5b files), from
+a profiling build of csrc/ (-DNK_PROF: nk_pool.c times every pool call per tag, wall and busy time per
+thread, and the worker's start delay; the shipped library has none of it):
+
+    cd csrc && gcc -O3 -std=gnu11 -fno-math-errno -fno-trapping-math -pthread -fPIC -shared -DNK_PROF \\
+        nk_kernels.c nk_pool.c nk_rwkv7.c nk_ffn.c nk_q4.c nk_pred.c nk_prefill.c nk_prefill_kernels.c \\
+        -o /tmp/_nk_prof.so -lm
+    flock -x /work/wt/bench.lock python tools/native_phases.py --lib /tmp/_nk_prof.so --threads 2 --mode sparse
+
+Modes: dense, sets (the replayed active sets), sparse (the sets + the 2-bit predictor scored). GB/s per
+phase = its weight bytes / its wall time (rkv, o, head: all rows; pred: codes + scales + zeros; ffn: the
+key rows and value columns read (stats); tmix: the LoRAs, whose per-head wkv state traffic is not
+counted). "serial" is the forward's time outside pool calls. Hold the bench lock.
+"""
+import argparse
+import ctypes
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TAGS = {0: "rkv", 1: "o", 2: "pred", 3: "ffn", 4: "head", 7: "tmix"}   # nk_pool.h NK_TAG
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lib", required=True, help="a -DNK_PROF build of csrc/")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--mode", choices=["dense", "sets", "sparse"], default="sparse")
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--workdir", default="/work/art/shape")
+    args = ap.parse_args(argv)
+    from rwkv_edge.backends import native
+    from rwkv_edge.replay import ActiveSets, ReplayedSets
+    from rwkv_edge.runtime import open_model
+    w = args.workdir
+    native.set_num_threads(args.threads)
+    path = os.path.join(w, "synthetic-1.5b-int8.rwkve")
+    m = open_model(path, backend="native", predictors=path + ".pred2.npz" if args.mode == "sparse" else None)
+    if args.mode != "dense":
+        m = m.with_sets(ReplayedSets(ActiveSets.load(os.path.join(w, "ref58m-active-sets.npz")),
+                                     m.config.n_layer, m.config.ffn_dim))
+    m = m.with_library(native.bind_library(args.lib))
+    lib = ctypes.CDLL(os.path.abspath(args.lib))          # the same loaded object: its counters
+    lib.nk_prof_get.argtypes = [ctypes.c_void_p]
+    prof = np.zeros((8, 18))                               # NK_PROF_TAGS x (calls, wall, busy[16])
+    rng = np.random.default_rng(2)
+    V, n = m.config.vocab_size, args.tokens
+    toks = rng.integers(0, V, n).tolist()
+    _, s = m.forward(rng.integers(0, V, 16).tolist())
+    for t in toks[:3]:
+        _, s = m.step(t, s)
+    lib.nk_prof_get(prof.ctypes.data)                      # reset
+    ts, rows = [], 0
+    for t in toks:
+        t0 = time.perf_counter()
+        _, s = m.step(t, s)
+        ts.append(time.perf_counter() - t0)
+        rows += int(m.last_stats.sum())
+    lib.nk_prof_get(prof.ctypes.data)
+    c = m.config
+    D, L, F = c.n_embd, c.n_layer, c.ffn_dim
+    byts = {0: 3 * D * D * L, 1: D * D * L, 2: F * (D // 4 + 4 * (D // 64)) * L if args.mode == "sparse" else 0,
+            3: rows / n * D, 4: c.vocab_size * D, 7: 2 * D * (96 + 96 + 256 + 64) * L}
+    print(f"threads {args.threads} {args.mode}: median {np.median(ts) * 1e3:.2f} ms/token")
+    for i, name in TAGS.items():
+        calls, wall = prof[i][0] / n, prof[i][1] / n
+        if calls:
+            busy = " ".join(f"{b * 1e3:6.2f}" for b in prof[i][2:2 + args.threads] / n)
+            print(f"  {name:5s} {calls:4.0f} calls {wall * 1e3:6.2f} ms {byts[i] / 1e6:6.1f} MB "
+                  f"{byts[i] / wall / 1e9:5.1f} GB/s  busy per thread ms {busy}  worker start delay "
+                  f"{prof[i][17] / n * 1e3:.2f} ms")
+    tot = prof[5][1] / n
+    pooled = sum(prof[i][1] for i in TAGS) / n
+    print(f"  serial {(tot - pooled) * 1e3:.2f} ms of {tot * 1e3:.2f} ms per forward")
+
+
+if __name__ == "__main__":
+    main()
