@@ -79,6 +79,8 @@ typedef struct {
 } nk_model;
 
 void nk_layer_norm(const float *x, const float *w, const float *b, float eps, int64_t D, float *out);
+void nk_head_out(const nk_layer *b, int64_t N, int64_t h, const float *r, const float *k, const float *v,
+                 const float *g, float *yh);
 void nk_quantize_rows(nk_model *m, const float *x, int64_t T, int64_t I);     /* into m->Xq, m->xs */
 void nk_quantize_rows4(nk_model *m, const float *x, int64_t T, int64_t I);    /* into m->X4, m->xs, m->init */
 /* a prefill chunk's time-mix between the r/k/v and the output mat-vecs (nk_prefill.c) */

@@ -368,21 +368,8 @@ static void att_heads_task(void *c, int tid, int64_t lo, int64_t hi) {
         }
     for (int64_t t = 0; t < T; t++) {
         const float *r = m->r + t * D, *k = m->kk + t * D, *v = m->v + t * D, *g = Gt + t * D;
-        for (int64_t h = lo; h < hi; h++) {
-            float *yh = m->y + t * D + h * N, mu = 0.0f, var = 0.0f, bonus = 0.0f;
-            for (int64_t j = 0; j < N; j++)
-                mu += yh[j];
-            mu /= (float)N;
-            for (int64_t j = 0; j < N; j++)
-                var += (yh[j] - mu) * (yh[j] - mu);
-            float inv = 1.0f / sqrtf(var / (float)N + 64e-5f);
-            for (int64_t j = 0; j < N; j++)
-                bonus += r[h * N + j] * k[h * N + j] * b->r_k[h * N + j];
-            for (int64_t j = 0; j < N; j++) {
-                int64_t d = h * N + j;
-                yh[j] = ((yh[j] - mu) * inv * b->lnx_w[d] + b->lnx_b[d] + bonus * v[d]) * g[d];
-            }
-        }
+        for (int64_t h = lo; h < hi; h++)
+            nk_head_out(b, N, h, r, k, v, g, m->y + t * D + h * N);
     }
 }
 

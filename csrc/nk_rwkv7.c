@@ -153,6 +153,25 @@ static void lora_task(void *c, int tid, int64_t lo, int64_t hi) {
     }
 }
 
+/* head h's wkv output yh (N,) in place: group norm (eps 64e-5), the bonus (r . k * r_k) v, the gate g;
+ * r, k, v, g are the token's (D,) vectors (one function for the steps and the prefill: the same floats) */
+void nk_head_out(const nk_layer *b, int64_t N, int64_t h, const float *r, const float *k, const float *v,
+                 const float *g, float *yh) {
+    float mu = 0.0f, var = 0.0f, bonus = 0.0f;
+    for (int64_t j = 0; j < N; j++)
+        mu += yh[j];
+    mu /= (float)N;
+    for (int64_t j = 0; j < N; j++)
+        var += (yh[j] - mu) * (yh[j] - mu);
+    float inv = 1.0f / sqrtf(var / (float)N + 64e-5f);
+    for (int64_t j = 0; j < N; j++)
+        bonus += r[h * N + j] * k[h * N + j] * b->r_k[h * N + j];
+    for (int64_t j = 0; j < N; j++) {
+        int64_t d = h * N + j;
+        yh[j] = ((yh[j] - mu) * inv * b->lnx_w[d] + b->lnx_b[d] + bonus * v[d]) * g[d];
+    }
+}
+
 /* ---- the decode's time-mix after the LoRAs, heads [lo, hi) per task: every step below is per
  * channel or per head (value residual, decay, kk normalised per head, wkv, group norm), so the
  * heads split over threads compute the very floats of one thread (the wkv state: 16 KiB a head) */
@@ -200,21 +219,8 @@ static void heads_task(void *c, int tid, int64_t lo, int64_t hi) {
     for (int64_t h = lo; h < hi; h++)
         m->k->wkv(hc->S + h * N * N, hc->Sin + h * N * N, N, r + h * N, w + h * N, k + h * N, v + h * N, kn + h * N,
                   bb + h * N, y + h * N);
-    for (int64_t h = lo; h < hi; h++) {           /* group norm (eps 64e-5), bonus, gate */
-        float *yh = y + h * N, mu = 0.0f, var = 0.0f, bonus = 0.0f;
-        for (int64_t j = 0; j < N; j++)
-            mu += yh[j];
-        mu /= (float)N;
-        for (int64_t j = 0; j < N; j++)
-            var += (yh[j] - mu) * (yh[j] - mu);
-        float inv = 1.0f / sqrtf(var / (float)N + 64e-5f);
-        for (int64_t j = 0; j < N; j++)
-            bonus += r[h * N + j] * k[h * N + j] * b->r_k[h * N + j];
-        for (int64_t j = 0; j < N; j++) {
-            int64_t d = h * N + j;
-            yh[j] = ((yh[j] - mu) * inv * b->lnx_w[d] + b->lnx_b[d] + bonus * v[d]) * g[d];
-        }
-    }
+    for (int64_t h = lo; h < hi; h++)
+        nk_head_out(b, N, h, r, k, v, g, y + h * N);
 }
 
 /* ---- time-mix of T tokens: x += att(ln1 x), state att_x (D,), S (H, N, N) updated --------------- */
