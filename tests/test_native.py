@@ -264,26 +264,32 @@ def test_dense_matches_reference(int8_file):
     assert _rel(got, plain) < 3e-2                     # the activation rounding itself
 
 
-def test_state_over_many_steps_and_prefill_vs_steps(int8_file):
-    """100 steps from a 70-token prompt (two prefill chunks of 64) vs the reference carried the same
-    way; prefill of all tokens vs the same tokens one by one (the same math in the same order)."""
-    m = native.NativeRWKV7.open(int8_file)
-    q = load_modelfile(int8_file, backend=_quantizing_reference(m.config.n_embd))
-    prompt, steps = _toks(70, seed=1), _toks(100, seed=2)
+def _prefill_then_steps(path, prompt, steps, tol_prompt, tol_steps):
+    """The native model vs the quantizing reference over a prefill of `prompt` (rel < tol_prompt), then
+    `steps` one by one from its state (logits and wkv rel < tol_steps); then one prefill of all tokens vs
+    those steps: the same math, only the FFN's float summation order differs. Returns (model, state)."""
+    m = native.NativeRWKV7.open(path)
+    q = load_modelfile(path, backend=_quantizing_reference(m.config.n_embd))
     a, sa = m.forward(prompt)
     b, sb = q.forward(prompt)
-    assert _rel(a, b) < 2e-4
+    assert _rel(a, b) < tol_prompt
     per_step = []
     for t in steps:
         a, sa = m.step(t, sa)
         b, sb = q.step(t, sb)
         per_step.append(a)
-    assert _rel(a, b) < 1e-3 and _rel(sa.wkv, sb.wkv) < 1e-3
-    # prefill (64-token chunks, keys of each weight row for all tokens) vs the same tokens as steps:
-    # the same math, only the FFN's float summation order differs
+    assert _rel(a, b) < tol_steps and _rel(sa.wkv, sb.wkv) < tol_steps
     full, sf = m.forward(prompt + steps, full_output=True)
     _close(full[len(prompt):], np.stack(per_step))
     assert _rel(sf.wkv, sa.wkv) < 1e-3
+    return m, sf
+
+
+def test_state_over_many_steps_and_prefill_vs_steps(int8_file):
+    """100 steps from a 70-token prompt (two prefill chunks of 64) vs the reference carried the same
+    way; prefill of all tokens (64-token chunks, keys of each weight row for all tokens) vs the same
+    tokens one by one."""
+    m, sf = _prefill_then_steps(int8_file, _toks(70, seed=1), _toks(100, seed=2), 2e-4, 1e-3)
     # the input state is never modified
     s0 = sf.copy()
     m.step(5, sf)

@@ -17,7 +17,7 @@ import pytest
 from rwkv_edge.backends import native
 from rwkv_edge.modelfile import convert, load_modelfile
 from rwkv_edge.quant.q4 import dequantize_q4, pack_q4, quantize_q4, unpack_q4
-from test_native import _bundle, _close, _quantizing_reference, _rel, _synced, _toks
+from test_native import _bundle, _close, _prefill_then_steps, _quantizing_reference, _rel, _synced, _toks
 
 pytestmark = pytest.mark.skipif(not native.available()[0], reason=f"native backend: {native.available()[1]}")
 RNG = np.random.default_rng(11)
@@ -112,22 +112,7 @@ def test_dense_matches_reference(files, kind, wide):
 def test_prefill_vs_steps_int4(files):
     """D 64: 70 prompt tokens (two chunks of 64) then 60 steps vs the quantizing reference carried the
     same way, and one prefill of all of them vs the steps."""
-    path = files["int4", "int8", False]
-    m = native.NativeRWKV7.open(path)
-    q = load_modelfile(path, backend=_quantizing_reference(m.config.n_embd))
-    prompt, steps = _toks(70, seed=2), _toks(60, seed=3)
-    a, sa = m.forward(prompt)
-    b, sb = q.forward(prompt)
-    assert _rel(a, b) < 1e-3
-    per_step = []
-    for t in steps:
-        a, sa = m.step(t, sa)
-        b, sb = q.step(t, sb)
-        per_step.append(a)
-    assert _rel(a, b) < 2e-3 and _rel(sa.wkv, sb.wkv) < 2e-3
-    full, sf = m.forward(prompt + steps, full_output=True)
-    _close(full[len(prompt):], np.stack(per_step))
-    assert _rel(sf.wkv, sa.wkv) < 1e-3
+    _prefill_then_steps(files["int4", "int8", False], _toks(70, seed=2), _toks(60, seed=3), 1e-3, 2e-3)
 
 
 @pytest.mark.parametrize("wide, bits", [(False, 2), (True, 2), (True, 4), (True, 1)])
