@@ -102,27 +102,18 @@ def _candidate(parser, args, model):
 
     if args.predictors:
         from rwkv_edge.predictors.bundle import PredictorBundle
-        from .sparse import DeviceSparseFFN, SparseFFN
+        from .runtime import run_sparse
 
-        if args.candidate:      # a converted file of the same weights, run sparse on the bundle
-            if not os.path.isfile(args.candidate):
-                _die(parser, f"--candidate {args.candidate}: with --predictors it must be a model file")
-            try:
-                cand = load_candidate(args.candidate, model, args.backend, args.device)
-                bundle = PredictorBundle.load(args.predictors, model=cand)
-                cand = cand.with_predictors(bundle) if hasattr(cand, "with_predictors") else \
-                    cand.with_ffn(SparseFFN(cand, bundle))
-            except (ValueError, FileNotFoundError, RuntimeError) as e:
-                _die(parser, str(e))
-            return cand, f"{os.path.basename(args.candidate)} + {os.path.basename(args.predictors)}"
+        name = os.path.basename(args.predictors)
+        if args.candidate and not os.path.isfile(args.candidate):
+            _die(parser, f"--candidate {args.candidate}: with --predictors it must be a model file")
         try:
-            bundle = PredictorBundle.load(args.predictors, model=model)
-            if hasattr(model, "with_predictors"):          # the native backend runs the bundle in C
-                return model.with_predictors(bundle), os.path.basename(args.predictors)
-            ffn = DeviceSparseFFN(model, bundle) if args.device == "cuda" else SparseFFN(model, bundle)
-        except ValueError as e:
+            # a converted file of the same weights (--candidate), or the base itself, run sparse on the bundle
+            m = load_candidate(args.candidate, model, args.backend, args.device) if args.candidate else model
+            m = run_sparse(m, PredictorBundle.load(args.predictors, model=m), args.device)
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
             _die(parser, str(e))
-        return model.with_ffn(ffn), os.path.basename(args.predictors)
+        return m, f"{os.path.basename(args.candidate)} + {name}" if args.candidate else name
     if args.candidate:
         try:
             return load_candidate(args.candidate, model, args.backend, args.device, args.onnx_variant), \

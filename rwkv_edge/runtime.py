@@ -123,18 +123,22 @@ def open_model(path: str, backend: str = "auto", predictors: str | None = None, 
         from rwkv_edge.predictors.bundle import PredictorBundle
 
         bundle = PredictorBundle.load(predictors, model=model)
+        if max_resident_mb is None:
+            return run_sparse(model, bundle, device)
         if backend == "native":
-            if max_resident_mb is not None:
-                raise ValueError("--max-resident-mb needs --backend numba (the native backend has no residency policy)")
-            return model.with_predictors(bundle)
-        from .sparse import DeviceSparseFFN, SparseFFN
-
-        if max_resident_mb is not None:
-            if device != "cpu" or not getattr(model, "modelfile_dtype", None):
-                raise ValueError("--max-resident-mb needs a CPU model file (rwkv-edge convert): weights are mapped")
-            from .residency import resident_sparse_ffn
-            ffn = resident_sparse_ffn(model, bundle, resident_window, max_resident_mb)
-        else:
-            ffn = DeviceSparseFFN(model, bundle) if device == "cuda" else SparseFFN(model, bundle)
-        model = model.with_ffn(ffn)
+            raise ValueError("--max-resident-mb needs --backend numba (the native backend has no residency policy)")
+        if device != "cpu" or not getattr(model, "modelfile_dtype", None):
+            raise ValueError("--max-resident-mb needs a CPU model file (rwkv-edge convert): weights are mapped")
+        from .residency import resident_sparse_ffn
+        model = model.with_ffn(resident_sparse_ffn(model, bundle, resident_window, max_resident_mb))
     return model
+
+
+def run_sparse(model, bundle, device: str = "cpu"):
+    """`model` with its FFN run sparse on `bundle` (checked against the model): the native backend
+    scores and selects in C, the others through a SparseFFN (DeviceSparseFFN on cuda)."""
+    if hasattr(model, "with_predictors"):
+        return model.with_predictors(bundle)
+    from .sparse import DeviceSparseFFN, SparseFFN
+
+    return model.with_ffn(DeviceSparseFFN(model, bundle) if device == "cuda" else SparseFFN(model, bundle))
