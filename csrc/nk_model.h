@@ -43,6 +43,7 @@ typedef struct {               /* per-thread scratch */
     int32_t *pjT;              /* prefill: (TB, NB + 20) each token's active neurons of a key block (nk_ffn.c) */
     float *phT;                /*   and their h */
     int64_t cnt[TB];           /*   and how many */
+    float *lnprev;             /* (D,) prefill: the normed token before a thread's share (nk_shift_prefill) */
 } nk_tls;
 
 typedef struct {
@@ -88,6 +89,9 @@ void nk_att_prefill(nk_model *m, const nk_layer *b, int64_t T, float *S, const f
 /* nk_quantize of T rows of x (T, I) into X (T, I), xs (T, I / NK_GS), vectorised (nk_prefill.c) */
 void nk_quantize_many(const nk_model *m, const float *x, int64_t T, int64_t I, int8_t *X, float *xs);
 void nk_quantize4_many(const nk_model *m, const float *x, int64_t T, int64_t I, int8_t *X, float *xs, int32_t *init);
+/* a prefill chunk's layer norm + token shifts over threads (nk_prefill.c; see there) */
+void nk_shift_prefill(nk_model *m, int64_t T, const float *lnw, const float *lnb, const float *prev0,
+                      const float *const *mw, float *const *out, int nmix, int bits, const nk_pred *p);
 /* x += FFN(token-shifted ln2 x) for T tokens (nk_ffn.c) */
 void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T, float *ffn_x, int64_t *stats);
 

@@ -10,7 +10,8 @@
  *   stays in L1 across the chunk; decode walks all heads per token).
  * The LoRA sums keep the order of the steps' vecmat, so on the same inputs the prefill's time-mix
  * gives the steps' floats (the 6-token tile only reuses each converted row; it does not reorder sums).
- * Threads split the tokens (LoRAs, elementwise), then the heads (wkv, group norm).
+ * Threads split the tokens (LoRAs, elementwise), then the heads (wkv, group norm; one head per item).
+ * Also here: the layer norm + token shift of a chunk by token over threads (nk_shift_prefill).
  * Scratch: m->pre[0..5], (TB, max(D, LoRA dims)) floats each (nk_model_new).
  * Also here: the vectorised activation rounding of a chunk and wkv on 512-bit registers; the other
  * 512-bit prefill kernels (dots, value axpy, active neurons) are in nk_prefill_kernels.c.
@@ -380,8 +381,62 @@ static void att_heads_task(void *c, int tid, int64_t lo, int64_t hi) {
 void nk_att_prefill(nk_model *m, const nk_layer *b, int64_t T, float *S, const float *S0, int first) {
     att_ctx c = {m, b, S, S0, first};
     m->pre_T = T;
+    NK_TAG(8);
     nk_pool_run(m->pool, att_tokens_task, &c, T);
-    nk_pool_run(m->pool, att_heads_task, &c, m->H);
+    NK_TAG(9);
+    nk_pool_run_items(m->pool, att_heads_task, &c, m->H);    /* a head per item: H is 8 at D 512 (pool_run
+                                                                * runs < 16 rows on one thread) */
+}
+
+/* ---- layer norm + token shift of a chunk, split over threads by token ---------------------------- */
+typedef struct {
+    nk_model *m;
+    const float *lnw, *lnb;    /* the norm (D,) */
+    const float *prev0;        /* (D,) the normed input of the token before the chunk (the state) */
+    const float *const *mw;    /* nmix (D,) shift mixes */
+    float *const *out;         /* nmix (T, D) outputs */
+    int nmix, bits;            /* bits 8 / 4: out[0] rounded into m->Xq / m->X4 (+ xs, init); 0: not */
+    const nk_pred *p;          /* NULL, or each token's predictor prep of out[0] into m->pxt[t] */
+} shift_ctx;
+
+/* tokens [lo, hi): xa = LN(x), out[c] = xa + (prev - xa) * mw[c] with prev the previous token's xa: the
+ * token before lo is normed again into the thread's scratch (the same function on the same row: the
+ * same floats as the steps' serial loop); then the per-token rounding and predictor prep of out[0]. */
+static void shift_task(void *c, int tid, int64_t lo, int64_t hi) {
+    shift_ctx *a = (shift_ctx *)c;
+    nk_model *m = a->m;
+    int64_t D = m->D, G = D / NK_GS;
+    const float *prev = a->prev0;
+    if (lo > 0) {
+        nk_layer_norm(m->x + (lo - 1) * D, a->lnw, a->lnb, 1e-5f, D, m->tls[tid].lnprev);
+        prev = m->tls[tid].lnprev;
+    }
+    for (int64_t t = lo; t < hi; t++) {
+        float *xa = m->xa + t * D;
+        nk_layer_norm(m->x + t * D, a->lnw, a->lnb, 1e-5f, D, xa);
+        for (int k = 0; k < a->nmix; k++)
+            for (int64_t d = 0; d < D; d++)
+                a->out[k][t * D + d] = xa[d] + (prev[d] - xa[d]) * a->mw[k][d];
+        prev = xa;
+    }
+    if (a->bits == 8)
+        nk_quantize_many(m, a->out[0] + lo * D, hi - lo, D, m->Xq + lo * D, m->xs + lo * G);
+    else if (a->bits == 4)
+        nk_quantize4_many(m, a->out[0] + lo * D, hi - lo, D, m->X4 + lo * D, m->xs + lo * G,
+                          m->init + lo * NK_INIT(G));
+    if (a->p)
+        for (int64_t t = lo; t < hi; t++)
+            nk_pred_prep(a->p, a->out[0] + t * D, &m->pxt[t]);
+}
+
+/* m->xa (T, D) = LN(m->x) (lnw, lnb), out[c] (T, D) = the token shift of it by mw[c] from prev0 (D,),
+ * over threads by token; then prev0's successor state is the caller's (xa[T - 1]). bits / p: also round
+ * out[0] for the int8 (8) or int4 (4) dots, and prep it for predictor p (nk_pred_prep per token). */
+void nk_shift_prefill(nk_model *m, int64_t T, const float *lnw, const float *lnb, const float *prev0,
+                      const float *const *mw, float *const *out, int nmix, int bits, const nk_pred *p) {
+    shift_ctx c = {m, lnw, lnb, prev0, mw, out, nmix, bits, p};
+    NK_TAG(11);
+    nk_pool_run(m->pool, shift_task, &c, T);
 }
 
 /* ---- for the tests (tests/test_native.py): the prefill's activation rounding at a level ---------- */
