@@ -25,8 +25,9 @@ void nk_pool_free(nk_pool *p);
  * time-mix's token task (LoRAs, elementwise), 9 its head task (wkv, group norm); serial spans (wall only,
  * no pool call): 10 activation rounding, 11 layer norms + token shifts, 12 the predictor's per-token
  * prep, 13 the FFN's zeroing and summing of the threads' outputs; busy per thread inside the prefill
- * FFN's task: 14 key dots, 15 active neurons + predictor select, 16 value columns. */
-#define NK_PROF_TAGS 17
+ * FFN's task: 14 key dots, 15 active neurons + predictor select, 16 value columns; in the time-mix's
+ * token task: 17 LoRAs, 18 elementwise. */
+#define NK_PROF_TAGS 19
 #ifdef NK_PROF
 extern int nk_prof_tag;
 double nk_prof_now(void);

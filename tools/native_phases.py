@@ -31,9 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TAGS = {0: "rkv", 1: "o", 2: "pred", 3: "ffn", 4: "head", 7: "tmix"}   # nk_pool.h NK_TAG
 PRE_TAGS = {0: "rkv", 1: "o", 3: "ffn", 4: "head", 8: "tm-tok", 9: "tm-head", 11: "ln+shift"}
-FFN_PARTS = {14: "keys", 15: "active+pred", 16: "values"}            # busy per thread inside "ffn"
+FFN_PARTS = {14: "ffn keys", 15: "ffn active+pred", 16: "ffn values", 17: "tm-tok LoRAs",
+             18: "tm-tok elementwise"}                             # busy per thread inside "ffn", "tm-tok"
 SPANS = {10: "round", 12: "predprep", 13: "sums"}     # serial, wall only (older builds: 11 too)
-NTAGS = 17                                                              # nk_pool.h NK_PROF_TAGS
+NTAGS = 19                                                              # nk_pool.h NK_PROF_TAGS
 
 
 def prefill(args):
@@ -69,7 +70,7 @@ def prefill(args):
                   f"worker start delay {P[i][17]:.2f} ms")
     for i, name in FFN_PARTS.items():
         busy = " ".join(f"{b:6.2f}" for b in P[i][2:2 + args.threads])
-        print(f"    ffn {name:12s} busy per thread ms {busy}")
+        print(f"    {name:18s} busy per thread ms {busy}")
     for i, name in SPANS.items():
         if P[i][0]:
             print(f"  {name:8s} serial {P[i][1]:7.2f} ms")
