@@ -3,7 +3,7 @@ a profiling build of csrc/ (-DNK_PROF: nk_pool.c times every pool call per tag, 
 thread, and the worker's start delay; the shipped library has none of it):
 
     cd csrc && gcc -O3 -std=gnu11 -fno-math-errno -fno-trapping-math -pthread -fPIC -shared -DNK_PROF \\
-        nk_kernels.c nk_pool.c nk_rwkv7.c nk_ffn.c nk_q4.c nk_pred.c nk_prefill.c nk_prefill_kernels.c \\
+        nk_kernels.c nk_pool.c nk_rwkv7.c nk_ffn.c nk_q4.c nk_pred.c nk_prefill.c nk_prefill_kernels.c nk_prefill_elem.c \\
         -o /tmp/_nk_prof.so -lm
     flock -x /work/wt/bench.lock python tools/native_phases.py --lib /tmp/_nk_prof.so --threads 2 --mode sparse
 
