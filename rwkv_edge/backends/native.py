@@ -236,7 +236,7 @@ class NativeRWKV7:
     version = "x070"
 
     def __init__(self, config: ModelConfig, tensors: dict, fingerprint: str, bundle=None, threads: int | None = None,
-                 sets=None, dtype: str = "int8"):
+                 sets=None, dtype: str = "int8", head_rescore: int = 0):
         lib, why = _load()
         if lib is None:
             raise RuntimeError(why)
@@ -248,11 +248,21 @@ class NativeRWKV7:
         self.ffn = NativeFFNStats(config.ffn_dim) if bundle is not None or sets is not None else None
         self.tokens_run, self.bytes_read = 0, 0      # weight bytes the kernels read (tools/bench.py)
         self.threads = int(threads or _THREADS["n"])
+        self.head_rescore = int(head_rescore)     # > 0: the rescored head (native_head.py)
+        if self.head_rescore < 0:
+            raise ValueError("head_rescore must be >= 0")
+        if self.head_rescore and "head.weight.q" not in tensors:
+            raise ModelLoadError("head_rescore needs a model file with an int8 head (its rows give the top "
+                                 "logits); this one stores the head in int4")
+        if self.head_rescore and "head.weight.q4" not in tensors:    # its 4-bit copy, once per weights
+            from .native_head import derive_q4
+            self._t = tensors = dict(tensors)
+            tensors["head.weight.q4"], tensors["head.weight.s4"] = derive_q4(tensors)
         self._build()
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path, threads: int | None = None) -> "NativeRWKV7":
+    def open(cls, path, threads: int | None = None, head_rescore: int = 0) -> "NativeRWKV7":
         from ..modelfile import open_tensors, read_header
         header = read_header(path)
         config = ModelConfig.from_dict(header["config"])
@@ -271,7 +281,8 @@ class NativeRWKV7:
                                  f"{tuple(tensors[bad[0]].shape)}); use --backend numba")
         from ..residency import advise_random
         advise_random([tensors["emb.weight"]])      # one row per token: no read-around on its pages
-        return cls(config, tensors, header["fingerprint"], threads=threads, dtype=header["dtype"])
+        return cls(config, tensors, header["fingerprint"], threads=threads, dtype=header["dtype"],
+                   head_rescore=head_rescore)
 
     def with_predictors(self, bundle) -> "NativeRWKV7":
         """A model sharing these weights whose FFN runs sparse on `bundle`'s predicted sets (a
@@ -287,7 +298,8 @@ class NativeRWKV7:
             raise ValueError("the native backend needs one bit width and group layout in all layers of a bundle")
         if q0.shape != (self.config.ffn_dim, self.config.n_embd):
             raise ValueError(f"predictor shape {q0.shape} does not fit this model")
-        return NativeRWKV7(self.config, self._t, self.fingerprint, bundle, self.threads, dtype=self.modelfile_dtype)
+        return NativeRWKV7(self.config, self._t, self.fingerprint, bundle, self.threads, dtype=self.modelfile_dtype,
+                           head_rescore=self.head_rescore)
 
     def with_sets(self, sets) -> "NativeRWKV7":
         """A model sharing these weights whose FFN runs the sets `sets.predict_indices(layer, None)` gives
@@ -295,7 +307,13 @@ class NativeRWKV7:
         On a model with predictors, the predictor still scores every neuron (its cost is paid, its
         verdict unused): a random-weight model's predictor timed on a trained model's sets."""
         return NativeRWKV7(self.config, self._t, self.fingerprint, self._bundle, self.threads, sets,
-                           dtype=self.modelfile_dtype)
+                           dtype=self.modelfile_dtype, head_rescore=self.head_rescore)
+
+    def with_head_rescore(self, k: int) -> "NativeRWKV7":
+        """A model sharing these weights whose head gives every logit from a 4-bit copy of the int8 head
+        and the top k from the int8 rows (backends/native_head.py; 0: the head as stored)."""
+        return NativeRWKV7(self.config, self._t, self.fingerprint, self._bundle, self.threads, self._sets,
+                           dtype=self.modelfile_dtype, head_rescore=k)
 
     def with_library(self, lib) -> "NativeRWKV7":
         """This model (weights, predictors, sets, threads) on another build of the C library (`bind_library`)."""
@@ -350,14 +368,17 @@ class NativeRWKV7:
         emb = t["emb.weight"]
         if emb.dtype != np.float16:
             raise ModelLoadError("native backend: emb.weight must be float16 in an int8 model file")
+        head = _matrix(t, "head.weight")
+        if self.head_rescore:             # both: the 4-bit copy for every logit, the int8 rows for the top
+            head[2:] = [t["head.weight.q4"], _f16_bits(t["head.weight.s4"])]
         glob = [emb.view(np.uint16), vec("blocks.0.ln0.weight"), vec("blocks.0.ln0.bias"), vec("ln_out.weight"),
-                vec("ln_out.bias"), *_matrix(t, "head.weight")]
+                vec("ln_out.bias"), *head]
         keep += glob
         q0 = preds[0].qm if preds is not None else None
         dims = np.array([L, D, H, N, F, V, t["blocks.0.att.w1.qc"].shape[1], t["blocks.0.att.a1.qc"].shape[1],
                          t["blocks.0.att.g1.qc"].shape[1], t["blocks.1.att.v1.qc"].shape[1] if L > 1 else 0,
                          q0.bits if q0 is not None else 0, q0.n_groups if q0 is not None else 0,
-                         self.threads, _level_index(self._lib)], np.int64)
+                         self.threads, _level_index(self._lib), self.head_rescore], np.int64)
         gp = np.array([_ptr(g) for g in glob], np.uint64)
         self._keep = (keep, lay, gp, dims, thr)
         h = self._lib.nk_model_new(dims.ctypes.data, gp.ctypes.data, lay.ctypes.data, thr.ctypes.data)
@@ -371,7 +392,11 @@ class NativeRWKV7:
                   [f"{m}.{x}" for m in ("w1", "w2", "a1", "a2", "g1", "g2", "v1", "v2") for x in ("qc", "cscale")]
                   if f"blocks.{i}.att.{n}" in t)
         pred = sum(p.qm.nbytes for p in preds) if preds is not None else 0
-        head = sum(t[n].nbytes for n in ("head.weight.q", "head.weight.scale", "head.weight.q4", "head.weight.s4") if n in t)
+        if self.head_rescore:             # the 4-bit copy, and K int8 rows with their scales
+            head = t["head.weight.q4"].nbytes + t["head.weight.s4"].nbytes + min(self.head_rescore, V) * (D + 4)
+        else:
+            head = sum(t[n].nbytes for n in ("head.weight.q", "head.weight.scale", "head.weight.q4", "head.weight.s4")
+                       if n in t)
         self._fixed_bytes = int(att + pred + head + 2 * D)
         # bytes of one FFN key row or value column (+ its scales): int8 D + 4, int4 D / 2 + 2 D / 32
         self._row_bytes = D // 2 + D // 16 if "blocks.0.ffn.kv4" in t else D + 4
