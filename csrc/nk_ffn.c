@@ -280,6 +280,10 @@ void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T,
         nk_quantize_rows4(m, m->fx, T, D);
     else
         nk_quantize_rows(m, m->fx, T, D);
+    if (m->dense && !p && !m->goff) {              /* every key and value row (nk_dense.c) */
+        nk_ffn_dense_rows(m, b, T, stats);
+        return;
+    }
     ffn_ctx c = {m, b, T, 0, NULL, NULL};
     if (T > 1 && p && !m->goff) {
         /* sparse prefill: the dense key pass over the chunk (each key row read once for all T tokens);

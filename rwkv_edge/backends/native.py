@@ -74,6 +74,9 @@ def bind_library(path: str):
     lib.nk_model_free.argtypes = [P]
     lib.nk_forward.restype = ctypes.c_int
     lib.nk_forward.argtypes = [P, P, i64, P, P, P, P, i64, P, P, P, P, P]
+    if hasattr(lib, "nk_model_dense"):          # builds before the every-row dense FFN lack it
+        lib.nk_model_dense.restype = ctypes.c_int
+        lib.nk_model_dense.argtypes = [P, ctypes.c_int]
     return lib
 
 
@@ -216,6 +219,22 @@ def kernel_pred_select(qm, x: np.ndarray, thr: float, lv: str, idx=None, fused: 
     return score, sel[:int(nsel[0])]
 
 
+def kernel_dense_ffn(model, layer: int, xk: np.ndarray):
+    """(A (T, F), y (T, D)) of a dense-mode NativeRWKV7's FFN core of `layer` on xk (T, D), T <= 64 (for tests):
+    A its activations (int8 files relu(k s_k)^2 s_v, int4 relu(k)^2), y its output (csrc/nk_dense.c)."""
+    import ctypes
+    lib = model._lib
+    f = lib.nk_test_dense_ffn
+    f.restype, f.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                           ctypes.c_void_p, ctypes.c_void_p]
+    xk = np.ascontiguousarray(np.atleast_2d(xk), np.float32)
+    T, c = xk.shape[0], model.config
+    A, y = np.empty((T, c.ffn_dim), np.float32), np.empty((T, c.n_embd), np.float32)
+    if f(model._h, int(layer), xk.ctypes.data, T, A.ctypes.data, y.ctypes.data) != 0:
+        raise ValueError("kernel_dense_ffn: the model is not in dense mode, or a bad layer or T")
+    return A, y
+
+
 class NativeFFNStats:
     """What `model.ffn` reports for bench/CLI: density = predicted neurons / (tokens * layers * F) over
     the decode steps (one-token forwards)."""
@@ -228,18 +247,30 @@ class NativeFFNStats:
         return self.n_active / (self.n_tokens * self.F) if self.n_tokens else 0.0
 
 
+FFN_MODES = ("exact", "dense")
+
+
 class NativeRWKV7:
     """An RWKV-7 int8 or int4 model file on the native backend: `forward(tokens, state, full_output)` and
     `step(token, state)` as RWKVModel's (the input state is never modified), plus `with_predictors`.
-    Hooks (collect, ffn_activation) need the numba or reference backend."""
+    Hooks (collect, ffn_activation) need the numba or reference backend.
+
+    ffn: how the FFN runs without predictor (and without given sets). "exact" (default): every key row,
+    then only the value columns of the neurons with relu(k)^2 > 0: lossless, the fewest bytes. "dense":
+    every key row and every value row, the value mat-vec as int8-rounded activation dots over a transposed
+    copy of the value matrix (csrc/nk_dense.c; F * D bytes more memory per layer at int8): what a dense
+    runtime computes, for honest dense-vs-sparse comparisons (tools/bench.py's "native dense" rows)."""
 
     version = "x070"
 
     def __init__(self, config: ModelConfig, tensors: dict, fingerprint: str, bundle=None, threads: int | None = None,
-                 sets=None, dtype: str = "int8"):
+                 sets=None, dtype: str = "int8", ffn: str = "exact"):
         lib, why = _load()
         if lib is None:
             raise RuntimeError(why)
+        if ffn not in FFN_MODES:
+            raise ValueError(f"ffn must be one of {', '.join(FFN_MODES)}, not {ffn!r}")
+        self.ffn_mode = ffn
         self.config, self.fingerprint, self.modelfile_dtype = config, fingerprint, dtype
         self.ops = _Ops
         self.hooks = _NoHooks()
@@ -252,7 +283,7 @@ class NativeRWKV7:
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path, threads: int | None = None) -> "NativeRWKV7":
+    def open(cls, path, threads: int | None = None, ffn: str = "exact") -> "NativeRWKV7":
         from ..modelfile import open_tensors, read_header
         header = read_header(path)
         config = ModelConfig.from_dict(header["config"])
@@ -271,7 +302,7 @@ class NativeRWKV7:
                                  f"{tuple(tensors[bad[0]].shape)}); use --backend numba")
         from ..residency import advise_random
         advise_random([tensors["emb.weight"]])      # one row per token: no read-around on its pages
-        return cls(config, tensors, header["fingerprint"], threads=threads, dtype=header["dtype"])
+        return cls(config, tensors, header["fingerprint"], threads=threads, dtype=header["dtype"], ffn=ffn)
 
     def with_predictors(self, bundle) -> "NativeRWKV7":
         """A model sharing these weights whose FFN runs sparse on `bundle`'s predicted sets (a
@@ -288,6 +319,13 @@ class NativeRWKV7:
         if q0.shape != (self.config.ffn_dim, self.config.n_embd):
             raise ValueError(f"predictor shape {q0.shape} does not fit this model")
         return NativeRWKV7(self.config, self._t, self.fingerprint, bundle, self.threads, dtype=self.modelfile_dtype)
+        # (a sparse model: the ffn mode, which only the predictor-less FFN uses, is left at exact)
+
+    def with_ffn(self, ffn: str) -> "NativeRWKV7":
+        """This model (weights, predictors, sets, threads) with its predictor-less FFN run `ffn` ("exact" or
+        "dense", see the class)."""
+        return NativeRWKV7(self.config, self._t, self.fingerprint, self._bundle, self.threads, self._sets,
+                           dtype=self.modelfile_dtype, ffn=ffn)
 
     def with_sets(self, sets) -> "NativeRWKV7":
         """A model sharing these weights whose FFN runs the sets `sets.predict_indices(layer, None)` gives
@@ -295,7 +333,7 @@ class NativeRWKV7:
         On a model with predictors, the predictor still scores every neuron (its cost is paid, its
         verdict unused): a random-weight model's predictor timed on a trained model's sets."""
         return NativeRWKV7(self.config, self._t, self.fingerprint, self._bundle, self.threads, sets,
-                           dtype=self.modelfile_dtype)
+                           dtype=self.modelfile_dtype, ffn=self.ffn_mode)
 
     def with_library(self, lib) -> "NativeRWKV7":
         """This model (weights, predictors, sets, threads) on another build of the C library (`bind_library`)."""
@@ -364,6 +402,12 @@ class NativeRWKV7:
         if not h:
             raise RuntimeError("native backend: could not create the model (out of memory?)")
         self._h = h
+        if self.ffn_mode == "dense" and self._bundle is None and self._sets is None:
+            if not hasattr(self._lib, "nk_model_dense"):
+                raise RuntimeError("native backend: this build of the library has no every-row dense FFN")
+            if self._lib.nk_model_dense(h, 1) != 0:
+                raise RuntimeError("native backend: could not build the dense FFN's value matrices (out of memory, "
+                                   "or ffn_dim % 32 != 0)")
         self._stats = np.zeros((L, 2), np.int64)
         # bytes read per token besides the FFN rows: time-mix weights, LoRAs, predictor, head, emb row
         att = sum(t[f"blocks.{i}.att.{n}"].nbytes for i in range(L) for n in
