@@ -258,3 +258,8 @@ int nk_test_dense_ffn(void *mp, int64_t i, const float *xk, int64_t T, float *A,
     memcpy(A, m->dense->A, T * m->F * sizeof(float));
     return 0;
 }
+
+/* Given sets (with_sets) in decode as well as prefill: every key row, then the value rows of the set's
+ * neurons with relu(k) > 0 (on: 1), or only the set's key rows (0, the default): tools/bench.py --shape's
+ * "exact" row, on random weights whose own active sets (~50%) are not a trained model's. */
+void nk_model_all_keys(void *mp, int on) { ((nk_model *)mp)->sets_all_keys = on; }

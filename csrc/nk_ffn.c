@@ -112,7 +112,7 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
         int64_t n = 0;
         for (int64_t j = lo; j < hi; j++) {
             float a = s->keys[j - lo] * kscale(b, j);
-            if (a > 0) {
+            if (a > 0 && (!f->mask || f->mask[j])) {
                 s->pj[n] = (int32_t)j;
                 s->ph[n++] = a * a * vscale(b, j);
             }
@@ -292,7 +292,7 @@ void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T,
         for (int64_t t = 0; t < T; t++)
             nk_pred_prep(p, m->fx + t * D, &m->pxt[t]);
         c.pred = p;
-    } else if (T > 1 && m->goff) {
+    } else if ((T > 1 || m->sets_all_keys) && m->goff) {
         /* sparse prefill: every token's set first, then the dense key pass over the chunk (each key
          * row read once for all T tokens) with the values of each token's predicted neurons only:
          * the same sums as T sparse steps, without T scattered reads of the key rows */
@@ -301,7 +301,7 @@ void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T,
             int64_t n = sparse_set(m, p, t);
             for (int64_t q = 0; q < n; q++)
                 m->mask[t * m->F + m->idx[q]] = 1;
-            stats[0] += n;
+            stats[0] += m->sets_all_keys ? m->F : n;   /* all_keys: every key row read (bytes) */
         }
         c.mask = m->mask;
     }

@@ -77,6 +77,8 @@ typedef struct {
     int64_t lora_max;          /* max(D, dw, da, dg, dv) */
     int64_t pre_T;             /* tokens of the chunk nk_att_prefill works on */
     struct nk_dense *dense;    /* NULL (the exact FFN), or the every-row dense FFN's matrices (nk_dense.c) */
+    int sets_all_keys;         /* given sets, decode too: every key row, the values of the set (bench --shape
+                                * "exact" rows; nk_model_all_keys) */
 } nk_model;
 
 void nk_layer_norm(const float *x, const float *w, const float *b, float eps, int64_t D, float *out);

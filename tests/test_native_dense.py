@@ -167,3 +167,28 @@ def test_dense_close_to_exact_and_modes(files, kind):
     assert np.array_equal(s1, s2)
     with pytest.raises(ValueError, match="ffn"):
         native.NativeRWKV7.open(path, ffn="sparse")
+
+
+def test_given_sets_with_all_keys(files):
+    """with_sets(all_keys=True) (tools/bench.py --shape's exact row): the given sets' sums, as with_sets
+    alone (float order of the keys only), but every key row read in decode (stats, bytes)."""
+    from test_native import _FixedSets
+    path = files["int8", None, False]
+    m = native.NativeRWKV7.open(path)
+    L, F, D = m.config.n_layer, m.config.ffn_dim, m.config.n_embd
+    sp, ak = m.with_sets(_FixedSets(F)), m.with_sets(_FixedSets(F), all_keys=True)
+    toks = _toks(10, seed=3)
+    a, sa = sp.forward(toks, full_output=True)
+    b, sb = ak.forward(toks, full_output=True)
+    _close(b, a)
+    outs = []
+    for t in toks[:6]:
+        (x, sa), (y, sb) = sp.step(t, sa), ak.step(t, sb)
+        outs.append((x, y))
+        assert (ak.last_stats[:, 0] == F).all() and (sp.last_stats[:, 0] == [len(range(i, F, 3)) for i in range(L)]).all()
+        assert (ak.last_stats[:, 1] == sp.last_stats[:, 1]).all()          # the same value rows
+    _close(np.stack([y for _, y in outs]), np.stack([x for x, _ in outs]))
+    assert not np.allclose(b, m.forward(toks, full_output=True)[0], rtol=1e-3)    # the sets do drop neurons
+    ak.set_threads(2)                                                      # kept over a rebuild
+    ak.step(toks[0])
+    assert (ak.last_stats[:, 0] == F).all()

@@ -77,6 +77,7 @@ def bind_library(path: str):
     if hasattr(lib, "nk_model_dense"):          # builds before the every-row dense FFN lack it
         lib.nk_model_dense.restype = ctypes.c_int
         lib.nk_model_dense.argtypes = [P, ctypes.c_int]
+        lib.nk_model_all_keys.argtypes = [P, ctypes.c_int]
     return lib
 
 
@@ -327,13 +328,19 @@ class NativeRWKV7:
         return NativeRWKV7(self.config, self._t, self.fingerprint, self._bundle, self.threads, self._sets,
                            dtype=self.modelfile_dtype, ffn=ffn)
 
-    def with_sets(self, sets) -> "NativeRWKV7":
+    def with_sets(self, sets, all_keys: bool = False) -> "NativeRWKV7":
         """A model sharing these weights whose FFN runs the sets `sets.predict_indices(layer, None)` gives
         (called once per token and layer, in order: e.g. replay.ReplayedSets for tools/bench.py --shape).
         On a model with predictors, the predictor still scores every neuron (its cost is paid, its
-        verdict unused): a random-weight model's predictor timed on a trained model's sets."""
-        return NativeRWKV7(self.config, self._t, self.fingerprint, self._bundle, self.threads, sets,
-                           dtype=self.modelfile_dtype, ffn=self.ffn_mode)
+        verdict unused): a random-weight model's predictor timed on a trained model's sets.
+        all_keys: every key row is read (decode too), then the value rows of the set's neurons with relu(k) > 0:
+        the exact FFN's bytes had the model's own active sets been `sets` (tools/bench.py --shape)."""
+        m = NativeRWKV7(self.config, self._t, self.fingerprint, self._bundle, self.threads, sets,
+                        dtype=self.modelfile_dtype, ffn=self.ffn_mode)
+        if all_keys:
+            m._all_keys = True
+            m._lib.nk_model_all_keys(m._h, 1)
+        return m
 
     def with_library(self, lib) -> "NativeRWKV7":
         """This model (weights, predictors, sets, threads) on another build of the C library (`bind_library`)."""
@@ -408,6 +415,8 @@ class NativeRWKV7:
             if self._lib.nk_model_dense(h, 1) != 0:
                 raise RuntimeError("native backend: could not build the dense FFN's value matrices (out of memory, "
                                    "or ffn_dim % 32 != 0)")
+        if getattr(self, "_all_keys", False) and self._sets is not None:
+            self._lib.nk_model_all_keys(h, 1)        # with_sets(all_keys=True), kept over rebuilds
         self._stats = np.zeros((L, 2), np.int64)
         # bytes read per token besides the FFN rows: time-mix weights, LoRAs, predictor, head, emb row
         att = sum(t[f"blocks.{i}.att.{n}"].nbytes for i in range(L) for n in
