@@ -150,7 +150,7 @@ def test_levels_agree(files, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_dense_close_to_exact_and_modes(files, kind):
     """Dense and exact logits differ by the values' activation rounding only (close, not equal); a
-    dense model's with_ffn("exact") is the exact model; sparse ignores the mode; bad modes raise."""
+    dense model's with_ffn_mode("exact") is the exact model; sparse ignores the mode; bad modes raise."""
     path = files[kind + (False,)]
     ex = native.NativeRWKV7.open(path)
     de = native.NativeRWKV7.open(path, ffn="dense")
@@ -160,7 +160,7 @@ def test_dense_close_to_exact_and_modes(files, kind):
     e = np.array([_rel(x, y) for x, y in zip(a, b)])
     assert 1e-4 < np.median(e) and e.max() < 3e-2, e          # D 64: medians ~1e-2, max 1.4-1.6e-2
     assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
-    assert np.array_equal(de.with_ffn("exact").forward(toks, full_output=True)[0], a)
+    assert np.array_equal(de.with_ffn_mode("exact").forward(toks, full_output=True)[0], a)
     bundle = _bundle(load_modelfile(path, backend="reference"), 2)
     s1, _ = ex.with_predictors(bundle).forward(toks, full_output=True)
     s2, _ = de.with_predictors(bundle).forward(toks, full_output=True)

@@ -57,7 +57,7 @@ def _load(cfg):
                    device=cfg["device"], dtype=cfg["dtype"] if cfg["device"] == "cuda" else "fp32",
                    dense=cfg.get("dense", False))
     if cfg.get("native_ffn") == "dense":        # the native every-row dense FFN (not the default exact one)
-        m = m.with_ffn("dense")
+        m = m.with_ffn_mode("dense")
     if cfg.get("sets"):                         # --shape: active sets of the reference model, replayed
         from rwkv_edge.replay import ActiveSets, ReplayedSets, replayed_sparse_ffn
         if cfg.get("backend") == "native":

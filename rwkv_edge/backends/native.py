@@ -18,6 +18,9 @@ mix of int8 and int4 matrices in one file runs (e.g. int4 body + int8 head). Spa
 with the activation rounded to int8 per predictor group (as numba_simd), and the neurons with
 score >= the layer's threshold run. `forward(..., record=)` returns the predicted sets, so tests
 compare with the reference run on the very same sets (tests/test_native.py).
+The FFN without predictor is "exact" by default (value rows only where relu(k)^2 > 0: lossless); `ffn="dense"`
+reads every row as a dense runtime does (csrc/nk_dense.c; tests/test_native_dense.py), for honest
+dense-vs-sparse figures (tools/bench.py --native).
 """
 from __future__ import annotations
 
@@ -307,7 +310,8 @@ class NativeRWKV7:
 
     def with_predictors(self, bundle) -> "NativeRWKV7":
         """A model sharing these weights whose FFN runs sparse on `bundle`'s predicted sets (a
-        PredictorBundle of quantized W_k threshold predictors, one bit width and group layout)."""
+        PredictorBundle of quantized W_k threshold predictors, one bit width and group layout). The ffn mode
+        only concerns the FFN without predictor: the sparse model has none to keep."""
         layers = getattr(bundle, "predictors", None)
         ok = layers is not None and len(layers) == self.config.n_layer and all(
             getattr(p, "kind", "") == "quantized" and getattr(p, "mode", "") == "threshold" for p in layers)
@@ -320,9 +324,8 @@ class NativeRWKV7:
         if q0.shape != (self.config.ffn_dim, self.config.n_embd):
             raise ValueError(f"predictor shape {q0.shape} does not fit this model")
         return NativeRWKV7(self.config, self._t, self.fingerprint, bundle, self.threads, dtype=self.modelfile_dtype)
-        # (a sparse model: the ffn mode, which only the predictor-less FFN uses, is left at exact)
 
-    def with_ffn(self, ffn: str) -> "NativeRWKV7":
+    def with_ffn_mode(self, ffn: str) -> "NativeRWKV7":
         """This model (weights, predictors, sets, threads) with its predictor-less FFN run `ffn` ("exact" or
         "dense", see the class)."""
         return NativeRWKV7(self.config, self._t, self.fingerprint, self._bundle, self.threads, self._sets,
