@@ -12,6 +12,8 @@ What remains is float32 summation order (and the rare activation on a rounding b
 measurably off this reference, so a dense model that silently ran exact fails here."""
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import pytest
 
@@ -22,6 +24,21 @@ from test_native import _bundle, _close, _quantize, _quantizing_reference, _rel,
 
 pytestmark = pytest.mark.skipif(not native.available()[0], reason=f"native backend: {native.available()[1]}")
 KINDS = [("int8", None), ("int4", "int8")]
+
+
+def kernel_dense_ffn(model, layer: int, xk: np.ndarray):
+    """(A (T, F), y (T, D)) of a dense-mode NativeRWKV7's FFN core of `layer` on xk (T, D), T <= 64 (for tests):
+    A its activations (int8 files relu(k s_k)^2 s_v, int4 relu(k)^2), y its output (csrc/nk_dense.c)."""
+    lib = model._lib
+    f = lib.nk_test_dense_ffn
+    f.restype, f.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                           ctypes.c_void_p, ctypes.c_void_p]
+    xk = np.ascontiguousarray(np.atleast_2d(xk), np.float32)
+    T, c = xk.shape[0], model.config
+    A, y = np.empty((T, c.ffn_dim), np.float32), np.empty((T, c.n_embd), np.float32)
+    if f(model._h, int(layer), xk.ctypes.data, T, A.ctypes.data, y.ctypes.data) != 0:
+        raise ValueError("kernel_dense_ffn: the model is not in dense mode, or a bad layer or T")
+    return A, y
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +100,7 @@ def test_ffn_core_matches_reference(files, kind, wide, T):
             for threads in (1, 2):
                 m = native.NativeRWKV7.open(path, threads=threads, ffn="dense")
                 for layer in range(m.config.n_layer):
-                    A, y = native.kernel_dense_ffn(m, layer, xk)
+                    A, y = kernel_dense_ffn(m, layer, xk)
                     want_a = _activations(q, t, layer, xk)
                     assert 0.2 < (A > 0).mean() < 0.8
                     np.testing.assert_allclose(A, want_a, rtol=1e-4, atol=1e-5 * np.abs(want_a).max(),
@@ -175,7 +192,7 @@ def test_given_sets_with_all_keys(files):
     from test_native import _FixedSets
     path = files["int8", None, False]
     m = native.NativeRWKV7.open(path)
-    L, F, D = m.config.n_layer, m.config.ffn_dim, m.config.n_embd
+    L, F = m.config.n_layer, m.config.ffn_dim
     sp, ak = m.with_sets(_FixedSets(F)), m.with_sets(_FixedSets(F), all_keys=True)
     toks = _toks(10, seed=3)
     a, sa = sp.forward(toks, full_output=True)

@@ -18,9 +18,7 @@ mix of int8 and int4 matrices in one file runs (e.g. int4 body + int8 head). Spa
 with the activation rounded to int8 per predictor group (as numba_simd), and the neurons with
 score >= the layer's threshold run. `forward(..., record=)` returns the predicted sets, so tests
 compare with the reference run on the very same sets (tests/test_native.py).
-The FFN without predictor is "exact" by default (value rows only where relu(k)^2 > 0: lossless); `ffn="dense"`
-reads every row as a dense runtime does (csrc/nk_dense.c; tests/test_native_dense.py), for honest
-dense-vs-sparse figures (tools/bench.py --native).
+FFN without predictor: `ffn="exact"` (default, lossless) or "dense" (every row, csrc/nk_dense.c): see the class.
 """
 from __future__ import annotations
 
@@ -223,22 +221,6 @@ def kernel_pred_select(qm, x: np.ndarray, thr: float, lv: str, idx=None, fused: 
     return score, sel[:int(nsel[0])]
 
 
-def kernel_dense_ffn(model, layer: int, xk: np.ndarray):
-    """(A (T, F), y (T, D)) of a dense-mode NativeRWKV7's FFN core of `layer` on xk (T, D), T <= 64 (for tests):
-    A its activations (int8 files relu(k s_k)^2 s_v, int4 relu(k)^2), y its output (csrc/nk_dense.c)."""
-    import ctypes
-    lib = model._lib
-    f = lib.nk_test_dense_ffn
-    f.restype, f.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                           ctypes.c_void_p, ctypes.c_void_p]
-    xk = np.ascontiguousarray(np.atleast_2d(xk), np.float32)
-    T, c = xk.shape[0], model.config
-    A, y = np.empty((T, c.ffn_dim), np.float32), np.empty((T, c.n_embd), np.float32)
-    if f(model._h, int(layer), xk.ctypes.data, T, A.ctypes.data, y.ctypes.data) != 0:
-        raise ValueError("kernel_dense_ffn: the model is not in dense mode, or a bad layer or T")
-    return A, y
-
-
 class NativeFFNStats:
     """What `model.ffn` reports for bench/CLI: density = predicted neurons / (tokens * layers * F) over
     the decode steps (one-token forwards)."""
@@ -259,11 +241,9 @@ class NativeRWKV7:
     `step(token, state)` as RWKVModel's (the input state is never modified), plus `with_predictors`.
     Hooks (collect, ffn_activation) need the numba or reference backend.
 
-    ffn: how the FFN runs without predictor (and without given sets). "exact" (default): every key row,
-    then only the value columns of the neurons with relu(k)^2 > 0: lossless, the fewest bytes. "dense":
-    every key row and every value row, the value mat-vec as int8-rounded activation dots over a transposed
-    copy of the value matrix (csrc/nk_dense.c; F * D bytes more memory per layer at int8): what a dense
-    runtime computes, for honest dense-vs-sparse comparisons (tools/bench.py's "native dense" rows)."""
+    ffn (the FFN without predictor or given sets): "exact" (default) every key row, then the value columns
+    where relu(k)^2 > 0 (lossless); "dense" every key and value row as a dense runtime (csrc/nk_dense.c:
+    int8-activation dots over a transposed value copy, F * D more bytes of memory per layer at int8)."""
 
     version = "x070"
 
@@ -343,6 +323,7 @@ class NativeRWKV7:
         if all_keys:
             m._all_keys = True
             m._lib.nk_model_all_keys(m._h, 1)
+            m.ffn = None          # its key counts are every row: no sparse density to report
         return m
 
     def with_library(self, lib) -> "NativeRWKV7":
@@ -412,12 +393,9 @@ class NativeRWKV7:
         if not h:
             raise RuntimeError("native backend: could not create the model (out of memory?)")
         self._h = h
-        if self.ffn_mode == "dense" and self._bundle is None and self._sets is None:
-            if not hasattr(self._lib, "nk_model_dense"):
-                raise RuntimeError("native backend: this build of the library has no every-row dense FFN")
-            if self._lib.nk_model_dense(h, 1) != 0:
-                raise RuntimeError("native backend: could not build the dense FFN's value matrices (out of memory, "
-                                   "or ffn_dim % 32 != 0)")
+        if self.ffn_mode == "dense" and self._bundle is None and self._sets is None and (
+                not hasattr(self._lib, "nk_model_dense") or self._lib.nk_model_dense(h, 1) != 0):
+            raise RuntimeError("native backend: no dense FFN (a build without it, no memory, or ffn_dim % 32)")
         if getattr(self, "_all_keys", False) and self._sets is not None:
             self._lib.nk_model_all_keys(h, 1)        # with_sets(all_keys=True), kept over rebuilds
         self._stats = np.zeros((L, 2), np.int64)
