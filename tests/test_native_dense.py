@@ -87,20 +87,21 @@ def _dense_ffn(q, path):
 def test_ffn_core_matches_reference(files, kind, wide, T):
     """The FFN core alone (nk_test_dense_ffn) at every level and 1 / 2 threads: its activations equal
     numpy's keys up to float order; its output equals the numpy value math on those activations (the
-    same int8 rounding, bit for bit; float order of the sums only). Both layers."""
+    same int8 rounding, bit for bit; float order of the sums only). Both layers; VNNI == AVX2 exactly."""
     path = files[kind + (wide,)]
     t = open_tensors(path)
     D = 512 if wide else 64
     q = load_modelfile(path, backend=_quantizing_reference(D))
     rng = np.random.default_rng(T + D)
     xk = (rng.standard_normal((T, D)) * 2).astype(np.float32)
+    outs = {}
     try:
         for lv in native.levels():
             native.set_level(lv)
             for threads in (1, 2):
                 m = native.NativeRWKV7.open(path, threads=threads, ffn="dense")
                 for layer in range(m.config.n_layer):
-                    A, y = kernel_dense_ffn(m, layer, xk)
+                    A, y = outs[lv, threads, layer] = kernel_dense_ffn(m, layer, xk)
                     want_a = _activations(q, t, layer, xk)
                     assert 0.2 < (A > 0).mean() < 0.8
                     np.testing.assert_allclose(A, want_a, rtol=1e-4, atol=1e-5 * np.abs(want_a).max(),
@@ -110,6 +111,10 @@ def test_ffn_core_matches_reference(files, kind, wide, T):
                                                err_msg=f"{lv} {threads}")
     finally:
         native.set_level(None)
+    # VNNI (int4: the fused 512-bit scale-and-round) equals AVX2 (two passes) bit for bit, 1 thread
+    for layer in range(2):
+        if ("vnni", 1, layer) in outs:
+            assert all(np.array_equal(a, b) for a, b in zip(outs["vnni", 1, layer], outs["avx2", 1, layer]))
 
 
 @pytest.mark.parametrize("kind, wide", [(KINDS[0], False), (KINDS[1], False), (KINDS[0], True)])
