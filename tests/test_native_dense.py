@@ -214,3 +214,22 @@ def test_given_sets_with_all_keys(files):
     ak.set_threads(2)                                                      # kept over a rebuild
     ak.step(toks[0])
     assert (ak.last_stats[:, 0] == F).all()
+
+
+def test_bench_native_rows(files):
+    """tools/bench.py --native: rows dense (every row), exact and sparse, each run in this process by
+    run_one: weight bytes per token of dense = every key and value row; exact and sparse read fewer."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import bench
+    path = files["int8", None, True]
+    base = dict(device="cpu", threads=1, tokens=4, rounds=1, prefill_tokens=8)
+    cfgs = bench.native_cfgs(base, path, predictors=None, sets=None, dtype="int8")
+    assert [c["name"] for c in cfgs] == ["native dense int8", "native exact int8"]
+    m = native.NativeRWKV7.open(path)
+    L, F, D = m.config.n_layer, m.config.ffn_dim, m.config.n_embd
+    rows = {c["name"]: bench.run_one(c) for c in cfgs}
+    assert rows["native dense int8"]["weight_bytes_per_token"] == m._fixed_bytes + 2 * L * F * (D + 4)
+    assert rows["native exact int8"]["weight_bytes_per_token"] < rows["native dense int8"]["weight_bytes_per_token"]
+    assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in rows.values())
