@@ -1,7 +1,8 @@
 /* FFN of the native backend (see nk_rwkv7.c for the whole forward).
  *
- * Dense: every neuron's key row (int8 dots, TB tokens per row load in prefill), then the value
- * column of each neuron with relu(k)^2 > 0 (the same sum as reading all of them).
+ * Dense ("exact"): every neuron's key row (int8 dots, TB tokens per row load in prefill), then the value
+ * column of each neuron with relu(k)^2 > 0 (the same sum as reading all of them). The every-row dense
+ * FFN (`ffn="dense"`: value rows as activation-rounded dots) is nk_dense.c.
  * Sparse: the layer's n-bit predictor scores all F neurons (nk_pred.c; with AVX-512 VNNI one fused
  * pass: scores, threshold and compaction), the neurons with score >= thr form the set; decode reads
  * only their key rows, then the value columns of the active ones. Prefill runs the dense key pass over a chunk (each key row read once for all its
