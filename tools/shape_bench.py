@@ -11,7 +11,7 @@ the shape scores every neuron of every layer each token (the predictor's bytes a
 paid), while the replayed sets still decide which neurons run.
 
 Native rows (bench.native_cfgs): dense reads every key and value row (as numba dense); exact reads every
-key row and the value rows of the replayed sets (on random weights the model's own exact FFN would read
+key row and the value rows the sparse row reads (replayed set, relu(k) > 0; the model's own exact FFN would read
 ~50% of the value rows, not a trained model's ~14%); sparse the replayed sets' rows.
 """
 from __future__ import annotations
