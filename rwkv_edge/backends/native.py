@@ -18,6 +18,7 @@ mix of int8 and int4 matrices in one file runs (e.g. int4 body + int8 head). Spa
 with the activation rounded to int8 per predictor group (as numba_simd), and the neurons with
 score >= the layer's threshold run. `forward(..., record=)` returns the predicted sets, so tests
 compare with the reference run on the very same sets (tests/test_native.py).
+FFN without predictor: `ffn="exact"` (default, lossless) or "dense" (every row, csrc/nk_dense.c): see the class.
 """
 from __future__ import annotations
 
@@ -74,6 +75,10 @@ def bind_library(path: str):
     lib.nk_model_free.argtypes = [P]
     lib.nk_forward.restype = ctypes.c_int
     lib.nk_forward.argtypes = [P, P, i64, P, P, P, P, i64, P, P, P, P, P]
+    if hasattr(lib, "nk_model_dense"):          # builds before the every-row dense FFN lack it
+        lib.nk_model_dense.restype = ctypes.c_int
+        lib.nk_model_dense.argtypes = [P, ctypes.c_int]
+        lib.nk_model_all_keys.argtypes = [P, ctypes.c_int]
     return lib
 
 
@@ -228,18 +233,28 @@ class NativeFFNStats:
         return self.n_active / (self.n_tokens * self.F) if self.n_tokens else 0.0
 
 
+FFN_MODES = ("exact", "dense")
+
+
 class NativeRWKV7:
     """An RWKV-7 int8 or int4 model file on the native backend: `forward(tokens, state, full_output)` and
     `step(token, state)` as RWKVModel's (the input state is never modified), plus `with_predictors`.
-    Hooks (collect, ffn_activation) need the numba or reference backend."""
+    Hooks (collect, ffn_activation) need the numba or reference backend.
+
+    ffn (the FFN without predictor or given sets): "exact" (default) every key row, then the value columns
+    where relu(k)^2 > 0 (lossless); "dense" every key and value row as a dense runtime (csrc/nk_dense.c:
+    int8-activation dots over a transposed value copy, F * D more bytes of memory per layer at int8)."""
 
     version = "x070"
 
     def __init__(self, config: ModelConfig, tensors: dict, fingerprint: str, bundle=None, threads: int | None = None,
-                 sets=None, dtype: str = "int8"):
+                 sets=None, dtype: str = "int8", ffn: str = "exact"):
         lib, why = _load()
         if lib is None:
             raise RuntimeError(why)
+        if ffn not in FFN_MODES:
+            raise ValueError(f"ffn must be one of {', '.join(FFN_MODES)}, not {ffn!r}")
+        self.ffn_mode = ffn
         self.config, self.fingerprint, self.modelfile_dtype = config, fingerprint, dtype
         self.ops = _Ops
         self.hooks = _NoHooks()
@@ -252,7 +267,7 @@ class NativeRWKV7:
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path, threads: int | None = None) -> "NativeRWKV7":
+    def open(cls, path, threads: int | None = None, ffn: str = "exact") -> "NativeRWKV7":
         from ..modelfile import open_tensors, read_header
         header = read_header(path)
         config = ModelConfig.from_dict(header["config"])
@@ -271,11 +286,12 @@ class NativeRWKV7:
                                  f"{tuple(tensors[bad[0]].shape)}); use --backend numba")
         from ..residency import advise_random
         advise_random([tensors["emb.weight"]])      # one row per token: no read-around on its pages
-        return cls(config, tensors, header["fingerprint"], threads=threads, dtype=header["dtype"])
+        return cls(config, tensors, header["fingerprint"], threads=threads, dtype=header["dtype"], ffn=ffn)
 
     def with_predictors(self, bundle) -> "NativeRWKV7":
         """A model sharing these weights whose FFN runs sparse on `bundle`'s predicted sets (a
-        PredictorBundle of quantized W_k threshold predictors, one bit width and group layout)."""
+        PredictorBundle of quantized W_k threshold predictors, one bit width and group layout). The ffn mode
+        only concerns the FFN without predictor: the sparse model has none to keep."""
         layers = getattr(bundle, "predictors", None)
         ok = layers is not None and len(layers) == self.config.n_layer and all(
             getattr(p, "kind", "") == "quantized" and getattr(p, "mode", "") == "threshold" for p in layers)
@@ -289,13 +305,26 @@ class NativeRWKV7:
             raise ValueError(f"predictor shape {q0.shape} does not fit this model")
         return NativeRWKV7(self.config, self._t, self.fingerprint, bundle, self.threads, dtype=self.modelfile_dtype)
 
-    def with_sets(self, sets) -> "NativeRWKV7":
+    def with_ffn_mode(self, ffn: str) -> "NativeRWKV7":
+        """This model (weights, predictors, sets, threads) with its predictor-less FFN run `ffn` ("exact" or
+        "dense", see the class)."""
+        return NativeRWKV7(self.config, self._t, self.fingerprint, self._bundle, self.threads, self._sets,
+                           dtype=self.modelfile_dtype, ffn=ffn)
+
+    def with_sets(self, sets, all_keys: bool = False) -> "NativeRWKV7":
         """A model sharing these weights whose FFN runs the sets `sets.predict_indices(layer, None)` gives
         (called once per token and layer, in order: e.g. replay.ReplayedSets for tools/bench.py --shape).
         On a model with predictors, the predictor still scores every neuron (its cost is paid, its
-        verdict unused): a random-weight model's predictor timed on a trained model's sets."""
-        return NativeRWKV7(self.config, self._t, self.fingerprint, self._bundle, self.threads, sets,
-                           dtype=self.modelfile_dtype)
+        verdict unused): a random-weight model's predictor timed on a trained model's sets.
+        all_keys: every key row is read (decode too), then the value rows of the set's neurons with relu(k) > 0:
+        the exact FFN's bytes had the model's own active sets been `sets` (tools/bench.py --shape)."""
+        m = NativeRWKV7(self.config, self._t, self.fingerprint, self._bundle, self.threads, sets,
+                        dtype=self.modelfile_dtype, ffn=self.ffn_mode)
+        if all_keys:
+            m._all_keys = True
+            m._lib.nk_model_all_keys(m._h, 1)
+            m.ffn = None          # its key counts are every row: no sparse density to report
+        return m
 
     def with_library(self, lib) -> "NativeRWKV7":
         """This model (weights, predictors, sets, threads) on another build of the C library (`bind_library`)."""
@@ -364,6 +393,11 @@ class NativeRWKV7:
         if not h:
             raise RuntimeError("native backend: could not create the model (out of memory?)")
         self._h = h
+        if self.ffn_mode == "dense" and self._bundle is None and self._sets is None and (
+                not hasattr(self._lib, "nk_model_dense") or self._lib.nk_model_dense(h, 1) != 0):
+            raise RuntimeError("native backend: no dense FFN (a build without it, no memory, or ffn_dim % 32)")
+        if getattr(self, "_all_keys", False) and self._sets is not None:
+            self._lib.nk_model_all_keys(h, 1)        # with_sets(all_keys=True), kept over rebuilds
         self._stats = np.zeros((L, 2), np.int64)
         # bytes read per token besides the FFN rows: time-mix weights, LoRAs, predictor, head, emb row
         att = sum(t[f"blocks.{i}.att.{n}"].nbytes for i in range(L) for n in
