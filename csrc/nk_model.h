@@ -79,6 +79,9 @@ typedef struct {
     float *pre[6];             /* prefill time-mix scratch (nk_prefill.c): (TB, lora_max) each */
     int64_t lora_max;          /* max(D, dw, da, dg, dv) */
     int64_t pre_T;             /* tokens of the chunk nk_att_prefill works on */
+    struct nk_dense *dense;    /* NULL (the exact FFN), or the every-row dense FFN's matrices (nk_dense.c) */
+    int sets_all_keys;         /* given sets, decode too: every key row, the values of the set (bench --shape
+                                * "exact" rows; nk_model_all_keys) */
 } nk_model;
 
 void nk_layer_norm(const float *x, const float *w, const float *b, float eps, int64_t D, float *out);
@@ -95,5 +98,9 @@ void nk_quantize4_many(const nk_model *m, const float *x, int64_t T, int64_t I, 
 void nk_head_rescore(nk_model *m, const float *xa, int64_t T, float *out, int64_t ldy);
 /* x += FFN(token-shifted ln2 x) for T tokens (nk_ffn.c) */
 void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T, float *ffn_x, int64_t *stats);
+
+/* the every-row dense FFN (nk_dense.c): x += FFN of T tokens, fx already rounded; and its free */
+void nk_ffn_dense_rows(nk_model *m, const nk_layer *b, int64_t T, int64_t *stats);
+void nk_dense_free(nk_model *m);
 
 #endif

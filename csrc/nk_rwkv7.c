@@ -353,6 +353,7 @@ void nk_model_free(void *mp) {
     nk_model *m = (nk_model *)mp;
     if (!m)
         return;
+    nk_dense_free(m);
     nk_pool_free(m->pool);
     float *bufs[] = {m->x, m->xa, m->mix[0], m->mix[1], m->mix[2], m->mix[3], m->mix[4], m->mix[5], m->r, m->kk,
                      m->v, m->vf, m->y, m->o, m->fx, m->w, m->a, m->g, m->nk, m->bb, m->gv, m->t1, m->xs, m->score};

@@ -116,8 +116,14 @@ def _candidate(parser, args, model):
         return m, f"{os.path.basename(args.candidate)} + {name}" if args.candidate else name
     if args.candidate:
         try:
-            return load_candidate(args.candidate, model, args.backend, args.device, args.onnx_variant), \
-                os.path.basename(os.path.normpath(args.candidate))
+            cand = load_candidate(args.candidate, model, args.backend, args.device, args.onnx_variant)
+            name = os.path.basename(os.path.normpath(args.candidate))
+            if args.native_ffn != "exact":              # the native backend's every-row dense FFN
+                from .backends.native import NativeRWKV7
+                if not isinstance(cand, NativeRWKV7) or cand.ffn is not None:
+                    _die(parser, "--native-ffn dense needs --backend native and a dense model file candidate")
+                cand, name = cand.with_ffn_mode(args.native_ffn), f"{name} (native ffn {args.native_ffn})"
+            return cand, name
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             _die(parser, str(e))
     path = args.model
@@ -210,6 +216,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=non_negative_int, default=0,
                    help="--save-base: keep the top K log-probs + tail mass per position; 0 (default) keeps all "
                         "as float16 (exact KL, 2 bytes x vocab per position)")
+    p.add_argument("--native-ffn", choices=["exact", "dense"], default="exact",
+                   help="--backend native --candidate FILE: the FFN without predictor, exact (default: value rows "
+                        "only where relu(k)^2 > 0, lossless) or dense (every row, the activation rounded to int8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_eval)
     return p

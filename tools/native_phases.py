@@ -7,7 +7,7 @@ thread, and the worker's start delay; the shipped library has none of it):
         -o /tmp/_nk_prof.so -lm
     flock -x /work/wt/bench.lock python tools/native_phases.py --lib /tmp/_nk_prof.so --threads 2 --mode sparse
 
-Modes: dense, sets (the replayed active sets), sparse (the sets + the 2-bit predictor scored). GB/s per
+Modes: dense (the default exact FFN), sets (the replayed active sets), sparse (the sets + the 2-bit predictor scored). GB/s per
 phase = its weight bytes / its wall time (rkv, o, head: all rows; pred: codes + scales + zeros; ffn: the
 key rows and value columns read (stats); tmix: the LoRAs, whose per-head wkv state traffic is not
 counted). "serial" is the forward's time outside pool calls. Hold the bench lock.

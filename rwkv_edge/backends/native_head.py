@@ -22,6 +22,22 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..config import ModelLoadError
+
+
+def with_q4_head(t: dict, k: int) -> dict:
+    """Model file tensors t with the 4-bit copy of the int8 head added (t itself if it has one), for k > 0."""
+    if k < 0:
+        raise ValueError("head_rescore must be >= 0")
+    if "head.weight.q" not in t:
+        raise ModelLoadError("head_rescore needs a model file with an int8 head (its rows give the top "
+                             "logits); this one stores the head in int4")
+    if "head.weight.q4" in t:            # derived once per weights: shared by with_predictors etc.
+        return t
+    t = dict(t)
+    t["head.weight.q4"], t["head.weight.s4"] = derive_q4(t)
+    return t
+
 
 def derive_q4(t: dict) -> tuple[np.ndarray, np.ndarray]:
     """(codes (V, D/2) uint8, scales (V, D/32) float16) of the int8 head of model file tensors t."""
