@@ -54,6 +54,9 @@ typedef struct {
     const int8_t *head;        /* (V, D) int8 rows, or NULL and then head4 (V, D / 2) + head_s4 (V, D / 32) */
     const uint8_t *head4;
     const uint16_t *head_s4;
+    int64_t head_k;            /* > 0: head4 for all V logits, then the top head_k from the int8 rows (nk_head.c) */
+    float *hscratch, *hval;    /*   its scratch: (V,), (head_k,) */
+    int32_t *hcand, *hidx;     /*   (V,), (V,) */
     nk_layer *layers;
     nk_pred *pred;             /* (L,) or NULL */
     float *x, *xa, *mix[6], *r, *kk, *v, *vf, *y, *o, *fx;          /* (TB, D) */
@@ -91,6 +94,8 @@ void nk_att_prefill(nk_model *m, const nk_layer *b, int64_t T, float *S, const f
 /* nk_quantize of T rows of x (T, I) into X (T, I), xs (T, I / NK_GS), vectorised (nk_prefill.c) */
 void nk_quantize_many(const nk_model *m, const float *x, int64_t T, int64_t I, int8_t *X, float *xs);
 void nk_quantize4_many(const nk_model *m, const float *x, int64_t T, int64_t I, int8_t *X, float *xs, int32_t *init);
+/* the top head_k logits of each of T rows of out recomputed from the int8 head (nk_head.c) */
+void nk_head_rescore(nk_model *m, const float *xa, int64_t T, float *out, int64_t ldy);
 /* x += FFN(token-shifted ln2 x) for T tokens (nk_ffn.c) */
 void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T, float *ffn_x, int64_t *stats);
 

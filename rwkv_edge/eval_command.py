@@ -168,6 +168,13 @@ def run_eval(args, parser) -> int:
         except ValueError as e:
             _die(parser, str(e))
     cand, name = _candidate(parser, args, model)
+    if args.head_rescore:
+        if not hasattr(cand, "with_head_rescore"):
+            parser.error("--head-rescore runs on the native backend: give --backend native and a --candidate file")
+        try:
+            cand, name = cand.with_head_rescore(args.head_rescore), f"{name} + head rescore {args.head_rescore}"
+        except (ValueError, RuntimeError) as e:
+            _die(parser, str(e))
     progress = not args.no_progress
     if args.save_base:
         base = compute_base(model, segs, ctx, top_k=args.top_k, tokenizer=tid, progress=progress)
@@ -194,6 +201,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--candidate", help="a converted model file (int8/fp16) of the same weights, an ONNX export dir, "
                                        "or a model package dir (default with --model PACKAGE: the package run sparse); "
                                        "a model file with --predictors runs sparse on them")
+    p.add_argument("--head-rescore", type=positive_int, metavar="K",
+                   help="native: the candidate's logits from a 4-bit copy of its int8 head, the top K from the "
+                        "int8 rows (backends/native_head.py)")
     p.add_argument("--onnx-variant", choices=["dense", "sparse"], default=None,
                    help="which graph of an ONNX export (default: sparse if it has one)")
     src = p.add_mutually_exclusive_group(required=True)

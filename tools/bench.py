@@ -58,6 +58,8 @@ def _load(cfg):
                    dense=cfg.get("dense", False))
     if cfg.get("native_ffn") == "dense":        # the native every-row dense FFN (not the default exact one)
         m = m.with_ffn_mode("dense")
+    if cfg.get("head_rescore"):                 # --head-rescore: int4 copy of the head, top K from int8 rows
+        m = m.with_head_rescore(cfg["head_rescore"])
     if cfg.get("sets"):                         # --shape: active sets of the reference model, replayed
         from rwkv_edge.replay import ActiveSets, ReplayedSets, replayed_sparse_ffn
         if cfg.get("backend") == "native":
@@ -271,6 +273,9 @@ def _main(argv=None) -> int:
                     help="also run the native C backend on every int8/int4 dtype: native dense D (every key and "
                          "value row), native exact D (every key row, the value rows of the active neurons: the "
                          "lossless default), native sparse D (the predictor's sets)")
+    ap.add_argument("--head-rescore", type=int, default=0, metavar="K",
+                    help="with --native: every native row also runs with the rescored head (all logits from a 4-bit "
+                         "copy of the int8 head, the top K from its int8 rows; backends/native_head.py)")
     ap.add_argument("--model-file", action="append", default=[], metavar="DTYPE=PATH",
                     help="use this converted model file for DTYPE (e.g. int4-h8=ref-int4h8.rwkve, made with --calib) "
                          "instead of converting --model; checked against --model's fingerprint and the dtype")
@@ -281,6 +286,8 @@ def _main(argv=None) -> int:
     ap.add_argument("--workdir", default=os.path.join(os.path.dirname(HERE), "out", "bench"))
     ap.add_argument("--one", help=argparse.SUPPRESS)   # internal: run one configuration (JSON)
     args = ap.parse_args(argv)
+    if args.head_rescore and (args.head_rescore < 0 or not args.native):
+        ap.error("--head-rescore K needs --native and K > 0")
     if args.one:
         cfg = json.loads(args.one)
         if cfg["impl"] == "llama-check":
@@ -386,8 +393,19 @@ def native_cfgs(base, f, predictors=None, sets=None, dtype="int8") -> list:
     return cfgs
 
 
+def _head_rows(args, cfgs) -> list:
+    """--head-rescore K: each native row followed by its twin with the rescored head."""
+    out = []
+    for c in cfgs:
+        out.append(c)
+        if args.head_rescore and c.get("backend") == "native":
+            out.append(dict(c, name=f"{c['name']} head{args.head_rescore}", head_rescore=args.head_rescore))
+    return out
+
+
 def _run_all(args, cfgs) -> int:
     """Run each configuration in its own process, print its JSON line, then the ratio lines."""
+    cfgs = _head_rows(args, cfgs)
     results, llama_ok, failed = {}, True, []
     for cfg in cfgs:
         if cfg["impl"] == "llama.cpp" and not llama_ok:
@@ -466,6 +484,10 @@ def _run_all(args, cfgs) -> int:
                   f"native_exact_vs_native_dense={ratio(f'native exact {d}', f'native dense {d}'):.2f} "
                   f"native_dense_vs_native_dense_int8={ratio(f'native dense {d}', 'native dense int8'):.2f} "
                   f"native_sparse_vs_native_sparse_int8={ratio(f'native sparse {d}', 'native sparse int8'):.2f}")
+    heads = [(c["name"], c["name"].rsplit(" head", 1)[0]) for c in cfgs if c.get("head_rescore")]
+    if heads:
+        print(" ".join(f"[{b}] head{args.head_rescore}_vs_plain={rate(h) / rate(b):.2f}" for h, b in heads
+                       if rate(h) and rate(b)))
     if failed:
         print(f"{PROG}: error: {len(failed)} of {len(cfgs)} configuration(s) failed; first: {failed[0]}",
               file=sys.stderr)
