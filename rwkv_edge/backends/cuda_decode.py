@@ -78,7 +78,13 @@ dense 5873 / 5892, exact 5490 / 5455, predicted 5092 / 5061; W_v^T + W_k in the 
 hitRatio 0.78): exact 5436, predicted 4927. ncu (exact, ffn_key, --cache-control none, mean of 24
 launches): DRAM reads per layer 2.35 and 1.88 MB off (two runs), 1.90 and 1.95 MB on (with and without
 evict_last), 1.64 MB with no value rows (diag 1): the ~0.28 MB of value rows still come mostly from
-HBM, so the dependent round trip stays an HBM trip.
+HBM, so the dependent round trip stays an HBM trip. With the eviction hints off, the window gives
+exact 5191 vs 5111 and predicted 4869 vs 4852 (the hints alone: 5490 / 5097). A plain check
+(tools/gpu_l2_window_check.py on that branch: a 24 MiB buffer summed, then 64 MiB streamed): eager
+with a stream window 14.6 vs 25.6 us per hot sum in one round, 21.7 vs 22.8 in the next; captured,
+with the window on the nodes or the capture stream, 36.4 vs 37.2 us per pair. Also seen: the same
+exact setting timed 5464-5708 tok/s across rebuilds in one process with no window at all (the
+fastest build 4% above the rest, not always the first), so buffer placement matters at this size.
 """
 from __future__ import annotations
 
