@@ -1,7 +1,8 @@
 /* FFN of the native backend (see nk_rwkv7.c for the whole forward).
  *
- * Dense: every neuron's key row (int8 dots, TB tokens per row load in prefill), then the value
- * column of each neuron with relu(k)^2 > 0 (the same sum as reading all of them).
+ * Dense ("exact"): every neuron's key row (int8 dots, TB tokens per row load in prefill), then the value
+ * column of each neuron with relu(k)^2 > 0 (the same sum as reading all of them). The every-row dense
+ * FFN (`ffn="dense"`: value rows as activation-rounded dots) is nk_dense.c.
  * Sparse: the layer's n-bit predictor scores all F neurons (nk_pred.c; with AVX-512 VNNI one fused
  * pass: scores, threshold and compaction), the neurons with score >= thr form the set; decode reads
  * only their key rows, then the value columns of the active ones. Prefill runs the dense key pass over a chunk (each key row read once for all its
@@ -112,7 +113,7 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
         int64_t n = 0;
         for (int64_t j = lo; j < hi; j++) {
             float a = s->keys[j - lo] * kscale(b, j);
-            if (a > 0) {
+            if (a > 0 && (!f->mask || f->mask[j])) {
                 s->pj[n] = (int32_t)j;
                 s->ph[n++] = a * a * vscale(b, j);
             }
@@ -291,13 +292,17 @@ void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T,
     }
     memcpy(ffn_x, m->xa + (T - 1) * D, D * sizeof(float));
     NK_SPAN_RESET();         /* the prefill's shift is pool call 11 */
+    if (m->dense && !p && !m->goff) {              /* every key and value row (nk_dense.c) */
+        nk_ffn_dense_rows(m, b, T, stats);
+        return;
+    }
     if (T > 1 && p && !m->goff) {
         /* sparse prefill: the dense key pass over the chunk (each key row read once for all T tokens);
          * a neuron adds to token t iff relu(k) > 0 and its score >= thr, so only the active neurons
          * are scored (each token's predictor prep is done above): the same sums as T sparse steps at
          * a fraction of the predictor's work */
         c.pred = p;
-    } else if (T > 1 && m->goff) {
+    } else if ((T > 1 || m->sets_all_keys) && m->goff) {
         /* sparse prefill: every token's set first, then the dense key pass over the chunk (each key
          * row read once for all T tokens) with the values of each token's predicted neurons only:
          * the same sums as T sparse steps, without T scattered reads of the key rows */
@@ -306,7 +311,7 @@ void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T,
             int64_t n = sparse_set(m, p, t);
             for (int64_t q = 0; q < n; q++)
                 m->mask[t * m->F + m->idx[q]] = 1;
-            stats[0] += n;
+            stats[0] += m->sets_all_keys ? m->F : n;   /* all_keys: every key row read (bytes) */
         }
         c.mask = m->mask;
     }

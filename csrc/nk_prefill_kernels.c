@@ -167,22 +167,11 @@ VNNI static void dots4_pairs(const int8_t *X, const int32_t *init, int64_t T, in
 
 #define NK_PAIRS_MAX (96 * 1024)     /* the pairs buffer on the stack: T <= 64 at I <= 1024 (larger: built in slices) */
 
-VNNI void nk_dots4_vnni512(const uint8_t *base, const uint16_t *sbase, int64_t stride, int64_t sstride,
-                           const int32_t *idx, int64_t n, int64_t I, const int8_t *X, const float *xs,
-                           const int32_t *init, int64_t T, float *y, int64_t ldy) {
-    int64_t H = I / 2, G = I / NK_GS, TS = T;
-    uint8_t P[NK_PAIRS_MAX] __attribute__((aligned(64)));
-    while ((TS + 1) / 2 * (G / 2) * 192 > NK_PAIRS_MAX)   /* a slice of token pairs that fits (even) */
-        TS = (TS / 2 + 1) & ~(int64_t)1;
-    if (TS < T) {                                          /* 6 | slices is not needed: tiles restart per slice */
-        for (int64_t t0 = 0; t0 < T; t0 += TS) {
-            int64_t nt = T - t0 < TS ? T - t0 : TS;
-            nk_dots4_vnni512(base, sbase, stride, sstride, idx, n, I, X + t0 * I, xs + t0 * G,
-                             init + t0 * NK_INIT(G), nt, y + t0 * ldy, ldy);
-        }
-        return;
-    }
-    dots4_pairs(X, init, T, I, P);
+/* the rows against tokens [0, T) whose pairs are in P */
+VNNI static void dots4_rows(const uint8_t *base, const uint16_t *sbase, int64_t stride, int64_t sstride,
+                            const int32_t *idx, int64_t n, int64_t I, const uint8_t *P, const float *xs, int64_t T,
+                            float *y, int64_t ldy) {
+    int64_t H = I / 2;
     for (int64_t p = 0; p < n; p += 4) {
         const uint8_t *w[4];
         const uint16_t *s[4];
@@ -204,6 +193,20 @@ VNNI void nk_dots4_vnni512(const uint8_t *base, const uint16_t *sbase, int64_t s
             default: dots4_512_tile(w, s, I, P, xs, t0, T, p, n, y, ldy, 1); break;
             }
         }
+    }
+}
+
+VNNI void nk_dots4_vnni512(const uint8_t *base, const uint16_t *sbase, int64_t stride, int64_t sstride,
+                           const int32_t *idx, int64_t n, int64_t I, const int8_t *X, const float *xs,
+                           const int32_t *init, int64_t T, float *y, int64_t ldy) {
+    int64_t G = I / NK_GS, TS = T;
+    uint8_t P[NK_PAIRS_MAX] __attribute__((aligned(64)));
+    while ((TS + 1) / 2 * (G / 2) * 192 > NK_PAIRS_MAX)   /* a slice of token pairs that fits (even) */
+        TS = (TS / 2 + 1) & ~(int64_t)1;
+    for (int64_t t0 = 0; t0 < T; t0 += TS) {               /* tiles restart per slice */
+        int64_t nt = T - t0 < TS ? T - t0 : TS;
+        dots4_pairs(X + t0 * I, init + t0 * NK_INIT(G), nt, I, P);
+        dots4_rows(base, sbase, stride, sstride, idx, n, I, P, xs + t0 * G, nt, y + t0 * ldy, ldy);
     }
 }
 #endif

@@ -14,6 +14,8 @@ the per-round paired difference, and whether the last logits are bit-identical.
 --prefill N: time one forward of N tokens (a prompt eval: the last token's logits) per round instead of
 the steps, and print tok/s of the prefill.
 
+"dense" rows are the backend's default FFN without predictor, i.e. the exact one (value rows only where
+relu(k)^2 > 0); the every-row dense FFN is `NativeRWKV7.open(path, ffn="dense")` (tools/bench.py --native).
 "new" is this checkout's build (rwkv_edge.backends._nk), "base" the library given. Build the other
 checkout in place first (`python setup.py build_ext --inplace` there). --threads N (default 1). Hold the bench lock.
 """

@@ -14,7 +14,7 @@ serial spans between pool calls: rounding, layer norms + shifts, predictor prep,
     flock -x /work/wt/bench.lock python tools/native_phases.py --lib /tmp/_nk_prof.so --threads 2 \
         --prefill 512 --model /work/art/ref-int4h8.rwkve --predictors /work/art/q2.npz --mode sparse
 
-Modes: dense, sets (the replayed active sets), sparse (the sets + the 2-bit predictor scored). GB/s per
+Modes: dense (the default exact FFN), sets (the replayed active sets), sparse (the sets + the 2-bit predictor scored). GB/s per
 phase = its weight bytes / its wall time (rkv, o, head: all rows; pred: codes + scales + zeros; ffn: the
 key rows and value columns read (stats); tmix: the LoRAs, whose per-head wkv state traffic is not
 counted). "serial" is the forward's time outside pool calls. Hold the bench lock.
