@@ -2,7 +2,8 @@
 (order reversed every other round) through tools/bench.py --one (one process per row, bench's own timing: the
 median of three prefills of --prefill-tokens), so a neighbour's burst on a shared machine hits all rows of
 a round alike; prints each row's per-round figures and median, and the ratios of the medians against
-llama.cpp Q4_0 (int4 rows) and Q8_0 (int8 rows).
+llama.cpp Q4_0 (int4 rows) and Q8_0 (int8 rows). Rows as tools/bench.py --native names them: dense (every
+key and value row), exact (the default: value rows only where relu(k)^2 > 0), sparse (with the bundle).
 
     flock -x /work/wt/bench.lock python tools/prefill_peer.py --base OTHER_CHECKOUT --threads 2 --rounds 5 \\
         --model-file int4-h8=/work/art/ref-int4h8.rwkve --model-file int8=/work/art/ref-int8.rwkve \\
@@ -41,7 +42,8 @@ def main(argv=None):
         for spec in args.model_file:
             d, path = spec.split("=", 1)
             one = dict(base, name="x", impl="rwkv-edge", dtype=d, file=path, backend="native")
-            rows.append((f"{who} dense {d}", root, dict(one, dense=True)))
+            rows.append((f"{who} dense {d}", root, dict(one, dense=True, native_ffn="dense")))   # every row
+            rows.append((f"{who} exact {d}", root, dict(one, dense=True)))    # value rows where relu(k) > 0
             if args.predictors:
                 rows.append((f"{who} sparse {d}", root, dict(one, predictors=args.predictors)))
     for q, f in ggufs.items():
