@@ -43,6 +43,7 @@ typedef struct {               /* per-thread scratch */
     int32_t *pjT;              /* prefill: (TB, NB + 20) each token's active neurons of a key block (nk_ffn.c) */
     float *phT;                /*   and their h */
     int64_t cnt[TB];           /*   and how many */
+    float *lnprev;             /* (D,) prefill: the normed token before a thread's share (nk_shift_prefill) */
 } nk_tls;
 
 typedef struct {
@@ -94,6 +95,16 @@ void nk_att_prefill(nk_model *m, const nk_layer *b, int64_t T, float *S, const f
 /* nk_quantize of T rows of x (T, I) into X (T, I), xs (T, I / NK_GS), vectorised (nk_prefill.c) */
 void nk_quantize_many(const nk_model *m, const float *x, int64_t T, int64_t I, int8_t *X, float *xs);
 void nk_quantize4_many(const nk_model *m, const float *x, int64_t T, int64_t I, int8_t *X, float *xs, int32_t *init);
+/* the prefill's elementwise parts (nk_prefill_elem.c; see there): one token's time-mix elementwise
+ * part, the gate's sigmoid rows, head h's group norm for T tokens, and a chunk's layer norm + token
+ * shifts over threads */
+void nk_mix_token(const nk_model *m, const nk_layer *b, int first, float *k, float *v, const float *vf, float *W,
+                  float *A, const float *GV, float *KN);
+void nk_sigmoid_rows(const nk_model *m, float *x, int64_t T, int64_t n, int64_t ld);
+void nk_head_out_rows(const nk_layer *b, int64_t N, int64_t h, int64_t D, int64_t T, const float *r, const float *k,
+                      const float *v, const float *g, float *y);
+void nk_shift_prefill(nk_model *m, int64_t T, const float *lnw, const float *lnb, const float *prev0,
+                      const float *const *mw, float *const *out, int nmix, int bits, const nk_pred *p);
 /* the top head_k logits of each of T rows of out recomputed from the int8 head (nk_head.c) */
 void nk_head_rescore(nk_model *m, const float *xa, int64_t T, float *out, int64_t ldy);
 /* x += FFN(token-shifted ln2 x) for T tokens (nk_ffn.c) */

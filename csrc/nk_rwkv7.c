@@ -105,10 +105,12 @@ void nk_quantize_rows4(nk_model *m, const float *x, int64_t T, int64_t I) {
 /* y (T, O) = x (T, I) @ W.T for an int8 (W, s) or, with W NULL, an int4 (W4, s4) matrix (O, I) */
 static void linear(nk_model *m, const int8_t *W, const float *s, const uint8_t *W4, const uint16_t *s4, int64_t O,
                    int64_t I, const float *x, int64_t T, float *y, int64_t ldy) {
+    NK_SPAN0();
     if (W)
         nk_quantize_rows(m, x, T, I);
     else
         nk_quantize_rows4(m, x, T, I);
+    NK_SPAN(10);
     lin_ctx c = {m, W, s, W4, s4, I, T, ldy, y};
     nk_pool_run(m->pool, lin_task, &c, O);
 }
@@ -228,15 +230,17 @@ static void heads_task(void *c, int tid, int64_t lo, int64_t hi) {
 static void time_mix(nk_model *m, const nk_layer *b, int64_t T, float *att_x, float *S, const float *S0, int first) {
     int64_t D = m->D, H = m->H;
     const float *mixw[6] = {b->x_r, b->x_w, b->x_k, b->x_v, b->x_a, b->x_g};
-    for (int64_t t = 0; t < T; t++)
-        nk_layer_norm(m->x + t * D, b->ln1_w, b->ln1_b, 1e-5f, D, m->xa + t * D);
-    for (int64_t t = 0; t < T; t++) {              /* token shift: x + (prev - x) * mix */
-        const float *xa = m->xa + t * D, *prev = t ? xa - D : att_x;
-        for (int c = 0; c < 6; c++)
+    NK_SPAN0();
+    if (T > 1) {                                   /* prefill: over threads by token (nk_prefill.c) */
+        nk_shift_prefill(m, T, b->ln1_w, b->ln1_b, att_x, mixw, m->mix, 6, 0, NULL);
+    } else {
+        nk_layer_norm(m->x, b->ln1_w, b->ln1_b, 1e-5f, D, m->xa);
+        for (int c = 0; c < 6; c++)                /* token shift: x + (prev - x) * mix */
             for (int64_t d = 0; d < D; d++)
-                m->mix[c][t * D + d] = xa[d] + (prev[d] - xa[d]) * mixw[c][d];
+                m->mix[c][d] = m->xa[d] + (att_x[d] - m->xa[d]) * mixw[c][d];
     }
     memcpy(att_x, m->xa + (T - 1) * D, D * sizeof(float));
+    NK_SPAN_RESET();         /* the prefill's shift is pool call 11 */
     lora_head_prefetch(b->g1, D, m->dg);             /* the first LoRAs (of two threads), while r/k/v stream */
     lora_head_prefetch(b->w1, D, m->dw);
     NK_TAG(0);
@@ -265,8 +269,10 @@ static void time_mix(nk_model *m, const nk_layer *b, int64_t T, float *att_x, fl
 #endif
     NK_TAG(1);
     linear(m, b->Wo, b->so, b->Wo4, b->so4, D, D, m->y, T, m->o, D);
+    NK_SPAN_RESET();
     for (int64_t i = 0; i < T * D; i++)
         m->x[i] += m->o[i];
+    NK_SPAN(13);
 }
 
 /* ---- the public entry points (called through ctypes) ------------------------------------------- */
@@ -345,6 +351,7 @@ void *nk_model_new(const int64_t *dims, const void *const *glob, const void *con
         m->tls[i].sel = malloc(F * sizeof(int32_t));
         m->tls[i].pjT = malloc(TB * (NB + 20) * sizeof(int32_t));
         m->tls[i].phT = malloc(TB * (NB + 20) * sizeof(float));
+        m->tls[i].lnprev = malloc(D * sizeof(float));
     }
     return m;
 }
@@ -373,7 +380,7 @@ void nk_model_free(void *mp) {
     for (int i = 0; i < NK_MAXT; i++)
         free(m->tls[i].out), free(m->tls[i].keys), free(m->tls[i].pj), free(m->tls[i].ph), free(m->tls[i].sc), free(m->tls[i].sel);
     for (int i = 0; i < NK_MAXT; i++)
-        free(m->tls[i].pjT), free(m->tls[i].phT);
+        free(m->tls[i].pjT), free(m->tls[i].phT), free(m->tls[i].lnprev);
     free(m->hscratch), free(m->hval), free(m->hcand), free(m->hidx);
     free(m->layers), free(m->pred), free(m);
 }
