@@ -29,6 +29,18 @@ def int8_file_heads16(tiny_ckpt, tmp_path_factory):
     return str(convert(tiny_ckpt("x070", n_embd=512, head_size=32, seed=4), out, "int8"))
 
 
+def _close_steps(got, want):
+    """tn._close for a run of decode steps: an activation on a rounding boundary that rounds the other way
+    in one thread count moves the logits of that step and of the steps the recurrence carries it to (seen
+    on int8_file_heads16, about 1 run in 30 at ee8141a: steps 4-9 of 12 at 4e-3 to 7e-3, the same
+    values every time it happened: the pool hands out chunks to whichever thread claims first, so the
+    neurons each thread sums, and their float order, vary between runs), so the median of 12 steps may
+    land on them. A wrong row, scale or split moves every step: at least a quarter of the steps within
+    float order, and none beyond FLIP."""
+    e = np.array([tn._rel(g, w) for g, w in zip(got, want)])
+    assert np.percentile(e, 25) < 1e-4 and e.max() < tn.FLIP, e
+
+
 @pytest.mark.parametrize("fixture", ["int8_file_wide", "int8_file_heads16"])
 def test_decode_steps_threads_match_one_thread(request, fixture):
     """Decode steps (T = 1: the LoRA pairs as pool tasks, r/k/v/o rows, predictor rows, FFN neurons
@@ -65,7 +77,7 @@ def test_decode_steps_threads_match_one_thread(request, fixture):
             if mode == "sparse":
                 assert rec.sum() > 0 and rec.mean() < 0.9
             if np.array_equal(rec, rec1):
-                tn._close(got, want)
+                _close_steps(got, want)
                 assert tn._rel(s.wkv, s1.wkv) < 1e-3 and tn._rel(s.ffn_x, s1.ffn_x) < 1e-3
 
 
