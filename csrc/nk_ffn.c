@@ -1,7 +1,8 @@
 /* FFN of the native backend (see nk_rwkv7.c for the whole forward).
  *
- * Dense: every neuron's key row (int8 dots, TB tokens per row load in prefill), then the value
- * column of each neuron with relu(k)^2 > 0 (the same sum as reading all of them).
+ * Dense ("exact"): every neuron's key row (int8 dots, TB tokens per row load in prefill), then the value
+ * column of each neuron with relu(k)^2 > 0 (the same sum as reading all of them). The every-row dense
+ * FFN (`ffn="dense"`: value rows as activation-rounded dots) is nk_dense.c.
  * Sparse: the layer's n-bit predictor scores all F neurons (nk_pred.c; with AVX-512 VNNI one fused
  * pass: scores, threshold and compaction), the neurons with score >= thr form the set; decode reads
  * only their key rows, then the value columns of the active ones. Prefill runs the dense key pass over a chunk (each key row read once for all its
@@ -118,7 +119,7 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
         int64_t n = 0;
         for (int64_t j = lo; j < hi; j++) {
             float a = s->keys[j - lo] * kscale(b, j);
-            if (a > 0) {
+            if (a > 0 && (!f->mask || f->mask[j])) {
                 s->pj[n] = (int32_t)j;
                 s->ph[n++] = a * a * vscale(b, j);
             }
@@ -138,7 +139,9 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
         cnt[t] = 0;
     for (int64_t j0 = lo; j0 < hi; j0 += NB) {
         int64_t nb = hi - j0 < NB ? hi - j0 : NB;
+        NK_BUSY0();
         key_dots(m, b, NULL, j0, nb, 0, T, s->keys, NB);
+        NK_BUSY(14, tid);
 #ifdef NK_X86
         int fast = !f->mask && nb % 16 == 0 && m->k == nk_kern_get(2);
 #else
@@ -172,11 +175,13 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
                 n = k;
             }
             s->nval += n - c0;
+            NK_BUSY(15, tid);
             int64_t full = j0 + NB < hi ? n / 4 * 4 : n;          /* the last block: all of them */
             value_columns(m, b, pj, ph, full, s->out + t * D, 1);
             for (int64_t q = full; q < n; q++)
                 pj[q - full] = pj[q], ph[q - full] = ph[q];
             cnt[t] = n - full;
+            NK_BUSY(16, tid);
         }
     }
 }
@@ -274,27 +279,36 @@ static int64_t sparse_set(nk_model *m, const nk_pred *p, int64_t t) {
  * stats[1] += value columns read */
 void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T, float *ffn_x, int64_t *stats) {
     int64_t D = m->D, nt = nk_pool_size(m->pool);
-    for (int64_t t = 0; t < T; t++)
-        nk_layer_norm(m->x + t * D, b->ln2_w, b->ln2_b, 1e-5f, D, m->xa + t * D);
-    for (int64_t t = 0; t < T; t++) {
-        const float *xa = m->xa + t * D, *prev = t ? xa - D : ffn_x;
+    NK_SPAN0();
+    ffn_ctx c = {m, b, T, 0, NULL, NULL};
+    if (T > 1) {
+        /* prefill: norm, shift, rounding (and the predictor's prep: sparse prefill below) over threads
+         * by token (nk_prefill.c), the same floats as the steps' serial code */
+        const float *mw[1] = {b->ffn_xk};
+        float *out[1] = {m->fx};
+        nk_shift_prefill(m, T, b->ln2_w, b->ln2_b, ffn_x, mw, out, 1, b->kv4 ? 4 : 8, p && !m->goff ? p : NULL);
+    } else {
+        nk_layer_norm(m->x, b->ln2_w, b->ln2_b, 1e-5f, D, m->xa);
         for (int64_t d = 0; d < D; d++)
-            m->fx[t * D + d] = xa[d] + (prev[d] - xa[d]) * b->ffn_xk[d];
+            m->fx[d] = m->xa[d] + (ffn_x[d] - m->xa[d]) * b->ffn_xk[d];
+        if (b->kv4)
+            nk_quantize_rows4(m, m->fx, 1, D);
+        else
+            nk_quantize_rows(m, m->fx, 1, D);
     }
     memcpy(ffn_x, m->xa + (T - 1) * D, D * sizeof(float));
-    if (b->kv4)
-        nk_quantize_rows4(m, m->fx, T, D);
-    else
-        nk_quantize_rows(m, m->fx, T, D);
-    ffn_ctx c = {m, b, T, 0, NULL, NULL};
+    NK_SPAN_RESET();         /* the prefill's shift is pool call 11 */
+    if (m->dense && !p && !m->goff) {              /* every key and value row (nk_dense.c) */
+        nk_ffn_dense_rows(m, b, T, stats);
+        return;
+    }
     if (T > 1 && p && !m->goff) {
         /* sparse prefill: the dense key pass over the chunk (each key row read once for all T tokens);
          * a neuron adds to token t iff relu(k) > 0 and its score >= thr, so only the active neurons
-         * are scored: the same sums as T sparse steps at a fraction of the predictor's work */
-        for (int64_t t = 0; t < T; t++)
-            nk_pred_prep(p, m->fx + t * D, &m->pxt[t]);
+         * are scored (each token's predictor prep is done above): the same sums as T sparse steps at
+         * a fraction of the predictor's work */
         c.pred = p;
-    } else if (T > 1 && m->goff) {
+    } else if ((T > 1 || m->sets_all_keys) && m->goff) {
         /* sparse prefill: every token's set first, then the dense key pass over the chunk (each key
          * row read once for all T tokens) with the values of each token's predicted neurons only:
          * the same sums as T sparse steps, without T scattered reads of the key rows */
@@ -303,14 +317,17 @@ void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T,
             int64_t n = sparse_set(m, p, t);
             for (int64_t q = 0; q < n; q++)
                 m->mask[t * m->F + m->idx[q]] = 1;
-            stats[0] += n;
+            stats[0] += m->sets_all_keys ? m->F : n;   /* all_keys: every key row read (bytes) */
         }
         c.mask = m->mask;
     }
     if (c.mask || c.pred || (!p && !m->goff)) {
+        NK_SPAN_RESET();
         zero_outs(m, T * D);
+        NK_SPAN(13);
         NK_TAG(3);
         nk_pool_run(m->pool, ffn_dense_task, &c, m->F);
+        NK_SPAN_RESET();
         for (int64_t i = 0; i < nt; i++) {
             for (int64_t e = 0; e < T * D; e++)
                 m->x[e] += m->tls[i].out[e];
@@ -320,6 +337,7 @@ void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T,
         }
         if (!c.mask && !c.pred)
             stats[0] += T * m->F;
+        NK_SPAN(13);
         return;
     }
     for (int64_t t = 0; t < T; t++) {

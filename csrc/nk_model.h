@@ -43,6 +43,7 @@ typedef struct {               /* per-thread scratch */
     int32_t *pjT;              /* prefill: (TB, NB + 20) each token's active neurons of a key block (nk_ffn.c) */
     float *phT;                /*   and their h */
     int64_t cnt[TB];           /*   and how many */
+    float *lnprev;             /* (D,) prefill: the normed token before a thread's share (nk_shift_prefill) */
 } nk_tls;
 
 typedef struct {
@@ -54,6 +55,9 @@ typedef struct {
     const int8_t *head;        /* (V, D) int8 rows, or NULL and then head4 (V, D / 2) + head_s4 (V, D / 32) */
     const uint8_t *head4;
     const uint16_t *head_s4;
+    int64_t head_k;            /* > 0: head4 for all V logits, then the top head_k from the int8 rows (nk_head.c) */
+    float *hscratch, *hval;    /*   its scratch: (V,), (head_k,) */
+    int32_t *hcand, *hidx;     /*   (V,), (V,) */
     nk_layer *layers;
     nk_pred *pred;             /* (L,) or NULL */
     float *x, *xa, *mix[6], *r, *kk, *v, *vf, *y, *o, *fx;          /* (TB, D) */
@@ -76,6 +80,9 @@ typedef struct {
     float *pre[6];             /* prefill time-mix scratch (nk_prefill.c): (TB, lora_max) each */
     int64_t lora_max;          /* max(D, dw, da, dg, dv) */
     int64_t pre_T;             /* tokens of the chunk nk_att_prefill works on */
+    struct nk_dense *dense;    /* NULL (the exact FFN), or the every-row dense FFN's matrices (nk_dense.c) */
+    int sets_all_keys;         /* given sets, decode too: every key row, the values of the set (bench --shape
+                                * "exact" rows; nk_model_all_keys) */
 } nk_model;
 
 void nk_layer_norm(const float *x, const float *w, const float *b, float eps, int64_t D, float *out);
@@ -88,7 +95,23 @@ void nk_att_prefill(nk_model *m, const nk_layer *b, int64_t T, float *S, const f
 /* nk_quantize of T rows of x (T, I) into X (T, I), xs (T, I / NK_GS), vectorised (nk_prefill.c) */
 void nk_quantize_many(const nk_model *m, const float *x, int64_t T, int64_t I, int8_t *X, float *xs);
 void nk_quantize4_many(const nk_model *m, const float *x, int64_t T, int64_t I, int8_t *X, float *xs, int32_t *init);
+/* the prefill's elementwise parts (nk_prefill_elem.c; see there): one token's time-mix elementwise
+ * part, the gate's sigmoid rows, head h's group norm for T tokens, and a chunk's layer norm + token
+ * shifts over threads */
+void nk_mix_token(const nk_model *m, const nk_layer *b, int first, float *k, float *v, const float *vf, float *W,
+                  float *A, const float *GV, float *KN);
+void nk_sigmoid_rows(const nk_model *m, float *x, int64_t T, int64_t n, int64_t ld);
+void nk_head_out_rows(const nk_layer *b, int64_t N, int64_t h, int64_t D, int64_t T, const float *r, const float *k,
+                      const float *v, const float *g, float *y);
+void nk_shift_prefill(nk_model *m, int64_t T, const float *lnw, const float *lnb, const float *prev0,
+                      const float *const *mw, float *const *out, int nmix, int bits, const nk_pred *p);
+/* the top head_k logits of each of T rows of out recomputed from the int8 head (nk_head.c) */
+void nk_head_rescore(nk_model *m, const float *xa, int64_t T, float *out, int64_t ldy);
 /* x += FFN(token-shifted ln2 x) for T tokens (nk_ffn.c) */
 void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T, float *ffn_x, int64_t *stats);
+
+/* the every-row dense FFN (nk_dense.c): x += FFN of T tokens, fx already rounded; and its free */
+void nk_ffn_dense_rows(nk_model *m, const nk_layer *b, int64_t T, int64_t *stats);
+void nk_dense_free(nk_model *m);
 
 #endif

@@ -3,14 +3,17 @@
  * - the LoRAs (M (I, O) int8 (in, out) + column scale cs (O,)) for all T tokens at once: each int8
  *   row of M is converted to float once per block of up to 6 tokens and FMA'd into all of them
  *   (decode: once per token), 6 tokens x 16 outputs of accumulators in registers;
- * - the elementwise part token by token with the steps' scalar code (libm expf: an 8-wide polynomial
- *   exp differs from it by ~1 ulp, enough to flip an int8 rounding of a later activation, which the
- *   prefill-vs-steps tests see as a 2e-2 jump in one token's logits);
+ * - the elementwise part token by token with the steps' operations (nk_prefill_elem.c: libm's expf, or
+ *   at the VNNI level a 16-lane expf bit-identical to glibc's; an 8-wide polynomial exp that differed by
+ *   ~1 ulp flipped an int8 rounding of a later activation, which the prefill-vs-steps tests saw as a
+ *   2e-2 jump in one token's logits);
  * - the wkv recurrence head by head over all T tokens (the head's (N, N) state, 16 KiB at N 64,
  *   stays in L1 across the chunk; decode walks all heads per token).
  * The LoRA sums keep the order of the steps' vecmat, so on the same inputs the prefill's time-mix
  * gives the steps' floats (the 6-token tile only reuses each converted row; it does not reorder sums).
- * Threads split the tokens (LoRAs, elementwise), then the heads (wkv, group norm).
+ * Threads split the tokens (LoRAs, elementwise), then the heads (wkv, group norm; one head per item).
+ * The elementwise parts (the per-token time-mix, gate sigmoid, norms four tokens at a time, the layer
+ * norm + token shift by token over threads) are in nk_prefill_elem.c.
  * Scratch: m->pre[0..5], (TB, max(D, LoRA dims)) floats each (nk_model_new).
  * Also here: the vectorised activation rounding of a chunk and wkv on 512-bit registers; the other
  * 512-bit prefill kernels (dots, value axpy, active neurons) are in nk_prefill_kernels.c.
@@ -214,32 +217,6 @@ void nk_quantize_many(const nk_model *m, const float *x, int64_t T, int64_t I, i
         nk_quantize(x + t * I, I, X + t * I, xs + t * (I / NK_GS));
 }
 
-static inline float sigmoidf_(float z) { return 1.0f / (1.0f + expf(-z)); }
-
-static void mix_token_generic(const nk_layer *b, int64_t D, int64_t N, int first, float *k, float *v, const float *vf,
-                              float *W, float *A, const float *GV, float *KN) {
-    for (int64_t d = 0; d < D; d++) {
-        if (!first)
-            v[d] += (vf[d] - v[d]) * sigmoidf_(b->v0[d] + GV[d]);
-        A[d] = sigmoidf_(b->a0[d] + A[d]);
-        KN[d] = k[d] * b->k_k[d];
-        W[d] = expf(-0.606531f * sigmoidf_(b->w0[d] + W[d]));
-    }
-    for (int64_t h = 0; h < D / N; h++) {
-        float ss = 0.0f, *kh = KN + h * N;
-        for (int64_t j = 0; j < N; j++)
-            ss += kh[j] * kh[j];
-        float inv = 1.0f / fmaxf(sqrtf(ss), 1e-12f);
-        for (int64_t j = 0; j < N; j++) {
-            int64_t d = h * N + j;
-            float kn = kh[j] * inv, a = A[d];
-            A[d] = kn * a;
-            k[d] = k[d] * (1.0f + (a - 1.0f) * b->k_a[d]);
-            kh[j] = -kn;
-        }
-    }
-}
-
 /* the SIMD paths need O % 16 (LoRA), D % 8 and N % 8 */
 static void lora_rows(int simd, const float *X, int64_t ldx, int64_t T, const int8_t *M, const float *cs, int64_t I,
                       int64_t O, float *Y, int64_t ldy) {
@@ -256,11 +233,11 @@ static void lora_rows(int simd, const float *X, int64_t ldx, int64_t T, const in
     lora_rows_generic(X, ldx, T, M, cs, I, O, Y, ldy);
 }
 
-/* x (T, n) (row stride ld) = tanh (kind 0) or sigmoid (kind 1) of itself */
-static void act_rows(float *x, int64_t T, int64_t n, int64_t ld, int kind) {
+/* x (T, n) (row stride ld) = tanh of itself (the decay's hidden LoRA layer) */
+static void tanh_rows(float *x, int64_t T, int64_t n, int64_t ld) {
     for (int64_t t = 0; t < T; t++) {
         for (int64_t j = 0; j < n; j++)
-            x[t * ld + j] = kind ? sigmoidf_(x[t * ld + j]) : tanhf(x[t * ld + j]);
+            x[t * ld + j] = tanhf(x[t * ld + j]);
     }
 }
 
@@ -279,17 +256,26 @@ VNNI static inline __m512 bcast8(const float *p) {
 
 VNNI static inline __m256 hi8(__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
 
+/* two passes over the rows: first every row's s0 . a (32 short FMA chains that do not wait on each
+ * other), then the update and s . r (a row pair's chain of the first pass had stalled its second) */
 VNNI static void wkv_512(float *S, const float *S0, int64_t N, const float *r, const float *w, const float *k,
                          const float *v, const float *a, const float *b, float *y) {
+    float sav_[256];                      /* N <= 256 (else the 256-bit kernel) */
+    for (int64_t i = 0; i < N; i += 2) {
+        const float *s0 = S0 + i * N;
+        __m512 sa = _mm512_setzero_ps();
+        for (int64_t j = 0; j < N; j += 8)
+            sa = _mm512_fmadd_ps(rows2(s0 + j, N), bcast8(a + j), sa);
+        sav_[i] = hsum8(_mm512_castps512_ps256(sa));
+        sav_[i + 1] = hsum8(hi8(sa));
+    }
     for (int64_t i = 0; i < N; i += 2) {
         float *s = S + i * N;
         const float *s0 = S0 + i * N;
-        __m512 sa = _mm512_setzero_ps(), acc = _mm512_setzero_ps();
-        for (int64_t j = 0; j < N; j += 8)
-            sa = _mm512_fmadd_ps(rows2(s0 + j, N), bcast8(a + j), sa);
+        __m512 acc = _mm512_setzero_ps();
         __m512 sav = _mm512_castpd_ps(_mm512_insertf64x4(
-            _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(hsum8(_mm512_castps512_ps256(sa))))),
-            _mm256_castps_pd(_mm256_set1_ps(hsum8(hi8(sa)))), 1));
+            _mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(sav_[i]))),
+            _mm256_castps_pd(_mm256_set1_ps(sav_[i + 1])), 1));
         __m512 vi = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(v[i]))),
                                                         _mm256_castps_pd(_mm256_set1_ps(v[i + 1])), 1));
         for (int64_t j = 0; j < N; j += 8) {
@@ -320,17 +306,18 @@ static void att_tokens_task(void *c, int tid, int64_t lo, int64_t hi) {
     nk_model *m = a->m;
     const nk_layer *b = a->b;
     (void)tid;
-    int64_t D = m->D, N = m->N, lt = m->lora_max, T = hi - lo;
+    int64_t D = m->D, lt = m->lora_max, T = hi - lo;
     int simd = m->k == nk_kern_get(2) ? 2 : m->k != nk_kern_get(0);  /* 2: 512-bit LoRA tile, 1: 256-bit */
     float *W = m->pre[0] + lo * D, *A = m->pre[1] + lo * D, *Gt = m->pre[2] + lo * D, *GV = m->pre[3] + lo * D;
     float *t1 = m->pre[5] + lo * lt;
+    NK_BUSY0();
     lora_rows(simd, m->mix[1] + lo * D, D, T, b->w1, b->w1s, D, m->dw, t1, lt);          /* decay */
-    act_rows(t1, T, m->dw, lt, 0);
+    tanh_rows(t1, T, m->dw, lt);
     lora_rows(simd, t1, lt, T, b->w2, b->w2s, m->dw, D, W, D);
     lora_rows(simd, m->mix[4] + lo * D, D, T, b->a1, b->a1s, D, m->da, t1, lt);          /* in-context rate */
     lora_rows(simd, t1, lt, T, b->a2, b->a2s, m->da, D, A, D);
     lora_rows(simd, m->mix[5] + lo * D, D, T, b->g1, b->g1s, D, m->dg, t1, lt);          /* output gate */
-    act_rows(t1, T, m->dg, lt, 1);
+    nk_sigmoid_rows(m, t1, T, m->dg, lt);
     lora_rows(simd, t1, lt, T, b->g2, b->g2s, m->dg, D, Gt, D);
     if (a->first) {
         memcpy(m->vf + lo * D, m->v + lo * D, T * D * sizeof(float));
@@ -338,11 +325,13 @@ static void att_tokens_task(void *c, int tid, int64_t lo, int64_t hi) {
         lora_rows(simd, m->mix[3] + lo * D, D, T, b->v1, b->v1s, D, m->dv, t1, lt);
         lora_rows(simd, t1, lt, T, b->v2, b->v2s, m->dv, D, GV, D);
     }
+    NK_BUSY(17, tid);
     for (int64_t t = lo; t < hi; t++) {
         int64_t o = t * D;
-        mix_token_generic(b, D, N, a->first, m->kk + o, m->v + o, m->vf + o, m->pre[0] + o, m->pre[1] + o,
-                          m->pre[3] + o, m->pre[4] + o);
+        nk_mix_token(m, b, a->first, m->kk + o, m->v + o, m->vf + o, m->pre[0] + o, m->pre[1] + o, m->pre[3] + o,
+                     m->pre[4] + o);
     }
+    NK_BUSY(18, tid);
 }
 
 /* heads [lo, hi): the wkv over all T tokens (the head's state stays in L1 for the chunk), then the
@@ -357,7 +346,7 @@ static void att_heads_task(void *c, int tid, int64_t lo, int64_t hi) {
     void (*wkv)(float *, const float *, int64_t, const float *, const float *, const float *, const float *,
                 const float *, const float *, float *) = m->k->wkv;
 #ifdef NK_X86
-    if (m->k == nk_kern_get(2) && N % 16 == 0)
+    if (m->k == nk_kern_get(2) && N % 16 == 0 && N <= 256)
         wkv = wkv_512;
 #endif
     for (int64_t h = lo; h < hi; h++)
@@ -366,11 +355,8 @@ static void att_heads_task(void *c, int tid, int64_t lo, int64_t hi) {
             wkv(a->S + h * N * N, (t ? a->S : a->S0) + h * N * N, N, m->r + o, W + o, m->kk + o, m->v + o, KN + o,
                 A + o, m->y + o);
         }
-    for (int64_t t = 0; t < T; t++) {
-        const float *r = m->r + t * D, *k = m->kk + t * D, *v = m->v + t * D, *g = Gt + t * D;
-        for (int64_t h = lo; h < hi; h++)
-            nk_head_out(b, N, h, r, k, v, g, m->y + t * D + h * N);
-    }
+    for (int64_t h = lo; h < hi; h++)                /* four tokens at a time (nk_prefill_elem.c) */
+        nk_head_out_rows(b, N, h, D, T, m->r, m->kk, m->v, Gt, m->y);
 }
 
 /* the prefill counterpart of time_mix's per-token loop (nk_rwkv7.c): from m->r, m->kk, m->v (T, D) and
@@ -380,8 +366,11 @@ static void att_heads_task(void *c, int tid, int64_t lo, int64_t hi) {
 void nk_att_prefill(nk_model *m, const nk_layer *b, int64_t T, float *S, const float *S0, int first) {
     att_ctx c = {m, b, S, S0, first};
     m->pre_T = T;
+    NK_TAG(8);
     nk_pool_run(m->pool, att_tokens_task, &c, T);
-    nk_pool_run(m->pool, att_heads_task, &c, m->H);
+    NK_TAG(9);
+    nk_pool_run_items(m->pool, att_heads_task, &c, m->H);    /* a head per item: H is 8 at D 512 (pool_run
+                                                                * runs < 16 rows on one thread) */
 }
 
 /* ---- for the tests (tests/test_native.py): the prefill's activation rounding at a level ---------- */

@@ -95,11 +95,11 @@ VNNI static inline __m512i pair512_si(const void *a, const void *b) {
 }
 
 VNNI static inline __attribute__((always_inline)) void dots4_512_tile(const uint8_t *const *w, const uint16_t *const *s,
-                                                                      int64_t I, const int8_t *X, const float *xs,
-                                                                      const int32_t *init, int64_t t0, int64_t T,
+                                                                      int64_t I, const uint8_t *P, const float *xs,
+                                                                      int64_t t0, int64_t T,
                                                                       int64_t p, int64_t n, float *y, int64_t ldy,
                                                                       const int NP) {
-    int64_t G = I / NK_GS, NI = NK_INIT(G);
+    int64_t G = I / NK_GS;
     const __m512i m15 = _mm512_set1_epi8(15);
     __m512 f[4][3];
     int64_t ta[3], tb[3];
@@ -128,9 +128,9 @@ VNNI static inline __attribute__((always_inline)) void dots4_512_tile(const uint
                 lo[k] = _mm512_and_si512(wb, m15), hi[k] = _mm512_and_si512(_mm512_srli_epi16(wb, 4), m15);
             }
             for (int q = 0; q < NP; q++) {
-                const int8_t *xa = X + ta[q] * I + 64 * pr, *xb = X + tb[q] * I + 64 * pr;
-                __m512i xlo = pair512_si(xa, xb), xhi = pair512_si(xa + 32, xb + 32);
-                __m512i iv = pair512_si(init + ta[q] * NI + 8 * pr, init + tb[q] * NI + 8 * pr);
+                const uint8_t *pq = P + ((ta[q] >> 1) * (G / 2) + pr) * 192;     /* dots4_pairs' layout */
+                __m512i xlo = _mm512_loadu_si512((const void *)pq), xhi = _mm512_loadu_si512((const void *)(pq + 64));
+                __m512i iv = _mm512_loadu_si512((const void *)(pq + 128));
                 for (int k = 0; k < 4; k++) {
                     __m512 sc = _mm512_permutexvar_ps(sel, _mm512_mul_ps(cv[k], xs2[q]));
                     __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(iv, lo[k], xlo), hi[k], xhi);
@@ -147,9 +147,30 @@ VNNI static inline __attribute__((always_inline)) void dots4_512_tile(const uint
         }
 }
 
-VNNI void nk_dots4_vnni512(const uint8_t *base, const uint16_t *sbase, int64_t stride, int64_t sstride,
-                           const int32_t *idx, int64_t n, int64_t I, const int8_t *X, const float *xs,
-                           const int32_t *init, int64_t T, float *y, int64_t ldy) {
+/* The activations of each token pair (t, t + 1) (t even; t + 1 -> t past the end) as the tile's
+ * registers hold them, built once per call instead of per four rows: per group pair pr, 192 bytes:
+ * xq[64 pr : 64 pr + 32] of t | of t + 1, then xq[64 pr + 32 : 64 pr + 64] of both, then the init
+ * terms init[8 pr : 8 pr + 8] of both (the same bytes the tile's pair loads assembled) */
+VNNI static void dots4_pairs(const int8_t *X, const int32_t *init, int64_t T, int64_t I, uint8_t *P) {
+    int64_t G = I / NK_GS, NI = NK_INIT(G);
+    for (int64_t ta = 0; ta < T; ta += 2) {
+        int64_t tb = ta + 1 < T ? ta + 1 : ta;
+        for (int64_t pr = 0; pr < G / 2; pr++) {
+            const int8_t *xa = X + ta * I + 64 * pr, *xb = X + tb * I + 64 * pr;
+            uint8_t *o = P + ((ta >> 1) * (G / 2) + pr) * 192;
+            _mm512_storeu_si512((void *)o, pair512_si(xa, xb));
+            _mm512_storeu_si512((void *)(o + 64), pair512_si(xa + 32, xb + 32));
+            _mm512_storeu_si512((void *)(o + 128), pair512_si(init + ta * NI + 8 * pr, init + tb * NI + 8 * pr));
+        }
+    }
+}
+
+#define NK_PAIRS_MAX (96 * 1024)     /* the pairs buffer on the stack: T <= 64 at I <= 1024 (larger: built in slices) */
+
+/* the rows against tokens [0, T) whose pairs are in P */
+VNNI static void dots4_rows(const uint8_t *base, const uint16_t *sbase, int64_t stride, int64_t sstride,
+                            const int32_t *idx, int64_t n, int64_t I, const uint8_t *P, const float *xs, int64_t T,
+                            float *y, int64_t ldy) {
     int64_t H = I / 2;
     for (int64_t p = 0; p < n; p += 4) {
         const uint8_t *w[4];
@@ -167,11 +188,25 @@ VNNI void nk_dots4_vnni512(const uint8_t *base, const uint16_t *sbase, int64_t s
             }
         for (int64_t t0 = 0; t0 < T; t0 += 6) {
             switch ((T - t0 + 1) / 2 < 3 ? (T - t0 + 1) / 2 : 3) {
-            case 3: dots4_512_tile(w, s, I, X, xs, init, t0, T, p, n, y, ldy, 3); break;
-            case 2: dots4_512_tile(w, s, I, X, xs, init, t0, T, p, n, y, ldy, 2); break;
-            default: dots4_512_tile(w, s, I, X, xs, init, t0, T, p, n, y, ldy, 1); break;
+            case 3: dots4_512_tile(w, s, I, P, xs, t0, T, p, n, y, ldy, 3); break;
+            case 2: dots4_512_tile(w, s, I, P, xs, t0, T, p, n, y, ldy, 2); break;
+            default: dots4_512_tile(w, s, I, P, xs, t0, T, p, n, y, ldy, 1); break;
             }
         }
+    }
+}
+
+VNNI void nk_dots4_vnni512(const uint8_t *base, const uint16_t *sbase, int64_t stride, int64_t sstride,
+                           const int32_t *idx, int64_t n, int64_t I, const int8_t *X, const float *xs,
+                           const int32_t *init, int64_t T, float *y, int64_t ldy) {
+    int64_t G = I / NK_GS, TS = T;
+    uint8_t P[NK_PAIRS_MAX] __attribute__((aligned(64)));
+    while ((TS + 1) / 2 * (G / 2) * 192 > NK_PAIRS_MAX)   /* a slice of token pairs that fits (even) */
+        TS = (TS / 2 + 1) & ~(int64_t)1;
+    for (int64_t t0 = 0; t0 < T; t0 += TS) {               /* tiles restart per slice */
+        int64_t nt = T - t0 < TS ? T - t0 : TS;
+        dots4_pairs(X + t0 * I, init + t0 * NK_INIT(G), nt, I, P);
+        dots4_rows(base, sbase, stride, sstride, idx, n, I, P, xs + t0 * G, nt, y + t0 * ldy, ldy);
     }
 }
 #endif

@@ -105,10 +105,12 @@ void nk_quantize_rows4(nk_model *m, const float *x, int64_t T, int64_t I) {
 /* y (T, O) = x (T, I) @ W.T for an int8 (W, s) or, with W NULL, an int4 (W4, s4) matrix (O, I) */
 static void linear(nk_model *m, const int8_t *W, const float *s, const uint8_t *W4, const uint16_t *s4, int64_t O,
                    int64_t I, const float *x, int64_t T, float *y, int64_t ldy) {
+    NK_SPAN0();
     if (W)
         nk_quantize_rows(m, x, T, I);
     else
         nk_quantize_rows4(m, x, T, I);
+    NK_SPAN(10);
     lin_ctx c = {m, W, s, W4, s4, I, T, ldy, y};
     nk_pool_run(m->pool, lin_task, &c, O);
 }
@@ -228,15 +230,17 @@ static void heads_task(void *c, int tid, int64_t lo, int64_t hi) {
 static void time_mix(nk_model *m, const nk_layer *b, int64_t T, float *att_x, float *S, const float *S0, int first) {
     int64_t D = m->D, H = m->H;
     const float *mixw[6] = {b->x_r, b->x_w, b->x_k, b->x_v, b->x_a, b->x_g};
-    for (int64_t t = 0; t < T; t++)
-        nk_layer_norm(m->x + t * D, b->ln1_w, b->ln1_b, 1e-5f, D, m->xa + t * D);
-    for (int64_t t = 0; t < T; t++) {              /* token shift: x + (prev - x) * mix */
-        const float *xa = m->xa + t * D, *prev = t ? xa - D : att_x;
-        for (int c = 0; c < 6; c++)
+    NK_SPAN0();
+    if (T > 1) {                                   /* prefill: over threads by token (nk_prefill.c) */
+        nk_shift_prefill(m, T, b->ln1_w, b->ln1_b, att_x, mixw, m->mix, 6, 0, NULL);
+    } else {
+        nk_layer_norm(m->x, b->ln1_w, b->ln1_b, 1e-5f, D, m->xa);
+        for (int c = 0; c < 6; c++)                /* token shift: x + (prev - x) * mix */
             for (int64_t d = 0; d < D; d++)
-                m->mix[c][t * D + d] = xa[d] + (prev[d] - xa[d]) * mixw[c][d];
+                m->mix[c][d] = m->xa[d] + (att_x[d] - m->xa[d]) * mixw[c][d];
     }
     memcpy(att_x, m->xa + (T - 1) * D, D * sizeof(float));
+    NK_SPAN_RESET();         /* the prefill's shift is pool call 11 */
     lora_head_prefetch(b->g1, D, m->dg);             /* the first LoRAs (of two threads), while r/k/v stream */
     lora_head_prefetch(b->w1, D, m->dw);
     NK_TAG(0);
@@ -265,14 +269,17 @@ static void time_mix(nk_model *m, const nk_layer *b, int64_t T, float *att_x, fl
 #endif
     NK_TAG(1);
     linear(m, b->Wo, b->so, b->Wo4, b->so4, D, D, m->y, T, m->o, D);
+    NK_SPAN_RESET();
     for (int64_t i = 0; i < T * D; i++)
         m->x[i] += m->o[i];
+    NK_SPAN(13);
 }
 
 /* ---- the public entry points (called through ctypes) ------------------------------------------- */
 enum { P_EMB, P_LN0W, P_LN0B, P_LNOW, P_LNOB, P_HEAD, P_HEADS, P_HEAD4, P_HEADS4, P_NGLOBAL };
 
-/* dims: L, D, H, N, F, V, dw, da, dg, dv, predictor bits (0: dense), predictor groups, threads, level
+/* dims: L, D, H, N, F, V, dw, da, dg, dv, predictor bits (0: dense), predictor groups, threads, level,
+ * head_k (0: the head as stored; > 0: rescored, both head.q and head q4 given)
  * glob: emb, ln0 w/b, ln_out w/b, head.q, head.scale, head q4, head s4 (NULL: int8); layers: L * sizeof(nk_layer) / sizeof(void *)
  * pointers; thr: (L,) thresholds (with a predictor). Returns NULL on a bad level or no memory. */
 void *nk_model_new(const int64_t *dims, const void *const *glob, const void *const *layers, const float *thr) {
@@ -289,6 +296,12 @@ void *nk_model_new(const int64_t *dims, const void *const *glob, const void *con
     m->emb = glob[P_EMB], m->ln0_w = glob[P_LN0W], m->ln0_b = glob[P_LN0B];
     m->lnout_w = glob[P_LNOW], m->lnout_b = glob[P_LNOB], m->head = glob[P_HEAD], m->head_s = glob[P_HEADS];
     m->head4 = glob[P_HEAD4], m->head_s4 = glob[P_HEADS4];
+    m->head_k = m->head && m->head4 && dims[14] > 0 ? dims[14] : 0;
+    if (m->head_k) {
+        int64_t K = m->head_k < m->V ? m->head_k : m->V;
+        m->hscratch = malloc(m->V * sizeof(float)), m->hval = malloc(K * sizeof(float));
+        m->hcand = malloc(m->V * sizeof(int32_t)), m->hidx = malloc(m->V * sizeof(int32_t));
+    }
     m->layers = malloc(m->L * sizeof(nk_layer));
     memcpy(m->layers, layers, m->L * sizeof(nk_layer));
     int64_t D = m->D, F = m->F, G = dims[11] > 0 ? dims[11] : 1;
@@ -338,6 +351,7 @@ void *nk_model_new(const int64_t *dims, const void *const *glob, const void *con
         m->tls[i].sel = malloc(F * sizeof(int32_t));
         m->tls[i].pjT = malloc(TB * (NB + 20) * sizeof(int32_t));
         m->tls[i].phT = malloc(TB * (NB + 20) * sizeof(float));
+        m->tls[i].lnprev = malloc(D * sizeof(float));
     }
     return m;
 }
@@ -346,6 +360,7 @@ void nk_model_free(void *mp) {
     nk_model *m = (nk_model *)mp;
     if (!m)
         return;
+    nk_dense_free(m);
     nk_pool_free(m->pool);
     float *bufs[] = {m->x, m->xa, m->mix[0], m->mix[1], m->mix[2], m->mix[3], m->mix[4], m->mix[5], m->r, m->kk,
                      m->v, m->vf, m->y, m->o, m->fx, m->w, m->a, m->g, m->nk, m->bb, m->gv, m->t1, m->xs, m->score};
@@ -365,7 +380,8 @@ void nk_model_free(void *mp) {
     for (int i = 0; i < NK_MAXT; i++)
         free(m->tls[i].out), free(m->tls[i].keys), free(m->tls[i].pj), free(m->tls[i].ph), free(m->tls[i].sc), free(m->tls[i].sel);
     for (int i = 0; i < NK_MAXT; i++)
-        free(m->tls[i].pjT), free(m->tls[i].phT);
+        free(m->tls[i].pjT), free(m->tls[i].phT), free(m->tls[i].lnprev);
+    free(m->hscratch), free(m->hval), free(m->hcand), free(m->hidx);
     free(m->layers), free(m->pred), free(m);
 }
 
@@ -408,7 +424,11 @@ int nk_forward(void *mp, const int32_t *tokens, int64_t T, float *att_x, float *
             nk_layer_norm(m->x + t * D, m->lnout_w, m->lnout_b, 1e-5f, D, m->xa + (t - h0) * D);
         float *out = full ? logits + c0 * m->V : logits;
         NK_TAG(4);
-        linear(m, m->head, m->head_s, m->head4, m->head_s4, m->V, D, m->xa, n - h0, out, m->V);
+        if (m->head_k > 0) {                            /* the rescored head: int4 all, int8 the top */
+            linear(m, NULL, NULL, m->head4, m->head_s4, m->V, D, m->xa, n - h0, out, m->V);
+            nk_head_rescore(m, m->xa, n - h0, out, m->V);
+        } else
+            linear(m, m->head, m->head_s, m->head4, m->head_s4, m->V, D, m->xa, n - h0, out, m->V);
     }
 #ifdef NK_PROF
     nk_prof_add(5, -1, nk_prof_now() - f0, 0);

@@ -116,8 +116,14 @@ def _candidate(parser, args, model):
         return m, f"{os.path.basename(args.candidate)} + {name}" if args.candidate else name
     if args.candidate:
         try:
-            return load_candidate(args.candidate, model, args.backend, args.device, args.onnx_variant), \
-                os.path.basename(os.path.normpath(args.candidate))
+            cand = load_candidate(args.candidate, model, args.backend, args.device, args.onnx_variant)
+            name = os.path.basename(os.path.normpath(args.candidate))
+            if args.native_ffn != "exact":              # the native backend's every-row dense FFN
+                from .backends.native import NativeRWKV7
+                if not isinstance(cand, NativeRWKV7) or cand.ffn is not None:
+                    _die(parser, "--native-ffn dense needs --backend native and a dense model file candidate")
+                cand, name = cand.with_ffn_mode(args.native_ffn), f"{name} (native ffn {args.native_ffn})"
+            return cand, name
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             _die(parser, str(e))
     path = args.model
@@ -162,6 +168,13 @@ def run_eval(args, parser) -> int:
         except ValueError as e:
             _die(parser, str(e))
     cand, name = _candidate(parser, args, model)
+    if args.head_rescore:
+        if not hasattr(cand, "with_head_rescore"):
+            parser.error("--head-rescore runs on the native backend: give --backend native and a --candidate file")
+        try:
+            cand, name = cand.with_head_rescore(args.head_rescore), f"{name} + head rescore {args.head_rescore}"
+        except (ValueError, RuntimeError) as e:
+            _die(parser, str(e))
     progress = not args.no_progress
     if args.save_base:
         base = compute_base(model, segs, ctx, top_k=args.top_k, tokenizer=tid, progress=progress)
@@ -188,6 +201,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--candidate", help="a converted model file (int8/fp16) of the same weights, an ONNX export dir, "
                                        "or a model package dir (default with --model PACKAGE: the package run sparse); "
                                        "a model file with --predictors runs sparse on them")
+    p.add_argument("--head-rescore", type=positive_int, metavar="K",
+                   help="native: the candidate's logits from a 4-bit copy of its int8 head, the top K from the "
+                        "int8 rows (backends/native_head.py)")
     p.add_argument("--onnx-variant", choices=["dense", "sparse"], default=None,
                    help="which graph of an ONNX export (default: sparse if it has one)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -200,6 +216,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=non_negative_int, default=0,
                    help="--save-base: keep the top K log-probs + tail mass per position; 0 (default) keeps all "
                         "as float16 (exact KL, 2 bytes x vocab per position)")
+    p.add_argument("--native-ffn", choices=["exact", "dense"], default="exact",
+                   help="--backend native --candidate FILE: the FFN without predictor, exact (default: value rows "
+                        "only where relu(k)^2 > 0, lossless) or dense (every row, the activation rounded to int8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_eval)
     return p

@@ -110,6 +110,25 @@ def test_converted_file_run_sparse_on_predictors(setup, capsys, backend):
     assert e.value.code == 2 and "must be a model file" in capsys.readouterr().err
 
 
+def test_native_ffn_dense_candidate(setup, capsys):
+    """--backend native --native-ffn dense: the converted file on the every-row dense FFN (its value
+    activation rounded to int8): a KLD of its own, not the exact FFN's; other candidates: exit 2."""
+    from rwkv_edge.backends import native
+    if not native.available()[0]:
+        pytest.skip("native extension not built")
+    d = setup
+    m, f, t = d / "m" / "m.pth", d / "m" / "m-int8.rwkve", d / "t.txt"
+    rc, exact, _ = run(capsys, "--model", m, "--candidate", f, "--text", t, "--backend", "native")
+    rc2, dense, _ = run(capsys, "--model", m, "--candidate", f, "--text", t, "--backend", "native",
+                        "--native-ffn", "dense")
+    assert rc == rc2 == 0 and "(native ffn dense)" in dense
+    e, g = kv(exact), kv(dense)
+    assert g["kld_mean"] != e["kld_mean"] and 0 < float(g["kld_mean"]) < 0.05 and float(g["same_top1"]) > 0.8
+    with pytest.raises(SystemExit) as ex:
+        run(capsys, "--model", m, "--candidate", f, "--text", t, "--backend", "numba", "--native-ffn", "dense")
+    assert ex.value.code == 2 and "--native-ffn dense needs --backend native" in capsys.readouterr().err
+
+
 def test_lambada_mode_reports_both_accuracies(setup, capsys):
     d = setup
     rc, out, _ = run(capsys, "--model", d / "m" / "m.pth", "--candidate", d / "m" / "m.pth", "--lambada",

@@ -193,6 +193,34 @@ def test_prefill_rounding_is_the_steps(T, I):
         assert all(np.array_equal(a, b) for a, b in zip(got, out4["generic"])), lv
 
 
+def test_prefill_expf_is_libm():
+    """The prefill's 16-lane expf (csrc/nk_prefill.c, VNNI level: the time-mix's sigmoids and decay) is
+    glibc's x86-64 expf bit for bit, so the prefill's time-mix stays the steps' floats (which call libm):
+    every 4099th float of all 2^32 (NaN skipped: any NaN), the boundaries of glibc's special cases, and
+    the LoRA outputs' range densely. A different libm (musl, macOS) may differ by an ulp: skipped there."""
+    import ctypes
+    import platform
+    lib = native._load()[0]
+    if platform.machine() not in ("x86_64", "AMD64") or platform.libc_ver()[0] != "glibc":
+        pytest.skip("compared with glibc's x86-64 expf")
+    lib.nk_test_expf.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    bits = np.arange(0, 2 ** 32, 4099, dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32)
+    hi, lo = np.float32(float.fromhex("0x1.62e42ep6")), np.float32(float.fromhex("-0x1.9fe368p6"))
+    edge = np.array([hi, np.nextafter(hi, np.float32(100)), lo, np.nextafter(lo, np.float32(-200)), -87.5, 88.0,
+                     0.0, -0.0, np.inf, -np.inf, 1e-30, -1e-30], np.float32)
+    x = np.concatenate([x[~np.isnan(x)], edge, np.linspace(-30, 30, 200001, dtype=np.float32)])
+    x = np.concatenate([x, np.zeros(-len(x) % 16, np.float32)])
+    y = np.empty_like(x)
+    if lib.nk_test_expf(x.ctypes.data, len(x), y.ctypes.data) != 0:
+        pytest.skip("no VNNI level on this CPU")
+    libm = ctypes.CDLL("libm.so.6")
+    libm.expf.restype, libm.expf.argtypes = ctypes.c_float, [ctypes.c_float]
+    with np.errstate(over="ignore"):                 # expf(88.8) is inf in both
+        want = np.frompyfunc(lambda v: libm.expf(float(v)), 1, 1)(x).astype(np.float32)
+    assert np.array_equal(y.view(np.uint32), want.view(np.uint32))
+
+
 @pytest.mark.parametrize("C, R", [(512, 77), (512, 2048), (1024, 45), (2048, 19), (768, 21)])
 def test_predictor_select(C, R):
     """The select (sparse decode: all rows; prefill: a list of candidates) keeps exactly the rows whose

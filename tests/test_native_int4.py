@@ -40,12 +40,14 @@ def _emulate_dots4(packed, scale, x):
 
 
 @pytest.mark.parametrize("n, I, T", [(13, 64, 1), (64, 512, 3), (5, 96, 64), (8, 288, 2), (4, 32, 5),
-                                     (70, 512, 1), (5, 96, 1), (9, 288, 1), (3, 32, 1), (41, 1120, 1), (9, 256, 64)])
+                                     (70, 512, 1), (5, 96, 1), (9, 288, 1), (3, 32, 1), (41, 1120, 1), (9, 256, 64),
+                                     (6, 1024, 64), (7, 2048, 64), (5, 4096, 37)])
 def test_dots4_equal_integer_emulation(n, I, T):
     """I 64: one pair; 512: the eight-group steps; 96 and 288: an odd last group; 32: that group alone.
     1120: eight-group steps, a pair left over and an odd group. T 1 (decode) prefetches further ahead
     (28 rows at I 512): 70 and 41 rows run past that distance. 256 with T 64: the 512-bit prefill
-    kernel's full and partial token tiles."""
+    kernel's full and partial token tiles; 1024-4096 with T 64 and 37: its token-pair buffer whole and in
+    slices (csrc/nk_prefill_kernels.c, 96 KiB on the stack)."""
     W = RNG.standard_normal((n, I)).astype(np.float32)
     packed, scale = quantize_q4(W)
     codes = unpack_q4(packed)

@@ -69,6 +69,41 @@ def test_decode_steps_threads_match_one_thread(request, fixture):
                 assert tn._rel(s.wkv, s1.wkv) < 1e-3 and tn._rel(s.ffn_x, s1.ffn_x) < 1e-3
 
 
+@pytest.mark.parametrize("fixture", ["int8_file_wide", "int8_file_heads16"])
+def test_prefill_threads_match_one_thread(request, fixture):
+    """A prefill of 40 tokens (one chunk; csrc/nk_prefill.c: norm + token shift + rounding + predictor
+    prep split by token, the token before a thread's share normed again; LoRAs by token; wkv one head per
+    item) at 2 and 3 threads against 1 thread. Layer 0 reads nothing whose float order a thread count
+    changes (the FFN's per-thread output sums come after it), so its time-mix state (att_x, wkv) and the
+    FFN's token shift (ffn_x) are bit-identical, and so are its sparse sets; the last logits and later
+    layers within float order, where one activation on a rounding boundary may round the other way and
+    the recurrence carries that to the end of the chunk (tn._close). From a non-zero state too (the
+    shift of the first token reads att_x)."""
+    path = request.getfixturevalue(fixture)
+    bundle = tn._bundle(load_modelfile(path, backend="reference"), 2)
+    first, toks = tn._toks(5, seed=21), tn._toks(40, seed=22)
+    runs = {}
+    for threads in (1, 2, 3):
+        m = NativeRWKV7.open(path, threads=threads)
+        L, F = m.config.n_layer, m.config.ffn_dim
+        for mode, mm in (("dense", m), ("sparse", m.with_predictors(bundle))):
+            s0 = NativeRWKV7.open(path).forward(first)[1]          # one thread: the same start for all
+            rec = np.zeros((len(toks), L, F), np.uint8)
+            o, s = mm.forward(toks, s0, record=rec if mode == "sparse" else None)
+            runs[threads, mode] = (o, s, rec)
+    for threads in (2, 3):
+        for mode in ("dense", "sparse"):
+            o, s, rec = runs[threads, mode]
+            o1, s1, rec1 = runs[1, mode]
+            assert np.array_equal(s.att_x[0], s1.att_x[0]) and np.array_equal(s.wkv[0], s1.wkv[0])
+            assert np.array_equal(s.ffn_x[0], s1.ffn_x[0]) and np.array_equal(rec[:, 0], rec1[:, 0])
+            if mode == "sparse":
+                assert rec.sum() > 0 and rec.mean() < 0.9
+            if np.array_equal(rec, rec1):      # the last token's logits: at most a rounding flip (tn.FLIP)
+                assert tn._rel(o, o1) < tn.FLIP
+                assert tn._rel(s.wkv, s1.wkv) < tn.FLIP and tn._rel(s.ffn_x, s1.ffn_x) < tn.FLIP
+
+
 def test_pool_contention_guard():
     """csrc/nk_pool.c's contention guard: after two calls whose worker sat on its chunk (here it sleeps
     2 ms, as a worker descheduled by another process would), the caller runs the next NK_SOLO (256)

@@ -56,10 +56,15 @@ def _load(cfg):
     m = open_model(cfg["file"], backend=cfg.get("backend", "numba"), predictors=cfg.get("predictors"),
                    device=cfg["device"], dtype=cfg["dtype"] if cfg["device"] == "cuda" else "fp32",
                    dense=cfg.get("dense", False))
+    if cfg.get("native_ffn") == "dense":        # the native every-row dense FFN (not the default exact one)
+        m = m.with_ffn_mode("dense")
+    if cfg.get("head_rescore"):                 # --head-rescore: int4 copy of the head, top K from int8 rows
+        m = m.with_head_rescore(cfg["head_rescore"])
     if cfg.get("sets"):                         # --shape: active sets of the reference model, replayed
         from rwkv_edge.replay import ActiveSets, ReplayedSets, replayed_sparse_ffn
         if cfg.get("backend") == "native":
-            return m.with_sets(ReplayedSets(ActiveSets.load(cfg["sets"]), m.config.n_layer, m.config.ffn_dim))
+            rs = ReplayedSets(ActiveSets.load(cfg["sets"]), m.config.n_layer, m.config.ffn_dim)
+            return m.with_sets(rs, all_keys=bool(cfg.get("all_keys")))
         m = m.with_ffn(replayed_sparse_ffn(m, ActiveSets.load(cfg["sets"])))
     return m
 
@@ -265,7 +270,12 @@ def _main(argv=None) -> int:
     ap.add_argument("--llama-cpp", action="store_true",
                     help="also run llama.cpp (pip llama-cpp-python + gguf) on the same model: Q8_0 and Q4_0, logits checked first")
     ap.add_argument("--native", action="store_true",
-                    help="also run the native C backend on every int8/int4 dtype (native dense D, native sparse D)")
+                    help="also run the native C backend on every int8/int4 dtype: native dense D (every key and "
+                         "value row), native exact D (every key row, the value rows of the active neurons: the "
+                         "lossless default), native sparse D (the predictor's sets)")
+    ap.add_argument("--head-rescore", type=int, default=0, metavar="K",
+                    help="with --native: every native row also runs with the rescored head (all logits from a 4-bit "
+                         "copy of the int8 head, the top K from its int8 rows; backends/native_head.py)")
     ap.add_argument("--model-file", action="append", default=[], metavar="DTYPE=PATH",
                     help="use this converted model file for DTYPE (e.g. int4-h8=ref-int4h8.rwkve, made with --calib) "
                          "instead of converting --model; checked against --model's fingerprint and the dtype")
@@ -276,6 +286,8 @@ def _main(argv=None) -> int:
     ap.add_argument("--workdir", default=os.path.join(os.path.dirname(HERE), "out", "bench"))
     ap.add_argument("--one", help=argparse.SUPPRESS)   # internal: run one configuration (JSON)
     args = ap.parse_args(argv)
+    if args.head_rescore and (args.head_rescore < 0 or not args.native):
+        ap.error("--head-rescore K needs --native and K > 0")
     if args.one:
         cfg = json.loads(args.one)
         if cfg["impl"] == "llama-check":
@@ -366,18 +378,34 @@ def _given_files(ap, args, fingerprint) -> dict:
 
 
 def native_cfgs(base, f, predictors=None, sets=None, dtype="int8") -> list:
-    """The native backend's rows on model file f (int8, int4 or a mix): dense, and sparse with a bundle or
-    replayed sets."""
+    """The native backend's rows on model file f (int8, int4 or a mix): dense (every key and value row, as a
+    dense runtime computes the FFN), exact (every key row, value rows only where relu(k)^2 > 0: lossless,
+    the backend's default), and sparse with a bundle or replayed sets. With replayed sets (--shape, random
+    weights: ~50% of the keys are > 0, not a trained model's ~14%) "exact" reads every key row and the value
+    rows of the replayed sets (the same value rows as the sparse row)."""
     cfgs = [dict(base, name=f"native dense {dtype}", impl="rwkv-edge", dtype=dtype, file=f, backend="native",
-                 dense=True)]
+                 dense=True, native_ffn="dense"),
+            dict(base, name=f"native exact {dtype}", impl="rwkv-edge", dtype=dtype, file=f, backend="native",
+                 dense=True, sets=sets, all_keys=bool(sets))]
     if predictors or sets:
         cfgs.append(dict(base, name=f"native sparse {dtype}", impl="rwkv-edge", dtype=dtype, file=f, backend="native",
                          predictors=predictors, sets=sets))
     return cfgs
 
 
+def _head_rows(args, cfgs) -> list:
+    """--head-rescore K: each native row followed by its twin with the rescored head."""
+    out = []
+    for c in cfgs:
+        out.append(c)
+        if args.head_rescore and c.get("backend") == "native":
+            out.append(dict(c, name=f"{c['name']} head{args.head_rescore}", head_rescore=args.head_rescore))
+    return out
+
+
 def _run_all(args, cfgs) -> int:
     """Run each configuration in its own process, print its JSON line, then the ratio lines."""
+    cfgs = _head_rows(args, cfgs)
     results, llama_ok, failed = {}, True, []
     for cfg in cfgs:
         if cfg["impl"] == "llama.cpp" and not llama_ok:
@@ -438,18 +466,28 @@ def _run_all(args, cfgs) -> int:
     if getattr(args, "native", False):
         def ratio(a, b):
             return rate(a) / rate(b) if rate(a) and rate(b) else float("nan")
+        # dense: every row (the issue's goal is sparse vs it); exact: the lossless default, reported beside
         print(f"native_sparse_vs_numba_sparse={ratio('native sparse int8', 'sparse int8'):.2f} "
               f"native_dense_vs_numba_dense={ratio('native dense int8', 'dense int8'):.2f} "
-              f"native_sparse_vs_native_dense={ratio('native sparse int8', 'native dense int8'):.2f}")
+              f"native_sparse_vs_native_dense={ratio('native sparse int8', 'native dense int8'):.2f} "
+              f"native_sparse_vs_native_exact={ratio('native sparse int8', 'native exact int8'):.2f} "
+              f"native_exact_vs_native_dense={ratio('native exact int8', 'native dense int8'):.2f}")
         pred = [r for r in results if r.startswith("native sparse int8 + ")]
         if pred:                  # --shape-predictor-bits: the sparse row that pays the predictor
-            print(f"native_sparse_with_predictor_vs_native_dense={ratio(pred[0], 'native dense int8'):.2f}")
+            print(f"native_sparse_with_predictor_vs_native_dense={ratio(pred[0], 'native dense int8'):.2f} "
+                  f"native_sparse_with_predictor_vs_native_exact={ratio(pred[0], 'native exact int8'):.2f}")
         for d in [c["dtype"] for c in cfgs if c["name"] == f"native dense {c.get('dtype')}" and c["dtype"] != "int8"]:
             print(f"[{d}] native_sparse_vs_numba_sparse={ratio(f'native sparse {d}', f'sparse {d}'):.2f} "
                   f"native_dense_vs_numba_dense={ratio(f'native dense {d}', f'dense {d}'):.2f} "
                   f"native_sparse_vs_native_dense={ratio(f'native sparse {d}', f'native dense {d}'):.2f} "
+                  f"native_sparse_vs_native_exact={ratio(f'native sparse {d}', f'native exact {d}'):.2f} "
+                  f"native_exact_vs_native_dense={ratio(f'native exact {d}', f'native dense {d}'):.2f} "
                   f"native_dense_vs_native_dense_int8={ratio(f'native dense {d}', 'native dense int8'):.2f} "
                   f"native_sparse_vs_native_sparse_int8={ratio(f'native sparse {d}', 'native sparse int8'):.2f}")
+    heads = [(c["name"], c["name"].rsplit(" head", 1)[0]) for c in cfgs if c.get("head_rescore")]
+    if heads:
+        print(" ".join(f"[{b}] head{args.head_rescore}_vs_plain={rate(h) / rate(b):.2f}" for h, b in heads
+                       if rate(h) and rate(b)))
     if failed:
         print(f"{PROG}: error: {len(failed)} of {len(cfgs)} configuration(s) failed; first: {failed[0]}",
               file=sys.stderr)

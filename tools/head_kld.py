@@ -7,7 +7,9 @@ for each head variant the logits W_hat x are compared with W x: KLD(p || q) mean
 the T positions. Exact for "this head and nothing else changed" and cheap (one (T, D) x (D, V) matmul
 per variant). Variants: int8 rows (the int8 file's head), int4 (quant/q4.py, least-squares scales),
 int4 with importance from --calib (convert --calib), and int4 with the N rows of the most probable
-tokens on --calib kept int8 (a split head). Prints one JSON line per variant.
+tokens on --calib kept int8 (a split head), and the rescored head of the native backend
+(backends/native_head.py: every logit from a 4-bit copy of the int8 head, each position's top K by
+those logits from the int8 rows; --rescore K list). Prints one JSON line per variant.
 """
 import argparse
 import json
@@ -61,6 +63,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=1024, help="scored positions of --text")
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--split-rows", default="1024,4096", help="N of the split-head variants (comma list)")
+    ap.add_argument("--rescore", default="64,256", help="K of the rescored-head variants (comma list)")
     args = ap.parse_args(argv)
     return run_main("head_kld.py", lambda: _run(ap, args))
 
@@ -82,8 +85,8 @@ def _run(ap, args) -> int:
     P = _log_softmax(Xh @ W.T)
     p = np.exp(P)
 
-    def report(name, Wq):
-        Q = _log_softmax(Xh @ Wq.T)
+    def report(name, Wq, Z=None):
+        Q = _log_softmax(Xh @ Wq.T if Z is None else Z)
         kl = (p * (P - Q)).sum(1)
         print(json.dumps({"head": name, "kld_mean": round(float(kl.mean()), 6), "kld_p99": round(float(np.percentile(kl, 99)), 5),
                           "same_top1": round(float((P.argmax(1) == Q.argmax(1)).mean()), 4), "positions": len(kl)}),
@@ -100,6 +103,10 @@ def _run(ap, args) -> int:
         Wm = W4.copy()
         Wm[order[:n]] = W8[order[:n]]
         report(f"int4 calib + {n} most probable rows int8", Wm)
+    from rwkv_edge.backends.native_head import rescore_reference
+    W4r = dequantize_q4(*quantize_q4(W8, search=True))          # the native copy: from the int8 rows
+    for k in (int(s) for s in args.rescore.split(",") if s.strip()):
+        report(f"int4 of int8 rows + top {k} rescored int8", None, rescore_reference(Xh @ W4r.T, Xh @ W8.T, k))
     return 0
 
 

@@ -11,6 +11,11 @@ the per-round paired difference, and whether the last logits are bit-identical.
         --tokens 16 --rounds 8     # 1.5B shapes (tools/bench.py --shape): "sets" rows run the replayed sets
                                    # alone, "sparse" rows also score the predictor (its cost paid)
 
+--prefill N: time one forward of N tokens (a prompt eval: the last token's logits) per round instead of
+the steps, and print tok/s of the prefill.
+
+"dense" rows are the backend's default FFN without predictor, i.e. the exact one (value rows only where
+relu(k)^2 > 0); the every-row dense FFN is `NativeRWKV7.open(path, ffn="dense")` (tools/bench.py --native).
 "new" is this checkout's build (rwkv_edge.backends._nk), "base" the library given. Build the other
 checkout in place first (`python setup.py build_ext --inplace` there). --threads N (default 1). Hold the bench lock.
 """
@@ -46,6 +51,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="threads of both builds (default 1)")
     ap.add_argument("--replay-sets", help="active sets (replay.ActiveSets) the FFN runs instead of the predicted ones "
                     "(the predictor is still scored: tools/bench.py --shape --shape-predictor-bits)")
+    ap.add_argument("--prefill", type=int, default=0, help="time a prefill of this many tokens instead of the steps")
     args = ap.parse_args(argv)
     from rwkv_edge.backends import native
     native.set_num_threads(args.threads)
@@ -64,6 +70,7 @@ def main(argv=None):
     rng = np.random.default_rng(2)
     V = cfgs[names[0]].config.vocab_size
     prompt, toks = rng.integers(0, V, 16).tolist(), rng.integers(0, V, args.tokens).tolist()
+    long = rng.integers(0, V, args.prefill).tolist()
     res, last = {k: [] for k in names}, {}
     for m in cfgs.values():                     # warm-up: pages, caches
         _, s = m.forward(prompt)
@@ -73,6 +80,12 @@ def main(argv=None):
         order = names[r % len(names):] + names[:r % len(names)]
         for k in (order if r % 2 == 0 else order[::-1]):
             m = cfgs[k]
+            if args.prefill:
+                t0 = time.perf_counter()
+                out, _ = m.forward(long)
+                res[k].append((time.perf_counter() - t0) / len(long) * 1e3)
+                last[k] = out
+                continue
             _, s = m.forward(prompt)
             t0 = time.perf_counter()
             for t in toks:

@@ -3,11 +3,18 @@ a profiling build of csrc/ (-DNK_PROF: nk_pool.c times every pool call per tag, 
 thread, and the worker's start delay; the shipped library has none of it):
 
     cd csrc && gcc -O3 -std=gnu11 -fno-math-errno -fno-trapping-math -pthread -fPIC -shared -DNK_PROF \\
-        nk_kernels.c nk_pool.c nk_rwkv7.c nk_ffn.c nk_q4.c nk_pred.c nk_prefill.c nk_prefill_kernels.c \\
+        nk_kernels.c nk_pool.c nk_rwkv7.c nk_ffn.c nk_q4.c nk_pred.c nk_prefill.c nk_prefill_kernels.c nk_prefill_elem.c \\
         -o /tmp/_nk_prof.so -lm
     flock -x /work/wt/bench.lock python tools/native_phases.py --lib /tmp/_nk_prof.so --threads 2 --mode sparse
 
-Modes: dense, sets (the replayed active sets), sparse (the sets + the 2-bit predictor scored). GB/s per
+Prefill of the reference model instead (--prefill T: one forward of T tokens, median of --rounds; int8 or
+int4 file, dense or --mode sparse with a bundle; the time-mix split in its token and head tasks, and the
+serial spans between pool calls: rounding, layer norms + shifts, predictor prep, output sums):
+
+    flock -x /work/wt/bench.lock python tools/native_phases.py --lib /tmp/_nk_prof.so --threads 2 \
+        --prefill 512 --model /work/art/ref-int4h8.rwkve --predictors /work/art/q2.npz --mode sparse
+
+Modes: dense (the default exact FFN), sets (the replayed active sets), sparse (the sets + the 2-bit predictor scored). GB/s per
 phase = its weight bytes / its wall time (rkv, o, head: all rows; pred: codes + scales + zeros; ffn: the
 key rows and value columns read (stats); tmix: the LoRAs, whose per-head wkv state traffic is not
 counted). "serial" is the forward's time outside pool calls. Hold the bench lock.
@@ -23,6 +30,52 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TAGS = {0: "rkv", 1: "o", 2: "pred", 3: "ffn", 4: "head", 7: "tmix"}   # nk_pool.h NK_TAG
+PRE_TAGS = {0: "rkv", 1: "o", 3: "ffn", 4: "head", 8: "tm-tok", 9: "tm-head", 11: "ln+shift"}
+FFN_PARTS = {14: "ffn keys", 15: "ffn active+pred", 16: "ffn values", 17: "tm-tok LoRAs",
+             18: "tm-tok elementwise"}                             # busy per thread inside "ffn", "tm-tok"
+SPANS = {10: "round", 12: "predprep", 13: "sums"}     # serial, wall only (older builds: 11 too)
+NTAGS = 19                                                              # nk_pool.h NK_PROF_TAGS
+
+
+def prefill(args):
+    """Per-phase wall and per-thread busy ms of one prefill forward of --prefill tokens (medians of rounds)."""
+    import ctypes
+    from rwkv_edge.backends import native
+    from rwkv_edge.runtime import open_model
+    native.set_num_threads(args.threads)
+    m = open_model(args.model, backend="native", predictors=args.predictors if args.mode == "sparse" else None)
+    m = m.with_library(native.bind_library(args.lib))
+    lib = ctypes.CDLL(os.path.abspath(args.lib))
+    lib.nk_prof_get.argtypes = [ctypes.c_void_p]
+    prof = np.zeros((NTAGS, 18))
+    rng = np.random.default_rng(3)
+    toks = rng.integers(0, m.config.vocab_size, args.prefill).tolist()
+    m.forward(toks)
+    profs, ts = [], []
+    for _ in range(args.rounds):
+        lib.nk_prof_get(prof.ctypes.data)
+        t0 = time.perf_counter()
+        m.forward(toks)
+        ts.append(time.perf_counter() - t0)
+        lib.nk_prof_get(prof.ctypes.data)
+        profs.append(prof.copy())
+    P = np.median(np.array(profs), axis=0) * 1e3
+    n = args.prefill
+    print(f"threads {args.threads} {args.mode} prefill {n}: median {np.median(ts) * 1e3:.1f} ms "
+          f"({n / np.median(ts):.0f} tok/s)")
+    for i, name in PRE_TAGS.items():
+        if P[i][0]:
+            busy = " ".join(f"{b:6.2f}" for b in P[i][2:2 + args.threads])
+            print(f"  {name:8s} {P[i][0] / 1e3:5.0f} calls {P[i][1]:7.2f} ms  busy per thread ms {busy}  "
+                  f"worker start delay {P[i][17]:.2f} ms")
+    for i, name in FFN_PARTS.items():
+        busy = " ".join(f"{b:6.2f}" for b in P[i][2:2 + args.threads])
+        print(f"    {name:18s} busy per thread ms {busy}")
+    for i, name in SPANS.items():
+        if P[i][0]:
+            print(f"  {name:8s} serial {P[i][1]:7.2f} ms")
+    pooled = sum(P[i][1] for i in list(PRE_TAGS) + list(SPANS))
+    print(f"  other serial {P[5][1] - pooled:.2f} ms of {P[5][1]:.2f} ms per forward")
 
 
 def main(argv=None):
@@ -32,7 +85,13 @@ def main(argv=None):
     ap.add_argument("--mode", choices=["dense", "sets", "sparse"], default="sparse")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--workdir", default="/work/art/shape")
+    ap.add_argument("--prefill", type=int, default=0, help="time a prefill of this many tokens instead")
+    ap.add_argument("--model", help="--prefill: the model file")
+    ap.add_argument("--predictors", help="--prefill --mode sparse: the bundle")
+    ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args(argv)
+    if args.prefill:
+        return prefill(args)
     from rwkv_edge.backends import native
     from rwkv_edge.replay import ActiveSets, ReplayedSets
     from rwkv_edge.runtime import open_model
@@ -46,7 +105,7 @@ def main(argv=None):
     m = m.with_library(native.bind_library(args.lib))
     lib = ctypes.CDLL(os.path.abspath(args.lib))          # the same loaded object: its counters
     lib.nk_prof_get.argtypes = [ctypes.c_void_p]
-    prof = np.zeros((8, 18))                               # NK_PROF_TAGS x (calls, wall, busy[16])
+    prof = np.zeros((NTAGS, 18))                           # NK_PROF_TAGS x (calls, wall, busy[16])
     rng = np.random.default_rng(2)
     V, n = m.config.vocab_size, args.tokens
     toks = rng.integers(0, V, n).tolist()

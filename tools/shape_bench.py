@@ -9,6 +9,10 @@ cost (a 2-bit predictor reads 1/4 of the int8 W_k bytes: 1/8 of the int8 FFN byt
 `--shape-predictor-bits N` on the native rows: an N-bit W_k predictor quantized from random weights of
 the shape scores every neuron of every layer each token (the predictor's bytes and arithmetic are
 paid), while the replayed sets still decide which neurons run.
+
+Native rows (bench.native_cfgs): dense reads every key and value row (as numba dense); exact reads every
+key row and the value rows the sparse row reads (replayed set, relu(k) > 0; the model's own exact FFN would read
+~50% of the value rows, not a trained model's ~14%); sparse the replayed sets' rows.
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ SHARED = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared")
 
 
 def shape_configs(args, base) -> list:
-    """bench.py configurations for --shape: dense int8 (fused block kernel) and sparse int8 (replayed)."""
+    """bench.py configurations for --shape: dense int8 (fused block kernel) and sparse int8 (replayed); with
+    --native the native dense / exact / sparse rows (and + predictor)."""
     from rwkv_edge.replay import cached_sets
     from rwkv_edge.synthetic import SHAPES, write_synthetic
     if args.shape not in SHAPES:

@@ -68,6 +68,23 @@ software-pipelined exact FFN (pipe_bn, cuda_decode_pipe.py) measured no faster; 
 tools/gpu_decode_bench.py with these defaults (one process per row, 128 tokens x 3 rounds, graph on):
 1.5B shapes dense 949 / exact 1031 / predicted 1010 (`rwkv` cuda fp16 77); random 12x512 F2048
 V16384 shapes dense 5784 / exact 5584 / predicted 5222 (`rwkv` 160).
+
+Session 8, persisting L2 (code on branch i17p-l2pin, not merged): every layer's W_v^T packed into one
+buffer (24 MiB at 58M shapes) marked persisting by an access-policy window (libcudart via ctypes;
+H200: set-aside max 37.5 MiB of 60 MiB L2, 26.25 MiB set, hitRatio 1). Stream capture does not copy the
+capture stream's window into the kernel nodes (0 of 74 had it); set on every kernel node before
+instantiation it is accepted but buys nothing (sweep, 58M shapes, medians of 3 passes; off / on):
+dense 5873 / 5892, exact 5490 / 5455, predicted 5092 / 5061; W_v^T + W_k in the window (48 MiB,
+hitRatio 0.78): exact 5436, predicted 4927. ncu (exact, ffn_key, --cache-control none, mean of 24
+launches): DRAM reads per layer 2.35 and 1.88 MB off (two runs), 1.90 and 1.95 MB on (with and without
+evict_last), 1.64 MB with no value rows (diag 1): the ~0.28 MB of value rows still come mostly from
+HBM, so the dependent round trip stays an HBM trip. With the eviction hints off, the window gives
+exact 5191 vs 5111 and predicted 4869 vs 4852 (the hints alone: 5490 / 5097). A plain check
+(tools/gpu_l2_window_check.py on that branch: a 24 MiB buffer summed, then 64 MiB streamed): eager
+with a stream window 14.6 vs 25.6 us per hot sum in one round, 21.7 vs 22.8 in the next; captured,
+with the window on the nodes or the capture stream, 36.4 vs 37.2 us per pair. Also seen: the same
+exact setting timed 5464-5708 tok/s across rebuilds in one process with no window at all (the
+fastest build 4% above the rest, not always the first), so buffer placement matters at this size.
 """
 from __future__ import annotations
 

@@ -18,98 +18,26 @@ mix of int8 and int4 matrices in one file runs (e.g. int4 body + int8 head). Spa
 with the activation rounded to int8 per predictor group (as numba_simd), and the neurons with
 score >= the layer's threshold run. `forward(..., record=)` returns the predicted sets, so tests
 compare with the reference run on the very same sets (tests/test_native.py).
+FFN without predictor: `ffn="exact"` (default, lossless) or "dense" (every row, csrc/nk_dense.c): see the class.
 """
 from __future__ import annotations
-
-import ctypes
-import importlib.util
-import os
 
 import numpy as np
 
 from ..config import ModelConfig, ModelLoadError
 from ..state import State
+# the C library, its kernel sets and single-kernel entry points for the tests (native_lib.py)
+from .native_lib import (_LEVELS, _level_index, _load, _ptr, available, bind_library, kernel_axpy4,  # noqa: F401
+                         kernel_dots, kernel_dots4, kernel_pred, kernel_pred_select, level, levels, set_level)
 
 name = "native"
-_LIB: list = []
 _THREADS = {"n": 1}
-_LEVEL: dict = {"forced": None}
-_LEVELS = ("generic", "avx2", "vnni")
 N_PTR = 58          # pointers per layer: the nk_layer struct of csrc/nk_model.h
-
-
-def _load():
-    """(ctypes library or None, why not)."""
-    if not _LIB:
-        lib, why = None, None
-        spec = importlib.util.find_spec("rwkv_edge.backends._nk")
-        if spec is None or not spec.origin or not os.path.exists(spec.origin):
-            why = "the native extension was not built (pip install needs a C compiler for it)"
-        else:
-            try:
-                lib = bind_library(spec.origin)
-                P, i64 = ctypes.c_void_p, ctypes.c_int64
-                lib.nk_level_name.restype = ctypes.c_char_p
-                lib.nk_level_name.argtypes = [ctypes.c_int]
-                lib.nk_test_dots.argtypes = [ctypes.c_int, P, i64, i64, P, i64, P]
-                lib.nk_test_pred.argtypes = [ctypes.c_int, i64, i64, i64, i64, P, P, P, P, P]
-                lib.nk_test_pred_sel.restype = ctypes.c_int
-                lib.nk_test_pred_sel.argtypes = [ctypes.c_int, ctypes.c_int, i64, i64, i64, i64, P, P, P, P,
-                                                 ctypes.c_float, P, i64, P, P, P]
-                lib.nk_test_dots4.argtypes = [ctypes.c_int, P, P, i64, i64, P, i64, P]
-                lib.nk_test_axpy4q.argtypes = [ctypes.c_int, P, P, P, i64, i64, P]
-            except (OSError, AttributeError) as e:
-                lib, why = None, f"the native extension does not load ({e})"
-        _LIB.append((lib, why))
-    return _LIB[0]
-
-
-def bind_library(path: str):
-    """Another build of this extension (a .so/.dll path) with the entry points a forward needs bound, for
-    `NativeRWKV7.with_library` (tools/native_ab.py times two builds in one process)."""
-    lib = ctypes.CDLL(os.path.abspath(path))
-    P, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.nk_model_new.restype = P
-    lib.nk_model_new.argtypes = [P, P, P, P]
-    lib.nk_model_free.argtypes = [P]
-    lib.nk_forward.restype = ctypes.c_int
-    lib.nk_forward.argtypes = [P, P, i64, P, P, P, P, i64, P, P, P, P, P]
-    return lib
-
-
-def available() -> tuple[bool, str | None]:
-    """(True, None) when the C library loads here, else (False, why not)."""
-    lib, why = _load()
-    return lib is not None, why
-
-
-def level() -> str:
-    """The kernel set in use: "vnni", "avx2" or "generic" (the best this CPU runs unless forced)."""
-    lib, why = _load()
-    if lib is None:
-        raise RuntimeError(why)
-    return _LEVELS[_level_index(lib)]
-
-
-def _level_index(lib) -> int:
-    best = int(lib.nk_best_level())
-    forced = _LEVEL["forced"]
-    return best if forced is None else min(best, forced)
-
-
-def set_level(lv: str | None) -> None:
-    """Force a kernel set ("generic", "avx2", "vnni"; None: the best). Models opened afterwards use it
-    (tests compare the SIMD kernels against the plain C ones)."""
-    _LEVEL["forced"] = None if lv is None else _LEVELS.index(lv)
 
 
 def set_num_threads(n: int) -> None:
     """Threads for models opened afterwards (and for `NativeRWKV7.set_threads`); default 1."""
     _THREADS["n"] = max(1, int(n))
-
-
-def _ptr(a) -> int:
-    return 0 if a is None else a.ctypes.data
 
 
 def _c_f32(a: np.ndarray) -> np.ndarray:
@@ -134,88 +62,6 @@ def _matrix(t: dict, name: str) -> list:
     raise ModelLoadError(f"native backend: {name} must be int8 or int4 in the model file")
 
 
-def levels() -> list[str]:
-    """The kernel sets this CPU runs, plainest first."""
-    lib, why = _load()
-    if lib is None:
-        raise RuntimeError(why)
-    return list(_LEVELS[:int(lib.nk_best_level()) + 1])
-
-
-def kernel_dots(W: np.ndarray, x: np.ndarray, lv: str) -> np.ndarray:
-    """(T, n) unscaled integer dots of int8 rows W (n, I) with x (T, I) rounded to int8 per 32, by the
-    kernel set lv (for tests)."""
-    lib = _load()[0]
-    W, x = np.ascontiguousarray(W, np.int8), np.ascontiguousarray(np.atleast_2d(x), np.float32)
-    y = np.empty((x.shape[0], W.shape[0]), np.float32)
-    if lib.nk_test_dots(_LEVELS.index(lv), W.ctypes.data, W.shape[0], W.shape[1], x.ctypes.data, x.shape[0],
-                        y.ctypes.data) != 0:
-        raise ValueError("kernel_dots: unsupported shape or level")
-    return y
-
-
-def kernel_dots4(packed: np.ndarray, scale: np.ndarray, x: np.ndarray, lv: str) -> np.ndarray:
-    """(T, n) dots of int4 rows (quant.q4 layout: packed uint8 (n, I/2), scale float16 (n, I/32)) with x
-    (T, I) rounded to int8 per 32, scales applied, by the kernel set lv (for tests)."""
-    lib = _load()[0]
-    packed = np.ascontiguousarray(packed, np.uint8)
-    sc = np.ascontiguousarray(scale, np.float16).view(np.uint16)
-    x = np.ascontiguousarray(np.atleast_2d(x), np.float32)
-    y = np.empty((x.shape[0], packed.shape[0]), np.float32)
-    if lib.nk_test_dots4(_LEVELS.index(lv), packed.ctypes.data, sc.ctypes.data, packed.shape[0], x.shape[1],
-                         x.ctypes.data, x.shape[0], y.ctypes.data) != 0:
-        raise ValueError("kernel_dots4: unsupported shape or level")
-    return y
-
-
-def kernel_axpy4(packed: np.ndarray, scale: np.ndarray, h: np.ndarray, out: np.ndarray, lv: str) -> np.ndarray:
-    """out (D,) += h @ V_hat for int4 value columns (packed (n, D/2), scale (n, D/32)), by lv (for tests)."""
-    lib = _load()[0]
-    packed = np.ascontiguousarray(packed, np.uint8)
-    sc = np.ascontiguousarray(scale, np.float16).view(np.uint16)
-    h = np.ascontiguousarray(h, np.float32)
-    out = np.ascontiguousarray(out, np.float32).copy()
-    if lib.nk_test_axpy4q(_LEVELS.index(lv), packed.ctypes.data, sc.ctypes.data, h.ctypes.data, packed.shape[0],
-                          out.shape[0], out.ctypes.data) != 0:
-        raise ValueError("kernel_axpy4: unsupported shape or level")
-    return out
-
-
-def kernel_pred(qm, x: np.ndarray, lv: str) -> np.ndarray:
-    """(R,) predictor scores of a quant.QuantizedMatrix for x (C,) by the kernel set lv (for tests)."""
-    lib = _load()[0]
-    packed = np.ascontiguousarray(qm.packed)
-    sc, ze = (np.ascontiguousarray(a).view(np.uint16) for a in (qm.scale, qm.zero))
-    x = np.ascontiguousarray(x, np.float32).reshape(-1)
-    out = np.empty(qm.shape[0], np.float32)
-    if lib.nk_test_pred(_LEVELS.index(lv), qm.bits, qm.n_groups, qm.shape[0], qm.shape[1], packed.ctypes.data,
-                        sc.ctypes.data, ze.ctypes.data, x.ctypes.data, out.ctypes.data) != 0:
-        raise ValueError("kernel_pred: unsupported level")
-    return out
-
-
-def kernel_pred_select(qm, x: np.ndarray, thr: float, lv: str, idx=None, fused: int = 0):
-    """(scores, selected) of a quant.QuantizedMatrix for x (C,) by the kernel set lv (for tests): the scores
-    of the rows idx (None: all) by lv's score kernel, or with fused 1 by the fused select's own kernel (2: its
-    copy without GFNI; None where lv has none for this predictor), and the positions in idx (or rows) that the select keeps
-    (score >= thr, ascending), as the sparse decode and prefill run it."""
-    lib = _load()[0]
-    packed = np.ascontiguousarray(qm.packed)
-    sc, ze = (np.ascontiguousarray(a).view(np.uint16) for a in (qm.scale, qm.zero))
-    x = np.ascontiguousarray(x, np.float32).reshape(-1)
-    ix = None if idx is None else np.ascontiguousarray(idx, np.int32)
-    n = qm.shape[0] if ix is None else ix.size
-    score, sel, nsel = np.empty(n, np.float32), np.empty(n, np.int32), np.zeros(1, np.int64)
-    rc = lib.nk_test_pred_sel(_LEVELS.index(lv), int(fused), qm.bits, qm.n_groups, qm.shape[0], qm.shape[1],
-                              packed.ctypes.data, sc.ctypes.data, ze.ctypes.data, x.ctypes.data, float(thr),
-                              _ptr(ix), n, score.ctypes.data, sel.ctypes.data, nsel.ctypes.data)
-    if rc == -2:
-        return None
-    if rc != 0:
-        raise ValueError("kernel_pred_select: unsupported level")
-    return score, sel[:int(nsel[0])]
-
-
 class NativeFFNStats:
     """What `model.ffn` reports for bench/CLI: density = predicted neurons / (tokens * layers * F) over
     the decode steps (one-token forwards)."""
@@ -228,18 +74,28 @@ class NativeFFNStats:
         return self.n_active / (self.n_tokens * self.F) if self.n_tokens else 0.0
 
 
+FFN_MODES = ("exact", "dense")
+
+
 class NativeRWKV7:
     """An RWKV-7 int8 or int4 model file on the native backend: `forward(tokens, state, full_output)` and
     `step(token, state)` as RWKVModel's (the input state is never modified), plus `with_predictors`.
-    Hooks (collect, ffn_activation) need the numba or reference backend."""
+    Hooks (collect, ffn_activation) need the numba or reference backend.
+
+    ffn (the FFN without predictor or given sets): "exact" (default) every key row, then the value columns
+    where relu(k)^2 > 0 (lossless); "dense" every key and value row as a dense runtime (csrc/nk_dense.c:
+    int8-activation dots over a transposed value copy, F * D more bytes of memory per layer at int8)."""
 
     version = "x070"
 
     def __init__(self, config: ModelConfig, tensors: dict, fingerprint: str, bundle=None, threads: int | None = None,
-                 sets=None, dtype: str = "int8"):
+                 sets=None, dtype: str = "int8", ffn: str = "exact", head_rescore: int = 0):
         lib, why = _load()
         if lib is None:
             raise RuntimeError(why)
+        if ffn not in FFN_MODES:
+            raise ValueError(f"ffn must be one of {', '.join(FFN_MODES)}, not {ffn!r}")
+        self.ffn_mode = ffn
         self.config, self.fingerprint, self.modelfile_dtype = config, fingerprint, dtype
         self.ops = _Ops
         self.hooks = _NoHooks()
@@ -248,11 +104,15 @@ class NativeRWKV7:
         self.ffn = NativeFFNStats(config.ffn_dim) if bundle is not None or sets is not None else None
         self.tokens_run, self.bytes_read = 0, 0      # weight bytes the kernels read (tools/bench.py)
         self.threads = int(threads or _THREADS["n"])
+        self.head_rescore = int(head_rescore)     # > 0: the rescored head (native_head.py)
+        if self.head_rescore:
+            from .native_head import with_q4_head
+            self._t = with_q4_head(tensors, self.head_rescore)
         self._build()
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path, threads: int | None = None) -> "NativeRWKV7":
+    def open(cls, path, threads: int | None = None, ffn: str = "exact", head_rescore: int = 0) -> "NativeRWKV7":
         from ..modelfile import open_tensors, read_header
         header = read_header(path)
         config = ModelConfig.from_dict(header["config"])
@@ -271,11 +131,13 @@ class NativeRWKV7:
                                  f"{tuple(tensors[bad[0]].shape)}); use --backend numba")
         from ..residency import advise_random
         advise_random([tensors["emb.weight"]])      # one row per token: no read-around on its pages
-        return cls(config, tensors, header["fingerprint"], threads=threads, dtype=header["dtype"])
+        return cls(config, tensors, header["fingerprint"], threads=threads, dtype=header["dtype"], ffn=ffn,
+                   head_rescore=head_rescore)
 
     def with_predictors(self, bundle) -> "NativeRWKV7":
         """A model sharing these weights whose FFN runs sparse on `bundle`'s predicted sets (a
-        PredictorBundle of quantized W_k threshold predictors, one bit width and group layout)."""
+        PredictorBundle of quantized W_k threshold predictors, one bit width and group layout). The ffn mode
+        only concerns the FFN without predictor: the sparse model has none to keep."""
         layers = getattr(bundle, "predictors", None)
         ok = layers is not None and len(layers) == self.config.n_layer and all(
             getattr(p, "kind", "") == "quantized" and getattr(p, "mode", "") == "threshold" for p in layers)
@@ -287,15 +149,38 @@ class NativeRWKV7:
             raise ValueError("the native backend needs one bit width and group layout in all layers of a bundle")
         if q0.shape != (self.config.ffn_dim, self.config.n_embd):
             raise ValueError(f"predictor shape {q0.shape} does not fit this model")
-        return NativeRWKV7(self.config, self._t, self.fingerprint, bundle, self.threads, dtype=self.modelfile_dtype)
+        return self._variant(bundle=bundle, sets=None, ffn="exact")
 
-    def with_sets(self, sets) -> "NativeRWKV7":
+    def with_ffn_mode(self, ffn: str) -> "NativeRWKV7":
+        """This model (weights, predictors, sets, threads) with its predictor-less FFN run `ffn` ("exact" or
+        "dense", see the class)."""
+        return self._variant(ffn=ffn)
+
+    def with_sets(self, sets, all_keys: bool = False) -> "NativeRWKV7":
         """A model sharing these weights whose FFN runs the sets `sets.predict_indices(layer, None)` gives
         (called once per token and layer, in order: e.g. replay.ReplayedSets for tools/bench.py --shape).
         On a model with predictors, the predictor still scores every neuron (its cost is paid, its
-        verdict unused): a random-weight model's predictor timed on a trained model's sets."""
-        return NativeRWKV7(self.config, self._t, self.fingerprint, self._bundle, self.threads, sets,
-                           dtype=self.modelfile_dtype)
+        verdict unused): a random-weight model's predictor timed on a trained model's sets.
+        all_keys: every key row is read (decode too), then the value rows of the set's neurons with relu(k) > 0:
+        the exact FFN's bytes had the model's own active sets been `sets` (tools/bench.py --shape)."""
+        m = self._variant(sets=sets)
+        if all_keys:
+            m._all_keys = True
+            m._lib.nk_model_all_keys(m._h, 1)
+            m.ffn = None          # its key counts are every row: no sparse density to report
+        return m
+
+    def with_head_rescore(self, k: int) -> "NativeRWKV7":
+        """A model sharing these weights whose head gives every logit from a 4-bit copy of the int8 head
+        and the top k from the int8 rows (backends/native_head.py; 0: the head as stored)."""
+        return self._variant(head_rescore=k)
+
+    def _variant(self, **changes) -> "NativeRWKV7":
+        """A model on these weights with some of bundle, threads, sets, ffn, head_rescore changed."""
+        kw = dict(bundle=self._bundle, threads=self.threads, sets=self._sets, ffn=self.ffn_mode,
+                  head_rescore=self.head_rescore)
+        kw.update(changes)
+        return NativeRWKV7(self.config, self._t, self.fingerprint, dtype=self.modelfile_dtype, **kw)
 
     def with_library(self, lib) -> "NativeRWKV7":
         """This model (weights, predictors, sets, threads) on another build of the C library (`bind_library`)."""
@@ -350,20 +235,28 @@ class NativeRWKV7:
         emb = t["emb.weight"]
         if emb.dtype != np.float16:
             raise ModelLoadError("native backend: emb.weight must be float16 in an int8 model file")
+        head = _matrix(t, "head.weight")
+        if self.head_rescore:             # both: the 4-bit copy for every logit, the int8 rows for the top
+            head[2:] = [t["head.weight.q4"], _f16_bits(t["head.weight.s4"])]
         glob = [emb.view(np.uint16), vec("blocks.0.ln0.weight"), vec("blocks.0.ln0.bias"), vec("ln_out.weight"),
-                vec("ln_out.bias"), *_matrix(t, "head.weight")]
+                vec("ln_out.bias"), *head]
         keep += glob
         q0 = preds[0].qm if preds is not None else None
         dims = np.array([L, D, H, N, F, V, t["blocks.0.att.w1.qc"].shape[1], t["blocks.0.att.a1.qc"].shape[1],
                          t["blocks.0.att.g1.qc"].shape[1], t["blocks.1.att.v1.qc"].shape[1] if L > 1 else 0,
                          q0.bits if q0 is not None else 0, q0.n_groups if q0 is not None else 0,
-                         self.threads, _level_index(self._lib)], np.int64)
+                         self.threads, _level_index(self._lib), self.head_rescore], np.int64)
         gp = np.array([_ptr(g) for g in glob], np.uint64)
         self._keep = (keep, lay, gp, dims, thr)
         h = self._lib.nk_model_new(dims.ctypes.data, gp.ctypes.data, lay.ctypes.data, thr.ctypes.data)
         if not h:
             raise RuntimeError("native backend: could not create the model (out of memory?)")
         self._h = h
+        if self.ffn_mode == "dense" and self._bundle is None and self._sets is None and (
+                not hasattr(self._lib, "nk_model_dense") or self._lib.nk_model_dense(h, 1) != 0):
+            raise RuntimeError("native backend: no dense FFN (a build without it, no memory, or ffn_dim % 32)")
+        if getattr(self, "_all_keys", False) and self._sets is not None:
+            self._lib.nk_model_all_keys(h, 1)        # with_sets(all_keys=True), kept over rebuilds
         self._stats = np.zeros((L, 2), np.int64)
         # bytes read per token besides the FFN rows: time-mix weights, LoRAs, predictor, head, emb row
         att = sum(t[f"blocks.{i}.att.{n}"].nbytes for i in range(L) for n in
@@ -371,7 +264,11 @@ class NativeRWKV7:
                   [f"{m}.{x}" for m in ("w1", "w2", "a1", "a2", "g1", "g2", "v1", "v2") for x in ("qc", "cscale")]
                   if f"blocks.{i}.att.{n}" in t)
         pred = sum(p.qm.nbytes for p in preds) if preds is not None else 0
-        head = sum(t[n].nbytes for n in ("head.weight.q", "head.weight.scale", "head.weight.q4", "head.weight.s4") if n in t)
+        if self.head_rescore:             # the 4-bit copy, and K int8 rows with their scales
+            head = t["head.weight.q4"].nbytes + t["head.weight.s4"].nbytes + min(self.head_rescore, V) * (D + 4)
+        else:
+            head = sum(t[n].nbytes for n in ("head.weight.q", "head.weight.scale", "head.weight.q4", "head.weight.s4")
+                       if n in t)
         self._fixed_bytes = int(att + pred + head + 2 * D)
         # bytes of one FFN key row or value column (+ its scales): int8 D + 4, int4 D / 2 + 2 D / 32
         self._row_bytes = D // 2 + D // 16 if "blocks.0.ffn.kv4" in t else D + 4
