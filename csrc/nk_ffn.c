@@ -47,6 +47,12 @@ static void value_columns(const nk_model *m, const nk_layer *b, const int32_t *p
 #else
     (void)wide;
 #endif
+#if defined(__GNUC__) || defined(__clang__)
+    if (!b->kv4)               /* the int8 columns of the first VPF passes (the loop fetches from there on) */
+        for (int64_t p = 0; p < 4 * VPF && p < n; p++)
+            for (int64_t l = 0; l < D; l += 64)
+                __builtin_prefetch(b->kv + (int64_t)pj[p] * 2 * D + D + l);
+#endif
     for (int64_t q = 0; q < n; q += 4) {
         const int8_t *v[4];
         const uint8_t *v4[4];

@@ -149,6 +149,12 @@ static const nk_kern K_GENERIC = {"generic", dots_generic, axpy4_generic, nk_pre
 #endif
 #define DOT1_BODY(DOT)                                                                                 \
     int64_t G = I / NK_GS, pf = NK_KPF / I > 2 ? NK_KPF / I : 2;                                       \
+    for (int64_t p = 0; p < pf && p < n; p++) {  /* the first pf rows (the loop fetches from p + pf on): \
+                                      * at once, not one demand miss after another (a pool chunk's start) */ \
+        const int8_t *wn = base + stride * (idx ? idx[p] : p);                                         \
+        for (int64_t l = 0; l < I; l += 64)                                                            \
+            _mm_prefetch((const char *)(wn + l), _MM_HINT_T0);                                         \
+    }                                                                                                  \
     for (int64_t p = 0; p < n; p++) {                                                                  \
         const int8_t *w = base + stride * (idx ? idx[p] : p);                                          \
         if (p + pf < n) {                                                                              \

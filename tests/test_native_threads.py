@@ -114,3 +114,19 @@ def test_prefill_threads_match_one_thread(request, fixture):
             if np.array_equal(rec, rec1):      # the last token's logits: at most a rounding flip (tn.FLIP)
                 assert tn._rel(o, o1) < tn.FLIP
                 assert tn._rel(s.wkv, s1.wkv) < tn.FLIP and tn._rel(s.ffn_x, s1.ffn_x) < tn.FLIP
+
+
+def test_pool_contention_guard():
+    """csrc/nk_pool.c's contention guard: after two calls whose worker sat on its chunk (here it sleeps
+    2 ms, as a worker descheduled by another process would), the caller runs the next NK_SOLO (256)
+    calls alone, every item exactly once, then the threads share the calls again."""
+    import ctypes
+    lib = native._load()[0]
+    lib.nk_test_pool_guard.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    calls, n = 2000, 256
+    owner = np.full((calls, n), -2, np.int64)
+    assert lib.nk_test_pool_guard(2, calls, n, owner.ctypes.data) == 0
+    assert (owner >= 0).all() and (owner <= 1).all()      # every item of every call ran, on thread 0 or 1
+    assert (owner[:2] == 1).any(1).all()                  # the stalling calls: the worker took a chunk
+    assert (owner[2:200] == 0).all()                      # then the caller alone
+    assert (owner[400:] == 1).any()                       # and the threads again
