@@ -15,15 +15,9 @@
 
 static inline float sigmoidf_(float z) { return 1.0f / (1.0f + expf(-z)); }
 
-static void mix_token_generic(const nk_layer *b, int64_t D, int64_t N, int first, float *k, float *v, const float *vf,
-                              float *W, float *A, const float *GV, float *KN) {
-    for (int64_t d = 0; d < D; d++) {
-        if (!first)
-            v[d] += (vf[d] - v[d]) * sigmoidf_(b->v0[d] + GV[d]);
-        A[d] = sigmoidf_(b->a0[d] + A[d]);
-        KN[d] = k[d] * b->k_k[d];
-        W[d] = expf(-0.606531f * sigmoidf_(b->w0[d] + W[d]));
-    }
+/* per head: KN (= k * k_k) L2-normalised, A (the in-context rate) times it, k's update, KN = -kk
+ * (the steps' operations and sum order; both mix_token versions end with it) */
+static void kk_heads(const nk_layer *b, int64_t D, int64_t N, float *k, float *A, float *KN) {
     for (int64_t h = 0; h < D / N; h++) {
         float ss = 0.0f, *kh = KN + h * N;
         for (int64_t j = 0; j < N; j++)
@@ -37,6 +31,18 @@ static void mix_token_generic(const nk_layer *b, int64_t D, int64_t N, int first
             kh[j] = -kn;
         }
     }
+}
+
+static void mix_token_generic(const nk_layer *b, int64_t D, int64_t N, int first, float *k, float *v, const float *vf,
+                              float *W, float *A, const float *GV, float *KN) {
+    for (int64_t d = 0; d < D; d++) {
+        if (!first)
+            v[d] += (vf[d] - v[d]) * sigmoidf_(b->v0[d] + GV[d]);
+        A[d] = sigmoidf_(b->a0[d] + A[d]);
+        KN[d] = k[d] * b->k_k[d];
+        W[d] = expf(-0.606531f * sigmoidf_(b->w0[d] + W[d]));
+    }
+    kk_heads(b, D, N, k, A, KN);
 }
 
 #ifdef NK_X86
@@ -110,19 +116,7 @@ VNNIX static void mix_token_512(const nk_layer *b, int64_t D, int64_t N, int fir
         __m512 sw = sigmoid16_512(_mm512_add_ps(_mm512_loadu_ps(b->w0 + d), _mm512_loadu_ps(W + d)));
         _mm512_storeu_ps(W + d, expf16_512(_mm512_mul_ps(_mm512_set1_ps(-0.606531f), sw)));
     }
-    for (int64_t h = 0; h < D / N; h++) {
-        float ss = 0.0f, *kh = KN + h * N;
-        for (int64_t j = 0; j < N; j++)
-            ss += kh[j] * kh[j];
-        float inv = 1.0f / fmaxf(sqrtf(ss), 1e-12f);
-        for (int64_t j = 0; j < N; j++) {
-            int64_t d = h * N + j;
-            float kn = kh[j] * inv, a = A[d];
-            A[d] = kn * a;
-            k[d] = k[d] * (1.0f + (a - 1.0f) * b->k_a[d]);
-            kh[j] = -kn;
-        }
-    }
+    kk_heads(b, D, N, k, A, KN);
 }
 
 VNNIX static void expf_many_512(const float *x, int64_t n, float *y) {
