@@ -92,7 +92,8 @@ def _run(ap, args) -> int:
                           "same_top1": round(float((P.argmax(1) == Q.argmax(1)).mean()), 4), "positions": len(kl)}),
               flush=True)
 
-    W8 = dequantize_int8_rows(*quantize_int8_rows(W))
+    q8, s8 = quantize_int8_rows(W)
+    W8 = dequantize_int8_rows(q8, s8)
     report("int8 rows", W8)
     report("int4 (least-squares scales)", dequantize_q4(*quantize_q4(W, search=True)))
     imp = (Xc.astype(np.float64) ** 2).mean(0)
@@ -103,8 +104,8 @@ def _run(ap, args) -> int:
         Wm = W4.copy()
         Wm[order[:n]] = W8[order[:n]]
         report(f"int4 calib + {n} most probable rows int8", Wm)
-    from rwkv_edge.backends.native_head import rescore_reference
-    W4r = dequantize_q4(*quantize_q4(W8, search=True))          # the native copy: from the int8 rows
+    from rwkv_edge.backends.native_head import derive_q4, rescore_reference
+    W4r = dequantize_q4(*derive_q4({"head.weight.q": q8, "head.weight.scale": s8}))   # the native backend's copy
     for k in (int(s) for s in args.rescore.split(",") if s.strip()):
         report(f"int4 of int8 rows + top {k} rescored int8", None, rescore_reference(Xh @ W4r.T, Xh @ W8.T, k))
     return 0

@@ -41,12 +41,13 @@ def with_q4_head(t: dict, k: int) -> dict:
 
 def derive_q4(t: dict) -> tuple[np.ndarray, np.ndarray]:
     """(codes (V, D/2) uint8, scales (V, D/32) float16) of the int8 head of model file tensors t."""
+    from rwkv_edge.quant import dequantize_int8_rows
     from rwkv_edge.quant.q4 import quantize_q4
     q, sc = t["head.weight.q"], t["head.weight.scale"]
     V, D = q.shape
     q4, s4 = np.empty((V, D // 2), np.uint8), np.empty((V, D // 32), np.float16)
     for r0 in range(0, V, 1024):          # in row blocks: the float32 copy and the scale search's
-        w = q[r0:r0 + 1024].astype(np.float32) * sc[r0:r0 + 1024, None]     # temporaries stay small
+        w = dequantize_int8_rows(q[r0:r0 + 1024], sc[r0:r0 + 1024])         # temporaries stay small
         q4[r0:r0 + 1024], s4[r0:r0 + 1024] = quantize_q4(w, search=True)
     return q4, s4
 
