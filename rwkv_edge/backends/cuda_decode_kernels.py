@@ -48,6 +48,21 @@ def kernels():
     globals()["_sync"] = _sync
 
     @triton.jit
+    def _pf_l2(ptrs, want, nbytes):
+        """A hint, never a dependency: cp.async.bulk.prefetch.L2 (sm_90) of nbytes (a multiple of
+        16, 16-byte aligned) at each pointer where `want`, into L2 only (no registers; nothing waits
+        for it). Lanes of a warp holding the same address issue it once (the lowest: match.any);
+        warps holding the same element each issue it (at most num_warps copies, all L2 hits)."""
+        w = want.to(tl.int32)
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred p, q; .reg .b32 m, lt; match.any.sync.b64 m, $1, 0xffffffff; "
+            "mov.u32 lt, %lanemask_lt; and.b32 lt, lt, m; setp.eq.b32 q, lt, 0; setp.ne.b32 p, $2, 0; "
+            "and.pred p, p, q; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.b32 $0, 0; }",
+            "=r,l,r,r", [ptrs, w, w * 0 + nbytes], dtype=tl.int32, is_pure=False, pack=1)
+
+    globals()["_pf_l2"] = _pf_l2
+
+    @triton.jit
     def mix(x_p, emb_p, tok_p, ln0w_p, ln0b_p, lnw_p, lnb_p, prev_p, mix_p, out_p, D, eps, cps_p, cpd_p,
             BD: tl.constexpr, EMB: tl.constexpr, NMIX: tl.constexpr, BM: tl.constexpr, PDL: tl.constexpr,
             COPY: tl.constexpr):
@@ -251,12 +266,16 @@ def kernels():
                 PER: tl.constexpr, NB: tl.constexpr, ONESHOT: tl.constexpr, GC: tl.constexpr,
                 FULL: tl.constexpr, COMPACT: tl.constexpr, PDL: tl.constexpr, VALUE: tl.constexpr,
                 BVD: tl.constexpr, MIXIN: tl.constexpr, DIAG: tl.constexpr, COUNT: tl.constexpr,
-                VSEL: tl.constexpr, EVW: tl.constexpr, EVV: tl.constexpr):
+                VSEL: tl.constexpr, EVW: tl.constexpr, EVV: tl.constexpr, PF: tl.constexpr, ROWB):
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
         rm = rows < F
         ks = tl.arange(0, BK)
         km = ks < D
+        if PF >= 2:   # L2 prefetch (a hint) of this program's whole W_v^T tile [and, PF 3, W_k tile]
+            _pf_l2(vt_p + rows * D, rm, ROWB)
+            if PRED and PF == 3:
+                _pf_l2(w_p + rows * D, rm, ROWB)
         if PRED:   # n-bit W_k predictor: score_j = sum_g zero_jg sum(x_g) + scale_jg (q_jg . x_g)
             # PER = 8 // BITS codes per byte, NB = GS // PER bytes per group and row
             if ONESHOT:  # the row tile's codes in one load (GC = G groups, D // PER and G powers of two)
@@ -276,6 +295,10 @@ def kernels():
             else:
                 sc = _score(x_p, q_p, qs_p, qz_p, rows, rm, D, G, BN, BITS, GS, PER, NB, PDL)
             sel = rm & (sc >= thr)
+            if DIAG == 3:   # timing only: no W_k and no W_v^T rows at all (the scores stay)
+                sel = sel & (rows < 0)
+            if PF == 1:     # the selected rows' W_v^T rows into L2 now, with the W_k rows (a hint)
+                _pf_l2(vt_p + rows * D, sel, ROWB)
             # only the selected rows of W_k are read (after the scores: no prefetch here)
             if FULL:
                 xv = tl.load(x_p + ks, mask=km, other=0.0)
@@ -287,8 +310,10 @@ def kernels():
         else:
             sel = rm
             if FULL:
-                wv = tl.load(w_p + rows[:, None] * D + ks[None, :], mask=rm[:, None] & km[None, :], other=0.0,
-                             eviction_policy=EVW)
+                wm = rm[:, None] & km[None, :]
+                if DIAG == 3:   # timing only: no W_k rows (keys 0, so no W_v^T rows either)
+                    wm = wm & (rows < 0)[:, None]
+                wv = tl.load(w_p + rows[:, None] * D + ks[None, :], mask=wm, other=0.0, eviction_policy=EVW)
                 _sync(PDL)
                 if MIXIN:   # LN2 + token shift of the residual here (no mix launch; dense mode only)
                     xv = _ln_mix(xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p, D, ks, km, pid == 0)
