@@ -200,7 +200,8 @@ def test_launch_options_do_not_change_the_numbers(ckpt, mode):
                       {"pipe_bn": 4, "pipe_per_sm": 0.1, "pipe_defer": True, "fuse_ffn_mix": True, "pipe_warps": 4},
                       {"pipe_bn": 16, "pdl": False, "evict_stream": "evict_first", "evict_value": "evict_last",
                        "evict_key": "evict_last"},
-                      {"evict_auto_l2x": 0, "pred_key_bn": 16}, {"l2pf": 1}, {"l2pf": 2}, {"l2pf": 3, "pdl": False})]
+                      {"evict_auto_l2x": 0, "pred_key_bn": 16}, {"l2pf": 1}, {"l2pf": 2}, {"l2pf": 3, "pdl": False},
+                      {"l2pf": 1, "gather_na": 4, "sparse_bn": 16})]
     assert decs[5].mixin and decs[6].mixin == (mode == "dense") and not decs[0].mixin
     assert decs[7].gather == (mode != "dense")
     assert decs[10].vsel == (mode == "predicted")
@@ -210,7 +211,7 @@ def test_launch_options_do_not_change_the_numbers(ckpt, mode):
     assert decs[0].tune["evict_value"] == "evict_last" and decs[15].tune["evict_stream"] == ""
     # L2 prefetch hints: the selected rows (predicted only), whole tiles (sparse modes); need PDL's Hopper
     hop = torch.cuda.get_device_capability()[0] >= 9
-    assert [d.l2pf for d in decs[16:]] == [int(hop and mode == "predicted"), 2 * (hop and mode != "dense"), 0]
+    assert [d.l2pf for d in decs[16:19]] == [int(hop and mode == "predicted"), 2 * (hop and mode != "dense"), 0]
     for t in TOKENS:
         outs = [d.step(t).cpu().numpy() for d in decs]
         for j, o in enumerate(outs[1:], 1):

@@ -350,7 +350,7 @@ class FusedDecode:
                     lay["key"], self.xk, self.kbuf[i], q["q"], q["s"], q["z"], q["thr"], F, D, lay["wv"], self.x,
                     self.cnt[i], *mx, BN=bn, BK=_p2(D), PRED=p is not None, BITS=q["bits"], PER=q["per"],
                     NB=q["gs"] // q["per"], GC=max(1, q["g"]), MIXIN=mixin, NA=tn["gather_na"], PDL=self.pdl,
-                    **self._kw(tn["sparse_warps"]))
+                    PF=int(self.l2pf == 1), ROWB=self.rowb, **self._kw(tn["sparse_warps"]))
                 continue
             if self.pipe:     # the whole exact FFN, persistent programs over row tiles (see ffn_pipe)
                 bn = tn["pipe_bn"]

@@ -382,7 +382,7 @@ def kernels():
                    xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p,
                    BN: tl.constexpr, BK: tl.constexpr, PRED: tl.constexpr, BITS: tl.constexpr,
                    PER: tl.constexpr, NB: tl.constexpr, GC: tl.constexpr, MIXIN: tl.constexpr,
-                   NA: tl.constexpr, PDL: tl.constexpr):
+                   NA: tl.constexpr, PDL: tl.constexpr, PF: tl.constexpr, ROWB):
         """The whole sparse FFN of one layer for BN rows (D <= BK, whole-width tiles): [LN2 + mix],
         [predictor scores -> the selected W_k rows, NA at a time, gathered into a (NA, BK) tile],
         keys, then the active rows' W_v^T columns gathered NA at a time, summed in registers and
@@ -413,6 +413,8 @@ def kernels():
             xg = tl.sum(tl.reshape(xs, (GC, NB)), axis=1)
             sc = tl.sum(scale * qg + zero * xg[None, :], axis=1)
             sel = rm & (sc >= thr)
+            if PF == 1:   # the selected rows' W_v^T rows into L2 now, with the W_k rows (a hint)
+                _pf_l2(vt_p + rows * D, sel, ROWB)
             tl.store(k_p + rows, tl.full((BN,), -1.0, tl.float32), mask=rm & (sc < thr))   # -1: not predicted
             sl = sel.to(tl.int32)
             ns = tl.sum(sl, axis=0)
