@@ -181,7 +181,7 @@ def test_launch_options_do_not_change_the_numbers(ckpt, mode):
     mix in its own launch, the split-K value pass, the selected rows' value rows loaded with their
     W_k rows, the persistent pipelined exact kernel (ffn_pipe: several tiles per program, deferred
     value sums, fused mix), L2 eviction hints off (and 16-row predicted key programs), L2 prefetch
-    hints (l2pf 1-3) and the looped
+    hints (l2pf 1-3), byte-wise (not word-wise) predictor scores and the looped
     (not whole-width) tiles give the same logits and state as the default launch, token by token,
     and the separate value launch lists exactly the k > 0 rows."""
     from rwkv_edge.backends.cuda_decode import FusedDecode
@@ -201,7 +201,7 @@ def test_launch_options_do_not_change_the_numbers(ckpt, mode):
                       {"pipe_bn": 16, "pdl": False, "evict_stream": "evict_first", "evict_value": "evict_last",
                        "evict_key": "evict_last"},
                       {"evict_auto_l2x": 0, "pred_key_bn": 16}, {"l2pf": 1}, {"l2pf": 2}, {"l2pf": 3, "pdl": False},
-                      {"l2pf": 1, "gather_na": 4, "sparse_bn": 16})]
+                      {"l2pf": 1, "gather_na": 4, "sparse_bn": 16}, {"score_words": False})]
     assert decs[5].mixin and decs[6].mixin == (mode == "dense") and not decs[0].mixin
     assert decs[7].gather == (mode != "dense")
     assert decs[10].vsel == (mode == "predicted")

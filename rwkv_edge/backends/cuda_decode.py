@@ -123,7 +123,7 @@ TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk
             gather_na=0, sparse_bn=16, sparse_warps=8, fuse_ffn_mix=False, split_value=None, diag=0,
             split_warps=4, value_on_sel=False, evict_stream=None, evict_value=None, evict_key=None,
             evict_auto_l2x=2.0, pred_key_bn=8, pipe_bn=0, pipe_per_sm=2, pipe_warps=8, pipe_defer=False,
-            pipe_stages=None, l2pf=0)
+            pipe_stages=None, l2pf=0, score_words=True)
 
 def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -285,8 +285,10 @@ class FusedDecode:
         if gs & (gs - 1) or gs % per or (gs // per) & (gs // per - 1):
             raise ValueError(f"predictor group size {gs} must be a power of two")
         t = lambda a: torch.from_numpy(a).to(dev).contiguous()  # noqa: E731
-        return dict(q=t(qm.packed), s=t(qm.scale), z=t(qm.zero), thr=float(p.calib.threshold),
-                    bits=qm.bits, gs=gs, g=D // gs, per=per)
+        q = t(qm.packed)
+        words = (D // per) % 4 == 0 and gs % (32 // qm.bits) == 0    # int32 words, whole groups each
+        return dict(q=q, q32=q.view(torch.int32) if words else None, s=t(qm.scale), z=t(qm.zero),
+                    thr=float(p.calib.threshold), bits=qm.bits, gs=gs, g=D // gs, per=per)
 
     # --- the step ---------------------------------------------------------------------------
     def _kw(self, warps, stages=None):
@@ -363,18 +365,20 @@ class FusedDecode:
             if tn["diag"] == 4:   # timing only, wrong results: no FFN launch at all (the LN2 mix stays)
                 continue
             one = q["g"] > 0 and q["g"] == _p2(q["g"]) and D == _p2(D)
+            words = one and bool(tn["score_words"]) and q.get("q32") is not None
             full = _p2(D) <= tn["full_k"]
             split = sparse and tn["split_value"] is not None    # (BF, BD): keys, then ffn_vsplit
             fv = fv and not split
             kbn = (tn["pred_key_bn"] if p else tn["fused_key_bn"]) if sparse and fv else tn["key_bn"]
             K["ffn_key"][(-(-F // kbn),)](
-                lay["key"], self.xk, self.kbuf[i], self.idx[i], q["q"], q["s"], q["z"], q["thr"], self.slot[i],
+                lay["key"], self.xk, self.kbuf[i], self.idx[i], q["q32"] if words else q["q"], q["s"], q["z"],
+                q["thr"], self.slot[i],
                 F, D, q["g"], lay["wv"], self.x, self.cnt[i], *mx, BN=kbn,
                 BK=_p2(D) if full else min(tn["key_bk"], _p2(D)), PRED=p is not None,
                 BITS=q["bits"], GS=q["gs"], PER=q["per"], NB=q["gs"] // q["per"], ONESHOT=one,
                 GC=q["g"] if one else 1, FULL=full, COMPACT=sparse and not fv, PDL=self.pdl, VALUE=sparse and fv,
                 BVD=min(_p2(D), tn["key_value_bd"]), MIXIN=mixin, DIAG=tn["diag"], COUNT=split and p is not None,
-                VSEL=self.vsel, EVW=evk, EVV=tn["evict_value"], PF=self.l2pf if fv else 0, ROWB=self.rowb,
+                VSEL=self.vsel, EVW=evk, EVV=tn["evict_value"], PF=self.l2pf if fv else 0, ROWB=self.rowb, WORDS=words,
                 **self._kw(tn["key_warps"]))
             if split:
                 bf, bd = tn["split_value"]

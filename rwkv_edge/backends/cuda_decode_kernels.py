@@ -260,13 +260,48 @@ def kernels():
     globals()["_codes"] = _codes
 
     @triton.jit
+    def _score_words(x_p, q_p, qs_p, qz_p, rows, rm, BN: tl.constexpr, BITS: tl.constexpr, GC: tl.constexpr,
+                     NB: tl.constexpr, PDL: tl.constexpr):
+        """The ONESHOT scores with the codes read as int32 words (q_p: the packed codes viewed as
+        int32, NW = GC*NB/4 words a row). Code k of word c (bits BITS*k, LSB first) is column
+        c*CPW + k. No int-to-float conversion (a quarter-rate instruction, what bounded the 1.5B
+        scores): the code is masked in place into a float's mantissa, v = 1 + code * 2^(q-23) with q
+        its bit offset in the word's low or high half, and (v - 1) times x * 2^(23-q) is code * x
+        exactly (powers of two): one and-or, one add and one FMA a code, x scaled once per program."""
+        cw = tl.arange(0, GC * NB // 4)                                           # NW words a row
+        gi = tl.arange(0, GC)
+        wd = tl.load(q_p + rows[:, None] * (GC * NB // 4) + cw[None, :], mask=rm[:, None], other=0)   # int32
+        scale = tl.load(qs_p + rows[:, None] * GC + gi[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
+        zero = tl.load(qz_p + rows[:, None] * GC + gi[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
+        _sync(PDL)
+        hi = wd >> 16
+        qx = tl.zeros((BN, GC * NB // 4), dtype=tl.float32)
+        xs = tl.zeros((GC * NB // 4,), dtype=tl.float32)
+        for k in tl.static_range(32 // BITS):            # CPW codes a word, HALF = CPW // 2 per half
+            if k < 16 // BITS:
+                src = wd
+            else:
+                src = hi
+            m = ((1 << BITS) - 1) << (BITS * (k % (16 // BITS)))
+            v = ((src & m) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
+            xq = tl.load(x_p + cw * (32 // BITS) + k)
+            qx += v * (xq * (1 << (23 - BITS * (k % (16 // BITS)))))[None, :]
+            xs += xq
+        qg = tl.sum(tl.reshape(qx, (BN, GC, NB // 4)), axis=2)                    # (BN, G)
+        xg = tl.sum(tl.reshape(xs, (GC, NB // 4)), axis=1)                        # (G,)
+        return tl.sum(scale * qg + zero * xg[None, :], axis=1)
+
+    globals()["_score_words"] = _score_words
+
+    @triton.jit
     def ffn_key(w_p, x_p, k_p, idx_p, q_p, qs_p, qz_p, thr, slot_p, F, D, G, vt_p, xo_p, cnt_p,
                 xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p,
                 BN: tl.constexpr, BK: tl.constexpr, PRED: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
                 PER: tl.constexpr, NB: tl.constexpr, ONESHOT: tl.constexpr, GC: tl.constexpr,
                 FULL: tl.constexpr, COMPACT: tl.constexpr, PDL: tl.constexpr, VALUE: tl.constexpr,
                 BVD: tl.constexpr, MIXIN: tl.constexpr, DIAG: tl.constexpr, COUNT: tl.constexpr,
-                VSEL: tl.constexpr, EVW: tl.constexpr, EVV: tl.constexpr, PF: tl.constexpr, ROWB):
+                VSEL: tl.constexpr, EVW: tl.constexpr, EVV: tl.constexpr, PF: tl.constexpr, ROWB,
+                WORDS: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
         rm = rows < F
@@ -278,7 +313,9 @@ def kernels():
                 _pf_l2(w_p + rows * D, rm, ROWB)
         if PRED:   # n-bit W_k predictor: score_j = sum_g zero_jg sum(x_g) + scale_jg (q_jg . x_g)
             # PER = 8 // BITS codes per byte, NB = GS // PER bytes per group and row
-            if ONESHOT:  # the row tile's codes in one load (GC = G groups, D // PER and G powers of two)
+            if WORDS:    # ONESHOT layout read as int32 words of CPW = 32 // BITS codes (see _score_words)
+                sc = _score_words(x_p, q_p, qs_p, qz_p, rows, rm, BN, BITS, GC, NB, PDL)
+            elif ONESHOT:  # the row tile's codes in one load (GC = G groups, D // PER and G powers of two)
                 cb = tl.arange(0, GC * NB)
                 byt, scale, zero = _codes(q_p, qs_p, qz_p, rows, rm, GC, NB)
                 _sync(PDL)
