@@ -379,6 +379,7 @@ def kernels():
                 tl.atomic_add(xo_p + ks, tl.sum(vs.to(tl.float32) * yv[:, None], axis=0), mask=km & (na > 0),
                               sem="relaxed")
             elif (na > 0) & (DIAG != 1):   # DIAG (timing only, wrong results): 1 no value rows, 2 no atomics
+                # (3 no W_k rows either, 4 no FFN launch, 5 no running totals)
                 for c0 in range(0, D, BVD):
                     cols = c0 + tl.arange(0, BVD)
                     cm = cols < D
@@ -389,9 +390,10 @@ def kernels():
                         tl.store(xo_p + cols, part, mask=cm & (part != part))
                     else:
                         tl.atomic_add(xo_p + cols, part, mask=cm, sem="relaxed")
-            tl.atomic_add(cnt_p + 1, na, sem="relaxed")                              # running totals
-            if PRED:
-                tl.atomic_add(cnt_p, tl.sum(sel.to(tl.int32), axis=0), sem="relaxed")
+            if DIAG != 5:   # DIAG 5 (timing only): no running totals (two same-address atomics a program)
+                tl.atomic_add(cnt_p + 1, na, sem="relaxed")                          # running totals
+                if PRED:
+                    tl.atomic_add(cnt_p, tl.sum(sel.to(tl.int32), axis=0), sem="relaxed")
         if COUNT:     # predicted rows into the running total (the split value kernel counts the active)
             tl.atomic_add(cnt_p, tl.sum(sel.to(tl.int32), axis=0), sem="relaxed")
         if COMPACT:   # append the active rows to the layer's index list (slot[1] = its length)
