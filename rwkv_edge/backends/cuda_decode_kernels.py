@@ -48,21 +48,6 @@ def kernels():
     globals()["_sync"] = _sync
 
     @triton.jit
-    def _pf_l2(ptrs, want, nbytes):
-        """A hint, never a dependency: cp.async.bulk.prefetch.L2 (sm_90) of nbytes (a multiple of
-        16, 16-byte aligned) at each pointer where `want`, into L2 only (no registers; nothing waits
-        for it). Lanes of a warp holding the same address issue it once (the lowest: match.any);
-        warps holding the same element each issue it (at most num_warps copies, all L2 hits)."""
-        w = want.to(tl.int32)
-        return tl.inline_asm_elementwise(
-            "{ .reg .pred p, q; .reg .b32 m, lt; match.any.sync.b64 m, $1, 0xffffffff; "
-            "mov.u32 lt, %lanemask_lt; and.b32 lt, lt, m; setp.eq.b32 q, lt, 0; setp.ne.b32 p, $2, 0; "
-            "and.pred p, p, q; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.b32 $0, 0; }",
-            "=r,l,r,r", [ptrs, w, w * 0 + nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-    globals()["_pf_l2"] = _pf_l2
-
-    @triton.jit
     def mix(x_p, emb_p, tok_p, ln0w_p, ln0b_p, lnw_p, lnb_p, prev_p, mix_p, out_p, D, eps, cps_p, cpd_p,
             BD: tl.constexpr, EMB: tl.constexpr, NMIX: tl.constexpr, BM: tl.constexpr, PDL: tl.constexpr,
             COPY: tl.constexpr):
@@ -260,62 +245,21 @@ def kernels():
     globals()["_codes"] = _codes
 
     @triton.jit
-    def _score_words(x_p, q_p, qs_p, qz_p, rows, rm, BN: tl.constexpr, BITS: tl.constexpr, GC: tl.constexpr,
-                     NB: tl.constexpr, PDL: tl.constexpr):
-        """The ONESHOT scores with the codes read as int32 words (q_p: the packed codes viewed as
-        int32, NW = GC*NB/4 words a row). Code k of word c (bits BITS*k, LSB first) is column
-        c*CPW + k. No int-to-float conversion (a quarter-rate instruction, what bounded the 1.5B
-        scores): the code is masked in place into a float's mantissa, v = 1 + code * 2^(q-23) with q
-        its bit offset in the word's low or high half, and (v - 1) times x * 2^(23-q) is code * x
-        exactly (powers of two): one and-or, one add and one FMA a code, x scaled once per program."""
-        cw = tl.arange(0, GC * NB // 4)                                           # NW words a row
-        gi = tl.arange(0, GC)
-        wd = tl.load(q_p + rows[:, None] * (GC * NB // 4) + cw[None, :], mask=rm[:, None], other=0)   # int32
-        scale = tl.load(qs_p + rows[:, None] * GC + gi[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
-        zero = tl.load(qz_p + rows[:, None] * GC + gi[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
-        _sync(PDL)
-        hi = wd >> 16
-        qx = tl.zeros((BN, GC * NB // 4), dtype=tl.float32)
-        xs = tl.zeros((GC * NB // 4,), dtype=tl.float32)
-        for k in tl.static_range(32 // BITS):            # CPW codes a word, HALF = CPW // 2 per half
-            if k < 16 // BITS:
-                src = wd
-            else:
-                src = hi
-            m = ((1 << BITS) - 1) << (BITS * (k % (16 // BITS)))
-            v = ((src & m) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
-            xq = tl.load(x_p + cw * (32 // BITS) + k)
-            qx += v * (xq * (1 << (23 - BITS * (k % (16 // BITS)))))[None, :]
-            xs += xq
-        qg = tl.sum(tl.reshape(qx, (BN, GC, NB // 4)), axis=2)                    # (BN, G)
-        xg = tl.sum(tl.reshape(xs, (GC, NB // 4)), axis=1)                        # (G,)
-        return tl.sum(scale * qg + zero * xg[None, :], axis=1)
-
-    globals()["_score_words"] = _score_words
-
-    @triton.jit
     def ffn_key(w_p, x_p, k_p, idx_p, q_p, qs_p, qz_p, thr, slot_p, F, D, G, vt_p, xo_p, cnt_p,
                 xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p,
                 BN: tl.constexpr, BK: tl.constexpr, PRED: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
                 PER: tl.constexpr, NB: tl.constexpr, ONESHOT: tl.constexpr, GC: tl.constexpr,
                 FULL: tl.constexpr, COMPACT: tl.constexpr, PDL: tl.constexpr, VALUE: tl.constexpr,
                 BVD: tl.constexpr, MIXIN: tl.constexpr, DIAG: tl.constexpr, COUNT: tl.constexpr,
-                VSEL: tl.constexpr, EVW: tl.constexpr, EVV: tl.constexpr, PF: tl.constexpr, ROWB,
-                WORDS: tl.constexpr):
+                VSEL: tl.constexpr, EVW: tl.constexpr, EVV: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
         rm = rows < F
         ks = tl.arange(0, BK)
         km = ks < D
-        if PF >= 2:   # L2 prefetch (a hint) of this program's whole W_v^T tile [and, PF 3, W_k tile]
-            _pf_l2(vt_p + rows * D, rm, ROWB)
-            if PRED and PF == 3:
-                _pf_l2(w_p + rows * D, rm, ROWB)
         if PRED:   # n-bit W_k predictor: score_j = sum_g zero_jg sum(x_g) + scale_jg (q_jg . x_g)
             # PER = 8 // BITS codes per byte, NB = GS // PER bytes per group and row
-            if WORDS:    # ONESHOT layout read as int32 words of CPW = 32 // BITS codes (see _score_words)
-                sc = _score_words(x_p, q_p, qs_p, qz_p, rows, rm, BN, BITS, GC, NB, PDL)
-            elif ONESHOT:  # the row tile's codes in one load (GC = G groups, D // PER and G powers of two)
+            if ONESHOT:  # the row tile's codes in one load (GC = G groups, D // PER and G powers of two)
                 cb = tl.arange(0, GC * NB)
                 byt, scale, zero = _codes(q_p, qs_p, qz_p, rows, rm, GC, NB)
                 _sync(PDL)
@@ -334,8 +278,6 @@ def kernels():
             sel = rm & (sc >= thr)
             if DIAG == 3:   # timing only: no W_k and no W_v^T rows at all (the scores stay)
                 sel = sel & (rows < 0)
-            if PF == 1:     # the selected rows' W_v^T rows into L2 now, with the W_k rows (a hint)
-                _pf_l2(vt_p + rows * D, sel, ROWB)
             # only the selected rows of W_k are read (after the scores: no prefetch here)
             if FULL:
                 xv = tl.load(x_p + ks, mask=km, other=0.0)
@@ -421,7 +363,7 @@ def kernels():
                    xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p,
                    BN: tl.constexpr, BK: tl.constexpr, PRED: tl.constexpr, BITS: tl.constexpr,
                    PER: tl.constexpr, NB: tl.constexpr, GC: tl.constexpr, MIXIN: tl.constexpr,
-                   NA: tl.constexpr, PDL: tl.constexpr, PF: tl.constexpr, ROWB):
+                   NA: tl.constexpr, PDL: tl.constexpr):
         """The whole sparse FFN of one layer for BN rows (D <= BK, whole-width tiles): [LN2 + mix],
         [predictor scores -> the selected W_k rows, NA at a time, gathered into a (NA, BK) tile],
         keys, then the active rows' W_v^T columns gathered NA at a time, summed in registers and
@@ -452,8 +394,6 @@ def kernels():
             xg = tl.sum(tl.reshape(xs, (GC, NB)), axis=1)
             sc = tl.sum(scale * qg + zero * xg[None, :], axis=1)
             sel = rm & (sc >= thr)
-            if PF == 1:   # the selected rows' W_v^T rows into L2 now, with the W_k rows (a hint)
-                _pf_l2(vt_p + rows * D, sel, ROWB)
             tl.store(k_p + rows, tl.full((BN,), -1.0, tl.float32), mask=rm & (sc < thr))   # -1: not predicted
             sl = sel.to(tl.int32)
             ns = tl.sum(sl, axis=0)
