@@ -180,7 +180,8 @@ def test_launch_options_do_not_change_the_numbers(ckpt, mode):
     key kernel), the masked-tile (not gathered) sparse kernel, one gathered row at a time, the FFN
     mix in its own launch, the split-K value pass, the selected rows' value rows loaded with their
     W_k rows, the persistent pipelined exact kernel (ffn_pipe: several tiles per program, deferred
-    value sums, fused mix), L2 eviction hints off (and 16-row predicted key programs) and the looped
+    value sums, fused mix), L2 eviction hints off (and 16-row predicted key programs; and the
+    gathered predicted programs that a model too large for L2 gets by default) and the looped
     (not whole-width) tiles give the same logits and state as the default launch, token by token,
     and the separate value launch lists exactly the k > 0 rows."""
     from rwkv_edge.backends.cuda_decode import FusedDecode
@@ -199,7 +200,7 @@ def test_launch_options_do_not_change_the_numbers(ckpt, mode):
                       {"pipe_bn": 4, "pipe_per_sm": 0.1, "pipe_defer": True, "fuse_ffn_mix": True, "pipe_warps": 4},
                       {"pipe_bn": 16, "pdl": False, "evict_stream": "evict_first", "evict_value": "evict_last",
                        "evict_key": "evict_last"},
-                      {"evict_auto_l2x": 0, "pred_key_bn": 16})]
+                      {"evict_auto_l2x": 0, "pred_key_bn": 16, "gather_na": 0}, {"evict_auto_l2x": 0})]
     assert decs[5].mixin and decs[6].mixin == (mode == "dense") and not decs[0].mixin
     assert decs[7].gather == (mode != "dense")
     assert decs[10].vsel == (mode == "predicted")
@@ -207,6 +208,8 @@ def test_launch_options_do_not_change_the_numbers(ckpt, mode):
     assert decs[13].mixin == (mode != "predicted") and decs[12].pipe_grid < 16   # several tiles a program
     # L2 hints: on by default for a model whose weights fit in L2, off with evict_auto_l2x 0
     assert decs[0].tune["evict_value"] == "evict_last" and decs[15].tune["evict_stream"] == ""
+    # gathered predicted programs (8 rows at a time) by default where the weights do not fit in L2
+    assert decs[16].gather == (mode == "predicted") and not decs[15].gather and not decs[0].gather
     for t in TOKENS:
         outs = [d.step(t).cpu().numpy() for d in decs]
         for j, o in enumerate(outs[1:], 1):

@@ -85,6 +85,27 @@ with a stream window 14.6 vs 25.6 us per hot sum in one round, 21.7 vs 22.8 in t
 with the window on the nodes or the capture stream, 36.4 vs 37.2 us per pair. Also seen: the same
 exact setting timed 5464-5708 tok/s across rebuilds in one process with no window at all (the
 fastest build 4% above the rest, not always the first), so buffer placement matters at this size.
+
+Session 9, the bound (tools/gpu_decode_sweep.py, sets tools/gpu_decode_sets6-8.txt, one process, medians of
+2 passes, us per token; timing-only diag 3: no W_k and no W_v^T rows, diag 4: no FFN launch). 1.5B: dense
+1059 (944 tok/s); no FFN launch 594 (1.78x); an FFN launch that reads no rows 695 (1.52x: the most any
+sparsity can give with this step); exact + all W_k rows 828 (1.28x), + value rows 945 (1.12x); predicted
++ scores 849 (1.25x), + selected W_k rows 853, + value rows 962 (1.10x). So 1.3x is out of reach: exact
+stays below 1.28x even with free value rows and predicted below 1.25x with no rows at all (its 2-bit
+scores, after the PDL wait, cost 153 us). 58M shapes: dense 171, no FFN 134 (1.27x), no rows 156 (exact
+1.09x) / 165 (predicted scores, 1.03x); the value rows' dependent trip adds 25-28 us (exact 0.95x,
+predicted 0.87x). The graph profile (tools/gpu_decode_profile.py --graph, 1.5B, us per token charged to
+the kernel that moved the step's end): dense ffn_value 255, ffn_key 209, att_head 205, att_gemv 141, att_o
+87, ln mixes 115, head 59; predicted ffn_key 460 (scores only: 308), att_head 175, att_gemv 148, att_o 52,
+ln mixes 97, head 59. Gathered predicted programs (ffn_sparse, 8 selected rows at a time, 32 rows and 4
+warps a program) are now the default where the weights read per token exceed evict_auto_l2x times the L2:
+1.5B predicted 1087 vs 1038 tok/s (1.15x dense, both passes within 0.05%); at 58M they are slower (4344 vs
+5106) and stay off. Tried and dropped (code on branch i17g, commits 22d1170..c6b913a): L2 bulk prefetch
+(cp.async.bulk.prefetch.L2) of the selected rows' W_v^T rows after the scores (1.5B 1030 vs 1039, with
+gathered programs 1059 vs 1087; 58M 5120 vs 5102) or of every W_v^T (and W_k) tile before the wait (1.5B
+exact 891 vs 1059; 58M 5350 vs 5588); scores from int32 words with the codes masked into float mantissas
+instead of int-to-float conversions (1.5B 955 vs 1039, 58M 4036 vs 5106); the running-total atomics
+(diag 5) cost nothing measurable; 16 or 32 predicted rows a program at 8 warps (1025, 932).
 """
 from __future__ import annotations
 
@@ -105,7 +126,8 @@ _BIG = 1 << 30
 # pdl: programmatic dependent launch (used on compute capability >= 9 only); fused_value: the sparse
 # modes add the value rows inside the key kernel (fused_key_bn rows per program, key_value_bd
 # columns per step) instead of listing the active rows for a second launch.
-# gather_na > 0: the sparse modes run `ffn_sparse` (sparse_bn rows per program, sparse_warps warps),
+# gather_na > 0 (None: 8 in the predicted mode when the weights do not fit in L2 as for the eviction hints
+# below, else 0): the sparse modes run `ffn_sparse` (sparse_bn rows per program, sparse_warps warps),
 # which gathers the selected/active rows gather_na at a time instead of masking a (rows, D) tile
 # (whole-width D only, and a power-of-two D and group count in the predicted mode; else the older
 # kernel runs); fuse_ffn_mix: LN2 + the FFN token shift inside the FFN kernel (no mix launch).
@@ -120,7 +142,7 @@ _BIG = 1 << 30
 TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk=1024, key_warps=4,
             value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
             mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048,
-            gather_na=0, sparse_bn=16, sparse_warps=8, fuse_ffn_mix=False, split_value=None, diag=0,
+            gather_na=None, sparse_bn=32, sparse_warps=4, fuse_ffn_mix=False, split_value=None, diag=0,
             split_warps=4, value_on_sel=False, evict_stream=None, evict_value=None, evict_key=None,
             evict_auto_l2x=2.0, pred_key_bn=8, pipe_bn=0, pipe_per_sm=2, pipe_warps=8, pipe_defer=False,
             pipe_stages=None)
@@ -228,16 +250,19 @@ class FusedDecode:
         self.xb, self.fnew = z(D), z(L, D)        # fused FFN mix: post-attention residual, new ffn_x rows
         full = _p2(D) <= self.tune["full_k"]
         one = D == _p2(D) and all(p["g"] == _p2(p["g"]) for p in self.pred or [])
-        self.gather = mode != "dense" and self.tune["gather_na"] > 0 and full and (mode == "exact" or one)
+        tn, self.vsel = self.tune, False            # (vsel: read by bytes_per_token, set below)
+        l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) if dev.type == "cuda" else 0
+        small = self.bytes_per_token(1.0) <= tn["evict_auto_l2x"] * l2    # the weights mostly fit in L2
+        if tn["gather_na"] is None:   # auto: gathered predicted programs where the weights stream from HBM
+            tn["gather_na"] = 8 if mode == "predicted" and not small else 0
+        self.gather = mode != "dense" and tn["gather_na"] > 0 and full and (mode == "exact" or one)
         self.pipe = mode == "exact" and self.tune["pipe_bn"] > 0 and not self.gather and full and D == _p2(D)
         if self.pipe:
             self.K = dict(self.K, **pipe_kernels())
         self.mixin = bool(self.tune["fuse_ffn_mix"]) and full and (mode == "dense" or self.gather or self.pipe)
-        tn = self.tune   # predicted, fused value: W_v^T rows of the selected (not active) rows, early
+        # predicted, fused value: W_v^T rows of the selected (not active) rows, early
         self.vsel = (mode == "predicted" and bool(tn["value_on_sel"]) and tn["fused_value"] and not self.gather
                      and tn["split_value"] is None and full and _p2(D) <= tn["key_value_bd"])
-        l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) if dev.type == "cuda" else 0
-        small = self.bytes_per_token(1.0) <= tn["evict_auto_l2x"] * l2    # the weights mostly fit in L2
         for k, v in (("evict_stream", "evict_first"), ("evict_value", "evict_last")):
             if tn[k] is None:
                 tn[k] = v if small else ""
@@ -354,6 +379,8 @@ class FusedDecode:
                     self.pipe_grid, *mx, BN=bn, BK=D, MIXIN=mixin, PDL=self.pdl, EVW=evk,
                     EVV=tn["evict_value"], DEFER=bool(tn["pipe_defer"]),
                     **self._kw(tn["pipe_warps"], tn["pipe_stages"]))
+                continue
+            if tn["diag"] == 4:   # timing only, wrong results: no FFN launch at all (the LN2 mix stays)
                 continue
             one = q["g"] > 0 and q["g"] == _p2(q["g"]) and D == _p2(D)
             full = _p2(D) <= tn["full_k"]

@@ -276,6 +276,8 @@ def kernels():
             else:
                 sc = _score(x_p, q_p, qs_p, qz_p, rows, rm, D, G, BN, BITS, GS, PER, NB, PDL)
             sel = rm & (sc >= thr)
+            if DIAG == 3:   # timing only: no W_k and no W_v^T rows at all (the scores stay)
+                sel = sel & (rows < 0)
             # only the selected rows of W_k are read (after the scores: no prefetch here)
             if FULL:
                 xv = tl.load(x_p + ks, mask=km, other=0.0)
@@ -287,8 +289,10 @@ def kernels():
         else:
             sel = rm
             if FULL:
-                wv = tl.load(w_p + rows[:, None] * D + ks[None, :], mask=rm[:, None] & km[None, :], other=0.0,
-                             eviction_policy=EVW)
+                wm = rm[:, None] & km[None, :]
+                if DIAG == 3:   # timing only: no W_k rows (keys 0, so no W_v^T rows either)
+                    wm = wm & (rows < 0)[:, None]
+                wv = tl.load(w_p + rows[:, None] * D + ks[None, :], mask=wm, other=0.0, eviction_policy=EVW)
                 _sync(PDL)
                 if MIXIN:   # LN2 + token shift of the residual here (no mix launch; dense mode only)
                     xv = _ln_mix(xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p, D, ks, km, pid == 0)
@@ -317,6 +321,7 @@ def kernels():
                 tl.atomic_add(xo_p + ks, tl.sum(vs.to(tl.float32) * yv[:, None], axis=0), mask=km & (na > 0),
                               sem="relaxed")
             elif (na > 0) & (DIAG != 1):   # DIAG (timing only, wrong results): 1 no value rows, 2 no atomics
+                # (3 no W_k rows either, 4 no FFN launch, 5 no running totals)
                 for c0 in range(0, D, BVD):
                     cols = c0 + tl.arange(0, BVD)
                     cm = cols < D
@@ -327,9 +332,10 @@ def kernels():
                         tl.store(xo_p + cols, part, mask=cm & (part != part))
                     else:
                         tl.atomic_add(xo_p + cols, part, mask=cm, sem="relaxed")
-            tl.atomic_add(cnt_p + 1, na, sem="relaxed")                              # running totals
-            if PRED:
-                tl.atomic_add(cnt_p, tl.sum(sel.to(tl.int32), axis=0), sem="relaxed")
+            if DIAG != 5:   # DIAG 5 (timing only): no running totals (two same-address atomics a program)
+                tl.atomic_add(cnt_p + 1, na, sem="relaxed")                          # running totals
+                if PRED:
+                    tl.atomic_add(cnt_p, tl.sum(sel.to(tl.int32), axis=0), sem="relaxed")
         if COUNT:     # predicted rows into the running total (the split value kernel counts the active)
             tl.atomic_add(cnt_p, tl.sum(sel.to(tl.int32), axis=0), sem="relaxed")
         if COMPACT:   # append the active rows to the layer's index list (slot[1] = its length)
