@@ -36,6 +36,8 @@ def _load():
                                                  ctypes.c_float, P, i64, P, P, P]
                 lib.nk_test_dots4.argtypes = [ctypes.c_int, P, P, i64, i64, P, i64, P]
                 lib.nk_test_axpy4q.argtypes = [ctypes.c_int, P, P, P, i64, i64, P]
+                lib.nk_test_top_rows.restype = i64
+                lib.nk_test_top_rows.argtypes = [ctypes.c_int, P, i64, i64, P]
             except (OSError, AttributeError) as e:
                 lib, why = None, f"the native extension does not load ({e})"
         _LIB.append((lib, why))
@@ -169,3 +171,13 @@ def kernel_pred_select(qm, x: np.ndarray, thr: float, lv: str, idx=None, fused: 
     if rc != 0:
         raise ValueError("kernel_pred_select: unsupported level")
     return score, sel[:int(nsel[0])]
+
+
+def kernel_top_rows(z: np.ndarray, k: int, fast: bool):
+    """The rows of z (V,) the rescored head recomputes (csrc/nk_head.c's top_rows), by its 16-lane select
+    (fast) or its C one (for tests); None where the 16-lane one does not run (no AVX-512, V % 16, k >= V)."""
+    lib = _load()[0]
+    z = np.ascontiguousarray(z, np.float32).reshape(-1)
+    idx = np.empty(max(k, 1), np.int32)
+    n = lib.nk_test_top_rows(int(fast), z.ctypes.data, z.size, int(k), idx.ctypes.data)
+    return None if n < 0 else idx[:n]
