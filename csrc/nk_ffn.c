@@ -52,6 +52,12 @@ static void value_columns(const nk_model *m, const nk_layer *b, const int32_t *p
         for (int64_t p = 0; p < 4 * VPF && p < n; p++)
             for (int64_t l = 0; l < D; l += 64)
                 __builtin_prefetch(b->kv + (int64_t)pj[p] * 2 * D + D + l);
+    else                       /* the int4 columns of the first two passes, likewise */
+        for (int64_t p = 0; p < 8 && p < n; p++) {
+            for (int64_t l = 0; l < D / 2; l += 64)
+                __builtin_prefetch(b->kv4 + (int64_t)pj[p] * D + D / 2 + l);
+            __builtin_prefetch(b->kv4s + (int64_t)pj[p] * 2 * G + G);
+        }
 #endif
     for (int64_t q = 0; q < n; q += 4) {
         const int8_t *v[4];

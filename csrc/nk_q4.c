@@ -230,6 +230,12 @@ VNNI static void dots4_t1_512(const uint8_t *base, const uint16_t *sbase, int64_
     for (int64_t q = 0; q < G; q += 8)
         xs2[q / 8] = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(xs + q))));
     const __m512i m15 = _mm512_set1_epi8(15);
+    for (int64_t k = 0; k < pa && k < n; k++) {      /* the first pa rows at once (the loop fetches from pa on): */
+        int64_t r = idx ? idx[k] : k;                 /* a sparse set's scattered rows, not one miss after another */
+        for (int64_t l = 0; l < H; l += 64)
+            _mm_prefetch((const char *)(base + stride * r + l), _MM_HINT_T0);
+        _mm_prefetch((const char *)(sbase + sstride * r), _MM_HINT_T0);
+    }
     for (int64_t p = 0; p < n; p += 4) {
         const uint8_t *w[4];
         const uint16_t *s[4];
