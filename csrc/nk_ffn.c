@@ -202,6 +202,11 @@ static void ffn_sparse_task(void *c, int tid, int64_t lo, int64_t hi) {
     const nk_layer *b = f->b;
     key_dots(m, b, m->idx + lo, 0, hi - lo, f->t, 1, s->keys, 0);
     int64_t n = 0;
+#ifdef NK_X86
+    if (m->k == nk_kern_get(2))          /* 16 at a time, no branch per neuron: the same floats */
+        n = nk_active_idx_512(s->keys, b->kv4 ? NULL : b->kv_scale, m->idx + lo, hi - lo, s->pj, s->ph);
+    else
+#endif
     for (int64_t p = lo; p < hi; p++) {
         int64_t j = m->idx[p];
         float a = s->keys[p - lo] * kscale(b, j);

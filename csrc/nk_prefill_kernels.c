@@ -217,6 +217,33 @@ VNNI void nk_dots4_vnni512(const uint8_t *base, const uint16_t *sbase, int64_t s
  * sc[2p + 1] (int8 kv_scale), or 1 with sc NULL (int4). The scalar loop's operations, so the same
  * floats; each 16 are compressed in registers and stored whole: pj, ph need 16 entries of slack.
  * Returns how many it appended. */
+/* the same for the decode's sparse set: keys[p] belongs to neuron idx[p] (p < n, any n), sc gathered by
+ * neuron; appends idx[p] and (a * a) * vs to pj, ph (exactly as many entries as it appends) */
+VNNI int64_t nk_active_idx_512(const float *keys, const float *sc, const int32_t *idx, int64_t n, int32_t *pj,
+                               float *ph) {
+    int64_t k = 0;
+    for (int64_t p = 0; p < n; p += 16) {
+        __mmask16 live = n - p >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - p)) - 1);
+        __m512i j = _mm512_maskz_loadu_epi32(live, idx + p);
+        __m512 ks = _mm512_set1_ps(1.0f), vs = ks;
+        if (sc) {
+            __m512i j2 = _mm512_add_epi32(j, j);
+            ks = _mm512_mask_i32gather_ps(ks, live, j2, sc, 4);
+            vs = _mm512_mask_i32gather_ps(vs, live, _mm512_add_epi32(j2, _mm512_set1_epi32(1)), sc, 4);
+        }
+        __m512 a = _mm512_mul_ps(_mm512_maskz_loadu_ps(live, keys + p), ks);
+        __mmask16 m = _mm512_mask_cmp_ps_mask(live, a, _mm512_setzero_ps(), _CMP_GT_OQ);
+        if (!m)
+            continue;
+        int c = __builtin_popcount(m);
+        __mmask16 lo = (__mmask16)((1u << c) - 1);
+        _mm512_mask_storeu_epi32(pj + k, lo, _mm512_maskz_compress_epi32(m, j));
+        _mm512_mask_storeu_ps(ph + k, lo, _mm512_maskz_compress_ps(m, _mm512_mul_ps(_mm512_mul_ps(a, a), vs)));
+        k += c;
+    }
+    return k;
+}
+
 VNNI int64_t nk_active_512(const float *keys, const float *sc, int64_t j0, int64_t nb, int32_t *pj, float *ph) {
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
