@@ -141,6 +141,8 @@ def main(argv=None):
     head = c.vocab_size * D * (0.5625 if args.head_rescore else 1.0) + min(args.head_rescore, c.vocab_size) * D
     byts = {0: 3 * D * D * L * q, 1: D * D * L * q, 2: F * (D // 4 + 4 * (D // 64)) * L if args.mode == "sparse" else 0,
             3: rows / n * D * q, 4: head, 7: 2 * D * (96 + 96 + 256 + 64) * L}
+    if args.model:                                         # its own LoRAs (the line above: 1.5B shapes)
+        byts[7] = sum(a.nbytes for k, a in m._t.items() if k.endswith(".qc") and ".att." in k)
     print(f"threads {args.threads} {args.mode}: median {np.median(ts) * 1e3:.2f} ms/token")
     for i, name in TAGS.items():
         calls, wall = prof[i][0] / n, prof[i][1] / n
