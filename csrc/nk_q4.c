@@ -341,11 +341,19 @@ int nk_test_dots4(int level, const uint8_t *W, const uint16_t *S, int64_t n, int
     return 0;
 }
 
-/* out (D,) += sum_j h[j] V_hat[j] for int4 columns V (n, D / 2), S (n, D / 32), four per kernel call */
+/* out (D,) += sum_j h[j] V_hat[j] for int4 columns V (n, D / 2), S (n, D / 32), four per kernel call
+ * (level 3: the decode's and prefill's 512-bit twin, nk_axpy4q_512, where the CPU has the VNNI level) */
 int nk_test_axpy4q(int level, const uint8_t *V, const uint16_t *S, const float *h, int64_t n, int64_t D, float *out) {
-    const nk_kern *k = nk_kern_get(level);
-    if (!k || D % NK_GS || D <= 0)
+    void (*axq)(float *, int64_t, const uint8_t *const *, const uint16_t *const *, const float *) = NULL;
+#ifdef NK_X86
+    if (level == 3 && nk_kern_get(2))
+        axq = nk_axpy4q_512;
+#endif
+    const nk_kern *k = level == 3 ? NULL : nk_kern_get(level);
+    if ((!k && !axq) || D % NK_GS || D <= 0)
         return -1;
+    if (!axq)
+        axq = k->axpy4q;
     for (int64_t q = 0; q < n; q += 4) {
         const uint8_t *v[4];
         const uint16_t *s[4];
@@ -354,7 +362,7 @@ int nk_test_axpy4q(int level, const uint8_t *V, const uint16_t *S, const float *
             int64_t p = q + j < n ? q + j : q;
             v[j] = V + p * (D / 2), s[j] = S + p * (D / NK_GS), hh[j] = q + j < n ? h[p] : 0.0f;
         }
-        k->axpy4q(out, D, v, s, hh);
+        axq(out, D, v, s, hh);
     }
     return 0;
 }

@@ -126,14 +126,18 @@ def kernel_dots4(packed: np.ndarray, scale: np.ndarray, x: np.ndarray, lv: str) 
 
 
 def kernel_axpy4(packed: np.ndarray, scale: np.ndarray, h: np.ndarray, out: np.ndarray, lv: str) -> np.ndarray:
-    """out (D,) += h @ V_hat for int4 value columns (packed (n, D/2), scale (n, D/32)), by lv (for tests)."""
+    """out (D,) += h @ V_hat for int4 value columns (packed (n, D/2), scale (n, D/32)), by lv (for tests);
+    lv "vnni512": the 512-bit twin the decode and prefill run (None where the CPU lacks it)."""
     lib = _load()[0]
     packed = np.ascontiguousarray(packed, np.uint8)
     sc = np.ascontiguousarray(scale, np.float16).view(np.uint16)
     h = np.ascontiguousarray(h, np.float32)
     out = np.ascontiguousarray(out, np.float32).copy()
-    if lib.nk_test_axpy4q(_LEVELS.index(lv), packed.ctypes.data, sc.ctypes.data, h.ctypes.data, packed.shape[0],
-                          out.shape[0], out.ctypes.data) != 0:
+    wide = lv == "vnni512"
+    if lib.nk_test_axpy4q(3 if wide else _LEVELS.index(lv), packed.ctypes.data, sc.ctypes.data, h.ctypes.data,
+                          packed.shape[0], out.shape[0], out.ctypes.data) != 0:
+        if wide:
+            return None
         raise ValueError("kernel_axpy4: unsupported shape or level")
     return out
 
