@@ -102,6 +102,7 @@ void nk_axpy4_512(float *out, int64_t D, const int8_t *const *v, const float *h)
 void nk_axpy4q_512(float *out, int64_t D, const uint8_t *const *v, const uint16_t *const *s, const float *h);
 /* a token's active neurons of a prefill key block, 512-bit (nk_prefill_kernels.c; see there) */
 int64_t nk_active_512(const float *keys, const float *sc, int64_t j0, int64_t nb, int32_t *pj, float *ph);
+int64_t nk_active_idx_512(const float *keys, const float *sc, const int32_t *idx, int64_t n, int32_t *pj, float *ph);
 /* nk_dots4_vnni for T > 1 and I % 256 == 0 on 512-bit registers, bit-identical to it (nk_prefill_kernels.c) */
 void nk_dots4_vnni512(const uint8_t *base, const uint16_t *sbase, int64_t stride, int64_t sstride, const int32_t *idx,
                       int64_t n, int64_t I, const int8_t *X, const float *xs, const int32_t *init, int64_t T,

@@ -35,6 +35,9 @@ typedef struct {
 #ifndef VPF
 #define VPF 2          /* value columns: passes of four fetched ahead */
 #endif
+#ifndef VPF4
+#define VPF4 4         /* the same for int4 columns */
+#endif
 /* out (D,) += h_j V[:, j] for the n neurons pj/ph, four per pass over out */
 static void value_columns(const nk_model *m, const nk_layer *b, const int32_t *pj, const float *ph, int64_t n,
                           float *out, int wide) {
@@ -52,6 +55,12 @@ static void value_columns(const nk_model *m, const nk_layer *b, const int32_t *p
         for (int64_t p = 0; p < 4 * VPF && p < n; p++)
             for (int64_t l = 0; l < D; l += 64)
                 __builtin_prefetch(b->kv + (int64_t)pj[p] * 2 * D + D + l);
+    else                       /* the int4 columns of the first two passes, likewise */
+        for (int64_t p = 0; p < 4 * VPF4 && p < n; p++) {
+            for (int64_t l = 0; l < D / 2; l += 64)
+                __builtin_prefetch(b->kv4 + (int64_t)pj[p] * D + D / 2 + l);
+            __builtin_prefetch(b->kv4s + (int64_t)pj[p] * 2 * G + G);
+        }
 #endif
     for (int64_t q = 0; q < n; q += 4) {
         const int8_t *v[4];
@@ -69,7 +78,7 @@ static void value_columns(const nk_model *m, const nk_layer *b, const int32_t *p
         if (b->kv4) {
 #if defined(__GNUC__) || defined(__clang__)
             /* the columns two passes ahead (scattered neurons: D / 2 code bytes + D / 16 scale bytes each) */
-            for (int64_t p = q + 8; p < q + 12 && p < n; p++) {
+            for (int64_t p = q + 4 * VPF4; p < q + 4 * VPF4 + 4 && p < n; p++) {
                 const uint8_t *c = b->kv4 + (int64_t)pj[p] * D + D / 2;
                 for (int64_t l = 0; l < D / 2; l += 64)
                     __builtin_prefetch(c + l);
@@ -193,6 +202,11 @@ static void ffn_sparse_task(void *c, int tid, int64_t lo, int64_t hi) {
     const nk_layer *b = f->b;
     key_dots(m, b, m->idx + lo, 0, hi - lo, f->t, 1, s->keys, 0);
     int64_t n = 0;
+#ifdef NK_X86
+    if (m->k == nk_kern_get(2))          /* 16 at a time, no branch per neuron: the same floats */
+        n = nk_active_idx_512(s->keys, b->kv4 ? NULL : b->kv_scale, m->idx + lo, hi - lo, s->pj, s->ph);
+    else
+#endif
     for (int64_t p = lo; p < hi; p++) {
         int64_t j = m->idx[p];
         float a = s->keys[p - lo] * kscale(b, j);

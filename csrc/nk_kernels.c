@@ -145,7 +145,7 @@ static const nk_kern K_GENERIC = {"generic", dots_generic, axpy4_generic, nk_pre
         _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(w + gi * NK_GS)), _mm256_set1_ps(xs[gi]), acc);         \
     })
 #ifndef NK_KPF
-#define NK_KPF 8192    /* bytes of rows fetched ahead */
+#define NK_KPF 16384    /* bytes of rows fetched ahead */
 #endif
 #define DOT1_BODY(DOT)                                                                                 \
     int64_t G = I / NK_GS, pf = NK_KPF / I > 2 ? NK_KPF / I : 2;                                       \

@@ -17,8 +17,8 @@ static inline float sigmoidf_(float z) { return 1.0f / (1.0f + expf(-z)); }
 
 /* per head: KN (= k * k_k) L2-normalised, A (the in-context rate) times it, k's update, KN = -kk
  * (the steps' operations and sum order; both mix_token versions end with it) */
-static void kk_heads(const nk_layer *b, int64_t D, int64_t N, float *k, float *A, float *KN) {
-    for (int64_t h = 0; h < D / N; h++) {
+static void kk_heads(const nk_layer *b, int64_t h0, int64_t h1, int64_t N, float *k, float *A, float *KN) {
+    for (int64_t h = h0; h < h1; h++) {
         float ss = 0.0f, *kh = KN + h * N;
         for (int64_t j = 0; j < N; j++)
             ss += kh[j] * kh[j];
@@ -33,16 +33,16 @@ static void kk_heads(const nk_layer *b, int64_t D, int64_t N, float *k, float *A
     }
 }
 
-static void mix_token_generic(const nk_layer *b, int64_t D, int64_t N, int first, float *k, float *v, const float *vf,
-                              float *W, float *A, const float *GV, float *KN) {
-    for (int64_t d = 0; d < D; d++) {
+static void mix_token_generic(const nk_layer *b, int64_t h0, int64_t h1, int64_t N, int first, float *k, float *v,
+                              const float *vf, float *W, float *A, const float *GV, float *KN) {
+    for (int64_t d = h0 * N; d < h1 * N; d++) {
         if (!first)
             v[d] += (vf[d] - v[d]) * sigmoidf_(b->v0[d] + GV[d]);
         A[d] = sigmoidf_(b->a0[d] + A[d]);
         KN[d] = k[d] * b->k_k[d];
         W[d] = expf(-0.606531f * sigmoidf_(b->w0[d] + W[d]));
     }
-    kk_heads(b, D, N, k, A, KN);
+    kk_heads(b, h0, h1, N, k, A, KN);
 }
 
 #ifdef NK_X86
@@ -102,10 +102,10 @@ VNNIX static inline __m512 sigmoid16_512(__m512 z) {
 
 /* mix_token_generic with the first loop on 16 lanes (each lane: its operations, unfused, with the
  * expf above) and the per-head rest in C, which GCC may vectorise across j or heads but not reorder
- * within a sum (fp-contract off): the same floats as mix_token_generic where libm is glibc's. D % 16. */
-VNNIX static void mix_token_512(const nk_layer *b, int64_t D, int64_t N, int first, float *k, float *v,
+ * within a sum (fp-contract off): the same floats as mix_token_generic where libm is glibc's. N % 16. */
+VNNIX static void mix_token_512(const nk_layer *b, int64_t h0, int64_t h1, int64_t N, int first, float *k, float *v,
                                 const float *vf, float *W, float *A, const float *GV, float *KN) {
-    for (int64_t d = 0; d < D; d += 16) {
+    for (int64_t d = h0 * N; d < h1 * N; d += 16) {
         if (!first) {
             __m512 vv = _mm512_loadu_ps(v + d);
             __m512 sg = sigmoid16_512(_mm512_add_ps(_mm512_loadu_ps(b->v0 + d), _mm512_loadu_ps(GV + d)));
@@ -116,7 +116,7 @@ VNNIX static void mix_token_512(const nk_layer *b, int64_t D, int64_t N, int fir
         __m512 sw = sigmoid16_512(_mm512_add_ps(_mm512_loadu_ps(b->w0 + d), _mm512_loadu_ps(W + d)));
         _mm512_storeu_ps(W + d, expf16_512(_mm512_mul_ps(_mm512_set1_ps(-0.606531f), sw)));
     }
-    kk_heads(b, D, N, k, A, KN);
+    kk_heads(b, h0, h1, N, k, A, KN);
 }
 
 VNNIX static void expf_many_512(const float *x, int64_t n, float *y) {
@@ -133,16 +133,24 @@ VNNIX static void sigmoid_rows_512(float *x, int64_t T, int64_t n, int64_t ld) {
 #endif
 
 
-/* one token's elementwise time-mix (its (D,) rows), at the level of m->k */
-void nk_mix_token(const nk_model *m, const nk_layer *b, int first, float *k, float *v, const float *vf, float *W,
-                  float *A, const float *GV, float *KN) {
+/* one token's elementwise time-mix (its (D,) rows), heads [h0, h1), at the level of m->k: v += value
+ * residual (unless first), A = sigmoid(a0 + A), W = the decay; then per head KN = k * k_k normalised,
+ * A = KN * A (the wkv's b), k's update, KN = -KN (the wkv's a). The prefill calls it per token (all
+ * heads), the decode step per head range of a thread (nk_rwkv7.c heads_task): the same floats. */
+void nk_mix_heads(const nk_model *m, const nk_layer *b, int first, int64_t h0, int64_t h1, float *k, float *v,
+                  const float *vf, float *W, float *A, const float *GV, float *KN) {
 #ifdef NK_X86
-    if (m->k == nk_kern_get(2) && m->D % 16 == 0) {
-        mix_token_512(b, m->D, m->N, first, k, v, vf, W, A, GV, KN);
+    if (m->k == nk_kern_get(2) && m->N % 16 == 0) {
+        mix_token_512(b, h0, h1, m->N, first, k, v, vf, W, A, GV, KN);
         return;
     }
 #endif
-    mix_token_generic(b, m->D, m->N, first, k, v, vf, W, A, GV, KN);
+    mix_token_generic(b, h0, h1, m->N, first, k, v, vf, W, A, GV, KN);
+}
+
+void nk_mix_token(const nk_model *m, const nk_layer *b, int first, float *k, float *v, const float *vf, float *W,
+                  float *A, const float *GV, float *KN) {
+    nk_mix_heads(m, b, first, 0, m->D / m->N, k, v, vf, W, A, GV, KN);
 }
 
 /* x (T, n) (row stride ld) = sigmoid of itself (the output gate's hidden LoRA layer), at the level of m->k */

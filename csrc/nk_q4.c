@@ -209,11 +209,87 @@ VNNI static inline __m256i pair_vnni(const uint8_t *ptr, __m256i xlo, __m256i xh
 
 VNNI static inline __m256i odd_vnni(__m256i v, __m256i xv, __m256i iv) { return _mm256_dpbusd_epi32(iv, v, xv); }
 
+/* DOTS4_BODY(pair_vnni, odd_vnni) for one token and G % 8 == 0 on 512-bit registers, two rows a
+ * register (row 2j in lanes 0-7, 2j + 1 in 8-15): every row's lanes see the 256-bit kernel's integers,
+ * scales and FMA chain in its order, and the same hsum8, so the floats are identical, in about half the
+ * vector instructions (the decode's r/k/v/o, FFN keys and int4 head were bound by them, not by bytes:
+ * ~27 cycles a 512-column row). The pair's activation vectors, broadcast to both halves, are built
+ * once per call. */
+VNNI static void dots4_t1_512(const uint8_t *base, const uint16_t *sbase, int64_t stride, int64_t sstride,
+                              const int32_t *idx, int64_t n, int64_t I, const int8_t *X, const float *xs,
+                              const int32_t *init, float *y) {
+    int64_t G = I / NK_GS, H = I / 2, P = G / 2;
+    /* 16 KiB of rows ahead (DOTS4_BODY: 8; here 8 KiB 0.97x, 32 KiB 0.97x of 16, native_ab at 58M) */
+    int64_t pa = 16384 / (H + 2 * G) < 8 ? 8 : 16384 / (H + 2 * G) / 4 * 4;
+    __m512i xl[64], xh[64], iv[64];                                            /* P <= 64 */
+    __m512 xs2[16];
+    for (int64_t pr = 0; pr < P; pr++) {
+        xl[pr] = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(X + 64 * pr)));
+        xh[pr] = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(X + 64 * pr + 32)));
+        iv[pr] = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(init + 8 * pr)));
+    }
+    for (int64_t q = 0; q < G; q += 8)
+        xs2[q / 8] = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(xs + q))));
+    const __m512i m15 = _mm512_set1_epi8(15);
+    for (int64_t k = 0; k < pa && k < n; k++) {      /* the first pa rows at once (the loop fetches from pa on): */
+        int64_t r = idx ? idx[k] : k;                 /* a sparse set's scattered rows, not one miss after another */
+        for (int64_t l = 0; l < H; l += 64)
+            _mm_prefetch((const char *)(base + stride * r + l), _MM_HINT_T0);
+        _mm_prefetch((const char *)(sbase + sstride * r), _MM_HINT_T0);
+    }
+    for (int64_t p = 0; p < n; p += 4) {
+        const uint8_t *w[4];
+        const uint16_t *s[4];
+        for (int k = 0; k < 4; k++) {
+            int64_t r = idx ? idx[p + k < n ? p + k : p] : (p + k < n ? p + k : p);
+            w[k] = base + stride * r, s[k] = sbase + sstride * r;
+        }
+        for (int64_t k = pa; k < pa + 4 && p + k < n; k++) {
+            int64_t r = idx ? idx[p + k] : p + k;
+            for (int64_t l = 0; l < H; l += 64)
+                _mm_prefetch((const char *)(base + stride * r + l), _MM_HINT_T0);
+            _mm_prefetch((const char *)(sbase + sstride * r), _MM_HINT_T0);
+        }
+        __m512 f[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t q = 0; q < G; q += 8) {
+            __m512 d[2];
+            for (int j = 0; j < 2; j++)
+                d[j] = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_inserti128_si256(
+                                         _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(s[2 * j] + q))),
+                                         _mm_loadu_si128((const __m128i *)(s[2 * j + 1] + q)), 1)), xs2[q / 8]);
+            for (int pp = 0; pp < 4; pp++) {
+                int64_t pr = q / 2 + pp;
+                const __m512i sel = _mm512_setr_epi32(2 * pp, 2 * pp, 2 * pp, 2 * pp, 2 * pp + 1, 2 * pp + 1, 2 * pp + 1,
+                                                      2 * pp + 1, 8 + 2 * pp, 8 + 2 * pp, 8 + 2 * pp, 8 + 2 * pp,
+                                                      9 + 2 * pp, 9 + 2 * pp, 9 + 2 * pp, 9 + 2 * pp);
+                for (int j = 0; j < 2; j++) {
+                    __m512i c = _mm512_inserti64x4(
+                        _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w[2 * j] + 32 * pr))),
+                        _mm256_loadu_si256((const __m256i *)(w[2 * j + 1] + 32 * pr)), 1);
+                    __m512i lo = _mm512_and_si512(c, m15), hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), m15);
+                    __m512i a = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(iv[pr], lo, xl[pr]), hi, xh[pr]);
+                    f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_permutexvar_ps(sel, d[j]), f[j]);
+                }
+            }
+        }
+        float r[4] = {hsum8(_mm512_castps512_ps256(f[0])),
+                      hsum8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f[0]), 1))),
+                      hsum8(_mm512_castps512_ps256(f[1])),
+                      hsum8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f[1]), 1)))};
+        for (int k = 0; k < 4 && p + k < n; k++)
+            y[p + k] = r[k];
+    }
+}
+
 VNNI void nk_dots4_vnni(const uint8_t *base, const uint16_t *sbase, int64_t stride, int64_t sstride, const int32_t *idx,
                         int64_t n, int64_t I, const int8_t *X, const float *xs, const int32_t *init, int64_t T,
                         float *y, int64_t ldy) {
     if (T > 1 && (I / NK_GS) % 8 == 0) {  /* prefill: two tokens per 512-bit register (nk_prefill_kernels.c) */
         nk_dots4_vnni512(base, sbase, stride, sstride, idx, n, I, X, xs, init, T, y, ldy);
+        return;
+    }
+    if (T == 1 && (I / NK_GS) % 8 == 0 && I / NK_GS <= 128) {   /* decode: two rows a 512-bit register */
+        dots4_t1_512(base, sbase, stride, sstride, idx, n, I, X, xs, init, y);
         return;
     }
     DOTS4_BODY(pair_vnni, odd_vnni)
@@ -265,11 +341,19 @@ int nk_test_dots4(int level, const uint8_t *W, const uint16_t *S, int64_t n, int
     return 0;
 }
 
-/* out (D,) += sum_j h[j] V_hat[j] for int4 columns V (n, D / 2), S (n, D / 32), four per kernel call */
+/* out (D,) += sum_j h[j] V_hat[j] for int4 columns V (n, D / 2), S (n, D / 32), four per kernel call
+ * (level 3: the decode's and prefill's 512-bit twin, nk_axpy4q_512, where the CPU has the VNNI level) */
 int nk_test_axpy4q(int level, const uint8_t *V, const uint16_t *S, const float *h, int64_t n, int64_t D, float *out) {
-    const nk_kern *k = nk_kern_get(level);
-    if (!k || D % NK_GS || D <= 0)
+    void (*axq)(float *, int64_t, const uint8_t *const *, const uint16_t *const *, const float *) = NULL;
+#ifdef NK_X86
+    if (level == 3 && nk_kern_get(2))
+        axq = nk_axpy4q_512;
+#endif
+    const nk_kern *k = level == 3 ? NULL : nk_kern_get(level);
+    if ((!k && !axq) || D % NK_GS || D <= 0)
         return -1;
+    if (!axq)
+        axq = k->axpy4q;
     for (int64_t q = 0; q < n; q += 4) {
         const uint8_t *v[4];
         const uint16_t *s[4];
@@ -278,7 +362,7 @@ int nk_test_axpy4q(int level, const uint8_t *V, const uint16_t *S, const float *
             int64_t p = q + j < n ? q + j : q;
             v[j] = V + p * (D / 2), s[j] = S + p * (D / NK_GS), hh[j] = q + j < n ? h[p] : 0.0f;
         }
-        k->axpy4q(out, D, v, s, hh);
+        axq(out, D, v, s, hh);
     }
     return 0;
 }

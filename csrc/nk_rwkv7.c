@@ -83,23 +83,14 @@ static void lin_task(void *c, int tid, int64_t lo, int64_t hi) {
             L->y[t * L->ldy + r] *= L->s[r];
 }
 
+/* the decode's token too: the same rounding, 8 lanes at a time (the scalar loop's lrintf per value was
+ * ~3% of a 1-thread sparse int4 step at 58M, five roundings a layer) */
 void nk_quantize_rows(nk_model *m, const float *x, int64_t T, int64_t I) {
-    if (T > 1) {                               /* prefill: the same rounding, 8 lanes at a time */
-        nk_quantize_many(m, x, T, I, m->Xq, m->xs);
-        return;
-    }
-    for (int64_t t = 0; t < T; t++)
-        nk_quantize(x + t * I, I, m->Xq + t * I, m->xs + t * (I / NK_GS));
+    nk_quantize_many(m, x, T, I, m->Xq, m->xs);
 }
 
 void nk_quantize_rows4(nk_model *m, const float *x, int64_t T, int64_t I) {
-    int64_t G = I / NK_GS;
-    if (T > 1) {                               /* prefill: the same rounding, 8 lanes at a time */
-        nk_quantize4_many(m, x, T, I, m->X4, m->xs, m->init);
-        return;
-    }
-    for (int64_t t = 0; t < T; t++)
-        nk_quantize4(x + t * I, I, m->X4 + t * I, m->xs + t * G, m->init + t * NK_INIT(G));
+    nk_quantize4_many(m, x, T, I, m->X4, m->xs, m->init);
 }
 
 /* y (T, O) = x (T, I) @ W.T for an int8 (W, s) or, with W NULL, an int4 (W4, s4) matrix (O, I) */
@@ -192,35 +183,17 @@ static void heads_task(void *c, int tid, int64_t lo, int64_t hi) {
     const nk_layer *b = hc->b;
     int64_t D = m->D, N = m->N, t = hc->t, d0 = lo * N, d1 = hi * N;
     float *r = m->r + t * D, *k = m->kk + t * D, *v = m->v + t * D, *y = m->y + t * D;
-    float *w = m->w, *a = m->a, *g = m->g, *kn = m->nk, *bb = m->bb;
+    float *w = m->w, *a = m->a, *g = m->g, *kn = m->nk;
     (void)tid;
-    if (hc->first) {
+    if (hc->first)
         memcpy(m->vf + t * D + d0, v + d0, (d1 - d0) * sizeof(float));
-    } else {                                                            /* value residual */
-        for (int64_t d = d0; d < d1; d++)
-            v[d] += (m->vf[t * D + d] - v[d]) * sigmoidf(b->v0[d] + m->gv[d]);
-    }
-    for (int64_t d = d0; d < d1; d++) {
-        a[d] = sigmoidf(b->a0[d] + a[d]);
-        kn[d] = k[d] * b->k_k[d];
-        w[d] = expf(-0.606531f * sigmoidf(b->w0[d] + w[d]));
-    }
-    for (int64_t h = lo; h < hi; h++) {           /* kk = per-head L2-normalised k * k_k */
-        float ss = 0.0f, *kh = kn + h * N;
-        for (int64_t j = 0; j < N; j++)
-            ss += kh[j] * kh[j];
-        float inv = 1.0f / fmaxf(sqrtf(ss), 1e-12f);
-        for (int64_t j = 0; j < N; j++)
-            kh[j] *= inv;
-    }
-    for (int64_t d = d0; d < d1; d++) {
-        bb[d] = kn[d] * a[d];
-        k[d] = k[d] * (1.0f + (a[d] - 1.0f) * b->k_a[d]);
-        kn[d] = -kn[d];                          /* the wkv's "a" */
-    }
+    /* the prefill's elementwise code (nk_prefill_elem.c: 16 lanes at the VNNI level, its expf glibc's
+     * bit for bit): after it a holds the wkv's b (kk * a), kn its a (-kk) */
+    nk_mix_heads(m, b, hc->first, lo, hi, k, v, m->vf + t * D, w, a, m->gv, kn);
+    nk_wkv_fn wkv = nk_wkv_wide(m) ? nk_wkv_wide(m) : m->k->wkv;
     for (int64_t h = lo; h < hi; h++)
-        m->k->wkv(hc->S + h * N * N, hc->Sin + h * N * N, N, r + h * N, w + h * N, k + h * N, v + h * N, kn + h * N,
-                  bb + h * N, y + h * N);
+        wkv(hc->S + h * N * N, hc->Sin + h * N * N, N, r + h * N, w + h * N, k + h * N, v + h * N, kn + h * N,
+            a + h * N, y + h * N);
     for (int64_t h = lo; h < hi; h++)
         nk_head_out(b, N, h, r, k, v, g, y + h * N);
 }

@@ -48,6 +48,29 @@ def test_top_rows_ties_in_index_order():
     assert sorted(top_rows(z, 99).tolist()) == list(range(7))
 
 
+def test_top_rows_kernels_match_reference():
+    """The C select and its 16-lane twin pick exactly native_head.top_rows's rows (order included) on
+    random logits, many ties, +0 / -0 together, and a strided sample that misleads the threshold."""
+    from rwkv_edge.backends.native_lib import kernel_top_rows
+    rng = np.random.default_rng(0)
+    V = 4096
+    cases = [rng.standard_normal(V).astype(np.float32),
+             rng.integers(-3, 4, V).astype(np.float32),                       # seven values: ties everywhere
+             np.where(rng.random(V) < 0.5, -0.0, 0.0).astype(np.float32)]
+    mis = np.full(V, -5.0, np.float32)
+    mis[::8] = 10.0                                                          # the sample sees only these
+    cases.append(mis)
+    odd = rng.standard_normal(V + 48).astype(np.float32)                     # 518 samples: a tail past 16 lanes
+    cases.append(odd)
+    for z in cases:
+        for K in (1, 7, 100, 511, 600, 1024):
+            want = top_rows(z, K)
+            assert np.array_equal(kernel_top_rows(z, K, fast=False), want), K
+            got = kernel_top_rows(z, K, fast=True)
+            if got is not None:
+                assert np.array_equal(got, want), K
+
+
 @pytest.mark.parametrize("K", [1, 24, 64, 200, 300])   # 24: the sampled threshold path; 200: every row a candidate
 def test_steps_match_reference_bitwise(int8_file, K):
     m = native.NativeRWKV7.open(int8_file)

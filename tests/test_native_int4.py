@@ -41,13 +41,15 @@ def _emulate_dots4(packed, scale, x):
 
 @pytest.mark.parametrize("n, I, T", [(13, 64, 1), (64, 512, 3), (5, 96, 64), (8, 288, 2), (4, 32, 5),
                                      (70, 512, 1), (5, 96, 1), (9, 288, 1), (3, 32, 1), (41, 1120, 1), (9, 256, 64),
-                                     (6, 1024, 64), (7, 2048, 64), (5, 4096, 37)])
+                                     (6, 1024, 64), (7, 2048, 64), (5, 4096, 37), (9, 256, 1), (37, 2048, 1),
+                                     (6, 4096, 1), (3, 8192, 1)])
 def test_dots4_equal_integer_emulation(n, I, T):
     """I 64: one pair; 512: the eight-group steps; 96 and 288: an odd last group; 32: that group alone.
     1120: eight-group steps, a pair left over and an odd group. T 1 (decode) prefetches further ahead
     (28 rows at I 512): 70 and 41 rows run past that distance. 256 with T 64: the 512-bit prefill
     kernel's full and partial token tiles; 1024-4096 with T 64 and 37: its token-pair buffer whole and in
-    slices (csrc/nk_prefill_kernels.c, 96 KiB on the stack)."""
+    slices (csrc/nk_prefill_kernels.c, 96 KiB on the stack). T 1 with 256-4096 (G % 8 == 0, G <= 128): the
+    decode's 512-bit kernel, two rows a register (37: a last register half empty); 8192: past it, 256-bit."""
     W = RNG.standard_normal((n, I)).astype(np.float32)
     packed, scale = quantize_q4(W)
     codes = unpack_q4(packed)
@@ -65,7 +67,7 @@ def test_dots4_equal_integer_emulation(n, I, T):
         assert np.array_equal(got["vnni"], got["avx2"])
 
 
-@pytest.mark.parametrize("n, D", [(13, 64), (8, 512), (3, 96)])
+@pytest.mark.parametrize("n, D", [(13, 64), (8, 512), (3, 96), (6, 2048)])
 def test_axpy4_equals_float_columns(n, D):
     V = RNG.standard_normal((n, D)).astype(np.float32)
     packed, scale = quantize_q4(V)
@@ -74,9 +76,13 @@ def test_axpy4_equals_float_columns(n, D):
     Vh = dequantize_q4(packed, scale).astype(np.float64)
     want = out0 + h.astype(np.float64) @ Vh
     bound = 1e-6 * (np.abs(out0) + np.abs(h) @ np.abs(Vh)).max()             # float32 order of n + 1 terms
+    got = {}
     for lv in native.levels():
-        got = native.kernel_axpy4(packed, scale, h, out0, lv)
-        assert np.abs(got - want).max() <= bound * (n + 1), lv
+        got[lv] = native.kernel_axpy4(packed, scale, h, out0, lv)
+        assert np.abs(got[lv] - want).max() <= bound * (n + 1), lv
+    wide = native.kernel_axpy4(packed, scale, h, out0, "vnni512") if D % 32 == 0 else None
+    if wide is not None:               # the 512-bit twin (table lookups): the AVX2 kernel's floats
+        assert np.array_equal(wide, got["avx2"])
 
 
 # --- whole model -----------------------------------------------------------------------------------

@@ -11,6 +11,13 @@ the per-round paired difference, and whether the last logits are bit-identical.
         --tokens 16 --rounds 8     # 1.5B shapes (tools/bench.py --shape): "sets" rows run the replayed sets
                                    # alone, "sparse" rows also score the predictor (its cost paid)
 
+--modes every: the every-row dense FFN (`ffn="dense"`); --head-rescore K adds each row's twin with the
+rescored head ("... hK"). With "every" among the modes, each build's every-row row over each of its other
+rows is printed too, as the median of the per-round ratios (the "sparse >= 1.5x our dense" figure):
+
+    python tools/native_ab.py --base-lib ... --model-file int4-h8=ref-int4h8.rwkve --predictors q2.npz \
+        --modes every,dense,sparse --head-rescore 768 --rounds 10
+
 --prefill N: time one forward of N tokens (a prompt eval: the last token's logits) per round instead of
 the steps, and print tok/s of the prefill.
 
@@ -52,6 +59,7 @@ def main(argv=None):
     ap.add_argument("--replay-sets", help="active sets (replay.ActiveSets) the FFN runs instead of the predicted ones "
                     "(the predictor is still scored: tools/bench.py --shape --shape-predictor-bits)")
     ap.add_argument("--prefill", type=int, default=0, help="time a prefill of this many tokens instead of the steps")
+    ap.add_argument("--head-rescore", type=int, default=0, metavar="K", help="also each row with the rescored head")
     args = ap.parse_args(argv)
     from rwkv_edge.backends import native
     native.set_num_threads(args.threads)
@@ -63,9 +71,13 @@ def main(argv=None):
             if mode == "sparse" and not args.predictors:
                 continue
             tag = "sets" if mode == "dense" and args.replay_sets else mode    # replayed sets, no predictor
-            cfgs[f"{tag} {dtype} new"] = _open(path, args.predictors if mode == "sparse" else None, args.replay_sets)
-            cfgs[f"{tag} {dtype} base"] = _open(path, args.predictors if mode == "sparse" else None,
-                                                args.replay_sets).with_library(base)
+            m = _open(path, args.predictors if mode == "sparse" else None, args.replay_sets)
+            if mode == "every":
+                m = m.with_ffn_mode("dense")
+            for t, mm in [(tag, m)] + ([(f"{tag}+h{args.head_rescore}", m.with_head_rescore(args.head_rescore))]
+                                       if args.head_rescore else []):
+                cfgs[f"{t} {dtype} new"] = mm
+                cfgs[f"{t} {dtype} base"] = mm.with_library(base)
     names = list(cfgs)
     rng = np.random.default_rng(2)
     V = cfgs[names[0]].config.vocab_size
@@ -100,6 +112,11 @@ def main(argv=None):
         d = np.array(res[b]) - np.array(res[k])
         print(f"{k[:-4]:18s} base - new per round: median {np.median(d):+.3f} ms ({np.median(res[b]) / np.median(res[k]):.3f}x)"
               f"  logits bit-identical: {np.array_equal(last[k], last[b])}")
+    for k in names:                              # every-row dense over this row, per build
+        mode, dtype, build = k.split(" ")
+        e = f"every {dtype} {build}"
+        if e in res and k != e:
+            print(f"{k:24s} every-row dense / this, per-round median: {np.median(np.array(res[e]) / np.array(res[k])):.3f}")
 
 
 if __name__ == "__main__":

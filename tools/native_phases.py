@@ -14,6 +14,12 @@ serial spans between pool calls: rounding, layer norms + shifts, predictor prep,
     flock -x /work/wt/bench.lock python tools/native_phases.py --lib /tmp/_nk_prof.so --threads 2 \
         --prefill 512 --model /work/art/ref-int4h8.rwkve --predictors /work/art/q2.npz --mode sparse
 
+Decode of a model file instead of the 1.5B shapes (--model FILE, a bundle for --mode sparse; --ffn dense for
+the every-row FFN, --head-rescore K for the rescored head; "head" then covers both passes):
+
+    flock -x /work/wt/bench.lock python tools/native_phases.py --lib /tmp/_nk_prof.so --threads 1 \
+        --model /work/art/ref-int4h8.rwkve --predictors /work/art/q2.npz --mode sparse --tokens 128
+
 Modes: dense (the default exact FFN), sets (the replayed active sets), sparse (the sets + the 2-bit predictor scored). GB/s per
 phase = its weight bytes / its wall time (rkv, o, head: all rows; pred: codes + scales + zeros; ffn: the
 key rows and value columns read (stats); tmix: the LoRAs, whose per-head wkv state traffic is not
@@ -89,6 +95,8 @@ def main(argv=None):
     ap.add_argument("--model", help="--prefill: the model file")
     ap.add_argument("--predictors", help="--prefill --mode sparse: the bundle")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--ffn", choices=["exact", "dense"], default="exact", help="decode of --model: the FFN without bundle")
+    ap.add_argument("--head-rescore", type=int, default=0, help="decode of --model: the rescored head's K")
     args = ap.parse_args(argv)
     if args.prefill:
         return prefill(args)
@@ -97,9 +105,16 @@ def main(argv=None):
     from rwkv_edge.runtime import open_model
     w = args.workdir
     native.set_num_threads(args.threads)
-    path = os.path.join(w, "synthetic-1.5b-int8.rwkve")
-    m = open_model(path, backend="native", predictors=path + ".pred2.npz" if args.mode == "sparse" else None)
-    if args.mode != "dense":
+    if args.model:                                         # a model file's decode: its own sets
+        m = open_model(args.model, backend="native", predictors=args.predictors if args.mode == "sparse" else None)
+        if args.ffn == "dense" and args.mode != "sparse":
+            m = m._variant(ffn="dense")
+        if args.head_rescore:
+            m = m.with_head_rescore(args.head_rescore)
+    else:
+        path = os.path.join(w, "synthetic-1.5b-int8.rwkve")
+        m = open_model(path, backend="native", predictors=path + ".pred2.npz" if args.mode == "sparse" else None)
+    if args.mode != "dense" and not args.model:
         m = m.with_sets(ReplayedSets(ActiveSets.load(os.path.join(w, "ref58m-active-sets.npz")),
                                      m.config.n_layer, m.config.ffn_dim))
     m = m.with_library(native.bind_library(args.lib))
@@ -122,8 +137,12 @@ def main(argv=None):
     lib.nk_prof_get(prof.ctypes.data)
     c = m.config
     D, L, F = c.n_embd, c.n_layer, c.ffn_dim
-    byts = {0: 3 * D * D * L, 1: D * D * L, 2: F * (D // 4 + 4 * (D // 64)) * L if args.mode == "sparse" else 0,
-            3: rows / n * D, 4: c.vocab_size * D, 7: 2 * D * (96 + 96 + 256 + 64) * L}
+    q = 0.5625 if str(getattr(m, "modelfile_dtype", "int8")).startswith("int4") else 1.0   # bytes a weight
+    head = c.vocab_size * D * (0.5625 if args.head_rescore else 1.0) + min(args.head_rescore, c.vocab_size) * D
+    byts = {0: 3 * D * D * L * q, 1: D * D * L * q, 2: F * (D // 4 + 4 * (D // 64)) * L if args.mode == "sparse" else 0,
+            3: rows / n * D * q, 4: head, 7: 2 * D * (96 + 96 + 256 + 64) * L}
+    if args.model:                                         # its own LoRAs (the line above: 1.5B shapes)
+        byts[7] = sum(a.nbytes for k, a in m._t.items() if k.endswith(".qc") and ".att." in k)
     print(f"threads {args.threads} {args.mode}: median {np.median(ts) * 1e3:.2f} ms/token")
     for i, name in TAGS.items():
         calls, wall = prof[i][0] / n, prof[i][1] / n

@@ -36,6 +36,8 @@ def _load():
                                                  ctypes.c_float, P, i64, P, P, P]
                 lib.nk_test_dots4.argtypes = [ctypes.c_int, P, P, i64, i64, P, i64, P]
                 lib.nk_test_axpy4q.argtypes = [ctypes.c_int, P, P, P, i64, i64, P]
+                lib.nk_test_top_rows.restype = i64
+                lib.nk_test_top_rows.argtypes = [ctypes.c_int, P, i64, i64, P]
             except (OSError, AttributeError) as e:
                 lib, why = None, f"the native extension does not load ({e})"
         _LIB.append((lib, why))
@@ -124,14 +126,18 @@ def kernel_dots4(packed: np.ndarray, scale: np.ndarray, x: np.ndarray, lv: str) 
 
 
 def kernel_axpy4(packed: np.ndarray, scale: np.ndarray, h: np.ndarray, out: np.ndarray, lv: str) -> np.ndarray:
-    """out (D,) += h @ V_hat for int4 value columns (packed (n, D/2), scale (n, D/32)), by lv (for tests)."""
+    """out (D,) += h @ V_hat for int4 value columns (packed (n, D/2), scale (n, D/32)), by lv (for tests);
+    lv "vnni512": the 512-bit twin the decode and prefill run (None where the CPU lacks it)."""
     lib = _load()[0]
     packed = np.ascontiguousarray(packed, np.uint8)
     sc = np.ascontiguousarray(scale, np.float16).view(np.uint16)
     h = np.ascontiguousarray(h, np.float32)
     out = np.ascontiguousarray(out, np.float32).copy()
-    if lib.nk_test_axpy4q(_LEVELS.index(lv), packed.ctypes.data, sc.ctypes.data, h.ctypes.data, packed.shape[0],
-                          out.shape[0], out.ctypes.data) != 0:
+    wide = lv == "vnni512"
+    if lib.nk_test_axpy4q(3 if wide else _LEVELS.index(lv), packed.ctypes.data, sc.ctypes.data, h.ctypes.data,
+                          packed.shape[0], out.shape[0], out.ctypes.data) != 0:
+        if wide:
+            return None
         raise ValueError("kernel_axpy4: unsupported shape or level")
     return out
 
@@ -169,3 +175,13 @@ def kernel_pred_select(qm, x: np.ndarray, thr: float, lv: str, idx=None, fused: 
     if rc != 0:
         raise ValueError("kernel_pred_select: unsupported level")
     return score, sel[:int(nsel[0])]
+
+
+def kernel_top_rows(z: np.ndarray, k: int, fast: bool):
+    """The rows of z (V,) the rescored head recomputes (csrc/nk_head.c's top_rows), by its 16-lane select
+    (fast) or its C one (for tests); None where the 16-lane one does not run (no AVX-512, V % 16, k >= V)."""
+    lib = _load()[0]
+    z = np.ascontiguousarray(z, np.float32).reshape(-1)
+    idx = np.empty(max(k, 1), np.int32)
+    n = lib.nk_test_top_rows(int(fast), z.ctypes.data, z.size, int(k), idx.ctypes.data)
+    return None if n < 0 else idx[:n]
