@@ -1,6 +1,6 @@
 /* A tiny thread pool for the native backend: nk_pool_run(pool, fn, ctx, n) cuts [0, n) into chunks
- * (multiples of 4 rows), every thread claims chunks until none is left, and the call returns when
- * all chunks are done. fn(ctx, tid, lo, hi) may run several times per thread (tasks accumulate).
+ * (multiples of 4 rows, shrinking: guided()), every thread claims chunks until none is left, and the call
+ * returns when all chunks are done. fn(ctx, tid, lo, hi) may run several times per thread (tasks accumulate).
  *
  * Why chunks that are claimed, not one share per thread: on a shared machine a worker may not be
  * running when a call starts; the calling thread then takes its chunks instead of waiting for it.
@@ -8,6 +8,7 @@
  * worker that wakes late can never take a chunk of a later job with an earlier job's arguments: its
  * compare-and-swap fails. A decode step makes ~5 calls per layer, microseconds apart, so workers
  * spin (with pause) for a while before sleeping on a condition variable. */
+#define _GNU_SOURCE
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -20,6 +21,16 @@
 #include <string.h>
 #include <time.h>
 int nk_prof_tag;
+static double nk_prof_ev[4096][8];
+static int nk_prof_nev;
+/* out (4096, 8): waits > 50 us (start s, wait s, caller's own work s, tag, worker cpu, caller cpu, call, worker
+ * woke from sleep at its call); returns the count, then cleared */
+int nk_prof_events(double *out) {
+    int n = nk_prof_nev;
+    memcpy(out, nk_prof_ev, n * sizeof nk_prof_ev[0]);
+    nk_prof_nev = 0;
+    return n;
+}
 static double prof[NK_PROF_TAGS][2 + NK_MAXT];   /* per tag: calls, wall s, busy s per thread */
 double nk_prof_now(void) {
     struct timespec ts;
@@ -45,8 +56,9 @@ void nk_prof_get(double *out) {
 #endif
 
 #ifndef NK_CPT
-#define NK_CPT 4            /* chunks per thread of a call */
+#define NK_CPT 16           /* the smallest chunk of a call: 1 / (NK_CPT threads) of its rows */
 #endif
+#define NK_MAXCH 64         /* chunks of a row call at most */
 #ifndef NK_SOLO
 #define NK_SOLO 256         /* calls the caller runs alone after a stall (0: never); doubled per stall that
                              * follows within NK_SOLO_CLEAN calls, up to NK_SOLO_MAX */
@@ -57,7 +69,10 @@ void nk_prof_get(double *out) {
 #define NK_SOLO_PAIR 128
 #define NK_STALL 200e-6     /* s: a wait for claimed chunks longer than this (and than half the caller's
                              * own work in the call) is a stall */
-#define NK_SPIN 20000       /* pauses a worker spins before sleeping (~0.1-1 ms) */
+#ifndef NK_SPIN_S
+#define NK_SPIN_S 0.45e-3   /* s a worker spins (with pause) before sleeping: a clock, not a count of pauses
+                             * (20000 were 0.45 ms on this AMD host, a pause lasts ~3x longer on some Intel) */
+#endif
 #define IDX_BITS 20
 #define IDX_MASK ((1ull << IDX_BITS) - 1)
 
@@ -69,9 +84,11 @@ struct nk_pool {
     atomic_uint gen;                  /* bumped per job: wakes the workers */
     nk_task fn;
     void *ctx;
-    int64_t total, csize;
+    int64_t total, csize;             /* csize 0: chunk i is [bound[i], bound[i + 1]) */
+    int64_t bound[NK_MAXCH + 1];
     uint64_t calls, solo_until, solo_len, last_stall;   /* contention guard (run): calls made; alone until this one; for how long */
-    int tag;
+    int tag, wcpu;
+    unsigned wsleep;
     double t0;
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -83,6 +100,12 @@ static inline void cpu_relax(void) {
 #elif defined(__aarch64__)
     __asm__ __volatile__("yield");
 #endif
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
 }
 
 /* claim and run chunks of the current job until none is left */
@@ -98,11 +121,18 @@ static void work(nk_pool *p, int tid) {
         if (!atomic_compare_exchange_weak(&p->claim, &v, v + 1))
             continue;
         /* the job cannot change before this chunk is counted done: its fields are stable */
-        int64_t lo = (int64_t)i * p->csize, hi = lo + p->csize < p->total ? lo + p->csize : p->total;
+        int64_t lo, hi;
+        if (p->csize)
+            lo = (int64_t)i * p->csize, hi = lo + p->csize < p->total ? lo + p->csize : p->total;
+        else
+            lo = p->bound[i], hi = p->bound[i + 1];
         PROF_T0();
 #ifdef NK_PROF
         if (first)      /* a worker's start delay after the call began (slot NK_MAXT + 1) */
             prof[p->tag][1 + NK_MAXT] += pt0 - p->t0, first = 0;
+#endif
+#ifdef NK_PROF
+        p->wcpu = sched_getcpu();
 #endif
         p->fn(p->ctx, tid, lo, hi);
         PROF_BUSY(p->tag, tid);
@@ -123,15 +153,26 @@ static void *worker(void *arg) {
     free(wa);
     for (;;) {
         unsigned g = atomic_load(&p->gen);
-        for (int s = 0; s < NK_SPIN && g == seen; s++) {
-            cpu_relax();
-            g = atomic_load(&p->gen);
+        if (g == seen) {
+            double t0 = now_s();
+            for (int s = 1; g == seen; s++) {
+                cpu_relax();
+                g = atomic_load(&p->gen);
+                if (!(s & 255) && now_s() - t0 > NK_SPIN_S)
+                    break;
+            }
         }
         if (g == seen) {
+#ifdef NK_PROF
+            prof[NK_PROF_GUARD][4] += 1;        /* a worker's sleeps */
+#endif
             pthread_mutex_lock(&p->mu);
             while ((g = atomic_load(&p->gen)) == seen)
                 pthread_cond_wait(&p->cv, &p->mu);
             pthread_mutex_unlock(&p->mu);
+#ifdef NK_PROF
+            p->wsleep = g;
+#endif
         }
         seen = g;
         if (atomic_load(&p->quit))
@@ -161,11 +202,24 @@ nk_pool *nk_pool_new(int n) {
 
 int nk_pool_size(const nk_pool *p) { return p ? p->n : 1; }
 
-/* [0, n) in chunks of cs (cs 0: about four chunks per thread, multiples of 4 rows) */
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+
+/* the chunks of a row call (multiples of 4 rows but the last) into p->bound; returns their number.
+ * Guided: each chunk is 1 / (2 threads) of the rows not yet cut, down to 1 / (NK_CPT threads) of all,
+ * so a call starts with long streams and ends with short ones: a thread that finds no chunk left waits
+ * at most one short chunk for the others (equal chunks of 1 / (4 threads) left the caller waiting ~0.5 ms
+ * a 1.5B-shape decode step at 2 threads, ~4%: the head's chunks were 16 MiB). */
+static int64_t guided(nk_pool *p, int64_t n) {
+    int64_t minc = ((n + NK_CPT * p->n - 1) / (NK_CPT * p->n) + 3) / 4 * 4, lo = 0, nch = 0;
+    while (lo < n) {
+        int64_t c = ((n - lo + 2 * p->n - 1) / (2 * p->n) + 3) / 4 * 4;
+        c = c < minc ? minc : c;
+        if (nch == NK_MAXCH - 1 || c > n - lo)
+            c = n - lo;
+        p->bound[nch++] = lo;
+        lo += c;
+    }
+    p->bound[nch] = n;
+    return nch;
 }
 
 static void run(nk_pool *p, nk_task fn, void *ctx, int64_t n, int64_t cs) {
@@ -185,14 +239,15 @@ static void run(nk_pool *p, nk_task fn, void *ctx, int64_t n, int64_t cs) {
         fn(ctx, 0, 0, n);
 #ifdef NK_PROF
         nk_prof_add(nk_prof_tag, 0, nk_prof_now() - w0, nk_prof_now() - w0);
+        if (solo)
+            prof[NK_PROF_GUARD][2] += 1;        /* calls run alone by the guard */
 #endif
         return;
     }
-    int64_t nch = NK_CPT * p->n;
-    if (!cs)
-        cs = ((n + nch - 1) / nch + 3) / 4 * 4;     /* ~NK_CPT chunks per thread */
-    nch = (n + cs - 1) / cs;
+    int64_t nch = cs ? (n + cs - 1) / cs : 0;
     pthread_mutex_lock(&p->mu);
+    if (!cs)
+        nch = guided(p, n);
     p->fn = fn, p->ctx = ctx, p->total = n, p->csize = cs;
 #ifdef NK_PROF
     p->tag = nk_prof_tag, p->t0 = w0;
@@ -219,7 +274,21 @@ static void run(nk_pool *p, nk_task fn, void *ctx, int64_t n, int64_t cs) {
             /* two stalls within NK_SOLO_PAIR calls: one alone is often a worker waking from sleep */
             int stalled = w > NK_STALL && w > 0.5 * (t1 - t0)
                           && (!p->solo_len || p->calls > p->solo_until + NK_SOLO_GRACE);
+#ifdef NK_PROF
+            prof[NK_PROF_GUARD][0] += stalled;  /* stalls counted */
+            prof[NK_PROF_GUARD][3] += w;        /* time waited on claimed chunks */
+            prof[NK_PROF_GUARD][5] += stalled && p->wcpu == sched_getcpu();   /* stalls with both on one CPU */
+            prof[NK_PROF_GUARD][6] += stalled ? w : 0;                       /* time waited in stalls */
+            if (w > 50e-6 && nk_prof_nev < 4096) {   /* the long waits, for nk_prof_events */
+                double *e = nk_prof_ev[nk_prof_nev++];
+                e[0] = t1, e[1] = w, e[2] = t1 - t0, e[3] = p->tag, e[4] = p->wcpu, e[5] = sched_getcpu(), e[6] = p->calls;
+                e[7] = p->wsleep == g;
+            }
+#endif
             if (stalled && p->last_stall && p->calls - p->last_stall < NK_SOLO_PAIR) {
+#ifdef NK_PROF
+                prof[NK_PROF_GUARD][1] += 1;    /* solo stretches started */
+#endif
                 uint64_t len = p->solo_len && p->calls < p->solo_until + NK_SOLO_CLEAN ? 2 * p->solo_len : NK_SOLO;
                 p->solo_len = len < NK_SOLO_MAX ? len : NK_SOLO_MAX;
                 p->solo_until = p->calls + p->solo_len;

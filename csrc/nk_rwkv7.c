@@ -240,6 +240,8 @@ static void time_mix(nk_model *m, const nk_layer *b, int64_t T, float *att_x, fl
                 m->mix[c][d] = m->xa[d] + (att_x[d] - m->xa[d]) * mixw[c][d];
     }
     memcpy(att_x, m->xa + (T - 1) * D, D * sizeof(float));
+    if (T == 1)
+        NK_SPAN(11);         /* the decode's norm + shift, serial */
     NK_SPAN_RESET();         /* the prefill's shift is pool call 11 */
     lora_head_prefetch(b->g1, D, m->dg);             /* the first LoRAs (of two threads), while r/k/v stream */
     lora_head_prefetch(b->w1, D, m->dw);

@@ -3,7 +3,8 @@ a profiling build of csrc/ (-DNK_PROF: nk_pool.c times every pool call per tag, 
 thread, and the worker's start delay; the shipped library has none of it):
 
     cd csrc && gcc -O3 -std=gnu11 -fno-math-errno -fno-trapping-math -pthread -fPIC -shared -DNK_PROF \\
-        nk_kernels.c nk_pool.c nk_rwkv7.c nk_ffn.c nk_q4.c nk_pred.c nk_prefill.c nk_prefill_kernels.c nk_prefill_elem.c \\
+        nk_kernels.c nk_rwkv7.c nk_ffn.c nk_q4.c nk_pred.c nk_prefill.c nk_prefill_kernels.c nk_prefill_elem.c \\
+        nk_dense.c nk_head.c nk_pool.c \\
         -o /tmp/_nk_prof.so -lm
     flock -x /work/wt/bench.lock python tools/native_phases.py --lib /tmp/_nk_prof.so --threads 2 --mode sparse
 
@@ -33,8 +34,10 @@ TAGS = {0: "rkv", 1: "o", 2: "pred", 3: "ffn", 4: "head", 7: "tmix"}   # nk_pool
 PRE_TAGS = {0: "rkv", 1: "o", 3: "ffn", 4: "head", 8: "tm-tok", 9: "tm-head", 11: "ln+shift"}
 FFN_PARTS = {14: "ffn keys", 15: "ffn active+pred", 16: "ffn values", 17: "tm-tok LoRAs",
              18: "tm-tok elementwise"}                             # busy per thread inside "ffn", "tm-tok"
-SPANS = {10: "round", 12: "predprep", 13: "sums"}     # serial, wall only (older builds: 11 too)
-NTAGS = 19                                                              # nk_pool.h NK_PROF_TAGS
+SPANS = {10: "round", 12: "predprep", 13: "sums"}
+DECODE_SPANS = {10: "rounding", 11: "norms + shifts", 12: "predictor prep + merge, set copy", 13: "sums + zeroing"}     # serial, wall only (older builds: 11 too)
+GUARD = 19                                                              # nk_pool.h NK_PROF_GUARD
+NTAGS = 20                                                              # nk_pool.h NK_PROF_TAGS
 
 
 def prefill(args):
@@ -89,6 +92,7 @@ def main(argv=None):
     ap.add_argument("--model", help="--prefill: the model file")
     ap.add_argument("--predictors", help="--prefill --mode sparse: the bundle")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--events", action="store_true", help="decode: list every wait > 50 us for claimed chunks")
     args = ap.parse_args(argv)
     if args.prefill:
         return prefill(args)
@@ -113,6 +117,8 @@ def main(argv=None):
     for t in toks[:3]:
         _, s = m.step(t, s)
     lib.nk_prof_get(prof.ctypes.data)                      # reset
+    ev = np.zeros((4096, 8))
+    lib.nk_prof_events(ctypes.c_void_p(ev.ctypes.data))
     ts, rows = [], 0
     for t in toks:
         t0 = time.perf_counter()
@@ -135,6 +141,23 @@ def main(argv=None):
     tot = prof[5][1] / n
     pooled = sum(prof[i][1] for i in TAGS) / n
     print(f"  serial {(tot - pooled) * 1e3:.2f} ms of {tot * 1e3:.2f} ms per forward")
+    spans = {10: prof[10][1], 11: prof[11][1], 12: prof[12][1] - prof[2][1], 13: prof[13][1]}
+    print("    of it: " + ", ".join(f"{DECODE_SPANS[i]} {v / n * 1e3:.3f} ms" for i, v in spans.items()))
+    _guard(prof, n)
+    ne = lib.nk_prof_events(ctypes.c_void_p(ev.ctypes.data))
+    if args.events:
+        for e in ev[:ne]:
+            print(f"    at {(e[0] - ev[0][0]) * 1e3:8.2f} ms waited {e[1] * 1e6:6.0f} us (own chunks {e[2] * 1e6:5.0f} us) "
+                  f"tag {e[3]:.0f} call {e[6]:.0f}: worker on cpu {e[4]:.0f}, caller {e[5]:.0f}, woke from sleep {e[7]:.0f}")
+
+
+def _guard(prof, n):
+    """the pool's contention guard over the run (nk_pool.h NK_PROF_GUARD): stalls, solo stretches, calls alone"""
+    g = prof[GUARD]
+    print(f"  guard: {g[0]:.0f} stalls, {g[1]:.0f} solo stretches, {g[2]:.0f} calls run alone "
+          f"({g[2] / n:.1f} a token), caller waited on claimed chunks {g[3] / n * 1e3:.3f} ms a token "
+          f"({g[6] / n * 1e3:.3f} in stalls; {g[5]:.0f} stalls with both threads on one CPU), worker sleeps "
+          f"{g[4] / n:.2f} a token")
 
 
 if __name__ == "__main__":
