@@ -59,6 +59,9 @@ void nk_prof_get(double *out) {
 #define NK_CPT 16           /* the smallest chunk of a call: 1 / (NK_CPT threads) of its rows */
 #endif
 #define NK_MAXCH 64         /* chunks of a row call at most */
+#ifndef NK_GUIDED
+#define NK_GUIDED 1         /* 0: equal chunks, ~4 a thread (the pool before guided chunks; A/B builds) */
+#endif
 #ifndef NK_SOLO
 #define NK_SOLO 256         /* calls the caller runs alone after a stall (0: never); doubled per stall that
                              * follows within NK_SOLO_CLEAN calls, up to NK_SOLO_MAX */
@@ -66,7 +69,12 @@ void nk_prof_get(double *out) {
 #define NK_SOLO_MAX 4096
 #define NK_SOLO_GRACE 64    /* calls after a solo stretch that count no stall (a sleeping worker wakes slowly) */
 #define NK_SOLO_CLEAN 4096
-#define NK_SOLO_PAIR 128
+#ifndef NK_SOLO_PAIR
+#define NK_SOLO_PAIR 128    /* NK_SOLO_STALLS stalls within this many calls: the caller runs alone */
+#endif
+#ifndef NK_SOLO_STALLS
+#define NK_SOLO_STALLS 2    /* >= 2 */
+#endif
 #define NK_STALL 200e-6     /* s: a wait for claimed chunks longer than this (and than half the caller's
                              * own work in the call) is a stall */
 #ifndef NK_SPIN_S
@@ -86,7 +94,9 @@ struct nk_pool {
     void *ctx;
     int64_t total, csize;             /* csize 0: chunk i is [bound[i], bound[i + 1]) */
     int64_t bound[NK_MAXCH + 1];
-    uint64_t calls, solo_until, solo_len, last_stall;   /* contention guard (run): calls made; alone until this one; for how long */
+    uint64_t calls, solo_until, solo_len;   /* contention guard (run): calls made; alone until this one; for how long */
+    uint64_t stalls[NK_SOLO_STALLS - 1];    /* the calls of the last stalls (a ring) */
+    int nstall;
     int tag, wcpu;
     unsigned wsleep;
     double t0;
@@ -210,9 +220,11 @@ int nk_pool_size(const nk_pool *p) { return p ? p->n : 1; }
  * a 1.5B-shape decode step at 2 threads, ~4%: the head's chunks were 16 MiB). */
 static int64_t guided(nk_pool *p, int64_t n) {
     int64_t minc = ((n + NK_CPT * p->n - 1) / (NK_CPT * p->n) + 3) / 4 * 4, lo = 0, nch = 0;
+    if (!NK_GUIDED)            /* the equal chunks of before, ~4 a thread (A/B builds) */
+        minc = ((n + 4 * p->n - 1) / (4 * p->n) + 3) / 4 * 4;
     while (lo < n) {
         int64_t c = ((n - lo + 2 * p->n - 1) / (2 * p->n) + 3) / 4 * 4;
-        c = c < minc ? minc : c;
+        c = c < minc || !NK_GUIDED ? minc : c;
         if (nch == NK_MAXCH - 1 || c > n - lo)
             c = n - lo;
         p->bound[nch++] = lo;
@@ -271,7 +283,7 @@ static void run(nk_pool *p, nk_task fn, void *ctx, int64_t n, int64_t cs) {
         }
         if (NK_SOLO) {
             double w = now_s() - t1;
-            /* two stalls within NK_SOLO_PAIR calls: one alone is often a worker waking from sleep */
+            /* NK_SOLO_STALLS stalls within NK_SOLO_PAIR calls: one alone is often a worker waking from sleep */
             int stalled = w > NK_STALL && w > 0.5 * (t1 - t0)
                           && (!p->solo_len || p->calls > p->solo_until + NK_SOLO_GRACE);
 #ifdef NK_PROF
@@ -285,7 +297,9 @@ static void run(nk_pool *p, nk_task fn, void *ctx, int64_t n, int64_t cs) {
                 e[7] = p->wsleep == g;
             }
 #endif
-            if (stalled && p->last_stall && p->calls - p->last_stall < NK_SOLO_PAIR) {
+            /* the stall NK_SOLO_STALLS - 1 before this one (0: none yet) */
+            uint64_t prev = p->stalls[(p->nstall + 1) % (NK_SOLO_STALLS - 1)];
+            if (stalled && prev && p->calls - prev < NK_SOLO_PAIR) {
 #ifdef NK_PROF
                 prof[NK_PROF_GUARD][1] += 1;    /* solo stretches started */
 #endif
@@ -294,7 +308,7 @@ static void run(nk_pool *p, nk_task fn, void *ctx, int64_t n, int64_t cs) {
                 p->solo_until = p->calls + p->solo_len;
             }
             if (stalled)
-                p->last_stall = p->calls;
+                p->stalls[p->nstall = (p->nstall + 1) % (NK_SOLO_STALLS - 1)] = p->calls;
         }
     }
 #ifdef NK_PROF

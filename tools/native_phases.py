@@ -15,7 +15,7 @@ serial spans between pool calls: rounding, layer norms + shifts, predictor prep,
     flock -x /work/wt/bench.lock python tools/native_phases.py --lib /tmp/_nk_prof.so --threads 2 \
         --prefill 512 --model /work/art/ref-int4h8.rwkve --predictors /work/art/q2.npz --mode sparse
 
-Modes: dense (the default exact FFN), sets (the replayed active sets), sparse (the sets + the 2-bit predictor scored). GB/s per
+Modes: rows (every key and value row: bench's "native dense"), dense (the default exact FFN), sets (the replayed active sets), sparse (the sets + the 2-bit predictor scored). GB/s per
 phase = its weight bytes / its wall time (rkv, o, head: all rows; pred: codes + scales + zeros; ffn: the
 key rows and value columns read (stats); tmix: the LoRAs, whose per-head wkv state traffic is not
 counted). "serial" is the forward's time outside pool calls. Hold the bench lock.
@@ -85,7 +85,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lib", required=True, help="a -DNK_PROF build of csrc/")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--mode", choices=["dense", "sets", "sparse"], default="sparse")
+    ap.add_argument("--mode", choices=["rows", "dense", "sets", "sparse"], default="sparse")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--workdir", default="/work/art/shape")
     ap.add_argument("--prefill", type=int, default=0, help="time a prefill of this many tokens instead")
@@ -103,7 +103,9 @@ def main(argv=None):
     native.set_num_threads(args.threads)
     path = os.path.join(w, "synthetic-1.5b-int8.rwkve")
     m = open_model(path, backend="native", predictors=path + ".pred2.npz" if args.mode == "sparse" else None)
-    if args.mode != "dense":
+    if args.mode == "rows":                                # every key and value row (csrc/nk_dense.c)
+        m = m.with_ffn_mode("dense")
+    elif args.mode != "dense":
         m = m.with_sets(ReplayedSets(ActiveSets.load(os.path.join(w, "ref58m-active-sets.npz")),
                                      m.config.n_layer, m.config.ffn_dim))
     m = m.with_library(native.bind_library(args.lib))
