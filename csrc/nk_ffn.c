@@ -205,7 +205,7 @@ static void ffn_sparse_task(void *c, int tid, int64_t lo, int64_t hi) {
     s->nval += n;
 }
 
-#define NK_MAXREC 256            /* chunks of one pool call (nk_pool.c: NK_MAXCH at most) */
+#define NK_MAXREC 256            /* chunks of one pool call (nk_pool.c: about four per thread) */
 typedef struct {
     nk_model *m;
     const nk_pred *p;

@@ -1,6 +1,6 @@
 /* A tiny thread pool for the native backend: nk_pool_run(pool, fn, ctx, n) cuts [0, n) into chunks
- * (multiples of 4 rows, shrinking: guided()), every thread claims chunks until none is left, and the call
- * returns when all chunks are done. fn(ctx, tid, lo, hi) may run several times per thread (tasks accumulate).
+ * (multiples of 4 rows), every thread claims chunks until none is left, and the call returns when
+ * all chunks are done. fn(ctx, tid, lo, hi) may run several times per thread (tasks accumulate).
  *
  * Why chunks that are claimed, not one share per thread: on a shared machine a worker may not be
  * running when a call starts; the calling thread then takes its chunks instead of waiting for it.
@@ -56,11 +56,9 @@ void nk_prof_get(double *out) {
 #endif
 
 #ifndef NK_CPT
-#define NK_CPT 16           /* the smallest chunk of a call: 1 / (NK_CPT threads) of its rows */
-#endif
-#define NK_MAXCH 64         /* chunks of a row call at most */
-#ifndef NK_GUIDED
-#define NK_GUIDED 1         /* 0: equal chunks, ~4 a thread (the pool before guided chunks; A/B builds) */
+#define NK_CPT 4            /* chunks per thread of a call (shrinking chunks, the last 1/16 of a thread's share,
+                             * waited no less: 0.41-0.45 vs 0.40-0.50 ms a 1.5B step in claimed chunks at 2
+                             * threads, and the neurons' split varied more between runs) */
 #endif
 #ifndef NK_SOLO
 #define NK_SOLO 256         /* calls the caller runs alone after a stall (0: never); doubled per stall that
@@ -92,8 +90,7 @@ struct nk_pool {
     atomic_uint gen;                  /* bumped per job: wakes the workers */
     nk_task fn;
     void *ctx;
-    int64_t total, csize;             /* csize 0: chunk i is [bound[i], bound[i + 1]) */
-    int64_t bound[NK_MAXCH + 1];
+    int64_t total, csize;
     uint64_t calls, solo_until, solo_len;   /* contention guard (run): calls made; alone until this one; for how long */
     uint64_t stalls[NK_SOLO_STALLS - 1];    /* the calls of the last stalls (a ring) */
     int nstall;
@@ -131,11 +128,7 @@ static void work(nk_pool *p, int tid) {
         if (!atomic_compare_exchange_weak(&p->claim, &v, v + 1))
             continue;
         /* the job cannot change before this chunk is counted done: its fields are stable */
-        int64_t lo, hi;
-        if (p->csize)
-            lo = (int64_t)i * p->csize, hi = lo + p->csize < p->total ? lo + p->csize : p->total;
-        else
-            lo = p->bound[i], hi = p->bound[i + 1];
+        int64_t lo = (int64_t)i * p->csize, hi = lo + p->csize < p->total ? lo + p->csize : p->total;
         PROF_T0();
 #ifdef NK_PROF
         if (first)      /* a worker's start delay after the call began (slot NK_MAXT + 1) */
@@ -213,27 +206,6 @@ nk_pool *nk_pool_new(int n) {
 int nk_pool_size(const nk_pool *p) { return p ? p->n : 1; }
 
 
-/* the chunks of a row call (multiples of 4 rows but the last) into p->bound; returns their number.
- * Guided: each chunk is 1 / (2 threads) of the rows not yet cut, down to 1 / (NK_CPT threads) of all,
- * so a call starts with long streams and ends with short ones: a thread that finds no chunk left waits
- * at most one short chunk for the others (equal chunks of 1 / (4 threads) left the caller waiting ~0.5 ms
- * a 1.5B-shape decode step at 2 threads, ~4%: the head's chunks were 16 MiB). */
-static int64_t guided(nk_pool *p, int64_t n) {
-    int64_t minc = ((n + NK_CPT * p->n - 1) / (NK_CPT * p->n) + 3) / 4 * 4, lo = 0, nch = 0;
-    if (!NK_GUIDED)            /* the equal chunks of before, ~4 a thread (A/B builds) */
-        minc = ((n + 4 * p->n - 1) / (4 * p->n) + 3) / 4 * 4;
-    while (lo < n) {
-        int64_t c = ((n - lo + 2 * p->n - 1) / (2 * p->n) + 3) / 4 * 4;
-        c = c < minc || !NK_GUIDED ? minc : c;
-        if (nch == NK_MAXCH - 1 || c > n - lo)
-            c = n - lo;
-        p->bound[nch++] = lo;
-        lo += c;
-    }
-    p->bound[nch] = n;
-    return nch;
-}
-
 static void run(nk_pool *p, nk_task fn, void *ctx, int64_t n, int64_t cs) {
     if (n <= 0)
         return;
@@ -256,10 +228,11 @@ static void run(nk_pool *p, nk_task fn, void *ctx, int64_t n, int64_t cs) {
 #endif
         return;
     }
-    int64_t nch = cs ? (n + cs - 1) / cs : 0;
-    pthread_mutex_lock(&p->mu);
+    int64_t nch = NK_CPT * p->n;
     if (!cs)
-        nch = guided(p, n);
+        cs = ((n + nch - 1) / nch + 3) / 4 * 4;     /* ~NK_CPT chunks per thread */
+    nch = (n + cs - 1) / cs;
+    pthread_mutex_lock(&p->mu);
     p->fn = fn, p->ctx = ctx, p->total = n, p->csize = cs;
 #ifdef NK_PROF
     p->tag = nk_prof_tag, p->t0 = w0;
