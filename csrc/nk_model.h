@@ -52,7 +52,7 @@ typedef struct {
     nk_pool *pool;
     struct {                   /* the decode's thread controller (nk_rwkv7.c, ctl_*): threads or the caller alone */
         int on, mode, probing; /* mode 0 threads, 1 alone; probing: steps left of a try of the other mode */
-        double ew[2], try[3];  /* step seconds: running mean of the mode in use, the other's last try; a try's */
+        double ew[2], best;    /* step seconds: running mean of the mode in use, the other's last try; try's best */
         int64_t step, next, gap;
     } ctl;
     const uint16_t *emb;

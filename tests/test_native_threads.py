@@ -117,7 +117,7 @@ def test_prefill_threads_match_one_thread(request, fixture):
 
 
 def test_decode_controller_tries_the_caller_alone(int8_file_heads16):
-    """csrc/nk_ctl.c: a 2-thread model's decode steps 8-10 (the controller's first try of the other
+    """csrc/nk_ctl.c: a 2-thread model's decode steps 8 and 9 (the controller's first try of the other
     mode, whatever the timings) run on the caller alone: from the same state, the very floats of one thread;
     and the try leaves the prefill (its threads) and the steps after it within float order of one thread."""
     bundle = tn._bundle(load_modelfile(int8_file_heads16, backend="reference"), 2)
@@ -128,7 +128,7 @@ def test_decode_controller_tries_the_caller_alone(int8_file_heads16):
     for i, t in enumerate(tn._toks(12, seed=32)):
         o2, s2 = two.step(t, s)
         o1, s1 = one.step(t, s)
-        if i in (8, 9, 10):
+        if i in (8, 9):
             assert np.array_equal(o2, o1) and np.array_equal(s2.wkv, s1.wkv) and np.array_equal(s2.ffn_x, s1.ffn_x)
         else:
             assert tn._rel(o2, o1) < tn.FLIP
