@@ -50,11 +50,6 @@ typedef struct {
     int64_t L, D, H, N, F, V, dw, da, dg, dv;
     const nk_kern *k;
     nk_pool *pool;
-    struct {                   /* the decode's thread controller (nk_rwkv7.c, ctl_*): threads or the caller alone */
-        int on, mode, probing; /* mode 0 threads, 1 alone; probing: steps left of a try of the other mode */
-        double ew[2], best;    /* step seconds: running mean of the mode in use, the other's last try; try's best */
-        int64_t step, next, gap;
-    } ctl;
     const uint16_t *emb;
     const float *ln0_w, *ln0_b, *lnout_w, *lnout_b, *head_s;
     const int8_t *head;        /* (V, D) int8 rows, or NULL and then head4 (V, D / 2) + head_s4 (V, D / 32) */
@@ -91,12 +86,6 @@ typedef struct {
 } nk_model;
 
 void nk_layer_norm(const float *x, const float *w, const float *b, float eps, int64_t D, float *out);
-/* the decode's thread controller (nk_ctl.c): begin returns 1 when it decided this step's threads, end takes
- * the step's seconds */
-void nk_ctl_init(nk_model *m);
-int nk_ctl_begin(nk_model *m);
-void nk_ctl_end(nk_model *m, double t);
-double nk_ctl_now(void);
 void nk_head_out(const nk_layer *b, int64_t N, int64_t h, const float *r, const float *k, const float *v,
                  const float *g, float *yh);
 void nk_quantize_rows(nk_model *m, const float *x, int64_t T, int64_t I);     /* into m->Xq, m->xs */

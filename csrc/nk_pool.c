@@ -94,7 +94,7 @@ struct nk_pool {
     uint64_t calls, solo_until, solo_len;   /* contention guard (run): calls made; alone until this one; for how long */
     uint64_t stalls[NK_SOLO_STALLS - 1];    /* the calls of the last stalls (a ring) */
     int nstall;
-    int tag, wcpu, forced;
+    int tag, wcpu;
     unsigned wsleep;
     double t0;
     pthread_mutex_t mu;
@@ -218,12 +218,12 @@ static void run(nk_pool *p, nk_task fn, void *ctx, int64_t n, int64_t cs) {
      * the caller runs the next NK_SOLO calls alone (the worker sleeps and leaves its core to the
      * other process), then tries the threads again; stalls in a row double the calls alone (a
      * process that stays: mostly one thread), a clean stretch resets them. */
-    int solo = p && p->n > 1 && (p->forced || ++p->calls < p->solo_until);
+    int solo = p && p->n > 1 && ++p->calls < p->solo_until;
     if (!p || p->n == 1 || n < (cs ? 2 : 16) || solo) {
         fn(ctx, 0, 0, n);
 #ifdef NK_PROF
         nk_prof_add(nk_prof_tag, 0, nk_prof_now() - w0, nk_prof_now() - w0);
-        if (solo && !p->forced)
+        if (solo)
             prof[NK_PROF_GUARD][2] += 1;        /* calls run alone by the guard */
 #endif
         return;
@@ -292,11 +292,6 @@ static void run(nk_pool *p, nk_task fn, void *ctx, int64_t n, int64_t cs) {
 void nk_pool_run(nk_pool *p, nk_task fn, void *ctx, int64_t n) { run(p, fn, ctx, n, 0); }
 
 void nk_pool_run_items(nk_pool *p, nk_task fn, void *ctx, int64_t n) { run(p, fn, ctx, n, 1); }
-
-void nk_pool_set_solo(nk_pool *p, int on) {
-    if (p)
-        p->forced = on;
-}
 
 void nk_pool_free(nk_pool *p) {
     if (!p)

@@ -17,9 +17,6 @@ void nk_pool_run(nk_pool *p, nk_task fn, void *ctx, int64_t n);
  * order: a few unequal jobs (the decode's LoRA pairs), the largest first */
 void nk_pool_run_items(nk_pool *p, nk_task fn, void *ctx, int64_t n);
 void nk_pool_free(nk_pool *p);
-/* on: every call runs on the caller alone until turned off (the workers spin a while, then sleep): the
- * decode's thread controller (nk_rwkv7.c) when threads have been slower than one */
-void nk_pool_set_solo(nk_pool *p, int on);
 
 /* Profiling build only (-DNK_PROF; never in the shipped library): the pool calls are timed per tag
  * (NK_TAG before a call: 0 r/k/v, 1 o, 2 predictor, 3 FFN, 4 head; 5 is a whole nk_forward, 6 the decode

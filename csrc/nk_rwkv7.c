@@ -304,7 +304,6 @@ void *nk_model_new(const int64_t *dims, const void *const *glob, const void *con
     m->dw = dims[6], m->da = dims[7], m->dg = dims[8], m->dv = dims[9];
     m->k = k;
     m->pool = nk_pool_new((int)dims[12]);
-    nk_ctl_init(m);
     m->emb = glob[P_EMB], m->ln0_w = glob[P_LN0W], m->ln0_b = glob[P_LN0B];
     m->lnout_w = glob[P_LNOW], m->lnout_b = glob[P_LNOB], m->head = glob[P_HEAD], m->head_s = glob[P_HEADS];
     m->head4 = glob[P_HEAD4], m->head_s4 = glob[P_HEADS4];
@@ -413,10 +412,6 @@ int nk_forward(void *mp, const int32_t *tokens, int64_t T, float *att_x, float *
     double f0 = nk_prof_now();
 #endif
     m->rec = rec, m->gidx = gidx, m->goff = goff;
-    int ctl = T == 1 && nk_ctl_begin(m);
-    double c0 = ctl ? nk_ctl_now() : 0;
-    if (T > 1)                                     /* a prefill: the pool's threads */
-        nk_pool_set_solo(m->pool, 0);
     int64_t D = m->D, HNN = m->H * m->N * m->N;
     for (int64_t c0 = 0; c0 < T; c0 += TB) {
         int64_t n = T - c0 < TB ? T - c0 : TB;
@@ -446,8 +441,6 @@ int nk_forward(void *mp, const int32_t *tokens, int64_t T, float *att_x, float *
         } else
             linear(m, m->head, m->head_s, m->head4, m->head_s4, m->V, D, m->xa, n - h0, out, m->V);
     }
-    if (ctl)
-        nk_ctl_end(m, nk_ctl_now() - c0);
 #ifdef NK_PROF
     nk_prof_add(5, -1, nk_prof_now() - f0, 0);
 #endif

@@ -55,7 +55,7 @@ def test_decode_steps_threads_match_one_thread(request, fixture):
     L, F = 2, None
     runs = {}
     for threads in (1, 2, 3):
-        m = NativeRWKV7.open(path, threads=threads).with_adaptive_threads(False)   # every step on the threads
+        m = NativeRWKV7.open(path, threads=threads)
         F = m.config.ffn_dim
         for mode, mm in (("dense", m), ("sparse", m.with_predictors(bundle))):
             _, s = mm.forward(prompt)
@@ -114,25 +114,6 @@ def test_prefill_threads_match_one_thread(request, fixture):
             if np.array_equal(rec, rec1):      # the last token's logits: at most a rounding flip (tn.FLIP)
                 assert tn._rel(o, o1) < tn.FLIP
                 assert tn._rel(s.wkv, s1.wkv) < tn.FLIP and tn._rel(s.ffn_x, s1.ffn_x) < tn.FLIP
-
-
-def test_decode_controller_tries_the_caller_alone(int8_file_heads16):
-    """csrc/nk_ctl.c: a 2-thread model's decode steps 8 and 9 (the controller's first try of the other
-    mode, whatever the timings) run on the caller alone: from the same state, the very floats of one thread;
-    and the try leaves the prefill (its threads) and the steps after it within float order of one thread."""
-    bundle = tn._bundle(load_modelfile(int8_file_heads16, backend="reference"), 2)
-    one = NativeRWKV7.open(int8_file_heads16, threads=1).with_predictors(bundle)
-    two = NativeRWKV7.open(int8_file_heads16, threads=2).with_predictors(bundle)
-    assert two.adaptive and not two.with_adaptive_threads(False).adaptive
-    _, s = two.forward(tn._toks(6, seed=31))
-    for i, t in enumerate(tn._toks(12, seed=32)):
-        o2, s2 = two.step(t, s)
-        o1, s1 = one.step(t, s)
-        if i in (8, 9):
-            assert np.array_equal(o2, o1) and np.array_equal(s2.wkv, s1.wkv) and np.array_equal(s2.ffn_x, s1.ffn_x)
-        else:
-            assert tn._rel(o2, o1) < tn.FLIP
-        s = s2
 
 
 def test_pool_contention_guard():

@@ -50,8 +50,6 @@ def main(argv=None):
     ap.add_argument("--base-lib", help="also run every configuration on this build of the C library")
     ap.add_argument("--lib", help="run this build as 'new' instead of the checkout's (a -DNK_PROF build: the "
                     "pool's contention guard counted per configuration, see tools/native_phases.py)")
-    ap.add_argument("--fixed-too", action="store_true", help="also the N-thread model with the decode's thread "
-                    "controller off (csrc/nk_ctl.c: every step on the threads), as 'fixed'")
     args = ap.parse_args(argv)
     from rwkv_edge.backends import native
     libs = {"new": native.bind_library(args.lib) if args.lib else None}
@@ -63,8 +61,6 @@ def main(argv=None):
             for lname, lib in libs.items():
                 m = _open(args.workdir, args.shape, mode, t)
                 cfgs[(mode, t, lname)] = m.with_library(lib) if lib is not None else m
-                if args.fixed_too and lname == "new" and t > 1:
-                    cfgs[(mode, t, "fixed")] = cfgs[(mode, t, lname)].with_adaptive_threads(False)
     names = list(cfgs)
     rng = np.random.default_rng(2)
     V = cfgs[names[0]].config.vocab_size
@@ -99,7 +95,7 @@ def main(argv=None):
         print(f"{k[0]:6s} {k[1]}T {k[2]:4s}  median {np.median(a):7.2f} ms/token  mean {a.mean():7.2f}  "
               f"p90 {np.percentile(a, 90):7.2f}  max {a.max():7.2f}  ({1e3 / np.median(a):5.1f} tok/s; rounds' "
               f"median {1e3 / np.median(per_round[k]):5.1f} tok/s)")
-        if k[2] in counted and k[1] > 1 and k[2] != "fixed":
+        if k[2] in counted and k[1] > 1:
             g = guard[k]
             print(f"    guard: {g[0]:.0f} stalls, {g[1]:.0f} solo stretches, {g[2] / len(a):.1f} calls alone a token, "
                   f"caller waited on claimed chunks {g[3] / len(a) * 1e3:.3f} ms a token ({g[6] / len(a) * 1e3:.3f} "
@@ -111,11 +107,6 @@ def main(argv=None):
             pr = np.array(per_round[one]) / np.array(per_round[many])
             print(f"{mode:6s} {lname:4s} {T}T / 1T: medians of tokens {np.median(per_tok[one]) / np.median(per_tok[many]):.3f}"
                   f"  median of per-round ratios {np.median(pr):.3f} [{pr.min():.2f}-{pr.max():.2f}]")
-        if args.fixed_too:
-            f = np.median(per_round[(mode, T, "fixed")]) / np.median(per_round[(mode, T, "new")])
-            pr = np.array(per_round[(mode, 1, "new")]) / np.array(per_round[(mode, T, "fixed")])
-            print(f"{mode:6s} fixed {T}T / 1T: median of per-round ratios {np.median(pr):.3f}; {T}T fixed / new "
-                  f"(rounds' medians): {f:.3f}x")
         if "base" in libs:
             for t in (1, T):
                 d = np.median(per_round[(mode, t, "base")]) / np.median(per_round[(mode, t, "new")])

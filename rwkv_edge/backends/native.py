@@ -89,7 +89,7 @@ class NativeRWKV7:
     version = "x070"
 
     def __init__(self, config: ModelConfig, tensors: dict, fingerprint: str, bundle=None, threads: int | None = None,
-                 sets=None, dtype: str = "int8", ffn: str = "exact", head_rescore: int = 0, adaptive: bool = True):
+                 sets=None, dtype: str = "int8", ffn: str = "exact", head_rescore: int = 0):
         lib, why = _load()
         if lib is None:
             raise RuntimeError(why)
@@ -104,9 +104,6 @@ class NativeRWKV7:
         self.ffn = NativeFFNStats(config.ffn_dim) if bundle is not None or sets is not None else None
         self.tokens_run, self.bytes_read = 0, 0      # weight bytes the kernels read (tools/bench.py)
         self.threads = int(threads or _THREADS["n"])
-        # decode steps on the pool's threads or the caller alone, whichever has been faster (csrc/nk_rwkv7.c
-        # ctl_*: a host may not give the threads their CPUs); False: always the threads
-        self.adaptive = bool(adaptive)
         self.head_rescore = int(head_rescore)     # > 0: the rescored head (native_head.py)
         if self.head_rescore:
             from .native_head import with_q4_head
@@ -181,7 +178,7 @@ class NativeRWKV7:
     def _variant(self, **changes) -> "NativeRWKV7":
         """A model on these weights with some of bundle, threads, sets, ffn, head_rescore changed."""
         kw = dict(bundle=self._bundle, threads=self.threads, sets=self._sets, ffn=self.ffn_mode,
-                  head_rescore=self.head_rescore, adaptive=self.adaptive)
+                  head_rescore=self.head_rescore)
         kw.update(changes)
         return NativeRWKV7(self.config, self._t, self.fingerprint, dtype=self.modelfile_dtype, **kw)
 
@@ -193,11 +190,6 @@ class NativeRWKV7:
         m.ffn = NativeFFNStats(self.config.ffn_dim) if self.ffn is not None else None
         m._build()
         return m
-
-    def with_adaptive_threads(self, on: bool) -> "NativeRWKV7":
-        """This model with the decode's thread controller on (the default: each step on the threads or the
-        caller alone, whichever has been faster) or off (always the threads: tests, thread benchmarks)."""
-        return self._variant(adaptive=on)
 
     def set_threads(self, n: int) -> None:
         """Use n threads from now on (rebuilds the C model; weights are not touched)."""
@@ -265,8 +257,6 @@ class NativeRWKV7:
             raise RuntimeError("native backend: no dense FFN (a build without it, no memory, or ffn_dim % 32)")
         if getattr(self, "_all_keys", False) and self._sets is not None:
             self._lib.nk_model_all_keys(h, 1)        # with_sets(all_keys=True), kept over rebuilds
-        if not self.adaptive and hasattr(self._lib, "nk_model_adaptive"):
-            self._lib.nk_model_adaptive(h, 0)
         self._stats = np.zeros((L, 2), np.int64)
         # bytes read per token besides the FFN rows: time-mix weights, LoRAs, predictor, head, emb row
         att = sum(t[f"blocks.{i}.att.{n}"].nbytes for i in range(L) for n in

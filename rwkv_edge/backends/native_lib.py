@@ -56,8 +56,6 @@ def bind_library(path: str):
         lib.nk_model_dense.restype = ctypes.c_int
         lib.nk_model_dense.argtypes = [P, ctypes.c_int]
         lib.nk_model_all_keys.argtypes = [P, ctypes.c_int]
-    if hasattr(lib, "nk_model_adaptive"):       # builds before the decode's thread controller lack it
-        lib.nk_model_adaptive.argtypes = [P, ctypes.c_int]
     return lib
 
 
