@@ -5,7 +5,8 @@ configuration the median and mean ms/token (per-token times over all rounds: a m
 median is stalls), and NT / 1T as the ratio of medians and the median of the per-round ratios.
 
     flock -x /work/wt/bench.lock python tools/thread_scaling.py --workdir /work/art/shape \\
-        [--modes dense,exact,sets,sparse] [--threads 2] [--tokens 16] [--rounds 8] [--base-lib OTHER/_nk*.so]
+        [--modes dense,exact,sets,sparse] [--threads 2] [--tokens 16] [--rounds 8] [--base-lib OTHER/_nk*.so] \\
+        [--probe /tmp/host_probe]       # tools/host_probe.c: rounds on a host that gave 2 CPUs, and the others
 
 Files: tools/bench.py --shape 1.5b --native --shape-predictor-bits 2 --workdir W builds them
 (W/synthetic-1.5b-int8.rwkve, its .pred2.npz, W/ref58m-active-sets.npz). Modes as the bench's native rows:
@@ -15,6 +16,8 @@ replayed sets alone), sparse (the sets + the 2-bit predictor scored every token)
 import argparse
 import ctypes
 import os
+import re
+import subprocess
 import sys
 import time
 
@@ -50,6 +53,9 @@ def main(argv=None):
     ap.add_argument("--base-lib", help="also run every configuration on this build of the C library")
     ap.add_argument("--lib", help="run this build as 'new' instead of the checkout's (a -DNK_PROF build: the "
                     "pool's contention guard counted per configuration, see tools/native_phases.py)")
+    ap.add_argument("--probe", help="a build of tools/host_probe.c: before each round it spins two threads 0.1 s "
+                    "(jitter); rounds where a CPU lost more than --capped %% of it are counted apart")
+    ap.add_argument("--capped", type=float, default=5.0)
     args = ap.parse_args(argv)
     from rwkv_edge.backends import native
     libs = {"new": native.bind_library(args.lib) if args.lib else None}
@@ -74,10 +80,14 @@ def main(argv=None):
     counted = {n: ctypes.CDLL(os.path.abspath(p)) for n, p in (("new", args.lib), ("base", args.base_lib))
                if p and hasattr(ctypes.CDLL(os.path.abspath(p)), "nk_prof_get")}
     per_round = {k: [] for k in names}
+    lost = {k: [] for k in names}
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for k in (order if r % 2 == 0 else order[::-1]):
             m = cfgs[k]
+            if args.probe and k[1] > 1:     # the host's 2-thread capacity now: % of 0.1 s a CPU ran something else
+                out = subprocess.run([args.probe, "jitter", "0.1"], capture_output=True, text=True).stdout
+                lost[k].append(max(float(x) for x in re.findall(r"\(([0-9.]+)%\)", out)))
             _, s = m.forward(prompt)
             if k[2] in counted:
                 counted[k[2]].nk_prof_get(ctypes.c_void_p(prof.ctypes.data))         # reset
@@ -105,8 +115,15 @@ def main(argv=None):
         for lname in libs:
             one, many = (mode, 1, lname), (mode, T, lname)
             pr = np.array(per_round[one]) / np.array(per_round[many])
+            split = ""
+            if args.probe:
+                print(f"{mode:6s} {lname:4s} host probe before each {T}T round, % lost by the worse CPU: "
+                      f"{' '.join(f'{x:.1f}' for x in lost[many])}")
+                ok = np.array(lost[many]) <= args.capped
+                split = (f"; rounds with both CPUs (<= {args.capped:g}% lost) {np.median(pr[ok]) if ok.any() else float('nan'):.3f}"
+                         f" ({ok.sum()}), the others {np.median(pr[~ok]) if (~ok).any() else float('nan'):.3f} ({(~ok).sum()})")
             print(f"{mode:6s} {lname:4s} {T}T / 1T: medians of tokens {np.median(per_tok[one]) / np.median(per_tok[many]):.3f}"
-                  f"  median of per-round ratios {np.median(pr):.3f} [{pr.min():.2f}-{pr.max():.2f}]")
+                  f"  median of per-round ratios {np.median(pr):.3f} [{pr.min():.2f}-{pr.max():.2f}]{split}")
         if "base" in libs:
             for t in (1, T):
                 d = np.median(per_round[(mode, t, "base")]) / np.median(per_round[(mode, t, "new")])
