@@ -94,8 +94,8 @@ struct nk_pool {
     uint64_t calls, solo_until, solo_len;   /* contention guard (run): calls made; alone until this one; for how long */
     uint64_t stalls[NK_SOLO_STALLS - 1];    /* the calls of the last stalls (a ring) */
     int nstall;
-    int tag, wcpu;
-    unsigned wsleep;
+    int tag, wcpu;                    /* NK_PROF: the call's tag; the CPU of a worker's last chunk */
+    unsigned wsleep;                  /* NK_PROF: the job a worker last woke from sleep for */
     double t0;
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -133,9 +133,7 @@ static void work(nk_pool *p, int tid) {
 #ifdef NK_PROF
         if (first)      /* a worker's start delay after the call began (slot NK_MAXT + 1) */
             prof[p->tag][1 + NK_MAXT] += pt0 - p->t0, first = 0;
-#endif
-#ifdef NK_PROF
-        p->wcpu = sched_getcpu();
+        p->wcpu = sched_getcpu();            /* where the worker ran its chunk (nk_prof_events) */
 #endif
         p->fn(p->ctx, tid, lo, hi);
         PROF_BUSY(p->tag, tid);
@@ -205,7 +203,7 @@ nk_pool *nk_pool_new(int n) {
 
 int nk_pool_size(const nk_pool *p) { return p ? p->n : 1; }
 
-
+/* [0, n) in chunks of cs (cs 0: about four chunks per thread, multiples of 4 rows) */
 static void run(nk_pool *p, nk_task fn, void *ctx, int64_t n, int64_t cs) {
     if (n <= 0)
         return;
