@@ -311,6 +311,8 @@ void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T,
             nk_quantize_rows(m, m->fx, 1, D);
     }
     memcpy(ffn_x, m->xa + (T - 1) * D, D * sizeof(float));
+    if (T == 1)
+        NK_SPAN(11);         /* the decode's norm + shift + rounding, serial */
     NK_SPAN_RESET();         /* the prefill's shift is pool call 11 */
     if (m->dense && !p && !m->goff) {              /* every key and value row (nk_dense.c) */
         nk_ffn_dense_rows(m, b, T, stats);
@@ -355,17 +357,22 @@ void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T,
         return;
     }
     for (int64_t t = 0; t < T; t++) {
+        NK_SPAN_RESET();
         int64_t n = sparse_set(m, p, t);
+        NK_SPAN(12);             /* the set: the predictor's prep and merge (its pool call is tag 2) */
         c.t = t;
         zero_outs(m, D);
         NK_TAG(3);
+        NK_SPAN(13);
         nk_pool_run(m->pool, ffn_sparse_task, &c, n);
+        NK_SPAN_RESET();
         for (int i = 0; i < nt; i++) {
             for (int64_t d = 0; d < D; d++)
                 m->x[t * D + d] += m->tls[i].out[d];
             stats[1] += m->tls[i].nval;
         }
         stats[0] += n;
+        NK_SPAN(13);
     }
 }
 

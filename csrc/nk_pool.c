@@ -8,6 +8,7 @@
  * worker that wakes late can never take a chunk of a later job with an earlier job's arguments: its
  * compare-and-swap fails. A decode step makes ~5 calls per layer, microseconds apart, so workers
  * spin (with pause) for a while before sleeping on a condition variable. */
+#define _GNU_SOURCE
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -20,6 +21,16 @@
 #include <string.h>
 #include <time.h>
 int nk_prof_tag;
+static double nk_prof_ev[4096][8];
+static int nk_prof_nev;
+/* out (4096, 8): waits > 50 us (start s, wait s, caller's own work s, tag, worker cpu, caller cpu, call, worker
+ * woke from sleep at its call); returns the count, then cleared */
+int nk_prof_events(double *out) {
+    int n = nk_prof_nev;
+    memcpy(out, nk_prof_ev, n * sizeof nk_prof_ev[0]);
+    nk_prof_nev = 0;
+    return n;
+}
 static double prof[NK_PROF_TAGS][2 + NK_MAXT];   /* per tag: calls, wall s, busy s per thread */
 double nk_prof_now(void) {
     struct timespec ts;
@@ -45,7 +56,9 @@ void nk_prof_get(double *out) {
 #endif
 
 #ifndef NK_CPT
-#define NK_CPT 4            /* chunks per thread of a call */
+#define NK_CPT 4            /* chunks per thread of a call (shrinking chunks, the last 1/16 of a thread's share,
+                             * waited no less: 0.41-0.45 vs 0.40-0.50 ms a 1.5B step in claimed chunks at 2
+                             * threads, and the neurons' split varied more between runs) */
 #endif
 #ifndef NK_SOLO
 #define NK_SOLO 256         /* calls the caller runs alone after a stall (0: never); doubled per stall that
@@ -54,10 +67,18 @@ void nk_prof_get(double *out) {
 #define NK_SOLO_MAX 4096
 #define NK_SOLO_GRACE 64    /* calls after a solo stretch that count no stall (a sleeping worker wakes slowly) */
 #define NK_SOLO_CLEAN 4096
-#define NK_SOLO_PAIR 128
+#ifndef NK_SOLO_PAIR
+#define NK_SOLO_PAIR 128    /* NK_SOLO_STALLS stalls within this many calls: the caller runs alone */
+#endif
+#ifndef NK_SOLO_STALLS
+#define NK_SOLO_STALLS 2    /* >= 2 */
+#endif
 #define NK_STALL 200e-6     /* s: a wait for claimed chunks longer than this (and than half the caller's
                              * own work in the call) is a stall */
-#define NK_SPIN 20000       /* pauses a worker spins before sleeping (~0.1-1 ms) */
+#ifndef NK_SPIN_S
+#define NK_SPIN_S 0.45e-3   /* s a worker spins (with pause) before sleeping: a clock, not a count of pauses
+                             * (20000 were 0.45 ms on this AMD host, a pause lasts ~3x longer on some Intel) */
+#endif
 #define IDX_BITS 20
 #define IDX_MASK ((1ull << IDX_BITS) - 1)
 
@@ -70,8 +91,11 @@ struct nk_pool {
     nk_task fn;
     void *ctx;
     int64_t total, csize;
-    uint64_t calls, solo_until, solo_len, last_stall;   /* contention guard (run): calls made; alone until this one; for how long */
-    int tag;
+    uint64_t calls, solo_until, solo_len;   /* contention guard (run): calls made; alone until this one; for how long */
+    uint64_t stalls[NK_SOLO_STALLS - 1];    /* the calls of the last stalls (a ring) */
+    int nstall;
+    int tag, wcpu;                    /* NK_PROF: the call's tag; the CPU of a worker's last chunk */
+    unsigned wsleep;                  /* NK_PROF: the job a worker last woke from sleep for */
     double t0;
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -83,6 +107,12 @@ static inline void cpu_relax(void) {
 #elif defined(__aarch64__)
     __asm__ __volatile__("yield");
 #endif
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
 }
 
 /* claim and run chunks of the current job until none is left */
@@ -103,6 +133,7 @@ static void work(nk_pool *p, int tid) {
 #ifdef NK_PROF
         if (first)      /* a worker's start delay after the call began (slot NK_MAXT + 1) */
             prof[p->tag][1 + NK_MAXT] += pt0 - p->t0, first = 0;
+        p->wcpu = sched_getcpu();            /* where the worker ran its chunk (nk_prof_events) */
 #endif
         p->fn(p->ctx, tid, lo, hi);
         PROF_BUSY(p->tag, tid);
@@ -123,15 +154,26 @@ static void *worker(void *arg) {
     free(wa);
     for (;;) {
         unsigned g = atomic_load(&p->gen);
-        for (int s = 0; s < NK_SPIN && g == seen; s++) {
-            cpu_relax();
-            g = atomic_load(&p->gen);
+        if (g == seen) {
+            double t0 = now_s();
+            for (int s = 1; g == seen; s++) {
+                cpu_relax();
+                g = atomic_load(&p->gen);
+                if (!(s & 255) && now_s() - t0 > NK_SPIN_S)
+                    break;
+            }
         }
         if (g == seen) {
+#ifdef NK_PROF
+            prof[NK_PROF_GUARD][4] += 1;        /* a worker's sleeps */
+#endif
             pthread_mutex_lock(&p->mu);
             while ((g = atomic_load(&p->gen)) == seen)
                 pthread_cond_wait(&p->cv, &p->mu);
             pthread_mutex_unlock(&p->mu);
+#ifdef NK_PROF
+            p->wsleep = g;
+#endif
         }
         seen = g;
         if (atomic_load(&p->quit))
@@ -162,12 +204,6 @@ nk_pool *nk_pool_new(int n) {
 int nk_pool_size(const nk_pool *p) { return p ? p->n : 1; }
 
 /* [0, n) in chunks of cs (cs 0: about four chunks per thread, multiples of 4 rows) */
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + 1e-9 * ts.tv_nsec;
-}
-
 static void run(nk_pool *p, nk_task fn, void *ctx, int64_t n, int64_t cs) {
     if (n <= 0)
         return;
@@ -185,6 +221,8 @@ static void run(nk_pool *p, nk_task fn, void *ctx, int64_t n, int64_t cs) {
         fn(ctx, 0, 0, n);
 #ifdef NK_PROF
         nk_prof_add(nk_prof_tag, 0, nk_prof_now() - w0, nk_prof_now() - w0);
+        if (solo)
+            prof[NK_PROF_GUARD][2] += 1;        /* calls run alone by the guard */
 #endif
         return;
     }
@@ -216,16 +254,32 @@ static void run(nk_pool *p, nk_task fn, void *ctx, int64_t n, int64_t cs) {
         }
         if (NK_SOLO) {
             double w = now_s() - t1;
-            /* two stalls within NK_SOLO_PAIR calls: one alone is often a worker waking from sleep */
+            /* NK_SOLO_STALLS stalls within NK_SOLO_PAIR calls: one alone is often a worker waking from sleep */
             int stalled = w > NK_STALL && w > 0.5 * (t1 - t0)
                           && (!p->solo_len || p->calls > p->solo_until + NK_SOLO_GRACE);
-            if (stalled && p->last_stall && p->calls - p->last_stall < NK_SOLO_PAIR) {
+#ifdef NK_PROF
+            prof[NK_PROF_GUARD][0] += stalled;  /* stalls counted */
+            prof[NK_PROF_GUARD][3] += w;        /* time waited on claimed chunks */
+            prof[NK_PROF_GUARD][5] += stalled && p->wcpu == sched_getcpu();   /* stalls with both on one CPU */
+            prof[NK_PROF_GUARD][6] += stalled ? w : 0;                       /* time waited in stalls */
+            if (w > 50e-6 && nk_prof_nev < 4096) {   /* the long waits, for nk_prof_events */
+                double *e = nk_prof_ev[nk_prof_nev++];
+                e[0] = t1, e[1] = w, e[2] = t1 - t0, e[3] = p->tag, e[4] = p->wcpu, e[5] = sched_getcpu(), e[6] = p->calls;
+                e[7] = p->wsleep == g;
+            }
+#endif
+            /* the stall NK_SOLO_STALLS - 1 before this one (0: none yet) */
+            uint64_t prev = p->stalls[(p->nstall + 1) % (NK_SOLO_STALLS - 1)];
+            if (stalled && prev && p->calls - prev < NK_SOLO_PAIR) {
+#ifdef NK_PROF
+                prof[NK_PROF_GUARD][1] += 1;    /* solo stretches started */
+#endif
                 uint64_t len = p->solo_len && p->calls < p->solo_until + NK_SOLO_CLEAN ? 2 * p->solo_len : NK_SOLO;
                 p->solo_len = len < NK_SOLO_MAX ? len : NK_SOLO_MAX;
                 p->solo_until = p->calls + p->solo_len;
             }
             if (stalled)
-                p->last_stall = p->calls;
+                p->stalls[p->nstall = (p->nstall + 1) % (NK_SOLO_STALLS - 1)] = p->calls;
         }
     }
 #ifdef NK_PROF

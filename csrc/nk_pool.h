@@ -26,12 +26,16 @@ void nk_pool_free(nk_pool *p);
  * no pool call): 10 activation rounding, 11 layer norms + token shifts, 12 the predictor's per-token
  * prep, 13 the FFN's zeroing and summing of the threads' outputs; busy per thread inside the prefill
  * FFN's task: 14 key dots, 15 active neurons + predictor select, 16 value columns; in the time-mix's
- * token task: 17 LoRAs, 18 elementwise. */
-#define NK_PROF_TAGS 19
+ * token task: 17 LoRAs, 18 elementwise. 19 (NK_PROF_GUARD) the contention guard: stalls counted, solo
+ * stretches started, calls run alone, s the caller waited on claimed chunks, worker sleeps, stalls with
+ * the worker on the caller's CPU, s waited in stalls. nk_prof_events: every wait > 50 us (nk_pool.c). */
+#define NK_PROF_GUARD 19
+#define NK_PROF_TAGS 20
 #ifdef NK_PROF
 extern int nk_prof_tag;
 double nk_prof_now(void);
 void nk_prof_add(int tag, int tid, double wall, double busy);
+int nk_prof_events(double *out);
 #define NK_TAG(t) (nk_prof_tag = (t))
 #define NK_SPAN0() double nk_span0 = nk_prof_now()
 #define NK_SPAN(tag) (nk_prof_add((tag), -1, nk_prof_now() - nk_span0, 0), nk_span0 = nk_prof_now())

@@ -166,36 +166,15 @@ void nk_sigmoid_rows(const nk_model *m, float *x, int64_t T, int64_t n, int64_t 
             x[t * ld + j] = sigmoidf_(x[t * ld + j]);
 }
 
-/* ---- four tokens at a time: nk_layer_norm and nk_head_out with the four tokens' sums interleaved ---- *
- * Each token's sums run in its own order (column by column, as the one-token functions), so the
- * results are theirs bit for bit; four independent chains instead of one (a float add waits ~3
- * cycles on the one before: one token's 512-column layer norm was ~3000 cycles of waiting). Plain C
- * of the baseline target: no FMA to contract into, as in nk_rwkv7.c. */
-static void layer_norm4(const float *x, int64_t ldx, const float *w, const float *b, float eps, int64_t D, float *out,
-                        int64_t ldo) {
-    float mu[4] = {0, 0, 0, 0}, var[4] = {0, 0, 0, 0}, inv[4];
-    for (int64_t d = 0; d < D; d++)
-        for (int q = 0; q < 4; q++)
-            mu[q] += x[q * ldx + d];
-    for (int q = 0; q < 4; q++)
-        mu[q] /= (float)D;
-    for (int64_t d = 0; d < D; d++)
-        for (int q = 0; q < 4; q++)
-            var[q] += (x[q * ldx + d] - mu[q]) * (x[q * ldx + d] - mu[q]);
-    for (int q = 0; q < 4; q++)
-        inv[q] = 1.0f / sqrtf(var[q] / (float)D + eps);
-    for (int q = 0; q < 4; q++)
-        for (int64_t d = 0; d < D; d++)
-            out[q * ldo + d] = (x[q * ldx + d] - mu[q]) * inv[q] * w[d] + b[d];
-}
-
-/* x (T, D) rows -> out (T, D) by nk_layer_norm, four rows at a time */
+/* ---- four tokens at a time: nk_head_out with the four tokens' sums interleaved ------------------ *
+ * Each token's sums run in its own order (column by column, as the one-token function), so the
+ * results are its bit for bit; four independent chains instead of one (a float add waits ~3 cycles
+ * on the one before). Plain C of the baseline target: no FMA to contract into, as in nk_rwkv7.c.
+ * (The layer norm sums in 8 lanes itself: nk_layer_norm, one row at a time.) */
+/* x (T, D) rows -> out (T, D) by nk_layer_norm */
 static void layer_norm_rows(const float *x, int64_t T, const float *w, const float *b, float eps, int64_t D,
                             float *out) {
-    int64_t t = 0;
-    for (; t + 4 <= T; t += 4)
-        layer_norm4(x + t * D, D, w, b, eps, D, out + t * D, D);
-    for (; t < T; t++)
+    for (int64_t t = 0; t < T; t++)
         nk_layer_norm(x + t * D, w, b, eps, D, out + t * D);
 }
 

@@ -3,7 +3,8 @@ a profiling build of csrc/ (-DNK_PROF: nk_pool.c times every pool call per tag, 
 thread, and the worker's start delay; the shipped library has none of it):
 
     cd csrc && gcc -O3 -std=gnu11 -fno-math-errno -fno-trapping-math -pthread -fPIC -shared -DNK_PROF \\
-        nk_kernels.c nk_pool.c nk_rwkv7.c nk_ffn.c nk_q4.c nk_pred.c nk_prefill.c nk_prefill_kernels.c nk_prefill_elem.c \\
+        nk_kernels.c nk_rwkv7.c nk_ffn.c nk_q4.c nk_pred.c nk_prefill.c nk_prefill_kernels.c nk_prefill_elem.c \\
+        nk_dense.c nk_head.c nk_pool.c \\
         -o /tmp/_nk_prof.so -lm
     flock -x /work/wt/bench.lock python tools/native_phases.py --lib /tmp/_nk_prof.so --threads 2 --mode sparse
 
@@ -20,7 +21,7 @@ the every-row FFN, --head-rescore K for the rescored head; "head" then covers bo
     flock -x /work/wt/bench.lock python tools/native_phases.py --lib /tmp/_nk_prof.so --threads 1 \
         --model /work/art/ref-int4h8.rwkve --predictors /work/art/q2.npz --mode sparse --tokens 128
 
-Modes: dense (the default exact FFN), sets (the replayed active sets), sparse (the sets + the 2-bit predictor scored). GB/s per
+Modes: rows (every key and value row: bench's "native dense"), dense (the default exact FFN), sets (the replayed active sets), sparse (the sets + the 2-bit predictor scored). GB/s per
 phase = its weight bytes / its wall time (rkv, o, head: all rows; pred: codes + scales + zeros; ffn: the
 key rows and value columns read (stats); tmix: the LoRAs, whose per-head wkv state traffic is not
 counted). "serial" is the forward's time outside pool calls. Hold the bench lock.
@@ -39,8 +40,10 @@ TAGS = {0: "rkv", 1: "o", 2: "pred", 3: "ffn", 4: "head", 7: "tmix"}   # nk_pool
 PRE_TAGS = {0: "rkv", 1: "o", 3: "ffn", 4: "head", 8: "tm-tok", 9: "tm-head", 11: "ln+shift"}
 FFN_PARTS = {14: "ffn keys", 15: "ffn active+pred", 16: "ffn values", 17: "tm-tok LoRAs",
              18: "tm-tok elementwise"}                             # busy per thread inside "ffn", "tm-tok"
-SPANS = {10: "round", 12: "predprep", 13: "sums"}     # serial, wall only (older builds: 11 too)
-NTAGS = 19                                                              # nk_pool.h NK_PROF_TAGS
+SPANS = {10: "round", 12: "predprep", 13: "sums"}
+DECODE_SPANS = {10: "rounding", 11: "norms + shifts", 12: "predictor prep + merge, set copy", 13: "sums + zeroing"}     # serial, wall only (older builds: 11 too)
+GUARD = 19                                                              # nk_pool.h NK_PROF_GUARD
+NTAGS = 20                                                              # nk_pool.h NK_PROF_TAGS
 
 
 def prefill(args):
@@ -88,7 +91,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lib", required=True, help="a -DNK_PROF build of csrc/")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--mode", choices=["dense", "sets", "sparse"], default="sparse")
+    ap.add_argument("--mode", choices=["rows", "dense", "sets", "sparse"], default="sparse")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--workdir", default="/work/art/shape")
     ap.add_argument("--prefill", type=int, default=0, help="time a prefill of this many tokens instead")
@@ -97,6 +100,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--ffn", choices=["exact", "dense"], default="exact", help="decode of --model: the FFN without bundle")
     ap.add_argument("--head-rescore", type=int, default=0, help="decode of --model: the rescored head's K")
+    ap.add_argument("--events", action="store_true", help="decode: list every wait > 50 us for claimed chunks")
     args = ap.parse_args(argv)
     if args.prefill:
         return prefill(args)
@@ -114,7 +118,9 @@ def main(argv=None):
     else:
         path = os.path.join(w, "synthetic-1.5b-int8.rwkve")
         m = open_model(path, backend="native", predictors=path + ".pred2.npz" if args.mode == "sparse" else None)
-    if args.mode != "dense" and not args.model:
+    if args.mode == "rows":                                # every key and value row (csrc/nk_dense.c)
+        m = m.with_ffn_mode("dense")
+    elif args.mode != "dense" and not args.model:
         m = m.with_sets(ReplayedSets(ActiveSets.load(os.path.join(w, "ref58m-active-sets.npz")),
                                      m.config.n_layer, m.config.ffn_dim))
     m = m.with_library(native.bind_library(args.lib))
@@ -128,6 +134,8 @@ def main(argv=None):
     for t in toks[:3]:
         _, s = m.step(t, s)
     lib.nk_prof_get(prof.ctypes.data)                      # reset
+    ev = np.zeros((4096, 8))
+    lib.nk_prof_events(ctypes.c_void_p(ev.ctypes.data))
     ts, rows = [], 0
     for t in toks:
         t0 = time.perf_counter()
@@ -154,6 +162,23 @@ def main(argv=None):
     tot = prof[5][1] / n
     pooled = sum(prof[i][1] for i in TAGS) / n
     print(f"  serial {(tot - pooled) * 1e3:.2f} ms of {tot * 1e3:.2f} ms per forward")
+    spans = {10: prof[10][1], 11: prof[11][1], 12: prof[12][1] - prof[2][1], 13: prof[13][1]}
+    print("    of it: " + ", ".join(f"{DECODE_SPANS[i]} {v / n * 1e3:.3f} ms" for i, v in spans.items()))
+    _guard(prof, n)
+    ne = lib.nk_prof_events(ctypes.c_void_p(ev.ctypes.data))
+    if args.events:
+        for e in ev[:ne]:
+            print(f"    at {(e[0] - ev[0][0]) * 1e3:8.2f} ms waited {e[1] * 1e6:6.0f} us (own chunks {e[2] * 1e6:5.0f} us) "
+                  f"tag {e[3]:.0f} call {e[6]:.0f}: worker on cpu {e[4]:.0f}, caller {e[5]:.0f}, woke from sleep {e[7]:.0f}")
+
+
+def _guard(prof, n):
+    """the pool's contention guard over the run (nk_pool.h NK_PROF_GUARD): stalls, solo stretches, calls alone"""
+    g = prof[GUARD]
+    print(f"  guard: {g[0]:.0f} stalls, {g[1]:.0f} solo stretches, {g[2]:.0f} calls run alone "
+          f"({g[2] / n:.1f} a token), caller waited on claimed chunks {g[3] / n * 1e3:.3f} ms a token "
+          f"({g[6] / n * 1e3:.3f} in stalls; {g[5]:.0f} stalls with both threads on one CPU), worker sleeps "
+          f"{g[4] / n:.2f} a token")
 
 
 if __name__ == "__main__":
