@@ -108,4 +108,14 @@ void nk_dots4_vnni512(const uint8_t *base, const uint16_t *sbase, int64_t stride
                       int64_t n, int64_t I, const int8_t *X, const float *xs, const int32_t *init, int64_t T,
                       float *y, int64_t ldy);
 
+/* The code and scale rows of the 4 int4 rows a dots pass reads from row p (of idx, or p.. when idx is NULL);
+ * past n, the first row again (its results are not stored). */
+static inline void nk_rows4(const uint8_t *base, const uint16_t *sbase, int64_t stride, int64_t sstride,
+                            const int32_t *idx, int64_t p, int64_t n, const uint8_t **w, const uint16_t **s) {
+    for (int k = 0; k < 4; k++) {
+        int64_t r = idx ? idx[p + k < n ? p + k : p] : (p + k < n ? p + k : p);
+        w[k] = base + stride * r, s[k] = sbase + sstride * r;
+    }
+}
+
 #endif

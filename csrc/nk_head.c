@@ -53,6 +53,19 @@ static float kth_largest(float *a, int64_t n, int64_t r) {
     return a[r];
 }
 
+/* The K rows of the candidates whose logit is >= tau (the K-th largest): those above tau first, then the
+ * ties at tau in index order, so both selects return the same rows. Returns how many (K). */
+static int64_t emit_rows(const float *z, const int32_t *cand, int64_t nc, float tau, int64_t K, int32_t *idx) {
+    int64_t n = 0;
+    for (int64_t c = 0; c < nc; c++)            /* above tau first, */
+        if (z[cand[c]] > tau)
+            idx[n++] = cand[c];
+    for (int64_t c = 0; c < nc && n < K; c++)   /* then the ties at tau in index order */
+        if (z[cand[c]] == tau)
+            idx[n++] = cand[c];
+    return n;
+}
+
 /* idx (K,) = the rows of z (V,) with the K largest values (see the header); scratch (V,) floats,
  * cand (V,) ints. Returns K (or V if V < K). */
 static int64_t top_rows(const float *z, int64_t V, int64_t K, float *scratch, int32_t *cand, int32_t *idx) {
@@ -80,14 +93,7 @@ static int64_t top_rows(const float *z, int64_t V, int64_t K, float *scratch, in
     for (int64_t c = 0; c < nc; c++)
         scratch[c] = z[cand[c]];
     float tau = kth_largest(scratch, nc, K - 1);
-    int64_t n = 0;
-    for (int64_t c = 0; c < nc; c++)            /* above tau first, */
-        if (z[cand[c]] > tau)
-            idx[n++] = cand[c];
-    for (int64_t c = 0; c < nc && n < K; c++)   /* then the ties at tau in index order */
-        if (z[cand[c]] == tau)
-            idx[n++] = cand[c];
-    return n;
+    return emit_rows(z, cand, nc, tau, K, idx);
 }
 
 #ifdef NK_X86
@@ -162,14 +168,7 @@ VNNI static int64_t top_rows_512(const float *z, int64_t V, int64_t K, float *sc
     for (int64_t c = nc; c < np; c++)
         key[c] = 0;
     float tau = kth_key(key, np, K - 1);
-    int64_t n = 0;
-    for (int64_t c = 0; c < nc; c++)            /* above tau first, */
-        if (z[cand[c]] > tau)
-            idx[n++] = cand[c];
-    for (int64_t c = 0; c < nc && n < K; c++)   /* then the ties at tau in index order */
-        if (z[cand[c]] == tau)
-            idx[n++] = cand[c];
-    return n;
+    return emit_rows(z, cand, nc, tau, K, idx);
 }
 #endif
 

@@ -175,10 +175,7 @@ VNNI static void dots4_rows(const uint8_t *base, const uint16_t *sbase, int64_t 
     for (int64_t p = 0; p < n; p += 4) {
         const uint8_t *w[4];
         const uint16_t *s[4];
-        for (int k = 0; k < 4; k++) {
-            int64_t r = idx ? idx[p + k < n ? p + k : p] : (p + k < n ? p + k : p);
-            w[k] = base + stride * r, s[k] = sbase + sstride * r;
-        }
+        nk_rows4(base, sbase, stride, sstride, idx, p, n, w, s);
         if (p + 12 < n)              /* fetch the rows two passes ahead (scattered or strided) */
             for (int k = 8; k < 12; k++) {
                 int64_t r = idx ? idx[p + k] : p + k;

@@ -240,10 +240,7 @@ VNNI static void dots4_t1_512(const uint8_t *base, const uint16_t *sbase, int64_
     for (int64_t p = 0; p < n; p += 4) {
         const uint8_t *w[4];
         const uint16_t *s[4];
-        for (int k = 0; k < 4; k++) {
-            int64_t r = idx ? idx[p + k < n ? p + k : p] : (p + k < n ? p + k : p);
-            w[k] = base + stride * r, s[k] = sbase + sstride * r;
-        }
+        nk_rows4(base, sbase, stride, sstride, idx, p, n, w, s);
         for (int64_t k = pa; k < pa + 4 && p + k < n; k++) {
             int64_t r = idx ? idx[p + k] : p + k;
             for (int64_t l = 0; l < H; l += 64)
