@@ -108,6 +108,14 @@ void nk_dots4_vnni512(const uint8_t *base, const uint16_t *sbase, int64_t stride
                       int64_t n, int64_t I, const int8_t *X, const float *xs, const int32_t *init, int64_t T,
                       float *y, int64_t ldy);
 
+/* Fetch int4 row r (H code bytes, its scale row) into cache: the dots' rows ahead of the pass */
+static inline void nk_prefetch_row4(const uint8_t *base, const uint16_t *sbase, int64_t stride, int64_t sstride,
+                                    int64_t r, int64_t H) {
+    for (int64_t l = 0; l < H; l += 64)
+        __builtin_prefetch(base + stride * r + l, 0, 3);
+    __builtin_prefetch(sbase + sstride * r, 0, 3);
+}
+
 /* The code and scale rows of the 4 int4 rows a dots pass reads from row p (of idx, or p.. when idx is NULL);
  * past n, the first row again (its results are not stored). */
 static inline void nk_rows4(const uint8_t *base, const uint16_t *sbase, int64_t stride, int64_t sstride,

@@ -103,11 +103,11 @@ void nk_mix_token(const nk_model *m, const nk_layer *b, int first, float *k, flo
 void nk_mix_heads(const nk_model *m, const nk_layer *b, int first, int64_t h0, int64_t h1, float *k, float *v,
                   const float *vf, float *W, float *A, const float *GV, float *KN);
 void nk_sigmoid_rows(const nk_model *m, float *x, int64_t T, int64_t n, int64_t ld);
-/* the prefill's wkv on 512-bit registers (two rows a register), bit-identical to m->k->wkv; NULL where
- * it does not apply (kernel level below VNNI, N % 16, N > 256) */
+/* the wkv the prefill and the decode run: on 512-bit registers (two rows a register), bit-identical to
+ * m->k->wkv, where it applies (VNNI level, N % 16 == 0, N <= 256); else m->k->wkv */
 typedef void (*nk_wkv_fn)(float *, const float *, int64_t, const float *, const float *, const float *,
                           const float *, const float *, const float *, float *);
-nk_wkv_fn nk_wkv_wide(const nk_model *m);
+nk_wkv_fn nk_wkv_of(const nk_model *m);
 void nk_head_out_rows(const nk_layer *b, int64_t N, int64_t h, int64_t D, int64_t T, const float *r, const float *k,
                       const float *v, const float *g, float *y);
 void nk_shift_prefill(nk_model *m, int64_t T, const float *lnw, const float *lnb, const float *prev0,

@@ -17,6 +17,12 @@
 
 #include "nk_pool.h"
 
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
 #ifdef NK_PROF
 #include <string.h>
 #include <time.h>
@@ -32,11 +38,7 @@ int nk_prof_events(double *out) {
     return n;
 }
 static double prof[NK_PROF_TAGS][2 + NK_MAXT];   /* per tag: calls, wall s, busy s per thread */
-double nk_prof_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + 1e-9 * ts.tv_nsec;
-}
+double nk_prof_now(void) { return now_s(); }
 void nk_prof_add(int tag, int tid, double wall, double busy) {
     if (wall > 0)
         prof[tag][0] += 1, prof[tag][1] += wall;
@@ -107,12 +109,6 @@ static inline void cpu_relax(void) {
 #elif defined(__aarch64__)
     __asm__ __volatile__("yield");
 #endif
-}
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + 1e-9 * ts.tv_nsec;
 }
 
 /* claim and run chunks of the current job until none is left */

@@ -292,13 +292,12 @@ VNNI static void wkv_512(float *S, const float *S0, int64_t N, const float *r, c
 }
 #endif
 
-nk_wkv_fn nk_wkv_wide(const nk_model *m) {
+nk_wkv_fn nk_wkv_of(const nk_model *m) {
 #ifdef NK_X86
     if (m->k == nk_kern_get(2) && m->N % 16 == 0 && m->N <= 256)
         return wkv_512;
 #endif
-    (void)m;
-    return NULL;
+    return m->k->wkv;
 }
 
 typedef struct {
@@ -352,7 +351,7 @@ static void att_heads_task(void *c, int tid, int64_t lo, int64_t hi) {
     (void)tid;
     int64_t D = m->D, N = m->N, T = m->pre_T;
     float *W = m->pre[0], *A = m->pre[1], *Gt = m->pre[2], *KN = m->pre[4];
-    nk_wkv_fn wkv = nk_wkv_wide(m) ? nk_wkv_wide(m) : m->k->wkv;
+    nk_wkv_fn wkv = nk_wkv_of(m);
     for (int64_t h = lo; h < hi; h++)
         for (int64_t t = 0; t < T; t++) {
             int64_t o = t * D + h * N;

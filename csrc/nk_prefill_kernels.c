@@ -178,10 +178,7 @@ VNNI static void dots4_rows(const uint8_t *base, const uint16_t *sbase, int64_t 
         nk_rows4(base, sbase, stride, sstride, idx, p, n, w, s);
         if (p + 12 < n)              /* fetch the rows two passes ahead (scattered or strided) */
             for (int k = 8; k < 12; k++) {
-                int64_t r = idx ? idx[p + k] : p + k;
-                for (int64_t l = 0; l < H; l += 64)
-                    _mm_prefetch((const char *)(base + stride * r + l), _MM_HINT_T0);
-                _mm_prefetch((const char *)(sbase + sstride * r), _MM_HINT_T0);
+                nk_prefetch_row4(base, sbase, stride, sstride, idx ? idx[p + k] : p + k, H);
             }
         for (int64_t t0 = 0; t0 < T; t0 += 6) {
             switch ((T - t0 + 1) / 2 < 3 ? (T - t0 + 1) / 2 : 3) {

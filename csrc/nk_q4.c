@@ -121,15 +121,9 @@ void nk_axpy4q_generic(float *out, int64_t D, const uint8_t *const *v, const uin
     for (int64_t p = 0; p < n; p += 4) {                                                               \
         const uint8_t *w[4];                                                                           \
         const uint16_t *s[4];                                                                          \
-        for (int k = 0; k < 4; k++) {                                                                  \
-            int64_t r = idx ? idx[p + k < n ? p + k : p] : (p + k < n ? p + k : p);                    \
-            w[k] = base + stride * r, s[k] = sbase + sstride * r;                                      \
-        }                                                                                              \
+        nk_rows4(base, sbase, stride, sstride, idx, p, n, w, s);                                       \
         for (int64_t k = pa; k < pa + 4 && p + k < n; k++) {   /* scattered or strided rows */         \
-            int64_t r = idx ? idx[p + k] : p + k;                                                      \
-            for (int64_t l = 0; l < H; l += 64)                                                        \
-                _mm_prefetch((const char *)(base + stride * r + l), _MM_HINT_T0);                      \
-            _mm_prefetch((const char *)(sbase + sstride * r), _MM_HINT_T0);                            \
+            nk_prefetch_row4(base, sbase, stride, sstride, idx ? idx[p + k] : p + k, H);               \
         }                                                                                              \
         for (int64_t t = 0; t < T; t++) {                                                              \
             const int8_t *xq = X + t * I;                                                              \
@@ -232,20 +226,15 @@ VNNI static void dots4_t1_512(const uint8_t *base, const uint16_t *sbase, int64_
         xs2[q / 8] = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(xs + q))));
     const __m512i m15 = _mm512_set1_epi8(15);
     for (int64_t k = 0; k < pa && k < n; k++) {      /* the first pa rows at once (the loop fetches from pa on): */
-        int64_t r = idx ? idx[k] : k;                 /* a sparse set's scattered rows, not one miss after another */
-        for (int64_t l = 0; l < H; l += 64)
-            _mm_prefetch((const char *)(base + stride * r + l), _MM_HINT_T0);
-        _mm_prefetch((const char *)(sbase + sstride * r), _MM_HINT_T0);
+        nk_prefetch_row4(base, sbase, stride, sstride, idx ? idx[k] : k, H);   /* a sparse set's scattered rows,
+                                                                                 * not one miss after another */
     }
     for (int64_t p = 0; p < n; p += 4) {
         const uint8_t *w[4];
         const uint16_t *s[4];
         nk_rows4(base, sbase, stride, sstride, idx, p, n, w, s);
         for (int64_t k = pa; k < pa + 4 && p + k < n; k++) {
-            int64_t r = idx ? idx[p + k] : p + k;
-            for (int64_t l = 0; l < H; l += 64)
-                _mm_prefetch((const char *)(base + stride * r + l), _MM_HINT_T0);
-            _mm_prefetch((const char *)(sbase + sstride * r), _MM_HINT_T0);
+            nk_prefetch_row4(base, sbase, stride, sstride, idx ? idx[p + k] : p + k, H);
         }
         __m512 f[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
         for (int64_t q = 0; q < G; q += 8) {

@@ -199,7 +199,7 @@ static void heads_task(void *c, int tid, int64_t lo, int64_t hi) {
     /* the prefill's elementwise code (nk_prefill_elem.c: 16 lanes at the VNNI level, its expf glibc's
      * bit for bit): after it a holds the wkv's b (kk * a), kn its a (-kk) */
     nk_mix_heads(m, b, hc->first, lo, hi, k, v, m->vf + t * D, w, a, m->gv, kn);
-    nk_wkv_fn wkv = nk_wkv_wide(m) ? nk_wkv_wide(m) : m->k->wkv;
+    nk_wkv_fn wkv = nk_wkv_of(m);
     for (int64_t h = lo; h < hi; h++)
         wkv(hc->S + h * N * N, hc->Sin + h * N * N, N, r + h * N, w + h * N, k + h * N, v + h * N, kn + h * N,
             a + h * N, y + h * N);
