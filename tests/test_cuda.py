@@ -61,6 +61,14 @@ def test_open_model_cuda_without_gpu_raises(ckpt, monkeypatch):
         open_model(ckpt("x070"), device="cuda")
 
 
+def test_fused_decode_refuses_unknown_tune_keys():
+    """A launch knob that is gone (or misspelt) is an error, not a silently ignored override: a sweep set
+    naming it would otherwise time the default launch under the set's name."""
+    from rwkv_edge.backends.cuda_decode import FusedDecode
+    with pytest.raises(ValueError, match="unknown tune keys l2pf, score_words"):
+        FusedDecode(object(), tune={"score_words": True, "l2pf": 1, "gather_na": 8})
+
+
 def test_backend_registered_and_complete():
     ops = get_backend("cuda")
     for fn in ("weight", "to_host", "adopt_state", "embed", "sigmoid", "tanh", "exp", "relu_sq",

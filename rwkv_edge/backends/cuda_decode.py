@@ -194,6 +194,9 @@ def _seg_tables(segs, dev):
 
 class FusedDecode:
     def __init__(self, model, mode: str = "dense", bundle=None, graph: bool = True, tune: dict | None = None):
+        unknown = sorted(set(tune or {}) - set(TUNE))   # a knob that is gone or misspelt would time the default
+        if unknown:
+            raise ValueError(f"unknown tune keys {', '.join(unknown)} (cuda_decode.TUNE lists the knobs)")
         if getattr(model.ops, "name", "") != "cuda" or model.config.version != "x070":
             raise ValueError("FusedDecode needs an RWKV-7 (x070) model built with the cuda backend")
         if mode not in MODES:
