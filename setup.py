@@ -22,7 +22,7 @@ setup(ext_modules=[Extension(
     # them and cost 1 thread 4-8% at 1.5B shapes, replayed sets; the same pool linked last: none)
     sources=["csrc/nk_module.c", "csrc/nk_kernels.c", "csrc/nk_rwkv7.c", "csrc/nk_ffn.c",
              "csrc/nk_q4.c", "csrc/nk_pred.c", "csrc/nk_prefill.c", "csrc/nk_prefill_kernels.c",
-             "csrc/nk_prefill_elem.c", "csrc/nk_dense.c", "csrc/nk_head.c", "csrc/nk_pool.c"],
+             "csrc/nk_prefill_elem.c", "csrc/nk_dense.c", "csrc/nk_head.c", "csrc/nk_lora.c", "csrc/nk_pool.c"],
     depends=["csrc/nk.h", "csrc/nk_pool.h", "csrc/nk_model.h", "csrc/nk_simd.h", "csrc/nk_pred_sel2.h"],
     extra_compile_args=args, extra_link_args=["-pthread"] if sys.platform != "win32" else [], libraries=libs,
     optional=True)])

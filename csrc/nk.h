@@ -66,6 +66,10 @@ typedef struct {
     void (*axpy4q)(float *out, int64_t D, const uint8_t *const *v, const uint16_t *const *s, const float *h);
     /* y (O,) = x (I,) @ M (I, O) int8 (a LoRA's input-major matrix; O % 8 == 0), unscaled */
     void (*vecmat)(const float *x, const int8_t *M, int64_t I, int64_t O, float *y);
+    /* the same floats from M packed by nk_lora_pack (nk_lora.c: the decode's LoRAs), prefetching ahead up
+     * to pf_end (NULL: the end of P; the model's packed LoRAs are one buffer in the order a step reads
+     * them); NULL at a level without one (the caller runs vecmat on the file's matrix) */
+    void (*vecmatp)(const float *x, const int8_t *P, int64_t I, int64_t O, float *y, const int8_t *pf_end);
 } nk_kern;
 
 const nk_kern *nk_kern_get(int level);       /* 0 generic, 1 avx2, 2 vnni; NULL if this CPU lacks it */
@@ -94,6 +98,10 @@ void nk_dots4_vnni(const uint8_t *, const uint16_t *, int64_t, int64_t, const in
 void nk_axpy4q_generic(float *out, int64_t D, const uint8_t *const *v, const uint16_t *const *s, const float *h);
 void nk_axpy4q_avx2(float *out, int64_t D, const uint8_t *const *v, const uint16_t *const *s, const float *h);
 float nk_h2f(uint16_t h);
+/* the packed LoRA layout (nk_lora.c): whether (I, O) has it, the packing (P: I * O bytes), the VNNI kernel */
+int nk_lora_packable(int64_t I, int64_t O);
+void nk_lora_pack(const int8_t *M, int64_t I, int64_t O, int8_t *P);
+void nk_vecmatp_512(const float *x, const int8_t *P, int64_t I, int64_t O, float *y, const int8_t *pf_end);
 /* dots_vnni for T > 1 on 512-bit registers, bit-identical to it (nk_prefill_kernels.c; x86-64 VNNI only) */
 void nk_dots_vnni512(const int8_t *base, int64_t stride, const int32_t *idx, int64_t n, int64_t I, const int8_t *X,
                      const float *xs, int64_t T, float *y, int64_t ldy);

@@ -97,7 +97,7 @@ static void vecmat_generic(const float *x, const int8_t *M, int64_t I, int64_t O
 }
 
 static const nk_kern K_GENERIC = {"generic", dots_generic, axpy4_generic, nk_pred_generic, wkv_generic, nk_dots4_generic,
-                                  nk_axpy4q_generic, vecmat_generic};
+                                  nk_axpy4q_generic, vecmat_generic, NULL};
 
 #ifdef NK_X86
 /* ---- AVX2 (and the VNNI variant of the dots) ----------------------------------------------------- */
@@ -336,9 +336,9 @@ VNNI static void vecmat_512(const float *x, const int8_t *M, int64_t I, int64_t 
 }
 
 static const nk_kern K_AVX2 = {"avx2", dots_avx2, axpy4_avx2, nk_pred_avx2, wkv_avx2, nk_dots4_avx2, nk_axpy4q_avx2,
-                               vecmat_avx2};
+                               vecmat_avx2, NULL};
 static const nk_kern K_VNNI = {"vnni", dots_vnni, axpy4_avx2, nk_pred_avx2, wkv_avx2, nk_dots4_vnni, nk_axpy4q_avx2,
-                               vecmat_512};
+                               vecmat_512, nk_vecmatp_512};
 #endif
 
 int nk_cpu_level(void) {

@@ -79,6 +79,8 @@ typedef struct {
     int64_t rec_t0, rec_layer;
     float *pre[6];             /* prefill time-mix scratch (nk_prefill.c): (TB, lora_max) each */
     int64_t lora_max;          /* max(D, dw, da, dg, dv) */
+    int8_t *lpbuf, *lp_end;    /* the decode's LoRAs packed for k->vecmatp (nk_rwkv7.c lora_pack_all) */
+    const int8_t **lp;         /* (L * 8,): layer i's LoRA j (nk_layer order w1 .. v2) in lpbuf, or NULL */
     int64_t pre_T;             /* tokens of the chunk nk_att_prefill works on */
     struct nk_dense *dense;    /* NULL (the exact FFN), or the every-row dense FFN's matrices (nk_dense.c) */
     int sets_all_keys;         /* given sets, decode too: every key row, the values of the set (bench --shape

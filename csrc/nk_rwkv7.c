@@ -56,12 +56,78 @@ static void lora_head_prefetch(const int8_t *M, int64_t I, int64_t O) {
 #endif
 }
 
-/* y (O,) = x (I,) @ (M (I, O) int8 * cs) (O % 8 == 0); nx: NULL or the LoRA called next, (nI, nO) */
-static void lora(const nk_model *m, const float *x, const int8_t *M, const float *cs, int64_t I, int64_t O, float *y,
-                 const int8_t *nx, int64_t nI, int64_t nO) {
-    if (nx)
-        lora_head_prefetch(nx, nI, nO);
-    m->k->vecmat(x, M, I, O, y);
+/* LoRA j of a layer (nk_layer order: w1 w2 a1 a2 g1 g2 v1 v2): its int8 (I, O) matrix, column scale, shape */
+static void lora_of(const nk_model *m, const nk_layer *b, int j, const int8_t **M, const float **cs, int64_t *I,
+                    int64_t *O) {
+    const int8_t *mats[8] = {b->w1, b->w2, b->a1, b->a2, b->g1, b->g2, b->v1, b->v2};
+    const float *scales[8] = {b->w1s, b->w2s, b->a1s, b->a2s, b->g1s, b->g2s, b->v1s, b->v2s};
+    int64_t hid[4] = {m->dw, m->da, m->dg, m->dv};
+    *M = mats[j], *cs = scales[j];
+    *I = j & 1 ? hid[j / 2] : m->D, *O = j & 1 ? m->D : hid[j / 2];
+}
+
+/* Pack every layer's LoRAs for k->vecmatp (nk_lora.c) into one buffer, in the order a decode step reads
+ * them (gate, decay, a, value: lora_task), so the step streams it; a LoRA whose shape does not pack keeps
+ * vecmat on the file's matrix (lp NULL), as does every LoRA at a level without vecmatp. The same floats
+ * either way. The copy is the decode's only (the prefill reads the file's): 3.5 MB at 58M. */
+static void lora_pack_all(nk_model *m) {
+    static const int order[8] = {4, 5, 0, 1, 2, 3, 6, 7};
+    if (!m->k->vecmatp)
+        return;
+    m->lp = calloc(m->L * 8, sizeof *m->lp);
+    if (!m->lp)
+        return;
+    size_t total = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        size_t off = 0;
+        for (int64_t i = 0; i < m->L; i++)
+            for (int q = 0; q < 8; q++) {
+                const int8_t *M;
+                const float *cs;
+                int64_t I, O;
+                lora_of(m, &m->layers[i], order[q], &M, &cs, &I, &O);
+                if (!M || !nk_lora_packable(I, O))
+                    continue;
+                if (pass) {
+                    nk_lora_pack(M, I, O, m->lpbuf + off);
+                    m->lp[8 * i + order[q]] = m->lpbuf + off;
+                }
+                off += (size_t)(I * O);
+            }
+        total = (off + 63) / 64 * 64;
+        if (!pass && !(m->lpbuf = total ? aligned_alloc(64, total) : NULL))
+            return;
+        m->lp_end = m->lpbuf + off;
+    }
+}
+
+/* the start of layer b's LoRA j: its first 48 lines (packed) or rows (the file's matrix) */
+static void lora_prefetch(const nk_model *m, const nk_layer *b, int j) {
+    const int8_t *M, *P = m->lp ? m->lp[8 * (b - m->layers) + j] : NULL;
+    const float *cs;
+    int64_t I, O;
+    lora_of(m, b, j, &M, &cs, &I, &O);
+    if (P)
+        for (int64_t l = 0; l < I * O && l < 48 * 64; l += 64)
+            __builtin_prefetch(P + l);
+    else if (M)
+        lora_head_prefetch(M, I, O);
+}
+
+/* y (O,) = LoRA j of layer b applied to x (I,), column-scaled; the start of LoRA nj (-1: none) fetched
+ * first where the kernel does not (the packed kernel streams on into the next matrix of the buffer) */
+static void lora(const nk_model *m, const nk_layer *b, int j, const float *x, float *y, int nj) {
+    const int8_t *M;
+    const float *cs;
+    int64_t I, O, li = b - m->layers;
+    const int8_t *P = m->lp ? m->lp[8 * li + j] : NULL;
+    if (nj >= 0 && !P)
+        lora_prefetch(m, b, nj);
+    lora_of(m, b, j, &M, &cs, &I, &O);
+    if (P)
+        m->k->vecmatp(x, P, I, O, y, m->lp_end);
+    else
+        m->k->vecmat(x, M, I, O, y);
     for (int64_t o = 0; o < O; o++)
         y[o] *= cs[o];
 }
@@ -133,24 +199,24 @@ static void lora_task(void *c, int tid, int64_t lo, int64_t hi) {
         float *h = m->lt[i];
         switch (i) {
         case 0:                                                              /* output gate */
-            lora(m, m->mix[5] + t * D, b->g1, b->g1s, D, m->dg, h, b->g2, m->dg, D);
+            lora(m, b, 4, m->mix[5] + t * D, h, 5);
             for (int64_t j = 0; j < m->dg; j++)
                 h[j] = sigmoidf(h[j]);
-            lora(m, h, b->g2, b->g2s, m->dg, D, m->g, NULL, 0, 0);
+            lora(m, b, 5, h, m->g, -1);
             break;
         case 1:                                                              /* decay */
-            lora(m, m->mix[1] + t * D, b->w1, b->w1s, D, m->dw, h, b->w2, m->dw, D);
+            lora(m, b, 0, m->mix[1] + t * D, h, 1);
             for (int64_t j = 0; j < m->dw; j++)
                 h[j] = tanhf(h[j]);
-            lora(m, h, b->w2, b->w2s, m->dw, D, m->w, NULL, 0, 0);
+            lora(m, b, 1, h, m->w, -1);
             break;
         case 2:                                                              /* in-context learning rate */
-            lora(m, m->mix[4] + t * D, b->a1, b->a1s, D, m->da, h, b->a2, m->da, D);
-            lora(m, h, b->a2, b->a2s, m->da, D, m->a, NULL, 0, 0);
+            lora(m, b, 2, m->mix[4] + t * D, h, 3);
+            lora(m, b, 3, h, m->a, -1);
             break;
         default:                                                             /* value residual gate */
-            lora(m, m->mix[3] + t * D, b->v1, b->v1s, D, m->dv, h, b->v2, m->dv, D);
-            lora(m, h, b->v2, b->v2s, m->dv, D, m->gv, NULL, 0, 0);
+            lora(m, b, 6, m->mix[3] + t * D, h, 7);
+            lora(m, b, 7, h, m->gv, -1);
         }
     }
 }
@@ -225,8 +291,8 @@ static void time_mix(nk_model *m, const nk_layer *b, int64_t T, float *att_x, fl
     if (T == 1)
         NK_SPAN(11);         /* the decode's norm + shift, serial */
     NK_SPAN_RESET();         /* the prefill's shift is pool call 11 */
-    lora_head_prefetch(b->g1, D, m->dg);             /* the first LoRAs (of two threads), while r/k/v stream */
-    lora_head_prefetch(b->w1, D, m->dw);
+    lora_prefetch(m, b, 4);                           /* the first LoRAs (of two threads), while r/k/v stream */
+    lora_prefetch(m, b, 0);
     NK_TAG(0);
     linear(m, b->Wr, b->sr, b->Wr4, b->sr4, D, D, m->mix[0], T, m->r, D);
     linear(m, b->Wk, b->sk, b->Wk4, b->sk4, D, D, m->mix[2], T, m->kk, D);
@@ -245,6 +311,7 @@ static void time_mix(nk_model *m, const nk_layer *b, int64_t T, float *att_x, fl
         NK_TAG(7);
         nk_pool_run_items(m->pool, lora_task, &lc, first ? 3 : 4);
         heads_ctx hc = {m, b, t, first, S, t ? S : S0};
+        NK_TAG(9);                                 /* the prefill's tag of its head tasks too */
         nk_pool_run(m->pool, heads_task, &hc, H);
     }
 #ifdef NK_PROF
@@ -312,6 +379,7 @@ void *nk_model_new(const int64_t *dims, const void *const *glob, const void *con
         m->pre[i] = malloc(TB * m->lora_max * sizeof(float));
     for (int i = 0; i < 4; i++)
         m->lt[i] = malloc(m->lora_max * sizeof(float));
+    lora_pack_all(m);
     m->Xq = malloc(TB * D);
     m->X4 = malloc(TB * D);
     m->init = malloc(TB * NK_INIT(D / NK_GS) * sizeof(int32_t));
@@ -366,6 +434,7 @@ void nk_model_free(void *mp) {
     for (int i = 0; i < NK_MAXT; i++)
         free(m->tls[i].pjT), free(m->tls[i].phT), free(m->tls[i].lnprev);
     free(m->hscratch), free(m->hval), free(m->hcand), free(m->hidx);
+    free(m->lpbuf), free(m->lp);
     free(m->layers), free(m->pred), free(m);
 }
 

@@ -24,7 +24,7 @@ the every-row FFN, --head-rescore K for the rescored head; "head" then covers bo
 Modes: rows (every key and value row: bench's "native dense"), dense (the default exact FFN), sets (the replayed active sets), sparse (the sets + the 2-bit predictor scored). GB/s per
 phase = its weight bytes / its wall time (rkv, o, head: all rows; pred: codes + scales + zeros; ffn: the
 key rows and value columns read (stats); tmix: the LoRAs, whose per-head wkv state traffic is not
-counted). "serial" is the forward's time outside pool calls. Hold the bench lock.
+counted; heads: the wkv state read and written). "serial" is the forward's time outside pool calls. Hold the bench lock.
 """
 import argparse
 import ctypes
@@ -36,7 +36,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-TAGS = {0: "rkv", 1: "o", 2: "pred", 3: "ffn", 4: "head", 7: "tmix"}   # nk_pool.h NK_TAG
+TAGS = {0: "rkv", 1: "o", 2: "pred", 3: "ffn", 4: "head", 7: "tmix", 9: "heads"}   # nk_pool.h NK_TAG
+# (decode: "tmix" the LoRA pool call, "heads" the per-head elementwise + wkv + group norm after it)
 PRE_TAGS = {0: "rkv", 1: "o", 3: "ffn", 4: "head", 8: "tm-tok", 9: "tm-head", 11: "ln+shift"}
 FFN_PARTS = {14: "ffn keys", 15: "ffn active+pred", 16: "ffn values", 17: "tm-tok LoRAs",
              18: "tm-tok elementwise"}                             # busy per thread inside "ffn", "tm-tok"
@@ -148,7 +149,8 @@ def main(argv=None):
     q = 0.5625 if str(getattr(m, "modelfile_dtype", "int8")).startswith("int4") else 1.0   # bytes a weight
     head = c.vocab_size * D * (0.5625 if args.head_rescore else 1.0) + min(args.head_rescore, c.vocab_size) * D
     byts = {0: 3 * D * D * L * q, 1: D * D * L * q, 2: F * (D // 4 + 4 * (D // 64)) * L if args.mode == "sparse" else 0,
-            3: rows / n * D * q, 4: head, 7: 2 * D * (96 + 96 + 256 + 64) * L}
+            3: rows / n * D * q, 4: head, 7: 2 * D * (96 + 96 + 256 + 64) * L,
+            9: 2 * L * D * c.head_size * 4}                # the wkv state read and written
     if args.model:                                         # its own LoRAs (the line above: 1.5B shapes)
         byts[7] = sum(a.nbytes for k, a in m._t.items() if k.endswith(".qc") and ".att." in k)
     print(f"threads {args.threads} {args.mode}: median {np.median(ts) * 1e3:.2f} ms/token")

@@ -35,6 +35,7 @@ def _load():
                 lib.nk_test_pred_sel.argtypes = [ctypes.c_int, ctypes.c_int, i64, i64, i64, i64, P, P, P, P,
                                                  ctypes.c_float, P, i64, P, P, P]
                 lib.nk_test_dots4.argtypes = [ctypes.c_int, P, P, i64, i64, P, i64, P]
+                lib.nk_test_vecmatp.argtypes = [ctypes.c_int, P, i64, i64, P, P]
                 lib.nk_test_axpy4q.argtypes = [ctypes.c_int, P, P, P, i64, i64, P]
                 lib.nk_test_top_rows.restype = i64
                 lib.nk_test_top_rows.argtypes = [ctypes.c_int, P, i64, i64, P]
@@ -108,6 +109,17 @@ def kernel_dots(W: np.ndarray, x: np.ndarray, lv: str) -> np.ndarray:
     if lib.nk_test_dots(_LEVELS.index(lv), W.ctypes.data, W.shape[0], W.shape[1], x.ctypes.data, x.shape[0],
                         y.ctypes.data) != 0:
         raise ValueError("kernel_dots: unsupported shape or level")
+    return y
+
+
+def kernel_lora(M: np.ndarray, x: np.ndarray, lv: str):
+    """(O,) = x (I,) @ M (I, O) int8 by lv's packed LoRA kernel (csrc/nk_lora.c; for tests), or None where
+    the level has none."""
+    lib = _load()[0]
+    M, x = np.ascontiguousarray(M, np.int8), np.ascontiguousarray(x, np.float32)
+    y = np.empty(M.shape[1], np.float32)
+    if lib.nk_test_vecmatp(_LEVELS.index(lv), M.ctypes.data, M.shape[0], M.shape[1], x.ctypes.data, y.ctypes.data):
+        return None
     return y
 
 
