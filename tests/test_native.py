@@ -137,6 +137,29 @@ def test_dots_equal_integer_emulation(n, I, T):
         assert np.array_equal(got["vnni"], got["avx2"])
 
 
+@pytest.mark.parametrize("I, O", [(512, 128), (128, 512), (64, 208), (32, 16), (96, 80)])
+def test_packed_lora_kernel(I, O):
+    """The decode's LoRA kernel on its packed copy (csrc/nk_lora.c; blocks of 128, 64 and 16 columns): each
+    column's sum x_i M[i, o] over i in order, one fma a row, as vecmat_512 (the model-level tests and
+    tools/native_ab.py see the logits bit-identical): within float order of numpy's float64 product."""
+    M = RNG.integers(-127, 128, (I, O)).astype(np.int8)
+    x = RNG.standard_normal(I).astype(np.float32)
+    want = x.astype(np.float64) @ M
+    acc = np.zeros(O, np.float32)                     # the kernel's order, float32 (fma rounds once less)
+    for i in range(I):
+        acc = acc + x[i] * M[i].astype(np.float32)
+    ran = 0
+    for lv in native.levels():
+        got = native.kernel_lora(M, x, lv)
+        if got is None:                               # no packed kernel at this level: vecmat runs
+            continue
+        ran += 1
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=lv)
+        np.testing.assert_allclose(got, acc, rtol=0, atol=2e-6 * np.abs(want).max(), err_msg=lv)
+    assert ran == ("vnni" in native.levels())
+    assert native.kernel_lora(M[:, :O - 8] if O > 16 else M[:, :8], x, native.levels()[-1]) is None   # O % 16
+
+
 @pytest.mark.parametrize("bits, C", [(2, 512), (4, 512), (2, 192), (4, 768), (1, 128), (8, 64)])
 def test_predictor_scores(bits, C):
     """Scores equal the emulated integer math (x rounded per 64-column group, centred codes) and lie

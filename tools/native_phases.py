@@ -4,7 +4,7 @@ thread, and the worker's start delay; the shipped library has none of it):
 
     cd csrc && gcc -O3 -std=gnu11 -fno-math-errno -fno-trapping-math -pthread -fPIC -shared -DNK_PROF \\
         nk_kernels.c nk_rwkv7.c nk_ffn.c nk_q4.c nk_pred.c nk_prefill.c nk_prefill_kernels.c nk_prefill_elem.c \\
-        nk_dense.c nk_head.c nk_pool.c \\
+        nk_dense.c nk_head.c nk_lora.c nk_pool.c \\
         -o /tmp/_nk_prof.so -lm
     flock -x /work/wt/bench.lock python tools/native_phases.py --lib /tmp/_nk_prof.so --threads 2 --mode sparse
 
