@@ -110,6 +110,10 @@ void nk_sigmoid_rows(const nk_model *m, float *x, int64_t T, int64_t n, int64_t 
 typedef void (*nk_wkv_fn)(float *, const float *, int64_t, const float *, const float *, const float *,
                           const float *, const float *, const float *, float *);
 nk_wkv_fn nk_wkv_of(const nk_model *m);
+/* the decode's wkv of one head: nk_wkv_of's floats, fetching the next head's state (nS0 in, nS out; NULL:
+ * none) alongside where the 512-bit kernel runs */
+void nk_wkv_step(const nk_model *m, float *S, const float *S0, const float *r, const float *w, const float *k,
+                 const float *v, const float *a, const float *b, float *y, const float *nS0, float *nS);
 void nk_head_out_rows(const nk_layer *b, int64_t N, int64_t h, int64_t D, int64_t T, const float *r, const float *k,
                       const float *v, const float *g, float *y);
 void nk_shift_prefill(nk_model *m, int64_t T, const float *lnw, const float *lnb, const float *prev0,

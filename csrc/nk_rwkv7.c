@@ -265,10 +265,16 @@ static void heads_task(void *c, int tid, int64_t lo, int64_t hi) {
     /* the prefill's elementwise code (nk_prefill_elem.c: 16 lanes at the VNNI level, its expf glibc's
      * bit for bit): after it a holds the wkv's b (kk * a), kn its a (-kk) */
     nk_mix_heads(m, b, hc->first, lo, hi, k, v, m->vf + t * D, w, a, m->gv, kn);
-    nk_wkv_fn wkv = nk_wkv_of(m);
-    for (int64_t h = lo; h < hi; h++)
-        wkv(hc->S + h * N * N, hc->Sin + h * N * N, N, r + h * N, w + h * N, k + h * N, v + h * N, kn + h * N,
-            a + h * N, y + h * N);
+    /* each head fetches the next one's state while it runs; the task with the last head the next layer's
+     * first (the state arrays are (L, H, N, N): the next layer's head 0 follows; in the caller's input
+     * state too) */
+    int64_t nl = (b - m->layers) + 1 < m->L && hi == m->H, HNN = m->H * N * N;
+    for (int64_t h = lo; h < hi; h++) {
+        int nx = h + 1 < hi || nl;
+        nk_wkv_step(m, hc->S + h * N * N, hc->Sin + h * N * N, r + h * N, w + h * N, k + h * N, v + h * N,
+                    kn + h * N, a + h * N, y + h * N, nx ? hc->Sin + (h + 1 < hi ? (h + 1) * N * N : HNN) : NULL,
+                    nx ? hc->S + (h + 1 < hi ? (h + 1) * N * N : HNN) : NULL);
+    }
     for (int64_t h = lo; h < hi; h++)
         nk_head_out(b, N, h, r, k, v, g, y + h * N);
 }
