@@ -87,6 +87,9 @@ typedef struct {
                                 * "exact" rows; nk_model_all_keys) */
 } nk_model;
 
+/* fetch layer b's per-channel vectors a decode step reads next (nk_rwkv7.c; part 1: the time-mix's after its
+ * r/k/v and the channel mix's, part 0: the time-mix's norm and shift) */
+void layer_vectors_prefetch(const nk_model *m, const nk_layer *b, int part);
 void nk_layer_norm(const float *x, const float *w, const float *b, float eps, int64_t D, float *out);
 void nk_head_out(const nk_layer *b, int64_t N, int64_t h, const float *r, const float *k, const float *v,
                  const float *g, float *yh);

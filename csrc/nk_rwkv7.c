@@ -279,6 +279,22 @@ static void heads_task(void *c, int tid, int64_t lo, int64_t hi) {
         nk_head_out(b, N, h, r, k, v, g, y + h * N);
 }
 
+/* A decode step's per-channel float vectors (D floats each, 2 KiB at 58M; ~20 a layer, apart in the
+ * file) come from DRAM, and the serial code and the head tasks that read them (norms, shifts, the
+ * time-mix's elementwise part) waited on each in turn. part 1: those read after the r/k/v mat-vecs
+ * (fetched before them); part 0: the next time-mix's norm and shift (fetched from the channel mix). */
+void layer_vectors_prefetch(const nk_model *m, const nk_layer *b, int part) {
+    const float *v1[] = {b->w0, b->a0, b->v0, b->k_k, b->k_a, b->r_k, b->lnx_w, b->lnx_b, b->ln2_w, b->ln2_b,
+                         b->ffn_xk};
+    const float *v0[] = {b->ln1_w, b->ln1_b, b->x_r, b->x_w, b->x_k, b->x_v, b->x_a, b->x_g};
+    const float *const *v = part ? v1 : v0;
+    int n = part ? (int)(sizeof v1 / sizeof *v1) : (int)(sizeof v0 / sizeof *v0);
+    for (int i = 0; i < n; i++)
+        if (v[i])
+            for (int64_t l = 0; l < m->D; l += 16)
+                __builtin_prefetch(v[i] + l);
+}
+
 /* ---- time-mix of T tokens: x += att(ln1 x), state att_x (D,), S (H, N, N) updated --------------- */
 /* S0: the state before the first token (S itself, or the caller's input state: read, not copied) */
 static void time_mix(nk_model *m, const nk_layer *b, int64_t T, float *att_x, float *S, const float *S0, int first) {
@@ -299,6 +315,8 @@ static void time_mix(nk_model *m, const nk_layer *b, int64_t T, float *att_x, fl
     NK_SPAN_RESET();         /* the prefill's shift is pool call 11 */
     lora_prefetch(m, b, 4);                           /* the first LoRAs (of two threads), while r/k/v stream */
     lora_prefetch(m, b, 0);
+    if (T == 1)
+        layer_vectors_prefetch(m, b, 1);
     NK_TAG(0);
     linear(m, b->Wr, b->sr, b->Wr4, b->sr4, D, D, m->mix[0], T, m->r, D);
     linear(m, b->Wk, b->sk, b->Wk4, b->sk4, D, D, m->mix[2], T, m->kk, D);
