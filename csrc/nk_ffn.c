@@ -315,7 +315,7 @@ void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T,
         NK_SPAN(11);         /* the decode's norm + shift + rounding, serial */
     NK_SPAN_RESET();         /* the prefill's shift is pool call 11 */
     if (T == 1 && b + 1 < m->layers + m->L)          /* the next layer's first vectors, while this FFN streams */
-        layer_vectors_prefetch(m, b + 1, 0);
+        nk_layer_vectors_prefetch(m, b + 1, 0);
     if (m->dense && !p && !m->goff) {              /* every key and value row (nk_dense.c) */
         nk_ffn_dense_rows(m, b, T, stats);
         return;

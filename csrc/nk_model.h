@@ -79,7 +79,7 @@ typedef struct {
     int64_t rec_t0, rec_layer;
     float *pre[6];             /* prefill time-mix scratch (nk_prefill.c): (TB, lora_max) each */
     int64_t lora_max;          /* max(D, dw, da, dg, dv) */
-    int8_t *lpbuf, *lp_end;    /* the decode's LoRAs packed for k->vecmatp (nk_rwkv7.c lora_pack_all) */
+    int8_t *lpbuf, *lp_end;    /* the decode's LoRAs packed for k->vecmatp (nk_lora.c nk_lora_pack_all) */
     const int8_t **lp;         /* (L * 8,): layer i's LoRA j (nk_layer order w1 .. v2) in lpbuf, or NULL */
     int64_t pre_T;             /* tokens of the chunk nk_att_prefill works on */
     struct nk_dense *dense;    /* NULL (the exact FFN), or the every-row dense FFN's matrices (nk_dense.c) */
@@ -87,9 +87,15 @@ typedef struct {
                                 * "exact" rows; nk_model_all_keys) */
 } nk_model;
 
-/* fetch layer b's per-channel vectors a decode step reads next (nk_rwkv7.c; part 1: the time-mix's after its
+/* the decode's LoRAs (nk_lora.c): the model's packed copy (nk_model_new), the start of layer b's LoRA j
+ * fetched, and y (O,) = LoRA j (nk_layer order w1 w2 a1 a2 g1 g2 v1 v2) of x (I,) column-scaled, the start
+ * of LoRA nj (-1: none) fetched first where the kernel does not stream into it */
+void nk_lora_pack_all(nk_model *m);
+void nk_lora_prefetch(const nk_model *m, const nk_layer *b, int j);
+void nk_lora_apply(const nk_model *m, const nk_layer *b, int j, const float *x, float *y, int nj);
+/* fetch layer b's per-channel vectors a decode step reads next (nk_lora.c; part 1: the time-mix's after its
  * r/k/v and the channel mix's, part 0: the time-mix's norm and shift) */
-void layer_vectors_prefetch(const nk_model *m, const nk_layer *b, int part);
+void nk_layer_vectors_prefetch(const nk_model *m, const nk_layer *b, int part);
 void nk_layer_norm(const float *x, const float *w, const float *b, float eps, int64_t D, float *out);
 void nk_head_out(const nk_layer *b, int64_t N, int64_t h, const float *r, const float *k, const float *v,
                  const float *g, float *yh);

@@ -44,94 +44,6 @@ void nk_layer_norm(const float *x, const float *w, const float *b, float eps, in
 
 static inline float sigmoidf(float z) { return 1.0f / (1.0f + expf(-z)); }
 
-/* the lines of LoRA matrix M (I, O) that vecmat reads first (column block 0's first 48 rows): a
- * decode step's LoRAs come from DRAM, and each call's kernel prefetches only within its matrix,
- * so each call fetches the start of the next one (perf: vecmat stalled at its first rows) */
-static void lora_head_prefetch(const int8_t *M, int64_t I, int64_t O) {
-#if defined(__GNUC__) || defined(__clang__)
-    for (int64_t i = 0; i < I && i < 48; i++)
-        __builtin_prefetch(M + i * O);
-#else
-    (void)M, (void)I, (void)O;
-#endif
-}
-
-/* LoRA j of a layer (nk_layer order: w1 w2 a1 a2 g1 g2 v1 v2): its int8 (I, O) matrix, column scale, shape */
-static void lora_of(const nk_model *m, const nk_layer *b, int j, const int8_t **M, const float **cs, int64_t *I,
-                    int64_t *O) {
-    const int8_t *mats[8] = {b->w1, b->w2, b->a1, b->a2, b->g1, b->g2, b->v1, b->v2};
-    const float *scales[8] = {b->w1s, b->w2s, b->a1s, b->a2s, b->g1s, b->g2s, b->v1s, b->v2s};
-    int64_t hid[4] = {m->dw, m->da, m->dg, m->dv};
-    *M = mats[j], *cs = scales[j];
-    *I = j & 1 ? hid[j / 2] : m->D, *O = j & 1 ? m->D : hid[j / 2];
-}
-
-/* Pack every layer's LoRAs for k->vecmatp (nk_lora.c) into one buffer, in the order a decode step reads
- * them (gate, decay, a, value: lora_task), so the step streams it; a LoRA whose shape does not pack keeps
- * vecmat on the file's matrix (lp NULL), as does every LoRA at a level without vecmatp. The same floats
- * either way. The copy is the decode's only (the prefill reads the file's): 3.5 MB at 58M. */
-static void lora_pack_all(nk_model *m) {
-    static const int order[8] = {4, 5, 0, 1, 2, 3, 6, 7};
-    if (!m->k->vecmatp)
-        return;
-    m->lp = calloc(m->L * 8, sizeof *m->lp);
-    if (!m->lp)
-        return;
-    size_t total = 0;
-    for (int pass = 0; pass < 2; pass++) {
-        size_t off = 0;
-        for (int64_t i = 0; i < m->L; i++)
-            for (int q = 0; q < 8; q++) {
-                const int8_t *M;
-                const float *cs;
-                int64_t I, O;
-                lora_of(m, &m->layers[i], order[q], &M, &cs, &I, &O);
-                if (!M || !nk_lora_packable(I, O))
-                    continue;
-                if (pass) {
-                    nk_lora_pack(M, I, O, m->lpbuf + off);
-                    m->lp[8 * i + order[q]] = m->lpbuf + off;
-                }
-                off += (size_t)(I * O);
-            }
-        total = (off + 63) / 64 * 64;
-        if (!pass && !(m->lpbuf = total ? aligned_alloc(64, total) : NULL))
-            return;
-        m->lp_end = m->lpbuf + off;
-    }
-}
-
-/* the start of layer b's LoRA j: its first 48 lines (packed) or rows (the file's matrix) */
-static void lora_prefetch(const nk_model *m, const nk_layer *b, int j) {
-    const int8_t *M, *P = m->lp ? m->lp[8 * (b - m->layers) + j] : NULL;
-    const float *cs;
-    int64_t I, O;
-    lora_of(m, b, j, &M, &cs, &I, &O);
-    if (P)
-        for (int64_t l = 0; l < I * O && l < 48 * 64; l += 64)
-            __builtin_prefetch(P + l);
-    else if (M)
-        lora_head_prefetch(M, I, O);
-}
-
-/* y (O,) = LoRA j of layer b applied to x (I,), column-scaled; the start of LoRA nj (-1: none) fetched
- * first where the kernel does not (the packed kernel streams on into the next matrix of the buffer) */
-static void lora(const nk_model *m, const nk_layer *b, int j, const float *x, float *y, int nj) {
-    const int8_t *M;
-    const float *cs;
-    int64_t I, O, li = b - m->layers;
-    const int8_t *P = m->lp ? m->lp[8 * li + j] : NULL;
-    if (nj >= 0 && !P)
-        lora_prefetch(m, b, nj);
-    lora_of(m, b, j, &M, &cs, &I, &O);
-    if (P)
-        m->k->vecmatp(x, P, I, O, y, m->lp_end);
-    else
-        m->k->vecmat(x, M, I, O, y);
-    for (int64_t o = 0; o < O; o++)
-        y[o] *= cs[o];
-}
-
 /* ---- y (T, O) = x (T, I) @ (W * s).T, int8 rows split over threads ------------------------------ */
 typedef struct {
     const nk_model *m;
@@ -199,24 +111,24 @@ static void lora_task(void *c, int tid, int64_t lo, int64_t hi) {
         float *h = m->lt[i];
         switch (i) {
         case 0:                                                              /* output gate */
-            lora(m, b, 4, m->mix[5] + t * D, h, 5);
+            nk_lora_apply(m, b, 4, m->mix[5] + t * D, h, 5);
             for (int64_t j = 0; j < m->dg; j++)
                 h[j] = sigmoidf(h[j]);
-            lora(m, b, 5, h, m->g, -1);
+            nk_lora_apply(m, b, 5, h, m->g, -1);
             break;
         case 1:                                                              /* decay */
-            lora(m, b, 0, m->mix[1] + t * D, h, 1);
+            nk_lora_apply(m, b, 0, m->mix[1] + t * D, h, 1);
             for (int64_t j = 0; j < m->dw; j++)
                 h[j] = tanhf(h[j]);
-            lora(m, b, 1, h, m->w, -1);
+            nk_lora_apply(m, b, 1, h, m->w, -1);
             break;
         case 2:                                                              /* in-context learning rate */
-            lora(m, b, 2, m->mix[4] + t * D, h, 3);
-            lora(m, b, 3, h, m->a, -1);
+            nk_lora_apply(m, b, 2, m->mix[4] + t * D, h, 3);
+            nk_lora_apply(m, b, 3, h, m->a, -1);
             break;
         default:                                                             /* value residual gate */
-            lora(m, b, 6, m->mix[3] + t * D, h, 7);
-            lora(m, b, 7, h, m->gv, -1);
+            nk_lora_apply(m, b, 6, m->mix[3] + t * D, h, 7);
+            nk_lora_apply(m, b, 7, h, m->gv, -1);
         }
     }
 }
@@ -279,22 +191,6 @@ static void heads_task(void *c, int tid, int64_t lo, int64_t hi) {
         nk_head_out(b, N, h, r, k, v, g, y + h * N);
 }
 
-/* A decode step's per-channel float vectors (D floats each, 2 KiB at 58M; ~20 a layer, apart in the
- * file) come from DRAM, and the serial code and the head tasks that read them (norms, shifts, the
- * time-mix's elementwise part) waited on each in turn. part 1: those read after the r/k/v mat-vecs
- * (fetched before them); part 0: the next time-mix's norm and shift (fetched from the channel mix). */
-void layer_vectors_prefetch(const nk_model *m, const nk_layer *b, int part) {
-    const float *v1[] = {b->w0, b->a0, b->v0, b->k_k, b->k_a, b->r_k, b->lnx_w, b->lnx_b, b->ln2_w, b->ln2_b,
-                         b->ffn_xk};
-    const float *v0[] = {b->ln1_w, b->ln1_b, b->x_r, b->x_w, b->x_k, b->x_v, b->x_a, b->x_g};
-    const float *const *v = part ? v1 : v0;
-    int n = part ? (int)(sizeof v1 / sizeof *v1) : (int)(sizeof v0 / sizeof *v0);
-    for (int i = 0; i < n; i++)
-        if (v[i])
-            for (int64_t l = 0; l < m->D; l += 16)
-                __builtin_prefetch(v[i] + l);
-}
-
 /* ---- time-mix of T tokens: x += att(ln1 x), state att_x (D,), S (H, N, N) updated --------------- */
 /* S0: the state before the first token (S itself, or the caller's input state: read, not copied) */
 static void time_mix(nk_model *m, const nk_layer *b, int64_t T, float *att_x, float *S, const float *S0, int first) {
@@ -313,10 +209,10 @@ static void time_mix(nk_model *m, const nk_layer *b, int64_t T, float *att_x, fl
     if (T == 1)
         NK_SPAN(11);         /* the decode's norm + shift, serial */
     NK_SPAN_RESET();         /* the prefill's shift is pool call 11 */
-    lora_prefetch(m, b, 4);                           /* the first LoRAs (of two threads), while r/k/v stream */
-    lora_prefetch(m, b, 0);
+    nk_lora_prefetch(m, b, 4);                           /* the first LoRAs (of two threads), while r/k/v stream */
+    nk_lora_prefetch(m, b, 0);
     if (T == 1)
-        layer_vectors_prefetch(m, b, 1);
+        nk_layer_vectors_prefetch(m, b, 1);
     NK_TAG(0);
     linear(m, b->Wr, b->sr, b->Wr4, b->sr4, D, D, m->mix[0], T, m->r, D);
     linear(m, b->Wk, b->sk, b->Wk4, b->sk4, D, D, m->mix[2], T, m->kk, D);
@@ -403,7 +299,7 @@ void *nk_model_new(const int64_t *dims, const void *const *glob, const void *con
         m->pre[i] = malloc(TB * m->lora_max * sizeof(float));
     for (int i = 0; i < 4; i++)
         m->lt[i] = malloc(m->lora_max * sizeof(float));
-    lora_pack_all(m);
+    nk_lora_pack_all(m);
     m->Xq = malloc(TB * D);
     m->X4 = malloc(TB * D);
     m->init = malloc(TB * NK_INIT(D / NK_GS) * sizeof(int32_t));
