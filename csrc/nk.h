@@ -78,6 +78,8 @@ int nk_cpu_level(void);                       /* the best level this CPU runs */
 /* quantize x (I,) to X (I,) int8 and xs (I / NK_GS,) as numba_i8dot.quantize_x */
 void nk_quantize(const float *x, int64_t I, int8_t *X, float *xs);
 void nk_pred_prep(const nk_pred *p, const float *x, nk_pred_x *px);
+/* the same px by kernel set k's prep (nk_pred.c: 512-bit at the VNNI level where it applies; the same bytes) */
+void nk_pred_prep_k(const nk_kern *k, const nk_pred *p, const float *x, nk_pred_x *px);
 /* the predictor kernels (nk_pred.c): scores as nk_kern.pred, and the select: the positions q in
  * [r0, r1) of the rows (idx ? idx[q] : q) with score >= p->thr, ascending, into out; returns their
  * count. score: scratch of r1 - r0 floats (used where k has no fused select for p). */

@@ -242,7 +242,7 @@ static void pred_task(void *c, int tid, int64_t lo, int64_t hi) {
 /* the predicted set of token xk (D,) into m->idx (sorted); returns its size. One fused pass per
  * layer where the kernel set has it (nk_pred.c): scores, threshold and compaction in registers. */
 static int64_t predict(nk_model *m, const nk_pred *p, const float *xk) {
-    nk_pred_prep(p, xk, &m->px);
+    nk_pred_prep_k(m->k, p, xk, &m->px);
     pred_ctx c = {.m = m, .p = p, .one = nk_pool_size(m->pool) == 1};
     atomic_init(&c.nrec, 0);
     NK_TAG(2);

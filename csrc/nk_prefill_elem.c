@@ -251,7 +251,7 @@ static void shift_task(void *c, int tid, int64_t lo, int64_t hi) {
                           m->init + lo * NK_INIT(G));
     if (a->p)
         for (int64_t t = lo; t < hi; t++)
-            nk_pred_prep(a->p, a->out[0] + t * D, &m->pxt[t]);
+            nk_pred_prep_k(m->k, a->p, a->out[0] + t * D, &m->pxt[t]);
 }
 
 /* m->xa (T, D) = LN(m->x) (lnw, lnb), out[c] (T, D) = the token shift of it by mw[c] from prev0 (D,),

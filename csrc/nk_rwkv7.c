@@ -443,7 +443,7 @@ int nk_test_pred(int level, int64_t bits, int64_t G, int64_t R, int64_t C, const
     for (int i = 0; i < 4; i++)
         px.plane[i] = malloc(C);
     px.xs = malloc(G * sizeof(float)), px.e = malloc(G * sizeof(float)), px.xsum = malloc(G * sizeof(float));
-    nk_pred_prep(&p, x, &px);
+    nk_pred_prep_k(k, &p, x, &px);
     k->pred(&p, &px, NULL, 0, R, score);
     free(px.xq), free(px.xs), free(px.e), free(px.xsum);
     for (int i = 0; i < 4; i++)

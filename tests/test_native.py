@@ -137,6 +137,32 @@ def test_dots_equal_integer_emulation(n, I, T):
         assert np.array_equal(got["vnni"], got["avx2"])
 
 
+@pytest.mark.parametrize("bits, G, C", [(2, 8, 512), (4, 8, 512), (2, 3, 192), (4, 12, 768), (2, 64, 4096),
+                                         (1, 2, 128), (8, 1, 64)])
+def test_pred_prep_levels_identical(bits, G, C):
+    """The predictor's prep of x (nk_pred_prep; at the VNNI level 512-bit for 2 and 4 bits) gives the same
+    bytes and floats at every level (the group sums in double in column order), an all-zero group too;
+    and xq, xs, the planes as the numpy rounding."""
+    x = (RNG.standard_normal(C) * RNG.uniform(0.1, 10)).astype(np.float32)
+    x[:C // G] = 0.0
+    outs = {lv: native.kernel_pred_prep(x, bits, G, lv) for lv in native.levels()}
+    for lv, o in outs.items():
+        for k in o:
+            assert np.array_equal(o[k], outs["generic"][k]), (lv, k)
+    o, gs = outs["generic"], C // G
+    xg = x.reshape(G, gs)
+    mx = np.abs(xg).max(1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(mx > 0, np.float32(127.0) / mx, np.float32(0.0)).astype(np.float32)
+    q = np.rint(xg * inv[:, None]).astype(np.int8).reshape(-1)
+    assert np.array_equal(o["xq"], q) and np.array_equal(o["xs"], (mx / np.float32(127.0)).astype(np.float32))
+    np.testing.assert_allclose(o["xsum"], xg.astype(np.float64).sum(1), rtol=1e-6, atol=1e-6)
+    per = 8 // bits
+    if per <= 4:
+        for k in range(per):
+            assert np.array_equal(o["planes"][k, :C // per], q[k::per])
+
+
 @pytest.mark.parametrize("I, O", [(512, 128), (128, 512), (64, 208), (32, 16), (96, 80)])
 def test_packed_lora_kernel(I, O):
     """The decode's LoRA kernel on its packed copy (csrc/nk_lora.c; blocks of 128, 64 and 16 columns): each

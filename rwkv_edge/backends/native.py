@@ -28,8 +28,8 @@ from ..config import ModelConfig, ModelLoadError
 from ..state import State
 # the C library, its kernel sets and single-kernel entry points for the tests (native_lib.py)
 from .native_lib import (_LEVELS, _level_index, _load, _ptr, available, bind_library, kernel_axpy4,  # noqa: F401
-                         kernel_dots, kernel_dots4, kernel_lora, kernel_pred, kernel_pred_select, level, levels,
-                         set_level)
+                         kernel_dots, kernel_dots4, kernel_lora, kernel_pred, kernel_pred_prep, kernel_pred_select,
+                         level, levels, set_level)
 
 name = "native"
 _THREADS = {"n": 1}

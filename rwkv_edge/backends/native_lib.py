@@ -36,6 +36,7 @@ def _load():
                                                  ctypes.c_float, P, i64, P, P, P]
                 lib.nk_test_dots4.argtypes = [ctypes.c_int, P, P, i64, i64, P, i64, P]
                 lib.nk_test_vecmatp.argtypes = [ctypes.c_int, P, i64, i64, P, P]
+                lib.nk_test_pred_prep.argtypes = [ctypes.c_int, i64, i64, i64, P, P, P, P, P, P]
                 lib.nk_test_axpy4q.argtypes = [ctypes.c_int, P, P, P, i64, i64, P]
                 lib.nk_test_top_rows.restype = i64
                 lib.nk_test_top_rows.argtypes = [ctypes.c_int, P, i64, i64, P]
@@ -110,6 +111,20 @@ def kernel_dots(W: np.ndarray, x: np.ndarray, lv: str) -> np.ndarray:
                         y.ctypes.data) != 0:
         raise ValueError("kernel_dots: unsupported shape or level")
     return y
+
+
+def kernel_pred_prep(x: np.ndarray, bits: int, G: int, lv: str) -> dict:
+    """The predictor's view of x (C,) (nk_pred_prep: xq, xs, e, xsum per group, code planes (4, C)) by lv's
+    prep (for tests)."""
+    lib = _load()[0]
+    x = np.ascontiguousarray(x, np.float32)
+    C = x.shape[0]
+    out = dict(xq=np.zeros(C, np.int8), xs=np.zeros(G, np.float32), e=np.zeros(G, np.float32),
+               xsum=np.zeros(G, np.float32), planes=np.zeros((4, C), np.int8))
+    if lib.nk_test_pred_prep(_LEVELS.index(lv), bits, G, C, x.ctypes.data, *(out[k].ctypes.data for k in
+                                                                            ("xq", "xs", "e", "xsum", "planes"))):
+        raise ValueError("kernel_pred_prep: unsupported shape or level")
+    return out
 
 
 def kernel_lora(M: np.ndarray, x: np.ndarray, lv: str):
