@@ -102,10 +102,11 @@ static void lora_of(const nk_model *m, const nk_layer *b, int j, const int8_t **
     *I = j & 1 ? hid[j / 2] : m->D, *O = j & 1 ? m->D : hid[j / 2];
 }
 
-/* Pack every layer's LoRAs for k->vecmatp (nk_lora.c) into one buffer, in the order a decode step reads
- * them (gate, decay, a, value: lora_task), so the step streams it; a LoRA whose shape does not pack keeps
- * vecmat on the file's matrix (lp NULL), as does every LoRA at a level without vecmatp. The same floats
- * either way. The copy is the decode's only (the prefill reads the file's): 3.5 MB at 58M. */
+/* Pack every layer's LoRAs for k->vecmatp (above) into one buffer, in the order a decode step reads them
+ * (gate, decay, a, value: nk_rwkv7.c lora_task), so the step streams it; a LoRA whose shape does not pack
+ * keeps vecmat on the file's matrix (lp NULL), as does every LoRA at a level without vecmatp, or all of
+ * them if the buffer cannot be had. The same floats either way. The copy is the decode's only (the prefill
+ * reads the file's): 3.5 MB of anonymous memory at 58M (bench's rss_anon_mib +3.5). */
 void nk_lora_pack_all(nk_model *m) {
     static const int order[8] = {4, 5, 0, 1, 2, 3, 6, 7};
     if (!m->k->vecmatp)
@@ -113,7 +114,6 @@ void nk_lora_pack_all(nk_model *m) {
     m->lp = calloc(m->L * 8, sizeof *m->lp);
     if (!m->lp)
         return;
-    size_t total = 0;
     for (int pass = 0; pass < 2; pass++) {
         size_t off = 0;
         for (int64_t i = 0; i < m->L; i++)
@@ -130,8 +130,7 @@ void nk_lora_pack_all(nk_model *m) {
                 }
                 off += (size_t)(I * O);
             }
-        total = (off + 63) / 64 * 64;
-        if (!pass && !(m->lpbuf = total ? aligned_alloc(64, total) : NULL))
+        if (!pass && !(m->lpbuf = off ? malloc(off) : NULL))
             return;
         m->lp_end = m->lpbuf + off;
     }
