@@ -135,6 +135,9 @@ _BIG = 1 << 30
 # per SM (pipe_warps warps) loop over tiles of pipe_bn rows, the next tile's W_k rows issued before
 # this tile's value rows (whole width, D a power of two; gather_na takes precedence); pipe_defer: each
 # tile's value rows summed one iteration later; pipe_stages: Triton's num_stages for that launch.
+# score_perm: predicted scores from the codes as int32 words against a permuted copy of the FFN input
+# that the LN2 mix launch writes (cuda_decode_score.py; power-of-two D and group count, whole words a
+# group, not with fuse_ffn_mix); else byte-wise scores with int-to-float conversions.
 # L2 eviction policies ("", "evict_first", "evict_last"): evict_stream on the GEMV weight tiles,
 # evict_key on the W_k rows (None: as evict_stream), evict_value on the sparse W_v^T rows; None for
 # evict_stream / evict_value: "evict_first" / "evict_last" when the weights read per token (dense)
@@ -145,7 +148,7 @@ TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk
             gather_na=None, sparse_bn=32, sparse_warps=4, fuse_ffn_mix=False, split_value=None, diag=0,
             split_warps=4, value_on_sel=False, evict_stream=None, evict_value=None, evict_key=None,
             evict_auto_l2x=2.0, pred_key_bn=8, pipe_bn=0, pipe_per_sm=2, pipe_warps=8, pipe_defer=False,
-            pipe_stages=None)
+            pipe_stages=None, score_perm=True)
 
 def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -263,6 +266,9 @@ class FusedDecode:
         if self.pipe:
             self.K = dict(self.K, **pipe_kernels())
         self.mixin = bool(self.tune["fuse_ffn_mix"]) and full and (mode == "dense" or self.gather or self.pipe)
+        self.words = (mode == "predicted" and bool(tn["score_perm"]) and one and not self.mixin
+                      and all(p["qw"] is not None for p in self.pred))
+        self.xp = z(D + max(D // p["gs"] for p in self.pred) if self.words else 1)   # perm_x's copy of xk
         # predicted, fused value: W_v^T rows of the selected (not active) rows, early
         self.vsel = (mode == "predicted" and bool(tn["value_on_sel"]) and tn["fused_value"] and not self.gather
                      and tn["split_value"] is None and full and _p2(D) <= tn["key_value_bd"])
@@ -308,8 +314,10 @@ class FusedDecode:
         if gs & (gs - 1) or gs % per or (gs // per) & (gs // per - 1):
             raise ValueError(f"predictor group size {gs} must be a power of two")
         t = lambda a: torch.from_numpy(a).to(dev).contiguous()  # noqa: E731
-        return dict(q=t(qm.packed), s=t(qm.scale), z=t(qm.zero), thr=float(p.calib.threshold),
-                    bits=qm.bits, gs=gs, g=D // gs, per=per)
+        q = t(qm.packed)
+        words = qm.bits in (1, 2, 4, 8) and (gs // per) % 4 == 0 and q.shape[1] % 4 == 0
+        return dict(q=q, s=t(qm.scale), z=t(qm.zero), thr=float(p.calib.threshold), bits=qm.bits, gs=gs,
+                    g=D // gs, per=per, qw=q.view(torch.int32) if words else None)
 
     # --- the step ---------------------------------------------------------------------------
     def _kw(self, warps, stages=None):
@@ -329,12 +337,13 @@ class FusedDecode:
                                        EVW=self.tune["evict_stream"],
                                        **self._kw(warps or self.tune["gemv_warps"]))
 
-    def _mix(self, emb: bool, ln, prev, mix, out, nmix, copy=None):
+    def _mix(self, emb: bool, ln, prev, mix, out, nmix, copy=None, perm=None):
         D = self.D
         cp = copy or (out, out)
         self.K["mix"][(1,)](self.x, self.emb, self.tok, self.ln0[0], self.ln0[1], ln[0], ln[1],
-                            prev, mix, out, D, 1e-5, cp[0], cp[1], BD=_p2(D), EMB=emb, NMIX=nmix,
+                            prev, mix, out, D, 1e-5, cp[0], cp[1], self.xp, BD=_p2(D), EMB=emb, NMIX=nmix,
                             BM=_p2(max(1, nmix)), PDL=self.pdl, COPY=copy is not None,
+                            PBITS=perm["bits"] if perm else 0, PGS=perm["gs"] if perm else 1,
                             **self._kw(self.tune["mix_warps"] or (4 if D <= 1024 else 16)))
 
     def _forward(self):
@@ -363,17 +372,20 @@ class FusedDecode:
                            y2=self.x if sparse else None)
             else:
                 self._gemv(lay["att_o"], self.yg, self.x, base=self.x, bn=min(4, tn["gemv_bn"]))
-                self._mix(False, lay["ln2"], st.ffn_x[i], lay["fmix"], self.xk, 1)
+                self._mix(False, lay["ln2"], st.ffn_x[i], lay["fmix"], self.xk, 1,
+                          perm=self.pred[i] if self.words else None)
             mx = (self.xb, st.ffn_x[i], lay["fmix"], lay["ln2"][0], lay["ln2"][1], self.fnew[i])
             p = self.pred[i] if self.pred else None
+            wq = dict(xp_p=self.xp, WORDS=self.words, WPG=max(1, p["gs"] // p["per"] // 4) if p else 1)
             q = p or dict(q=self.xk, s=self.xk, z=self.xk, thr=0.0, bits=8, gs=1, g=0, per=1)
             if self.gather:   # the whole sparse FFN, rows gathered (see ffn_sparse)
                 bn = tn["sparse_bn"]
                 K["ffn_sparse"][(-(-F // bn),)](
-                    lay["key"], self.xk, self.kbuf[i], q["q"], q["s"], q["z"], q["thr"], F, D, lay["wv"], self.x,
+                    lay["key"], self.xk, self.kbuf[i], q["qw"] if self.words else q["q"], q["s"], q["z"], q["thr"],
+                    F, D, lay["wv"], self.x,
                     self.cnt[i], *mx, BN=bn, BK=_p2(D), PRED=p is not None, BITS=q["bits"], PER=q["per"],
                     NB=q["gs"] // q["per"], GC=max(1, q["g"]), MIXIN=mixin, NA=tn["gather_na"], PDL=self.pdl,
-                    **self._kw(tn["sparse_warps"]))
+                    **wq, **self._kw(tn["sparse_warps"]))
                 continue
             if self.pipe:     # the whole exact FFN, persistent programs over row tiles (see ffn_pipe)
                 bn = tn["pipe_bn"]
@@ -391,13 +403,14 @@ class FusedDecode:
             fv = fv and not split
             kbn = (tn["pred_key_bn"] if p else tn["fused_key_bn"]) if sparse and fv else tn["key_bn"]
             K["ffn_key"][(-(-F // kbn),)](
-                lay["key"], self.xk, self.kbuf[i], self.idx[i], q["q"], q["s"], q["z"], q["thr"], self.slot[i],
+                lay["key"], self.xk, self.kbuf[i], self.idx[i], q["qw"] if self.words else q["q"], q["s"], q["z"],
+                q["thr"], self.slot[i],
                 F, D, q["g"], lay["wv"], self.x, self.cnt[i], *mx, BN=kbn,
                 BK=_p2(D) if full else min(tn["key_bk"], _p2(D)), PRED=p is not None,
                 BITS=q["bits"], GS=q["gs"], PER=q["per"], NB=q["gs"] // q["per"], ONESHOT=one,
                 GC=q["g"] if one else 1, FULL=full, COMPACT=sparse and not fv, PDL=self.pdl, VALUE=sparse and fv,
                 BVD=min(_p2(D), tn["key_value_bd"]), MIXIN=mixin, DIAG=tn["diag"], COUNT=split and p is not None,
-                VSEL=self.vsel, EVW=evk, EVV=tn["evict_value"],
+                VSEL=self.vsel, EVW=evk, EVV=tn["evict_value"], **wq,
                 **self._kw(tn["key_warps"]))
             if split:
                 bf, bd = tn["split_value"]
