@@ -28,84 +28,12 @@ launch reads them all, and (sparse modes) ffn.value becomes a view of its transp
 paths compute the same numbers on the views, and no weight is held twice. Activations, state and
 accumulation are float32; weights stay in the backend's storage dtype. See cuda_decode_kernels.py.
 
-Measured on an H200 (tools/gpu_decode_bench.py, fp16 weights, captured, decode tok/s, 256 tokens x
-3 rounds; HBM copy 4.2 TB/s): official 1.5B shapes (random, FFN density 0.13) dense 950 (55% of
-4.8 TB/s over the 2.78 GB read per token) / exact 1030 / predicted 1014 (generic CudaGraphStep 163,
-`rwkv` package cuda fp16 73); rwkv7-ref-58m (random head) dense 5485 / exact 5137 / predicted 4666
-(generic 557, `rwkv` 117). What moved dense from 41% to 55% of the roof: PDL, so that every
-kernel's weight loads are in flight before the previous kernel ends, and the dense FFN value as a
-plain W_v GEMV (no atomics). Why sparse gains little: its value rows (and, predicted, its W_k rows)
-depend on keys (scores) of the same step, so those loads cannot be issued early; in the key
-kernel they add one dependent round trip plus the atomic adds of the partial sums, about what 13%
-density saves at 1.5B (exact 1.08x dense) and more than it saves at 58M (0.94x), where the step
-is latency-bound (11% of the roof). A separate listed-row value launch (fused_value=False) was
-slower (1.5B exact 998, 58M 4077); fusing the LayerNorm + mix launches into the previous kernel's
-last program (a finished-programs counter) was slower too (823 against 915 tok/s dense: every
-program's atomic on one counter) and was dropped.
+Measured on an H200: docs/cuda_decode_history.md keeps every earlier session's figures (sessions 1-9:
+PDL, the fused value rows, eviction hints, gathered predicted programs, the bound: at 1.5B shapes an FFN
+launch that reads no rows is 1.52x dense, predicted with scores alone 1.25x, the byte-wise 2-bit scores
+costing ~150 us a token after the PDL wait).
 
-Session 6 (tools/gpu_decode_sweep.py, one process, every setting timed twice, random 12x512 F2048
-V16384 "58M shapes" and the 1.5B shapes, both at density 0.13): where the sparse step's time goes,
-from timing-only variants (diag, wrong results): without the value rows exact would run at 1212
-tok/s at 1.5B (1.28x dense 946) and 6190 at 58M (1.11x dense 5572); with the value rows but no
-atomic adds 1089 / 5130. So the dependent value-row loads (one HBM round trip after the keys,
-~10% of the 1.5B step and ~17% of the 58M step), not the atomics (~3%), hold sparse back. Tried
-and measured slower than the default masked-tile kernel, kept as options (tested): rows gathered
-NA at a time in `ffn_sparse` (gather_na; 1.5B exact 1036 at 4 warps, 920 at 8), LN2 + token shift
-recomputed in every FFN program (fuse_ffn_mix; dense 929 vs 953: the L2 reads of x, prev, mix and
-LN weights per program cost more than the mix launch), a split-K value pass over masked W_v^T
-tiles (split_value; exact 941-997), and, predicted, the selected rows' W_v^T rows loaded with
-their W_k rows (value_on_sel; 1042 vs 1038 at 1.5B, +7% bytes).
-
-Session 7 (same sweep, sets tools/gpu_decode_sets4.txt and sets5.txt, two passes each): 8-row predicted
-key programs are now the default (pred_key_bn 8: 1.5B 1042 vs 1018 at 16 in both passes, 58M 5104
-vs 5094). L2 eviction hints (evict_first on the streamed GEMV and W_k tiles, evict_last on the W_v^T
-rows) are on by default where the weights read per token are <= evict_auto_l2x (2) times the L2
-size: at 58M shapes (97 MB against 60 MB of L2) dense 5892-5913 vs 5599-5605, exact 5470-5488 vs
-5239-5247, predicted 5094-5116 vs 4803-4808; at 1.5B shapes (2.8 GB) they cost 1-3% (dense 930-932
-vs 944-956), so they stay off there; no size in between was measured. They speed every mode alike:
-sparse against dense is unchanged (58M exact 0.93x of dense with or without). A persistent,
-software-pipelined exact FFN (pipe_bn, cuda_decode_pipe.py) measured no faster; see that module.
-tools/gpu_decode_bench.py with these defaults (one process per row, 128 tokens x 3 rounds, graph on):
-1.5B shapes dense 949 / exact 1031 / predicted 1010 (`rwkv` cuda fp16 77); random 12x512 F2048
-V16384 shapes dense 5784 / exact 5584 / predicted 5222 (`rwkv` 160).
-
-Session 8, persisting L2 (code on branch i17p-l2pin, not merged): every layer's W_v^T packed into one
-buffer (24 MiB at 58M shapes) marked persisting by an access-policy window (libcudart via ctypes;
-H200: set-aside max 37.5 MiB of 60 MiB L2, 26.25 MiB set, hitRatio 1). Stream capture does not copy the
-capture stream's window into the kernel nodes (0 of 74 had it); set on every kernel node before
-instantiation it is accepted but buys nothing (sweep, 58M shapes, medians of 3 passes; off / on):
-dense 5873 / 5892, exact 5490 / 5455, predicted 5092 / 5061; W_v^T + W_k in the window (48 MiB,
-hitRatio 0.78): exact 5436, predicted 4927. ncu (exact, ffn_key, --cache-control none, mean of 24
-launches): DRAM reads per layer 2.35 and 1.88 MB off (two runs), 1.90 and 1.95 MB on (with and without
-evict_last), 1.64 MB with no value rows (diag 1): the ~0.28 MB of value rows still come mostly from
-HBM, so the dependent round trip stays an HBM trip. With the eviction hints off, the window gives
-exact 5191 vs 5111 and predicted 4869 vs 4852 (the hints alone: 5490 / 5097). A plain check
-(tools/gpu_l2_window_check.py on that branch: a 24 MiB buffer summed, then 64 MiB streamed): eager
-with a stream window 14.6 vs 25.6 us per hot sum in one round, 21.7 vs 22.8 in the next; captured,
-with the window on the nodes or the capture stream, 36.4 vs 37.2 us per pair. Also seen: the same
-exact setting timed 5464-5708 tok/s across rebuilds in one process with no window at all (the
-fastest build 4% above the rest, not always the first), so buffer placement matters at this size.
-
-Session 9, the bound (tools/gpu_decode_sweep.py, sets tools/gpu_decode_sets6-8.txt, one process, medians of
-2 passes, us per token; timing-only diag 3: no W_k and no W_v^T rows, diag 4: no FFN launch). 1.5B: dense
-1059 (944 tok/s); no FFN launch 594 (1.78x); an FFN launch that reads no rows 695 (1.52x: the most any
-sparsity can give with this step); exact + all W_k rows 828 (1.28x), + value rows 945 (1.12x); predicted
-+ scores 849 (1.25x), + selected W_k rows 853, + value rows 962 (1.10x). So 1.3x is out of reach: exact
-stays below 1.28x even with free value rows and predicted below 1.25x with no rows at all (its 2-bit
-scores, after the PDL wait, cost 153 us). 58M shapes: dense 171, no FFN 134 (1.27x), no rows 156 (exact
-1.09x) / 165 (predicted scores, 1.03x); the value rows' dependent trip adds 25-28 us (exact 0.95x,
-predicted 0.87x). The graph profile (tools/gpu_decode_profile.py --graph, 1.5B, us per token charged to
-the kernel that moved the step's end): dense ffn_value 255, ffn_key 209, att_head 205, att_gemv 141, att_o
-87, ln mixes 115, head 59; predicted ffn_key 460 (scores only: 308), att_head 175, att_gemv 148, att_o 52,
-ln mixes 97, head 59. Gathered predicted programs (ffn_sparse, 8 selected rows at a time, 32 rows and 4
-warps a program) are now the default where the weights read per token exceed evict_auto_l2x times the L2:
-1.5B predicted 1087 vs 1038 tok/s (1.15x dense, both passes within 0.05%); at 58M they are slower (4344 vs
-5106) and stay off. Tried and dropped (code on branch i17g, commits 22d1170..c6b913a): L2 bulk prefetch
-(cp.async.bulk.prefetch.L2) of the selected rows' W_v^T rows after the scores (1.5B 1030 vs 1039, with
-gathered programs 1059 vs 1087; 58M 5120 vs 5102) or of every W_v^T (and W_k) tile before the wait (1.5B
-exact 891 vs 1059; 58M 5350 vs 5588); scores from int32 words with the codes masked into float mantissas
-instead of int-to-float conversions (1.5B 955 vs 1039, 58M 4036 vs 5106); the running-total atomics
-(diag 5) cost nothing measurable; 16 or 32 predicted rows a program at 8 warps (1025, 932).
+Session 10 (issue 17): SESSION10
 """
 from __future__ import annotations
 
