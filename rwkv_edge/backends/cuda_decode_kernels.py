@@ -3,14 +3,16 @@ layer, no host synchronisation, so the whole step captures as one CUDA graph.
 
 Shapes (D = n_embd = H*N, F = FFN width, all activations float32, weights in any float dtype):
   mix        one program: [x = ln0(emb[tok])]; xl = LN(x);
-             prev <- xl; out[m] = xl + (prev_old - xl) * mix[m] for NMIX mix vectors (NMIX 0: out = xl)
+             prev <- xl; out[m] = xl + (prev_old - xl) * mix[m] for NMIX mix vectors (NMIX 0: out = xl);
+             PBITS > 0 (the predicted FFN input): also perm_x's permuted copy for the word-wise scores
   gemv       y[n] = act(W[n, :] . x_seg(n)) (+ base[n]); W (N, K) row-major, the input row of a
              block of rows chosen by a segment table (r/k/v and the LoRA first stages in one launch;
              the dense FFN value W_v (D, F) with base = x, the residual add)
   att_head   one program per head: LoRA second stages, decay/a/g/value-residual, kk normalise,
              the wkv state update (N x N in registers), group norm, bonus, times g
   ffn_key    k[j] = relu(W_k[j] . xk)^2 on the rows a fused n-bit predictor selects
-             (score = zero.sum(x) + scale.(q x) per group >= threshold; k = -1 on the others)
+             (score = zero.sum(x) + scale.(q x) per group >= threshold; k = -1 on the others;
+             the scores' jit helpers are in cuda_decode_score.py)
              or on all rows; with COMPACT the active rows (k > 0) are appended to an index list
              of capacity F (slot from one atomic add per program: nothing can overflow or be dropped);
              with VALUE the program also adds sum_{its active j} k[j] Vt[j, :] into x (atomic adds
