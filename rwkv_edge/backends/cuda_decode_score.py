@@ -9,7 +9,7 @@ GS columns, float16 scales and zeros (F, G)).
   _score_words  the codes read as int32 words (CPW = 32 // BITS codes a word) against a permuted,
                 pre-scaled copy of x that the FFN mix launch writes (`perm_x`), no int-to-float
                 conversion: see below
-  perm_x        that copy, from the mixed FFN input x (D,): xp[m * NW + k] = x[k * CPW + m] * 2^(23 - p_m)
+  perm_x        that copy, from the mixed FFN input x (D,): xp[m * NW + k] = x[k * CPW + m] * 2^(109 - p_m)
                 (NW = D / CPW words a row, p_m = BITS * (m % (16 // BITS)) the code's bit offset in its
                 half word), then the G group sums of x at xp[D + g]
 
@@ -80,7 +80,9 @@ def helpers(sync):
     def _score_words(xp_p, wd, scale, zero, GC: tl.constexpr, WPG: tl.constexpr, BITS: tl.constexpr):
         """Scores (BN,) from `_words` and the permuted x of `perm_x` (after the wait). Code m of a word
         (bits BITS*m, LSB first) is column k*CPW + m of word k; the high half word is shifted down once,
-        so that every code sits at p <= 16 - BITS bits, inside a float's 23-bit mantissa."""
+        so that every code sits at p <= 16 - BITS bits. The masked word read as a float is a subnormal,
+        code * 2^(p-149) exactly (no exponent bits; fp32 FMAs keep subnormals), so a code costs one and
+        and one FMA; times x * 2^(109-p) it is code * x * 2^-40 to the bit (normal for |code x| > 2^-86)."""
         gi = tl.arange(0, GC)
         off = gi[:, None] * WPG + tl.arange(0, WPG)[None, :]                       # (GC, WPG)
         hi = wd >> 16
@@ -90,22 +92,22 @@ def helpers(sync):
                 src = wd
             else:
                 src = hi
-            msk = ((1 << BITS) - 1) << (BITS * (m % (16 // BITS)))
-            v = ((src & msk) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0      # code * 2^(p-23), exact
-            xm = tl.load(xp_p + m * (GC * WPG) + off)                                # x * 2^(23-p), contiguous
-            acc += v * xm[None, :, :]
-        qg = tl.sum(acc, axis=2)                                                    # (BN, GC): q_g . x_g
+            v = (src & (((1 << BITS) - 1) << (BITS * (m % (16 // BITS))))).to(tl.float32, bitcast=True)
+            acc += v * tl.load(xp_p + m * (GC * WPG) + off)[None, :, :]              # contiguous x rows
+        qg = tl.sum(acc, axis=2) * 1099511627776.0                                  # (BN, GC) q_g . x_g (x 2^40)
         xg = tl.load(xp_p + (32 // BITS) * (GC * WPG) + gi)                         # (GC,): sum(x_g)
         return tl.sum(scale * qg + zero * xg[None, :], axis=1)
 
     @triton.jit
     def perm_x(xk, d, xp_p, D: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr):
         """Store the permuted, scaled copy of xk (D,) (d = arange(D), D a power of two) and its group
-        sums for `_score_words` (called by the mix kernel that computes xk)."""
+        sums for `_score_words` (called by the mix kernel that computes xk): a transpose in registers,
+        then contiguous stores."""
         cpw: tl.constexpr = 32 // BITS
-        m = d % cpw
-        sh = 23 - BITS * (m % (16 // BITS))
-        tl.store(xp_p + m * (D // cpw) + d // cpw, xk * (1 << sh).to(tl.float32))
+        m = tl.arange(0, cpw)
+        sc = ((236 - BITS * (m % (16 // BITS))) << 23).to(tl.float32, bitcast=True)     # 2^(109 - p)
+        xt = tl.trans(tl.reshape(xk, (D // cpw, cpw)))                                   # (CPW, NW)
+        tl.store(xp_p + m[:, None] * (D // cpw) + tl.arange(0, D // cpw)[None, :], xt * sc[:, None])
         tl.store(xp_p + D + tl.arange(0, D // GS), tl.sum(tl.reshape(xk, (D // GS, GS)), axis=1))
 
     return dict(_score=_score, _codes=_codes, _words=_words, _score_words=_score_words, perm_x=perm_x)
