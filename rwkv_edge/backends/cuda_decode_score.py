@@ -7,21 +7,25 @@ GS columns, float16 scales and zeros (F, G)).
   _codes        one row tile's codes, scales and zeros in one load (G a power of two), for the
                 byte-wise scores written in the kernels (an int-to-float conversion per code)
   _score_words  the codes read as int32 words (CPW = 32 // BITS codes a word) against a permuted,
-                pre-scaled copy of x that the FFN mix launch writes (`perm_x`), no int-to-float
-                conversion: see below
+                pre-scaled copy of x that the FFN mix launch writes (`perm_x`): one and plus one FMA a
+                code (tune score_perm; see below)
   perm_x        that copy, from the mixed FFN input x (D,): xp[m * NW + k] = x[k * CPW + m] * 2^(109 - p_m)
                 (NW = D / CPW words a row, p_m = BITS * (m % (16 // BITS)) the code's bit offset in its
                 half word), then the G group sums of x at xp[D + g]
 
-Why the word-wise scores: at the official 1.5B shapes (F 8192, D 2048, 2-bit, group 64) the byte-wise
-scores cost ~6 us a layer after the PDL wait (session 9), about what their int-to-float conversions
-(16 a clock per SM on Hopper, 16.7 M codes a layer) plus the shifts take; the strided x gathers
-(x[c * PER + s] for every code position s, a 16-byte stride) add L1 wavefronts on top. Here a code
-costs one and-or (mask it in place into a float's mantissa: v = 1 + code * 2^(p-23)), one add (v - 1,
-exact) and one FMA with x * 2^(23-p) (exact powers of two, so each product is code * x to the bit:
-only the summation order differs from the byte-wise scores), and every x load is contiguous. The
-word-wise scores of session 9 (branch i17g, 955 vs 1039 tok/s) gathered x[k * CPW + m] with a 64-byte
-stride per code position instead (16 loads of ~64 cache lines per warp).
+Why word-wise scores were tried (session 10): the byte-wise 2-bit scores of the official 1.5B shapes
+(F 8192, D 2048, group 64) cost ~150 us a token after the PDL wait, and an int-to-float conversion per
+code (16 a clock per SM on Hopper) looked like the limit. ncu says otherwise: the byte-wise and the
+word-wise forms execute about the same number of instructions (~3 a code either way: shift/and,
+convert or add, FMA; ffn_key scores-only 5.92 M vs 5.89 M warp instructions a layer), and the kernels
+are issue-latency bound at low occupancy (the gathered predicted kernel: 230-255 registers a thread,
+2 programs of 4 warps an SM, issue slots 25% busy; the 8-row key kernel 96-126 registers, 37-46%).
+The word-wise form first masked a code into a normal float (1 + code * 2^(p-23), then minus 1); it
+measured slower (1.5B predicted 1034 vs 1086 tok/s, 58M 5073 vs 5116), in part because the mix launch,
+a single program on the critical path, spent ~1.3 us a layer more on the scattered stores of its copy
+of x (no-FFN step 625 vs 594 us). Now the code is read as a subnormal (one and, no exponent bits,
+no add) and perm_x transposes in registers before contiguous stores; see cuda_decode.py for what that
+measured.
 """
 from __future__ import annotations
 
