@@ -24,8 +24,9 @@ The word-wise form first masked a code into a normal float (1 + code * 2^(p-23),
 measured slower (1.5B predicted 1034 vs 1086 tok/s, 58M 5073 vs 5116), in part because the mix launch,
 a single program on the critical path, spent ~1.3 us a layer more on the scattered stores of its copy
 of x (no-FFN step 625 vs 594 us). Now the code is read as a subnormal (one and, no exponent bits,
-no add) and perm_x transposes in registers before contiguous stores; see cuda_decode.py for what that
-measured.
+no add) and perm_x transposes in registers before contiguous stores: 17% fewer instructions in the
+scores-only key kernel, but no faster (1.5B scores only 876 vs 849 us a token, predicted 930 vs 921;
+58M even), so it stays an option; figures in cuda_decode.py.
 """
 from __future__ import annotations
 
