@@ -113,16 +113,19 @@ def test_exact_equals_dense_and_the_unrestricted_reference(ckpt):
         assert np.abs(a - b).max() < 1e-4 and np.abs(b - r).max() < 1e-3
 
 
-def test_device_predictor_mask_matches_numpy(ckpt):
+@pytest.mark.parametrize("words", [True, False])
+def test_device_predictor_mask_matches_numpy(ckpt, words):
     """The predicted set (key buffer >= 0) equals the numpy predictor's mask on the same FFN inputs,
-    except for scores within rounding of the threshold (at most 0.5% of the decisions)."""
+    except for scores within rounding of the threshold (at most 0.5% of the decisions); word-wise
+    scores (score_perm, cuda_decode_score.py) and byte-wise ones."""
     from rwkv_edge.backends.cuda_decode import FusedDecode
     for bits, group in ((2, 32), (4, 64), (8, 128)):
         ref, gpu = _models(ckpt("float32"), "fp32")
         bundle = _bundle(ref, bits, group)
         xs = {}
         ref.hooks.ffn_input.append(lambda i, xk: xs.__setitem__(i, np.array(xk[0])))
-        dec = FusedDecode(gpu, "predicted", bundle=bundle)
+        dec = FusedDecode(gpu, "predicted", bundle=bundle, tune={"score_perm": words})
+        assert dec.words == words
         st, bad, tot = None, 0, 0
         for t in TOKENS:
             dec.step(t)
@@ -181,12 +184,14 @@ def test_launch_options_do_not_change_the_numbers(ckpt, mode):
     mix in its own launch, the split-K value pass, the selected rows' value rows loaded with their
     W_k rows, the persistent pipelined exact kernel (ffn_pipe: several tiles per program, deferred
     value sums, fused mix), L2 eviction hints off (and 16-row predicted key programs; and the
-    gathered predicted programs that a model too large for L2 gets by default) and the looped
+    gathered predicted programs that a model too large for L2 gets by default), the other predictor
+    scores (word- or byte-wise, in the masked-tile and the gathered kernel) and the looped
     (not whole-width) tiles give the same logits and state as the default launch, token by token,
     and the separate value launch lists exactly the k > 0 rows."""
-    from rwkv_edge.backends.cuda_decode import FusedDecode
+    from rwkv_edge.backends.cuda_decode import TUNE, FusedDecode
     ref, _ = _models(ckpt("float16"), "fp16")
     b = _bundle(ref) if mode == "predicted" else None
+    other = not TUNE["score_perm"]    # the predictor scores the default does not use (word- or byte-wise)
     decs = [FusedDecode(_models(ckpt("float16"), "fp16")[1], mode, bundle=b, tune=t)
             for t in ({}, {"pdl": False}, {"fused_value": False, "gather_na": 0},
                       {"fused_value": False, "full_k": 64, "gemv_bk": 32,
@@ -200,7 +205,8 @@ def test_launch_options_do_not_change_the_numbers(ckpt, mode):
                       {"pipe_bn": 4, "pipe_per_sm": 0.1, "pipe_defer": True, "fuse_ffn_mix": True, "pipe_warps": 4},
                       {"pipe_bn": 16, "pdl": False, "evict_stream": "evict_first", "evict_value": "evict_last",
                        "evict_key": "evict_last"},
-                      {"evict_auto_l2x": 0, "pred_key_bn": 16, "gather_na": 0}, {"evict_auto_l2x": 0})]
+                      {"evict_auto_l2x": 0, "pred_key_bn": 16, "gather_na": 0}, {"evict_auto_l2x": 0},
+                      {"score_perm": other}, {"score_perm": other, "gather_na": 8})]
     assert decs[5].mixin and decs[6].mixin == (mode == "dense") and not decs[0].mixin
     assert decs[7].gather == (mode != "dense")
     assert decs[10].vsel == (mode == "predicted")
@@ -210,6 +216,7 @@ def test_launch_options_do_not_change_the_numbers(ckpt, mode):
     assert decs[0].tune["evict_value"] == "evict_last" and decs[15].tune["evict_stream"] == ""
     # gathered predicted programs (8 rows at a time) by default where the weights do not fit in L2
     assert decs[16].gather == (mode == "predicted") and not decs[15].gather and not decs[0].gather
+    assert decs[17].words == decs[18].words == (mode == "predicted" and other) and decs[18].gather == (mode != "dense")
     for t in TOKENS:
         outs = [d.step(t).cpu().numpy() for d in decs]
         for j, o in enumerate(outs[1:], 1):

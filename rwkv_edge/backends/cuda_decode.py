@@ -28,84 +28,29 @@ launch reads them all, and (sparse modes) ffn.value becomes a view of its transp
 paths compute the same numbers on the views, and no weight is held twice. Activations, state and
 accumulation are float32; weights stay in the backend's storage dtype. See cuda_decode_kernels.py.
 
-Measured on an H200 (tools/gpu_decode_bench.py, fp16 weights, captured, decode tok/s, 256 tokens x
-3 rounds; HBM copy 4.2 TB/s): official 1.5B shapes (random, FFN density 0.13) dense 950 (55% of
-4.8 TB/s over the 2.78 GB read per token) / exact 1030 / predicted 1014 (generic CudaGraphStep 163,
-`rwkv` package cuda fp16 73); rwkv7-ref-58m (random head) dense 5485 / exact 5137 / predicted 4666
-(generic 557, `rwkv` 117). What moved dense from 41% to 55% of the roof: PDL, so that every
-kernel's weight loads are in flight before the previous kernel ends, and the dense FFN value as a
-plain W_v GEMV (no atomics). Why sparse gains little: its value rows (and, predicted, its W_k rows)
-depend on keys (scores) of the same step, so those loads cannot be issued early; in the key
-kernel they add one dependent round trip plus the atomic adds of the partial sums, about what 13%
-density saves at 1.5B (exact 1.08x dense) and more than it saves at 58M (0.94x), where the step
-is latency-bound (11% of the roof). A separate listed-row value launch (fused_value=False) was
-slower (1.5B exact 998, 58M 4077); fusing the LayerNorm + mix launches into the previous kernel's
-last program (a finished-programs counter) was slower too (823 against 915 tok/s dense: every
-program's atomic on one counter) and was dropped.
+Measured on an H200: docs/cuda_decode_history.md keeps every earlier session's figures (sessions 1-9:
+PDL, the fused value rows, eviction hints, gathered predicted programs, the bound: at 1.5B shapes an FFN
+launch that reads no rows is 1.52x dense, predicted with scores alone 1.25x, the byte-wise 2-bit scores
+costing ~150 us a token after the PDL wait).
 
-Session 6 (tools/gpu_decode_sweep.py, one process, every setting timed twice, random 12x512 F2048
-V16384 "58M shapes" and the 1.5B shapes, both at density 0.13): where the sparse step's time goes,
-from timing-only variants (diag, wrong results): without the value rows exact would run at 1212
-tok/s at 1.5B (1.28x dense 946) and 6190 at 58M (1.11x dense 5572); with the value rows but no
-atomic adds 1089 / 5130. So the dependent value-row loads (one HBM round trip after the keys,
-~10% of the 1.5B step and ~17% of the 58M step), not the atomics (~3%), hold sparse back. Tried
-and measured slower than the default masked-tile kernel, kept as options (tested): rows gathered
-NA at a time in `ffn_sparse` (gather_na; 1.5B exact 1036 at 4 warps, 920 at 8), LN2 + token shift
-recomputed in every FFN program (fuse_ffn_mix; dense 929 vs 953: the L2 reads of x, prev, mix and
-LN weights per program cost more than the mix launch), a split-K value pass over masked W_v^T
-tiles (split_value; exact 941-997), and, predicted, the selected rows' W_v^T rows loaded with
-their W_k rows (value_on_sel; 1042 vs 1038 at 1.5B, +7% bytes).
-
-Session 7 (same sweep, sets tools/gpu_decode_sets4.txt and sets5.txt, two passes each): 8-row predicted
-key programs are now the default (pred_key_bn 8: 1.5B 1042 vs 1018 at 16 in both passes, 58M 5104
-vs 5094). L2 eviction hints (evict_first on the streamed GEMV and W_k tiles, evict_last on the W_v^T
-rows) are on by default where the weights read per token are <= evict_auto_l2x (2) times the L2
-size: at 58M shapes (97 MB against 60 MB of L2) dense 5892-5913 vs 5599-5605, exact 5470-5488 vs
-5239-5247, predicted 5094-5116 vs 4803-4808; at 1.5B shapes (2.8 GB) they cost 1-3% (dense 930-932
-vs 944-956), so they stay off there; no size in between was measured. They speed every mode alike:
-sparse against dense is unchanged (58M exact 0.93x of dense with or without). A persistent,
-software-pipelined exact FFN (pipe_bn, cuda_decode_pipe.py) measured no faster; see that module.
-tools/gpu_decode_bench.py with these defaults (one process per row, 128 tokens x 3 rounds, graph on):
-1.5B shapes dense 949 / exact 1031 / predicted 1010 (`rwkv` cuda fp16 77); random 12x512 F2048
-V16384 shapes dense 5784 / exact 5584 / predicted 5222 (`rwkv` 160).
-
-Session 8, persisting L2 (code on branch i17p-l2pin, not merged): every layer's W_v^T packed into one
-buffer (24 MiB at 58M shapes) marked persisting by an access-policy window (libcudart via ctypes;
-H200: set-aside max 37.5 MiB of 60 MiB L2, 26.25 MiB set, hitRatio 1). Stream capture does not copy the
-capture stream's window into the kernel nodes (0 of 74 had it); set on every kernel node before
-instantiation it is accepted but buys nothing (sweep, 58M shapes, medians of 3 passes; off / on):
-dense 5873 / 5892, exact 5490 / 5455, predicted 5092 / 5061; W_v^T + W_k in the window (48 MiB,
-hitRatio 0.78): exact 5436, predicted 4927. ncu (exact, ffn_key, --cache-control none, mean of 24
-launches): DRAM reads per layer 2.35 and 1.88 MB off (two runs), 1.90 and 1.95 MB on (with and without
-evict_last), 1.64 MB with no value rows (diag 1): the ~0.28 MB of value rows still come mostly from
-HBM, so the dependent round trip stays an HBM trip. With the eviction hints off, the window gives
-exact 5191 vs 5111 and predicted 4869 vs 4852 (the hints alone: 5490 / 5097). A plain check
-(tools/gpu_l2_window_check.py on that branch: a 24 MiB buffer summed, then 64 MiB streamed): eager
-with a stream window 14.6 vs 25.6 us per hot sum in one round, 21.7 vs 22.8 in the next; captured,
-with the window on the nodes or the capture stream, 36.4 vs 37.2 us per pair. Also seen: the same
-exact setting timed 5464-5708 tok/s across rebuilds in one process with no window at all (the
-fastest build 4% above the rest, not always the first), so buffer placement matters at this size.
-
-Session 9, the bound (tools/gpu_decode_sweep.py, sets tools/gpu_decode_sets6-8.txt, one process, medians of
-2 passes, us per token; timing-only diag 3: no W_k and no W_v^T rows, diag 4: no FFN launch). 1.5B: dense
-1059 (944 tok/s); no FFN launch 594 (1.78x); an FFN launch that reads no rows 695 (1.52x: the most any
-sparsity can give with this step); exact + all W_k rows 828 (1.28x), + value rows 945 (1.12x); predicted
-+ scores 849 (1.25x), + selected W_k rows 853, + value rows 962 (1.10x). So 1.3x is out of reach: exact
-stays below 1.28x even with free value rows and predicted below 1.25x with no rows at all (its 2-bit
-scores, after the PDL wait, cost 153 us). 58M shapes: dense 171, no FFN 134 (1.27x), no rows 156 (exact
-1.09x) / 165 (predicted scores, 1.03x); the value rows' dependent trip adds 25-28 us (exact 0.95x,
-predicted 0.87x). The graph profile (tools/gpu_decode_profile.py --graph, 1.5B, us per token charged to
-the kernel that moved the step's end): dense ffn_value 255, ffn_key 209, att_head 205, att_gemv 141, att_o
-87, ln mixes 115, head 59; predicted ffn_key 460 (scores only: 308), att_head 175, att_gemv 148, att_o 52,
-ln mixes 97, head 59. Gathered predicted programs (ffn_sparse, 8 selected rows at a time, 32 rows and 4
-warps a program) are now the default where the weights read per token exceed evict_auto_l2x times the L2:
-1.5B predicted 1087 vs 1038 tok/s (1.15x dense, both passes within 0.05%); at 58M they are slower (4344 vs
-5106) and stay off. Tried and dropped (code on branch i17g, commits 22d1170..c6b913a): L2 bulk prefetch
-(cp.async.bulk.prefetch.L2) of the selected rows' W_v^T rows after the scores (1.5B 1030 vs 1039, with
-gathered programs 1059 vs 1087; 58M 5120 vs 5102) or of every W_v^T (and W_k) tile before the wait (1.5B
-exact 891 vs 1059; 58M 5350 vs 5588); scores from int32 words with the codes masked into float mantissas
-instead of int-to-float conversions (1.5B 955 vs 1039, 58M 4036 vs 5106); the running-total atomics
-(diag 5) cost nothing measurable; 16 or 32 predicted rows a program at 8 warps (1025, 932).
+Session 10 (issue 17; tools/gpu_decode_sweep.py, sets tools/gpu_decode_sets10-12.txt, one process, medians of 2
+passes, us per token, byte-wise scores (default) / word-wise scores (score_perm, cuda_decode_score.py)). ncu at
+1.5B shapes: the scores are not bound by their int-to-float conversions but by issue latency at low occupancy:
+the gathered predicted kernel (ffn_sparse, 32 rows, 4 warps) holds 230-255 registers a thread (2 programs an SM,
+12.5% occupancy, issue slots 25% busy, 16.6 us a layer alone); the 8-row key kernel with scores only (diag 3)
+126 registers, 46% issue, 5.92 M warp instructions a layer (word-wise: 96 registers, 4.92 M instructions, yet
+14.8 vs 12.6 us: 32% issue, stalls on the x loads). 1.5B: dense 1057, exact 943 (1.12x), predicted 921 (1.15x) /
+930, word-wise with 8-warp gathered programs 916 (1.15x; +0.5% in both passes, left off); scores only 849 / 876;
+no FFN launch 592 / 599 (the mix launch's copy of x: +0.3 us a layer; +1.3 us with scattered stores, the first
+form). 58M shapes: dense 170.4, exact 178.1, predicted 195.6 / 196.0, scores only 165.3 / 170.1. Slower, not
+kept as defaults (1.5B tok/s against 1086): word-wise scores with codes masked into normal floats (1 + code *
+2^(p-23), then minus 1: 1034), 16 gathered rows (word-wise 1049, 8 warps 987, byte-wise 8 warps 980), 4 gathered
+rows (1045; 58M 3920 vs 5096), 16-row gathered programs (1015), 8 warps with byte-wise scores (967), 64-row
+gathered programs (word-wise, 617).
+tools/gpu_decode_bench.py, same defaults, one process a row: dense 943 / exact 1071 / predicted 1094 tok/s.
+So 1.3x stays out of reach with these kernels: the scores alone leave ~1.25x, and a cheaper inner loop than
+~2-3 instructions a code (packed dp4a on a fixed-point x, or tensor-core MMA on codes as fp16 with x split
+into fp16 halves) would change the scores' rounding beyond reassociation or need the codes in MMA layout.
 """
 from __future__ import annotations
 
@@ -135,6 +80,9 @@ _BIG = 1 << 30
 # per SM (pipe_warps warps) loop over tiles of pipe_bn rows, the next tile's W_k rows issued before
 # this tile's value rows (whole width, D a power of two; gather_na takes precedence); pipe_defer: each
 # tile's value rows summed one iteration later; pipe_stages: Triton's num_stages for that launch.
+# score_perm: predicted scores from the codes as int32 words against a permuted copy of the FFN input
+# that the LN2 mix launch writes (cuda_decode_score.py; power-of-two D and group count, whole words a
+# group, not with fuse_ffn_mix); else byte-wise scores with int-to-float conversions.
 # L2 eviction policies ("", "evict_first", "evict_last"): evict_stream on the GEMV weight tiles,
 # evict_key on the W_k rows (None: as evict_stream), evict_value on the sparse W_v^T rows; None for
 # evict_stream / evict_value: "evict_first" / "evict_last" when the weights read per token (dense)
@@ -145,7 +93,7 @@ TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk
             gather_na=None, sparse_bn=32, sparse_warps=4, fuse_ffn_mix=False, split_value=None, diag=0,
             split_warps=4, value_on_sel=False, evict_stream=None, evict_value=None, evict_key=None,
             evict_auto_l2x=2.0, pred_key_bn=8, pipe_bn=0, pipe_per_sm=2, pipe_warps=8, pipe_defer=False,
-            pipe_stages=None)
+            pipe_stages=None, score_perm=False)
 
 def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -263,6 +211,9 @@ class FusedDecode:
         if self.pipe:
             self.K = dict(self.K, **pipe_kernels())
         self.mixin = bool(self.tune["fuse_ffn_mix"]) and full and (mode == "dense" or self.gather or self.pipe)
+        self.words = (mode == "predicted" and bool(tn["score_perm"]) and one and not self.mixin
+                      and all(p["qw"] is not None for p in self.pred))
+        self.xp = z(D + max(D // p["gs"] for p in self.pred) if self.words else 1)   # perm_x's copy of xk
         # predicted, fused value: W_v^T rows of the selected (not active) rows, early
         self.vsel = (mode == "predicted" and bool(tn["value_on_sel"]) and tn["fused_value"] and not self.gather
                      and tn["split_value"] is None and full and _p2(D) <= tn["key_value_bd"])
@@ -308,8 +259,10 @@ class FusedDecode:
         if gs & (gs - 1) or gs % per or (gs // per) & (gs // per - 1):
             raise ValueError(f"predictor group size {gs} must be a power of two")
         t = lambda a: torch.from_numpy(a).to(dev).contiguous()  # noqa: E731
-        return dict(q=t(qm.packed), s=t(qm.scale), z=t(qm.zero), thr=float(p.calib.threshold),
-                    bits=qm.bits, gs=gs, g=D // gs, per=per)
+        q = t(qm.packed)
+        words = qm.bits in (1, 2, 4, 8) and (gs // per) % 4 == 0 and q.shape[1] % 4 == 0
+        return dict(q=q, s=t(qm.scale), z=t(qm.zero), thr=float(p.calib.threshold), bits=qm.bits, gs=gs,
+                    g=D // gs, per=per, qw=q.view(torch.int32) if words else None)
 
     # --- the step ---------------------------------------------------------------------------
     def _kw(self, warps, stages=None):
@@ -329,12 +282,13 @@ class FusedDecode:
                                        EVW=self.tune["evict_stream"],
                                        **self._kw(warps or self.tune["gemv_warps"]))
 
-    def _mix(self, emb: bool, ln, prev, mix, out, nmix, copy=None):
+    def _mix(self, emb: bool, ln, prev, mix, out, nmix, copy=None, perm=None):
         D = self.D
         cp = copy or (out, out)
         self.K["mix"][(1,)](self.x, self.emb, self.tok, self.ln0[0], self.ln0[1], ln[0], ln[1],
-                            prev, mix, out, D, 1e-5, cp[0], cp[1], BD=_p2(D), EMB=emb, NMIX=nmix,
+                            prev, mix, out, D, 1e-5, cp[0], cp[1], self.xp, BD=_p2(D), EMB=emb, NMIX=nmix,
                             BM=_p2(max(1, nmix)), PDL=self.pdl, COPY=copy is not None,
+                            PBITS=perm["bits"] if perm else 0, PGS=perm["gs"] if perm else 1,
                             **self._kw(self.tune["mix_warps"] or (4 if D <= 1024 else 16)))
 
     def _forward(self):
@@ -363,17 +317,20 @@ class FusedDecode:
                            y2=self.x if sparse else None)
             else:
                 self._gemv(lay["att_o"], self.yg, self.x, base=self.x, bn=min(4, tn["gemv_bn"]))
-                self._mix(False, lay["ln2"], st.ffn_x[i], lay["fmix"], self.xk, 1)
+                self._mix(False, lay["ln2"], st.ffn_x[i], lay["fmix"], self.xk, 1,
+                          perm=self.pred[i] if self.words else None)
             mx = (self.xb, st.ffn_x[i], lay["fmix"], lay["ln2"][0], lay["ln2"][1], self.fnew[i])
             p = self.pred[i] if self.pred else None
+            wq = dict(xp_p=self.xp, WORDS=self.words, WPG=max(1, p["gs"] // p["per"] // 4) if p else 1)
             q = p or dict(q=self.xk, s=self.xk, z=self.xk, thr=0.0, bits=8, gs=1, g=0, per=1)
             if self.gather:   # the whole sparse FFN, rows gathered (see ffn_sparse)
                 bn = tn["sparse_bn"]
                 K["ffn_sparse"][(-(-F // bn),)](
-                    lay["key"], self.xk, self.kbuf[i], q["q"], q["s"], q["z"], q["thr"], F, D, lay["wv"], self.x,
+                    lay["key"], self.xk, self.kbuf[i], q["qw"] if self.words else q["q"], q["s"], q["z"], q["thr"],
+                    F, D, lay["wv"], self.x,
                     self.cnt[i], *mx, BN=bn, BK=_p2(D), PRED=p is not None, BITS=q["bits"], PER=q["per"],
                     NB=q["gs"] // q["per"], GC=max(1, q["g"]), MIXIN=mixin, NA=tn["gather_na"], PDL=self.pdl,
-                    **self._kw(tn["sparse_warps"]))
+                    **wq, **self._kw(tn["sparse_warps"]))
                 continue
             if self.pipe:     # the whole exact FFN, persistent programs over row tiles (see ffn_pipe)
                 bn = tn["pipe_bn"]
@@ -391,13 +348,14 @@ class FusedDecode:
             fv = fv and not split
             kbn = (tn["pred_key_bn"] if p else tn["fused_key_bn"]) if sparse and fv else tn["key_bn"]
             K["ffn_key"][(-(-F // kbn),)](
-                lay["key"], self.xk, self.kbuf[i], self.idx[i], q["q"], q["s"], q["z"], q["thr"], self.slot[i],
+                lay["key"], self.xk, self.kbuf[i], self.idx[i], q["qw"] if self.words else q["q"], q["s"], q["z"],
+                q["thr"], self.slot[i],
                 F, D, q["g"], lay["wv"], self.x, self.cnt[i], *mx, BN=kbn,
                 BK=_p2(D) if full else min(tn["key_bk"], _p2(D)), PRED=p is not None,
                 BITS=q["bits"], GS=q["gs"], PER=q["per"], NB=q["gs"] // q["per"], ONESHOT=one,
                 GC=q["g"] if one else 1, FULL=full, COMPACT=sparse and not fv, PDL=self.pdl, VALUE=sparse and fv,
                 BVD=min(_p2(D), tn["key_value_bd"]), MIXIN=mixin, DIAG=tn["diag"], COUNT=split and p is not None,
-                VSEL=self.vsel, EVW=evk, EVV=tn["evict_value"],
+                VSEL=self.vsel, EVW=evk, EVV=tn["evict_value"], **wq,
                 **self._kw(tn["key_warps"]))
             if split:
                 bf, bd = tn["split_value"]

@@ -3,14 +3,16 @@ layer, no host synchronisation, so the whole step captures as one CUDA graph.
 
 Shapes (D = n_embd = H*N, F = FFN width, all activations float32, weights in any float dtype):
   mix        one program: [x = ln0(emb[tok])]; xl = LN(x);
-             prev <- xl; out[m] = xl + (prev_old - xl) * mix[m] for NMIX mix vectors (NMIX 0: out = xl)
+             prev <- xl; out[m] = xl + (prev_old - xl) * mix[m] for NMIX mix vectors (NMIX 0: out = xl);
+             PBITS > 0 (the predicted FFN input): also perm_x's permuted copy for the word-wise scores
   gemv       y[n] = act(W[n, :] . x_seg(n)) (+ base[n]); W (N, K) row-major, the input row of a
              block of rows chosen by a segment table (r/k/v and the LoRA first stages in one launch;
              the dense FFN value W_v (D, F) with base = x, the residual add)
   att_head   one program per head: LoRA second stages, decay/a/g/value-residual, kk normalise,
              the wkv state update (N x N in registers), group norm, bonus, times g
   ffn_key    k[j] = relu(W_k[j] . xk)^2 on the rows a fused n-bit predictor selects
-             (score = zero.sum(x) + scale.(q x) per group >= threshold; k = -1 on the others)
+             (score = zero.sum(x) + scale.(q x) per group >= threshold; k = -1 on the others;
+             the scores' jit helpers are in cuda_decode_score.py)
              or on all rows; with COMPACT the active rows (k > 0) are appended to an index list
              of capacity F (slot from one atomic add per program: nothing can overflow or be dropped);
              with VALUE the program also adds sum_{its active j} k[j] Vt[j, :] into x (atomic adds
@@ -46,11 +48,13 @@ def kernels():
 
     # the kernels call these by their global names (Triton resolves called jit functions there)
     globals()["_sync"] = _sync
+    from .cuda_decode_score import helpers
+    globals().update(helpers(_sync))    # predictor scores: _score, _codes, _words, _score_words, perm_x
 
     @triton.jit
-    def mix(x_p, emb_p, tok_p, ln0w_p, ln0b_p, lnw_p, lnb_p, prev_p, mix_p, out_p, D, eps, cps_p, cpd_p,
+    def mix(x_p, emb_p, tok_p, ln0w_p, ln0b_p, lnw_p, lnb_p, prev_p, mix_p, out_p, D, eps, cps_p, cpd_p, xp_p,
             BD: tl.constexpr, EMB: tl.constexpr, NMIX: tl.constexpr, BM: tl.constexpr, PDL: tl.constexpr,
-            COPY: tl.constexpr):
+            COPY: tl.constexpr, PBITS: tl.constexpr, PGS: tl.constexpr):
         d = tl.arange(0, BD)
         dm = d < D
         m = tl.arange(0, BM)
@@ -81,7 +85,10 @@ def kernels():
         else:
             xx = tl.load(prev_p + d, mask=dm) - xl
             tl.store(prev_p + d, xl, mask=dm)
-            tl.store(out_p + m[:, None] * D + d[None, :], xl[None, :] + xx[None, :] * mv, mask=mm)
+            o = xl[None, :] + xx[None, :] * mv
+            tl.store(out_p + m[:, None] * D + d[None, :], o, mask=mm)
+            if PBITS > 0:   # predicted FFN input (NMIX 1, D = BD): the word-wise scores' copy of it
+                perm_x(tl.sum(o, axis=0), d, xp_p, BD, PBITS, PGS)
 
     @triton.jit
     def gemv(w_p, x_p, y_p, base_p, segend_p, segx_p, N, K, y2_p,
@@ -209,49 +216,14 @@ def kernels():
     globals()["_ln_mix"] = _ln_mix
 
     @triton.jit
-    def _score(x_p, q_p, qs_p, qz_p, rows, rm, D, G, BN: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
-               PER: tl.constexpr, NB: tl.constexpr, PDL: tl.constexpr):
-        """Group-by-group n-bit predictor scores of `rows` (any D; waits for the input itself)."""
-        _sync(PDL)
-        c = tl.arange(0, NB)
-        sc = tl.zeros((BN,), dtype=tl.float32)
-        for g in range(0, G):
-            byt = tl.load(q_p + rows[:, None] * (D // PER) + g * NB + c[None, :], mask=rm[:, None], other=0)
-            qx = tl.zeros((BN, NB), dtype=tl.float32)
-            xs = 0.0
-            for s in tl.static_range(PER):
-                code = ((byt >> (s * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-                xq = tl.load(x_p + g * GS + c * PER + s)
-                qx += code * xq[None, :]
-                xs += tl.sum(xq, axis=0)
-            scale = tl.load(qs_p + rows * G + g, mask=rm, other=0.0).to(tl.float32)
-            zero = tl.load(qz_p + rows * G + g, mask=rm, other=0.0).to(tl.float32)
-            sc += zero * xs + scale * tl.sum(qx, axis=1)
-        return sc
-
-    globals()["_score"] = _score
-
-    @triton.jit
-    def _codes(q_p, qs_p, qz_p, rows, rm, GC: tl.constexpr, NB: tl.constexpr):
-        """One row tile of an n-bit predictor in the ONESHOT layout (G = GC groups, a power of two):
-        packed codes (BN, GC*NB) uint8 and float32 scales and zeros (BN, GC); 0 on rows not in rm."""
-        cb = tl.arange(0, GC * NB)
-        gi = tl.arange(0, GC)
-        byt = tl.load(q_p + rows[:, None] * (GC * NB) + cb[None, :], mask=rm[:, None], other=0)
-        scale = tl.load(qs_p + rows[:, None] * GC + gi[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
-        zero = tl.load(qz_p + rows[:, None] * GC + gi[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
-        return byt, scale, zero
-
-    globals()["_codes"] = _codes
-
-    @triton.jit
     def ffn_key(w_p, x_p, k_p, idx_p, q_p, qs_p, qz_p, thr, slot_p, F, D, G, vt_p, xo_p, cnt_p,
                 xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p,
                 BN: tl.constexpr, BK: tl.constexpr, PRED: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr,
                 PER: tl.constexpr, NB: tl.constexpr, ONESHOT: tl.constexpr, GC: tl.constexpr,
                 FULL: tl.constexpr, COMPACT: tl.constexpr, PDL: tl.constexpr, VALUE: tl.constexpr,
                 BVD: tl.constexpr, MIXIN: tl.constexpr, DIAG: tl.constexpr, COUNT: tl.constexpr,
-                VSEL: tl.constexpr, EVW: tl.constexpr, EVV: tl.constexpr):
+                VSEL: tl.constexpr, EVW: tl.constexpr, EVV: tl.constexpr, xp_p, WORDS: tl.constexpr,
+                WPG: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
         rm = rows < F
@@ -259,7 +231,11 @@ def kernels():
         km = ks < D
         if PRED:   # n-bit W_k predictor: score_j = sum_g zero_jg sum(x_g) + scale_jg (q_jg . x_g)
             # PER = 8 // BITS codes per byte, NB = GS // PER bytes per group and row
-            if ONESHOT:  # the row tile's codes in one load (GC = G groups, D // PER and G powers of two)
+            if WORDS:    # int32 words (q_p viewed so) against the mix launch's permuted x (cuda_decode_score)
+                wd, scale, zero = _words(q_p, qs_p, qz_p, rows, rm, GC, WPG)
+                _sync(PDL)
+                sc = _score_words(xp_p, wd, scale, zero, GC, WPG, BITS)
+            elif ONESHOT:  # the row tile's codes in one load (GC = G groups, D // PER and G powers of two)
                 cb = tl.arange(0, GC * NB)
                 byt, scale, zero = _codes(q_p, qs_p, qz_p, rows, rm, GC, NB)
                 _sync(PDL)
@@ -363,7 +339,7 @@ def kernels():
                    xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p,
                    BN: tl.constexpr, BK: tl.constexpr, PRED: tl.constexpr, BITS: tl.constexpr,
                    PER: tl.constexpr, NB: tl.constexpr, GC: tl.constexpr, MIXIN: tl.constexpr,
-                   NA: tl.constexpr, PDL: tl.constexpr):
+                   NA: tl.constexpr, PDL: tl.constexpr, xp_p, WORDS: tl.constexpr, WPG: tl.constexpr):
         """The whole sparse FFN of one layer for BN rows (D <= BK, whole-width tiles): [LN2 + mix],
         [predictor scores -> the selected W_k rows, NA at a time, gathered into a (NA, BK) tile],
         keys, then the active rows' W_v^T columns gathered NA at a time, summed in registers and
@@ -376,23 +352,29 @@ def kernels():
         km = ks < D
         acc = tl.zeros((BK,), dtype=tl.float32)
         if PRED:   # codes, scales, zeros of the row tile first (weights: before the wait)
-            byt, scale, zero = _codes(q_p, qs_p, qz_p, rows, rm, GC, NB)
+            if WORDS:   # (WORDS: not with MIXIN, whose x the mix launch does not see)
+                wd, scale, zero = _words(q_p, qs_p, qz_p, rows, rm, GC, WPG)
+            else:
+                byt, scale, zero = _codes(q_p, qs_p, qz_p, rows, rm, GC, NB)
             _sync(PDL)
             if MIXIN:
                 xv = _ln_mix(xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p, D, ks, km, pid == 0)
             else:
                 xv = tl.load(x_p + ks, mask=km, other=0.0)
-            x2 = tl.reshape(xv, (GC * NB, PER))                      # x2[c, s] = x[c * PER + s]
-            qx = tl.zeros((BN, GC * NB), dtype=tl.float32)
-            xs = tl.zeros((GC * NB,), dtype=tl.float32)
-            for s in tl.static_range(PER):
-                code = ((byt >> (s * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-                xq = tl.sum(tl.where(tl.arange(0, PER)[None, :] == s, x2, 0.0), axis=1)
-                qx += code * xq[None, :]
-                xs += xq
-            qg = tl.sum(tl.reshape(qx, (BN, GC, NB)), axis=2)
-            xg = tl.sum(tl.reshape(xs, (GC, NB)), axis=1)
-            sc = tl.sum(scale * qg + zero * xg[None, :], axis=1)
+            if WORDS:
+                sc = _score_words(xp_p, wd, scale, zero, GC, WPG, BITS)
+            else:
+                x2 = tl.reshape(xv, (GC * NB, PER))                      # x2[c, s] = x[c * PER + s]
+                qx = tl.zeros((BN, GC * NB), dtype=tl.float32)
+                xs = tl.zeros((GC * NB,), dtype=tl.float32)
+                for s in tl.static_range(PER):
+                    code = ((byt >> (s * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+                    xq = tl.sum(tl.where(tl.arange(0, PER)[None, :] == s, x2, 0.0), axis=1)
+                    qx += code * xq[None, :]
+                    xs += xq
+                qg = tl.sum(tl.reshape(qx, (BN, GC, NB)), axis=2)
+                xg = tl.sum(tl.reshape(xs, (GC, NB)), axis=1)
+                sc = tl.sum(scale * qg + zero * xg[None, :], axis=1)
             sel = rm & (sc >= thr)
             tl.store(k_p + rows, tl.full((BN,), -1.0, tl.float32), mask=rm & (sc < thr))   # -1: not predicted
             sl = sel.to(tl.int32)
