@@ -125,6 +125,11 @@ class ReplayedSets:
         self.ref_layer = [l * sets.n_layer // n_layer for l in range(n_layer)]
         self.pos = [int(start)] * n_layer
 
+    @classmethod
+    def from_file(cls, path, model, start: int = 0) -> "ReplayedSets":
+        """The sets recorded in `path` (an `ActiveSets` file) replayed onto `model`'s shape."""
+        return cls(ActiveSets.load(path), model.config.n_layer, model.config.ffn_dim, start)
+
     def indices(self, layer: int, t: int) -> np.ndarray:
         """The mapped set of `layer` at recorded token t."""
         return map_indices(self.sets.indices(self.ref_layer[layer], t), self.sets.ffn_dim, self.ffn_dim)

@@ -108,7 +108,9 @@ def test_replayed_sparse_ffn_equals_masked_dense(ref_sets, tmp_path, dtype):
     path = write_synthetic(tmp_path / "m.rwkve", CFG, dtype, seed=1, lora=dict(w=16, a=16, v=8, g=32))
     model = load_modelfile(path)
     ffn = replayed_sparse_ffn(model, sets, start=3)
-    rep = ReplayedSets(sets, CFG.n_layer, CFG.ffn_dim, start=3)
+    sets.save(tmp_path / "sets.npz")
+    rep = ReplayedSets.from_file(tmp_path / "sets.npz", model, start=3)     # the tools' way in
+    assert rep.ref_layer == ReplayedSets(sets, CFG.n_layer, CFG.ffn_dim).ref_layer
     rng = np.random.default_rng(0)
     for layer in range(CFG.n_layer):
         K, V = ffn.bundles[layer].dequantize()

@@ -63,7 +63,7 @@ def _load(cfg):
     if cfg.get("sets"):                         # --shape: active sets of the reference model, replayed
         from rwkv_edge.replay import ActiveSets, ReplayedSets, replayed_sparse_ffn
         if cfg.get("backend") == "native":
-            rs = ReplayedSets(ActiveSets.load(cfg["sets"]), m.config.n_layer, m.config.ffn_dim)
+            rs = ReplayedSets.from_file(cfg["sets"], m)
             return m.with_sets(rs, all_keys=bool(cfg.get("all_keys")))
         m = m.with_ffn(replayed_sparse_ffn(m, ActiveSets.load(cfg["sets"])))
     return m

@@ -37,10 +37,10 @@ def run_one(cfg) -> dict:
     if mode == "sparse-resident":        # no --max-resident-mb: the window alone decides
         budget = cfg["max_resident_mb"] if cfg.get("max_resident_mb") is not None else float("inf")
     if cfg.get("sets"):                  # a synthetic shape: active sets replayed from a real model
-        from rwkv_edge.replay import ActiveSets, ReplayedSets
+        from rwkv_edge.replay import ReplayedSets
         from rwkv_edge.residency import resident_sparse_ffn
         m = open_model(cfg["model"], backend="numba")
-        rep = ReplayedSets(ActiveSets.load(cfg["sets"]), m.config.n_layer, m.config.ffn_dim)
+        rep = ReplayedSets.from_file(cfg["sets"], m)
         if mode == "sparse":
             from rwkv_edge.sparse import SparseFFN
             m = m.with_ffn(SparseFFN(m, rep))

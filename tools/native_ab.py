@@ -42,8 +42,8 @@ def _open(path, predictors, replay):
     from rwkv_edge.runtime import open_model
     m = open_model(path, backend="native", predictors=predictors)
     if replay:
-        from rwkv_edge.replay import ActiveSets, ReplayedSets
-        m = m.with_sets(ReplayedSets(ActiveSets.load(replay), m.config.n_layer, m.config.ffn_dim))
+        from rwkv_edge.replay import ReplayedSets
+        m = m.with_sets(ReplayedSets.from_file(replay, m))
     return m
 
 

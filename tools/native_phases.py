@@ -106,7 +106,7 @@ def main(argv=None):
     if args.prefill:
         return prefill(args)
     from rwkv_edge.backends import native
-    from rwkv_edge.replay import ActiveSets, ReplayedSets
+    from rwkv_edge.replay import ReplayedSets
     from rwkv_edge.runtime import open_model
     w = args.workdir
     native.set_num_threads(args.threads)
@@ -122,8 +122,7 @@ def main(argv=None):
     if args.mode == "rows":                                # every key and value row (csrc/nk_dense.c)
         m = m.with_ffn_mode("dense")
     elif args.mode != "dense" and not args.model:
-        m = m.with_sets(ReplayedSets(ActiveSets.load(os.path.join(w, "ref58m-active-sets.npz")),
-                                     m.config.n_layer, m.config.ffn_dim))
+        m = m.with_sets(ReplayedSets.from_file(os.path.join(w, "ref58m-active-sets.npz"), m))
     m = m.with_library(native.bind_library(args.lib))
     lib = ctypes.CDLL(os.path.abspath(args.lib))          # the same loaded object: its counters
     lib.nk_prof_get.argtypes = [ctypes.c_void_p]

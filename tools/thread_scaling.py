@@ -30,15 +30,14 @@ sys.path.insert(0, os.path.dirname(HERE))
 def _open(workdir, shape, mode, threads):
     """The native model of bench.py's row `mode` on the shape's files, with a pool of `threads`."""
     from rwkv_edge.backends import native
-    from rwkv_edge.replay import ActiveSets, ReplayedSets
+    from rwkv_edge.replay import ReplayedSets
     from rwkv_edge.runtime import open_model
     native.set_num_threads(threads)
     path = os.path.join(workdir, f"synthetic-{shape}-int8.rwkve")
     m = open_model(path, backend="native", predictors=path + ".pred2.npz" if mode == "sparse" else None)
     if mode == "dense":
         return m.with_ffn_mode("dense")
-    sets = ReplayedSets(ActiveSets.load(os.path.join(workdir, "ref58m-active-sets.npz")), m.config.n_layer,
-                        m.config.ffn_dim)
+    sets = ReplayedSets.from_file(os.path.join(workdir, "ref58m-active-sets.npz"), m)
     return m.with_sets(sets, all_keys=mode == "exact")
 
 
