@@ -324,14 +324,15 @@ nk_wkv_fn nk_wkv_of(const nk_model *m) {
 
 void nk_wkv_step(const nk_model *m, float *S, const float *S0, const float *r, const float *w, const float *k,
                  const float *v, const float *a, const float *b, float *y, const float *nS0, float *nS) {
+    nk_wkv_fn f = nk_wkv_of(m);                    /* where the 512-bit kernel applies, its fetching twin */
 #ifdef NK_X86
-    if (m->k == nk_kern_get(2) && m->N % 16 == 0 && m->N <= 256) {
+    if (f == wkv_512) {
         wkv_512_pf(S, S0, m->N, r, w, k, v, a, b, y, nS0, nS);
         return;
     }
 #endif
     (void)nS0, (void)nS;
-    m->k->wkv(S, S0, m->N, r, w, k, v, a, b, y);
+    f(S, S0, m->N, r, w, k, v, a, b, y);
 }
 
 typedef struct {

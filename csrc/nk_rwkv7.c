@@ -183,9 +183,9 @@ static void heads_task(void *c, int tid, int64_t lo, int64_t hi) {
     int64_t nl = (b - m->layers) + 1 < m->L && hi == m->H, HNN = m->H * N * N;
     for (int64_t h = lo; h < hi; h++) {
         int nx = h + 1 < hi || nl;
+        int64_t no = h + 1 < hi ? (h + 1) * N * N : HNN;        /* the next state's offset, if nx */
         nk_wkv_step(m, hc->S + h * N * N, hc->Sin + h * N * N, r + h * N, w + h * N, k + h * N, v + h * N,
-                    kn + h * N, a + h * N, y + h * N, nx ? hc->Sin + (h + 1 < hi ? (h + 1) * N * N : HNN) : NULL,
-                    nx ? hc->S + (h + 1 < hi ? (h + 1) * N * N : HNN) : NULL);
+                    kn + h * N, a + h * N, y + h * N, nx ? hc->Sin + no : NULL, nx ? hc->S + no : NULL);
     }
     for (int64_t h = lo; h < hi; h++)
         nk_head_out(b, N, h, r, k, v, g, y + h * N);
