@@ -293,7 +293,7 @@ class NativeRWKV7:
         """(logits (V,) of the last token, or (T, V) with full_output; the new state). record: None,
         or a zeroed uint8 (T, L, F) array where a sparse model marks each token's predicted neurons
         (with T > 1 only those with relu(k) > 0: the prefill asks the predictor about no others)."""
-        if self.hooks.ffn_input or self.hooks.ffn_activation:
+        if self.hooks.any():
             raise RuntimeError("model hooks need the numba or reference backend (--backend numba)")
         tok = np.ascontiguousarray(np.asarray(tokens, np.int64).reshape(-1).astype(np.int32))
         if tok.size == 0:
@@ -352,7 +352,10 @@ class NativeRWKV7:
 
 class _NoHooks:
     def __init__(self):
-        self.ffn_input, self.ffn_activation = [], []
+        self.att_input, self.ffn_shift, self.ffn_input, self.ffn_activation = [], [], [], []
+
+    def any(self) -> bool:
+        return False
 
 
 class _Ops:

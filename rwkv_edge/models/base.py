@@ -17,12 +17,23 @@ from ..state import State
 
 
 class Hooks:
-    """Named hook points. `ffn_input`: fn(layer, xk (T, D)) observes the FFN input after token shift.
+    """Named hook points. `att_input`: fn(layer, x (T, D), xa (T, D)) observes a block's input x (the
+    residual stream) and xa = ln1(x), the time-mix input, before the time-mix runs (what is known at
+    the start of a layer, e.g. for predicting its FFN set early).
+    `ffn_shift`: fn(layer, x (T, D), prev (T, D)) observes the channel-mix input x = ln2(.) and its
+    token shift prev (row t: token t-1's x; row 0 from the state, so known when the layer starts).
+    `ffn_input`: fn(layer, xk (T, D)) observes the FFN input after token shift.
     `ffn_activation`: fn(layer, k (T, F)) -> k observes or replaces relu(W_k xk)^2."""
 
     def __init__(self):
+        self.att_input: List[Callable] = []
+        self.ffn_shift: List[Callable] = []
         self.ffn_input: List[Callable] = []
         self.ffn_activation: List[Callable] = []
+
+    def any(self) -> bool:
+        """True when some hook is set (fused kernels that skip the hook points cannot run)."""
+        return bool(self.att_input or self.ffn_shift or self.ffn_input or self.ffn_activation)
 
 
 class RWKVModel:
@@ -58,6 +69,15 @@ class RWKVModel:
         raise NotImplementedError
 
     # --- shared -------------------------------------------------------------------------
+    def ffn_token_shift(self, i: int, x: np.ndarray, state: State) -> np.ndarray:
+        """The channel-mix token shift of x (T, D): the previous token's rows (T, D), the first from
+        state.ffn_x[i]; the state keeps x's last row. Runs the `ffn_shift` hooks."""
+        prev = self.ops.token_shift(x, state.ffn_x[i])
+        state.ffn_x[i] = x[-1]
+        for h in self.hooks.ffn_shift:
+            h(i, x, prev)
+        return prev
+
     def ffn_core(self, i: int, xk: np.ndarray) -> np.ndarray:
         """relu(xk @ W_k.T)^2 @ W_v.T with the hook points; xk: (T, D) -> (T, D)."""
         for h in self.hooks.ffn_input:
@@ -82,7 +102,10 @@ class RWKVModel:
     def block(self, i: int, x: np.ndarray, state: State, ctx: dict) -> np.ndarray:
         """Block i: x (T, D) -> x + time_mix(ln1 x), then + channel_mix(ln2 of that)."""
         ops, b = self.ops, self.blocks[i]
-        x = x + self.time_mix(i, ops.layer_norm(x, b.ln1_w, b.ln1_b), state, ctx)
+        xa = ops.layer_norm(x, b.ln1_w, b.ln1_b)
+        for h in self.hooks.att_input:
+            h(i, x, xa)
+        x = x + self.time_mix(i, xa, state, ctx)
         return x + self.channel_mix(i, ops.layer_norm(x, b.ln2_w, b.ln2_b), state)
 
     def zero_state(self) -> State:

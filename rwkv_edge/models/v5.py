@@ -65,7 +65,6 @@ class RWKV5(RWKVModel):
 
     def channel_mix(self, i, x, state):
         b = self.blocks[i]
-        prev = self.ops.token_shift(x, state.ffn_x[i])
-        state.ffn_x[i] = x[-1]
+        prev = self.ffn_token_shift(i, x, state)
         r = self.ops.sigmoid(self.ops.linear(lerp_prev(x, prev, b.ffn_mix_r), b.ffn_r))
         return r * self.ffn_core(i, lerp_prev(x, prev, b.ffn_mix_k))

@@ -74,7 +74,6 @@ class RWKV6(RWKVModel):
 
     def channel_mix(self, i, x, state):
         b = self.blocks[i]
-        dx = self.ops.token_shift(x, state.ffn_x[i]) - x
-        state.ffn_x[i] = x[-1]
+        dx = self.ffn_token_shift(i, x, state) - x
         r = self.ops.sigmoid(self.ops.linear(x + dx * b.ffn_maa_r, b.ffn_r))
         return r * self.ffn_core(i, x + dx * b.ffn_maa_k)

@@ -43,7 +43,7 @@ class RWKV7(RWKVModel):
 
     def block(self, i, x, state, ctx):
         ops = self.ops
-        if x.shape[0] == 1 and hasattr(ops, "block7_step") and not (self.hooks.ffn_input or self.hooks.ffn_activation) \
+        if x.shape[0] == 1 and hasattr(ops, "block7_step") and not self.hooks.any() \
                 and ops.block7_step(self.blocks[i], x, state, i, ctx, self.ffn):
             return x      # the math of super().block (time_mix + channel_mix) in one kernel call, in place
         return super().block(i, x, state, ctx)
@@ -86,6 +86,5 @@ class RWKV7(RWKVModel):
 
     def channel_mix(self, i, x, state):
         b = self.blocks[i]
-        xx = self.ops.token_shift(x, state.ffn_x[i]) - x
-        state.ffn_x[i] = x[-1]
+        xx = self.ffn_token_shift(i, x, state) - x
         return self.ffn_core(i, x + xx * b.ffn_xk)

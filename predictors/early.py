@@ -1,0 +1,279 @@
+"""Early FFN-set predictors: score layer L's FFN neurons from a vector known at the START of layer L.
+
+The FFN-input predictor (`quantized.QuantizedPredictor`) scores W_hat xk, where xk only exists after
+the time-mix; on a GPU its matvec and the dependent row gather then sit on the critical path. An
+early predictor scores a vector available before the time-mix runs, so scoring can overlap it:
+
+    "ln1":   ln1(x_L), the time-mix input                (hook `att_input`, argument xa)
+    "resid": x_L, the block input (residual stream)      (hook `att_input`, argument x)
+
+Both are D-vectors, so the predictor keeps the FFN-input predictor's cost and format: an affine
+least-squares map e -> xk (xk ~ e A + c, fitted on collected rows) folded into W_k gives
+score = (W_k A^T) e + W_k c, i.e. an (F, D) matrix quantized like W_k plus a float32 bias (F,).
+Calibration (threshold per layer for a recall target) is the FFN-input predictor's.
+
+    mom = EarlyMoments(model.config, "ln1"); capture(model, tokens, mom.add)     # train rows
+    preds = [AffineQuantizedPredictor.fit_early(model, L, mom, bits=2) ...]      # then calibrate
+    sparse = masked_model(model, preds, "ln1")                                   # hook-pair sparse run
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from rwkv_edge.quant import QuantizedMatrix
+
+from .base import LayerPredictor, register
+from .quantized import CLIP_CANDIDATES, _clip_rows
+from .calibrate import Calibration, threshold_for_target
+
+INPUTS = ("ffn", "ln1", "resid")      # what a predictor scores: the FFN input xk, or an early vector
+EARLY_INPUTS = ("ln1", "resid")
+
+
+def check_input(name: str) -> str:
+    if name not in INPUTS:
+        raise ValueError(f"unknown predictor input {name!r}: use one of {', '.join(INPUTS)}")
+    return name
+
+
+def capture(model, tokens, on_rows, chunk: int = 512) -> None:
+    """Run `tokens` (1-D ids) through `model` in windows of `chunk` (state carried) and call
+    on_rows(layer, rows) once per window and layer, rows = {"resid": x (T, D), "ln1": ln1(x) (T, D),
+    "norm": the channel-mix input (T, D), "prev": its token shift (T, D), "ffn": xk (T, D)}: the early
+    vectors and the FFN input of the same tokens (float32 host arrays)."""
+    pending = {}
+    host = lambda a: np.asarray(model.ops.to_host(a), np.float32)      # noqa: E731
+
+    def att(layer, x, xa):
+        pending[layer] = {"resid": host(x), "ln1": host(xa)}
+
+    def shift(layer, x, prev):
+        pending[layer].update(norm=host(x), prev=host(prev))
+
+    def ffn(layer, xk):
+        rows = pending.pop(layer)
+        rows["ffn"] = host(xk)
+        on_rows(layer, rows)
+
+    tokens = np.asarray(tokens, np.int64).reshape(-1)
+    model.hooks.att_input.append(att)
+    model.hooks.ffn_shift.append(shift)
+    model.hooks.ffn_input.append(ffn)
+    try:
+        state = None
+        for a in range(0, len(tokens), chunk):
+            _, state = model.forward(tokens[a:a + chunk].tolist(), state)
+    finally:
+        model.hooks.att_input.remove(att)
+        model.hooks.ffn_shift.remove(shift)
+        model.hooks.ffn_input.remove(ffn)
+
+
+class EarlyMoments:
+    """Per-layer least-squares accumulators for xk ~ e A + c: G = [e 1]^T [e 1] (D+1, D+1) and
+    R = [e 1]^T xk (D+1, D), float64, summed over streamed rows (no activation dump needed)."""
+
+    def __init__(self, config, input_name: str, target: str = "ffn"):
+        if input_name not in EARLY_INPUTS:
+            raise ValueError(f"early input must be one of {', '.join(EARLY_INPUTS)}, not {input_name!r}")
+        D, L = config.n_embd, config.n_layer
+        self.input, self.target = input_name, target
+        self.G = np.zeros((L, D + 1, D + 1))
+        self.R = np.zeros((L, D + 1, D))
+        self.rows = np.zeros(L, np.int64)
+
+    def add(self, layer: int, rows: dict) -> None:
+        e = np.asarray(rows[self.input], np.float64)
+        e1 = np.concatenate([e, np.ones((len(e), 1))], 1)                 # (T, D+1)
+        self.G[layer] += e1.T @ e1
+        self.R[layer] += e1.T @ np.asarray(rows[self.target], np.float64)
+        self.rows[layer] += len(e)
+
+    def solve(self, layer: int, ridge: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+        """(A (D, D), c (D,)) minimising |e A + c - xk|^2 + ridge * n * |A|^2 (ridge relative to the
+        mean diagonal of G, so it does not depend on the scale of e)."""
+        if self.rows[layer] == 0:
+            raise ValueError(f"layer {layer}: no rows collected")
+        G = self.G[layer].copy()
+        D = G.shape[0] - 1
+        G[np.arange(D), np.arange(D)] += ridge * np.trace(G[:D, :D]) / D
+        sol = np.linalg.solve(G, self.R[layer])                           # (D+1, D)
+        return sol[:D], sol[D]
+
+
+@register
+class AffineQuantizedPredictor(LayerPredictor):
+    """score = W_hat e + bias: W_hat (F, D) quantized (`quant.QuantizedMatrix`), bias (F,) float32;
+    `input` names the vector e it scores (one of INPUTS; "ffn" with a zero bias is the plain
+    W_k predictor). Threshold per layer."""
+
+    kind = "affine-quantized"
+    mode = "threshold"
+
+    def __init__(self, qm: QuantizedMatrix, bias: np.ndarray, input_name: str, clip: float | None = None):
+        super().__init__()
+        self.qm, self.bias, self.input, self.clip = qm, np.asarray(bias, np.float32), check_input(input_name), clip
+
+    @classmethod
+    def fit(cls, w: np.ndarray, bias: np.ndarray, input_name: str, bits: int, group_size: int | None = 64,
+            clip: float | None = None) -> "AffineQuantizedPredictor":
+        w = np.asarray(w, np.float32)
+        if group_size is not None and w.shape[1] % group_size:
+            raise ValueError(f"group size {group_size} does not divide n_embd {w.shape[1]}")
+        return cls(QuantizedMatrix.quantize(_clip_rows(w, clip, group_size), bits, group_size), bias, input_name, clip)
+
+    @classmethod
+    def fit_early(cls, w_key: np.ndarray, A: np.ndarray, c: np.ndarray, input_name: str, bits: int,
+                  group_size: int | None, x: np.ndarray, act: np.ndarray, target: float, metric: str = "mass",
+                  candidates=CLIP_CANDIDATES) -> "AffineQuantizedPredictor":
+        """Fold the map xk ~ e A + c into W_k (F, D): W = W_k A^T, bias = W_k c; quantize W with the
+        clip (of `candidates`) that is sparsest at `target` recall on early rows x (n, D) whose
+        activations are act = relu(W_k xk)^2 (n, F)."""
+        w_key = np.asarray(w_key, np.float64)
+        w, bias = (w_key @ A.T).astype(np.float32), (w_key @ c).astype(np.float32)
+        best, best_sp = None, -1.0
+        for clip in candidates:
+            p = cls.fit(w, bias, input_name, bits, group_size, clip)
+            sp = threshold_for_target(p.score(x), act, target, metric).percentile
+            if sp > best_sp + 1e-4:
+                best, best_sp = p, sp
+        return best
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        return (self.qm.matvec(np.asarray(x, np.float32)) + self.bias).astype(np.float32, copy=False)
+
+    def score_one(self, x: np.ndarray) -> np.ndarray:
+        return (self.qm.matvec(np.asarray(x, np.float32).reshape(-1)) + self.bias).astype(np.float32, copy=False)
+
+    @property
+    def bits(self) -> int:
+        return self.qm.bits
+
+    @property
+    def nbytes(self) -> int:
+        return self.qm.nbytes + self.bias.nbytes
+
+    def _arrays(self) -> dict:
+        out = {f"w.{k}": v for k, v in self.qm.to_arrays().items()}
+        out.update(bias=self.bias, input=np.array(self.input),
+                   clip=np.array(np.nan if self.clip is None else self.clip, np.float64))
+        return out
+
+    @classmethod
+    def _from_arrays(cls, get, d, prefix):
+        qm = QuantizedMatrix.from_arrays({k: get(f"w.{k}") for k in ("packed", "scale", "zero", "meta")})
+        c = float(get("clip"))
+        return cls(qm, get("bias"), str(get("input")), None if np.isnan(c) else c)
+
+    def describe(self) -> str:
+        gs = self.qm.group_size
+        clip = "" if self.clip is None else f" clip={self.clip:g}"
+        return (f"affine-quantized {self.qm.bits}-bit {'per-row' if gs is None else f'group={gs}'}{clip} "
+                f"on {self.input}")
+
+
+class ShiftEarlyPredictor:
+    """Layer L's FFN set from ln1(x_L) and `prev`, the previous token's channel-mix input (the FFN
+    token-shift state): both are known when layer L starts. The FFN input is
+    xk = (1 - mix) n + mix prev with n = ln2(x_L + time_mix) the only unknown part, so
+
+        xk_hat = (1 - mix) (ln1(x_L) A + c) + mix prev     A (D, D), c (D,): least squares of n on ln1
+        score  = W_hat xk_hat                                W_hat: the FFN-input predictor's quantized W_k
+
+    and the set is score >= threshold (per layer). The exact shift part matters most in the first
+    layers, whose mix is large (median 0.5 at layer 0 of rwkv7-ref-58m)."""
+
+    input = "ln1+shift"
+
+    def __init__(self, A: np.ndarray, c: np.ndarray, mix: np.ndarray, qm: QuantizedMatrix):
+        mix = np.asarray(mix, np.float32)
+        self.A = (np.asarray(A, np.float32) * (1 - mix)).astype(np.float32)     # (1 - mix) folded in
+        self.c = (np.asarray(c, np.float32) * (1 - mix)).astype(np.float32)
+        self.mix, self.qm = mix, qm
+        self._w = None
+        self.calib = Calibration()
+
+    @classmethod
+    def fit(cls, moments: "EarlyMoments", layer: int, mix: np.ndarray, qm: QuantizedMatrix,
+            ridge: float = 1e-4) -> "ShiftEarlyPredictor":
+        """moments: EarlyMoments(config, "ln1", target="norm") fed with `capture` rows."""
+        if (moments.input, moments.target) != ("ln1", "norm"):
+            raise ValueError("ShiftEarlyPredictor needs moments of the channel-mix input on ln1 (target 'norm')")
+        return cls(*moments.solve(layer, ridge), mix, qm)
+
+    def xk_hat(self, rows: dict) -> np.ndarray:
+        """rows["ln1"], rows["prev"] (T, D) -> the predicted FFN input (T, D)."""
+        return np.asarray(rows["ln1"], np.float32) @ self.A + self.c + self.mix * np.asarray(rows["prev"], np.float32)
+
+    def score_rows(self, rows: dict) -> np.ndarray:
+        if self._w is None:                    # float32 W_hat (what QuantizedMatrix.matvec caches too)
+            self._w = self.qm.dequantize()
+        return self.xk_hat(rows) @ self._w.T
+
+    def mask_rows(self, rows: dict) -> np.ndarray:
+        return self.score_rows(rows) >= np.float32(self.calib.threshold)
+
+    def calibrate(self, rows: dict, act: np.ndarray, target: float, metric: str = "mass") -> Calibration:
+        """Threshold for `target` recall on held-out rows with act = relu(W_k xk)^2 (n, F)."""
+        self.calib = threshold_for_target(self.score_rows(rows), act, target, metric)
+        return self.calib
+
+    @property
+    def nbytes(self) -> int:
+        """W_hat as stored plus A at float16 and c, mix at float32 (A is 2 D^2 bytes: more than a
+        2-bit W_hat at F = 4 D; int8 would halve it)."""
+        return self.qm.nbytes + 2 * self.A.size + 4 * (self.c.size + self.mix.size)
+
+
+class MaskedFFN:
+    """A hook pair running a model sparse with sets predicted from vectors of the SAME run.
+
+    `att_input` keeps {"resid": x, "ln1": ln1(x)}, `ffn_shift` adds {"prev": the previous token's
+    channel-mix input} (all known when layer L starts), `ffn_input` adds {"ffn": xk}; there
+    predict(layer, rows) -> bool (T, F) gives the set and `ffn_activation` zeroes relu(W_k xk)^2 outside
+    it: the math of any sparse FFN given that set (a numpy reference: it saves no work). An early
+    predictor must only read the early entries; `input_predict` builds predict from LayerPredictors
+    with an `input` name. Counts n_active / n_tokens."""
+
+    def __init__(self, predict, ffn_dim: int):
+        self.predict, self.F = predict, int(ffn_dim)
+        self.rows, self.masks = {}, {}
+        self.n_tokens = 0
+        self.n_active = 0
+
+    def on_att(self, layer, x, xa):
+        self.rows[layer] = {"resid": x, "ln1": xa}
+
+    def on_shift(self, layer, x, prev):
+        self.rows[layer]["prev"] = prev
+
+    def on_ffn_input(self, layer, xk):
+        rows = self.rows.pop(layer)
+        rows["ffn"] = xk
+        self.masks[layer] = np.asarray(self.predict(layer, rows), bool)
+
+    def on_activation(self, layer, k):
+        m = self.masks.pop(layer)
+        self.n_tokens += m.shape[0]
+        self.n_active += int(m.sum())
+        return k * m
+
+    @property
+    def density(self) -> float:
+        return self.n_active / max(1, self.n_tokens * self.F)
+
+    def attach(self, model):
+        """A shallow copy of `model` (weights shared, fresh hooks) that runs with these sets."""
+        m = model.with_ffn(None)
+        m.hooks.att_input.append(self.on_att)
+        m.hooks.ffn_shift.append(self.on_shift)
+        m.hooks.ffn_input.append(self.on_ffn_input)
+        m.hooks.ffn_activation.append(self.on_activation)
+        return m
+
+
+def input_predict(predictors, input_name: str | None = None):
+    """predict(layer, rows) for `MaskedFFN` from per-layer predictors: each masks rows[its input]
+    (its `input` attribute, else `input_name`, e.g. "ffn" for plain W_k predictors)."""
+    names = [check_input(getattr(p, "input", None) or input_name) for p in predictors]
+    return lambda layer, rows: predictors[layer].mask(rows[names[layer]])
