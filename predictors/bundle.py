@@ -2,7 +2,9 @@
 
 File layout (np.savez, no pickles):
     magic "rwkv-edge-predictors", format_version, fingerprint, config (JSON), kind, bits (0: n/a),
-    target, metric, meta (JSON: fit options, timings), n_layer, then each layer's arrays under
+    target, metric, meta (JSON: fit options, timings), input (version 2: what the predictors score,
+    "ffn" = the FFN input xk, "early" = [ln1(x_L), FFN shift state], see early.py; version 1 files
+    are "ffn"), n_layer, then each layer's arrays under
     "L{i}." (kind, calib = [threshold, k, percentile, recall], and the predictor's own arrays).
 Written atomically (temp file in the same directory + os.replace), so a crash never leaves a
 half-written bundle under the final name.
@@ -19,21 +21,27 @@ from rwkv_edge.config import ModelConfig
 from rwkv_edge.fileio import atomic_write, read_versioned_npz
 
 from .base import LayerPredictor
-from . import ensemble, mlp, pq, quantized  # noqa: F401  (register the kinds)
+from . import early, ensemble, mlp, pq, quantized  # noqa: F401  (register the kinds)
 
 MAGIC = "rwkv-edge-predictors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS = (1, 2)                 # version 1: no `input` entry, the predictors score the FFN input
 
 
 class PredictorBundle:
-    """Per-layer predictors of one model. `predict(layer, xk (T, D)) -> bool (T, F)`;
-    `predict_indices(layer, x (D,)) -> int32 sorted`; `save(path)`; `PredictorBundle.load(path, model)`."""
+    """Per-layer predictors of one model. `predict(layer, x (T, .)) -> bool (T, F)`;
+    `predict_indices(layer, x) -> int32 sorted`; `save(path)`; `PredictorBundle.load(path, model)`.
+    `input` says what x is: "ffn", the FFN input xk (T, D); "early", [ln1(x_L), the FFN token-shift
+    state] (T, 2D), known when layer L starts (early.EarlySets runs such a bundle)."""
 
     def __init__(self, predictors: list, fingerprint: str, config: ModelConfig, kind: str,
                  bits: int | None = None, target: float | None = None, metric: str = "mass",
-                 meta: dict | None = None):
+                 meta: dict | None = None, input: str = "ffn"):
         if len(predictors) != config.n_layer:
             raise ValueError(f"bundle needs {config.n_layer} layer predictors, got {len(predictors)}")
+        if input not in early.BUNDLE_INPUTS:
+            raise ValueError(f"unknown bundle input {input!r}: use one of {', '.join(early.BUNDLE_INPUTS)}")
+        self.input = input
         self.predictors = list(predictors)
         self.fingerprint, self.config, self.kind = fingerprint, config, kind
         self.bits, self.target, self.metric = bits, target, metric
@@ -49,16 +57,19 @@ class PredictorBundle:
         for b in bundles[1:]:
             if (b.fingerprint, b.config) != (b0.fingerprint, b0.config):
                 raise ValueError("bundles of different models cannot be joined")
+            if b.input != b0.input:
+                raise ValueError("bundles scoring different inputs (ffn / early) cannot be joined")
         from .ensemble import UnionPredictor
 
         preds = [UnionPredictor([b.predictors[i] for b in bundles]) for i in range(b0.config.n_layer)]
         bits = next((b.bits for b in bundles if b.bits), None)
         return cls(preds, b0.fingerprint, b0.config, "+".join(b.kind for b in bundles), bits, b0.target, b0.metric,
-                   {"union_of": [b.describe() for b in bundles], "calibration": "independent"})
+                   {"union_of": [b.describe() for b in bundles], "calibration": "independent"}, b0.input)
 
     # --- inference -----------------------------------------------------------------------
     def predict(self, layer: int, xk: np.ndarray) -> np.ndarray:
-        """FFN inputs xk (T, D) of `layer` -> bool (T, F), True where the neuron is predicted active."""
+        """Inputs (T, D) of `layer` (T, 2D for an early bundle) -> bool (T, F), True where the neuron
+        is predicted active."""
         return self.predictors[layer].mask(xk)
 
     def predict_indices(self, layer: int, x: np.ndarray) -> np.ndarray:
@@ -74,7 +85,8 @@ class PredictorBundle:
         return int(self.predictors[layer].nbytes)
 
     def describe(self) -> str:
-        return f"{self.kind} ({self.predictors[0].describe()}), target {self.metric} recall {self.target}"
+        on = "" if self.input == "ffn" else f", scored on {self.input} inputs"
+        return f"{self.kind} ({self.predictors[0].describe()}), target {self.metric} recall {self.target}{on}"
 
     # --- checks --------------------------------------------------------------------------
     def check_model(self, model, where: str = "bundle") -> None:
@@ -95,7 +107,7 @@ class PredictorBundle:
                   "kind": np.array(self.kind), "bits": np.array(self.bits or 0, np.int64),
                   "target": np.array(np.nan if self.target is None else self.target, np.float64),
                   "metric": np.array(self.metric), "meta": np.array(json.dumps(self.meta)),
-                  "n_layer": np.array(len(self.predictors), np.int64)}
+                  "n_layer": np.array(len(self.predictors), np.int64), "input": np.array(self.input)}
         for i, p in enumerate(self.predictors):
             arrays.update(p.to_arrays(f"L{i}"))
         with atomic_write(path, prefix=".bundle-") as f:
@@ -106,13 +118,14 @@ class PredictorBundle:
         """Read a bundle; with `model`, also check it belongs to that model. ValueError if the file
         is missing, is not a predictor bundle, has another format version, or fits another model."""
         path = os.fspath(path)
-        data = read_versioned_npz(path, MAGIC, FORMAT_VERSION, "predictor bundle")
+        data = read_versioned_npz(path, MAGIC, READS, "predictor bundle")
         try:
             config = ModelConfig.from_dict(json.loads(str(data["config"])))
             preds = [LayerPredictor.from_arrays(data, f"L{i}") for i in range(int(data["n_layer"]))]
             target = float(data["target"])
             b = cls(preds, str(data["fingerprint"]), config, str(data["kind"]), int(data["bits"]) or None,
-                    None if np.isnan(target) else target, str(data["metric"]), json.loads(str(data["meta"])))
+                    None if np.isnan(target) else target, str(data["metric"]), json.loads(str(data["meta"])),
+                    str(data["input"]) if "input" in data else "ffn")
         except (KeyError, TypeError, json.JSONDecodeError, zipfile.BadZipFile, EOFError, OSError) as e:
             raise ValueError(f"{path}: damaged predictor bundle ({type(e).__name__}: {e})") from None
         if model is not None:

@@ -96,12 +96,12 @@ def run_collect(args, parser) -> int:
     try:
         man = collect(model, ids, args.out, n_tokens=args.tokens, chunk=args.chunk,
                       progress=not args.no_progress, shard_rows=args.shard_rows,
-                      source_id=text_source_id(args.text, tok))
+                      source_id=text_source_id(args.text, tok), input=args.input)
     except CollectError as e:
         return _fail(parser, e)
     dt = time.perf_counter() - t0
     size = sum(layer["count"] for layer in man["layers"]) * man["dim"] * 2    # float16 rows stored
-    print(f"collected {man['tokens']} tokens x {len(man['layers'])} layers (D={man['dim']}) into {args.out} "
+    print(f"collected {man['tokens']} tokens x {len(man['layers'])} layers ({man['input']} rows of {man['dim']}) into {args.out} "
           f"({size / 2**20:.0f} MiB) in {dt:.1f} s")
     return 0
 
@@ -118,6 +118,10 @@ def add_collect_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="'world', a tokenizer.json or vocab .txt (default: next to the model)")
     p.add_argument("--chunk", type=_positive_int, default=512, help="tokens per forward window (default: 512)")
     p.add_argument("--shard-rows", type=_positive_int, default=65536, help="rows per shard file (default: 65536)")
+    p.add_argument("--input", choices=["ffn", "early"], default="ffn",
+                   help="rows stored: 'ffn' the FFN input (default); 'early' also ln1(x) and the FFN shift state, "
+                        "known when the layer starts, so `fit-predictors` fits a bundle that scores a layer's "
+                        "FFN set before its time-mix (3x the disk)")
     p.set_defaults(func=run_collect)
     return p
 

@@ -3,10 +3,14 @@
 Layout of a collect directory::
 
     manifest.json          magic, format version, model fingerprint + config, dims, per-layer
-                           row counts and shard lists, the source hash (for resume)
+                           row counts and shard lists, the source hash (for resume), `input`
     state.npz              the recurrent State after the last stored token (for resume)
-    L00_0000.npy ...       float16 (shard_rows, D) arrays, one file per layer and shard;
+    L00_0000.npy ...       float16 (shard_rows, dim) arrays, one file per layer and shard;
                            only the first `count` rows of a layer (in shard order) are valid
+
+`input` (format version 2; version 1 directories are "ffn"): "ffn" rows are the FFN input xk
+(dim = D); "early" rows are [ln1(x_L), prev, xk] (dim = 3 D), ln1(x_L) the time-mix input and prev
+the FFN token-shift state, both known when layer L starts (predictors/early.py fits on them).
 
 Labels are not stored: `labels(model, layer, xk)` recomputes them from W_k, which is exact and
 costs one (n, D) x (D, F) matmul.
@@ -24,7 +28,9 @@ import numpy as np
 from rwkv_edge.fileio import atomic_write
 
 MAGIC = "rwkv-edge-activations"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS = (1, 2)
+INPUTS = ("ffn", "early")
 MANIFEST = "manifest.json"
 STATE_FILE = "state.npz"
 DEFAULT_SHARD_ROWS = 65536
@@ -54,9 +60,19 @@ def read_manifest(out_dir: str) -> dict:
         raise CollectError(f"{path}: unreadable manifest ({e})") from None
     if not isinstance(man, dict) or man.get("magic") != MAGIC:
         raise CollectError(f"{path}: not an rwkv-edge activation manifest")
-    if man.get("format_version") != FORMAT_VERSION:
-        raise CollectError(f"{path}: format version {man.get('format_version')}, expected {FORMAT_VERSION}")
+    if man.get("format_version") not in READS:
+        raise CollectError(f"{path}: format version {man.get('format_version')}, this code reads 1 and 2")
+    man.setdefault("input", "ffn")
     return man
+
+
+def split_rows(man: dict, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stored rows (n, dim) of a collection -> (predictor input x, FFN input xk): (rows, rows) for
+    "ffn"; ([ln1, prev] (n, 2D), xk (n, D)) for "early"."""
+    if man.get("input", "ffn") == "ffn":
+        return rows, rows
+    D = man["config"]["n_embd"]
+    return rows[:, :2 * D], rows[:, 2 * D:]
 
 
 def check_model(man: dict, model, where: str = "") -> None:
@@ -134,9 +150,10 @@ def text_source_id(path: str, tokenizer) -> str:
 
 def collect(model, tokens, out_dir: str, n_tokens: int | None = None, chunk: int = 512,
             progress: bool = True, shard_rows: int = DEFAULT_SHARD_ROWS, tokenizer=None,
-            source_id: str | None = None) -> dict:
+            source_id: str | None = None, input: str = "ffn") -> dict:
     """Run `tokens` through `model` in windows of `chunk` tokens (state carried between windows) and
-    stream every layer's FFN input xk (T, D) to float16 shards under `out_dir`.
+    stream every layer's FFN input xk (T, D) to float16 shards under `out_dir`; with input="early"
+    the rows are [ln1(x_L), prev, xk] (T, 3D) (see the module docstring).
 
     tokens: a 1-D sequence of token ids, or text (a str or an iterable of str chunks, encoded with
     `tokenizer` and run back to back); at most `n_tokens` of them are used (all when None).
@@ -164,6 +181,8 @@ def collect(model, tokens, out_dir: str, n_tokens: int | None = None, chunk: int
         raise ValueError("collect needs at least one token")
     if chunk <= 0 or shard_rows <= 0:
         raise ValueError("chunk and shard_rows must be positive")
+    if input not in INPUTS:
+        raise ValueError(f"unknown collect input {input!r}: use one of {', '.join(INPUTS)}")
     cfg = model.config
     os.makedirs(out_dir, exist_ok=True)
     src = _source_hash(tokens)
@@ -171,6 +190,8 @@ def collect(model, tokens, out_dir: str, n_tokens: int | None = None, chunk: int
     if os.path.exists(os.path.join(out_dir, MANIFEST)):
         man = read_manifest(out_dir)
         check_model(man, model, out_dir)
+        if man["input"] != input:
+            raise CollectError(f"{out_dir}: holds {man['input']} rows, not {input}; use a new --out directory")
         if man["source_hash"] != src:
             if source_id is None or man.get("source_id") != source_id:
                 raise CollectError(f"{out_dir}: holds a collection of another text; use a new --out directory")
@@ -183,7 +204,8 @@ def collect(model, tokens, out_dir: str, n_tokens: int | None = None, chunk: int
         if any(not n.startswith(".") and not _OWN_FILE.match(n) for n in os.listdir(out_dir)):
             raise CollectError(f"{out_dir}: directory is not empty and has no {MANIFEST}; use a new --out directory")
         man = {"magic": MAGIC, "format_version": FORMAT_VERSION, "fingerprint": model.fingerprint,
-               "config": cfg.to_dict(), "dim": cfg.n_embd, "ffn_dim": cfg.ffn_dim, "dtype": "float16",
+               "config": cfg.to_dict(), "input": input, "dim": cfg.n_embd * (3 if input == "early" else 1),
+               "ffn_dim": cfg.ffn_dim, "dtype": "float16",
                "shard_rows": shard_rows, "source_hash": src, "source_id": source_id, "tokens": 0,
                "complete": False, "layers": [{"layer": i, "count": 0, "shards": []} for i in range(cfg.n_layer)]}
         _write_json_atomic(os.path.join(out_dir, MANIFEST), man)   # resumable from the first token on
@@ -192,13 +214,23 @@ def collect(model, tokens, out_dir: str, n_tokens: int | None = None, chunk: int
     if start >= n_total:
         return man
 
-    writers = [_LayerWriter(out_dir, i, cfg.n_embd, shard_rows, man["layers"][i]["shards"], start)
+    writers = [_LayerWriter(out_dir, i, int(man["dim"]), shard_rows, man["layers"][i]["shards"], start)
                for i in range(cfg.n_layer)]
     if any(w.count != man["layers"][i]["count"] for i, w in enumerate(writers)):
         raise CollectError(f"{out_dir}: manifest layer counts disagree; the directory is damaged")
 
+    early = {}          # layer -> [ln1, prev] of the current window ("early" input)
+
     def hook(layer, xk):
-        writers[layer].append(model.ops.to_host(xk))   # a device backend hands over device tensors
+        xk = model.ops.to_host(xk)                     # a device backend hands over device tensors
+        if input == "early":
+            xk = np.concatenate(early.pop(layer) + [np.asarray(xk, np.float32)], 1)
+        writers[layer].append(xk)
+
+    hooks = [(model.hooks.ffn_input, hook)]
+    if input == "early":
+        hooks += [(model.hooks.att_input, lambda i, x, xa: early.__setitem__(i, [model.ops.to_host(xa)])),
+                  (model.hooks.ffn_shift, lambda i, x, prev: early[i].append(model.ops.to_host(prev)))]
 
     def checkpoint(done: int, complete: bool) -> None:
         # Order matters for crash safety: data, then state, then the manifest that points to them.
@@ -214,7 +246,8 @@ def collect(model, tokens, out_dir: str, n_tokens: int | None = None, chunk: int
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=n_total, initial=start, unit="tok", desc="collect", dynamic_ncols=True)
-    model.hooks.ffn_input.append(hook)
+    for where, h in hooks:
+        where.append(h)
     try:
         pos, last_ckpt = start, start
         while pos < n_total:
@@ -228,7 +261,8 @@ def collect(model, tokens, out_dir: str, n_tokens: int | None = None, chunk: int
                 last_ckpt = pos
         checkpoint(pos, True)
     finally:
-        model.hooks.ffn_input.remove(hook)
+        for where, h in hooks:
+            where.remove(h)
         for w in writers:
             w.close()
         if bar is not None:
@@ -245,7 +279,7 @@ def layer_count(out_dir: str, layer: int) -> int:
 
 
 def load_layer(out_dir: str, layer: int, start: int = 0, stop: int | None = None) -> np.ndarray:
-    """Rows [start, stop) of layer `layer`'s stored FFN inputs as float32 (n, D)."""
+    """Rows [start, stop) of layer `layer`'s stored rows as float32 (n, dim) (`split_rows`)."""
     man = read_manifest(out_dir)
     if not 0 <= layer < len(man["layers"]):
         raise IndexError(f"layer {layer} out of range [0, {len(man['layers'])})")

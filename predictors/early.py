@@ -24,10 +24,11 @@ from rwkv_edge.quant import QuantizedMatrix
 
 from .base import LayerPredictor, register
 from .quantized import CLIP_CANDIDATES, _clip_rows
-from .calibrate import Calibration, threshold_for_target
+from .calibrate import threshold_for_target
 
-INPUTS = ("ffn", "ln1", "resid")      # what a predictor scores: the FFN input xk, or an early vector
+INPUTS = ("ffn", "ln1", "resid")      # what an affine predictor scores: the FFN input xk, or an early vector
 EARLY_INPUTS = ("ln1", "resid")
+BUNDLE_INPUTS = ("ffn", "early")      # what a bundle's predictors score: xk, or [ln1, prev] (EarlyPredictor)
 
 
 def check_input(name: str) -> str:
@@ -74,6 +75,7 @@ class EarlyMoments:
     R = [e 1]^T xk (D+1, D), float64, summed over streamed rows (no activation dump needed)."""
 
     def __init__(self, config, input_name: str, target: str = "ffn"):
+        # target: the rows entry fitted ("ffn" = xk; "y" = xk - mix prev, see add_shift_rows)
         if input_name not in EARLY_INPUTS:
             raise ValueError(f"early input must be one of {', '.join(EARLY_INPUTS)}, not {input_name!r}")
         D, L = config.n_embd, config.n_layer
@@ -172,57 +174,108 @@ class AffineQuantizedPredictor(LayerPredictor):
                 f"on {self.input}")
 
 
-class ShiftEarlyPredictor:
-    """Layer L's FFN set from ln1(x_L) and `prev`, the previous token's channel-mix input (the FFN
-    token-shift state): both are known when layer L starts. The FFN input is
+def early_input(rows: dict) -> np.ndarray:
+    """The input an `EarlyPredictor` scores: [ln1(x_L), prev] (T, 2D) from `capture` rows."""
+    return np.concatenate([np.asarray(rows["ln1"], np.float32), np.asarray(rows["prev"], np.float32)], 1)
+
+
+@register
+class EarlyPredictor(LayerPredictor):
+    """Layer L's FFN set from x = [ln1(x_L), prev] (T, 2D), prev the previous token's channel-mix
+    input (the FFN token-shift state): both are known when layer L starts. The FFN input is
     xk = (1 - mix) n + mix prev with n = ln2(x_L + time_mix) the only unknown part, so
 
-        xk_hat = (1 - mix) (ln1(x_L) A + c) + mix prev     A (D, D), c (D,): least squares of n on ln1
-        score  = W_hat xk_hat                                W_hat: the FFN-input predictor's quantized W_k
+        xk_hat = ln1(x_L) A + c + mix prev      A (D, D) float16, c (D,): least squares of xk - mix prev on ln1
+        score  = W_hat xk_hat                    W_hat: W_k quantized as for the FFN-input predictor
 
     and the set is score >= threshold (per layer). The exact shift part matters most in the first
-    layers, whose mix is large (median 0.5 at layer 0 of rwkv7-ref-58m)."""
+    layers, whose mix is large (median 0.5 at layer 0 of rwkv7-ref-58m); ln1 alone leaves layer 0
+    at ~0.9 density for 0.99 recall."""
 
-    input = "ln1+shift"
+    kind = "early-shift"
+    mode = "threshold"
 
-    def __init__(self, A: np.ndarray, c: np.ndarray, mix: np.ndarray, qm: QuantizedMatrix):
-        mix = np.asarray(mix, np.float32)
-        self.A = (np.asarray(A, np.float32) * (1 - mix)).astype(np.float32)     # (1 - mix) folded in
-        self.c = (np.asarray(c, np.float32) * (1 - mix)).astype(np.float32)
-        self.mix, self.qm = mix, qm
-        self._w = None
-        self.calib = Calibration()
+    def __init__(self, A: np.ndarray, c: np.ndarray, mix: np.ndarray, qm: QuantizedMatrix, clip: float | None = None):
+        super().__init__()
+        self.A = np.asarray(A, np.float16)                 # stored and read as float16
+        self.c, self.mix = np.asarray(c, np.float32), np.asarray(mix, np.float32)
+        self.qm, self.clip = qm, clip
+        self._a32 = self.A.astype(np.float32)
 
     @classmethod
-    def fit(cls, moments: "EarlyMoments", layer: int, mix: np.ndarray, qm: QuantizedMatrix,
-            ridge: float = 1e-4) -> "ShiftEarlyPredictor":
-        """moments: EarlyMoments(config, "ln1", target="norm") fed with `capture` rows."""
-        if (moments.input, moments.target) != ("ln1", "norm"):
-            raise ValueError("ShiftEarlyPredictor needs moments of the channel-mix input on ln1 (target 'norm')")
-        return cls(*moments.solve(layer, ridge), mix, qm)
+    def fit(cls, moments: "EarlyMoments", layer: int, mix: np.ndarray, qm: QuantizedMatrix, clip: float | None = None,
+            ridge: float = 1e-4) -> "EarlyPredictor":
+        """moments: EarlyMoments(config, "ln1") fed with e = ln1 rows and y = xk - mix * prev rows
+        (`add_shift_rows`); qm: the quantized W_k (e.g. a QuantizedPredictor's)."""
+        return cls(*moments.solve(layer, ridge), mix, qm, clip)
 
-    def xk_hat(self, rows: dict) -> np.ndarray:
-        """rows["ln1"], rows["prev"] (T, D) -> the predicted FFN input (T, D)."""
-        return np.asarray(rows["ln1"], np.float32) @ self.A + self.c + self.mix * np.asarray(rows["prev"], np.float32)
+    def xk_hat(self, x: np.ndarray) -> np.ndarray:
+        """x (T, 2D) -> the predicted FFN input (T, D)."""
+        x = np.asarray(x, np.float32)
+        D = self.mix.size
+        if x.ndim != 2 or x.shape[1] != 2 * D:
+            raise ValueError(f"an early predictor scores [ln1, prev] rows of shape (T, {2 * D}), got {x.shape}")
+        return x[:, :D] @ self._a32 + self.c + self.mix * x[:, D:]
 
-    def score_rows(self, rows: dict) -> np.ndarray:
-        if self._w is None:                    # float32 W_hat (what QuantizedMatrix.matvec caches too)
-            self._w = self.qm.dequantize()
-        return self.xk_hat(rows) @ self._w.T
+    def score(self, x: np.ndarray) -> np.ndarray:
+        return self.qm.matvec(self.xk_hat(x)).astype(np.float32, copy=False)
 
-    def mask_rows(self, rows: dict) -> np.ndarray:
-        return self.score_rows(rows) >= np.float32(self.calib.threshold)
-
-    def calibrate(self, rows: dict, act: np.ndarray, target: float, metric: str = "mass") -> Calibration:
-        """Threshold for `target` recall on held-out rows with act = relu(W_k xk)^2 (n, F)."""
-        self.calib = threshold_for_target(self.score_rows(rows), act, target, metric)
-        return self.calib
+    @property
+    def bits(self) -> int:
+        return self.qm.bits
 
     @property
     def nbytes(self) -> int:
-        """W_hat as stored plus A at float16 and c, mix at float32 (A is 2 D^2 bytes: more than a
-        2-bit W_hat at F = 4 D; int8 would halve it)."""
-        return self.qm.nbytes + 2 * self.A.size + 4 * (self.c.size + self.mix.size)
+        """W_hat as stored plus A (float16: 2 D^2 bytes, more than a 2-bit W_hat at F = 4 D) and c, mix."""
+        return self.qm.nbytes + self.A.nbytes + self.c.nbytes + self.mix.nbytes
+
+    def _arrays(self) -> dict:
+        out = {f"w.{k}": v for k, v in self.qm.to_arrays().items()}
+        out.update(A=self.A, c=self.c, mix=self.mix, clip=np.array(np.nan if self.clip is None else self.clip))
+        return out
+
+    @classmethod
+    def _from_arrays(cls, get, d, prefix):
+        qm = QuantizedMatrix.from_arrays({k: get(f"w.{k}") for k in ("packed", "scale", "zero", "meta")})
+        c = float(get("clip"))
+        return cls(get("A"), get("c"), get("mix"), qm, None if np.isnan(c) else c)
+
+    def describe(self) -> str:
+        gs = self.qm.group_size
+        clip = "" if self.clip is None else f" clip={self.clip:g}"
+        return f"early (ln1 + shift) {self.qm.bits}-bit {'per-row' if gs is None else f'group={gs}'}{clip}"
+
+
+def add_shift_rows(moments: "EarlyMoments", layer: int, ln1: np.ndarray, prev: np.ndarray, xk: np.ndarray,
+                   mix: np.ndarray) -> None:
+    """Feed `EarlyPredictor`'s least squares: e = ln1 (T, D), y = xk - mix prev (T, D)."""
+    moments.add(layer, {"ln1": ln1, "y": np.asarray(xk, np.float64) - np.asarray(mix, np.float64) * prev})
+
+
+class EarlySets:
+    """An early bundle (input "early") as the predictor of a `sparse.SparseFFN`: the hooks score
+    layer L's set from ln1(x_L) (`att_input`) and the FFN shift state (`ffn_shift`; row t is token
+    t-1's, known before layer L starts for token t), and `predict` / `predict_indices` hand that set
+    to the FFN (its xk argument is not read). `attach(model)` adds the hooks."""
+
+    def __init__(self, bundle):
+        if getattr(bundle, "input", "ffn") != "early":
+            raise ValueError("EarlySets needs a bundle fitted on early inputs (collect --input early)")
+        self.bundle = bundle
+        self._ln1, self._mask = {}, {}
+
+    def attach(self, model):
+        host = lambda a: np.asarray(model.ops.to_host(a), np.float32)      # noqa: E731
+        model.hooks.att_input.append(lambda layer, x, xa: self._ln1.__setitem__(layer, host(xa)))
+        model.hooks.ffn_shift.append(lambda layer, x, prev: self._mask.__setitem__(
+            layer, self.bundle.predict(layer, np.concatenate([self._ln1.pop(layer), host(prev)], 1))))
+        return model
+
+    def predict(self, layer: int, xk: np.ndarray) -> np.ndarray:
+        return self._mask.pop(layer)
+
+    def predict_indices(self, layer: int, x: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(self._mask.pop(layer)[0]).astype(np.int32)
 
 
 class MaskedFFN:

@@ -4,6 +4,9 @@ Per layer the stored rows are split in order: the last `heldout_frac` (at most `
 rows calibrate the thresholds; earlier rows (a seeded sample of at most `max_train`) train the
 MLP and choose the quantized predictor's clipping. The held-out rows come after the training
 rows in the text, so calibration sees inputs the training never saw.
+A collection of "early" rows (`collect --input early`) gives an early bundle (kind quantized only):
+per layer the same quantized W_k plus the least-squares map of early.EarlyPredictor from the
+training rows, calibrated on the held-out rows' early inputs.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ import numpy as np
 
 from .bundle import PredictorBundle
 from .calibrate import check_target
-from .collect import check_model, labels, load_layer, read_manifest
+from .collect import check_model, labels, load_layer, read_manifest, split_rows
+from .early import EarlyMoments, EarlyPredictor, add_shift_rows
 from .ensemble import UnionPredictor
 from .mlp import MLPPredictor
 from .pq import PQPredictor
@@ -57,6 +61,9 @@ def fit(model, data_dir: str, kind: str = "quantized", bits: int = 2, group_size
         raise ValueError(f"heldout fraction must be in (0, 1), got {heldout_frac}")
     man = read_manifest(data_dir)
     check_model(man, model, data_dir)
+    early = man["input"] == "early"
+    if early and members != ["quantized"]:
+        raise ValueError(f"{data_dir} holds early rows: only --kind quantized is fitted on them")
     cfg = model.config
     rng = np.random.default_rng(seed)
     preds, per_layer = [], []
@@ -71,20 +78,20 @@ def fit(model, data_dir: str, kind: str = "quantized", bits: int = 2, group_size
         n_held = min(max(1, int(n * heldout_frac)), max_heldout)
         if n - n_held < 1:
             raise ValueError(f"{data_dir}: layer {layer} has only {n} rows; collect more tokens")
-        x_all = load_layer(data_dir, layer)                                  # (n, D) float32
-        x_held = x_all[n - n_held:]
+        x_all = load_layer(data_dir, layer)                                  # (n, dim) float32
+        x_held, xk_held = split_rows(man, x_all[n - n_held:])
         n_train = n - n_held
         pick = np.sort(rng.choice(n_train, size=min(n_train, max_train), replace=False))
-        x_train = x_all[pick]
+        x_train, xk_train = split_rows(man, x_all[pick])
         del x_all
-        _, act_held = labels(model, layer, x_held)                           # (n_held, F)
+        _, act_held = labels(model, layer, xk_held)                          # (n_held, F)
         w_key = model.blocks[layer].ffn_key                                  # (F, D)
 
         built = []
         for m in members:
             if m == "quantized":
                 if clip == "auto":
-                    xs = x_train[:4096]
+                    xs = xk_train[:4096]
                     p = QuantizedPredictor.fit_auto_clip(w_key, bits, group_size, xs, labels(model, layer, xs)[1],
                                                          target, metric)
                 else:
@@ -96,6 +103,10 @@ def fit(model, data_dir: str, kind: str = "quantized", bits: int = 2, group_size
             else:
                 p = PQPredictor.fit(w_key, m=pq_m, nbits=pq_nbits, seed=seed + layer)
             built.append(p)
+        if early:        # the same quantized W_k, scored on ln1(x_L) A + c + mix prev
+            mom, D, mix = EarlyMoments(cfg, "ln1", target="y"), cfg.n_embd, np.asarray(model.blocks[layer].ffn_xk)
+            add_shift_rows(mom, layer, x_train[:, :D], x_train[:, D:], xk_train, mix)
+            built = [EarlyPredictor.fit(mom, layer, mix, built[0].qm, built[0].clip)]
         pred = built[0] if len(built) == 1 else UnionPredictor(built)
         c = pred.calibrate(x_held, act_held, target, metric, margin)
         preds.append(pred)
@@ -117,7 +128,7 @@ def fit(model, data_dir: str, kind: str = "quantized", bits: int = 2, group_size
             "pq_nbits": pq_nbits, "margin": margin, "fit_seconds": round(time.perf_counter() - t_start, 2),
             "layers": per_layer}
     return PredictorBundle(preds, model.fingerprint, cfg, "+".join(members),
-                           bits if "quantized" in members else None, target, metric, meta)
+                           bits if "quantized" in members else None, target, metric, meta, man["input"])
 
 
 def recalibrate(bundle: PredictorBundle, model, data_dir: str, target: float | None = None,
@@ -141,11 +152,13 @@ def recalibrate(bundle: PredictorBundle, model, data_dir: str, target: float | N
     bundle.check_model(model)
     man = read_manifest(data_dir)
     check_model(man, model, data_dir)
+    if man["input"] != bundle.input:
+        raise ValueError(f"{data_dir} holds {man['input']} rows, the bundle scores {bundle.input} inputs")
     for layer, p in enumerate(bundle.predictors):
         n = int(man["layers"][layer]["count"])
         n_held = min(max(1, int(n * heldout_frac)), max_heldout)
-        x_held = load_layer(data_dir, layer, start=n - n_held)
-        _, act = labels(model, layer, x_held)
+        x_held, xk_held = split_rows(man, load_layer(data_dir, layer, start=n - n_held))
+        _, act = labels(model, layer, xk_held)
         if percentiles is None:
             p.calibrate(x_held, act, target, metric, margin)
         elif getattr(p, "mode", "") not in ("threshold", "topk"):

@@ -78,11 +78,11 @@ def atomic_write(path, mode: str = "wb", prefix: str = ".tmp-"):
         raise
 
 
-def read_versioned_npz(path, magic: str, version: int, what: str, unreadable: str | None = None) -> dict:
+def read_versioned_npz(path, magic: str, version, what: str, unreadable: str | None = None) -> dict:
     """{name: array} of a .npz that the tools write with a `magic` and `format_version` entry (no
     pickles). ValueError naming `what` (e.g. "predictor bundle") when the file is missing, cannot be
     read (`unreadable`: the message for that case, default "not a {what}"), is not this kind of file
-    or has another format version."""
+    or has another format version (`version`: an int, or a tuple of the versions this code reads)."""
     import zipfile
 
     import numpy as np
@@ -100,8 +100,10 @@ def read_versioned_npz(path, magic: str, version: int, what: str, unreadable: st
             if not isinstance(z, np.lib.npyio.NpzFile) or "magic" not in z.files or str(z["magic"]) != magic:
                 raise ValueError(f"{path}: not an rwkv-edge {what}")
             ver = int(z["format_version"])
-            if ver != version:
-                raise ValueError(f"{path}: {what} format version {ver}, this code reads {version}")
+            known = version if isinstance(version, tuple) else (version,)
+            if ver not in known:
+                raise ValueError(f"{path}: {what} format version {ver}, this code reads "
+                                 f"{' and '.join(map(str, known))}")
             return {k: z[k] for k in z.files}
     except (OSError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: {unreadable} ({type(e).__name__})") from None

@@ -136,7 +136,17 @@ def open_model(path: str, backend: str = "auto", predictors: str | None = None, 
 
 def run_sparse(model, bundle, device: str = "cpu"):
     """`model` with its FFN run sparse on `bundle` (checked against the model): the native backend
-    scores and selects in C, the others through a SparseFFN (DeviceSparseFFN on cuda)."""
+    scores and selects in C, the others through a SparseFFN (DeviceSparseFFN on cuda). An early
+    bundle (input "early") runs on the numba or reference backend: hooks score each layer's set when
+    the layer starts (predictors.early.EarlySets) and a SparseFFN runs it."""
+    if getattr(bundle, "input", "ffn") == "early":
+        if hasattr(model, "with_predictors") or device == "cuda":
+            raise ValueError("an early-input predictor bundle runs on the numba or reference backend (CPU)")
+        from rwkv_edge.predictors.early import EarlySets
+        from .sparse import SparseFFN
+
+        sets = EarlySets(bundle)
+        return sets.attach(model.with_ffn(SparseFFN(model, sets)))
     if hasattr(model, "with_predictors"):
         return model.with_predictors(bundle)
     from .sparse import DeviceSparseFFN, SparseFFN

@@ -66,6 +66,9 @@ class SparseFFN:
         from .backends import resolve
 
         self.F = model.config.ffn_dim
+        if getattr(predictor, "input", "ffn") != "ffn":
+            raise ValueError("this bundle scores early inputs, not the FFN input: run it through "
+                             "runtime.run_sparse (predictors.early.EarlySets)")
         self.bundles, self.dense = None, None
         if getattr(model.ops, "name", "") == "numba" or resolve("auto")[0] == "numba":
             self.bundles = layer_bundles(model, dtype)

@@ -9,8 +9,8 @@ from rwkv_edge.predictors.base import LayerPredictor
 from rwkv_edge.predictors.bundle import PredictorBundle
 from rwkv_edge.predictors.calibrate import threshold_for_target
 from rwkv_edge.predictors.collect import labels
-from rwkv_edge.predictors.early import (AffineQuantizedPredictor, EarlyMoments, MaskedFFN, ShiftEarlyPredictor,
-                                        capture, input_predict)
+from rwkv_edge.predictors.early import (AffineQuantizedPredictor, EarlyMoments, EarlyPredictor, MaskedFFN,
+                                        add_shift_rows, capture, early_input, input_predict)
 from rwkv_edge.predictors.quantized import QuantizedPredictor
 from rwkv_edge.sparse import SparseFFN
 
@@ -37,11 +37,16 @@ def _rows(model, tokens):
 
 @pytest.fixture(scope="module")
 def fitted(model):
-    """(moments of xk on ln1, moments of the channel-mix input on ln1, held-out rows per layer)."""
+    """(moments of xk on ln1, moments of xk - mix prev on ln1, held-out rows per layer)."""
     mom = EarlyMoments(model.config, "ln1")
-    mom_n = EarlyMoments(model.config, "ln1", target="norm")
-    capture(model, TRAIN, lambda layer, rows: (mom.add(layer, rows), mom_n.add(layer, rows)), chunk=128)
-    return mom, mom_n, _rows(model, HELD)
+    mom_y = EarlyMoments(model.config, "ln1", target="y")
+
+    def feed(layer, r):
+        mom.add(layer, r)
+        add_shift_rows(mom_y, layer, r["ln1"], r["prev"], r["ffn"], model.blocks[layer].ffn_xk)
+
+    capture(model, TRAIN, feed, chunk=128)
+    return mom, mom_y, _rows(model, HELD)
 
 
 def test_hooks_see_consistent_vectors_and_do_not_change_logits(model):
@@ -86,9 +91,9 @@ def test_early_predictor_meets_its_calibrated_recall_on_labels(model, fitted, ea
             p.calibrate(cal["ln1"], act_cal, 0.99)
             pred = p.mask(ev["ln1"])
         else:
-            p = ShiftEarlyPredictor.fit(mom_n, i, b.ffn_xk, QuantizedPredictor.fit(b.ffn_key, 2, 64, 2.0).qm)
-            p.calibrate(cal, act_cal, 0.99)
-            pred = p.mask_rows(ev)
+            p = EarlyPredictor.fit(mom_n, i, b.ffn_xk, QuantizedPredictor.fit(b.ffn_key, 2, 64, 2.0).qm)
+            p.calibrate(early_input(cal), act_cal, 0.99)
+            pred = p.mask(early_input(ev))
         assert p.calib.recall >= 0.99                                       # on the calibration rows
         mass = act_ev[pred].sum() / act_ev.sum()                            # on rows it never saw
         assert mass >= 0.95, (i, mass)
@@ -125,3 +130,75 @@ def test_masked_run_with_true_sets_is_dense_and_matches_the_sparse_ffn(model, fi
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
     assert masked.n_active == sp.n_active and 0 < masked.density < 1
     assert np.abs(got - want).max() > 1e-6                                # the sets are not all-active
+
+
+# --------------------------------------------------------------------------- collect --input early / fit / run
+
+
+@pytest.fixture(scope="module")
+def early_bundle(model, tmp_path_factory):
+    from rwkv_edge.predictors.collect import collect
+    from rwkv_edge.predictors.fit import fit
+
+    d = tmp_path_factory.mktemp("early")
+    collect(model, TRAIN, str(d / "act"), chunk=128, progress=False, input="early")
+    return fit(model, str(d / "act"), "quantized", bits=2, target=0.99, progress=False), str(d / "act")
+
+
+def test_early_collection_holds_ln1_prev_and_xk_of_the_same_tokens(model, early_bundle):
+    from rwkv_edge.predictors.collect import load_layer, read_manifest, split_rows
+
+    man = read_manifest(early_bundle[1])
+    D = model.config.n_embd
+    assert (man["format_version"], man["input"], man["dim"]) == (2, "early", 3 * D)
+    rows = _rows(model, TRAIN[:256])                         # the same windows of 128 from a fresh state
+    for i in range(model.config.n_layer):
+        x, xk = split_rows(man, load_layer(early_bundle[1], i, 0, 256))
+        np.testing.assert_allclose(x, early_input(rows[i]), atol=2e-3 * np.abs(x).max())   # float16 storage
+        np.testing.assert_allclose(xk, rows[i]["ffn"], atol=2e-3 * np.abs(xk).max())
+
+
+def test_fitted_early_bundle_recall_and_round_trip(model, early_bundle, fitted, tmp_path):
+    bundle = early_bundle[0]
+    assert bundle.input == "early" and all(isinstance(p, EarlyPredictor) for p in bundle.predictors)
+    held = fitted[2]
+    for i in range(model.config.n_layer):
+        active, act = labels(model, i, held[i]["ffn"])
+        pred = bundle.predict(i, early_input(held[i]))
+        assert act[pred].sum() / act.sum() >= 0.95                          # unseen rows, target 0.99
+        assert 0.05 < pred.mean() < 0.9 and (pred & active).sum() / active.sum() > 0.8
+    bundle.save(tmp_path / "b.npz")
+    back = PredictorBundle.load(tmp_path / "b.npz", model=model)
+    assert back.input == "early" and "early" in back.describe()
+    for i in range(model.config.n_layer):
+        np.testing.assert_array_equal(back.predict(i, early_input(held[i])), bundle.predict(i, early_input(held[i])))
+
+
+def test_version_1_bundles_load_as_ffn_input(model, tmp_path):
+    preds = [QuantizedPredictor.fit(b.ffn_key, 2, 64) for b in model.blocks]
+    PredictorBundle(preds, model.fingerprint, model.config, "quantized", 2, 0.99).save(tmp_path / "b.npz")
+    d = dict(np.load(tmp_path / "b.npz"))
+    d["format_version"] = np.array(1, np.int64)
+    del d["input"]
+    np.savez(tmp_path / "v1.npz", **d)
+    assert PredictorBundle.load(tmp_path / "v1.npz", model=model).input == "ffn"
+
+
+def test_early_bundle_runs_sparse_like_the_hook_pair_reference(model, early_bundle, fitted):
+    from rwkv_edge.runtime import run_sparse
+
+    bundle, toks = early_bundle[0], HELD[:48].tolist()
+    with pytest.raises(ValueError, match="early"):
+        SparseFFN(model, bundle)
+    sparse = run_sparse(model, bundle)
+    got, st = sparse.forward(toks, full_output=True)
+    ref = MaskedFFN(lambda layer, rows: bundle.predict(layer, early_input(rows)), model.config.ffn_dim)
+    want, _ = ref.attach(model).forward(toks, full_output=True)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    assert sparse.ffn.n_active == ref.n_active and 0 < sparse.ffn.density < 0.9
+    # decode: one token at a time from the prefill's state, the sets scored from the state's shift rows
+    nxt = HELD[48:52].tolist()
+    full, _ = ref.attach(model).forward(toks + nxt, full_output=True)
+    for j, t in enumerate(nxt):
+        lg, st = sparse.step(t, st)
+        assert np.abs(lg - full[48 + j]).max() <= 1e-4 * np.abs(full[48 + j]).max()

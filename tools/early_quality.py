@@ -28,8 +28,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "..", "shared")
 
 
-def _rows(model, tokens, keep_first=0, keep_last=0, moments=()):
-    """Capture over `tokens`: feed every moment accumulator, keep the first/last rows per layer."""
+def _rows(model, tokens, keep_first=0, keep_last=0, feeders=()):
+    """Capture over `tokens`: feed(layer, rows) for every feeder (least-squares moments) except on the
+    last `keep_last` rows; keep the first/last rows per layer."""
     from rwkv_edge.predictors.early import capture
 
     L, n = model.config.n_layer, len(tokens)
@@ -41,9 +42,9 @@ def _rows(model, tokens, keep_first=0, keep_last=0, moments=()):
     def on_rows(layer, rows):
         a = int(seen[layer])
         T = len(rows["ffn"])
-        for m in moments:
+        for feed in feeders:
             if a + T <= n - keep_last:          # calibration rows stay out of the fit
-                m.add(layer, rows)
+                feed(layer, rows)
         for k in names:
             v = rows[k]
             if a < keep_first:
@@ -85,7 +86,8 @@ def main(argv=None) -> int:
     from rwkv_edge.predictors.bundle import PredictorBundle
     from rwkv_edge.predictors.calibrate import threshold_for_target
     from rwkv_edge.predictors.collect import encode_text, labels
-    from rwkv_edge.predictors.early import AffineQuantizedPredictor, EarlyMoments, MaskedFFN, ShiftEarlyPredictor
+    from rwkv_edge.predictors.early import (AffineQuantizedPredictor, EarlyMoments, EarlyPredictor, MaskedFFN,
+                                            add_shift_rows, early_input)
     from rwkv_edge.quality import compute_base, run_segments, summarize, window_segments
     from rwkv_edge.runtime import open_model
     from rwkv_edge.tokenizer import load_tokenizer
@@ -97,8 +99,12 @@ def main(argv=None) -> int:
     targets = [float(t) for t in args.targets.split(",")]
     t0 = time.time()
     train = encode_text(tok, args.calib, args.train_tokens + args.calib_rows)
-    moms = {k: EarlyMoments(model.config, k.split("+")[0], "norm" if "+" in k else "ffn") for k in inputs if k != "ffn"}
-    clip_rows, cal_rows = _rows(model, train, 4096, args.calib_rows, list(moms.values()))
+    moms = {k: EarlyMoments(model.config, k.split("+")[0], "y" if "+" in k else "ffn") for k in inputs if k != "ffn"}
+    mixes = [np.asarray(b.ffn_xk, np.float32) for b in model.blocks]
+    feeders = [moms[k].add if k != "ln1+shift" else
+               (lambda layer, r: add_shift_rows(moms["ln1+shift"], layer, r["ln1"], r["prev"], r["ffn"], mixes[layer]))
+               for k in moms]
+    clip_rows, cal_rows = _rows(model, train, 4096, args.calib_rows, feeders)
     with open(args.heldout, encoding="utf-8") as f:
         ev_ids = tok.encode(f.read(args.eval_tokens * 16))[:args.eval_tokens]     # as `rwkv-edge eval` does
     _, ev_rows = _rows(model, ev_ids, 0, len(ev_ids))
@@ -114,9 +120,10 @@ def main(argv=None) -> int:
             if k == "ffn":
                 scorers[k].append(lambda r, wq=wq: r["ffn"] @ wq.T)
             elif k == "ln1+shift":      # xk ~ (1 - mix) (ln1 A + c) + mix prev, scored by the same 2-bit W_k
-                sp = ShiftEarlyPredictor.fit(moms[k], layer, model.blocks[layer].ffn_xk,
-                                             base_bundle.predictors[layer].qm, args.ridge)
-                scorers[k].append(sp.score_rows)
+                sp = EarlyPredictor.fit(moms[k], layer, mixes[layer], base_bundle.predictors[layer].qm,
+                                        ridge=args.ridge)
+                # the same math as sp.score, with W_hat dequantized once (QuantizedMatrix.matvec is slower)
+                scorers[k].append(lambda r, sp=sp, wq=wq: sp.xk_hat(early_input(r)) @ wq.T)
             else:
                 A, c = moms[k].solve(layer, args.ridge)
                 p = AffineQuantizedPredictor.fit_early(wk, A, c, k, args.bits, 64, clip_rows[layer][k], act_clip,
