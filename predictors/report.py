@@ -1,7 +1,7 @@
 """Measure a PredictorBundle on text: per-layer sparsity, recall, mass recall and bytes.
 
-The text runs through the dense model; at each layer's FFN input the bundle's prediction is
-compared with the true active set relu(W_k xk) > 0 and with the activation mass relu(W_k xk)^2.
+The text runs through the dense model; at each layer's FFN input the bundle's prediction (from
+xk, or for an early bundle from ln1(x_L) and the FFN shift state of the same tokens) is compared with the true active set relu(W_k xk) > 0 and with the activation mass relu(W_k xk)^2.
 The last line of the report is machine-readable:
 
     mean_pred_sparsity=0.XXX mean_recall=0.XXX mean_mass_recall=0.XXX predictor_bytes=N ffn_key_fp16_bytes=N
@@ -29,10 +29,13 @@ def evaluate(model, bundle, tokens, chunk: int = 512, progress: bool = True) -> 
     L = model.config.n_layer
     acc = [[None] * L for _ in bundles]
 
+    early = {}                                            # layer -> [ln1 (T, D), prev (T, D)]
+
     def hook(layer, xk):
         _, act = labels(model, layer, xk)                 # (T, F)
+        xe = np.concatenate(early.pop(layer), 1) if layer in early else None
         for j, b in enumerate(bundles):
-            s = recall_stats(b.predict(layer, xk), act)   # prediction: (T, F) bool
+            s = recall_stats(b.predict(layer, xe if b.input == "early" else xk), act)   # (T, F) bool
             a = acc[j][layer]
             acc[j][layer] = s if a is None else {k: a[k] + v for k, v in s.items()}
 
@@ -40,7 +43,12 @@ def evaluate(model, bundle, tokens, chunk: int = 512, progress: bool = True) -> 
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(tokens), unit="tok", desc="report", dynamic_ncols=True)
-    model.hooks.ffn_input.append(hook)
+    hooks = [(model.hooks.ffn_input, hook)]
+    if any(b.input == "early" for b in bundles):
+        hooks += [(model.hooks.att_input, lambda i, x, xa: early.__setitem__(i, [model.ops.to_host(xa)])),
+                  (model.hooks.ffn_shift, lambda i, x, prev: early[i].append(model.ops.to_host(prev)))]
+    for where, h in hooks:
+        where.append(h)
     try:
         state = None
         for a in range(0, len(tokens), chunk):
@@ -48,7 +56,8 @@ def evaluate(model, bundle, tokens, chunk: int = 512, progress: bool = True) -> 
             if bar is not None:
                 bar.update(min(chunk, len(tokens) - a))
     finally:
-        model.hooks.ffn_input.remove(hook)
+        for where, h in hooks:
+            where.remove(h)
         if bar is not None:
             bar.close()
     return acc if many else acc[0]

@@ -33,3 +33,21 @@ def test_collect_fit_generate_report(tmp_path):
     last = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split() if "=" in kv)
     assert 0.5 < float(last["mean_pred_sparsity"]) < 0.98          # sparse, but not empty
     assert float(last["mean_mass_recall"]) > 0.9                    # calibrated on 0.99 of the mass
+
+
+def test_early_bundle_pipeline(tmp_path):
+    """collect --input early -> fit-predictors (an early bundle) -> predictor-report and eval on it."""
+    act, bundle = tmp_path / "act", tmp_path / "early.npz"
+    _cli("collect", "--model", DEFAULT_MODEL, "--text", SAMPLE, "--out", act, "--tokens", 4000, "--no-progress",
+         "--input", "early")
+    r = _cli("fit-predictors", "--model", DEFAULT_MODEL, "--data", act, "--kind", "quantized", "--bits", 2,
+             "--target-recall", 0.99, "--out", bundle)
+    assert "scored on early inputs" in r.stdout
+    r = _cli("predictor-report", "--model", DEFAULT_MODEL, "--predictors", bundle, "--text", SAMPLE,
+             "--tokens", 1000)
+    last = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split() if "=" in kv)
+    assert 0.3 < float(last["mean_pred_sparsity"]) < 0.98 and float(last["mean_mass_recall"]) > 0.9
+    r = _cli("eval", "--model", DEFAULT_MODEL, "--predictors", bundle, "--text", SAMPLE, "--limit", 512,
+             "--ctx", 256, "--backend", "numba", "--no-progress")
+    last = dict(kv.split("=") for kv in r.stdout.strip().splitlines()[-1].split() if "=" in kv)
+    assert float(last["kld_mean"]) < 0.1 and 0.0 < float(last["density"]) < 0.9
