@@ -355,7 +355,7 @@ class _NoHooks:
         self.att_input, self.ffn_shift, self.ffn_input, self.ffn_activation = [], [], [], []
 
     def any(self) -> bool:
-        return False
+        return bool(self.att_input or self.ffn_shift or self.ffn_input or self.ffn_activation)
 
 
 class _Ops:
