@@ -7,8 +7,10 @@
    the early vectors (ln1(x_L), x_L; hook `att_input`) and the FFN input xk of the same tokens:
    least-squares moments for the map e -> xk (predictors/early.py), the last --calib-rows rows kept
    to calibrate and the first 4096 to choose the clip.
-2. Fits the 2-bit (--bits) affine predictor per layer for each early input, calibrates every
-   predictor (also the --bundle FFN-input one, recalibrated on the same rows) for each target.
+2. Fits per layer, for each input: "ffn" the --bundle's 2-bit W_k on xk (recalibrated on the same rows);
+   "ln1" / "resid" a 2-bit (--bits) affine predictor on ln1(x_L) / x_L (early.AffineQuantizedPredictor);
+   "ln1+shift" early.EarlyPredictor (xk_hat = ln1 A + c + mix prev, the FFN shift state prev known at
+   layer start, scored by the --bundle's W_k). Each is calibrated for each target on the same rows.
 3. Recall (mass and active) and density per layer on the first --eval-tokens of --heldout, and
    end-to-end KLD / same-top-1 / ppl vs dense over those tokens (ctx 512 windows, quality.py) with the
    sets predicted in the same run (hook pair, predictors.early.MaskedFFN).
