@@ -40,6 +40,7 @@ typedef struct nk_pred_x {
 /* The kernels that have SIMD versions. All rows are int8, all activations int8 per NK_GS group. */
 typedef struct {
     const char *name;     /* "vnni", "avx2" or "generic" */
+    int level;            /* 2, 1 or 0 (nk_kern_get's argument): the hot paths' test for the 512-bit twins */
     /* y[t * ldy + p] = sum_g xs[t * G + g] * (row_p . X[t])_g   (G = I / NK_GS; exact int32 per group)
      * row_p = base + stride * (idx ? idx[p] : p), p in [0, n); X (T, I) int8, xs (T, G). Unscaled. */
     void (*dots)(const int8_t *base, int64_t stride, const int32_t *idx, int64_t n, int64_t I,

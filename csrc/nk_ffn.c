@@ -45,7 +45,7 @@ static void value_columns(const nk_model *m, const nk_layer *b, const int32_t *p
     void (*ax)(float *, int64_t, const int8_t *const *, const float *) = m->k->axpy4;
     void (*axq)(float *, int64_t, const uint8_t *const *, const uint16_t *const *, const float *) = m->k->axpy4q;
 #ifdef NK_X86
-    if (wide && m->k == nk_kern_get(2) && D % NK_GS == 0)   /* prefill: the 512-bit twins (same floats) */
+    if (wide && m->k->level == 2 && D % NK_GS == 0)   /* prefill: the 512-bit twins (same floats) */
         ax = nk_axpy4_512, axq = nk_axpy4q_512;
 #else
     (void)wide;
@@ -152,7 +152,7 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
         key_dots(m, b, NULL, j0, nb, 0, T, s->keys, NB);
         NK_BUSY(14, tid);
 #ifdef NK_X86
-        int fast = !f->mask && nb % 16 == 0 && m->k == nk_kern_get(2);
+        int fast = !f->mask && nb % 16 == 0 && m->k->level == 2;
 #else
         int fast = 0;
 #endif
@@ -203,7 +203,7 @@ static void ffn_sparse_task(void *c, int tid, int64_t lo, int64_t hi) {
     key_dots(m, b, m->idx + lo, 0, hi - lo, f->t, 1, s->keys, 0);
     int64_t n = 0;
 #ifdef NK_X86
-    if (m->k == nk_kern_get(2))          /* 16 at a time, no branch per neuron: the same floats */
+    if (m->k->level == 2)          /* 16 at a time, no branch per neuron: the same floats */
         n = nk_active_idx_512(s->keys, b->kv4 ? NULL : b->kv_scale, m->idx + lo, hi - lo, s->pj, s->ph);
     else
 #endif

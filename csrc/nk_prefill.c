@@ -195,7 +195,7 @@ AVX2 static void quantize4_rows_avx2(const float *x, int64_t T, int64_t I, int8_
 /* X (T, I), xs (T, I / NK_GS), init (T, NK_INIT(I / NK_GS)) of x (T, I) as nk_quantize4 row by row */
 void nk_quantize4_many(const nk_model *m, const float *x, int64_t T, int64_t I, int8_t *X, float *xs, int32_t *init) {
 #ifdef NK_X86
-    if (m->k != nk_kern_get(0)) {
+    if (m->k->level > 0) {
         quantize4_rows_avx2(x, T, I, X, xs, init);
         return;
     }
@@ -208,7 +208,7 @@ void nk_quantize4_many(const nk_model *m, const float *x, int64_t T, int64_t I, 
 /* X (T, I) int8 and xs (T, I / NK_GS) of x (T, I) as nk_quantize row by row */
 void nk_quantize_many(const nk_model *m, const float *x, int64_t T, int64_t I, int8_t *X, float *xs) {
 #ifdef NK_X86
-    if (m->k != nk_kern_get(0)) {
+    if (m->k->level > 0) {
         quantize_rows_avx2(x, T, I, X, xs);
         return;
     }
@@ -316,7 +316,7 @@ VNNI static void wkv_512_pf(float *S, const float *S0, int64_t N, const float *r
 
 nk_wkv_fn nk_wkv_of(const nk_model *m) {
 #ifdef NK_X86
-    if (m->k == nk_kern_get(2) && m->N % 16 == 0 && m->N <= 256)
+    if (m->k->level == 2 && m->N % 16 == 0 && m->N <= 256)
         return wkv_512;
 #endif
     return m->k->wkv;
@@ -350,7 +350,7 @@ static void att_tokens_task(void *c, int tid, int64_t lo, int64_t hi) {
     const nk_layer *b = a->b;
     (void)tid;
     int64_t D = m->D, lt = m->lora_max, T = hi - lo;
-    int simd = m->k == nk_kern_get(2) ? 2 : m->k != nk_kern_get(0);  /* 2: 512-bit LoRA tile, 1: 256-bit */
+    int simd = m->k->level == 2 ? 2 : m->k->level > 0;  /* 2: 512-bit LoRA tile, 1: 256-bit */
     float *W = m->pre[0] + lo * D, *A = m->pre[1] + lo * D, *Gt = m->pre[2] + lo * D, *GV = m->pre[3] + lo * D;
     float *t1 = m->pre[5] + lo * lt;
     NK_BUSY0();
