@@ -4,7 +4,8 @@
  * (the same for group-wise int4 weights), each in a plain C version and, on x86-64, AVX2 / AVX-512
  * VNNI versions chosen at run time by cpuid. The model: nk_rwkv7.c (a whole RWKV-7 forward over T
  * tokens: all layers and the head in one call) and nk_ffn.c (its FFN, dense or sparse).
- * Weights are never copied: every pointer below points into the mmap of the .rwkve model file.
+ * Weights are not copied (but for the LoRAs' packed copy, nk_lora.c): the pointers below point into the
+ * mmap of the .rwkve model file.
  */
 #ifndef NK_H
 #define NK_H
@@ -40,6 +41,7 @@ typedef struct nk_pred_x {
 /* The kernels that have SIMD versions. All rows are int8, all activations int8 per NK_GS group. */
 typedef struct {
     const char *name;     /* "vnni", "avx2" or "generic" */
+    int level;            /* 2, 1 or 0 (nk_kern_get's argument): the hot paths' test for the 512-bit twins */
     /* y[t * ldy + p] = sum_g xs[t * G + g] * (row_p . X[t])_g   (G = I / NK_GS; exact int32 per group)
      * row_p = base + stride * (idx ? idx[p] : p), p in [0, n); X (T, I) int8, xs (T, G). Unscaled. */
     void (*dots)(const int8_t *base, int64_t stride, const int32_t *idx, int64_t n, int64_t I,
@@ -100,7 +102,10 @@ void nk_dots4_vnni(const uint8_t *, const uint16_t *, int64_t, int64_t, const in
 void nk_axpy4q_generic(float *out, int64_t D, const uint8_t *const *v, const uint16_t *const *s, const float *h);
 void nk_axpy4q_avx2(float *out, int64_t D, const uint8_t *const *v, const uint16_t *const *s, const float *h);
 float nk_h2f(uint16_t h);
-/* the packed LoRA layout (nk_lora.c): whether (I, O) has it, the packing (P: I * O bytes), the VNNI kernel */
+/* the packed LoRA layout (nk_lora.c): the width of the column block at column c0 (left = O - c0: 128, 64 or 16
+ * columns; block c0 at byte c0 * I, its rows W bytes apart), whether (I, O) has it, the packing (P: I * O
+ * bytes), the VNNI kernel */
+static inline int64_t nk_lora_block_w(int64_t left) { return left >= 128 ? 128 : (left >= 64 ? 64 : 16); }
 int nk_lora_packable(int64_t I, int64_t O);
 void nk_lora_pack(const int8_t *M, int64_t I, int64_t O, int8_t *P);
 void nk_vecmatp_512(const float *x, const int8_t *P, int64_t I, int64_t O, float *y, const int8_t *pf_end);

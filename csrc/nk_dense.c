@@ -92,7 +92,7 @@ AVX2 static void scale_rows_avx2(const float *A, const uint16_t *s, int64_t T, i
 /* P (T, F) = A (T, F) * s (F,) (float16 bits), per token (the same products at every level) */
 static void scale_rows(const nk_model *m, const float *A, const uint16_t *s, int64_t T, int64_t F, float *P) {
 #ifdef NK_X86
-    if (m->k != nk_kern_get(0)) {
+    if (m->k->level > 0) {
         scale_rows_avx2(A, s, T, F, P);
         return;
     }
@@ -151,7 +151,7 @@ static void values4_task(void *c, int tid, int64_t lo, int64_t hi) {
     int64_t F = m->F, T = dc->T;
     for (int64_t g = lo; g < hi; g++) {
 #ifdef NK_X86
-        if (m->k == nk_kern_get(2))
+        if (m->k->level == 2)
             fold_quantize4_512(dn->A, dn->st4[dc->layer] + g * F, T, F, dn->t[tid].X, dn->t[tid].xs, dn->t[tid].init);
         else
 #endif

@@ -8,7 +8,10 @@
  * only their key rows, then the value columns of the active ones. Prefill runs the dense key pass over a chunk (each key row read once for all its
  * tokens) and asks the predictor only about the active neurons (relu(k) > 0): the same sums as
  * the steps. Given sets (replayed, tools/bench.py --shape) mask the dense pass the same way.
- * Threads split neurons; each adds into its own output rows, summed after.
+ * Threads split neurons in a fixed split (pieces, a function of the neuron count and the thread count
+ * only): each piece adds into its own output rows, summed after in piece order, so N threads give the
+ * same floats every run whichever thread runs which piece (per-thread outputs, in the order each
+ * thread claimed its chunks, varied at ~3e-7 and flipped an int8 rounding about 1 run in 25).
  * Weights: int8 (kv (F, 2, D) + kv_scale (F, 2)) or int4 (kv4 (F, 2, D / 2) + group scales kv4s
  * (F, 2, D / 32), nk_q4.c): the helpers below pick the kernels; int4 has no per-neuron scales.
  */
@@ -19,13 +22,15 @@
 #include "nk_simd.h"
 
 /* ---- FFN ----------------------------------------------------------------------------------------- */
-typedef struct {
+typedef struct ffn_ctx {
     nk_model *m;
     const nk_layer *b;
     int64_t T;                 /* tokens (dense); sparse runs one token, t */
     int64_t t;
     const uint8_t *mask;       /* NULL, or (T, F): dense keys, but only these neurons' values (prefill) */
     const nk_pred *pred;       /* NULL, or prefill: dense keys, values of the active neurons it keeps */
+    void (*rows)(struct ffn_ctx *f, int tid, int64_t lo, int64_t hi, float *out);   /* a piece's neurons */
+    int64_t n, cs, rows_out;   /* neurons [0, n) in pieces of cs; the output rows of a piece (T or 1) */
 } ffn_ctx;
 
 #ifndef NK_WIDE_DECODE
@@ -45,7 +50,7 @@ static void value_columns(const nk_model *m, const nk_layer *b, const int32_t *p
     void (*ax)(float *, int64_t, const int8_t *const *, const float *) = m->k->axpy4;
     void (*axq)(float *, int64_t, const uint8_t *const *, const uint16_t *const *, const float *) = m->k->axpy4q;
 #ifdef NK_X86
-    if (wide && m->k == nk_kern_get(2) && D % NK_GS == 0)   /* prefill: the 512-bit twins (same floats) */
+    if (wide && m->k->level == 2 && D % NK_GS == 0)   /* prefill: the 512-bit twins (same floats) */
         ax = nk_axpy4_512, axq = nk_axpy4q_512;
 #else
     (void)wide;
@@ -117,8 +122,8 @@ static void key_dots(const nk_model *m, const nk_layer *b, const int32_t *idx, i
 static inline float kscale(const nk_layer *b, int64_t j) { return b->kv4 ? 1.0f : b->kv_scale[2 * j]; }
 static inline float vscale(const nk_layer *b, int64_t j) { return b->kv4 ? 1.0f : b->kv_scale[2 * j + 1]; }
 
-static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
-    ffn_ctx *f = (ffn_ctx *)c;
+/* neurons [lo, hi) of all T tokens, added into out (T, D) */
+static void ffn_dense_rows(ffn_ctx *f, int tid, int64_t lo, int64_t hi, float *out) {
     nk_model *m = f->m;
     nk_tls *s = &m->tls[tid];
     int64_t D = m->D, T = f->T;
@@ -133,7 +138,7 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
                 s->ph[n++] = a * a * vscale(b, j);
             }
         }
-        value_columns(m, b, s->pj, s->ph, n, s->out, NK_WIDE_DECODE);
+        value_columns(m, b, s->pj, s->ph, n, out, NK_WIDE_DECODE);
         s->nval += n;
         return;
     }
@@ -152,7 +157,7 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
         key_dots(m, b, NULL, j0, nb, 0, T, s->keys, NB);
         NK_BUSY(14, tid);
 #ifdef NK_X86
-        int fast = !f->mask && nb % 16 == 0 && m->k == nk_kern_get(2);
+        int fast = !f->mask && nb % 16 == 0 && m->k->level == 2;
 #else
         int fast = 0;
 #endif
@@ -186,7 +191,7 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
             s->nval += n - c0;
             NK_BUSY(15, tid);
             int64_t full = j0 + NB < hi ? n / 4 * 4 : n;          /* the last block: all of them */
-            value_columns(m, b, pj, ph, full, s->out + t * D, 1);
+            value_columns(m, b, pj, ph, full, out + t * D, 1);
             for (int64_t q = full; q < n; q++)
                 pj[q - full] = pj[q], ph[q - full] = ph[q];
             cnt[t] = n - full;
@@ -195,15 +200,15 @@ static void ffn_dense_task(void *c, int tid, int64_t lo, int64_t hi) {
     }
 }
 
-static void ffn_sparse_task(void *c, int tid, int64_t lo, int64_t hi) {
-    ffn_ctx *f = (ffn_ctx *)c;
+/* the active neurons m->idx[lo : hi) of token f->t, added into out (D,) */
+static void ffn_sparse_rows(ffn_ctx *f, int tid, int64_t lo, int64_t hi, float *out) {
     nk_model *m = f->m;
     nk_tls *s = &m->tls[tid];
     const nk_layer *b = f->b;
     key_dots(m, b, m->idx + lo, 0, hi - lo, f->t, 1, s->keys, 0);
     int64_t n = 0;
 #ifdef NK_X86
-    if (m->k == nk_kern_get(2))          /* 16 at a time, no branch per neuron: the same floats */
+    if (m->k->level == 2)          /* 16 at a time, no branch per neuron: the same floats */
         n = nk_active_idx_512(s->keys, b->kv4 ? NULL : b->kv_scale, m->idx + lo, hi - lo, s->pj, s->ph);
     else
 #endif
@@ -215,8 +220,62 @@ static void ffn_sparse_task(void *c, int tid, int64_t lo, int64_t hi) {
             s->ph[n++] = a * a * vscale(b, j);
         }
     }
-    value_columns(m, b, s->pj, s->ph, n, s->out, NK_WIDE_DECODE);
+    value_columns(m, b, s->pj, s->ph, n, out, NK_WIDE_DECODE);
     s->nval += n;
+}
+
+/* pieces [i0, i1) of the split: each into its own output rows, zeroed here (on the thread that runs it) */
+static void ffn_pieces_task(void *c, int tid, int64_t i0, int64_t i1) {
+    ffn_ctx *f = (ffn_ctx *)c;
+    int64_t D = f->m->D;
+    for (int64_t i = i0; i < i1; i++) {
+        float *out = f->m->part + i * TB * D;
+        int64_t lo = i * f->cs, hi = lo + f->cs < f->n ? lo + f->cs : f->n;
+        memset(out, 0, f->rows_out * D * sizeof(float));
+        f->rows(f, tid, lo, hi, out);
+    }
+}
+
+typedef struct {
+    nk_model *m;
+    float *x;                  /* (rows, D): += the pieces' outputs */
+    int64_t np;
+} sum_ctx;
+
+/* x[e] += part 0 [e], then part 1 [e], ...: piece order for every element, whichever thread sums it (a piece
+ * at a time over 1024 elements: contiguous adds the compiler vectorises, x stays in L1) */
+static void sum_task(void *c, int tid, int64_t lo, int64_t hi) {
+    sum_ctx *sc = (sum_ctx *)c;
+    float *x = sc->x;
+    int64_t ld = TB * sc->m->D;
+    (void)tid;
+    for (int64_t e0 = lo; e0 < hi; e0 += 1024) {
+        int64_t e1 = e0 + 1024 < hi ? e0 + 1024 : hi;
+        for (int64_t i = 0; i < sc->np; i++) {
+            const float *p = sc->m->part + i * ld;
+            for (int64_t e = e0; e < e1; e++)
+                x[e] += p[e];
+        }
+    }
+}
+
+/* x (rows, D) += the FFN of neurons [0, n) by f->rows over the pieces of the fixed split: m->npart pieces of
+ * a multiple of 4 neurons (one under 16 neurons); the sum over threads where it is a prefill chunk's */
+static void ffn_run(nk_model *m, ffn_ctx *f, int64_t n, int64_t rows, float *x) {
+    if (n <= 0)
+        return;
+    int64_t np = n < 16 ? 1 : m->npart;
+    f->n = n, f->rows_out = rows, f->cs = ((n + np - 1) / np + 3) / 4 * 4;
+    np = (n + f->cs - 1) / f->cs;
+    NK_TAG(3);
+    nk_pool_run_items(m->pool, ffn_pieces_task, f, np);
+    NK_SPAN0();
+    sum_ctx sc = {m, x, np};
+    if (rows > 1)
+        nk_pool_run(m->pool, sum_task, &sc, rows * m->D);
+    else
+        sum_task(&sc, 0, 0, m->D);
+    NK_SPAN(13);
 }
 
 #define NK_MAXREC 256            /* chunks of one pool call (nk_pool.c: about four per thread) */
@@ -265,10 +324,10 @@ static int64_t predict(nk_model *m, const nk_pred *p, const float *xk) {
     return n;
 }
 
-/* the tasks add into their thread's output rows: zero them (and the counts) first */
-static void zero_outs(nk_model *m, int64_t n) {
+/* the tasks count into their thread's counters: zero them first */
+static void zero_counts(nk_model *m) {
     for (int i = 0; i < nk_pool_size(m->pool); i++)
-        memset(m->tls[i].out, 0, n * sizeof(float)), m->tls[i].nval = 0, m->tls[i].npred = 0;
+        m->tls[i].nval = 0, m->tls[i].npred = 0;
 }
 
 /* token t's set (given, or predicted from m->fx) into m->idx, recorded in m->rec; returns its size */
@@ -294,7 +353,7 @@ static int64_t sparse_set(nk_model *m, const nk_pred *p, int64_t t) {
 void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T, float *ffn_x, int64_t *stats) {
     int64_t D = m->D, nt = nk_pool_size(m->pool);
     NK_SPAN0();
-    ffn_ctx c = {m, b, T, 0, NULL, NULL};
+    ffn_ctx c = {m, b, T, 0, NULL, NULL, ffn_dense_rows, 0, 0, 0};
     if (T > 1) {
         /* prefill: norm, shift, rounding (and the predictor's prep: sparse prefill below) over threads
          * by token (nk_prefill.c), the same floats as the steps' serial code */
@@ -340,41 +399,27 @@ void nk_channel_mix(nk_model *m, const nk_layer *b, const nk_pred *p, int64_t T,
         c.mask = m->mask;
     }
     if (c.mask || c.pred || (!p && !m->goff)) {
-        NK_SPAN_RESET();
-        zero_outs(m, T * D);
-        NK_SPAN(13);
-        NK_TAG(3);
-        nk_pool_run(m->pool, ffn_dense_task, &c, m->F);
-        NK_SPAN_RESET();
+        zero_counts(m);
+        ffn_run(m, &c, m->F, T, m->x);
         for (int64_t i = 0; i < nt; i++) {
-            for (int64_t e = 0; e < T * D; e++)
-                m->x[e] += m->tls[i].out[e];
             stats[1] += m->tls[i].nval;
             if (c.pred)
                 stats[0] += m->tls[i].npred;
         }
         if (!c.mask && !c.pred)
             stats[0] += T * m->F;
-        NK_SPAN(13);
         return;
     }
     for (int64_t t = 0; t < T; t++) {
         NK_SPAN_RESET();
         int64_t n = sparse_set(m, p, t);
         NK_SPAN(12);             /* the set: the predictor's prep and merge (its pool call is tag 2) */
-        c.t = t;
-        zero_outs(m, D);
-        NK_TAG(3);
-        NK_SPAN(13);
-        nk_pool_run(m->pool, ffn_sparse_task, &c, n);
-        NK_SPAN_RESET();
-        for (int i = 0; i < nt; i++) {
-            for (int64_t d = 0; d < D; d++)
-                m->x[t * D + d] += m->tls[i].out[d];
+        c.t = t, c.rows = ffn_sparse_rows;
+        zero_counts(m);
+        ffn_run(m, &c, n, 1, m->x + t * D);
+        for (int i = 0; i < nt; i++)
             stats[1] += m->tls[i].nval;
-        }
         stats[0] += n;
-        NK_SPAN(13);
     }
 }
 

@@ -181,7 +181,7 @@ void nk_head_rescore(nk_model *m, const float *xa, int64_t T, float *out, int64_
         float *z = out + t * ldy;
         int64_t K;
 #ifdef NK_X86
-        if (m->k == nk_kern_get(2) && m->V % 16 == 0 && m->head_k < m->V)
+        if (m->k->level == 2 && m->V % 16 == 0 && m->head_k < m->V)
             K = top_rows_512(z, m->V, m->head_k, m->hscratch, m->hcand, m->hidx);
         else
 #endif
@@ -202,7 +202,7 @@ int64_t nk_test_top_rows(int fast, const float *z, int64_t V, int64_t K, int32_t
     if (!fast)
         n = top_rows(z, V, K, scratch, cand, idx);
 #ifdef NK_X86
-    else if (nk_kern_get(2) && V % 16 == 0 && K < V)
+    else if (nk_cpu_level() >= 2 && V % 16 == 0 && K < V)
         n = top_rows_512(z, V, K, scratch, cand, idx);
 #endif
     free(scratch), free(cand);

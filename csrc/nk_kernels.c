@@ -96,7 +96,7 @@ static void vecmat_generic(const float *x, const int8_t *M, int64_t I, int64_t O
             y[o] += x[i] * M[i * O + o];
 }
 
-static const nk_kern K_GENERIC = {"generic", dots_generic, axpy4_generic, nk_pred_generic, wkv_generic, nk_dots4_generic,
+static const nk_kern K_GENERIC = {"generic", 0, dots_generic, axpy4_generic, nk_pred_generic, wkv_generic, nk_dots4_generic,
                                   nk_axpy4q_generic, vecmat_generic, NULL};
 
 #ifdef NK_X86
@@ -335,9 +335,9 @@ VNNI static void vecmat_512(const float *x, const int8_t *M, int64_t I, int64_t 
         VECMAT_BLOCK(1)
 }
 
-static const nk_kern K_AVX2 = {"avx2", dots_avx2, axpy4_avx2, nk_pred_avx2, wkv_avx2, nk_dots4_avx2, nk_axpy4q_avx2,
+static const nk_kern K_AVX2 = {"avx2", 1, dots_avx2, axpy4_avx2, nk_pred_avx2, wkv_avx2, nk_dots4_avx2, nk_axpy4q_avx2,
                                vecmat_avx2, NULL};
-static const nk_kern K_VNNI = {"vnni", dots_vnni, axpy4_avx2, nk_pred_avx2, wkv_avx2, nk_dots4_vnni, nk_axpy4q_avx2,
+static const nk_kern K_VNNI = {"vnni", 2, dots_vnni, axpy4_avx2, nk_pred_avx2, wkv_avx2, nk_dots4_vnni, nk_axpy4q_avx2,
                                vecmat_512, nk_vecmatp_512};
 #endif
 

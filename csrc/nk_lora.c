@@ -28,13 +28,11 @@
 
 #include "nk_simd.h"
 
-static inline int64_t block_w(int64_t left) { return left >= 128 ? 128 : (left >= 64 ? 64 : 16); }
-
 int nk_lora_packable(int64_t I, int64_t O) { return I > 0 && O > 0 && O % 16 == 0; }
 
 void nk_lora_pack(const int8_t *M, int64_t I, int64_t O, int8_t *P) {
     for (int64_t c0 = 0, W; c0 < O; c0 += W) {
-        W = block_w(O - c0);
+        W = nk_lora_block_w(O - c0);
         for (int64_t i = 0; i < I; i++)
             memcpy(P + c0 * I + i * W, M + i * O + c0, W);
     }
@@ -67,7 +65,7 @@ VNNI static inline __attribute__((always_inline)) void block_512(const float *x,
 VNNI void nk_vecmatp_512(const float *x, const int8_t *P, int64_t I, int64_t O, float *y, const int8_t *pf_end) {
     const int8_t *end = pf_end ? pf_end : P + I * O;
     for (int64_t c0 = 0, W; c0 < O; c0 += W) {
-        W = block_w(O - c0);
+        W = nk_lora_block_w(O - c0);
         const int8_t *B = P + c0 * I;
         if (W == 128)
             block_512(x, B, end, I, y + c0, 8);
@@ -105,8 +103,9 @@ static void lora_of(const nk_model *m, const nk_layer *b, int j, const int8_t **
 /* Pack every layer's LoRAs for k->vecmatp (above) into one buffer, in the order a decode step reads them
  * (gate, decay, a, value: nk_rwkv7.c lora_task), so the step streams it; a LoRA whose shape does not pack
  * keeps vecmat on the file's matrix (lp NULL), as does every LoRA at a level without vecmatp, or all of
- * them if the buffer cannot be had. The same floats either way. The copy is the decode's only (the prefill
- * reads the file's): 3.5 MB of anonymous memory at 58M (bench's rss_anon_mib +3.5). */
+ * them if the buffer cannot be had. The same floats either way. The decode and the prefill (nk_prefill.c
+ * lora_rows) read the copy only, so native.py gives the file matrices' pages back once it is made
+ * (nk_model_lora_packed): 3.5 MB of anonymous memory at 58M in place of as many file pages. */
 void nk_lora_pack_all(nk_model *m) {
     static const int order[8] = {4, 5, 0, 1, 2, 3, 6, 7};
     if (!m->k->vecmatp)
@@ -134,6 +133,13 @@ void nk_lora_pack_all(nk_model *m) {
             return;
         m->lp_end = m->lpbuf + off;
     }
+}
+
+/* 1 where layer i's LoRA j (nk_layer order w1 .. v2) is read from the packed copy alone (nothing reads the
+ * file's matrix after nk_model_new: native.py drops its pages), else 0 */
+int nk_model_lora_packed(const void *mp, int64_t i, int j) {
+    const nk_model *m = (const nk_model *)mp;
+    return m->lp && i >= 0 && i < m->L && j >= 0 && j < 8 && m->lp[8 * i + j] && m->k->level == 2;
 }
 
 /* the start of layer b's LoRA j: its first 48 lines (packed) or rows (the file's matrix) */

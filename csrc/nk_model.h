@@ -9,6 +9,8 @@
 #define TB 64      /* tokens per prefill chunk (<= 64: nk_kernels' VNNI correction array) */
 #define NB 256     /* neurons per key block of the prefill FFN: TB x NB keys (64 KiB); 256 vs 64:
                              dense within noise, sparse +0-3% (a quarter of the predictor calls) */
+#define NK_FFN_PIECES 4   /* FFN pieces per thread (as the pool's chunks per thread: a late thread's share
+                           * is taken by the others) */
 
 /* One layer: pointers only, in this order (rwkv_edge/backends/native.py builds the same list). */
 typedef struct {
@@ -32,7 +34,6 @@ typedef struct {
 } nk_layer;
 
 typedef struct {               /* per-thread scratch */
-    float *out;                /* (TB, D) this thread's FFN output */
     float *keys;               /* (TB, NB) or (F,) key activations */
     int32_t *pj;               /* (F,) active neurons */
     float *ph;                 /* (F,) their h = relu(k)^2 * value scale */
@@ -73,6 +74,8 @@ typedef struct {
     nk_pred_x px;
     nk_pred_x pxt[TB];         /* prefill: the predictor's view of each token of a chunk */
     nk_tls tls[NK_MAXT];
+    float *part;               /* (npart, TB, D): the FFN's output per piece of its fixed split (nk_ffn.c) */
+    int64_t npart;             /* NK_FFN_PIECES per thread; 1 on one thread */
     uint8_t *rec;              /* NULL, or where this call records the predicted sets (tests) */
     const int32_t *gidx;       /* NULL, or sets given by the caller (replayed): token t, layer i is */
     const int64_t *goff;       /*   gidx[goff[t L + i] : goff[t L + i + 1]] */

@@ -130,7 +130,7 @@ VNNI static int pred_prep_512(const nk_pred *p, const float *x, nk_pred_x *px) {
 
 void nk_pred_prep_k(const nk_kern *k, const nk_pred *p, const float *x, nk_pred_x *px) {
 #ifdef NK_X86
-    if (k == nk_kern_get(2) && pred_prep_512(p, x, px))
+    if (k->level == 2 && pred_prep_512(p, x, px))
         return;
 #else
     (void)k;
@@ -325,7 +325,7 @@ static int64_t sel2(const nk_pred *p, const nk_pred_x *px, const int32_t *idx, i
 /* Does the fused select (sel2) run p on kernel set k? */
 static int sel2_fits(const nk_kern *k, const nk_pred *p) {
 #ifdef NK_X86
-    return strcmp(k->name, "vnni") == 0 && (p->bits == 2 || p->bits == 1) && p->C == 64 * (int64_t)p->G && p->G % 8 == 0
+    return k->level == 2 && (p->bits == 2 || p->bits == 1) && p->C == 64 * (int64_t)p->G && p->G % 8 == 0
            && p->G <= 64;
 #else
     (void)k, (void)p;

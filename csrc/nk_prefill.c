@@ -41,18 +41,18 @@ static void lora_rows_generic(const float *X, int64_t ldx, int64_t T, const int8
 }
 
 #ifdef NK_X86
-/* NT (<= 6) tokens x 16 outputs: 12 accumulators; each row of M converted once for the NT tokens,
+/* NT (<= 6) tokens x 16 outputs (rows of M ldm bytes apart): 12 accumulators; each row of M converted once for the NT tokens,
  * then per token acc = fma(x_i, M_i, acc) over i in order: the sums of vecmat_avx2 in the steps'
  * lora() (nk_rwkv7.c), so the prefill's LoRAs equal the steps' bit for bit */
 AVX2 static inline __attribute__((always_inline)) void lora_tile(const float *X, int64_t ldx, const int8_t *M,
-                                                                 const float *cs, int64_t I, int64_t O, float *Y,
+                                                                 const float *cs, int64_t I, int64_t ldm, float *Y,
                                                                  int64_t ldy, const int NT) {
     __m256 acc[6][2];
     for (int t = 0; t < NT; t++)
         acc[t][0] = acc[t][1] = _mm256_setzero_ps();
 #define CV(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
     for (int64_t i = 0; i < I; i++) {
-        const int8_t *r = M + i * O;
+        const int8_t *r = M + i * ldm;
         __m256 w0 = CV(r), w1 = CV(r + 8);
         for (int t = 0; t < NT; t++) {
             __m256 x = _mm256_set1_ps(X[t * ldx + i]);
@@ -71,14 +71,14 @@ AVX2 static inline __attribute__((always_inline)) void lora_tile(const float *X,
 /* the same tile on 512-bit registers (VNNI level): NT tokens x 32 outputs; every lane does the
  * operations of the 256-bit tile's lane in the same order: the same floats */
 VNNI static inline __attribute__((always_inline)) void lora_tile512(const float *X, int64_t ldx, const int8_t *M,
-                                                                    const float *cs, int64_t I, int64_t O, float *Y,
+                                                                    const float *cs, int64_t I, int64_t ldm, float *Y,
                                                                     int64_t ldy, const int NT) {
     __m512 acc[6][2];
     for (int t = 0; t < NT; t++)
         acc[t][0] = acc[t][1] = _mm512_setzero_ps();
 #define CV(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
     for (int64_t i = 0; i < I; i++) {
-        const int8_t *r = M + i * O;
+        const int8_t *r = M + i * ldm;
         __m512 w0 = CV(r), w1 = CV(r + 16);
         for (int t = 0; t < NT; t++) {
             __m512 x = _mm512_set1_ps(X[t * ldx + i]);
@@ -94,38 +94,38 @@ VNNI static inline __attribute__((always_inline)) void lora_tile512(const float 
     }
 }
 
-/* O % 32 == 0 */
-VNNI static void lora_rows_512(const float *X, int64_t ldx, int64_t T, const int8_t *M, const float *cs, int64_t I,
-                               int64_t O, float *Y, int64_t ldy) {
+/* O % 32 == 0; rows of M ldm bytes apart (O: the file's matrix; a block's width: the packed copy) */
+VNNI static void lora_rows_512(const float *X, int64_t ldx, int64_t T, const int8_t *M, int64_t ldm, const float *cs,
+                               int64_t I, int64_t O, float *Y, int64_t ldy) {
     for (int64_t o0 = 0; o0 < O; o0 += 32)
         for (int64_t t0 = 0; t0 < T; t0 += 6) {
             const float *x = X + t0 * ldx;
             float *y = Y + t0 * ldy + o0;
             switch (T - t0 < 6 ? T - t0 : 6) {
-            case 6: lora_tile512(x, ldx, M + o0, cs + o0, I, O, y, ldy, 6); break;
-            case 5: lora_tile512(x, ldx, M + o0, cs + o0, I, O, y, ldy, 5); break;
-            case 4: lora_tile512(x, ldx, M + o0, cs + o0, I, O, y, ldy, 4); break;
-            case 3: lora_tile512(x, ldx, M + o0, cs + o0, I, O, y, ldy, 3); break;
-            case 2: lora_tile512(x, ldx, M + o0, cs + o0, I, O, y, ldy, 2); break;
-            default: lora_tile512(x, ldx, M + o0, cs + o0, I, O, y, ldy, 1); break;
+            case 6: lora_tile512(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 6); break;
+            case 5: lora_tile512(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 5); break;
+            case 4: lora_tile512(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 4); break;
+            case 3: lora_tile512(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 3); break;
+            case 2: lora_tile512(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 2); break;
+            default: lora_tile512(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 1); break;
             }
         }
 }
 
 /* O % 16 == 0; a 16-column stripe of M (16 I bytes) stays in L1 while every token block reads it */
-AVX2 static void lora_rows_avx2(const float *X, int64_t ldx, int64_t T, const int8_t *M, const float *cs, int64_t I,
-                                int64_t O, float *Y, int64_t ldy) {
+AVX2 static void lora_rows_avx2(const float *X, int64_t ldx, int64_t T, const int8_t *M, int64_t ldm, const float *cs,
+                                int64_t I, int64_t O, float *Y, int64_t ldy) {
     for (int64_t o0 = 0; o0 < O; o0 += 16)
         for (int64_t t0 = 0; t0 < T; t0 += 6) {
             const float *x = X + t0 * ldx;
             float *y = Y + t0 * ldy + o0;
             switch (T - t0 < 6 ? T - t0 : 6) {
-            case 6: lora_tile(x, ldx, M + o0, cs + o0, I, O, y, ldy, 6); break;
-            case 5: lora_tile(x, ldx, M + o0, cs + o0, I, O, y, ldy, 5); break;
-            case 4: lora_tile(x, ldx, M + o0, cs + o0, I, O, y, ldy, 4); break;
-            case 3: lora_tile(x, ldx, M + o0, cs + o0, I, O, y, ldy, 3); break;
-            case 2: lora_tile(x, ldx, M + o0, cs + o0, I, O, y, ldy, 2); break;
-            default: lora_tile(x, ldx, M + o0, cs + o0, I, O, y, ldy, 1); break;
+            case 6: lora_tile(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 6); break;
+            case 5: lora_tile(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 5); break;
+            case 4: lora_tile(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 4); break;
+            case 3: lora_tile(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 3); break;
+            case 2: lora_tile(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 2); break;
+            default: lora_tile(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 1); break;
             }
         }
 }
@@ -195,7 +195,7 @@ AVX2 static void quantize4_rows_avx2(const float *x, int64_t T, int64_t I, int8_
 /* X (T, I), xs (T, I / NK_GS), init (T, NK_INIT(I / NK_GS)) of x (T, I) as nk_quantize4 row by row */
 void nk_quantize4_many(const nk_model *m, const float *x, int64_t T, int64_t I, int8_t *X, float *xs, int32_t *init) {
 #ifdef NK_X86
-    if (m->k != nk_kern_get(0)) {
+    if (m->k->level > 0) {
         quantize4_rows_avx2(x, T, I, X, xs, init);
         return;
     }
@@ -208,7 +208,7 @@ void nk_quantize4_many(const nk_model *m, const float *x, int64_t T, int64_t I, 
 /* X (T, I) int8 and xs (T, I / NK_GS) of x (T, I) as nk_quantize row by row */
 void nk_quantize_many(const nk_model *m, const float *x, int64_t T, int64_t I, int8_t *X, float *xs) {
 #ifdef NK_X86
-    if (m->k != nk_kern_get(0)) {
+    if (m->k->level > 0) {
         quantize_rows_avx2(x, T, I, X, xs);
         return;
     }
@@ -217,18 +217,35 @@ void nk_quantize_many(const nk_model *m, const float *x, int64_t T, int64_t I, i
         nk_quantize(x + t * I, I, X + t * I, xs + t * (I / NK_GS));
 }
 
-/* the SIMD paths need O % 16 (LoRA), D % 8 and N % 8 */
-static void lora_rows(int simd, const float *X, int64_t ldx, int64_t T, const int8_t *M, const float *cs, int64_t I,
-                      int64_t O, float *Y, int64_t ldy) {
+/* Y (T, O) = X (T, I) @ LoRA j of layer b (nk_layer order w1 .. v2; M (I, O), cs: its file matrix and column
+ * scale). From the model's packed copy where it has one (nk_lora.c, VNNI level: block by block, each block's
+ * rows W bytes apart), so that after nk_model_new nothing reads the file's matrix (native.py gives its pages
+ * back); else from M. The same floats either way: each column's sum in its own lane, i in order, whichever
+ * tile width (the 512-bit tile's lanes do the 256-bit tile's operations). The SIMD paths need O % 16. */
+static void lora_rows(const nk_model *m, const nk_layer *b, int j, const float *X, int64_t ldx, int64_t T,
+                      const int8_t *M, const float *cs, int64_t I, int64_t O, float *Y, int64_t ldy) {
 #ifdef NK_X86
-    if (simd == 2 && O % 32 == 0) {
-        lora_rows_512(X, ldx, T, M, cs, I, O, Y, ldy);
+    const int8_t *P = m->lp ? m->lp[8 * (b - m->layers) + j] : NULL;
+    if (P && m->k->level == 2) {
+        for (int64_t c0 = 0, W; c0 < O; c0 += W) {
+            W = nk_lora_block_w(O - c0);
+            if (W % 32 == 0)
+                lora_rows_512(X, ldx, T, P + c0 * I, W, cs + c0, I, W, Y + c0, ldy);
+            else
+                lora_rows_avx2(X, ldx, T, P + c0 * I, W, cs + c0, I, W, Y + c0, ldy);
+        }
         return;
     }
-    if (simd && O % 16 == 0) {
-        lora_rows_avx2(X, ldx, T, M, cs, I, O, Y, ldy);
+    if (m->k->level == 2 && O % 32 == 0) {
+        lora_rows_512(X, ldx, T, M, O, cs, I, O, Y, ldy);
         return;
     }
+    if (m->k->level > 0 && O % 16 == 0) {
+        lora_rows_avx2(X, ldx, T, M, O, cs, I, O, Y, ldy);
+        return;
+    }
+#else
+    (void)m, (void)b, (void)j;
 #endif
     lora_rows_generic(X, ldx, T, M, cs, I, O, Y, ldy);
 }
@@ -316,7 +333,7 @@ VNNI static void wkv_512_pf(float *S, const float *S0, int64_t N, const float *r
 
 nk_wkv_fn nk_wkv_of(const nk_model *m) {
 #ifdef NK_X86
-    if (m->k == nk_kern_get(2) && m->N % 16 == 0 && m->N <= 256)
+    if (m->k->level == 2 && m->N % 16 == 0 && m->N <= 256)
         return wkv_512;
 #endif
     return m->k->wkv;
@@ -350,23 +367,22 @@ static void att_tokens_task(void *c, int tid, int64_t lo, int64_t hi) {
     const nk_layer *b = a->b;
     (void)tid;
     int64_t D = m->D, lt = m->lora_max, T = hi - lo;
-    int simd = m->k == nk_kern_get(2) ? 2 : m->k != nk_kern_get(0);  /* 2: 512-bit LoRA tile, 1: 256-bit */
     float *W = m->pre[0] + lo * D, *A = m->pre[1] + lo * D, *Gt = m->pre[2] + lo * D, *GV = m->pre[3] + lo * D;
     float *t1 = m->pre[5] + lo * lt;
     NK_BUSY0();
-    lora_rows(simd, m->mix[1] + lo * D, D, T, b->w1, b->w1s, D, m->dw, t1, lt);          /* decay */
+    lora_rows(m, b, 0, m->mix[1] + lo * D, D, T, b->w1, b->w1s, D, m->dw, t1, lt);          /* decay */
     tanh_rows(t1, T, m->dw, lt);
-    lora_rows(simd, t1, lt, T, b->w2, b->w2s, m->dw, D, W, D);
-    lora_rows(simd, m->mix[4] + lo * D, D, T, b->a1, b->a1s, D, m->da, t1, lt);          /* in-context rate */
-    lora_rows(simd, t1, lt, T, b->a2, b->a2s, m->da, D, A, D);
-    lora_rows(simd, m->mix[5] + lo * D, D, T, b->g1, b->g1s, D, m->dg, t1, lt);          /* output gate */
+    lora_rows(m, b, 1, t1, lt, T, b->w2, b->w2s, m->dw, D, W, D);
+    lora_rows(m, b, 2, m->mix[4] + lo * D, D, T, b->a1, b->a1s, D, m->da, t1, lt);          /* in-context rate */
+    lora_rows(m, b, 3, t1, lt, T, b->a2, b->a2s, m->da, D, A, D);
+    lora_rows(m, b, 4, m->mix[5] + lo * D, D, T, b->g1, b->g1s, D, m->dg, t1, lt);          /* output gate */
     nk_sigmoid_rows(m, t1, T, m->dg, lt);
-    lora_rows(simd, t1, lt, T, b->g2, b->g2s, m->dg, D, Gt, D);
+    lora_rows(m, b, 5, t1, lt, T, b->g2, b->g2s, m->dg, D, Gt, D);
     if (a->first) {
         memcpy(m->vf + lo * D, m->v + lo * D, T * D * sizeof(float));
     } else {                                                                              /* value residual */
-        lora_rows(simd, m->mix[3] + lo * D, D, T, b->v1, b->v1s, D, m->dv, t1, lt);
-        lora_rows(simd, t1, lt, T, b->v2, b->v2s, m->dv, D, GV, D);
+        lora_rows(m, b, 6, m->mix[3] + lo * D, D, T, b->v1, b->v1s, D, m->dv, t1, lt);
+        lora_rows(m, b, 7, t1, lt, T, b->v2, b->v2s, m->dv, D, GV, D);
     }
     NK_BUSY(17, tid);
     for (int64_t t = lo; t < hi; t++) {

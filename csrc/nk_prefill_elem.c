@@ -140,7 +140,7 @@ VNNIX static void sigmoid_rows_512(float *x, int64_t T, int64_t n, int64_t ld) {
 void nk_mix_heads(const nk_model *m, const nk_layer *b, int first, int64_t h0, int64_t h1, float *k, float *v,
                   const float *vf, float *W, float *A, const float *GV, float *KN) {
 #ifdef NK_X86
-    if (m->k == nk_kern_get(2) && m->N % 16 == 0) {
+    if (m->k->level == 2 && m->N % 16 == 0) {
         mix_token_512(b, h0, h1, m->N, first, k, v, vf, W, A, GV, KN);
         return;
     }
@@ -156,7 +156,7 @@ void nk_mix_token(const nk_model *m, const nk_layer *b, int first, float *k, flo
 /* x (T, n) (row stride ld) = sigmoid of itself (the output gate's hidden LoRA layer), at the level of m->k */
 void nk_sigmoid_rows(const nk_model *m, float *x, int64_t T, int64_t n, int64_t ld) {
 #ifdef NK_X86
-    if (m->k == nk_kern_get(2) && n % 16 == 0) {
+    if (m->k->level == 2 && n % 16 == 0) {
         sigmoid_rows_512(x, T, n, ld);
         return;
     }
@@ -268,7 +268,7 @@ void nk_shift_prefill(nk_model *m, int64_t T, const float *lnw, const float *lnb
  * built or the CPU lacks the VNNI level) ---------------------------------------------------------- */
 int nk_test_expf(const float *x, int64_t n, float *y) {
 #ifdef NK_X86
-    if (!nk_kern_get(2) || n % 16)
+    if (nk_cpu_level() < 2 || n % 16)
         return -1;
     expf_many_512(x, n, y);
     return 0;

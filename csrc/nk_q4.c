@@ -332,7 +332,7 @@ int nk_test_dots4(int level, const uint8_t *W, const uint16_t *S, int64_t n, int
 int nk_test_axpy4q(int level, const uint8_t *V, const uint16_t *S, const float *h, int64_t n, int64_t D, float *out) {
     void (*axq)(float *, int64_t, const uint8_t *const *, const uint16_t *const *, const float *) = NULL;
 #ifdef NK_X86
-    if (level == 3 && nk_kern_get(2))
+    if (level == 3 && nk_cpu_level() >= 2)
         axq = nk_axpy4q_512;
 #endif
     const nk_kern *k = level == 3 ? NULL : nk_kern_get(level);

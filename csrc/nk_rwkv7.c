@@ -314,8 +314,9 @@ void *nk_model_new(const int64_t *dims, const void *const *glob, const void *con
             px->plane[k2] = malloc(D);
         px->xs = malloc(G * sizeof(float)), px->e = malloc(G * sizeof(float)), px->xsum = malloc(G * sizeof(float));
     }
+    m->npart = nk_pool_size(m->pool) > 1 ? NK_FFN_PIECES * nk_pool_size(m->pool) : 1;
+    m->part = malloc(m->npart * TB * D * sizeof(float));
     for (int i = 0; i < nk_pool_size(m->pool); i++) {
-        m->tls[i].out = malloc(TB * D * sizeof(float));
         m->tls[i].keys = malloc((TB * NB > F ? TB * NB : F) * sizeof(float));
         m->tls[i].pj = malloc(F * sizeof(int32_t));
         m->tls[i].ph = malloc(F * sizeof(float));
@@ -350,11 +351,11 @@ void nk_model_free(void *mp) {
             free(px->plane[k]);
     }
     for (int i = 0; i < NK_MAXT; i++)
-        free(m->tls[i].out), free(m->tls[i].keys), free(m->tls[i].pj), free(m->tls[i].ph), free(m->tls[i].sc), free(m->tls[i].sel);
+        free(m->tls[i].keys), free(m->tls[i].pj), free(m->tls[i].ph), free(m->tls[i].sc), free(m->tls[i].sel);
     for (int i = 0; i < NK_MAXT; i++)
         free(m->tls[i].pjT), free(m->tls[i].phT), free(m->tls[i].lnprev);
     free(m->hscratch), free(m->hval), free(m->hcand), free(m->hidx);
-    free(m->lpbuf), free(m->lp);
+    free(m->lpbuf), free(m->lp), free(m->part);
     free(m->layers), free(m->pred), free(m);
 }
 

@@ -45,6 +45,16 @@ def _madvise(addr: int, length: int, advice: int) -> None:
         raise OSError(ctypes.get_errno(), f"madvise({advice}): {os.strerror(ctypes.get_errno())}")
 
 
+def _file_mapped(a) -> bool:
+    """Whether ndarray a is a view on an mmap (modelfile.open_tensors' mapping of the model file)."""
+    base = a
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    return isinstance(base, mmap.mmap) and a.nbytes > 0
+
+
 def advise_random(arrays) -> None:
     """MADV_RANDOM on file-mapped arrays (or NeuronBundledFFN bundles: their kv) read at scattered
     rows: a sparse FFN's neurons, the embedding's rows. Else each page fault reads read_ahead_kb
@@ -52,18 +62,36 @@ def advise_random(arrays) -> None:
     by a file mapping are left alone."""
     for a in arrays:
         a = getattr(a, "kv", a)
-        base = a
-        while isinstance(base, np.ndarray):
-            base = base.base
-        if isinstance(base, memoryview):
-            base = base.obj
-        if not isinstance(base, mmap.mmap) or a.nbytes == 0:
+        if not _file_mapped(a):
             continue
         lo = a.ctypes.data // PAGE * PAGE
         try:
             _madvise(lo, a.ctypes.data + a.nbytes - lo, ADVICE["random"])
         except OSError:
             pass
+
+
+def drop_pages(arrays) -> int:
+    """MADV_DONTNEED on the whole pages inside file-mapped arrays that nothing reads any more (a copy holds
+    their values: the native backend's packed LoRAs): the process's mapping lets them go (the page cache
+    keeps a clean copy), so they leave its resident memory; a later read faults them back in from the
+    file. The first and last page, which neighbouring tensors may share, are kept; arrays not backed by a
+    file mapping are left alone (DONTNEED would zero anonymous memory). The mapping is copy-on-write
+    (ACCESS_COPY): a page written in place would go back to the file's bytes, and nothing writes weights.
+    Returns the bytes advised."""
+    n = 0
+    for a in arrays:
+        if a is None or not _file_mapped(a):
+            continue
+        lo = -(-a.ctypes.data // PAGE) * PAGE
+        hi = (a.ctypes.data + a.nbytes) // PAGE * PAGE
+        if hi > lo:
+            try:
+                _madvise(lo, hi - lo, ADVICE["dontneed"])
+                n += hi - lo
+            except OSError:
+                pass
+    return n
 
 
 def weight_bytes(model) -> dict:

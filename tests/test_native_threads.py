@@ -32,9 +32,9 @@ def int8_file_heads16(tiny_ckpt, tmp_path_factory):
 def _close_steps(got, want):
     """tn._close for a run of decode steps: an activation on a rounding boundary that rounds the other way
     in one thread count moves the logits of that step and of the steps the recurrence carries it to (seen
-    on int8_file_heads16, about 1 run in 30 at ee8141a: steps 4-9 of 12 at 4e-3 to 7e-3, the same
-    values every time it happened: the pool hands out chunks to whichever thread claims first, so the
-    neurons each thread sums, and their float order, vary between runs), so the median of 12 steps may
+    on int8_file_heads16, about 1 run in 30 at ee8141a: steps 4-9 of 12 at 4e-3 to 7e-3, when the FFN
+    summed per-thread outputs in claim order; its pieces are now summed in a fixed order, so a thread count
+    gives the same floats every run, still another order than 1 thread's), so the median of 12 steps may
     land on them. A wrong row, scale or split moves every step: at least a quarter of the steps within
     float order, and none beyond FLIP."""
     e = np.array([tn._rel(g, w) for g, w in zip(got, want)])
@@ -114,6 +114,26 @@ def test_prefill_threads_match_one_thread(request, fixture):
             if np.array_equal(rec, rec1):      # the last token's logits: at most a rounding flip (tn.FLIP)
                 assert tn._rel(o, o1) < tn.FLIP
                 assert tn._rel(s.wkv, s1.wkv) < tn.FLIP and tn._rel(s.ffn_x, s1.ffn_x) < tn.FLIP
+
+
+def test_threads_same_floats_every_run(int8_file_heads16):
+    """The FFN's neurons go to threads in a fixed split whose pieces are summed in piece order (csrc/nk_ffn.c),
+    so a prefill and decode steps at 2 threads give bit-identical logits and state run after run, whichever
+    thread claims which piece (dense and sparse)."""
+    bundle = tn._bundle(load_modelfile(int8_file_heads16, backend="reference"), 2)
+    m = NativeRWKV7.open(int8_file_heads16, threads=2)
+    prompt, steps = tn._toks(40, seed=31), tn._toks(6, seed=32)
+    for mm in (m, m.with_predictors(bundle)):
+        runs = []
+        for _ in range(6):
+            outs, s = [], None
+            for toks in [prompt] + [[t] for t in steps]:
+                o, s = mm.forward(toks, s)
+                outs.append(np.array(o))
+            runs.append((np.stack(outs), s))
+        for outs, s in runs[1:]:
+            assert np.array_equal(outs, runs[0][0])
+            assert np.array_equal(s.wkv, runs[0][1].wkv) and np.array_equal(s.ffn_x, runs[0][1].ffn_x)
 
 
 def test_pool_contention_guard():

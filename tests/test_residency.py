@@ -104,3 +104,27 @@ def test_mapping_resident_counts_the_model_file(path):
 
 def w_other(model):
     return weight_bytes(model)["other"]
+
+
+def test_native_packed_loras_leave_the_process(path):
+    """The native backend reads LoRAs from its packed copy alone at the VNNI level (csrc/nk_lora.c: decode,
+    csrc/nk_prefill.c: prefill), so their file pages are given back at build (residency.drop_pages) and a
+    prefill and steps do not fault them in again; a LoRA that does not pack (v1: 8 columns) is still read
+    from the file. Pages shared with neighbouring tensors (the first and last) may stay."""
+    from rwkv_edge.backends import native
+    from rwkv_edge.memstat import resident_bytes
+    if not native.available()[0] or native.level() != "vnni":
+        pytest.skip("the packed LoRAs need the native backend's VNNI level")
+    m = native.NativeRWKV7.open(path)
+    lora = [m._t[f"blocks.1.att.{n}.qc"] for n in ("w1", "w2", "a1", "a2", "g1", "g2", "v2")]
+    if resident_bytes(lora[0]) is None:
+        pytest.skip("no /proc/self/pagemap")
+    assert all(a.nbytes >= 4 * PAGE for a in lora)
+    for toks in ([1, 2, 3, 4, 5, 6, 7, 8], [9], [10]):
+        m.forward(toks)
+        assert all(resident_bytes(a) <= 2 * PAGE for a in lora), [resident_bytes(a) for a in lora]
+    v1 = m._t["blocks.1.att.v1.qc"]
+    assert resident_bytes(v1) >= v1.nbytes - 2 * PAGE
+    keep = np.arange(4 * PAGE, dtype=np.uint8)             # not a file mapping: left alone (DONTNEED would zero it)
+    from rwkv_edge.residency import drop_pages
+    assert drop_pages([keep]) == 0 and (keep == np.arange(4 * PAGE, dtype=np.uint8)).all()

@@ -3,7 +3,7 @@
  * how much of each CPU other work takes away (jitter).
  *
  *   cd csrc && gcc -O3 -std=gnu11 -march=native -pthread -I. ../tools/host_probe.c nk_kernels.c nk_pred.c \
- *       nk_q4.c nk_prefill_kernels.c -o /tmp/host_probe -lm
+ *       nk_q4.c nk_prefill_kernels.c nk_lora.c -o /tmp/host_probe -lm
  *   flock -x /work/wt/bench.lock /tmp/host_probe bw 7          # median / best of 7 passes, 1 vs 2 threads
  *   flock -x /work/wt/bench.lock /tmp/host_probe jitter 5 [max% [threads]]   # 5 s; exit 1 if a CPU lost > max%
  *

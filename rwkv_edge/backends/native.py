@@ -6,7 +6,8 @@
 
 The library is the optional extension `rwkv_edge.backends._nk` (setup.py), loaded with ctypes; no
 numba anywhere on this path. The weights stay in the mmap of the model file: the C side gets
-pointers into the numpy views of the mapping (zero copies), so the process holds the Python
+pointers into the numpy views of the mapping (zero copies, but for the LoRAs: at the VNNI level the C
+side reads a packed copy of them and their file pages are given back), so the process holds the Python
 runtime, the mapped pages it touches and a few hundred KiB of scratch.
 
 Math: models/v7.py, with every int8 mat-vec as integer dot products on the activation rounded to
@@ -253,6 +254,12 @@ class NativeRWKV7:
         if not h:
             raise RuntimeError("native backend: could not create the model (out of memory?)")
         self._h = h
+        if hasattr(self._lib, "nk_model_lora_packed"):
+            # LoRAs the C side reads from its packed copy alone (csrc/nk_lora.c, decode and prefill): the
+            # file's pages go back to the kernel (3.5 MiB resident at 58M)
+            from ..residency import drop_pages
+            drop_pages([t[f"blocks.{i}.att.{n}.qc"] for i in range(L) for j, n in enumerate(lora)
+                        if (i > 0 or j < 6) and self._lib.nk_model_lora_packed(h, i, j)])
         if self.ffn_mode == "dense" and self._bundle is None and self._sets is None and (
                 not hasattr(self._lib, "nk_model_dense") or self._lib.nk_model_dense(h, 1) != 0):
             raise RuntimeError("native backend: no dense FFN (a build without it, no memory, or ffn_dim % 32)")

@@ -56,6 +56,9 @@ def bind_library(path: str):
     lib.nk_model_free.argtypes = [P]
     lib.nk_forward.restype = ctypes.c_int
     lib.nk_forward.argtypes = [P, P, i64, P, P, P, P, i64, P, P, P, P, P]
+    if hasattr(lib, "nk_model_lora_packed"):    # builds before the prefill read the packed LoRAs lack it
+        lib.nk_model_lora_packed.restype = ctypes.c_int
+        lib.nk_model_lora_packed.argtypes = [P, i64, ctypes.c_int]
     if hasattr(lib, "nk_model_dense"):          # builds before the every-row dense FFN lack it
         lib.nk_model_dense.restype = ctypes.c_int
         lib.nk_model_dense.argtypes = [P, ctypes.c_int]
