@@ -58,6 +58,7 @@ import math
 
 import torch
 
+from .cuda_decode_early import kernels as early_kernels
 from .cuda_decode_kernels import kernels
 from .cuda_decode_pipe import kernels as pipe_kernels
 
@@ -87,13 +88,20 @@ _BIG = 1 << 30
 # evict_key on the W_k rows (None: as evict_stream), evict_value on the sparse W_v^T rows; None for
 # evict_stream / evict_value: "evict_first" / "evict_last" when the weights read per token (dense)
 # are <= evict_auto_l2x times the L2 size, else "" (see the measurements above).
+# early_scores > 0 (predicted mode, D and the group count powers of two, whole width): the predictor
+# scores layer L's LN1 output instead of its FFN input (the bundle's thresholds must be calibrated on
+# that vector), in extra programs of the att_head launch (1) or of the stacked GEMV launch (2) or in a
+# launch of its own after the LN1 mix (3), early_bn rows a scoring program; the FFN (`ffn_early`,
+# early_ffn_bn rows, early_warps warps) loads the selected rows before its PDL wait, early_na at a time
+# (0: one masked tile), with (early_vsel) or without their W_v^T rows (cuda_decode_early.py).
 TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk=1024, key_warps=4,
             value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
             mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048,
             gather_na=None, sparse_bn=32, sparse_warps=4, fuse_ffn_mix=False, split_value=None, diag=0,
             split_warps=4, value_on_sel=False, evict_stream=None, evict_value=None, evict_key=None,
             evict_auto_l2x=2.0, pred_key_bn=8, pipe_bn=0, pipe_per_sm=2, pipe_warps=8, pipe_defer=False,
-            pipe_stages=None, score_perm=False)
+            pipe_stages=None, score_perm=False, early_scores=0, early_bn=8, early_ffn_bn=32, early_na=8,
+            early_warps=4, early_vsel=True)
 
 def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -214,6 +222,10 @@ class FusedDecode:
         self.words = (mode == "predicted" and bool(tn["score_perm"]) and one and not self.mixin
                       and all(p["qw"] is not None for p in self.pred))
         self.xp = z(D + max(D // p["gs"] for p in self.pred) if self.words else 1)   # perm_x's copy of xk
+        self.early = int(tn["early_scores"]) if mode == "predicted" and one and full and not self.mixin else 0
+        if self.early:
+            self.K, self.words, self.gather = dict(self.K, **early_kernels()), False, False
+        self.emask = torch.zeros((L, F) if self.early else (1, 1), dtype=torch.int8, device=dev)  # early masks
         # predicted, fused value: W_v^T rows of the selected (not active) rows, early
         self.vsel = (mode == "predicted" and bool(tn["value_on_sel"]) and tn["fused_value"] and not self.gather
                      and tn["split_value"] is None and full and _p2(D) <= tn["key_value_bd"])
@@ -269,26 +281,36 @@ class FusedDecode:
         kw = dict(num_warps=warps, launch_pdl=True) if self.pdl else dict(num_warps=warps)
         return kw if stages is None else dict(kw, num_stages=stages)   # stages: Triton's loop pipelining
 
-    def _gemv(self, W, x, y, base=None, seg=None, act=0, bn=4, warps=None, y2=None):
+    def _escore(self, i):
+        """Layer i's early-score arguments: runtime (LN1 output, codes, scales, zeros, threshold, mask, F)
+        and constexpr (SBN, BITS, PER, NB, GC); the grid of scoring programs."""
+        p, bn = self.pred[i], self.tune["early_bn"]
+        return ((self.st.att_x[i], p["q"], p["s"], p["z"], p["thr"], self.emask[i], self.F),
+                dict(SBN=bn, BITS=p["bits"], PER=p["per"], NB=p["gs"] // p["per"], GC=p["g"]), -(-self.F // bn))
+
+    def _gemv(self, W, x, y, base=None, seg=None, act=0, bn=4, warps=None, y2=None, score=None):
         # tiles of BN rows x the whole width (<= full_k): one load per program, issued before the
         # PDL wait, and thousands of programs, so that the HBM pipe stays full (BN divides every segment)
         n, k = W.shape
         ends, xs, nseg = seg if seg is not None else (y, y, 1)
         full = _p2(k) <= self.tune["full_k"]
-        self.K["gemv"][(-(-n // bn),)](W, x, y, base if base is not None else y, ends, xs, n, k,
-                                       y2 if y2 is not None else y,
+        args, kw, nsc = score or ((), {}, 0)    # early scores: nsc scoring programs first (gemv_early)
+        args = args + (nsc,) if score else ()
+        self.K["gemv_early" if score else "gemv"][(nsc + -(-n // bn),)](
+                                       W, x, y, base if base is not None else y, ends, xs, n, k,
+                                       y2 if y2 is not None else y, *args, **kw,
                                        BN=bn, BK=_p2(k) if full else min(self.tune["gemv_bk"], _p2(k)), NSEG=nseg,
                                        ACT=act, ADD=base is not None, FULL=full, PDL=self.pdl, DUAL=y2 is not None,
                                        EVW=self.tune["evict_stream"],
                                        **self._kw(warps or self.tune["gemv_warps"]))
 
-    def _mix(self, emb: bool, ln, prev, mix, out, nmix, copy=None, perm=None):
+    def _mix(self, emb: bool, ln, prev, mix, out, nmix, copy=None, perm=None, wfirst=False):
         D = self.D
         cp = copy or (out, out)
         self.K["mix"][(1,)](self.x, self.emb, self.tok, self.ln0[0], self.ln0[1], ln[0], ln[1],
                             prev, mix, out, D, 1e-5, cp[0], cp[1], self.xp, BD=_p2(D), EMB=emb, NMIX=nmix,
                             BM=_p2(max(1, nmix)), PDL=self.pdl, COPY=copy is not None,
-                            PBITS=perm["bits"] if perm else 0, PGS=perm["gs"] if perm else 1,
+                            PBITS=perm["bits"] if perm else 0, PGS=perm["gs"] if perm else 1, WFIRST=wfirst,
                             **self._kw(self.tune["mix_warps"] or (4 if D <= 1024 else 16)))
 
     def _forward(self):
@@ -300,16 +322,23 @@ class FusedDecode:
         evk = tn["evict_stream"] if tn["evict_key"] is None else tn["evict_key"]   # W_k rows' L2 hint
         for i, lay in enumerate(self.layers):
             self._mix(i == 0, lay["ln1"], st.att_x[i], lay["amix"], self.x6, 6)
+            sc = self._escore(i) if self.early else None
+            if self.early == 3:   # early scores in their own launch (reads the LN1 output st.att_x[i])
+                K["score_early"][(sc[2],)](*sc[0], **sc[1], PDL=self.pdl, **self._kw(tn["key_warps"]))
             r0 = 0
             for m, ends, xs, nseg, bn in lay["mats"]:
                 self._gemv(m, self.x6, self.y1[r0:r0 + m.shape[0]], seg=(ends, xs, nseg),
-                           bn=min(bn, tn["gemv_bn"]))
+                           bn=min(bn, tn["gemv_bn"]), score=sc if self.early == 2 and r0 == 0 else None)
                 r0 += m.shape[0]
             cp = (self.fnew[i - 1], st.ffn_x[i - 1]) if mixin and i else (self.yg, self.yg)
-            K["att_head"][(self.H,)](self.y1, D, lay["lw"], lay["la"], lay["lg"], lay["lv"], lay["w2"], lay["a2"],
+            eh = self.early == 1    # att_head_early: the H heads, then the scoring programs
+            head = K["att_head_early"] if eh else K["att_head"]
+            head[(self.H + (sc[2] if eh else 0),)](self.y1, D, lay["lw"], lay["la"], lay["lg"], lay["lv"], lay["w2"],
+                                     lay["a2"],
                                      lay["g2"], lay["v2"], lay["w0"], lay["a0"], lay["v0"], lay["kk"], lay["ka"],
                                      lay["rk"], lay["lnx"][0], lay["lnx"][1], self.vfirst, st.wkv[i], self.yg,
-                                     self.slot[i], cp[0], cp[1], N=N, BLW=_p2(lay["lw"]), BLA=_p2(lay["la"]),
+                                     self.slot[i], cp[0], cp[1], *((self.H,) + sc[0] if eh else ()),
+                                     **(sc[1] if eh else {}), N=N, BLW=_p2(lay["lw"]), BLA=_p2(lay["la"]),
                                      BLG=_p2(lay["lg"]), BLV=_p2(max(1, lay["lv"])), FIRST=i == 0, PDL=self.pdl,
                                      COPY=mixin and i > 0, **self._kw(tn["head_warps"]))
             if mixin:   # x stays the layer input; xb = x + att (the FFN's LN input); sparse: x = xb too
@@ -317,8 +346,17 @@ class FusedDecode:
                            y2=self.x if sparse else None)
             else:
                 self._gemv(lay["att_o"], self.yg, self.x, base=self.x, bn=min(4, tn["gemv_bn"]))
+                # early scores: this launch waits before it triggers, so that the FFN launch (which reads
+                # the mask before its own wait) starts only after att_o, hence the scorer, completed
                 self._mix(False, lay["ln2"], st.ffn_x[i], lay["fmix"], self.xk, 1,
-                          perm=self.pred[i] if self.words else None)
+                          perm=self.pred[i] if self.words else None, wfirst=bool(self.early))
+            if self.early:    # the sparse FFN from the early mask (cuda_decode_early.ffn_early)
+                bn = tn["early_ffn_bn"]
+                K["ffn_early"][(-(-F // bn),)](lay["key"], self.xk, self.kbuf[i], self.emask[i], F, D, lay["wv"],
+                                               self.x, self.cnt[i], BN=bn, BK=_p2(D), NA=tn["early_na"],
+                                               PDL=self.pdl, VSEL=bool(tn["early_vsel"]), EVW=evk,
+                                               EVV=tn["evict_value"], **self._kw(tn["early_warps"]))
+                continue
             mx = (self.xb, st.ffn_x[i], lay["fmix"], lay["ln2"][0], lay["ln2"][1], self.fnew[i])
             p = self.pred[i] if self.pred else None
             wq = dict(xp_p=self.xp, WORDS=self.words, WPG=max(1, p["gs"] // p["per"] // 4) if p else 1)
@@ -415,7 +453,7 @@ class FusedDecode:
         s = self.stats() if density is None else None
         rd = 1.0 if self.mode != "predicted" else (s["read_density"] if s else density)
         ac = 1.0 if self.mode == "dense" else (s["active_density"] if s else density)
-        ac = rd if self.vsel else ac     # value rows read for every predicted row
+        ac = rd if self.vsel or (self.early and self.tune["early_vsel"]) else ac   # value rows of every predicted row
         n = it(self.head) + self.D * self.emb.element_size()
         for i, lay in enumerate(self.layers):
             n += sum(it(m[0]) for m in lay["mats"]) + it(lay["att_o"])
