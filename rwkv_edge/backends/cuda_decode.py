@@ -355,7 +355,7 @@ class FusedDecode:
                 K["ffn_early"][(-(-F // bn),)](lay["key"], self.xk, self.kbuf[i], self.emask[i], F, D, lay["wv"],
                                                self.x, self.cnt[i], BN=bn, BK=_p2(D), NA=tn["early_na"],
                                                PDL=self.pdl, VSEL=bool(tn["early_vsel"]), EVW=evk,
-                                               EVV=tn["evict_value"], **self._kw(tn["early_warps"]))
+                                               EVV=tn["evict_value"], DIAG=tn["diag"], **self._kw(tn["early_warps"]))
                 continue
             mx = (self.xb, st.ffn_x[i], lay["fmix"], lay["ln2"][0], lay["ln2"][1], self.fnew[i])
             p = self.pred[i] if self.pred else None

@@ -43,25 +43,9 @@ def kernels():
     from . import cuda_decode_kernels as KD
 
     KD.kernels()                        # defines the shared jit helpers in that module's globals
-    globals().update(_sync=KD._sync, _codes=KD._codes, _gather=KD._gather, _gemv_tile=KD._gemv_tile,
+    globals().update(_sync=KD._sync, _codes=KD._codes, _score_bytes=KD._score_bytes,
+                     _gather=KD._gather, _gemv_tile=KD._gemv_tile,
                      _att_head=KD._att_head)
-
-    @triton.jit
-    def _score_bytes(x_p, byt, scale, zero, BN: tl.constexpr, GC: tl.constexpr, NB: tl.constexpr,
-                     PER: tl.constexpr, BITS: tl.constexpr):
-        """Byte-wise one-shot scores (BN,) of a `_codes` tile against x (D = GC*NB*PER floats at x_p):
-        score = sum_g zero_g sum(x_g) + scale_g (q_g . x_g); one int-to-float conversion per code."""
-        cb = tl.arange(0, GC * NB)
-        qx = tl.zeros((BN, GC * NB), dtype=tl.float32)
-        xs = tl.zeros((GC * NB,), dtype=tl.float32)
-        for s in tl.static_range(PER):
-            code = ((byt >> (s * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-            xq = tl.load(x_p + cb * PER + s)
-            qx += code * xq[None, :]
-            xs += xq
-        qg = tl.sum(tl.reshape(qx, (BN, GC, NB)), axis=2)                  # (BN, G)
-        xg = tl.sum(tl.reshape(xs, (GC, NB)), axis=1)                      # (G,)
-        return tl.sum(scale * qg + zero * xg[None, :], axis=1)
 
     @triton.jit
     def _early_score(pid, ex_p, q_p, qs_p, qz_p, thr, mk_p, F, SBN: tl.constexpr, BITS: tl.constexpr,
@@ -72,7 +56,7 @@ def kernels():
         rm = rows < F
         byt, scale, zero = _codes(q_p, qs_p, qz_p, rows, rm, GC, NB)
         _sync(PDL)
-        sc = _score_bytes(ex_p, byt, scale, zero, SBN, GC, NB, PER, BITS)
+        sc = _score_bytes(ex_p, ex_p, byt, scale, zero, SBN, GC, NB, PER, BITS, False)
         tl.store(mk_p + rows, (sc >= thr).to(tl.int8), mask=rm)
 
     @triton.jit
@@ -128,11 +112,13 @@ def kernels():
 
     @triton.jit
     def ffn_early(w_p, x_p, k_p, mk_p, F, D, vt_p, xo_p, cnt_p, BN: tl.constexpr, BK: tl.constexpr,
-                  NA: tl.constexpr, PDL: tl.constexpr, VSEL: tl.constexpr, EVW: tl.constexpr, EVV: tl.constexpr):
+                  NA: tl.constexpr, PDL: tl.constexpr, VSEL: tl.constexpr, EVW: tl.constexpr, EVV: tl.constexpr,
+                  DIAG: tl.constexpr):
         """The sparse FFN of BN rows (D <= BK) from the early mask: the selected rows' W_k rows (VSEL: and
         their W_v^T rows, whatever their keys) are loaded BEFORE the wait, NA gathered at a time (the
         first NA before the wait, the rest after), or NA = 0: as one masked (BN, BK) tile. After the wait:
-        keys, -1 for the rows not selected, the value partial added to xo_p once per program."""
+        keys, -1 for the rows not selected, the value partial added to xo_p once per program.
+        DIAG 3 (timing only, wrong results): no rows at all (the bound with the scores off this launch)."""
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
         rm = rows < F
@@ -140,6 +126,8 @@ def kernels():
         km = ks < D
         # the mask of the early scores: complete before this launch started (module docstring)
         sel = rm & (tl.load(mk_p + rows, mask=rm, other=0, cache_modifier=".cg") != 0)
+        if DIAG == 3:
+            sel = sel & (rows < 0)
         sl = sel.to(tl.int32)
         ns = tl.sum(sl, axis=0)
         if NA == 0:

@@ -57,7 +57,7 @@ def kernels():
     # the kernels call these by their global names (Triton resolves called jit functions there)
     globals().update(_sync=_sync, _wait_first=_wait_first)
     from .cuda_decode_score import helpers
-    globals().update(helpers(_sync))    # predictor scores: _score, _codes, _words, _score_words, perm_x
+    globals().update(helpers(_sync))    # predictor scores: _score, _codes, _score_bytes, _words, _score_words, perm_x
 
     @triton.jit
     def mix(x_p, emb_p, tok_p, ln0w_p, ln0b_p, lnw_p, lnb_p, prev_p, mix_p, out_p, D, eps, cps_p, cpd_p, xp_p,
@@ -265,19 +265,9 @@ def kernels():
                 _sync(PDL)
                 sc = _score_words(xp_p, wd, scale, zero, GC, WPG, BITS)
             elif ONESHOT:  # the row tile's codes in one load (GC = G groups, D // PER and G powers of two)
-                cb = tl.arange(0, GC * NB)
                 byt, scale, zero = _codes(q_p, qs_p, qz_p, rows, rm, GC, NB)
                 _sync(PDL)
-                qx = tl.zeros((BN, GC * NB), dtype=tl.float32)
-                xs = tl.zeros((GC * NB,), dtype=tl.float32)
-                for s in tl.static_range(PER):
-                    code = ((byt >> (s * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-                    xq = tl.load(x_p + cb * PER + s)
-                    qx += code * xq[None, :]
-                    xs += xq
-                qg = tl.sum(tl.reshape(qx, (BN, GC, NB)), axis=2)                  # (BN, G)
-                xg = tl.sum(tl.reshape(xs, (GC, NB)), axis=1)                      # (G,)
-                sc = tl.sum(scale * qg + zero * xg[None, :], axis=1)
+                sc = _score_bytes(x_p, x_p, byt, scale, zero, BN, GC, NB, PER, BITS, False)
             else:
                 sc = _score(x_p, q_p, qs_p, qz_p, rows, rm, D, G, BN, BITS, GS, PER, NB, PDL)
             sel = rm & (sc >= thr)
@@ -392,18 +382,8 @@ def kernels():
                 xv = tl.load(x_p + ks, mask=km, other=0.0)
             if WORDS:
                 sc = _score_words(xp_p, wd, scale, zero, GC, WPG, BITS)
-            else:
-                x2 = tl.reshape(xv, (GC * NB, PER))                      # x2[c, s] = x[c * PER + s]
-                qx = tl.zeros((BN, GC * NB), dtype=tl.float32)
-                xs = tl.zeros((GC * NB,), dtype=tl.float32)
-                for s in tl.static_range(PER):
-                    code = ((byt >> (s * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-                    xq = tl.sum(tl.where(tl.arange(0, PER)[None, :] == s, x2, 0.0), axis=1)
-                    qx += code * xq[None, :]
-                    xs += xq
-                qg = tl.sum(tl.reshape(qx, (BN, GC, NB)), axis=2)
-                xg = tl.sum(tl.reshape(xs, (GC, NB)), axis=1)
-                sc = tl.sum(scale * qg + zero * xg[None, :], axis=1)
+            else:       # x from registers (with MIXIN it exists nowhere else)
+                sc = _score_bytes(x_p, xv, byt, scale, zero, BN, GC, NB, PER, BITS, True)
             sel = rm & (sc >= thr)
             tl.store(k_p + rows, tl.full((BN,), -1.0, tl.float32), mask=rm & (sc < thr))   # -1: not predicted
             sl = sel.to(tl.int32)
