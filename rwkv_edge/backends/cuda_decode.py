@@ -218,13 +218,15 @@ class FusedDecode:
         self.pipe = mode == "exact" and self.tune["pipe_bn"] > 0 and not self.gather and full and D == _p2(D)
         if self.pipe:
             self.K = dict(self.K, **pipe_kernels())
-        self.mixin = bool(self.tune["fuse_ffn_mix"]) and full and (mode == "dense" or self.gather or self.pipe)
-        self.words = (mode == "predicted" and bool(tn["score_perm"]) and one and not self.mixin
+        self.early = int(tn["early_scores"]) if mode == "predicted" and one and full else 0
+        self.gather = self.gather and not self.early
+        self.mixin = bool(self.tune["fuse_ffn_mix"]) and full and (mode == "dense" or self.gather or self.pipe
+                                                                   or self.early in (2, 3))
+        self.words = (mode == "predicted" and bool(tn["score_perm"]) and one and not self.mixin and not self.early
                       and all(p["qw"] is not None for p in self.pred))
         self.xp = z(D + max(D // p["gs"] for p in self.pred) if self.words else 1)   # perm_x's copy of xk
-        self.early = int(tn["early_scores"]) if mode == "predicted" and one and full and not self.mixin else 0
         if self.early:
-            self.K, self.words, self.gather = dict(self.K, **early_kernels()), False, False
+            self.K = dict(self.K, **early_kernels())
         self.emask = torch.zeros((L, F) if self.early else (1, 1), dtype=torch.int8, device=dev)  # early masks
         # predicted, fused value: W_v^T rows of the selected (not active) rows, early
         self.vsel = (mode == "predicted" and bool(tn["value_on_sel"]) and tn["fused_value"] and not self.gather
@@ -340,24 +342,27 @@ class FusedDecode:
                                      self.slot[i], cp[0], cp[1], *((self.H,) + sc[0] if eh else ()),
                                      **(sc[1] if eh else {}), N=N, BLW=_p2(lay["lw"]), BLA=_p2(lay["la"]),
                                      BLG=_p2(lay["lg"]), BLV=_p2(max(1, lay["lv"])), FIRST=i == 0, PDL=self.pdl,
-                                     COPY=mixin and i > 0, **self._kw(tn["head_warps"]))
+                                     COPY=mixin and i > 0, WFIRST=self.early in (2, 3),
+                                     **self._kw(tn["head_warps"]))
             if mixin:   # x stays the layer input; xb = x + att (the FFN's LN input); sparse: x = xb too
                 self._gemv(lay["att_o"], self.yg, self.xb, base=self.x, bn=min(4, tn["gemv_bn"]),
                            y2=self.x if sparse else None)
             else:
                 self._gemv(lay["att_o"], self.yg, self.x, base=self.x, bn=min(4, tn["gemv_bn"]))
-                # early scores: this launch waits before it triggers, so that the FFN launch (which reads
-                # the mask before its own wait) starts only after att_o, hence the scorer, completed
+                # early scores in att_head (1): this launch waits before it triggers, so that the FFN launch
+                # (which reads the mask before its own wait) starts only after att_o, hence att_head, completed
+                # (2, 3: att_head waits first; cuda_decode_early.py gives the reasoning)
                 self._mix(False, lay["ln2"], st.ffn_x[i], lay["fmix"], self.xk, 1,
-                          perm=self.pred[i] if self.words else None, wfirst=bool(self.early))
+                          perm=self.pred[i] if self.words else None, wfirst=self.early == 1)
+            mx = (self.xb, st.ffn_x[i], lay["fmix"], lay["ln2"][0], lay["ln2"][1], self.fnew[i])
             if self.early:    # the sparse FFN from the early mask (cuda_decode_early.ffn_early)
                 bn = tn["early_ffn_bn"]
-                K["ffn_early"][(-(-F // bn),)](lay["key"], self.xk, self.kbuf[i], self.emask[i], F, D, lay["wv"],
-                                               self.x, self.cnt[i], BN=bn, BK=_p2(D), NA=tn["early_na"],
-                                               PDL=self.pdl, VSEL=bool(tn["early_vsel"]), EVW=evk,
-                                               EVV=tn["evict_value"], DIAG=tn["diag"], **self._kw(tn["early_warps"]))
+                if tn["diag"] != 4:   # (diag 4, timing only: no FFN launch)
+                    K["ffn_early"][(-(-F // bn),)](
+                        lay["key"], self.xk, self.kbuf[i], self.emask[i], F, D, lay["wv"], self.x, self.cnt[i], *mx,
+                        BN=bn, BK=_p2(D), MIXIN=mixin, NA=tn["early_na"], PDL=self.pdl, VSEL=bool(tn["early_vsel"]),
+                        EVW=evk, EVV=tn["evict_value"], DIAG=tn["diag"], **self._kw(tn["early_warps"]))
                 continue
-            mx = (self.xb, st.ffn_x[i], lay["fmix"], lay["ln2"][0], lay["ln2"][1], self.fnew[i])
             p = self.pred[i] if self.pred else None
             wq = dict(xp_p=self.xp, WORDS=self.words, WPG=max(1, p["gs"] // p["per"] // 4) if p else 1)
             q = p or dict(q=self.xk, s=self.xk, z=self.xk, thr=0.0, bits=8, gs=1, g=0, per=1)
@@ -453,7 +458,8 @@ class FusedDecode:
         s = self.stats() if density is None else None
         rd = 1.0 if self.mode != "predicted" else (s["read_density"] if s else density)
         ac = 1.0 if self.mode == "dense" else (s["active_density"] if s else density)
-        ac = rd if self.vsel or (self.early and self.tune["early_vsel"]) else ac   # value rows of every predicted row
+        # value rows of every predicted row (value_on_sel; early scores with early_vsel)
+        ac = rd if self.vsel or (getattr(self, "early", 0) and self.tune["early_vsel"]) else ac
         n = it(self.head) + self.D * self.emb.element_size()
         for i, lay in enumerate(self.layers):
             n += sum(it(m[0]) for m in lay["mats"]) + it(lay["att_o"])

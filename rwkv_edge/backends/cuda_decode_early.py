@@ -19,15 +19,20 @@ Kernels here:
 
 PDL (why the FFN may read the mask before its wait): with the default trigger-then-wait order of every
 kernel (`_sync`), a launch can start while its predecessor, and even older kernels, still run, so
-nothing an earlier launch wrote is safe to read before the wait. The scores are written by the host
-launch (1, 2: att_head or the GEMV; 3: the own launch), which is at least two launches before the FFN
-(... host, att_o, LN2 mix, FFN). With early scores the LN2 mix launch waits BEFORE it triggers
-(`_wait_first`), so the FFN launch starts only once the LN2 mix has passed its wait, i.e. once att_o
-has completed; att_o completed after its own wait returned, i.e. after the host launch (and everything
-before it) completed and its stores became visible. The FFN reads the mask with .cg (L2, never a stale
-L1 line from the last step). The cost: the FFN's early loads overlap the LN2 mix only, not att_o's
-tail. The next step's scorer of layer L writes mask[L] after its own wait (all earlier kernels, this
-FFN included, done), so there is no write-after-read hazard either.
+nothing an earlier launch wrote is safe to read before the wait. So one launch between the scorer and
+the FFN waits BEFORE it triggers (`_wait_first`): its successor starts only once it has passed its
+wait, i.e. once its predecessor completed, and every kernel completes only after its own wait returned,
+so by induction everything before that predecessor has completed too, its stores visible.
+  2, 3 (scores in the GEMV / own launch): att_head waits first. The FFN starts only after its
+     predecessor (LN2 mix, or att_o with fuse_ffn_mix) was launched, which follows att_o's launch, which
+     follows att_head passing its wait, i.e. the completion of the GEMV launch (and of the own launch
+     before it). att_head's cost: att_o is launched once the GEMV completed instead of at once; its
+     weight loads still overlap att_head's ~8 us body. The FFN's row loads overlap att_o's tail.
+  1  (scores in att_head): the LN2 mix waits first: the FFN starts after att_o completed (hence att_head,
+     the writer); its row loads overlap only the LN2 mix (no fuse_ffn_mix here).
+The FFN reads the mask with .cg (L2, never a stale L1 line from the last step). The next step's scorer
+of layer L writes mask[L] after its own wait (all earlier kernels, this FFN included, done), so there
+is no write-after-read hazard either.
 """
 from __future__ import annotations
 
@@ -44,7 +49,7 @@ def kernels():
 
     KD.kernels()                        # defines the shared jit helpers in that module's globals
     globals().update(_sync=KD._sync, _codes=KD._codes, _score_bytes=KD._score_bytes,
-                     _gather=KD._gather, _gemv_tile=KD._gemv_tile,
+                     _gather=KD._gather, _gemv_tile=KD._gemv_tile, _ln_mix=KD._ln_mix,
                      _att_head=KD._att_head)
 
     @triton.jit
@@ -86,14 +91,14 @@ def kernels():
                        N: tl.constexpr, BLW: tl.constexpr, BLA: tl.constexpr, BLG: tl.constexpr,
                        BLV: tl.constexpr, FIRST: tl.constexpr, PDL: tl.constexpr, COPY: tl.constexpr,
                        SBN: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr, NB: tl.constexpr,
-                       GC: tl.constexpr):
+                       GC: tl.constexpr, WFIRST: tl.constexpr):
         """The att_head launch (programs 0..H-1, dispatched first: they are the critical path) with
         scoring programs after them on the SMs the heads leave idle."""
         pid = tl.program_id(0)
         if pid < H:
             _att_head(pid, y1_p, D, LW, LA, LG, LV, w2_p, a2_p, g2_p, v2_p, w0_p, a0_p, v0_p, kk_p, ka_p,
                       rk_p, lnxw_p, lnxb_p, vfirst_p, s_p, out_p, slot_p, cps_p, cpd_p,
-                      N, BLW, BLA, BLG, BLV, FIRST, PDL, COPY)
+                      N, BLW, BLA, BLG, BLV, FIRST, PDL, COPY, False)
         else:
             _early_score(pid - H, ex_p, q_p, qs_p, qz_p, thr, mk_p, F, SBN, BITS, PER, NB, GC, PDL)
 
@@ -111,13 +116,15 @@ def kernels():
         return tl.sum(vv.to(tl.float32) * y[:, None], axis=0), tl.sum(a.to(tl.int32), axis=0)
 
     @triton.jit
-    def ffn_early(w_p, x_p, k_p, mk_p, F, D, vt_p, xo_p, cnt_p, BN: tl.constexpr, BK: tl.constexpr,
+    def ffn_early(w_p, x_p, k_p, mk_p, F, D, vt_p, xo_p, cnt_p, xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p,
+                  BN: tl.constexpr, BK: tl.constexpr, MIXIN: tl.constexpr,
                   NA: tl.constexpr, PDL: tl.constexpr, VSEL: tl.constexpr, EVW: tl.constexpr, EVV: tl.constexpr,
                   DIAG: tl.constexpr):
         """The sparse FFN of BN rows (D <= BK) from the early mask: the selected rows' W_k rows (VSEL: and
         their W_v^T rows, whatever their keys) are loaded BEFORE the wait, NA gathered at a time (the
         first NA before the wait, the rest after), or NA = 0: as one masked (BN, BK) tile. After the wait:
-        keys, -1 for the rows not selected, the value partial added to xo_p once per program.
+        [MIXIN: LN2 + token shift of the residual xb_p here, as ffn_sparse does (no LN2 mix launch)], keys,
+        -1 for the rows not selected, the value partial added to xo_p once per program.
         DIAG 3 (timing only, wrong results): no rows at all (the bound with the scores off this launch)."""
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
@@ -142,7 +149,10 @@ def kernels():
             vv = tl.load(vt_p + r[:, None] * D + ks[None, :], mask=ok[:, None] & km[None, :], other=0.0,
                          eviction_policy=EVV)
         _sync(PDL)
-        xv = tl.load(x_p + ks, mask=km, other=0.0)
+        if MIXIN:
+            xv = _ln_mix(xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p, D, ks, km, pid == 0)
+        else:
+            xv = tl.load(x_p + ks, mask=km, other=0.0)
         tl.store(k_p + rows, tl.full((BN,), -1.0, tl.float32), mask=rm & (sl == 0))  # -1: not predicted
         acc, na = _early_rows(w_p, vt_p, r, ok, ks, km, D, xv, k_p, wk, vv, VSEL, EVV)
         if NA > 0:

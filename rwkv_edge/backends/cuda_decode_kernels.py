@@ -152,8 +152,8 @@ def kernels():
     def _att_head(h, y1_p, D, LW, LA, LG, LV, w2_p, a2_p, g2_p, v2_p, w0_p, a0_p, v0_p, kk_p, ka_p, rk_p,
                   lnxw_p, lnxb_p, vfirst_p, s_p, out_p, slot_p, cps_p, cpd_p,
                   N: tl.constexpr, BLW: tl.constexpr, BLA: tl.constexpr, BLG: tl.constexpr, BLV: tl.constexpr,
-                  FIRST: tl.constexpr, PDL: tl.constexpr, COPY: tl.constexpr):
-        """Head h of the `att_head` kernel."""
+                  FIRST: tl.constexpr, PDL: tl.constexpr, COPY: tl.constexpr, WFIRST: tl.constexpr):
+        """Head h of the `att_head` kernel (WFIRST: wait, then trigger; see cuda_decode_early.py)."""
         n = tl.arange(0, N)
         col = h * N + n
         # weights, constants and this layer's wkv state (last written by the previous step) first
@@ -176,7 +176,10 @@ def kernels():
             lv = tl.arange(0, BLV)
             v2 = tl.load(v2_p + lv[:, None] * D + col[None, :], mask=(lv < LV)[:, None], other=0.0)
             v0 = tl.load(v0_p + col)
-        _sync(PDL)
+        if WFIRST:
+            _wait_first(PDL)
+        else:
+            _sync(PDL)
         if COPY:  # ffn_x[i-1] <- the scratch the fused FFN mix of layer i-1 wrote (read by nobody now)
             tl.store(cpd_p + col, tl.load(cps_p + col))
         tl.store(slot_p + tl.arange(0, 2), tl.zeros((2,), dtype=tl.int32), mask=(tl.arange(0, 2) < 2) & (h == 0))
@@ -219,10 +222,10 @@ def kernels():
     def att_head(y1_p, D, LW, LA, LG, LV, w2_p, a2_p, g2_p, v2_p, w0_p, a0_p, v0_p, kk_p, ka_p, rk_p,
                  lnxw_p, lnxb_p, vfirst_p, s_p, out_p, slot_p, cps_p, cpd_p,
                  N: tl.constexpr, BLW: tl.constexpr, BLA: tl.constexpr, BLG: tl.constexpr, BLV: tl.constexpr,
-                 FIRST: tl.constexpr, PDL: tl.constexpr, COPY: tl.constexpr):
+                 FIRST: tl.constexpr, PDL: tl.constexpr, COPY: tl.constexpr, WFIRST: tl.constexpr):
         _att_head(tl.program_id(0), y1_p, D, LW, LA, LG, LV, w2_p, a2_p, g2_p, v2_p, w0_p, a0_p, v0_p, kk_p, ka_p,
                   rk_p, lnxw_p, lnxb_p, vfirst_p, s_p, out_p, slot_p, cps_p, cpd_p,
-                  N, BLW, BLA, BLG, BLV, FIRST, PDL, COPY)
+                  N, BLW, BLA, BLG, BLV, FIRST, PDL, COPY, WFIRST)
 
     globals().update(_gemv_tile=_gemv_tile, _att_head=_att_head)
 
