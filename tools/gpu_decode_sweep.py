@@ -14,7 +14,8 @@ first set's dense row. One JSON line per measurement.
 A set with "early_scores" > 0 (cuda_decode_early.py) runs with a copy of the bundle whose per-layer
 thresholds select, on layer L's LN1 output, the share of rows the bundle's own threshold selects on
 the FFN input (both over the first --early-calib tokens): the same read density, for speed only (the
-quality of such predictors is not what this measures)."""
+quality of such predictors is not what this measures); "early_share": S in the set selects a share S
+of the rows in every layer instead."""
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 
-def early_bundle(m, bundle, toks):
+def early_bundle(m, bundle, toks, target=None):
     """A copy of `bundle` (a namespace with .predictors) whose thresholds are the quantiles of the scores
     of the LN1 outputs (the state's att_x after each token) at each layer's predicted share on the FFN
-    inputs of the same tokens (generic path of model m, one token at a time)."""
+    inputs of the same tokens (generic path of model m, one token at a time), or at share `target`."""
     import copy
     import dataclasses
     import types
@@ -50,7 +51,7 @@ def early_bundle(m, bundle, toks):
         m.hooks.ffn_input.pop()
     preds, shares = [], []
     for i, p in enumerate(bundle.predictors):
-        share = float(np.mean(p.score(np.stack(xk[i])) >= p.calib.threshold))
+        share = float(np.mean(p.score(np.stack(xk[i])) >= p.calib.threshold)) if target is None else target
         thr = float(np.quantile(p.score(np.stack([x[i] for x in x1])), 1.0 - share))
         q = copy.copy(p)
         q.calib = dataclasses.replace(p.calib, threshold=thr)
@@ -99,7 +100,8 @@ def main() -> int:
     toks = [int(v) for v in np.random.default_rng(2).integers(1, V, args.tokens)]
     _, st = m.forward(toks[:16])
     sets = [(s.split("=", 1)[0], json.loads(s.split("=", 1)[1])) for s in args.set] or [("default", {})]
-    ebundle = early_bundle(m, bundle, toks[:args.early_calib]) if any(t.get("early_scores") for _, t in sets) else None
+    ebundles = {sh: early_bundle(m, bundle, toks[:args.early_calib], sh)
+                for sh in {t.get("early_share") for _, t in sets if t.get("early_scores")}}
     res: dict = {}
     t_start = time.perf_counter()
     for ps in range(args.passes):
@@ -109,9 +111,10 @@ def main() -> int:
         for name, tune in sets:
             tune = dict(tune)
             modes = tune.pop("modes", args.modes.split(","))
+            share = tune.pop("early_share", None)
             for mode in modes:
                 try:
-                    b = (ebundle if tune.get("early_scores") else bundle) if mode == "predicted" else None
+                    b = (ebundles[share] if tune.get("early_scores") else bundle) if mode == "predicted" else None
                     dec = FusedDecode(m, mode, bundle=b, tune=tune)
                 except Exception as e:   # one broken setting must not end the table
                     print(json.dumps(dict(set=name, mode=mode, error=repr(e)[:400])), flush=True)

@@ -28,29 +28,21 @@ launch reads them all, and (sparse modes) ffn.value becomes a view of its transp
 paths compute the same numbers on the views, and no weight is held twice. Activations, state and
 accumulation are float32; weights stay in the backend's storage dtype. See cuda_decode_kernels.py.
 
-Measured on an H200: docs/cuda_decode_history.md keeps every earlier session's figures (sessions 1-9:
+Measured on an H200: docs/cuda_decode_history.md keeps every earlier session's figures (sessions 1-10:
 PDL, the fused value rows, eviction hints, gathered predicted programs, the bound: at 1.5B shapes an FFN
 launch that reads no rows is 1.52x dense, predicted with scores alone 1.25x, the byte-wise 2-bit scores
 costing ~150 us a token after the PDL wait).
 
-Session 10 (issue 17; tools/gpu_decode_sweep.py, sets tools/gpu_decode_sets10-12.txt, one process, medians of 2
-passes, us per token, byte-wise scores (default) / word-wise scores (score_perm, cuda_decode_score.py)). ncu at
-1.5B shapes: the scores are not bound by their int-to-float conversions but by issue latency at low occupancy:
-the gathered predicted kernel (ffn_sparse, 32 rows, 4 warps) holds 230-255 registers a thread (2 programs an SM,
-12.5% occupancy, issue slots 25% busy, 16.6 us a layer alone); the 8-row key kernel with scores only (diag 3)
-126 registers, 46% issue, 5.92 M warp instructions a layer (word-wise: 96 registers, 4.92 M instructions, yet
-14.8 vs 12.6 us: 32% issue, stalls on the x loads). 1.5B: dense 1057, exact 943 (1.12x), predicted 921 (1.15x) /
-930, word-wise with 8-warp gathered programs 916 (1.15x; +0.5% in both passes, left off); scores only 849 / 876;
-no FFN launch 592 / 599 (the mix launch's copy of x: +0.3 us a layer; +1.3 us with scattered stores, the first
-form). 58M shapes: dense 170.4, exact 178.1, predicted 195.6 / 196.0, scores only 165.3 / 170.1. Slower, not
-kept as defaults (1.5B tok/s against 1086): word-wise scores with codes masked into normal floats (1 + code *
-2^(p-23), then minus 1: 1034), 16 gathered rows (word-wise 1049, 8 warps 987, byte-wise 8 warps 980), 4 gathered
-rows (1045; 58M 3920 vs 5096), 16-row gathered programs (1015), 8 warps with byte-wise scores (967), 64-row
-gathered programs (word-wise, 617).
-tools/gpu_decode_bench.py, same defaults, one process a row: dense 943 / exact 1071 / predicted 1094 tok/s.
-So 1.3x stays out of reach with these kernels: the scores alone leave ~1.25x, and a cheaper inner loop than
-~2-3 instructions a code (packed dp4a on a fixed-point x, or tensor-core MMA on codes as fp16 with x split
-into fp16 halves) would change the scores' rounding beyond reassociation or need the codes in MMA layout.
+Session 11 (issue 17; early scores, cuda_decode_early.py, tune early_scores; tools/gpu_decode_sweep.py, sets
+tools/gpu_decode_sets13.txt, one process, medians of 2 passes, us per token; the early thresholds select the
+same share of rows on ln1(x) as the bundle's on the FFN input, 0.263; the early rows' keys on these random shapes
+are active for 0.075 of the neurons against 0.124 predicted). 1.5B: dense 1062, predicted 925 (1.15x); early, scores in
+the stacked GEMV launch, W_v^T rows of every selected row before the wait: 954 (1.11x), 8 warps 4 rows 935
+(1.14x), value rows only of the active rows 904 (1.18x, but 13% fewer FFN bytes here); scores in att_head (255
+registers, one program an SM) 1119 (8 rows a program) / 946 (32); own launch 997. Bounds: no FFN launch 592, early
+scores with an FFN launch that reads no rows 763 (1.39x, the LN2 mix waiting first). 58M: dense 171.6, exact 180.8
+(0.95x), predicted 196.9 (0.87x); early, 8-row masked tiles, 186.1 (0.92x); 32-row gathered 201.6 (0.85x); bounds:
+no FFN launch 136.4, early with no rows 167.7 (GEMV host) / 164.4 (att_head host): 1.02-1.04x at most.
 """
 from __future__ import annotations
 

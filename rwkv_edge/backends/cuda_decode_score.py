@@ -27,7 +27,7 @@ a single program on the critical path, spent ~1.3 us a layer more on the scatter
 of x (no-FFN step 625 vs 594 us). Now the code is read as a subnormal (one and, no exponent bits,
 no add) and perm_x transposes in registers before contiguous stores: 17% fewer instructions in the
 scores-only key kernel, but no faster (1.5B scores only 876 vs 849 us a token, predicted 930 vs 921;
-58M even), so it stays an option; figures in cuda_decode.py.
+58M even), so it stays an option; figures in docs/cuda_decode_history.md (session 10).
 """
 from __future__ import annotations
 
