@@ -65,18 +65,21 @@ def test_early_scores_match_reference(ckpt, early, graph):
 
 
 def test_early_ffn_options_do_not_change_the_numbers(ckpt):
-    """The early FFN's launch options (one masked tile, one gathered row at a time, value rows only of
-    the active rows, 8-row programs, 8 warps, 16-row scoring programs, PDL off, the LN2 mix inside the
-    FFN launch) give the same masks, logits and state as the default early launch, token by token."""
+    """The early FFN's launch options (32-row programs gathering 8 rows at a time or one, value rows only
+    of the active rows, 2 rows at a time, 8 warps, 16-row scoring programs, PDL off, the LN2 mix inside
+    the FFN launch) give the same masks, logits and state as the default early launch (8-row masked
+    tiles for a model that fits in L2), token by token."""
     from rwkv_edge.backends.cuda_decode import FusedDecode
     ref, _ = _models(ckpt, "fp16")
     b = _bundle(ref)
-    tunes = ({}, {"early_na": 0}, {"early_na": 1}, {"early_vsel": False}, {"early_ffn_bn": 8, "early_na": 2},
+    tunes = ({}, {"early_na": 8, "early_ffn_bn": 32}, {"early_na": 1, "early_ffn_bn": 32}, {"early_vsel": False},
+             {"early_ffn_bn": 8, "early_na": 2},
              {"early_warps": 8, "early_bn": 16, "early_scores": 2}, {"pdl": False, "early_scores": 3},
              {"early_scores": 2, "fuse_ffn_mix": True},
              {"early_scores": 3, "fuse_ffn_mix": True, "early_na": 0, "early_ffn_bn": 8})
     decs = [FusedDecode(_models(ckpt, "fp16")[1], "predicted", bundle=b, tune=dict({"early_scores": 1}, **t))
             for t in tunes]
+    assert decs[0].tune["early_na"] == 0 and decs[0].tune["early_ffn_bn"] == 8   # auto: fits in L2
     assert [d.mixin for d in decs] == [False] * 7 + [True] * 2 and [d.early for d in decs][-4:] == [2, 3, 2, 3]
     for t in TOKENS:
         outs = [d.step(t).cpu().numpy() for d in decs]

@@ -33,16 +33,22 @@ PDL, the fused value rows, eviction hints, gathered predicted programs, the boun
 launch that reads no rows is 1.52x dense, predicted with scores alone 1.25x, the byte-wise 2-bit scores
 costing ~150 us a token after the PDL wait).
 
-Session 11 (issue 17; early scores, cuda_decode_early.py, tune early_scores; tools/gpu_decode_sweep.py, sets
-tools/gpu_decode_sets13.txt, one process, medians of 2 passes, us per token; the early thresholds select the
-same share of rows on ln1(x) as the bundle's on the FFN input, 0.263; the early rows' keys on these random shapes
-are active for 0.075 of the neurons against 0.124 predicted). 1.5B: dense 1062, predicted 925 (1.15x); early, scores in
-the stacked GEMV launch, W_v^T rows of every selected row before the wait: 954 (1.11x), 8 warps 4 rows 935
-(1.14x), value rows only of the active rows 904 (1.18x, but 13% fewer FFN bytes here); scores in att_head (255
-registers, one program an SM) 1119 (8 rows a program) / 946 (32); own launch 997. Bounds: no FFN launch 592, early
-scores with an FFN launch that reads no rows 763 (1.39x, the LN2 mix waiting first). 58M: dense 171.6, exact 180.8
-(0.95x), predicted 196.9 (0.87x); early, 8-row masked tiles, 186.1 (0.92x); 32-row gathered 201.6 (0.85x); bounds:
-no FFN launch 136.4, early with no rows 167.7 (GEMV host) / 164.4 (att_head host): 1.02-1.04x at most.
+Session 11 (issue 17; early scores, cuda_decode_early.py; tools/gpu_decode_sweep.py, sets
+tools/gpu_decode_sets13-14.txt, one process, medians of 2 passes, us per token). The early thresholds select the share of rows the bundle selects
+on the FFN input (0.263) but on ln1(x) (gpu_decode_sweep.early_bundle: speed only); on these random shapes their
+rows' keys are active for 0.075 of the neurons (predicted 0.124); with early_vsel the FFN reads the W_v^T rows of
+every selected row, so 36% more FFN bytes than predicted at the same share ("equal bytes": share 0.194).
+1.5B: dense 1061, predicted 920 (1.15x; fused mix 915); early, scores in the stacked GEMV launch, att_head waiting
+first, LN2 mix in the FFN launch: 899 (1.18x), equal bytes 866 (1.23x); without the fused mix 911; the LN2 mix
+waiting first instead of att_head (first sweep): 954; scores in att_head (255 registers there, one program an SM)
+1119 (8 rows a scoring program) / 946 (32); in their own launch 972-997; 8-row masked tiles 951-997; value rows
+only of the active rows 967 (8 warps). Bounds: no FFN launch 594; + early scores in the GEMV 691 (so the scores
+still cost ~97 us a token there, against ~150 inside the FFN launch); + an FFN launch that reads no rows 742 (1.43x);
+the rows then add 157 us (404 MB a token, ~2.6 TB/s) or 124 us at equal bytes: 1.3x would need them at ~4 TB/s.
+58M: dense 170.3, exact 178.7 (0.95x), predicted 195.9 (0.87x); early (8-row masked tiles, fused mix) 177.2 (0.96x),
+equal bytes 175.8 (0.97x); 32-row gathered programs 188.6 (4 warps) / 295 (8 warps, 4 rows). Bounds: no FFN
+launch 133.9, + early scores 138.7, + an FFN launch with no rows 162.5 (1.05x): the launch, not the scores, is the
+cost here, and the rows add ~15 us, so sparse stays just below dense.
 """
 from __future__ import annotations
 
@@ -85,14 +91,16 @@ _BIG = 1 << 30
 # that vector), in extra programs of the att_head launch (1) or of the stacked GEMV launch (2) or in a
 # launch of its own after the LN1 mix (3), early_bn rows a scoring program; the FFN (`ffn_early`,
 # early_ffn_bn rows, early_warps warps) loads the selected rows before its PDL wait, early_na at a time
-# (0: one masked tile), with (early_vsel) or without their W_v^T rows (cuda_decode_early.py).
+# (0: one masked tile), with (early_vsel) or without their W_v^T rows (cuda_decode_early.py); None: 8-row
+# masked tiles where the weights fit in L2 as for the eviction hints, else 8 of 32 rows at a time (session 11).
+# Measured best: early_scores 2 with fuse_ffn_mix (the LN2 mix inside the FFN launch).
 TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk=1024, key_warps=4,
             value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
             mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048,
             gather_na=None, sparse_bn=32, sparse_warps=4, fuse_ffn_mix=False, split_value=None, diag=0,
             split_warps=4, value_on_sel=False, evict_stream=None, evict_value=None, evict_key=None,
             evict_auto_l2x=2.0, pred_key_bn=8, pipe_bn=0, pipe_per_sm=2, pipe_warps=8, pipe_defer=False,
-            pipe_stages=None, score_perm=False, early_scores=0, early_bn=8, early_ffn_bn=32, early_na=8,
+            pipe_stages=None, score_perm=False, early_scores=0, early_bn=8, early_ffn_bn=None, early_na=None,
             early_warps=4, early_vsel=True)
 
 def _p2(n: int) -> int:
@@ -204,6 +212,10 @@ class FusedDecode:
         tn, self.vsel = self.tune, False            # (vsel: read by bytes_per_token, set below)
         l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) if dev.type == "cuda" else 0
         small = self.bytes_per_token(1.0) <= tn["evict_auto_l2x"] * l2    # the weights mostly fit in L2
+        if tn["early_na"] is None:
+            tn["early_na"] = 0 if small else 8
+        if tn["early_ffn_bn"] is None:
+            tn["early_ffn_bn"] = 8 if small else 32
         if tn["gather_na"] is None:   # auto: gathered predicted programs where the weights stream from HBM
             tn["gather_na"] = 8 if mode == "predicted" and not small else 0
         self.gather = mode != "dense" and tn["gather_na"] > 0 and full and (mode == "exact" or one)
