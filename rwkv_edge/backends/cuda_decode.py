@@ -34,21 +34,23 @@ launch that reads no rows is 1.52x dense, predicted with scores alone 1.25x, the
 costing ~150 us a token after the PDL wait).
 
 Session 11 (issue 17; early scores, cuda_decode_early.py; tools/gpu_decode_sweep.py, sets
-tools/gpu_decode_sets13-14.txt, one process, medians of 2 passes, us per token). The early thresholds select the share of rows the bundle selects
-on the FFN input (0.263) but on ln1(x) (gpu_decode_sweep.early_bundle: speed only); on these random shapes their
-rows' keys are active for 0.075 of the neurons (predicted 0.124); with early_vsel the FFN reads the W_v^T rows of
-every selected row, so 36% more FFN bytes than predicted at the same share ("equal bytes": share 0.194).
+tools/gpu_decode_sets13-14.txt, one process, medians of 2 passes, us per token). The early thresholds select the
+share of rows the bundle selects on the FFN input (0.263) but on ln1(x) (gpu_decode_sweep.early_bundle: speed
+only); on these random shapes their rows' keys are active for 0.075 of the neurons (predicted 0.124); with
+early_vsel the FFN reads the W_v^T rows of every selected row, so 36% more FFN bytes than predicted at the same
+share ("equal bytes": share 0.194).
 1.5B: dense 1061, predicted 920 (1.15x; fused mix 915); early, scores in the stacked GEMV launch, att_head waiting
 first, LN2 mix in the FFN launch: 899 (1.18x), equal bytes 866 (1.23x); without the fused mix 911; the LN2 mix
 waiting first instead of att_head (first sweep): 954; scores in att_head (255 registers there, one program an SM)
 1119 (8 rows a scoring program) / 946 (32); in their own launch 972-997; 8-row masked tiles 951-997; value rows
 only of the active rows 967 (8 warps). Bounds: no FFN launch 594; + early scores in the GEMV 691 (so the scores
-still cost ~97 us a token there, against ~150 inside the FFN launch); + an FFN launch that reads no rows 742 (1.43x);
-the rows then add 157 us (404 MB a token, ~2.6 TB/s) or 124 us at equal bytes: 1.3x would need them at ~4 TB/s.
-58M: dense 170.3, exact 178.7 (0.95x), predicted 195.9 (0.87x); early (8-row masked tiles, fused mix) 177.2 (0.96x),
-equal bytes 175.8 (0.97x); 32-row gathered programs 188.6 (4 warps) / 295 (8 warps, 4 rows). Bounds: no FFN
-launch 133.9, + early scores 138.7, + an FFN launch with no rows 162.5 (1.05x): the launch, not the scores, is the
-cost here, and the rows add ~15 us, so sparse stays just below dense.
+still cost ~97 us a token there, against ~150 inside the FFN launch); + an FFN launch that reads no rows 742
+(1.43x); the rows then add 157 us (404 MB a token, ~2.6 TB/s) or 124 us at equal bytes: 1.3x would need them at ~4
+TB/s.
+58M: dense 170.3, exact 178.7 (0.95x), predicted 195.9 (0.87x); early (8-row masked tiles, fused mix) 177.2
+(0.96x), equal bytes 175.8 (0.97x); 32-row gathered programs 188.6 (4 warps) / 295 (8 warps, 4 rows). Bounds: no
+FFN launch 133.9, + early scores 138.7, + an FFN launch with no rows 162.5 (1.05x): the launch, not the scores, is
+the cost here, and the rows add ~15 us, so sparse stays just below dense.
 """
 from __future__ import annotations
 
