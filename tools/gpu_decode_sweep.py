@@ -10,7 +10,12 @@ model load, every mode): the A/B table of tools/gpu_decode_run.sh sweep.
 --rounds runs of --tokens tokens from one state, graph on. Sets are run in rounds (every set once,
 then again) so that clock drift spreads over all of them; the table gives each set's median over
 the rounds, % of the 4.8 TB/s roof over the bytes the step reads, densities and the ratio to the
-first set's dense row. One JSON line per measurement."""
+first set's dense row. One JSON line per measurement.
+A set with "early_scores" > 0 (cuda_decode_early.py) runs with a copy of the bundle whose per-layer
+thresholds select, on layer L's LN1 output, the share of rows the bundle's own threshold selects on
+the FFN input (both over the first --early-calib tokens): the same read density, for speed only (the
+quality of such predictors is not what this measures); "early_share": S in the set selects a share S
+of the rows in every layer instead."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +29,38 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 
+def early_bundle(m, bundle, toks, target=None):
+    """A copy of `bundle` (a namespace with .predictors) whose thresholds are the quantiles of the scores
+    of the LN1 outputs (the state's att_x after each token) at each layer's predicted share on the FFN
+    inputs of the same tokens (generic path of model m, one token at a time), or at share `target`."""
+    import copy
+    import dataclasses
+    import types
+
+    import numpy as np
+    import torch
+
+    host = lambda t: torch.as_tensor(t).float().cpu().numpy()  # noqa: E731
+    xk, x1, st = {}, [], None
+    m.hooks.ffn_input.append(lambda i, x: xk.setdefault(i, []).append(host(x).reshape(-1)))
+    try:
+        for t in toks:
+            _, st = m.forward([t], st)
+            x1.append(host(st.att_x))                             # (L, D): ln1(x) of every layer
+    finally:
+        m.hooks.ffn_input.pop()
+    preds, shares = [], []
+    for i, p in enumerate(bundle.predictors):
+        share = float(np.mean(p.score(np.stack(xk[i])) >= p.calib.threshold)) if target is None else target
+        thr = float(np.quantile(p.score(np.stack([x[i] for x in x1])), 1.0 - share))
+        q = copy.copy(p)
+        q.calib = dataclasses.replace(p.calib, threshold=thr)
+        preds.append(q)
+        shares.append(share)
+    print(f"# early thresholds: predicted share per layer {np.round(shares, 3).tolist()}", flush=True)
+    return types.SimpleNamespace(predictors=preds)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", required=True)
@@ -35,6 +72,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--passes", type=int, default=2, help="rounds over all sets")
+    ap.add_argument("--early-calib", type=int, default=64, help="tokens for the early-score thresholds")
     ap.add_argument("--budget-s", type=float, default=0.0,
                     help="start no further pass after this many seconds (0: no limit)")
     args = ap.parse_args()
@@ -62,6 +100,8 @@ def main() -> int:
     toks = [int(v) for v in np.random.default_rng(2).integers(1, V, args.tokens)]
     _, st = m.forward(toks[:16])
     sets = [(s.split("=", 1)[0], json.loads(s.split("=", 1)[1])) for s in args.set] or [("default", {})]
+    ebundles = {sh: early_bundle(m, bundle, toks[:args.early_calib], sh)
+                for sh in {t.get("early_share") for _, t in sets if t.get("early_scores")}}
     res: dict = {}
     t_start = time.perf_counter()
     for ps in range(args.passes):
@@ -71,9 +111,11 @@ def main() -> int:
         for name, tune in sets:
             tune = dict(tune)
             modes = tune.pop("modes", args.modes.split(","))
+            share = tune.pop("early_share", None)
             for mode in modes:
                 try:
-                    dec = FusedDecode(m, mode, bundle=bundle if mode == "predicted" else None, tune=tune)
+                    b = (ebundles[share] if tune.get("early_scores") else bundle) if mode == "predicted" else None
+                    dec = FusedDecode(m, mode, bundle=b, tune=tune)
                 except Exception as e:   # one broken setting must not end the table
                     print(json.dumps(dict(set=name, mode=mode, error=repr(e)[:400])), flush=True)
                     continue

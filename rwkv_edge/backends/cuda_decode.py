@@ -28,29 +28,30 @@ launch reads them all, and (sparse modes) ffn.value becomes a view of its transp
 paths compute the same numbers on the views, and no weight is held twice. Activations, state and
 accumulation are float32; weights stay in the backend's storage dtype. See cuda_decode_kernels.py.
 
-Measured on an H200: docs/cuda_decode_history.md keeps every earlier session's figures (sessions 1-9:
+Measured on an H200: docs/cuda_decode_history.md keeps every earlier session's figures (sessions 1-10:
 PDL, the fused value rows, eviction hints, gathered predicted programs, the bound: at 1.5B shapes an FFN
 launch that reads no rows is 1.52x dense, predicted with scores alone 1.25x, the byte-wise 2-bit scores
 costing ~150 us a token after the PDL wait).
 
-Session 10 (issue 17; tools/gpu_decode_sweep.py, sets tools/gpu_decode_sets10-12.txt, one process, medians of 2
-passes, us per token, byte-wise scores (default) / word-wise scores (score_perm, cuda_decode_score.py)). ncu at
-1.5B shapes: the scores are not bound by their int-to-float conversions but by issue latency at low occupancy:
-the gathered predicted kernel (ffn_sparse, 32 rows, 4 warps) holds 230-255 registers a thread (2 programs an SM,
-12.5% occupancy, issue slots 25% busy, 16.6 us a layer alone); the 8-row key kernel with scores only (diag 3)
-126 registers, 46% issue, 5.92 M warp instructions a layer (word-wise: 96 registers, 4.92 M instructions, yet
-14.8 vs 12.6 us: 32% issue, stalls on the x loads). 1.5B: dense 1057, exact 943 (1.12x), predicted 921 (1.15x) /
-930, word-wise with 8-warp gathered programs 916 (1.15x; +0.5% in both passes, left off); scores only 849 / 876;
-no FFN launch 592 / 599 (the mix launch's copy of x: +0.3 us a layer; +1.3 us with scattered stores, the first
-form). 58M shapes: dense 170.4, exact 178.1, predicted 195.6 / 196.0, scores only 165.3 / 170.1. Slower, not
-kept as defaults (1.5B tok/s against 1086): word-wise scores with codes masked into normal floats (1 + code *
-2^(p-23), then minus 1: 1034), 16 gathered rows (word-wise 1049, 8 warps 987, byte-wise 8 warps 980), 4 gathered
-rows (1045; 58M 3920 vs 5096), 16-row gathered programs (1015), 8 warps with byte-wise scores (967), 64-row
-gathered programs (word-wise, 617).
-tools/gpu_decode_bench.py, same defaults, one process a row: dense 943 / exact 1071 / predicted 1094 tok/s.
-So 1.3x stays out of reach with these kernels: the scores alone leave ~1.25x, and a cheaper inner loop than
-~2-3 instructions a code (packed dp4a on a fixed-point x, or tensor-core MMA on codes as fp16 with x split
-into fp16 halves) would change the scores' rounding beyond reassociation or need the codes in MMA layout.
+Session 11 (issue 17; early scores, cuda_decode_early.py; tools/gpu_decode_sweep.py, sets
+tools/gpu_decode_sets13-14.txt, one process, medians of 2 passes, us per token). The early thresholds select the
+share of rows the bundle selects on the FFN input (0.263) but on ln1(x) (gpu_decode_sweep.early_bundle: speed
+only); on these random shapes their rows' keys are active for 0.075 of the neurons (predicted 0.124); with
+early_vsel the FFN reads the W_v^T rows of every selected row, so 36% more FFN bytes than predicted at the same
+share ("equal bytes": share 0.194).
+1.5B: dense 1061, predicted 920 (1.15x; fused mix 915); early, scores in the stacked GEMV launch, att_head waiting
+first, LN2 mix in the FFN launch: 899 (1.18x), equal bytes 866 (1.23x); without the fused mix 911; the LN2 mix
+waiting first instead of att_head (first sweep): 954; scores in att_head (255 registers there, one program an SM)
+1119 (8 rows a scoring program) / 946 (32); in their own launch 972-997; 8-row masked tiles 951-997; value rows
+only of the active rows 967 (8 warps). Bounds: no FFN launch 594; + early scores in the GEMV 691 (so the scores
+still cost ~97 us a token there, against ~150 inside the FFN launch); + an FFN launch that reads no rows 742
+(1.43x); the rows then add 157 us (404 MB a token, ~2.6 TB/s) or 124 us at equal bytes: 1.3x would need them at ~4
+TB/s.
+58M: dense 170.3, exact 178.7 (0.95x), predicted 195.9 (0.87x); early (8-row masked tiles, fused mix) 177.2
+(0.96x), equal bytes 175.8 (0.97x); 32-row gathered programs 188.6 (4 warps) / 295 (8 warps, 4 rows). Bounds: no
+FFN launch 133.9, + early scores 138.7, + an FFN launch with no rows 162.5 (1.05x): the launch, not the scores, is
+the cost here, and the rows add ~15 us, so sparse stays just below dense. Defaults rechecked (sets15, early_scores
+2 + fuse_ffn_mix, early_na/early_ffn_bn auto): 1.5B 897 (1.18x of dense 1060), 58M 176.3 (0.96x of 169.9).
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ import math
 
 import torch
 
+from .cuda_decode_early import kernels as early_kernels
 from .cuda_decode_kernels import kernels
 from .cuda_decode_pipe import kernels as pipe_kernels
 
@@ -87,13 +89,22 @@ _BIG = 1 << 30
 # evict_key on the W_k rows (None: as evict_stream), evict_value on the sparse W_v^T rows; None for
 # evict_stream / evict_value: "evict_first" / "evict_last" when the weights read per token (dense)
 # are <= evict_auto_l2x times the L2 size, else "" (see the measurements above).
+# early_scores > 0 (predicted mode, D and the group count powers of two, whole width): the predictor
+# scores layer L's LN1 output instead of its FFN input (the bundle's thresholds must be calibrated on
+# that vector), in extra programs of the att_head launch (1) or of the stacked GEMV launch (2) or in a
+# launch of its own after the LN1 mix (3), early_bn rows a scoring program; the FFN (`ffn_early`,
+# early_ffn_bn rows, early_warps warps) loads the selected rows before its PDL wait, early_na at a time
+# (0: one masked tile), with (early_vsel) or without their W_v^T rows (cuda_decode_early.py); None: 8-row
+# masked tiles where the weights fit in L2 as for the eviction hints, else 8 of 32 rows at a time (session 11).
+# Measured best: early_scores 2 with fuse_ffn_mix (the LN2 mix inside the FFN launch).
 TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk=1024, key_warps=4,
             value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
             mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048,
             gather_na=None, sparse_bn=32, sparse_warps=4, fuse_ffn_mix=False, split_value=None, diag=0,
             split_warps=4, value_on_sel=False, evict_stream=None, evict_value=None, evict_key=None,
             evict_auto_l2x=2.0, pred_key_bn=8, pipe_bn=0, pipe_per_sm=2, pipe_warps=8, pipe_defer=False,
-            pipe_stages=None, score_perm=False)
+            pipe_stages=None, score_perm=False, early_scores=0, early_bn=8, early_ffn_bn=None, early_na=None,
+            early_warps=4, early_vsel=True)
 
 def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -204,16 +215,26 @@ class FusedDecode:
         tn, self.vsel = self.tune, False            # (vsel: read by bytes_per_token, set below)
         l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) if dev.type == "cuda" else 0
         small = self.bytes_per_token(1.0) <= tn["evict_auto_l2x"] * l2    # the weights mostly fit in L2
+        if tn["early_na"] is None:
+            tn["early_na"] = 0 if small else 8
+        if tn["early_ffn_bn"] is None:
+            tn["early_ffn_bn"] = 8 if small else 32
         if tn["gather_na"] is None:   # auto: gathered predicted programs where the weights stream from HBM
             tn["gather_na"] = 8 if mode == "predicted" and not small else 0
         self.gather = mode != "dense" and tn["gather_na"] > 0 and full and (mode == "exact" or one)
         self.pipe = mode == "exact" and self.tune["pipe_bn"] > 0 and not self.gather and full and D == _p2(D)
         if self.pipe:
             self.K = dict(self.K, **pipe_kernels())
-        self.mixin = bool(self.tune["fuse_ffn_mix"]) and full and (mode == "dense" or self.gather or self.pipe)
-        self.words = (mode == "predicted" and bool(tn["score_perm"]) and one and not self.mixin
+        self.early = int(tn["early_scores"]) if mode == "predicted" and one and full else 0
+        self.gather = self.gather and not self.early
+        self.mixin = bool(self.tune["fuse_ffn_mix"]) and full and (mode == "dense" or self.gather or self.pipe
+                                                                   or self.early in (2, 3))
+        self.words = (mode == "predicted" and bool(tn["score_perm"]) and one and not self.mixin and not self.early
                       and all(p["qw"] is not None for p in self.pred))
         self.xp = z(D + max(D // p["gs"] for p in self.pred) if self.words else 1)   # perm_x's copy of xk
+        if self.early:
+            self.K = dict(self.K, **early_kernels())
+        self.emask = torch.zeros((L, F) if self.early else (1, 1), dtype=torch.int8, device=dev)  # early masks
         # predicted, fused value: W_v^T rows of the selected (not active) rows, early
         self.vsel = (mode == "predicted" and bool(tn["value_on_sel"]) and tn["fused_value"] and not self.gather
                      and tn["split_value"] is None and full and _p2(D) <= tn["key_value_bd"])
@@ -269,26 +290,36 @@ class FusedDecode:
         kw = dict(num_warps=warps, launch_pdl=True) if self.pdl else dict(num_warps=warps)
         return kw if stages is None else dict(kw, num_stages=stages)   # stages: Triton's loop pipelining
 
-    def _gemv(self, W, x, y, base=None, seg=None, act=0, bn=4, warps=None, y2=None):
+    def _escore(self, i):
+        """Layer i's early-score arguments: runtime (LN1 output, codes, scales, zeros, threshold, mask, F)
+        and constexpr (SBN, BITS, PER, NB, GC); the grid of scoring programs."""
+        p, bn = self.pred[i], self.tune["early_bn"]
+        return ((self.st.att_x[i], p["q"], p["s"], p["z"], p["thr"], self.emask[i], self.F),
+                dict(SBN=bn, BITS=p["bits"], PER=p["per"], NB=p["gs"] // p["per"], GC=p["g"]), -(-self.F // bn))
+
+    def _gemv(self, W, x, y, base=None, seg=None, act=0, bn=4, warps=None, y2=None, score=None):
         # tiles of BN rows x the whole width (<= full_k): one load per program, issued before the
         # PDL wait, and thousands of programs, so that the HBM pipe stays full (BN divides every segment)
         n, k = W.shape
         ends, xs, nseg = seg if seg is not None else (y, y, 1)
         full = _p2(k) <= self.tune["full_k"]
-        self.K["gemv"][(-(-n // bn),)](W, x, y, base if base is not None else y, ends, xs, n, k,
-                                       y2 if y2 is not None else y,
+        args, kw, nsc = score or ((), {}, 0)    # early scores: nsc scoring programs first (gemv_early)
+        args = args + (nsc,) if score else ()
+        self.K["gemv_early" if score else "gemv"][(nsc + -(-n // bn),)](
+                                       W, x, y, base if base is not None else y, ends, xs, n, k,
+                                       y2 if y2 is not None else y, *args, **kw,
                                        BN=bn, BK=_p2(k) if full else min(self.tune["gemv_bk"], _p2(k)), NSEG=nseg,
                                        ACT=act, ADD=base is not None, FULL=full, PDL=self.pdl, DUAL=y2 is not None,
                                        EVW=self.tune["evict_stream"],
                                        **self._kw(warps or self.tune["gemv_warps"]))
 
-    def _mix(self, emb: bool, ln, prev, mix, out, nmix, copy=None, perm=None):
+    def _mix(self, emb: bool, ln, prev, mix, out, nmix, copy=None, perm=None, wfirst=False):
         D = self.D
         cp = copy or (out, out)
         self.K["mix"][(1,)](self.x, self.emb, self.tok, self.ln0[0], self.ln0[1], ln[0], ln[1],
                             prev, mix, out, D, 1e-5, cp[0], cp[1], self.xp, BD=_p2(D), EMB=emb, NMIX=nmix,
                             BM=_p2(max(1, nmix)), PDL=self.pdl, COPY=copy is not None,
-                            PBITS=perm["bits"] if perm else 0, PGS=perm["gs"] if perm else 1,
+                            PBITS=perm["bits"] if perm else 0, PGS=perm["gs"] if perm else 1, WFIRST=wfirst,
                             **self._kw(self.tune["mix_warps"] or (4 if D <= 1024 else 16)))
 
     def _forward(self):
@@ -300,26 +331,45 @@ class FusedDecode:
         evk = tn["evict_stream"] if tn["evict_key"] is None else tn["evict_key"]   # W_k rows' L2 hint
         for i, lay in enumerate(self.layers):
             self._mix(i == 0, lay["ln1"], st.att_x[i], lay["amix"], self.x6, 6)
+            sc = self._escore(i) if self.early else None
+            if self.early == 3:   # early scores in their own launch (reads the LN1 output st.att_x[i])
+                K["score_early"][(sc[2],)](*sc[0], **sc[1], PDL=self.pdl, **self._kw(tn["key_warps"]))
             r0 = 0
             for m, ends, xs, nseg, bn in lay["mats"]:
                 self._gemv(m, self.x6, self.y1[r0:r0 + m.shape[0]], seg=(ends, xs, nseg),
-                           bn=min(bn, tn["gemv_bn"]))
+                           bn=min(bn, tn["gemv_bn"]), score=sc if self.early == 2 and r0 == 0 else None)
                 r0 += m.shape[0]
             cp = (self.fnew[i - 1], st.ffn_x[i - 1]) if mixin and i else (self.yg, self.yg)
-            K["att_head"][(self.H,)](self.y1, D, lay["lw"], lay["la"], lay["lg"], lay["lv"], lay["w2"], lay["a2"],
+            eh = self.early == 1    # att_head_early: the H heads, then the scoring programs
+            head = K["att_head_early"] if eh else K["att_head"]
+            head[(self.H + (sc[2] if eh else 0),)](self.y1, D, lay["lw"], lay["la"], lay["lg"], lay["lv"], lay["w2"],
+                                     lay["a2"],
                                      lay["g2"], lay["v2"], lay["w0"], lay["a0"], lay["v0"], lay["kk"], lay["ka"],
                                      lay["rk"], lay["lnx"][0], lay["lnx"][1], self.vfirst, st.wkv[i], self.yg,
-                                     self.slot[i], cp[0], cp[1], N=N, BLW=_p2(lay["lw"]), BLA=_p2(lay["la"]),
+                                     self.slot[i], cp[0], cp[1], *((self.H,) + sc[0] if eh else ()),
+                                     **(sc[1] if eh else {}), N=N, BLW=_p2(lay["lw"]), BLA=_p2(lay["la"]),
                                      BLG=_p2(lay["lg"]), BLV=_p2(max(1, lay["lv"])), FIRST=i == 0, PDL=self.pdl,
-                                     COPY=mixin and i > 0, **self._kw(tn["head_warps"]))
+                                     COPY=mixin and i > 0, WFIRST=self.early in (2, 3),
+                                     **self._kw(tn["head_warps"]))
             if mixin:   # x stays the layer input; xb = x + att (the FFN's LN input); sparse: x = xb too
                 self._gemv(lay["att_o"], self.yg, self.xb, base=self.x, bn=min(4, tn["gemv_bn"]),
                            y2=self.x if sparse else None)
             else:
                 self._gemv(lay["att_o"], self.yg, self.x, base=self.x, bn=min(4, tn["gemv_bn"]))
+                # early scores in att_head (1): this launch waits before it triggers, so that the FFN launch
+                # (which reads the mask before its own wait) starts only after att_o, hence att_head, completed
+                # (2, 3: att_head waits first; cuda_decode_early.py gives the reasoning)
                 self._mix(False, lay["ln2"], st.ffn_x[i], lay["fmix"], self.xk, 1,
-                          perm=self.pred[i] if self.words else None)
+                          perm=self.pred[i] if self.words else None, wfirst=self.early == 1)
             mx = (self.xb, st.ffn_x[i], lay["fmix"], lay["ln2"][0], lay["ln2"][1], self.fnew[i])
+            if self.early:    # the sparse FFN from the early mask (cuda_decode_early.ffn_early)
+                bn = tn["early_ffn_bn"]
+                if tn["diag"] != 4:   # (diag 4, timing only: no FFN launch)
+                    K["ffn_early"][(-(-F // bn),)](
+                        lay["key"], self.xk, self.kbuf[i], self.emask[i], F, D, lay["wv"], self.x, self.cnt[i], *mx,
+                        BN=bn, BK=_p2(D), MIXIN=mixin, NA=tn["early_na"], PDL=self.pdl, VSEL=bool(tn["early_vsel"]),
+                        EVW=evk, EVV=tn["evict_value"], DIAG=tn["diag"], **self._kw(tn["early_warps"]))
+                continue
             p = self.pred[i] if self.pred else None
             wq = dict(xp_p=self.xp, WORDS=self.words, WPG=max(1, p["gs"] // p["per"] // 4) if p else 1)
             q = p or dict(q=self.xk, s=self.xk, z=self.xk, thr=0.0, bits=8, gs=1, g=0, per=1)
@@ -415,7 +465,8 @@ class FusedDecode:
         s = self.stats() if density is None else None
         rd = 1.0 if self.mode != "predicted" else (s["read_density"] if s else density)
         ac = 1.0 if self.mode == "dense" else (s["active_density"] if s else density)
-        ac = rd if self.vsel else ac     # value rows read for every predicted row
+        # value rows of every predicted row (value_on_sel; early scores with early_vsel)
+        ac = rd if self.vsel or (getattr(self, "early", 0) and self.tune["early_vsel"]) else ac
         n = it(self.head) + self.D * self.emb.element_size()
         for i, lay in enumerate(self.layers):
             n += sum(it(m[0]) for m in lay["mats"]) + it(lay["att_o"])

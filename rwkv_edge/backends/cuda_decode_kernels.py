@@ -46,15 +46,23 @@ def kernels():
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
 
+    @triton.jit
+    def _wait_first(PDL: tl.constexpr):
+        """The wait before the trigger: a dependent launch starts only after this kernel's predecessor
+        (hence every earlier kernel) has completed (early scores: cuda_decode_early.py)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
     # the kernels call these by their global names (Triton resolves called jit functions there)
-    globals()["_sync"] = _sync
+    globals().update(_sync=_sync, _wait_first=_wait_first)
     from .cuda_decode_score import helpers
-    globals().update(helpers(_sync))    # predictor scores: _score, _codes, _words, _score_words, perm_x
+    globals().update(helpers(_sync))    # predictor scores: _score, _codes, _score_bytes, _words, _score_words, perm_x
 
     @triton.jit
     def mix(x_p, emb_p, tok_p, ln0w_p, ln0b_p, lnw_p, lnb_p, prev_p, mix_p, out_p, D, eps, cps_p, cpd_p, xp_p,
             BD: tl.constexpr, EMB: tl.constexpr, NMIX: tl.constexpr, BM: tl.constexpr, PDL: tl.constexpr,
-            COPY: tl.constexpr, PBITS: tl.constexpr, PGS: tl.constexpr):
+            COPY: tl.constexpr, PBITS: tl.constexpr, PGS: tl.constexpr, WFIRST: tl.constexpr):
         d = tl.arange(0, BD)
         dm = d < D
         m = tl.arange(0, BM)
@@ -65,7 +73,10 @@ def kernels():
         if EMB:
             w0 = tl.load(ln0w_p + d, mask=dm, other=0.0)
             b0 = tl.load(ln0b_p + d, mask=dm, other=0.0)
-        _sync(PDL)
+        if WFIRST:
+            _wait_first(PDL)
+        else:
+            _sync(PDL)
         if COPY:  # the FFN token-shift state the fused FFN mix of the last layer left in scratch
             tl.store(cpd_p + d, tl.load(cps_p + d, mask=dm), mask=dm)
         if EMB:   # x = ln0(emb[tok]): the block input of layer 0
@@ -91,10 +102,10 @@ def kernels():
                 perm_x(tl.sum(o, axis=0), d, xp_p, BD, PBITS, PGS)
 
     @triton.jit
-    def gemv(w_p, x_p, y_p, base_p, segend_p, segx_p, N, K, y2_p,
-             BN: tl.constexpr, BK: tl.constexpr, NSEG: tl.constexpr, ACT: tl.constexpr, ADD: tl.constexpr,
-             FULL: tl.constexpr, PDL: tl.constexpr, DUAL: tl.constexpr, EVW: tl.constexpr):
-        pid = tl.program_id(0)
+    def _gemv_tile(pid, w_p, x_p, y_p, base_p, segend_p, segx_p, N, K, y2_p,
+                   BN: tl.constexpr, BK: tl.constexpr, NSEG: tl.constexpr, ACT: tl.constexpr, ADD: tl.constexpr,
+                   FULL: tl.constexpr, PDL: tl.constexpr, DUAL: tl.constexpr, EVW: tl.constexpr):
+        """Rows pid*BN.. of the GEMV (the `gemv` kernel's program pid)."""
         rows = pid * BN + tl.arange(0, BN)
         rm = rows < N
         if NSEG > 1:   # which input row feeds this block of rows (BN divides every segment)
@@ -131,11 +142,18 @@ def kernels():
             tl.store(y2_p + rows, y, mask=rm)
 
     @triton.jit
-    def att_head(y1_p, D, LW, LA, LG, LV, w2_p, a2_p, g2_p, v2_p, w0_p, a0_p, v0_p, kk_p, ka_p, rk_p,
-                 lnxw_p, lnxb_p, vfirst_p, s_p, out_p, slot_p, cps_p, cpd_p,
-                 N: tl.constexpr, BLW: tl.constexpr, BLA: tl.constexpr, BLG: tl.constexpr, BLV: tl.constexpr,
-                 FIRST: tl.constexpr, PDL: tl.constexpr, COPY: tl.constexpr):
-        h = tl.program_id(0)
+    def gemv(w_p, x_p, y_p, base_p, segend_p, segx_p, N, K, y2_p,
+             BN: tl.constexpr, BK: tl.constexpr, NSEG: tl.constexpr, ACT: tl.constexpr, ADD: tl.constexpr,
+             FULL: tl.constexpr, PDL: tl.constexpr, DUAL: tl.constexpr, EVW: tl.constexpr):
+        _gemv_tile(tl.program_id(0), w_p, x_p, y_p, base_p, segend_p, segx_p, N, K, y2_p,
+                   BN, BK, NSEG, ACT, ADD, FULL, PDL, DUAL, EVW)
+
+    @triton.jit
+    def _att_head(h, y1_p, D, LW, LA, LG, LV, w2_p, a2_p, g2_p, v2_p, w0_p, a0_p, v0_p, kk_p, ka_p, rk_p,
+                  lnxw_p, lnxb_p, vfirst_p, s_p, out_p, slot_p, cps_p, cpd_p,
+                  N: tl.constexpr, BLW: tl.constexpr, BLA: tl.constexpr, BLG: tl.constexpr, BLV: tl.constexpr,
+                  FIRST: tl.constexpr, PDL: tl.constexpr, COPY: tl.constexpr, WFIRST: tl.constexpr):
+        """Head h of the `att_head` kernel (WFIRST: wait, then trigger; see cuda_decode_early.py)."""
         n = tl.arange(0, N)
         col = h * N + n
         # weights, constants and this layer's wkv state (last written by the previous step) first
@@ -158,7 +176,10 @@ def kernels():
             lv = tl.arange(0, BLV)
             v2 = tl.load(v2_p + lv[:, None] * D + col[None, :], mask=(lv < LV)[:, None], other=0.0)
             v0 = tl.load(v0_p + col)
-        _sync(PDL)
+        if WFIRST:
+            _wait_first(PDL)
+        else:
+            _sync(PDL)
         if COPY:  # ffn_x[i-1] <- the scratch the fused FFN mix of layer i-1 wrote (read by nobody now)
             tl.store(cpd_p + col, tl.load(cps_p + col))
         tl.store(slot_p + tl.arange(0, 2), tl.zeros((2,), dtype=tl.int32), mask=(tl.arange(0, 2) < 2) & (h == 0))
@@ -196,6 +217,17 @@ def kernels():
         y = c / tl.sqrt(tl.sum(c * c, axis=0) / N + 64e-5) * lnw + lnb
         y = y + tl.sum(r * k * rkw, axis=0) * v
         tl.store(out_p + col, y * g)
+
+    @triton.jit
+    def att_head(y1_p, D, LW, LA, LG, LV, w2_p, a2_p, g2_p, v2_p, w0_p, a0_p, v0_p, kk_p, ka_p, rk_p,
+                 lnxw_p, lnxb_p, vfirst_p, s_p, out_p, slot_p, cps_p, cpd_p,
+                 N: tl.constexpr, BLW: tl.constexpr, BLA: tl.constexpr, BLG: tl.constexpr, BLV: tl.constexpr,
+                 FIRST: tl.constexpr, PDL: tl.constexpr, COPY: tl.constexpr, WFIRST: tl.constexpr):
+        _att_head(tl.program_id(0), y1_p, D, LW, LA, LG, LV, w2_p, a2_p, g2_p, v2_p, w0_p, a0_p, v0_p, kk_p, ka_p,
+                  rk_p, lnxw_p, lnxb_p, vfirst_p, s_p, out_p, slot_p, cps_p, cpd_p,
+                  N, BLW, BLA, BLG, BLV, FIRST, PDL, COPY, WFIRST)
+
+    globals().update(_gemv_tile=_gemv_tile, _att_head=_att_head)
 
     @triton.jit
     def _ln_mix(xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p, D, ks, km, WRITE):
@@ -236,19 +268,9 @@ def kernels():
                 _sync(PDL)
                 sc = _score_words(xp_p, wd, scale, zero, GC, WPG, BITS)
             elif ONESHOT:  # the row tile's codes in one load (GC = G groups, D // PER and G powers of two)
-                cb = tl.arange(0, GC * NB)
                 byt, scale, zero = _codes(q_p, qs_p, qz_p, rows, rm, GC, NB)
                 _sync(PDL)
-                qx = tl.zeros((BN, GC * NB), dtype=tl.float32)
-                xs = tl.zeros((GC * NB,), dtype=tl.float32)
-                for s in tl.static_range(PER):
-                    code = ((byt >> (s * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-                    xq = tl.load(x_p + cb * PER + s)
-                    qx += code * xq[None, :]
-                    xs += xq
-                qg = tl.sum(tl.reshape(qx, (BN, GC, NB)), axis=2)                  # (BN, G)
-                xg = tl.sum(tl.reshape(xs, (GC, NB)), axis=1)                      # (G,)
-                sc = tl.sum(scale * qg + zero * xg[None, :], axis=1)
+                sc = _score_bytes(x_p, x_p, byt, scale, zero, BN, GC, NB, PER, BITS, False)
             else:
                 sc = _score(x_p, q_p, qs_p, qz_p, rows, rm, D, G, BN, BITS, GS, PER, NB, PDL)
             sel = rm & (sc >= thr)
@@ -363,18 +385,8 @@ def kernels():
                 xv = tl.load(x_p + ks, mask=km, other=0.0)
             if WORDS:
                 sc = _score_words(xp_p, wd, scale, zero, GC, WPG, BITS)
-            else:
-                x2 = tl.reshape(xv, (GC * NB, PER))                      # x2[c, s] = x[c * PER + s]
-                qx = tl.zeros((BN, GC * NB), dtype=tl.float32)
-                xs = tl.zeros((GC * NB,), dtype=tl.float32)
-                for s in tl.static_range(PER):
-                    code = ((byt >> (s * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-                    xq = tl.sum(tl.where(tl.arange(0, PER)[None, :] == s, x2, 0.0), axis=1)
-                    qx += code * xq[None, :]
-                    xs += xq
-                qg = tl.sum(tl.reshape(qx, (BN, GC, NB)), axis=2)
-                xg = tl.sum(tl.reshape(xs, (GC, NB)), axis=1)
-                sc = tl.sum(scale * qg + zero * xg[None, :], axis=1)
+            else:       # x from registers (with MIXIN it exists nowhere else)
+                sc = _score_bytes(x_p, xv, byt, scale, zero, BN, GC, NB, PER, BITS, True)
             sel = rm & (sc >= thr)
             tl.store(k_p + rows, tl.full((BN,), -1.0, tl.float32), mask=rm & (sc < thr))   # -1: not predicted
             sl = sel.to(tl.int32)

@@ -4,8 +4,9 @@ for an n-bit W_k predictor (codes q (F, D) packed PER = 8 // BITS to a byte, lit
 GS columns, float16 scales and zeros (F, G)).
 
   _score        group by group, any D (the kernel waits for its input inside)
-  _codes        one row tile's codes, scales and zeros in one load (G a power of two), for the
-                byte-wise scores written in the kernels (an int-to-float conversion per code)
+  _codes        one row tile's codes, scales and zeros in one load (G a power of two), for
+  _score_bytes  the byte-wise scores of such a tile (an int-to-float conversion per code), x read
+                from memory or from registers (the FFN kernels and the early scores share it)
   _score_words  the codes read as int32 words (CPW = 32 // BITS codes a word) against a permuted,
                 pre-scaled copy of x that the FFN mix launch writes (`perm_x`): one and plus one FMA a
                 code (tune score_perm; see below)
@@ -26,7 +27,7 @@ a single program on the critical path, spent ~1.3 us a layer more on the scatter
 of x (no-FFN step 625 vs 594 us). Now the code is read as a subnormal (one and, no exponent bits,
 no add) and perm_x transposes in registers before contiguous stores: 17% fewer instructions in the
 scores-only key kernel, but no faster (1.5B scores only 876 vs 849 us a token, predicted 930 vs 921;
-58M even), so it stays an option; figures in cuda_decode.py.
+58M even), so it stays an option; figures in docs/cuda_decode_history.md (session 10).
 """
 from __future__ import annotations
 
@@ -69,6 +70,27 @@ def helpers(sync):
         scale = tl.load(qs_p + rows[:, None] * GC + gi[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
         zero = tl.load(qz_p + rows[:, None] * GC + gi[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
         return byt, scale, zero
+
+    @triton.jit
+    def _score_bytes(x_p, xv, byt, scale, zero, BN: tl.constexpr, GC: tl.constexpr, NB: tl.constexpr,
+                     PER: tl.constexpr, BITS: tl.constexpr, XREG: tl.constexpr):
+        """Scores (BN,) of a `_codes` tile against x (D = GC*NB*PER floats): x_p in memory, or XREG: the
+        (D,) tensor xv in registers (the kernels whose x exists only there, e.g. the fused FFN mix)."""
+        qx = tl.zeros((BN, GC * NB), dtype=tl.float32)
+        xs = tl.zeros((GC * NB,), dtype=tl.float32)
+        if XREG:
+            x2 = tl.reshape(xv, (GC * NB, PER))                      # x2[c, s] = x[c * PER + s]
+        for s in tl.static_range(PER):
+            code = ((byt >> (s * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+            if XREG:
+                xq = tl.sum(tl.where(tl.arange(0, PER)[None, :] == s, x2, 0.0), axis=1)
+            else:
+                xq = tl.load(x_p + tl.arange(0, GC * NB) * PER + s)
+            qx += code * xq[None, :]
+            xs += xq
+        qg = tl.sum(tl.reshape(qx, (BN, GC, NB)), axis=2)                  # (BN, G): q_g . x_g
+        xg = tl.sum(tl.reshape(xs, (GC, NB)), axis=1)                      # (G,): sum(x_g)
+        return tl.sum(scale * qg + zero * xg[None, :], axis=1)
 
     @triton.jit
     def _words(q_p, qs_p, qz_p, rows, rm, GC: tl.constexpr, WPG: tl.constexpr):
@@ -115,4 +137,5 @@ def helpers(sync):
         tl.store(xp_p + m[:, None] * (D // cpw) + tl.arange(0, D // cpw)[None, :], xt * sc[:, None])
         tl.store(xp_p + D + tl.arange(0, D // GS), tl.sum(tl.reshape(xk, (D // GS, GS)), axis=1))
 
-    return dict(_score=_score, _codes=_codes, _words=_words, _score_words=_score_words, perm_x=perm_x)
+    return dict(_score=_score, _codes=_codes, _score_bytes=_score_bytes, _words=_words,
+                _score_words=_score_words, perm_x=perm_x)

@@ -1,0 +1,175 @@
+"""Early predictor scores for the fused decode's predicted mode (cuda_decode.py, tune early_scores > 0):
+layer L's n-bit W_k predictor scores the vector that exists at the START of layer L, its LN1 output
+(st.att_x[L], which the LN1 mix launch stores as the next token's shift state), instead of the FFN
+input, so that the scores run while the attention launches stream their weights, and the FFN
+launch finds its mask ready and issues the selected W_k and W_v^T rows' loads before its PDL wait.
+The bundle's thresholds must be calibrated on that vector (a predictor fitted on the FFN input and
+its threshold mean something else on ln1(x)); the format is the same (codes (F, D) packed PER = 8 //
+BITS to a byte, float16 scales and zeros (F, G), one threshold a layer).
+
+Where the scoring programs run (early_scores):
+  1  extra programs of the att_head launch (H heads, then ceil(F / early_bn) scoring programs): att_head
+     occupies H of the SMs for a latency-bound ~8 us a layer at 1.5B shapes; the others are idle
+  2  extra programs of the stacked r/k/v + LoRA GEMV launch (scoring programs first)
+  3  a launch of their own right after the LN1 mix
+Kernels here:
+  gemv_early, att_head_early   the two host launches: `_early_score` in the first / last programs
+  score_early                  the own launch
+  ffn_early                    the FFN: reads the mask, loads the selected rows before its wait
+
+PDL (why the FFN may read the mask before its wait): with the default trigger-then-wait order of every
+kernel (`_sync`), a launch can start while its predecessor, and even older kernels, still run, so
+nothing an earlier launch wrote is safe to read before the wait. So one launch between the scorer and
+the FFN waits BEFORE it triggers (`_wait_first`): its successor starts only once it has passed its
+wait, i.e. once its predecessor completed, and every kernel completes only after its own wait returned,
+so by induction everything before that predecessor has completed too, its stores visible.
+  2, 3 (scores in the GEMV / own launch): att_head waits first. The FFN starts only after its
+     predecessor (LN2 mix, or att_o with fuse_ffn_mix) was launched, which follows att_o's launch, which
+     follows att_head passing its wait, i.e. the completion of the GEMV launch (and of the own launch
+     before it). att_head's cost: att_o is launched once the GEMV completed instead of at once; its
+     weight loads still overlap att_head's ~8 us body. The FFN's row loads overlap att_o's tail.
+  1  (scores in att_head): the LN2 mix waits first: the FFN starts after att_o completed (hence att_head,
+     the writer); its row loads overlap only the LN2 mix (no fuse_ffn_mix here).
+The FFN reads the mask with .cg (L2, never a stale L1 line from the last step). The next step's scorer
+of layer L writes mask[L] after its own wait (all earlier kernels, this FFN included, done), so there
+is no write-after-read hazard either.
+"""
+from __future__ import annotations
+
+_K: dict = {}
+
+
+def kernels():
+    if _K:
+        return _K
+    import triton
+    import triton.language as tl
+
+    from . import cuda_decode_kernels as KD
+
+    KD.kernels()                        # defines the shared jit helpers in that module's globals
+    globals().update(_sync=KD._sync, _codes=KD._codes, _score_bytes=KD._score_bytes,
+                     _gather=KD._gather, _gemv_tile=KD._gemv_tile, _ln_mix=KD._ln_mix,
+                     _att_head=KD._att_head)
+
+    @triton.jit
+    def _early_score(pid, ex_p, q_p, qs_p, qz_p, thr, mk_p, F, SBN: tl.constexpr, BITS: tl.constexpr,
+                     PER: tl.constexpr, NB: tl.constexpr, GC: tl.constexpr, PDL: tl.constexpr):
+        """Rows pid*SBN.. : codes before the wait, then the scores of ex_p (the LN1 output the LN1 mix
+        launch wrote: complete once the wait returns) and mask[j] = score_j >= thr (int8)."""
+        rows = pid * SBN + tl.arange(0, SBN)
+        rm = rows < F
+        byt, scale, zero = _codes(q_p, qs_p, qz_p, rows, rm, GC, NB)
+        _sync(PDL)
+        sc = _score_bytes(ex_p, ex_p, byt, scale, zero, SBN, GC, NB, PER, BITS, False)
+        tl.store(mk_p + rows, (sc >= thr).to(tl.int8), mask=rm)
+
+    @triton.jit
+    def score_early(ex_p, q_p, qs_p, qz_p, thr, mk_p, F, SBN: tl.constexpr, BITS: tl.constexpr,
+                    PER: tl.constexpr, NB: tl.constexpr, GC: tl.constexpr, PDL: tl.constexpr):
+        _early_score(tl.program_id(0), ex_p, q_p, qs_p, qz_p, thr, mk_p, F, SBN, BITS, PER, NB, GC, PDL)
+
+    @triton.jit
+    def gemv_early(w_p, x_p, y_p, base_p, segend_p, segx_p, N, K, y2_p,
+                   ex_p, q_p, qs_p, qz_p, thr, mk_p, F, NSC,
+                   BN: tl.constexpr, BK: tl.constexpr, NSEG: tl.constexpr, ACT: tl.constexpr, ADD: tl.constexpr,
+                   FULL: tl.constexpr, PDL: tl.constexpr, DUAL: tl.constexpr, EVW: tl.constexpr,
+                   SBN: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr, NB: tl.constexpr, GC: tl.constexpr):
+        """The GEMV launch with NSC scoring programs first (dispatched first, so their latency-bound
+        scores overlap the GEMV programs' weight stream)."""
+        pid = tl.program_id(0)
+        if pid < NSC:
+            _early_score(pid, ex_p, q_p, qs_p, qz_p, thr, mk_p, F, SBN, BITS, PER, NB, GC, PDL)
+        else:
+            _gemv_tile(pid - NSC, w_p, x_p, y_p, base_p, segend_p, segx_p, N, K, y2_p,
+                       BN, BK, NSEG, ACT, ADD, FULL, PDL, DUAL, EVW)
+
+    @triton.jit
+    def att_head_early(y1_p, D, LW, LA, LG, LV, w2_p, a2_p, g2_p, v2_p, w0_p, a0_p, v0_p, kk_p, ka_p, rk_p,
+                       lnxw_p, lnxb_p, vfirst_p, s_p, out_p, slot_p, cps_p, cpd_p, H,
+                       ex_p, q_p, qs_p, qz_p, thr, mk_p, F,
+                       N: tl.constexpr, BLW: tl.constexpr, BLA: tl.constexpr, BLG: tl.constexpr,
+                       BLV: tl.constexpr, FIRST: tl.constexpr, PDL: tl.constexpr, COPY: tl.constexpr,
+                       SBN: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr, NB: tl.constexpr,
+                       GC: tl.constexpr, WFIRST: tl.constexpr):
+        """The att_head launch (programs 0..H-1, dispatched first: they are the critical path) with
+        scoring programs after them on the SMs the heads leave idle."""
+        pid = tl.program_id(0)
+        if pid < H:
+            _att_head(pid, y1_p, D, LW, LA, LG, LV, w2_p, a2_p, g2_p, v2_p, w0_p, a0_p, v0_p, kk_p, ka_p,
+                      rk_p, lnxw_p, lnxb_p, vfirst_p, s_p, out_p, slot_p, cps_p, cpd_p,
+                      N, BLW, BLA, BLG, BLV, FIRST, PDL, COPY, False)
+        else:
+            _early_score(pid - H, ex_p, q_p, qs_p, qz_p, thr, mk_p, F, SBN, BITS, PER, NB, GC, PDL)
+
+    @triton.jit
+    def _early_rows(w_p, vt_p, r, ok, ks, km, D, xv, k_p, wk, vv, VSEL: tl.constexpr, EVV: tl.constexpr):
+        """Keys of NA gathered rows (W_k rows wk, loaded by the caller; VSEL: their W_v^T rows vv too),
+        stored; without VSEL the active rows' W_v^T rows are loaded now. Returns (BK,) partial, count."""
+        y = tl.maximum(tl.sum(wk.to(tl.float32) * xv[None, :], axis=1), 0.0)
+        y = y * y
+        tl.store(k_p + r, y, mask=ok)
+        a = ok & (y > 0)
+        if not VSEL:
+            vv = tl.load(vt_p + r[:, None] * D + ks[None, :], mask=a[:, None] & km[None, :], other=0.0,
+                         eviction_policy=EVV)
+        return tl.sum(vv.to(tl.float32) * y[:, None], axis=0), tl.sum(a.to(tl.int32), axis=0)
+
+    @triton.jit
+    def ffn_early(w_p, x_p, k_p, mk_p, F, D, vt_p, xo_p, cnt_p, xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p,
+                  BN: tl.constexpr, BK: tl.constexpr, MIXIN: tl.constexpr,
+                  NA: tl.constexpr, PDL: tl.constexpr, VSEL: tl.constexpr, EVW: tl.constexpr, EVV: tl.constexpr,
+                  DIAG: tl.constexpr):
+        """The sparse FFN of BN rows (D <= BK) from the early mask: the selected rows' W_k rows (VSEL: and
+        their W_v^T rows, whatever their keys) are loaded BEFORE the wait, NA gathered at a time (the
+        first NA before the wait, the rest after), or NA = 0: as one masked (BN, BK) tile. After the wait:
+        [MIXIN: LN2 + token shift of the residual xb_p here, as ffn_sparse does (no LN2 mix launch)], keys,
+        -1 for the rows not selected, the value partial added to xo_p once per program.
+        DIAG 3 (timing only, wrong results): no rows at all (the bound with the scores off this launch)."""
+        pid = tl.program_id(0)
+        rows = pid * BN + tl.arange(0, BN)
+        rm = rows < F
+        ks = tl.arange(0, BK)
+        km = ks < D
+        # the mask of the early scores: complete before this launch started (module docstring)
+        sel = rm & (tl.load(mk_p + rows, mask=rm, other=0, cache_modifier=".cg") != 0)
+        if DIAG == 3:
+            sel = sel & (rows < 0)
+        sl = sel.to(tl.int32)
+        ns = tl.sum(sl, axis=0)
+        if NA == 0:
+            r, ok = rows, sel
+        else:
+            pos = tl.cumsum(sl, axis=0) - sl
+            r, _y, ok = _gather(sel, pos, rows, rows.to(tl.float32), 0, ns, NA)
+        wk = tl.load(w_p + r[:, None] * D + ks[None, :], mask=ok[:, None] & km[None, :], other=0.0,
+                     eviction_policy=EVW)
+        vv = wk
+        if VSEL:
+            vv = tl.load(vt_p + r[:, None] * D + ks[None, :], mask=ok[:, None] & km[None, :], other=0.0,
+                         eviction_policy=EVV)
+        _sync(PDL)
+        if MIXIN:
+            xv = _ln_mix(xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p, D, ks, km, pid == 0)
+        else:
+            xv = tl.load(x_p + ks, mask=km, other=0.0)
+        tl.store(k_p + rows, tl.full((BN,), -1.0, tl.float32), mask=rm & (sl == 0))  # -1: not predicted
+        acc, na = _early_rows(w_p, vt_p, r, ok, ks, km, D, xv, k_p, wk, vv, VSEL, EVV)
+        if NA > 0:
+            for c0 in range(NA, ns, NA):   # more than NA selected rows: the rest after the wait
+                r, _y, ok = _gather(sel, pos, rows, rows.to(tl.float32), c0, ns, NA)
+                wk = tl.load(w_p + r[:, None] * D + ks[None, :], mask=ok[:, None] & km[None, :], other=0.0,
+                             eviction_policy=EVW)
+                if VSEL:
+                    vv = tl.load(vt_p + r[:, None] * D + ks[None, :], mask=ok[:, None] & km[None, :], other=0.0,
+                                 eviction_policy=EVV)
+                part, n = _early_rows(w_p, vt_p, r, ok, ks, km, D, xv, k_p, wk, vv, VSEL, EVV)
+                acc += part
+                na += n
+        if na > 0:
+            tl.atomic_add(xo_p + ks, acc, mask=km, sem="relaxed")
+        tl.atomic_add(cnt_p, ns, sem="relaxed")
+        tl.atomic_add(cnt_p + 1, na, sem="relaxed")
+
+    _K.update(score_early=score_early, gemv_early=gemv_early, att_head_early=att_head_early, ffn_early=ffn_early)
+    return _K

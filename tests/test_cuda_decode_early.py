@@ -1,0 +1,104 @@
+"""Early predictor scores of the fused decode (tune early_scores, backends/cuda_decode_early.py): the
+device mask equals the numpy predictor's mask on the same early input (layer L's LN1 output, which the
+reference leaves in its state's att_x[L]), and the logits equal the numpy reference whose FFN keeps
+exactly the neurons the GPU kept, for every host launch of the scores and the FFN kernel's launch
+options. Every test skips without a CUDA device (CI) or without Triton."""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from checkpoints import make_checkpoint  # noqa: E402
+from test_cuda_decode import HAS_TRITON, TOKENS, _bundle, _models  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON),
+                                reason="needs a CUDA device and Triton (run on a GPU machine)")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return str(make_checkpoint("x070", tmp_path_factory.mktemp("early") / "m.pth", n_layer=3, n_embd=128,
+                               head_size=32, vocab_size=300, dtype="float16"))
+
+
+def _run(dec, ref, bundle):
+    """Step both token by token; returns the worst logit error (relative to the logit scale) and the
+    share of mask decisions that differ from numpy (scores within rounding of the threshold)."""
+    st, worst, bad, tot = None, 0.0, 0, 0
+    for t in TOKENS:
+        lg = dec.step(t).cpu().numpy()
+        kb, mk = dec.kbuf.cpu().numpy(), dec.emask.cpu().numpy()
+        ref.hooks.ffn_activation[:] = [lambda i, k, kb=kb: k * (kb[i] > 0)]
+        r, st = ref.step(t, st)
+        worst = max(worst, float(np.abs(lg - r).max() / max(1.0, np.abs(r).max())))
+        for i, p in enumerate(bundle.predictors):
+            assert np.array_equal(kb[i] >= 0, mk[i] != 0)          # the FFN used exactly the mask
+            want = p.score(np.asarray(st.att_x[i], np.float32)[None])[0] >= p.calib.threshold
+            bad += int(((mk[i] != 0) != want).sum())
+            tot += want.size
+    return worst, bad / tot, st
+
+
+@pytest.mark.parametrize("early", [1, 2, 3])
+@pytest.mark.parametrize("graph", [True, False])
+def test_early_scores_match_reference(ckpt, early, graph):
+    """Scores of the LN1 output in the att_head launch (1), the GEMV launch (2) or their own launch (3):
+    the mask equals numpy's on st.att_x (<= 0.5% of decisions, at the threshold), logits and state
+    within 1e-4 of the reference restricted to the GPU's sets, and the predictor pruned something."""
+    from rwkv_edge.backends.cuda_decode import FusedDecode
+    ref, gpu = _models(ckpt, "fp16")
+    bundle = _bundle(ref)
+    dec = FusedDecode(gpu, "predicted", bundle=bundle, graph=graph, tune={"early_scores": early})
+    assert dec.early == early and not dec.gather
+    worst, bad, st = _run(dec, ref, bundle)
+    assert worst < 1e-4 and bad <= 0.005, (worst, bad)
+    s = dec.state()
+    assert np.abs(s.wkv.cpu().numpy() - st.wkv).max() < 1e-4
+    assert np.abs(s.ffn_x.cpu().numpy() - st.ffn_x).max() < 1e-4
+    stats = dec.stats()
+    assert stats["active_density"] <= stats["read_density"] < 1.0
+
+
+def test_early_ffn_options_do_not_change_the_numbers(ckpt):
+    """The early FFN's launch options (32-row programs gathering 8 rows at a time or one, value rows only
+    of the active rows, 2 rows at a time, 8 warps, 16-row scoring programs, PDL off, the LN2 mix inside
+    the FFN launch) give the same masks, logits and state as the default early launch (8-row masked
+    tiles for a model that fits in L2), token by token."""
+    from rwkv_edge.backends.cuda_decode import FusedDecode
+    ref, _ = _models(ckpt, "fp16")
+    b = _bundle(ref)
+    tunes = ({}, {"early_na": 8, "early_ffn_bn": 32}, {"early_na": 1, "early_ffn_bn": 32}, {"early_vsel": False},
+             {"early_ffn_bn": 8, "early_na": 2},
+             {"early_warps": 8, "early_bn": 16, "early_scores": 2}, {"pdl": False, "early_scores": 3},
+             {"early_scores": 2, "fuse_ffn_mix": True},
+             {"early_scores": 3, "fuse_ffn_mix": True, "early_na": 0, "early_ffn_bn": 8})
+    decs = [FusedDecode(_models(ckpt, "fp16")[1], "predicted", bundle=b, tune=dict({"early_scores": 1}, **t))
+            for t in tunes]
+    assert decs[0].tune["early_na"] == 0 and decs[0].tune["early_ffn_bn"] == 8   # auto: fits in L2
+    assert [d.mixin for d in decs] == [False] * 7 + [True] * 2 and [d.early for d in decs][-4:] == [2, 3, 2, 3]
+    for t in TOKENS:
+        outs = [d.step(t).cpu().numpy() for d in decs]
+        masks = [d.emask.cpu().numpy() for d in decs]
+        for j, o in enumerate(outs[1:], 1):
+            assert np.abs(o - outs[0]).max() < 1e-4 * max(1.0, np.abs(outs[0]).max()), (j, t)
+            assert np.mean(masks[j] != masks[0]) <= 0.005, (j, t)
+        sts = [d.state() for d in decs]
+        for s in sts[1:]:
+            for f in ("att_x", "ffn_x", "wkv"):
+                assert torch.allclose(getattr(s, f), getattr(sts[0], f), atol=1e-4, rtol=1e-4), f
+    dens = [d.stats()["active_density"] for d in decs]
+    assert max(dens) - min(dens) <= 0.002, dens
+
+
+def test_early_scores_only_where_they_apply(ckpt):
+    """Dense and exact ignore early_scores (no mask buffer either)."""
+    from rwkv_edge.backends.cuda_decode import FusedDecode
+    _, gpu = _models(ckpt, "fp16")
+    for mode in ("dense", "exact"):
+        d = FusedDecode(gpu, mode, tune={"early_scores": 1}, graph=False)
+        assert d.early == 0 and d.emask.numel() == 1
