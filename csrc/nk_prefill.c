@@ -94,41 +94,35 @@ VNNI static inline __attribute__((always_inline)) void lora_tile512(const float 
     }
 }
 
+/* Y[t, o] (T x O, ldy) = sum_i X[t, i] M[i, o] * cs[o] in W-column stripes and blocks of <= 6 tokens; the
+ * switch makes the block's token count a constant in each inlined TILE (their accumulators stay in registers) */
+#define LORA_ROWS_BODY(TILE, W)                                                                      \
+    for (int64_t o0 = 0; o0 < O; o0 += (W))                                                          \
+        for (int64_t t0 = 0; t0 < T; t0 += 6) {                                                      \
+            const float *x = X + t0 * ldx;                                                           \
+            float *y = Y + t0 * ldy + o0;                                                            \
+            switch (T - t0 < 6 ? T - t0 : 6) {                                                       \
+            case 6: TILE(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 6); break;                         \
+            case 5: TILE(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 5); break;                         \
+            case 4: TILE(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 4); break;                         \
+            case 3: TILE(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 3); break;                         \
+            case 2: TILE(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 2); break;                         \
+            default: TILE(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 1); break;                        \
+            }                                                                                        \
+        }
+
 /* O % 32 == 0; rows of M ldm bytes apart (O: the file's matrix; a block's width: the packed copy) */
 VNNI static void lora_rows_512(const float *X, int64_t ldx, int64_t T, const int8_t *M, int64_t ldm, const float *cs,
                                int64_t I, int64_t O, float *Y, int64_t ldy) {
-    for (int64_t o0 = 0; o0 < O; o0 += 32)
-        for (int64_t t0 = 0; t0 < T; t0 += 6) {
-            const float *x = X + t0 * ldx;
-            float *y = Y + t0 * ldy + o0;
-            switch (T - t0 < 6 ? T - t0 : 6) {
-            case 6: lora_tile512(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 6); break;
-            case 5: lora_tile512(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 5); break;
-            case 4: lora_tile512(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 4); break;
-            case 3: lora_tile512(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 3); break;
-            case 2: lora_tile512(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 2); break;
-            default: lora_tile512(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 1); break;
-            }
-        }
+    LORA_ROWS_BODY(lora_tile512, 32)
 }
 
 /* O % 16 == 0; a 16-column stripe of M (16 I bytes) stays in L1 while every token block reads it */
 AVX2 static void lora_rows_avx2(const float *X, int64_t ldx, int64_t T, const int8_t *M, int64_t ldm, const float *cs,
                                 int64_t I, int64_t O, float *Y, int64_t ldy) {
-    for (int64_t o0 = 0; o0 < O; o0 += 16)
-        for (int64_t t0 = 0; t0 < T; t0 += 6) {
-            const float *x = X + t0 * ldx;
-            float *y = Y + t0 * ldy + o0;
-            switch (T - t0 < 6 ? T - t0 : 6) {
-            case 6: lora_tile(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 6); break;
-            case 5: lora_tile(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 5); break;
-            case 4: lora_tile(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 4); break;
-            case 3: lora_tile(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 3); break;
-            case 2: lora_tile(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 2); break;
-            default: lora_tile(x, ldx, M + o0, cs + o0, I, ldm, y, ldy, 1); break;
-            }
-        }
+    LORA_ROWS_BODY(lora_tile, 16)
 }
+#undef LORA_ROWS_BODY
 
 #endif
 
