@@ -91,16 +91,37 @@ class EarlyMoments:
         self.R[layer] += e1.T @ np.asarray(rows[self.target], np.float64)
         self.rows[layer] += len(e)
 
-    def solve(self, layer: int, ridge: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+    def solve(self, layer: int, ridge: float = 1e-4, rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(A (D, D), c (D,)) minimising |e A + c - xk|^2 + ridge * n * |A|^2 (ridge relative to the
-        mean diagonal of G, so it does not depend on the scale of e)."""
+        mean diagonal of G, so it does not depend on the scale of e).
+
+        rank r (None: full): reduced-rank regression, A = (A_ls V) V^T with V (D, r) the top-r right
+        singular vectors of the centered least-squares fitted values (e - mean e) A_ls, and c refitted
+        free (mean xk - mean e A). Without ridge this is the rank-r A with the least squared error;
+        a GPU then applies A as two thin mat-vecs (D x r, r x D: 2 D r weights instead of D^2)."""
         if self.rows[layer] == 0:
             raise ValueError(f"layer {layer}: no rows collected")
         G = self.G[layer].copy()
         D = G.shape[0] - 1
         G[np.arange(D), np.arange(D)] += ridge * np.trace(G[:D, :D]) / D
         sol = np.linalg.solve(G, self.R[layer])                           # (D+1, D)
-        return sol[:D], sol[D]
+        A, c = sol[:D], sol[D]
+        if rank is None or rank >= D:
+            return A, c
+        V = self.rank_basis(layer, A, rank)                               # (D, r)
+        n = float(self.rows[layer])
+        mu_e, mu_y = self.G[layer][D, :D] / n, self.R[layer][D] / n       # column means of e and of xk
+        A = (A @ V) @ V.T
+        return A, mu_y - mu_e @ A
+
+    def rank_basis(self, layer: int, A: np.ndarray, rank: int) -> np.ndarray:
+        """V (D, rank): top eigenvectors of the fitted values' scatter A^T S A, S = the centered
+        scatter of e (D, D) from the unridged moments (= top right singular vectors of (e - mean e) A)."""
+        D, n = A.shape[0], float(self.rows[layer])
+        s = self.G[layer][D, :D]
+        S = self.G[layer][:D, :D] - np.outer(s, s) / n
+        w, U = np.linalg.eigh(A.T @ S @ A)                                # ascending
+        return U[:, ::-1][:, :rank]
 
 
 @register
@@ -204,10 +225,11 @@ class EarlyPredictor(LayerPredictor):
 
     @classmethod
     def fit(cls, moments: "EarlyMoments", layer: int, mix: np.ndarray, qm: QuantizedMatrix, clip: float | None = None,
-            ridge: float = 1e-4) -> "EarlyPredictor":
+            ridge: float = 1e-4, rank: int | None = None) -> "EarlyPredictor":
         """moments: EarlyMoments(config, "ln1") fed with e = ln1 rows and y = xk - mix * prev rows
-        (`add_shift_rows`); qm: the quantized W_k (e.g. a QuantizedPredictor's)."""
-        return cls(*moments.solve(layer, ridge), mix, qm, clip)
+        (`add_shift_rows`); qm: the quantized W_k (e.g. a QuantizedPredictor's); rank: of A
+        (`EarlyMoments.solve`; None = full; A is still stored as the (D, D) product)."""
+        return cls(*moments.solve(layer, ridge, rank), mix, qm, clip)
 
     def xk_hat(self, x: np.ndarray) -> np.ndarray:
         """x (T, 2D) -> the predicted FFN input (T, D)."""

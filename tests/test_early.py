@@ -75,6 +75,35 @@ def test_least_squares_map_recovers_a_known_affine_map(model):
     np.testing.assert_allclose(c2, c, atol=1e-8)
 
 
+
+def test_reduced_rank_fit_is_the_best_rank_r_map(model):
+    D, r = model.config.n_embd, 5
+    mom = EarlyMoments(model.config, "resid")
+    A0 = RNG.normal(size=(D, r)) @ RNG.normal(size=(r, D)) / 8     # a known rank-r map
+    B = RNG.normal(size=(D, D)) / 8                                  # and a full-rank one (layer 1)
+    c, es = RNG.normal(size=D), []
+    for _ in range(4):
+        e = RNG.normal(size=(256, D)) + 0.5                          # non-zero mean: c must absorb it
+        es.append(e)
+        mom.add(0, {"resid": e, "ffn": e @ A0 + c})
+        mom.add(1, {"resid": e, "ffn": e @ B + c + RNG.normal(size=(256, D)) * 0.1})
+    A_full, c_full = mom.solve(1, ridge=0.0)
+    for rank in (D, D + 3):                                          # rank >= D: the full fit, unchanged
+        A_r, c_r = mom.solve(1, ridge=0.0, rank=rank)
+        assert np.array_equal(A_r, A_full) and np.array_equal(c_r, c_full)
+    A_r, c_r = mom.solve(0, ridge=0.0, rank=r)                       # exact on a rank-r map
+    np.testing.assert_allclose(A_r, A0, atol=1e-8)
+    np.testing.assert_allclose(c_r, c, atol=1e-8)
+    # full-rank map: the rank-r fitted values are the best rank-r approximation (Eckart-Young) of the
+    # centered least-squares fitted values, plus the least-squares mean
+    e = np.concatenate(es)
+    fit = e @ A_full + c_full
+    u, s, vt = np.linalg.svd(fit - fit.mean(0), full_matrices=False)
+    best = (u[:, :r] * s[:r]) @ vt[:r] + fit.mean(0)
+    A_r, c_r = mom.solve(1, ridge=0.0, rank=r)
+    np.testing.assert_allclose(e @ A_r + c_r, best, atol=1e-8)
+    assert np.linalg.matrix_rank(A_r, tol=1e-8) == r
+
 @pytest.mark.parametrize("early", ["ln1", "ln1+shift"])
 def test_early_predictor_meets_its_calibrated_recall_on_labels(model, fitted, early):
     mom, mom_n, held = fitted

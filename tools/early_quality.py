@@ -1,7 +1,7 @@
 """Quality of early FFN-set predictors (scored at the start of a layer) next to the FFN-input one.
 
     python tools/early_quality.py [--model M] [--bundle q2.npz] [--train-tokens 65536] [--eval-tokens 8192]
-                                  [--targets 0.99,0.995,0.999] [--json OUT]
+                                  [--targets 0.99,0.995,0.999] [--ranks full,128,32] [--json OUT]
 
 1. Runs --train-tokens of --calib (evenly spread sample) through the dense model, capturing per layer
    the early vectors (ln1(x_L), x_L; hook `att_input`) and the FFN input xk of the same tokens:
@@ -10,7 +10,9 @@
 2. Fits per layer, for each input: "ffn" the --bundle's 2-bit W_k on xk (recalibrated on the same rows);
    "ln1" / "resid" a 2-bit (--bits) affine predictor on ln1(x_L) / x_L (early.AffineQuantizedPredictor);
    "ln1+shift" early.EarlyPredictor (xk_hat = ln1 A + c + mix prev, the FFN shift state prev known at
-   layer start, scored by the --bundle's W_k). Each is calibrated for each target on the same rows.
+   layer start, scored by the --bundle's W_k); --ranks fits it once per rank of A (reduced-rank
+   regression, EarlyMoments.solve; rows "ln1+shift@r32" etc., "full" = the plain row). Each is
+   calibrated for each target on the same rows.
 3. Recall (mass and active) and density per layer on the first --eval-tokens of --heldout, and
    end-to-end KLD / same-top-1 / ppl vs dense over those tokens (ctx 512 windows, quality.py) with the
    sets predicted in the same run (hook pair, predictors.early.MaskedFFN).
@@ -81,6 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--ridge", type=float, default=1e-4)
     p.add_argument("--targets", default="0.99,0.995,0.999")
     p.add_argument("--inputs", default="ffn,ln1,resid,ln1+shift")
+    p.add_argument("--ranks", default="full", help="ranks of ln1+shift's map A, comma list (full = D)")
     p.add_argument("--no-e2e", action="store_true", help="recall/density only")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -98,6 +101,9 @@ def main(argv=None) -> int:
     tok = load_tokenizer(None, args.model, model.config.vocab_size)
     L = model.config.n_layer
     inputs = args.inputs.split(",")
+    ranks = [None if r == "full" else int(r) for r in args.ranks.split(",")]
+    names = [f"{k}@r{r}" if k == "ln1+shift" and r is not None else k     # scored variants, in order
+             for k in inputs for r in (ranks if k == "ln1+shift" else [None])]
     targets = [float(t) for t in args.targets.split(",")]
     t0 = time.time()
     train = encode_text(tok, args.calib, args.train_tokens + args.calib_rows)
@@ -113,7 +119,7 @@ def main(argv=None) -> int:
     print(f"captured {len(train)} train + {len(ev_ids)} eval tokens in {time.time() - t0:.0f} s", file=sys.stderr)
 
     base_bundle = PredictorBundle.load(args.bundle, model=model)
-    scorers = {k: [] for k in inputs}                      # input -> per-layer fn(rows) -> scores (T, F)
+    scorers = {k: [] for k in names}                      # input -> per-layer fn(rows) -> scores (T, F)
     for layer in range(L):
         wk = np.asarray(model.blocks[layer].ffn_key, np.float32)
         wq = base_bundle.predictors[layer].qm.dequantize()  # the FFN-input predictor's 2-bit W_k, float32
@@ -122,10 +128,12 @@ def main(argv=None) -> int:
             if k == "ffn":
                 scorers[k].append(lambda r, wq=wq: r["ffn"] @ wq.T)
             elif k == "ln1+shift":      # xk ~ (1 - mix) (ln1 A + c) + mix prev, scored by the same 2-bit W_k
-                sp = EarlyPredictor.fit(moms[k], layer, mixes[layer], base_bundle.predictors[layer].qm,
-                                        ridge=args.ridge)
-                # the same math as sp.score, with W_hat dequantized once (QuantizedMatrix.matvec is slower)
-                scorers[k].append(lambda r, sp=sp, wq=wq: sp.xk_hat(early_input(r)) @ wq.T)
+                for rank in ranks:
+                    sp = EarlyPredictor.fit(moms[k], layer, mixes[layer], base_bundle.predictors[layer].qm,
+                                            ridge=args.ridge, rank=rank)
+                    # the same math as sp.score, with W_hat dequantized once (QuantizedMatrix.matvec is slower)
+                    scorers[k if rank is None else f"{k}@r{rank}"].append(
+                        lambda r, sp=sp, wq=wq: sp.xk_hat(early_input(r)) @ wq.T)
             else:
                 A, c = moms[k].solve(layer, args.ridge)
                 p = AffineQuantizedPredictor.fit_early(wk, A, c, k, args.bits, 64, clip_rows[layer][k], act_clip,
@@ -141,7 +149,7 @@ def main(argv=None) -> int:
     if not args.no_e2e:
         segs = window_segments(ev_ids, 512)
         e2e_base = compute_base(model, segs, 512, progress=False)
-    for k in inputs:
+    for k in names:
         for tgt in targets:
             thr, per = [], []
             for layer in range(L):
@@ -164,7 +172,7 @@ def main(argv=None) -> int:
                            for a in row if a != "layers"), flush=True)
     print("\nper layer (input target: mass_recall/density)")
     for row in results["rows"]:
-        print(f"{row['input']:>5} {row['target']:<6} " + " ".join(
+        print(f"{row['input']:>14} {row['target']:<6} " + " ".join(
             f"{s['mass_recall']:.3f}/{s['density']:.3f}" for s in row["layers"]))
     if args.json:
         with open(args.json, "w") as f:
