@@ -91,14 +91,17 @@ class EarlyMoments:
         self.R[layer] += e1.T @ np.asarray(rows[self.target], np.float64)
         self.rows[layer] += len(e)
 
-    def solve(self, layer: int, ridge: float = 1e-4, rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def solve(self, layer: int, ridge: float = 1e-4, rank: int | None = None,
+              metric: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(A (D, D), c (D,)) minimising |e A + c - xk|^2 + ridge * n * |A|^2 (ridge relative to the
         mean diagonal of G, so it does not depend on the scale of e).
 
         rank r (None: full): reduced-rank regression, A = (A_ls V) V^T with V (D, r) the top-r right
         singular vectors of the centered least-squares fitted values (e - mean e) A_ls, and c refitted
         free (mean xk - mean e A). Without ridge this is the rank-r A with the least squared error;
-        a GPU then applies A as two thin mat-vecs (D x r, r x D: 2 D r weights instead of D^2)."""
+        a GPU then applies A as two thin mat-vecs (D x r, r x D: 2 D r weights instead of D^2).
+        metric M (D, D) SPD, e.g. W_k^T W_k: the error is measured as |(xk_hat - xk) L|^2, M = L L^T
+        (with W_k^T W_k: the error of the scores W_k xk_hat, which is what sets the FFN set)."""
         if self.rows[layer] == 0:
             raise ValueError(f"layer {layer}: no rows collected")
         G = self.G[layer].copy()
@@ -108,10 +111,15 @@ class EarlyMoments:
         A, c = sol[:D], sol[D]
         if rank is None or rank >= D:
             return A, c
-        V = self.rank_basis(layer, A, rank)                               # (D, r)
         n = float(self.rows[layer])
         mu_e, mu_y = self.G[layer][D, :D] / n, self.R[layer][D] / n       # column means of e and of xk
-        A = (A @ V) @ V.T
+        if metric is None:
+            V = self.rank_basis(layer, A, rank)                           # (D, r)
+            A = (A @ V) @ V.T
+        else:       # rank-r fit of the transformed target xk L, mapped back: A L V V^T L^-1
+            Lm = np.linalg.cholesky(np.asarray(metric, np.float64))
+            V = self.rank_basis(layer, A @ Lm, rank)
+            A = np.linalg.solve(Lm.T, ((A @ Lm @ V) @ V.T).T).T
         return A, mu_y - mu_e @ A
 
     def rank_basis(self, layer: int, A: np.ndarray, rank: int) -> np.ndarray:
@@ -225,11 +233,11 @@ class EarlyPredictor(LayerPredictor):
 
     @classmethod
     def fit(cls, moments: "EarlyMoments", layer: int, mix: np.ndarray, qm: QuantizedMatrix, clip: float | None = None,
-            ridge: float = 1e-4, rank: int | None = None) -> "EarlyPredictor":
+            ridge: float = 1e-4, rank: int | None = None, metric: np.ndarray | None = None) -> "EarlyPredictor":
         """moments: EarlyMoments(config, "ln1") fed with e = ln1 rows and y = xk - mix * prev rows
         (`add_shift_rows`); qm: the quantized W_k (e.g. a QuantizedPredictor's); rank: of A
-        (`EarlyMoments.solve`; None = full; A is still stored as the (D, D) product)."""
-        return cls(*moments.solve(layer, ridge, rank), mix, qm, clip)
+        (`EarlyMoments.solve`, with its error metric; None = full; A is stored as the (D, D) product)."""
+        return cls(*moments.solve(layer, ridge, rank, metric), mix, qm, clip)
 
     def xk_hat(self, x: np.ndarray) -> np.ndarray:
         """x (T, 2D) -> the predicted FFN input (T, D)."""

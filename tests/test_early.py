@@ -103,6 +103,14 @@ def test_reduced_rank_fit_is_the_best_rank_r_map(model):
     A_r, c_r = mom.solve(1, ridge=0.0, rank=r)
     np.testing.assert_allclose(e @ A_r + c_r, best, atol=1e-8)
     assert np.linalg.matrix_rank(A_r, tol=1e-8) == r
+    # with a metric W^T W: the same for the scores W xk (the best rank-r scores, mapped back to A)
+    W = RNG.normal(size=(4 * D, D))
+    z = fit @ W.T
+    u, s, vt = np.linalg.svd(z - z.mean(0), full_matrices=False)
+    A_w, c_w = mom.solve(1, ridge=0.0, rank=r, metric=W.T @ W)
+    np.testing.assert_allclose((e @ A_w + c_w) @ W.T, (u[:, :r] * s[:r]) @ vt[:r] + z.mean(0), atol=1e-7)
+    A_w, c_w = mom.solve(0, ridge=0.0, rank=r, metric=W.T @ W)      # still exact on the rank-r map
+    np.testing.assert_allclose(A_w, A0, atol=1e-8)
 
 @pytest.mark.parametrize("early", ["ln1", "ln1+shift"])
 def test_early_predictor_meets_its_calibrated_recall_on_labels(model, fitted, early):

@@ -11,7 +11,8 @@
    "ln1" / "resid" a 2-bit (--bits) affine predictor on ln1(x_L) / x_L (early.AffineQuantizedPredictor);
    "ln1+shift" early.EarlyPredictor (xk_hat = ln1 A + c + mix prev, the FFN shift state prev known at
    layer start, scored by the --bundle's W_k); --ranks fits it once per rank of A (reduced-rank
-   regression, EarlyMoments.solve; rows "ln1+shift@r32" etc., "full" = the plain row). Each is
+   regression, EarlyMoments.solve, error on xk or with --rank-metric wk on the scores W_k xk; rows
+   "ln1+shift@r32" etc., "full" = the plain row). Each is
    calibrated for each target on the same rows.
 3. Recall (mass and active) and density per layer on the first --eval-tokens of --heldout, and
    end-to-end KLD / same-top-1 / ppl vs dense over those tokens (ctx 512 windows, quality.py) with the
@@ -84,6 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--targets", default="0.99,0.995,0.999")
     p.add_argument("--inputs", default="ffn,ln1,resid,ln1+shift")
     p.add_argument("--ranks", default="full", help="ranks of ln1+shift's map A, comma list (full = D)")
+    p.add_argument("--rank-metric", choices=("xk", "wk"), default="xk",
+                   help="low-rank error measured on xk, or on the scores W_k xk (metric W_k^T W_k)")
     p.add_argument("--no-e2e", action="store_true", help="recall/density only")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -130,7 +133,8 @@ def main(argv=None) -> int:
             elif k == "ln1+shift":      # xk ~ (1 - mix) (ln1 A + c) + mix prev, scored by the same 2-bit W_k
                 for rank in ranks:
                     sp = EarlyPredictor.fit(moms[k], layer, mixes[layer], base_bundle.predictors[layer].qm,
-                                            ridge=args.ridge, rank=rank)
+                                            ridge=args.ridge, rank=rank,
+                                            metric=None if args.rank_metric == "xk" else wk.T.astype(np.float64) @ wk)
                     # the same math as sp.score, with W_hat dequantized once (QuantizedMatrix.matvec is slower)
                     scorers[k if rank is None else f"{k}@r{rank}"].append(
                         lambda r, sp=sp, wq=wq: sp.xk_hat(early_input(r)) @ wq.T)
