@@ -92,7 +92,7 @@ class EarlyMoments:
         self.rows[layer] += len(e)
 
     def solve(self, layer: int, ridge: float = 1e-4, rank: int | None = None,
-              metric: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+              metric: np.ndarray | None = None, diag: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(A (D, D), c (D,)) minimising |e A + c - xk|^2 + ridge * n * |A|^2 (ridge relative to the
         mean diagonal of G, so it does not depend on the scale of e).
 
@@ -101,7 +101,9 @@ class EarlyMoments:
         free (mean xk - mean e A). Without ridge this is the rank-r A with the least squared error;
         a GPU then applies A as two thin mat-vecs (D x r, r x D: 2 D r weights instead of D^2).
         metric M (D, D) SPD, e.g. W_k^T W_k: the error is measured as |(xk_hat - xk) L|^2, M = L L^T
-        (with W_k^T W_k: the error of the scores W_k xk_hat, which is what sets the FFN set)."""
+        (with W_k^T W_k: the error of the scores W_k xk_hat, which is what sets the FFN set).
+        diag: A = diag(d) + rank-r, d the per-channel least squares (xk_j on e_j), the rank-r part
+        the truncation of A_ls - diag(d) (a GPU adds one element-wise product)."""
         if self.rows[layer] == 0:
             raise ValueError(f"layer {layer}: no rows collected")
         G = self.G[layer].copy()
@@ -113,6 +115,12 @@ class EarlyMoments:
             return A, c
         n = float(self.rows[layer])
         mu_e, mu_y = self.G[layer][D, :D] / n, self.R[layer][D] / n       # column means of e and of xk
+        d = np.zeros(D)
+        if diag:    # per-channel slope: cov(e_j, xk_j) / var(e_j) from the centered moments
+            cov = np.diagonal(self.R[layer][:D]) - mu_e * mu_y * n
+            var = np.diagonal(self.G[layer][:D, :D]) - mu_e * mu_e * n
+            d = cov / np.maximum(var, 1e-30)
+            A = A - np.diag(d)
         if metric is None:
             V = self.rank_basis(layer, A, rank)                           # (D, r)
             A = (A @ V) @ V.T
@@ -120,6 +128,7 @@ class EarlyMoments:
             Lm = np.linalg.cholesky(np.asarray(metric, np.float64))
             V = self.rank_basis(layer, A @ Lm, rank)
             A = np.linalg.solve(Lm.T, ((A @ Lm @ V) @ V.T).T).T
+        A = A + np.diag(d)
         return A, mu_y - mu_e @ A
 
     def rank_basis(self, layer: int, A: np.ndarray, rank: int) -> np.ndarray:
@@ -233,11 +242,12 @@ class EarlyPredictor(LayerPredictor):
 
     @classmethod
     def fit(cls, moments: "EarlyMoments", layer: int, mix: np.ndarray, qm: QuantizedMatrix, clip: float | None = None,
-            ridge: float = 1e-4, rank: int | None = None, metric: np.ndarray | None = None) -> "EarlyPredictor":
+            ridge: float = 1e-4, rank: int | None = None, metric: np.ndarray | None = None,
+            diag: bool = False) -> "EarlyPredictor":
         """moments: EarlyMoments(config, "ln1") fed with e = ln1 rows and y = xk - mix * prev rows
         (`add_shift_rows`); qm: the quantized W_k (e.g. a QuantizedPredictor's); rank: of A
         (`EarlyMoments.solve`, with its error metric; None = full; A is stored as the (D, D) product)."""
-        return cls(*moments.solve(layer, ridge, rank, metric), mix, qm, clip)
+        return cls(*moments.solve(layer, ridge, rank, metric, diag), mix, qm, clip)
 
     def xk_hat(self, x: np.ndarray) -> np.ndarray:
         """x (T, 2D) -> the predicted FFN input (T, D)."""

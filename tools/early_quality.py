@@ -87,6 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", default="full", help="ranks of ln1+shift's map A, comma list (full = D)")
     p.add_argument("--rank-metric", choices=("xk", "wk"), default="xk",
                    help="low-rank error measured on xk, or on the scores W_k xk (metric W_k^T W_k)")
+    p.add_argument("--rank-diag", action="store_true", help="low-rank A plus a diagonal (EarlyMoments.solve diag)")
     p.add_argument("--no-e2e", action="store_true", help="recall/density only")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -134,7 +135,8 @@ def main(argv=None) -> int:
                 for rank in ranks:
                     sp = EarlyPredictor.fit(moms[k], layer, mixes[layer], base_bundle.predictors[layer].qm,
                                             ridge=args.ridge, rank=rank,
-                                            metric=None if args.rank_metric == "xk" else wk.T.astype(np.float64) @ wk)
+                                            metric=None if args.rank_metric == "xk" else wk.T.astype(np.float64) @ wk,
+                                            diag=args.rank_diag)
                     # the same math as sp.score, with W_hat dequantized once (QuantizedMatrix.matvec is slower)
                     scorers[k if rank is None else f"{k}@r{rank}"].append(
                         lambda r, sp=sp, wq=wq: sp.xk_hat(early_input(r)) @ wq.T)
