@@ -112,6 +112,19 @@ def test_reduced_rank_fit_is_the_best_rank_r_map(model):
     A_w, c_w = mom.solve(0, ridge=0.0, rank=r, metric=W.T @ W)      # still exact on the rank-r map
     np.testing.assert_allclose(A_w, A0, atol=1e-8)
 
+
+def test_diagonal_plus_low_rank_fit_is_exact_on_a_diagonal_map(model):
+    D = model.config.n_embd
+    mom = EarlyMoments(model.config, "resid")
+    d, c = RNG.normal(size=D), RNG.normal(size=D)
+    for _ in range(4):
+        e = RNG.normal(size=(256, D)) @ (np.eye(D) + RNG.normal(size=(D, D)) / 8) + 0.3   # correlated channels
+        mom.add(0, {"resid": e, "ffn": e * d + c})
+    A, c2 = mom.solve(0, ridge=0.0, rank=1, diag=True)
+    np.testing.assert_allclose(A, np.diag(d), atol=1e-8)
+    np.testing.assert_allclose(c2, c, atol=1e-8)
+    assert np.abs(mom.solve(0, ridge=0.0, rank=1)[0] - np.diag(d)).max() > 0.1      # rank 1 alone cannot
+
 @pytest.mark.parametrize("early", ["ln1", "ln1+shift"])
 def test_early_predictor_meets_its_calibrated_recall_on_labels(model, fitted, early):
     mom, mom_n, held = fitted
