@@ -23,8 +23,7 @@ import numpy as np
 from rwkv_edge.quant import QuantizedMatrix
 
 from .base import LayerPredictor, register
-from .quantized import CLIP_CANDIDATES, _clip_rows
-from .calibrate import threshold_for_target
+from .quantized import CLIP_CANDIDATES, qm_arrays, qm_describe, qm_from_arrays, quantize_rows, sparsest_clip
 
 INPUTS = ("ffn", "ln1", "resid")      # what an affine predictor scores: the FFN input xk, or an early vector
 EARLY_INPUTS = ("ln1", "resid")
@@ -157,10 +156,7 @@ class AffineQuantizedPredictor(LayerPredictor):
     @classmethod
     def fit(cls, w: np.ndarray, bias: np.ndarray, input_name: str, bits: int, group_size: int | None = 64,
             clip: float | None = None) -> "AffineQuantizedPredictor":
-        w = np.asarray(w, np.float32)
-        if group_size is not None and w.shape[1] % group_size:
-            raise ValueError(f"group size {group_size} does not divide n_embd {w.shape[1]}")
-        return cls(QuantizedMatrix.quantize(_clip_rows(w, clip, group_size), bits, group_size), bias, input_name, clip)
+        return cls(quantize_rows(w, bits, group_size, clip), bias, input_name, clip)
 
     @classmethod
     def fit_early(cls, w_key: np.ndarray, A: np.ndarray, c: np.ndarray, input_name: str, bits: int,
@@ -171,13 +167,8 @@ class AffineQuantizedPredictor(LayerPredictor):
         activations are act = relu(W_k xk)^2 (n, F)."""
         w_key = np.asarray(w_key, np.float64)
         w, bias = (w_key @ A.T).astype(np.float32), (w_key @ c).astype(np.float32)
-        best, best_sp = None, -1.0
-        for clip in candidates:
-            p = cls.fit(w, bias, input_name, bits, group_size, clip)
-            sp = threshold_for_target(p.score(x), act, target, metric).percentile
-            if sp > best_sp + 1e-4:
-                best, best_sp = p, sp
-        return best
+        return sparsest_clip(lambda clip: cls.fit(w, bias, input_name, bits, group_size, clip), x, act, target, metric,
+                             candidates)
 
     def score(self, x: np.ndarray) -> np.ndarray:
         return (self.qm.matvec(np.asarray(x, np.float32)) + self.bias).astype(np.float32, copy=False)
@@ -194,22 +185,15 @@ class AffineQuantizedPredictor(LayerPredictor):
         return self.qm.nbytes + self.bias.nbytes
 
     def _arrays(self) -> dict:
-        out = {f"w.{k}": v for k, v in self.qm.to_arrays().items()}
-        out.update(bias=self.bias, input=np.array(self.input),
-                   clip=np.array(np.nan if self.clip is None else self.clip, np.float64))
-        return out
+        return dict(qm_arrays(self.qm, self.clip), bias=self.bias, input=np.array(self.input))
 
     @classmethod
     def _from_arrays(cls, get, d, prefix):
-        qm = QuantizedMatrix.from_arrays({k: get(f"w.{k}") for k in ("packed", "scale", "zero", "meta")})
-        c = float(get("clip"))
-        return cls(qm, get("bias"), str(get("input")), None if np.isnan(c) else c)
+        qm, clip = qm_from_arrays(get)
+        return cls(qm, get("bias"), str(get("input")), clip)
 
     def describe(self) -> str:
-        gs = self.qm.group_size
-        clip = "" if self.clip is None else f" clip={self.clip:g}"
-        return (f"affine-quantized {self.qm.bits}-bit {'per-row' if gs is None else f'group={gs}'}{clip} "
-                f"on {self.input}")
+        return f"affine-quantized {qm_describe(self.qm, self.clip)} on {self.input}"
 
 
 def early_input(rows: dict) -> np.ndarray:
@@ -270,20 +254,15 @@ class EarlyPredictor(LayerPredictor):
         return self.qm.nbytes + self.A.nbytes + self.c.nbytes + self.mix.nbytes
 
     def _arrays(self) -> dict:
-        out = {f"w.{k}": v for k, v in self.qm.to_arrays().items()}
-        out.update(A=self.A, c=self.c, mix=self.mix, clip=np.array(np.nan if self.clip is None else self.clip))
-        return out
+        return dict(qm_arrays(self.qm, self.clip), A=self.A, c=self.c, mix=self.mix)
 
     @classmethod
     def _from_arrays(cls, get, d, prefix):
-        qm = QuantizedMatrix.from_arrays({k: get(f"w.{k}") for k in ("packed", "scale", "zero", "meta")})
-        c = float(get("clip"))
-        return cls(get("A"), get("c"), get("mix"), qm, None if np.isnan(c) else c)
+        qm, clip = qm_from_arrays(get)
+        return cls(get("A"), get("c"), get("mix"), qm, clip)
 
     def describe(self) -> str:
-        gs = self.qm.group_size
-        clip = "" if self.clip is None else f" clip={self.clip:g}"
-        return f"early (ln1 + shift) {self.qm.bits}-bit {'per-row' if gs is None else f'group={gs}'}{clip}"
+        return f"early (ln1 + shift) {qm_describe(self.qm, self.clip)}"
 
 
 def add_shift_rows(moments: "EarlyMoments", layer: int, ln1: np.ndarray, prev: np.ndarray, xk: np.ndarray,

@@ -31,6 +31,47 @@ def _clip_rows(w: np.ndarray, clip: float | None, group_size: int | None) -> np.
     return np.clip(g, mu - clip * sd, mu + clip * sd).reshape(F, D)
 
 
+def quantize_rows(w: np.ndarray, bits: int, group_size: int | None, clip: float | None) -> QuantizedMatrix:
+    """w (F, D) clipped (`_clip_rows`) and quantized to `bits` with per-group (or per-row when group_size is
+    None) float16 scales and zero points."""
+    w = np.asarray(w, np.float32)
+    if group_size is not None and w.shape[1] % group_size:
+        raise ValueError(f"group size {group_size} does not divide n_embd {w.shape[1]}")
+    return QuantizedMatrix.quantize(_clip_rows(w, clip, group_size), bits, group_size)
+
+
+def sparsest_clip(make, x: np.ndarray, act: np.ndarray, target: float, metric: str, candidates=CLIP_CANDIDATES):
+    """make(clip) for the clip of `candidates` whose predictor is sparsest at `target` recall on rows x
+    (n, input) with activations act (n, F); ties go to the earlier one."""
+    best, best_sp = None, -1.0
+    for c in candidates:
+        p = make(c)
+        sp = threshold_for_target(p.score(x), act, target, metric).percentile
+        if sp > best_sp + 1e-4:
+            best, best_sp = p, sp
+    return best
+
+
+def qm_arrays(qm: QuantizedMatrix, clip: float | None) -> dict:
+    """The stored arrays of a quantized W_hat and its clip (NaN: none)."""
+    out = {f"w.{k}": v for k, v in qm.to_arrays().items()}
+    out["clip"] = np.array(np.nan if clip is None else clip, np.float64)
+    return out
+
+
+def qm_from_arrays(get) -> tuple:
+    """Inverse of `qm_arrays`: (QuantizedMatrix, clip or None)."""
+    qm = QuantizedMatrix.from_arrays({k: get(f"w.{k}") for k in ("packed", "scale", "zero", "meta")})
+    c = float(get("clip"))
+    return qm, None if np.isnan(c) else c
+
+
+def qm_describe(qm: QuantizedMatrix, clip: float | None) -> str:
+    """"2-bit group=64 clip=1.5" and the like."""
+    gs = qm.group_size
+    return f"{qm.bits}-bit {'per-row' if gs is None else f'group={gs}'}" + ("" if clip is None else f" clip={clip:g}")
+
+
 @register
 class QuantizedPredictor(LayerPredictor):
     """W_k (F, D) quantized with `quant.QuantizedMatrix`; threshold per layer."""
@@ -48,10 +89,7 @@ class QuantizedPredictor(LayerPredictor):
             clip: float | None = None) -> "QuantizedPredictor":
         """Quantize the FFN key matrix w_key (F, D) to `bits` bits with per-group (or per-row when
         group_size is None) float16 scales and zero points, after optional clipping."""
-        w = np.asarray(w_key, np.float32)
-        if group_size is not None and w.shape[1] % group_size:
-            raise ValueError(f"group size {group_size} does not divide n_embd {w.shape[1]}")
-        return cls(QuantizedMatrix.quantize(_clip_rows(w, clip, group_size), bits, group_size), clip)
+        return cls(quantize_rows(w_key, bits, group_size, clip), clip)
 
     @classmethod
     def fit_auto_clip(cls, w_key: np.ndarray, bits: int, group_size: int | None, x: np.ndarray,
@@ -59,13 +97,7 @@ class QuantizedPredictor(LayerPredictor):
                       candidates=CLIP_CANDIDATES) -> "QuantizedPredictor":
         """Fit one predictor per clip candidate and keep the one that is sparsest at `target`
         recall on rows x (n, D) (with act = relu(W_k x)^2 (n, F)); ties go to the earlier one."""
-        best, best_sp = None, -1.0
-        for c in candidates:
-            p = cls.fit(w_key, bits, group_size, c)
-            sp = threshold_for_target(p.score(x), act, target, metric).percentile
-            if sp > best_sp + 1e-4:
-                best, best_sp = p, sp
-        return best
+        return sparsest_clip(lambda c: cls.fit(w_key, bits, group_size, c), x, act, target, metric, candidates)
 
     def score(self, x: np.ndarray) -> np.ndarray:
         return self.qm.matvec(np.asarray(x, np.float32)).astype(np.float32, copy=False)
@@ -82,17 +114,11 @@ class QuantizedPredictor(LayerPredictor):
         return self.qm.nbytes
 
     def _arrays(self) -> dict:
-        out = {f"w.{k}": v for k, v in self.qm.to_arrays().items()}
-        out["clip"] = np.array(np.nan if self.clip is None else self.clip, np.float64)
-        return out
+        return qm_arrays(self.qm, self.clip)
 
     @classmethod
     def _from_arrays(cls, get, d, prefix):
-        qm = QuantizedMatrix.from_arrays({k: get(f"w.{k}") for k in ("packed", "scale", "zero", "meta")})
-        c = float(get("clip"))
-        return cls(qm, None if np.isnan(c) else c)
+        return cls(*qm_from_arrays(get))
 
     def describe(self) -> str:
-        gs = self.qm.group_size
-        clip = "" if self.clip is None else f" clip={self.clip:g}"
-        return f"quantized {self.qm.bits}-bit {'per-row' if gs is None else f'group={gs}'}{clip}"
+        return f"quantized {qm_describe(self.qm, self.clip)}"
