@@ -28,18 +28,22 @@ def ckpt(tmp_path_factory):
 
 def _run(dec, ref, bundle):
     """Step both token by token; returns the worst logit error (relative to the logit scale) and the
-    share of mask decisions that differ from numpy (scores within rounding of the threshold)."""
+    share of mask decisions that differ from numpy (scores within rounding of the threshold). Mask bytes:
+    2 selected, 1 not; early_ready: every byte back to 0 after the step, the FFN's set in kbuf (>= 0)."""
     st, worst, bad, tot = None, 0.0, 0, 0
     for t in TOKENS:
         lg = dec.step(t).cpu().numpy()
         kb, mk = dec.kbuf.cpu().numpy(), dec.emask.cpu().numpy()
+        if dec.ready:
+            assert not mk.any()                                      # reset by ffn_early for the next step
+            mk = np.where(kb >= 0, 2, 1)
         ref.hooks.ffn_activation[:] = [lambda i, k, kb=kb: k * (kb[i] > 0)]
         r, st = ref.step(t, st)
         worst = max(worst, float(np.abs(lg - r).max() / max(1.0, np.abs(r).max())))
         for i, p in enumerate(bundle.predictors):
-            assert np.array_equal(kb[i] >= 0, mk[i] != 0)          # the FFN used exactly the mask
+            assert np.array_equal(kb[i] >= 0, mk[i] == 2)          # the FFN used exactly the mask
             want = p.score(np.asarray(st.att_x[i], np.float32)[None])[0] >= p.calib.threshold
-            bad += int(((mk[i] != 0) != want).sum())
+            bad += int(((mk[i] == 2) != want).sum())
             tot += want.size
     return worst, bad / tot, st
 
@@ -102,3 +106,34 @@ def test_early_scores_only_where_they_apply(ckpt):
     for mode in ("dense", "exact"):
         d = FusedDecode(gpu, mode, tune={"early_scores": 1}, graph=False)
         assert d.early == 0 and d.emask.numel() == 1
+
+
+@pytest.mark.parametrize("early,graph,tune", [
+    (2, True, {"fuse_ffn_mix": True}), (2, False, {"fuse_ffn_mix": True}), (1, True, {}), (3, False, {}),
+    (2, True, {"fuse_ffn_mix": True, "early_na": 8, "early_ffn_bn": 32, "early_nap": 100}),
+    (2, False, {"pdl": False}), (2, True, {"fuse_ffn_mix": True, "early_spin": 0})])
+def test_early_ready_matches_reference(ckpt, early, graph, tune):
+    """early_ready (the mask bytes are per-row ready flags that ffn_early polls; no launch waits before it
+    triggers): for every host of the scores, graph on and off, two runs with reset() between, the FFN's
+    sets equal numpy's masks (<= 0.5%), logits and state within 1e-4 of the reference, every mask byte
+    back to 0 after each step, and no poll ran out. early_spin 0 (one read, no polls): a program that
+    finds its bytes incomplete counts it and reads the mask again after its wait, so the numbers hold."""
+    from rwkv_edge.backends.cuda_decode import FusedDecode
+    ref, gpu = _models(ckpt, "fp16")
+    bundle = _bundle(ref)
+    dec = FusedDecode(gpu, "predicted", bundle=bundle, graph=graph,
+                      tune=dict(tune, early_scores=early, early_ready=True))
+    assert dec.early == early and dec.ready
+    for _ in range(2):
+        dec.reset(None)
+        worst, bad, st = _run(dec, ref, bundle)
+        assert worst < 1e-4 and bad <= 0.005, (worst, bad)
+        s = dec.state()
+        assert np.abs(s.wkv.cpu().numpy() - st.wkv).max() < 1e-4
+        assert np.abs(s.ffn_x.cpu().numpy() - st.ffn_x).max() < 1e-4
+    stats = dec.stats()
+    assert stats["active_density"] <= stats["read_density"] < 1.0
+    if tune.get("early_spin", 1):
+        assert stats["early_timeouts"] == 0, stats
+    else:
+        print("early_spin 0: incomplete first reads", stats["early_timeouts"])

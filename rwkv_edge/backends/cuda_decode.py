@@ -96,7 +96,9 @@ _BIG = 1 << 30
 # early_ffn_bn rows, early_warps warps) loads the selected rows before its PDL wait, early_na at a time
 # (0: one masked tile), with (early_vsel) or without their W_v^T rows (cuda_decode_early.py); None: 8-row
 # masked tiles where the weights fit in L2 as for the eviction hints, else 8 of 32 rows at a time (session 11).
-# Measured best: early_scores 2 with fuse_ffn_mix (the LN2 mix inside the FFN launch).
+# Measured best: early_scores 2 with fuse_ffn_mix (the LN2 mix inside the FFN launch). early_ready: the mask
+# bytes are per-row ready flags that ffn_early polls (early_spin polls at most, ~early_nap ns apart; stats()
+# counts expired polls) instead of one launch waiting before it triggers (cuda_decode_early.py).
 TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk=1024, key_warps=4,
             value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
             mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048,
@@ -104,7 +106,7 @@ TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk
             split_warps=4, value_on_sel=False, evict_stream=None, evict_value=None, evict_key=None,
             evict_auto_l2x=2.0, pred_key_bn=8, pipe_bn=0, pipe_per_sm=2, pipe_warps=8, pipe_defer=False,
             pipe_stages=None, score_perm=False, early_scores=0, early_bn=8, early_ffn_bn=None, early_na=None,
-            early_warps=4, early_vsel=True)
+            early_warps=4, early_vsel=True, early_ready=False, early_spin=1 << 22, early_nap=0)
 
 def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -235,6 +237,8 @@ class FusedDecode:
         if self.early:
             self.K = dict(self.K, **early_kernels())
         self.emask = torch.zeros((L, F) if self.early else (1, 1), dtype=torch.int8, device=dev)  # early masks
+        self.ready = bool(tn["early_ready"]) and self.early > 0
+        self.eerr = torch.zeros(1, dtype=torch.int32, device=dev)   # early_ready: mask polls that ran out
         # predicted, fused value: W_v^T rows of the selected (not active) rows, early
         self.vsel = (mode == "predicted" and bool(tn["value_on_sel"]) and tn["fused_value"] and not self.gather
                      and tn["split_value"] is None and full and _p2(D) <= tn["key_value_bd"])
@@ -349,7 +353,7 @@ class FusedDecode:
                                      self.slot[i], cp[0], cp[1], *((self.H,) + sc[0] if eh else ()),
                                      **(sc[1] if eh else {}), N=N, BLW=_p2(lay["lw"]), BLA=_p2(lay["la"]),
                                      BLG=_p2(lay["lg"]), BLV=_p2(max(1, lay["lv"])), FIRST=i == 0, PDL=self.pdl,
-                                     COPY=mixin and i > 0, WFIRST=self.early in (2, 3),
+                                     COPY=mixin and i > 0, WFIRST=self.early in (2, 3) and not self.ready,
                                      **self._kw(tn["head_warps"]))
             if mixin:   # x stays the layer input; xb = x + att (the FFN's LN input); sparse: x = xb too
                 self._gemv(lay["att_o"], self.yg, self.xb, base=self.x, bn=min(4, tn["gemv_bn"]),
@@ -360,15 +364,16 @@ class FusedDecode:
                 # (which reads the mask before its own wait) starts only after att_o, hence att_head, completed
                 # (2, 3: att_head waits first; cuda_decode_early.py gives the reasoning)
                 self._mix(False, lay["ln2"], st.ffn_x[i], lay["fmix"], self.xk, 1,
-                          perm=self.pred[i] if self.words else None, wfirst=self.early == 1)
+                          perm=self.pred[i] if self.words else None, wfirst=self.early == 1 and not self.ready)
             mx = (self.xb, st.ffn_x[i], lay["fmix"], lay["ln2"][0], lay["ln2"][1], self.fnew[i])
             if self.early:    # the sparse FFN from the early mask (cuda_decode_early.ffn_early)
                 bn = tn["early_ffn_bn"]
                 if tn["diag"] != 4:   # (diag 4, timing only: no FFN launch)
                     K["ffn_early"][(-(-F // bn),)](
                         lay["key"], self.xk, self.kbuf[i], self.emask[i], F, D, lay["wv"], self.x, self.cnt[i], *mx,
-                        BN=bn, BK=_p2(D), MIXIN=mixin, NA=tn["early_na"], PDL=self.pdl, VSEL=bool(tn["early_vsel"]),
-                        EVW=evk, EVV=tn["evict_value"], DIAG=tn["diag"], **self._kw(tn["early_warps"]))
+                        self.eerr, tn["early_spin"], BN=bn, BK=_p2(D), MIXIN=mixin, NA=tn["early_na"], PDL=self.pdl,
+                        VSEL=bool(tn["early_vsel"]), EVW=evk, EVV=tn["evict_value"], DIAG=tn["diag"],
+                        READY=self.ready, NAP=tn["early_nap"], **self._kw(tn["early_warps"]))
                 continue
             p = self.pred[i] if self.pred else None
             wq = dict(xp_p=self.xp, WORDS=self.words, WPG=max(1, p["gs"] // p["per"] // 4) if p else 1)
@@ -432,6 +437,7 @@ class FusedDecode:
         for f in ("att_x", "wkv", "ffn_x"):
             getattr(self.st, f).copy_(getattr(src, f))
         self.cnt.zero_()
+        self.emask.zero_()    # early_ready: 0 = not scored yet (ffn_early leaves them so after every step)
         self.n_steps = 0
 
     def step(self, token) -> torch.Tensor:
@@ -453,11 +459,13 @@ class FusedDecode:
     def stats(self) -> dict:
         """Per-token FFN densities since reset, summed over layers on the device: `read` = key rows
         read (1.0 unless predicted), `active` = neurons with relu(k)^2 > 0 = W_v^T rows read (None in
-        the dense mode, which counts nothing). Reads the counters (a host sync)."""
+        the dense mode, which counts nothing); early_ready: `early_timeouts` = FFN programs whose mask polls
+        ran out since construction (must stay 0; their mask was read again after the wait). A host sync."""
         c = self.cnt.sum(0).tolist()
         tot = max(1, self.n_steps * self.L * self.F)
-        return {"steps": self.n_steps, "read_density": round(c[0] / tot, 4) if self.pred else 1.0,
-                "active_density": round(c[1] / tot, 4) if self.mode != "dense" else None}
+        out = {"steps": self.n_steps, "read_density": round(c[0] / tot, 4) if self.pred else 1.0,
+               "active_density": round(c[1] / tot, 4) if self.mode != "dense" else None}
+        return dict(out, early_timeouts=int(self.eerr.item())) if self.ready else out
 
     def bytes_per_token(self, density: float | None = None) -> int:
         """Weight bytes one step must read (each needed byte once): the roof's numerator."""

@@ -33,6 +33,17 @@ so by induction everything before that predecessor has completed too, its stores
 The FFN reads the mask with .cg (L2, never a stale L1 line from the last step). The next step's scorer
 of layer L writes mask[L] after its own wait (all earlier kernels, this FFN included, done), so there
 is no write-after-read hazard either.
+Mask bytes: 0 not scored yet (early_ready only), 1 scored and not selected, 2 selected.
+early_ready (tune): no launch waits first; the bytes are per-row ready flags. ffn_early polls its BN
+rows' bytes (volatile loads, ~NAP ns apart) until none is 0, loads the selected rows, waits, and sets its
+bytes back to 0. No deadlock: a PDL launch's programs are scheduled only once every program of its
+predecessor has triggered (or exited); each scoring program triggers before its scores, so every scorer
+of layer L is resident (and needs only the LN1 mix to finish) before the launch after its host exists,
+let alone the FFN. No stale byte: the next step's scorer writes after its own wait, i.e. after this FFN
+(its reset included) completed; reset() and construction leave 0s. The polls are bounded (tune
+early_spin): a program whose bytes are still incomplete counts it (stats()["early_timeouts"], must
+stay 0) and reads the mask again after its wait, when the scorers have completed, so the FFN never runs
+on a partial mask.
 """
 from __future__ import annotations
 
@@ -56,13 +67,13 @@ def kernels():
     def _early_score(pid, ex_p, q_p, qs_p, qz_p, thr, mk_p, F, SBN: tl.constexpr, BITS: tl.constexpr,
                      PER: tl.constexpr, NB: tl.constexpr, GC: tl.constexpr, PDL: tl.constexpr):
         """Rows pid*SBN.. : codes before the wait, then the scores of ex_p (the LN1 output the LN1 mix
-        launch wrote: complete once the wait returns) and mask[j] = score_j >= thr (int8)."""
+        launch wrote: complete once the wait returns) and mask[j] = 1 + (score_j >= thr) (int8)."""
         rows = pid * SBN + tl.arange(0, SBN)
         rm = rows < F
         byt, scale, zero = _codes(q_p, qs_p, qz_p, rows, rm, GC, NB)
         _sync(PDL)
         sc = _score_bytes(ex_p, ex_p, byt, scale, zero, SBN, GC, NB, PER, BITS, False)
-        tl.store(mk_p + rows, (sc >= thr).to(tl.int8), mask=rm)
+        tl.store(mk_p + rows, (sc >= thr).to(tl.int8) + 1, mask=rm)   # 1: scored, 2: selected
 
     @triton.jit
     def score_early(ex_p, q_p, qs_p, qz_p, thr, mk_p, F, SBN: tl.constexpr, BITS: tl.constexpr,
@@ -116,29 +127,18 @@ def kernels():
         return tl.sum(vv.to(tl.float32) * y[:, None], axis=0), tl.sum(a.to(tl.int32), axis=0)
 
     @triton.jit
-    def ffn_early(w_p, x_p, k_p, mk_p, F, D, vt_p, xo_p, cnt_p, xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p,
-                  BN: tl.constexpr, BK: tl.constexpr, MIXIN: tl.constexpr,
-                  NA: tl.constexpr, PDL: tl.constexpr, VSEL: tl.constexpr, EVW: tl.constexpr, EVV: tl.constexpr,
-                  DIAG: tl.constexpr):
-        """The sparse FFN of BN rows (D <= BK) from the early mask: the selected rows' W_k rows (VSEL: and
-        their W_v^T rows, whatever their keys) are loaded BEFORE the wait, NA gathered at a time (the
-        first NA before the wait, the rest after), or NA = 0: as one masked (BN, BK) tile. After the wait:
-        [MIXIN: LN2 + token shift of the residual xb_p here, as ffn_sparse does (no LN2 mix launch)], keys,
-        -1 for the rows not selected, the value partial added to xo_p once per program.
-        DIAG 3 (timing only, wrong results): no rows at all (the bound with the scores off this launch)."""
-        pid = tl.program_id(0)
-        rows = pid * BN + tl.arange(0, BN)
-        rm = rows < F
-        ks = tl.arange(0, BK)
-        km = ks < D
-        # the mask of the early scores: complete before this launch started (module docstring)
-        sel = rm & (tl.load(mk_p + rows, mask=rm, other=0, cache_modifier=".cg") != 0)
+    def _pick(mk, rows, rm, w_p, vt_p, D, ks, km, NA: tl.constexpr, VSEL: tl.constexpr, EVW: tl.constexpr,
+              EVV: tl.constexpr, DIAG: tl.constexpr):
+        """The selected rows (mask byte 2) of a program's BN rows, the first NA of them gathered (NA 0: all
+        of them as one masked tile), their W_k rows loaded (VSEL: and their W_v^T rows).
+        Returns sel (BN,), its count, gather positions, rows (NA,), valid (NA,), W_k and W_v^T tiles."""
+        sel = rm & (mk == 2)
         if DIAG == 3:
             sel = sel & (rows < 0)
         sl = sel.to(tl.int32)
         ns = tl.sum(sl, axis=0)
         if NA == 0:
-            r, ok = rows, sel
+            pos, r, ok = sl, rows, sel
         else:
             pos = tl.cumsum(sl, axis=0) - sl
             r, _y, ok = _gather(sel, pos, rows, rows.to(tl.float32), 0, ns, NA)
@@ -148,7 +148,48 @@ def kernels():
         if VSEL:
             vv = tl.load(vt_p + r[:, None] * D + ks[None, :], mask=ok[:, None] & km[None, :], other=0.0,
                          eviction_policy=EVV)
+        return sel, ns, pos, r, ok, wk, vv
+
+    @triton.jit
+    def ffn_early(w_p, x_p, k_p, mk_p, F, D, vt_p, xo_p, cnt_p, xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p,
+                  err_p, spin,
+                  BN: tl.constexpr, BK: tl.constexpr, MIXIN: tl.constexpr,
+                  NA: tl.constexpr, PDL: tl.constexpr, VSEL: tl.constexpr, EVW: tl.constexpr, EVV: tl.constexpr,
+                  DIAG: tl.constexpr, READY: tl.constexpr, NAP: tl.constexpr):
+        """The sparse FFN of BN rows (D <= BK) from the early mask: the selected rows' W_k rows (VSEL: and
+        their W_v^T rows, whatever their keys) are loaded BEFORE the wait, NA gathered at a time (the
+        first NA before the wait, the rest after), or NA = 0: as one masked (BN, BK) tile. After the wait:
+        [MIXIN: LN2 + token shift of the residual xb_p here, as ffn_sparse does (no LN2 mix launch)], keys,
+        -1 for the rows not selected, the value partial added to xo_p once per program.
+        READY (early_ready): the mask bytes are the flags: poll them (volatile, ~NAP ns apart) until every
+        row's byte is non-zero, at most `spin` polls (then err_p += 1 and the mask is read again after
+        the wait, when it is complete); reset them to 0 after the wait (module docstring).
+        DIAG 3 (timing only, wrong results): no rows at all (the bound with the scores off this launch)."""
+        pid = tl.program_id(0)
+        rows = pid * BN + tl.arange(0, BN)
+        rm = rows < F
+        ks = tl.arange(0, BK)
+        km = ks < D
+        if READY:
+            mk = tl.load(mk_p + rows, mask=rm, other=1, volatile=True)
+            polls = pid * 0
+            while (tl.min(mk.to(tl.int32), axis=0) == 0) & (polls < spin):
+                if NAP > 0:
+                    tl.inline_asm_elementwise("nanosleep.u32 $1;\n\tmov.u32 $0, $1;", "=r,r", [polls * 0 + NAP],
+                                              dtype=tl.int32, is_pure=False, pack=1)
+                mk = tl.load(mk_p + rows, mask=rm, other=1, volatile=True)
+                polls += 1
+        else:   # the mask of the early scores: complete before this launch started (module docstring)
+            mk = tl.load(mk_p + rows, mask=rm, other=0, cache_modifier=".cg")
+        sel, ns, pos, r, ok, wk, vv = _pick(mk, rows, rm, w_p, vt_p, D, ks, km, NA, VSEL, EVW, EVV, DIAG)
         _sync(PDL)
+        if READY:
+            if tl.min(mk.to(tl.int32), axis=0) == 0:   # the polls ran out: count it, take the whole mask now
+                tl.atomic_add(err_p, 1, sem="relaxed")
+                mk = tl.load(mk_p + rows, mask=rm, other=0, volatile=True)
+                sel, ns, pos, r, ok, wk, vv = _pick(mk, rows, rm, w_p, vt_p, D, ks, km, NA, VSEL, EVW, EVV, DIAG)
+            tl.store(mk_p + rows, tl.zeros((BN,), tl.int8), mask=rm)    # not scored: for the next step
+        sl = sel.to(tl.int32)
         if MIXIN:
             xv = _ln_mix(xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p, D, ks, km, pid == 0)
         else:
