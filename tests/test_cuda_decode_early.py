@@ -111,19 +111,21 @@ def test_early_scores_only_where_they_apply(ckpt):
 @pytest.mark.parametrize("early,graph,tune", [
     (2, True, {"fuse_ffn_mix": True}), (2, False, {"fuse_ffn_mix": True}), (1, True, {}), (3, False, {}),
     (2, True, {"fuse_ffn_mix": True, "early_na": 8, "early_ffn_bn": 32, "early_nap": 100}),
-    (2, False, {"pdl": False}), (2, True, {"fuse_ffn_mix": True, "early_spin": 0})])
+    (2, False, {"pdl": False}), (2, True, {"fuse_ffn_mix": True, "early_spin": 0}),
+    (2, True, {"fuse_ffn_mix": True, "early_ready": 2}), (1, False, {"early_ready": 2, "early_nap": 1000})])
 def test_early_ready_matches_reference(ckpt, early, graph, tune):
     """early_ready (the mask bytes are per-row ready flags that ffn_early polls; no launch waits before it
-    triggers): for every host of the scores, graph on and off, two runs with reset() between, the FFN's
-    sets equal numpy's masks (<= 0.5%), logits and state within 1e-4 of the reference, every mask byte
-    back to 0 after each step, and no poll ran out. early_spin 0 (one read, no polls): a program that
-    finds its bytes incomplete counts it and reads the mask again after its wait, so the numbers hold."""
+    triggers; 2: the FFN triggers before its polls): for every host of the scores, graph on and off, two
+    runs with reset() between, the FFN's sets equal numpy's masks (<= 0.5%), logits and state within 1e-4
+    of the reference, every mask byte back to 0 after each step, and no poll ran out. early_spin 0 (one
+    read, no polls): a program that finds its bytes incomplete counts it and reads the mask again after
+    its wait, so the numbers hold."""
     from rwkv_edge.backends.cuda_decode import FusedDecode
     ref, gpu = _models(ckpt, "fp16")
     bundle = _bundle(ref)
     dec = FusedDecode(gpu, "predicted", bundle=bundle, graph=graph,
-                      tune=dict(tune, early_scores=early, early_ready=True))
-    assert dec.early == early and dec.ready
+                      tune=dict({"early_ready": 1}, **tune, early_scores=early))
+    assert dec.early == early and dec.ready == tune.get("early_ready", 1)
     for _ in range(2):
         dec.reset(None)
         worst, bad, st = _run(dec, ref, bundle)

@@ -98,7 +98,7 @@ _BIG = 1 << 30
 # masked tiles where the weights fit in L2 as for the eviction hints, else 8 of 32 rows at a time (session 11).
 # Measured best: early_scores 2 with fuse_ffn_mix (the LN2 mix inside the FFN launch). early_ready: the mask
 # bytes are per-row ready flags that ffn_early polls (early_spin polls at most, ~early_nap ns apart; stats()
-# counts expired polls) instead of one launch waiting before it triggers (cuda_decode_early.py).
+# counts expired polls; 2: it triggers before the polls) instead of one launch waiting first (cuda_decode_early.py).
 TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk=1024, key_warps=4,
             value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
             mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048,
@@ -106,7 +106,7 @@ TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk
             split_warps=4, value_on_sel=False, evict_stream=None, evict_value=None, evict_key=None,
             evict_auto_l2x=2.0, pred_key_bn=8, pipe_bn=0, pipe_per_sm=2, pipe_warps=8, pipe_defer=False,
             pipe_stages=None, score_perm=False, early_scores=0, early_bn=8, early_ffn_bn=None, early_na=None,
-            early_warps=4, early_vsel=True, early_ready=False, early_spin=1 << 22, early_nap=0)
+            early_warps=4, early_vsel=True, early_ready=0, early_spin=1 << 22, early_nap=0)
 
 def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -237,7 +237,7 @@ class FusedDecode:
         if self.early:
             self.K = dict(self.K, **early_kernels())
         self.emask = torch.zeros((L, F) if self.early else (1, 1), dtype=torch.int8, device=dev)  # early masks
-        self.ready = bool(tn["early_ready"]) and self.early > 0
+        self.ready = int(tn["early_ready"]) if self.early else 0
         self.eerr = torch.zeros(1, dtype=torch.int32, device=dev)   # early_ready: mask polls that ran out
         # predicted, fused value: W_v^T rows of the selected (not active) rows, early
         self.vsel = (mode == "predicted" and bool(tn["value_on_sel"]) and tn["fused_value"] and not self.gather

@@ -161,9 +161,10 @@ def kernels():
         first NA before the wait, the rest after), or NA = 0: as one masked (BN, BK) tile. After the wait:
         [MIXIN: LN2 + token shift of the residual xb_p here, as ffn_sparse does (no LN2 mix launch)], keys,
         -1 for the rows not selected, the value partial added to xo_p once per program.
-        READY (early_ready): the mask bytes are the flags: poll them (volatile, ~NAP ns apart) until every
-        row's byte is non-zero, at most `spin` polls (then err_p += 1 and the mask is read again after
-        the wait, when it is complete); reset them to 0 after the wait (module docstring).
+        READY (early_ready): the mask bytes are the flags: poll them (volatile, ~NAP ns apart; READY 2:
+        after the trigger, else before it) until every row's byte is non-zero, at most `spin` polls (then
+        err_p += 1 and the mask is read again after the wait, when it is complete); reset them to 0 after
+        the wait (module docstring).
         DIAG 3 (timing only, wrong results): no rows at all (the bound with the scores off this launch)."""
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
@@ -171,6 +172,8 @@ def kernels():
         ks = tl.arange(0, BK)
         km = ks < D
         if READY:
+            if READY == 2 and PDL:    # trigger first: the next launches are scheduled during the polls
+                tl.extra.cuda.gdc_launch_dependents()
             mk = tl.load(mk_p + rows, mask=rm, other=1, volatile=True)
             polls = pid * 0
             while (tl.min(mk.to(tl.int32), axis=0) == 0) & (polls < spin):
@@ -182,7 +185,11 @@ def kernels():
         else:   # the mask of the early scores: complete before this launch started (module docstring)
             mk = tl.load(mk_p + rows, mask=rm, other=0, cache_modifier=".cg")
         sel, ns, pos, r, ok, wk, vv = _pick(mk, rows, rm, w_p, vt_p, D, ks, km, NA, VSEL, EVW, EVV, DIAG)
-        _sync(PDL)
+        if READY == 2:
+            if PDL:
+                tl.extra.cuda.gdc_wait()
+        else:
+            _sync(PDL)
         if READY:
             if tl.min(mk.to(tl.int32), axis=0) == 0:   # the polls ran out: count it, take the whole mask now
                 tl.atomic_add(err_p, 1, sem="relaxed")
