@@ -98,7 +98,8 @@ _BIG = 1 << 30
 # masked tiles where the weights fit in L2 as for the eviction hints, else 8 of 32 rows at a time (session 11).
 # Measured best: early_scores 2 with fuse_ffn_mix (the LN2 mix inside the FFN launch). early_ready: the mask
 # bytes are per-row ready flags that ffn_early polls (early_spin polls at most, ~early_nap ns apart; stats()
-# counts expired polls; 2: it triggers before the polls) instead of one launch waiting first (cuda_decode_early.py).
+# counts expired polls; 2: it triggers before the polls) instead of one launch waiting first (cuda_decode_early.py):
+# 1.5B +1.2-1.9%, 58M -8% (session 12, docs/cuda_decode_history.md), so off by default.
 TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk=1024, key_warps=4,
             value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
             mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048,
