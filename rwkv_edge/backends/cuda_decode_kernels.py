@@ -84,6 +84,8 @@ def kernels():
             _wait_first(PDL)
         else:
             _sync(PDL)
+        if EZ:    # issued with the x load below (used last: its latency overlaps the LN)
+            pv = tl.load(ezv_p + d, mask=dm, other=0.0)
         if COPY:  # the FFN token-shift state the fused FFN mix of the last layer left in scratch
             tl.store(cpd_p + d, tl.load(cps_p + d, mask=dm), mask=dm)
         if EMB:   # x = ln0(emb[tok]): the block input of layer 0
@@ -99,7 +101,7 @@ def kernels():
         c = tl.where(dm, x - mu, 0.0)
         xl = c / tl.sqrt(tl.sum(c * c, axis=0) / D + eps) * lw + lb
         if EZ:
-            tl.store(ez_p + d, xl * ed + ec + em * tl.load(ezv_p + d, mask=dm, other=0.0), mask=dm)
+            tl.store(ez_p + d, xl * ed + ec + em * pv, mask=dm)
         if NMIX == 0:
             tl.store(out_p + d, xl, mask=dm)
         else:
