@@ -48,7 +48,7 @@ def fit(model, data_dir: str, kind: str = "quantized", bits: int = 2, group_size
         hidden: int = 64, epochs: int = 4, batch_size: int = 512, lr: float = 2e-3, threads: int | None = None,
         pq_m: int | None = None, pq_nbits: int = 6,
         seed: int = 0, device: str = "cpu", progress: bool = True, log=None,
-        early_map: str = "full") -> PredictorBundle:
+        early_map: str = "diag") -> PredictorBundle:
     """Fit and calibrate predictors of `kind` for all layers of `model` from `data_dir`.
 
     kind: "quantized" | "mlp" | "pq" | a union such as "quantized+mlp".
@@ -57,7 +57,8 @@ def fit(model, data_dir: str, kind: str = "quantized", bits: int = 2, group_size
     pq: pq_m sub-vectors, pq_nbits.
     target/metric/margin: per-layer calibration goal (metric "mass" or "active").
     log: optional callable(str) for one line per layer.
-    early_map (early rows only): "full" A (D, D) or "diag" (EarlyPredictor, A = diag(d)).
+    early_map (early rows only): "diag" (EarlyPredictor, A = diag(d): the default, docs/quality/early-predictors.md
+    gives the figures) or "full" A (D, D).
     """
     members = parse_kind(kind)
     if early_map not in EARLY_MAPS:

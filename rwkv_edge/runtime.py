@@ -142,7 +142,7 @@ def run_sparse(model, bundle, device: str = "cpu"):
     if getattr(bundle, "input", "ffn") == "early":
         if hasattr(model, "with_predictors") or device == "cuda":
             raise ValueError("an early-input predictor bundle runs on the numba or reference backend (CPU); on "
-                             "cuda, one with a diagonal map (--early-map diag) runs in backends.cuda_decode.FusedDecode")
+                             "cuda, one with a diagonal map runs in backends.cuda_decode.FusedDecode")
         from rwkv_edge.predictors.early import EarlySets
         from .sparse import SparseFFN
 

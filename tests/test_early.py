@@ -192,7 +192,8 @@ def early_bundle(model, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("early")
     collect(model, TRAIN, str(d / "act"), chunk=128, progress=False, input="early")
-    return fit(model, str(d / "act"), "quantized", bits=2, target=0.99, progress=False), str(d / "act")
+    return (fit(model, str(d / "act"), "quantized", bits=2, target=0.99, progress=False, early_map="full"),
+            str(d / "act"))
 
 
 def test_early_collection_holds_ln1_prev_and_xk_of_the_same_tokens(model, early_bundle):
@@ -255,13 +256,13 @@ def test_early_bundle_runs_sparse_like_the_hook_pair_reference(model, early_bund
 
 
 def test_diagonal_early_map_is_stored_as_d_and_scores_as_the_full_form(model, early_bundle, fitted, tmp_path):
-    """fit(early_map="diag"): every layer's map is A = diag(d), stored as d (D,) float32 (format version 3,
-    no "A" array), xk_hat = ln1 * d + c + mix * prev equals the full form with A = diag(d), and the bundle
+    """fit (early_map "diag", the default): every layer's map is A = diag(d), stored as d (D,) float32
+    (format version 3, no "A" array), xk_hat = ln1 * d + c + mix * prev equals the full form with A = diag(d), and the bundle
     round-trips; a version-2 file (A stored) still loads."""
     from rwkv_edge.predictors.fit import fit
 
     D = model.config.n_embd
-    diag = fit(model, early_bundle[1], "quantized", bits=2, target=0.99, progress=False, early_map="diag")
+    diag = fit(model, early_bundle[1], "quantized", bits=2, target=0.99, progress=False)     # default: diag
     held = fitted[2]
     for i, p in enumerate(diag.predictors):
         assert p.diag and p.d.shape == (D,) and p.A.dtype == np.float32
