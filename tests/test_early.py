@@ -257,8 +257,8 @@ def test_early_bundle_runs_sparse_like_the_hook_pair_reference(model, early_bund
 
 def test_diagonal_early_map_is_stored_as_d_and_scores_as_the_full_form(model, early_bundle, fitted, tmp_path):
     """fit (early_map "diag", the default): every layer's map is A = diag(d), stored as d (D,) float32
-    (format version 3, no "A" array), xk_hat = ln1 * d + c + mix * prev equals the full form with A = diag(d), and the bundle
-    round-trips; a version-2 file (A stored) still loads."""
+    (format version 3, no "A" array), xk_hat = ln1 * d + c + mix * prev equals the full form with
+    A = diag(d), and the bundle round-trips; a version-2 file (A stored) still loads."""
     from rwkv_edge.predictors.fit import fit
 
     D = model.config.n_embd
