@@ -35,8 +35,10 @@ costing ~150 us a token after the PDL wait).
 
 Session 11 (early scores of ln1, cuda_decode_early.py): 1.5B dense 1060, predicted 920 (1.15x), early 897
 (1.18x); 58M dense 170, predicted 196, early 176 (0.96x) us per token; the details in the history file.
-Early bundles (fit-predictors --early-map diag, predictors/early.py): the LN1 mix launch also writes the
-vector they score, z = ln1 * d + c + mix * prev (cuda_decode_early.py).
+Session 12: early bundles with a diagonal map (fit-predictors --early-map diag, predictors/early.py; real
+quality): the LN1 mix launch also writes the vector they score, z = ln1 * d + c + mix * prev
+(cuda_decode_early.py). 1.5B shapes 900 us (1.179x dense; z ~1 us a token); real rwkv7-ref-58m dense 173.5,
+predicted (q2.npz) 198.7, early diag 183.1, with the CPU eval's density and KLD (tools/gpu_early_real.py).
 """
 from __future__ import annotations
 
