@@ -94,13 +94,17 @@ def run(args) -> None:
     m = open_model(path, device="cuda", dtype="fp16")
     bundles = {os.path.basename(p)[7:-4]: PredictorBundle.load(p)
                for p in sorted(glob.glob(os.path.join(data, "bundle_*.npz")))}
-    cases = [("dense", "dense", None), ("exact", "exact", None)] + [(n, "predicted", b) for n, b in bundles.items()]
+    cases = [("dense", "dense", None, {}), ("exact", "exact", None, {})] + [(n, "predicted", b, {})
+                                                                            for n, b in bundles.items()]
+    for t in args.tune:       # NAME=JSON: an early bundle's case again with FusedDecode tune overrides
+        n, js = t.split("=", 1)
+        cases += [(f"{k}+{n}", "predicted", b, json.loads(js)) for k, b in bundles.items() if b.input == "early"]
     W, T = inp.shape
     V = m.config.vocab_size
     base, res, decs, log = None, {}, {}, open(os.path.join(args.out, "real.jsonl"), "w")
-    for name, mode, b in cases:
+    for name, mode, b, tune in cases:
         t0 = time.perf_counter()
-        dec = FusedDecode(m, mode, bundle=b)
+        dec = FusedDecode(m, mode, bundle=b, tune=tune)
         lp = torch.empty((W * T, V), dtype=torch.float32, device="cuda")
         steps, rd, ac, bad, tot = 0, 0.0, 0.0, 0, 0
         for w in range(W):
@@ -185,6 +189,7 @@ def main() -> int:
     r.add_argument("--tokens", type=int, default=256)
     r.add_argument("--rounds", type=int, default=5)
     r.add_argument("--passes", type=int, default=3)
+    r.add_argument("--tune", action="append", default=[], help="NAME=JSON: early-bundle cases with tune overrides")
     r.add_argument("--mask-check", type=int, default=128,
                    help="tokens of the first window whose early mask is checked against numpy")
     args = ap.parse_args()
