@@ -27,6 +27,8 @@ import numpy as np
 
 from rwkv_edge.fileio import atomic_write
 
+from .early import EarlyRows
+
 MAGIC = "rwkv-edge-activations"
 FORMAT_VERSION = 2
 READS = (1, 2)
@@ -219,18 +221,17 @@ def collect(model, tokens, out_dir: str, n_tokens: int | None = None, chunk: int
     if any(w.count != man["layers"][i]["count"] for i, w in enumerate(writers)):
         raise CollectError(f"{out_dir}: manifest layer counts disagree; the directory is damaged")
 
-    early = {}          # layer -> [ln1, prev] of the current window ("early" input)
-
-    def hook(layer, xk):
-        xk = model.ops.to_host(xk)                     # a device backend hands over device tensors
+    def store(layer, rows):       # "early": [ln1, prev, xk] (T, 3D) from the EarlyRows hooks; else xk (T, D)
         if input == "early":
-            xk = np.concatenate(early.pop(layer) + [np.asarray(xk, np.float32)], 1)
-        writers[layer].append(xk)
+            writers[layer].append(np.concatenate([rows["ln1"], rows["prev"], rows["ffn"]], 1))
+        else:
+            writers[layer].append(rows)
 
-    hooks = [(model.hooks.ffn_input, hook)]
+    host = lambda a: np.asarray(model.ops.to_host(a), np.float32)      # noqa: E731 (device backends: tensors)
     if input == "early":
-        hooks += [(model.hooks.att_input, lambda i, x, xa: early.__setitem__(i, [model.ops.to_host(xa)])),
-                  (model.hooks.ffn_shift, lambda i, x, prev: early[i].append(model.ops.to_host(prev)))]
+        hooks = EarlyRows(store, host).pairs(model.hooks)
+    else:
+        hooks = [(model.hooks.ffn_input, lambda layer, xk: store(layer, host(xk)))]
 
     def checkpoint(done: int, complete: bool) -> None:
         # Order matters for crash safety: data, then state, then the manifest that points to them.

@@ -36,37 +36,66 @@ def check_input(name: str) -> str:
     return name
 
 
+class EarlyRows:
+    """The one wiring of the early rows: three hooks of the plain model build layer L's rows dict
+
+        att_input  -> {"resid": x_L, "ln1": ln1(x_L)}           (T, D) each, known when layer L starts
+        ffn_shift  -> + {"norm": channel-mix input, "prev": its token shift (the FFN shift state)}
+        ffn_input  -> + {"ffn": xk}                               (at="ffn" only)
+
+    and hand it to on_rows(layer, rows) at the FFN input (at="ffn") or already at the shift (at="shift",
+    when a predictor must decide the set before the FFN runs). Every array goes through `convert`
+    (e.g. to float32 host arrays). Used by `capture`, `MaskedFFN`, `EarlySets` and `collect --input early`."""
+
+    def __init__(self, on_rows, convert=None, at: str = "ffn"):
+        if at not in ("ffn", "shift"):
+            raise ValueError(f"EarlyRows hands rows over at 'ffn' or 'shift', not {at!r}")
+        self.on_rows, self.at = on_rows, at
+        self.convert = convert or (lambda a: a)
+        self.pending = {}
+
+    def on_att(self, layer, x, xa):
+        self.pending[layer] = {"resid": self.convert(x), "ln1": self.convert(xa)}
+
+    def on_shift(self, layer, x, prev):
+        self.pending[layer].update(norm=self.convert(x), prev=self.convert(prev))
+        if self.at == "shift":
+            self.on_rows(layer, self.pending.pop(layer))
+
+    def on_ffn(self, layer, xk):
+        rows = self.pending.pop(layer)
+        rows["ffn"] = self.convert(xk)
+        self.on_rows(layer, rows)
+
+    def pairs(self, hooks) -> list:
+        """[(hook list, function)] of a model's `hooks`: what attach appends and detach removes."""
+        out = [(hooks.att_input, self.on_att), (hooks.ffn_shift, self.on_shift)]
+        return out + [(hooks.ffn_input, self.on_ffn)] if self.at == "ffn" else out
+
+    def attach(self, model):
+        for where, h in self.pairs(model.hooks):
+            where.append(h)
+        return model
+
+    def detach(self, model) -> None:
+        for where, h in self.pairs(model.hooks):
+            where.remove(h)
+
+
 def capture(model, tokens, on_rows, chunk: int = 512) -> None:
     """Run `tokens` (1-D ids) through `model` in windows of `chunk` (state carried) and call
     on_rows(layer, rows) once per window and layer, rows = {"resid": x (T, D), "ln1": ln1(x) (T, D),
     "norm": the channel-mix input (T, D), "prev": its token shift (T, D), "ffn": xk (T, D)}: the early
-    vectors and the FFN input of the same tokens (float32 host arrays)."""
-    pending = {}
-    host = lambda a: np.asarray(model.ops.to_host(a), np.float32)      # noqa: E731
-
-    def att(layer, x, xa):
-        pending[layer] = {"resid": host(x), "ln1": host(xa)}
-
-    def shift(layer, x, prev):
-        pending[layer].update(norm=host(x), prev=host(prev))
-
-    def ffn(layer, xk):
-        rows = pending.pop(layer)
-        rows["ffn"] = host(xk)
-        on_rows(layer, rows)
-
+    vectors and the FFN input of the same tokens (float32 host arrays; `EarlyRows`)."""
+    rows = EarlyRows(on_rows, lambda a: np.asarray(model.ops.to_host(a), np.float32))
     tokens = np.asarray(tokens, np.int64).reshape(-1)
-    model.hooks.att_input.append(att)
-    model.hooks.ffn_shift.append(shift)
-    model.hooks.ffn_input.append(ffn)
+    rows.attach(model)
     try:
         state = None
         for a in range(0, len(tokens), chunk):
             _, state = model.forward(tokens[a:a + chunk].tolist(), state)
     finally:
-        model.hooks.att_input.remove(att)
-        model.hooks.ffn_shift.remove(shift)
-        model.hooks.ffn_input.remove(ffn)
+        rows.detach(model)
 
 
 class EarlyMoments:
@@ -301,14 +330,12 @@ class EarlySets:
         if getattr(bundle, "input", "ffn") != "early":
             raise ValueError("EarlySets needs a bundle fitted on early inputs (collect --input early)")
         self.bundle = bundle
-        self._ln1, self._mask = {}, {}
+        self._mask = {}
 
     def attach(self, model):
-        host = lambda a: np.asarray(model.ops.to_host(a), np.float32)      # noqa: E731
-        model.hooks.att_input.append(lambda layer, x, xa: self._ln1.__setitem__(layer, host(xa)))
-        model.hooks.ffn_shift.append(lambda layer, x, prev: self._mask.__setitem__(
-            layer, self.bundle.predict(layer, np.concatenate([self._ln1.pop(layer), host(prev)], 1))))
-        return model
+        def decide(layer, rows):
+            self._mask[layer] = self.bundle.predict(layer, np.concatenate([rows["ln1"], rows["prev"]], 1))
+        return EarlyRows(decide, lambda a: np.asarray(model.ops.to_host(a), np.float32), at="shift").attach(model)
 
     def predict(self, layer: int, xk: np.ndarray) -> np.ndarray:
         return self._mask.pop(layer)
@@ -329,19 +356,11 @@ class MaskedFFN:
 
     def __init__(self, predict, ffn_dim: int):
         self.predict, self.F = predict, int(ffn_dim)
-        self.rows, self.masks = {}, {}
+        self.masks = {}
         self.n_tokens = 0
         self.n_active = 0
 
-    def on_att(self, layer, x, xa):
-        self.rows[layer] = {"resid": x, "ln1": xa}
-
-    def on_shift(self, layer, x, prev):
-        self.rows[layer]["prev"] = prev
-
-    def on_ffn_input(self, layer, xk):
-        rows = self.rows.pop(layer)
-        rows["ffn"] = xk
+    def on_rows(self, layer, rows):
         self.masks[layer] = np.asarray(self.predict(layer, rows), bool)
 
     def on_activation(self, layer, k):
@@ -356,10 +375,7 @@ class MaskedFFN:
 
     def attach(self, model):
         """A shallow copy of `model` (weights shared, fresh hooks) that runs with these sets."""
-        m = model.with_ffn(None)
-        m.hooks.att_input.append(self.on_att)
-        m.hooks.ffn_shift.append(self.on_shift)
-        m.hooks.ffn_input.append(self.on_ffn_input)
+        m = EarlyRows(self.on_rows).attach(model.with_ffn(None))
         m.hooks.ffn_activation.append(self.on_activation)
         return m
 

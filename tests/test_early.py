@@ -9,7 +9,7 @@ from rwkv_edge.predictors.base import LayerPredictor
 from rwkv_edge.predictors.bundle import PredictorBundle
 from rwkv_edge.predictors.calibrate import threshold_for_target
 from rwkv_edge.predictors.collect import labels
-from rwkv_edge.predictors.early import (AffineQuantizedPredictor, EarlyMoments, EarlyPredictor, MaskedFFN,
+from rwkv_edge.predictors.early import (AffineQuantizedPredictor, EarlyMoments, EarlyPredictor, EarlyRows, MaskedFFN,
                                         add_shift_rows, capture, early_input, input_predict)
 from rwkv_edge.predictors.quantized import QuantizedPredictor
 from rwkv_edge.sparse import SparseFFN
@@ -61,6 +61,25 @@ def test_hooks_see_consistent_vectors_and_do_not_change_logits(model):
         np.testing.assert_array_equal(r["prev"][1:], r["norm"][:-1])       # token shift: the previous row
         assert np.abs(r["prev"][0]).max() == 0.0                           # fresh state
         np.testing.assert_allclose(r["ffn"], r["norm"] + (r["prev"] - r["norm"]) * b.ffn_xk, atol=1e-6)
+
+
+def test_early_rows_at_the_shift_hand_over_before_the_ffn_and_detach_cleanly(model):
+    """at="shift": the rows (no "ffn" yet) arrive before the layer's FFN input; detach leaves no hook."""
+    seen = []
+    before = {k: len(getattr(model.hooks, k)) for k in ("att_input", "ffn_shift", "ffn_input")}
+    rows = EarlyRows(lambda layer, r: seen.append(("rows", layer, sorted(r))), at="shift")
+    rows.attach(model)
+    model.hooks.ffn_input.append(lambda layer, xk: seen.append(("ffn", layer)))
+    try:
+        model.forward(HELD[:8].tolist())
+    finally:
+        rows.detach(model)
+        model.hooks.ffn_input.pop()
+    assert seen == [e for i in range(len(model.blocks))
+                    for e in (("rows", i, ["ln1", "norm", "prev", "resid"]), ("ffn", i))]
+    assert {k: len(getattr(model.hooks, k)) for k in before} == before
+    with pytest.raises(ValueError, match="'ffn' or 'shift'"):
+        EarlyRows(print, at="att")
 
 
 def test_least_squares_map_recovers_a_known_affine_map(model):
