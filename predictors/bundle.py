@@ -4,7 +4,8 @@ File layout (np.savez, no pickles):
     magic "rwkv-edge-predictors", format_version, fingerprint, config (JSON), kind, bits (0: n/a),
     target, metric, meta (JSON: fit options, timings), input (version 2: what the predictors score,
     "ffn" = the FFN input xk, "early" = [ln1(x_L), FFN shift state], see early.py; version 1 files
-    are "ffn"), n_layer, then each layer's arrays under
+    are "ffn"; version 3: an early-shift predictor may store a diagonal map as "d" (D,) instead of "A"
+    (D, D)), n_layer, then each layer's arrays under
     "L{i}." (kind, calib = [threshold, k, percentile, recall], and the predictor's own arrays).
 Written atomically (temp file in the same directory + os.replace), so a crash never leaves a
 half-written bundle under the final name.
@@ -24,8 +25,8 @@ from .base import LayerPredictor
 from . import early, ensemble, mlp, pq, quantized  # noqa: F401  (register the kinds)
 
 MAGIC = "rwkv-edge-predictors"
-FORMAT_VERSION = 2
-READS = (1, 2)                 # version 1: no `input` entry, the predictors score the FFN input
+FORMAT_VERSION = 3
+READS = (1, 2, 3)              # version 1: no `input` entry, the predictors score the FFN input
 
 
 class PredictorBundle:

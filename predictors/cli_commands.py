@@ -152,7 +152,7 @@ def run_fit(args, parser) -> int:
                      target=args.target_recall, metric=args.metric, margin=args.margin,
                      heldout_frac=args.heldout_frac, max_train=args.max_train, hidden=args.hidden,
                      epochs=args.epochs, threads=args.threads, pq_m=args.pq_m, pq_nbits=args.pq_nbits, seed=args.seed,
-                     device=args.device, progress=not args.no_progress, log=log)
+                     device=args.device, progress=not args.no_progress, log=log, early_map=args.early_map)
     except (CollectError, ValueError) as e:
         return _fail(parser, e)
     bundle.meta["fit_wall_seconds"] = round(time.perf_counter() - t0, 2)
@@ -189,6 +189,9 @@ def add_fit_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--pq-m", type=_positive_int, default=None, help="pq: sub-vectors per row (default: n_embd/4)")
     p.add_argument("--pq-nbits", type=int, choices=range(1, 9), default=6, metavar="1..8",
                    help="pq: bits per code (default: 6)")
+    p.add_argument("--early-map", choices=["full", "diag"], default="diag",
+                   help="early rows: the ln1 -> FFN input map, its diagonal d (element-wise, 2.6x smaller bundle, "
+                        "what the CUDA fused decode runs) or a full (D, D) A (default: diag)")
     p.add_argument("--out", required=True, help="bundle file to write (.npz)")
     p.add_argument("--quiet", action="store_true", help="no per-layer lines")
     p.set_defaults(func=run_fit)

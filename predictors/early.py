@@ -241,14 +241,20 @@ class EarlyPredictor(LayerPredictor):
 
     and the set is score >= threshold (per layer). The exact shift part matters most in the first
     layers, whose mix is large (median 0.5 at layer 0 of rwkv7-ref-58m); ln1 alone leaves layer 0
-    at ~0.9 density for 0.99 recall."""
+    at ~0.9 density for 0.99 recall.
+    A diagonal map (fit diag=True, rank=0) is stored as d (D,) float32 instead of A (bundle format
+    version 3): xk_hat = ln1 * d + c + mix * prev is element-wise, which a GPU computes in the launch
+    that writes ln1 (backends/cuda_decode_early.py). `diag` is True for such a predictor."""
 
     kind = "early-shift"
     mode = "threshold"
 
     def __init__(self, A: np.ndarray, c: np.ndarray, mix: np.ndarray, qm: QuantizedMatrix, clip: float | None = None):
         super().__init__()
-        self.A = np.asarray(A, np.float16)                 # stored and read as float16
+        A = np.asarray(A)
+        self.diag = A.ndim == 1          # A given as its diagonal d (D,)
+        # (D, D) stored and read as float16; a diagonal d (D,) as float32 (D numbers, no reason to round)
+        self.A = A.astype(np.float32 if self.diag else np.float16)
         self.c, self.mix = np.asarray(c, np.float32), np.asarray(mix, np.float32)
         self.qm, self.clip = qm, clip
         self._a32 = self.A.astype(np.float32)
@@ -259,8 +265,17 @@ class EarlyPredictor(LayerPredictor):
             diag: bool = False) -> "EarlyPredictor":
         """moments: EarlyMoments(config, "ln1") fed with e = ln1 rows and y = xk - mix * prev rows
         (`add_shift_rows`); qm: the quantized W_k (e.g. a QuantizedPredictor's); rank: of A
-        (`EarlyMoments.solve`, with its error metric; None = full; A is stored as the (D, D) product)."""
-        return cls(*moments.solve(layer, ridge, rank, metric, diag), mix, qm, clip)
+        (`EarlyMoments.solve`, with its error metric; None = full; A is stored as the (D, D) product);
+        diag with rank 0: A = diag(d), stored as d."""
+        A, c = moments.solve(layer, ridge, rank, metric, diag)
+        if diag and rank == 0:
+            A = np.diagonal(A).copy()
+        return cls(A, c, mix, qm, clip)
+
+    @property
+    def d(self) -> np.ndarray | None:
+        """The diagonal map d (D,) float32, or None for a full A."""
+        return self._a32 if self.diag else None
 
     def xk_hat(self, x: np.ndarray) -> np.ndarray:
         """x (T, 2D) -> the predicted FFN input (T, D)."""
@@ -268,7 +283,8 @@ class EarlyPredictor(LayerPredictor):
         D = self.mix.size
         if x.ndim != 2 or x.shape[1] != 2 * D:
             raise ValueError(f"an early predictor scores [ln1, prev] rows of shape (T, {2 * D}), got {x.shape}")
-        return x[:, :D] @ self._a32 + self.c + self.mix * x[:, D:]
+        lin = x[:, :D] * self._a32 if self.diag else x[:, :D] @ self._a32
+        return lin + self.c + self.mix * x[:, D:]
 
     def score(self, x: np.ndarray) -> np.ndarray:
         return self.qm.matvec(self.xk_hat(x)).astype(np.float32, copy=False)
@@ -279,19 +295,23 @@ class EarlyPredictor(LayerPredictor):
 
     @property
     def nbytes(self) -> int:
-        """W_hat as stored plus A (float16: 2 D^2 bytes, more than a 2-bit W_hat at F = 4 D) and c, mix."""
+        """W_hat as stored plus A (float16: 2 D^2 bytes, more than a 2-bit W_hat at F = 4 D; diag: 4 D) and c, mix."""
         return self.qm.nbytes + self.A.nbytes + self.c.nbytes + self.mix.nbytes
 
     def _arrays(self) -> dict:
-        return dict(qm_arrays(self.qm, self.clip), A=self.A, c=self.c, mix=self.mix)
+        return dict(qm_arrays(self.qm, self.clip), c=self.c, mix=self.mix, **{"d" if self.diag else "A": self.A})
 
     @classmethod
     def _from_arrays(cls, get, d, prefix):
         qm, clip = qm_from_arrays(get)
-        return cls(get("A"), get("c"), get("mix"), qm, clip)
+        try:                    # format version 3: a diagonal map is stored as d (D,)
+            A = get("d")
+        except ValueError:
+            A = get("A")
+        return cls(A, get("c"), get("mix"), qm, clip)
 
     def describe(self) -> str:
-        return f"early (ln1 + shift) {qm_describe(self.qm, self.clip)}"
+        return f"early (ln1{' * d' if self.diag else ''} + shift) {qm_describe(self.qm, self.clip)}"
 
 
 def add_shift_rows(moments: "EarlyMoments", layer: int, ln1: np.ndarray, prev: np.ndarray, xk: np.ndarray,

@@ -6,7 +6,8 @@ MLP and choose the quantized predictor's clipping. The held-out rows come after 
 rows in the text, so calibration sees inputs the training never saw.
 A collection of "early" rows (`collect --input early`) gives an early bundle (kind quantized only):
 per layer the same quantized W_k plus the least-squares map of early.EarlyPredictor from the
-training rows, calibrated on the held-out rows' early inputs.
+training rows (early_map "full": A (D, D); "diag": A = diag(d), stored as d, element-wise on a GPU),
+calibrated on the held-out rows' early inputs.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .pq import PQPredictor
 from .quantized import QuantizedPredictor
 
 KINDS = ("quantized", "mlp", "pq")
+EARLY_MAPS = ("full", "diag")
 
 
 def parse_kind(kind: str) -> list[str]:
@@ -45,7 +47,8 @@ def fit(model, data_dir: str, kind: str = "quantized", bits: int = 2, group_size
         heldout_frac: float = 0.1, max_heldout: int = 16384, max_train: int = 65536,
         hidden: int = 64, epochs: int = 4, batch_size: int = 512, lr: float = 2e-3, threads: int | None = None,
         pq_m: int | None = None, pq_nbits: int = 6,
-        seed: int = 0, device: str = "cpu", progress: bool = True, log=None) -> PredictorBundle:
+        seed: int = 0, device: str = "cpu", progress: bool = True, log=None,
+        early_map: str = "diag") -> PredictorBundle:
     """Fit and calibrate predictors of `kind` for all layers of `model` from `data_dir`.
 
     kind: "quantized" | "mlp" | "pq" | a union such as "quantized+mlp".
@@ -54,8 +57,12 @@ def fit(model, data_dir: str, kind: str = "quantized", bits: int = 2, group_size
     pq: pq_m sub-vectors, pq_nbits.
     target/metric/margin: per-layer calibration goal (metric "mass" or "active").
     log: optional callable(str) for one line per layer.
+    early_map (early rows only): "diag" (EarlyPredictor, A = diag(d): the default, docs/quality/early-predictors.md
+    gives the figures) or "full" A (D, D).
     """
     members = parse_kind(kind)
+    if early_map not in EARLY_MAPS:
+        raise ValueError(f"unknown early map {early_map!r}: use one of {', '.join(EARLY_MAPS)}")
     check_target(target, metric)
     if not 0.0 < heldout_frac < 1.0:
         raise ValueError(f"heldout fraction must be in (0, 1), got {heldout_frac}")
@@ -106,7 +113,8 @@ def fit(model, data_dir: str, kind: str = "quantized", bits: int = 2, group_size
         if early:        # the same quantized W_k, scored on ln1(x_L) A + c + mix prev
             mom, D, mix = EarlyMoments(cfg, "ln1", target="y"), cfg.n_embd, np.asarray(model.blocks[layer].ffn_xk)
             add_shift_rows(mom, layer, x_train[:, :D], x_train[:, D:], xk_train, mix)
-            built = [EarlyPredictor.fit(mom, layer, mix, built[0].qm, built[0].clip)]
+            dg = early_map == "diag"
+            built = [EarlyPredictor.fit(mom, layer, mix, built[0].qm, built[0].clip, rank=0 if dg else None, diag=dg)]
         pred = built[0] if len(built) == 1 else UnionPredictor(built)
         c = pred.calibrate(x_held, act_held, target, metric, margin)
         preds.append(pred)
@@ -125,7 +133,8 @@ def fit(model, data_dir: str, kind: str = "quantized", bits: int = 2, group_size
     meta = {"data_dir_tokens": int(man["tokens"]), "heldout_frac": heldout_frac, "seed": seed,
             "group_size": group_size, "clip": clip, "hidden": hidden, "epochs": epochs,
             "batch_size": batch_size, "lr": lr, "pq_m": pq_m,
-            "pq_nbits": pq_nbits, "margin": margin, "fit_seconds": round(time.perf_counter() - t_start, 2),
+            "pq_nbits": pq_nbits, "margin": margin, **({"early_map": early_map} if early else {}),
+            "fit_seconds": round(time.perf_counter() - t_start, 2),
             "layers": per_layer}
     return PredictorBundle(preds, model.fingerprint, cfg, "+".join(members),
                            bits if "quantized" in members else None, target, metric, meta, man["input"])

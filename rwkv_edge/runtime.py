@@ -141,7 +141,8 @@ def run_sparse(model, bundle, device: str = "cpu"):
     the layer starts (predictors.early.EarlySets) and a SparseFFN runs it."""
     if getattr(bundle, "input", "ffn") == "early":
         if hasattr(model, "with_predictors") or device == "cuda":
-            raise ValueError("an early-input predictor bundle runs on the numba or reference backend (CPU)")
+            raise ValueError("an early-input predictor bundle runs on the numba or reference backend (CPU); on "
+                             "cuda, one with a diagonal map runs in backends.cuda_decode.FusedDecode")
         from rwkv_edge.predictors.early import EarlySets
         from .sparse import SparseFFN
 

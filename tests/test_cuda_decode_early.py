@@ -139,3 +139,72 @@ def test_early_ready_matches_reference(ckpt, early, graph, tune):
         assert stats["early_timeouts"] == 0, stats
     else:
         print("early_spin 0: incomplete first reads", stats["early_timeouts"])
+
+
+def _early_diag_bundle(ref, share=0.3):
+    """An early bundle (EarlyPredictor with a diagonal map, input "early") for the test model: d and c
+    random around the crude map xk ~ (1 - mix) ln1, thresholds at a share of the scores of the reference's
+    own early inputs over TOKENS, so both sides decide near, not at, the threshold."""
+    import dataclasses
+    import types
+
+    from rwkv_edge.predictors.early import EarlyPredictor
+    from rwkv_edge.predictors.quantized import QuantizedPredictor
+    rng = np.random.default_rng(1)
+    preds = []
+    for b in ref.blocks:
+        mix = np.asarray(b.ffn_xk, np.float32).reshape(-1)
+        d = (1 - mix) * rng.uniform(0.8, 1.2, mix.size)
+        c = 0.05 * rng.standard_normal(mix.size)
+        preds.append(EarlyPredictor(d, c, mix, QuantizedPredictor.fit(b.ffn_key, 2, 32).qm))
+    xs, st = [[] for _ in preds], None
+    for t in TOKENS:
+        prev = None if st is None else np.array(st.ffn_x)
+        _, st = ref.step(t, st)
+        for i in range(len(preds)):
+            pv = np.zeros_like(st.ffn_x[i]) if prev is None else prev[i]
+            xs[i].append(np.concatenate([st.att_x[i], pv]).astype(np.float32))
+    for i, p in enumerate(preds):
+        sc = p.score(np.stack(xs[i]))
+        p.calib = dataclasses.replace(p.calib, threshold=float(np.quantile(sc, 1 - share)))
+    return types.SimpleNamespace(predictors=preds, input="early")
+
+
+@pytest.mark.parametrize("tune", [{}, {"early_scores": 3}, {"early_scores": 1, "fuse_ffn_mix": False}])
+@pytest.mark.parametrize("graph", [True, False])
+def test_early_bundle_scores_z_like_the_numpy_predictor(ckpt, tune, graph):
+    """An early bundle with a diagonal map (the LN1 mix writes z = ln1 * d + c + mix * prev): the device
+    mask equals EarlyPredictor.mask on [ln1, prev] of the reference (prev = the FFN shift state before the
+    token; <= 0.5% of decisions, at the threshold), z equals the predictor's xk_hat, logits and state within
+    1e-4 of the reference restricted to the GPU's sets; a full (D, D) map is refused."""
+    from rwkv_edge.backends.cuda_decode import FusedDecode
+    ref, gpu = _models(ckpt, "fp16")
+    bundle = _early_diag_bundle(ref)
+    dec = FusedDecode(gpu, "predicted", bundle=bundle, graph=graph, tune=tune)
+    assert dec.early == tune.get("early_scores", 2) and dec.ez is not None
+    st, worst, bad, tot = None, 0.0, 0, 0
+    for t in TOKENS:
+        prev = np.zeros_like(dec.ez.cpu().numpy()) if st is None else np.array(st.ffn_x)
+        lg = dec.step(t).cpu().numpy()
+        kb, mk, ez = dec.kbuf.cpu().numpy(), dec.emask.cpu().numpy(), dec.ez.cpu().numpy()
+        ref.hooks.ffn_activation[:] = [lambda i, k, kb=kb: k * (kb[i] > 0)]
+        r, st = ref.step(t, st)
+        worst = max(worst, float(np.abs(lg - r).max() / max(1.0, np.abs(r).max())))
+        for i, p in enumerate(bundle.predictors):
+            x = np.concatenate([st.att_x[i], prev[i]]).astype(np.float32)[None]
+            np.testing.assert_allclose(ez[i], p.xk_hat(x)[0], atol=1e-4 * max(1.0, np.abs(ez[i]).max()))
+            assert np.array_equal(kb[i] >= 0, mk[i] == 2)     # bytes: 1 scored, 2 selected
+            bad += int(((mk[i] == 2) != p.mask(x)[0]).sum())
+            tot += mk[i].size
+    ref.hooks.ffn_activation[:] = []
+    assert worst < 1e-4 and bad / tot <= 0.005, (worst, bad / tot)
+    s = dec.state()
+    assert np.abs(s.ffn_x.cpu().numpy() - st.ffn_x).max() < 1e-4
+    assert np.abs(s.wkv.cpu().numpy() - st.wkv).max() < 1e-4
+    stats = dec.stats()
+    assert 0.1 < stats["read_density"] < 0.6 and stats["active_density"] <= stats["read_density"]
+    from rwkv_edge.predictors.early import EarlyPredictor
+    full = [EarlyPredictor(np.diag(p.d), p.c, p.mix, p.qm) for p in bundle.predictors]
+    import types
+    with pytest.raises(ValueError, match="diagonal map"):
+        FusedDecode(_models(ckpt, "fp16")[1], "predicted", bundle=types.SimpleNamespace(predictors=full, input="early"))

@@ -211,7 +211,8 @@ def early_bundle(model, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("early")
     collect(model, TRAIN, str(d / "act"), chunk=128, progress=False, input="early")
-    return fit(model, str(d / "act"), "quantized", bits=2, target=0.99, progress=False), str(d / "act")
+    return (fit(model, str(d / "act"), "quantized", bits=2, target=0.99, progress=False, early_map="full"),
+            str(d / "act"))
 
 
 def test_early_collection_holds_ln1_prev_and_xk_of_the_same_tokens(model, early_bundle):
@@ -271,3 +272,49 @@ def test_early_bundle_runs_sparse_like_the_hook_pair_reference(model, early_bund
     for j, t in enumerate(nxt):
         lg, st = sparse.step(t, st)
         assert np.abs(lg - full[48 + j]).max() <= 1e-4 * np.abs(full[48 + j]).max()
+
+
+def test_diagonal_early_map_is_stored_as_d_and_scores_as_the_full_form(model, early_bundle, fitted, tmp_path):
+    """fit (early_map "diag", the default): every layer's map is A = diag(d), stored as d (D,) float32
+    (format version 3, no "A" array), xk_hat = ln1 * d + c + mix * prev equals the full form with
+    A = diag(d), and the bundle round-trips; a version-2 file (A stored) still loads."""
+    from rwkv_edge.predictors.fit import fit
+
+    D = model.config.n_embd
+    diag = fit(model, early_bundle[1], "quantized", bits=2, target=0.99, progress=False)     # default: diag
+    held = fitted[2]
+    for i, p in enumerate(diag.predictors):
+        assert p.diag and p.d.shape == (D,) and p.A.dtype == np.float32
+        full = EarlyPredictor(np.diag(p.d), p.c, p.mix, p.qm, p.clip)       # the same map as a (D, D) A
+        x = early_input(held[i])
+        np.testing.assert_allclose(p.xk_hat(x), full.xk_hat(x), atol=2e-3 * np.abs(full.xk_hat(x)).max())
+        assert p.nbytes < early_bundle[0].predictors[i].nbytes - D * D
+        active, act = labels(model, i, held[i]["ffn"])
+        assert act[diag.predict(i, x)].sum() / act.sum() >= 0.95
+    assert diag.meta["early_map"] == "diag" and "* d" in diag.describe()
+    diag.save(tmp_path / "d.npz")
+    raw = np.load(tmp_path / "d.npz")
+    assert int(raw["format_version"]) == 3 and "L0.d" in raw and "L0.A" not in raw
+    back = PredictorBundle.load(tmp_path / "d.npz", model=model)
+    for i in range(model.config.n_layer):
+        x = early_input(held[i])
+        assert back.predictors[i].diag
+        np.testing.assert_array_equal(back.predict(i, x), diag.predict(i, x))
+    early_bundle[0].save(tmp_path / "f.npz")                                # full A, written as version 2 was
+    d2 = dict(np.load(tmp_path / "f.npz"))
+    d2["format_version"] = np.array(2, np.int64)
+    np.savez(tmp_path / "v2.npz", **d2)
+    old = PredictorBundle.load(tmp_path / "v2.npz", model=model)
+    assert not old.predictors[0].diag and old.predictors[0].A.shape == (D, D)
+    with pytest.raises(ValueError, match="early map"):
+        fit(model, early_bundle[1], "quantized", progress=False, early_map="lowrank")
+
+
+def test_fit_with_diag_and_rank_zero_keeps_the_per_channel_slopes(model, fitted):
+    mom_y = fitted[1]
+    A, c = mom_y.solve(0, rank=0, diag=True)
+    p = EarlyPredictor.fit(mom_y, 0, model.blocks[0].ffn_xk, QuantizedPredictor.fit(model.blocks[0].ffn_key, 2, 64).qm,
+                           rank=0, diag=True)
+    np.testing.assert_allclose(np.diag(np.diagonal(A)), A, atol=1e-12)     # rank 0: nothing off the diagonal
+    np.testing.assert_allclose(p.d, np.diagonal(A), rtol=1e-6)
+    np.testing.assert_allclose(p.c, c, rtol=1e-6, atol=1e-7)

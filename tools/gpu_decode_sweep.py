@@ -15,7 +15,9 @@ A set with "early_scores" > 0 (cuda_decode_early.py) runs with a copy of the bun
 thresholds select, on layer L's LN1 output, the share of rows the bundle's own threshold selects on
 the FFN input (both over the first --early-calib tokens): the same read density, for speed only (the
 quality of such predictors is not what this measures); "early_share": S in the set selects a share S
-of the rows in every layer instead."""
+of the rows in every layer instead; "early_diag": true: an early bundle (predictors.early.EarlyPredictor,
+diagonal map d = 1 - mix, c = 0: the crude xk ~ (1 - mix) ln1 + mix prev) whose thresholds select the same
+share on z = ln1 * d + c + mix * prev, which the LN1 mix launch then computes (speed only)."""
 from __future__ import annotations
 
 import argparse
@@ -29,7 +31,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 
-def early_bundle(m, bundle, toks, target=None):
+def early_bundle(m, bundle, toks, target=None, diag=False):
     """A copy of `bundle` (a namespace with .predictors) whose thresholds are the quantiles of the scores
     of the LN1 outputs (the state's att_x after each token) at each layer's predicted share on the FFN
     inputs of the same tokens (generic path of model m, one token at a time), or at share `target`."""
@@ -41,10 +43,13 @@ def early_bundle(m, bundle, toks, target=None):
     import torch
 
     host = lambda t: torch.as_tensor(t).float().cpu().numpy()  # noqa: E731
-    xk, x1, st = {}, [], None
+    from rwkv_edge.predictors.early import EarlyPredictor
+
+    xk, x1, pv, st = {}, [], [], None
     m.hooks.ffn_input.append(lambda i, x: xk.setdefault(i, []).append(host(x).reshape(-1)))
     try:
         for t in toks:
+            pv.append(host(st.ffn_x) if st is not None else None)   # (L, D): the FFN shift state before t
             _, st = m.forward([t], st)
             x1.append(host(st.att_x))                             # (L, D): ln1(x) of every layer
     finally:
@@ -52,13 +57,18 @@ def early_bundle(m, bundle, toks, target=None):
     preds, shares = [], []
     for i, p in enumerate(bundle.predictors):
         share = float(np.mean(p.score(np.stack(xk[i])) >= p.calib.threshold)) if target is None else target
-        thr = float(np.quantile(p.score(np.stack([x[i] for x in x1])), 1.0 - share))
         q = copy.copy(p)
+        e = np.stack([x[i] for x in x1])
+        if diag:
+            mix = host(m.blocks[i].ffn_xk).reshape(-1)
+            q = EarlyPredictor(1.0 - mix, np.zeros_like(mix), mix, p.qm)
+            e = np.concatenate([e, np.stack([np.zeros_like(mix) if v is None else v[i] for v in pv])], 1)
+        thr = float(np.quantile(q.score(e), 1.0 - share))
         q.calib = dataclasses.replace(p.calib, threshold=thr)
         preds.append(q)
         shares.append(share)
     print(f"# early thresholds: predicted share per layer {np.round(shares, 3).tolist()}", flush=True)
-    return types.SimpleNamespace(predictors=preds)
+    return types.SimpleNamespace(predictors=preds, input="early" if diag else "ffn")
 
 
 def main() -> int:
@@ -100,8 +110,9 @@ def main() -> int:
     toks = [int(v) for v in np.random.default_rng(2).integers(1, V, args.tokens)]
     _, st = m.forward(toks[:16])
     sets = [(s.split("=", 1)[0], json.loads(s.split("=", 1)[1])) for s in args.set] or [("default", {})]
-    ebundles = {sh: early_bundle(m, bundle, toks[:args.early_calib], sh)
-                for sh in {t.get("early_share") for _, t in sets if t.get("early_scores")}}
+    ebundles = {(sh, dg): early_bundle(m, bundle, toks[:args.early_calib], sh, dg)
+                for sh, dg in {(t.get("early_share"), bool(t.get("early_diag"))) for _, t in sets
+                               if t.get("early_scores")}}
     res: dict = {}
     t_start = time.perf_counter()
     for ps in range(args.passes):
@@ -111,7 +122,7 @@ def main() -> int:
         for name, tune in sets:
             tune = dict(tune)
             modes = tune.pop("modes", args.modes.split(","))
-            share = tune.pop("early_share", None)
+            share = tune.pop("early_share", None), bool(tune.pop("early_diag", False))
             for mode in modes:
                 try:
                     b = (ebundles[share] if tune.get("early_scores") else bundle) if mode == "predicted" else None

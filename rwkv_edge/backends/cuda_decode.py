@@ -33,25 +33,12 @@ PDL, the fused value rows, eviction hints, gathered predicted programs, the boun
 launch that reads no rows is 1.52x dense, predicted with scores alone 1.25x, the byte-wise 2-bit scores
 costing ~150 us a token after the PDL wait).
 
-Session 11 (issue 17; early scores, cuda_decode_early.py; tools/gpu_decode_sweep.py, sets
-tools/gpu_decode_sets13-14.txt, one process, medians of 2 passes, us per token). The early thresholds select the
-share of rows the bundle selects on the FFN input (0.263) but on ln1(x) (gpu_decode_sweep.early_bundle: speed
-only); on these random shapes their rows' keys are active for 0.075 of the neurons (predicted 0.124); with
-early_vsel the FFN reads the W_v^T rows of every selected row, so 36% more FFN bytes than predicted at the same
-share ("equal bytes": share 0.194).
-1.5B: dense 1061, predicted 920 (1.15x; fused mix 915); early, scores in the stacked GEMV launch, att_head waiting
-first, LN2 mix in the FFN launch: 899 (1.18x), equal bytes 866 (1.23x); without the fused mix 911; the LN2 mix
-waiting first instead of att_head (first sweep): 954; scores in att_head (255 registers there, one program an SM)
-1119 (8 rows a scoring program) / 946 (32); in their own launch 972-997; 8-row masked tiles 951-997; value rows
-only of the active rows 967 (8 warps). Bounds: no FFN launch 594; + early scores in the GEMV 691 (so the scores
-still cost ~97 us a token there, against ~150 inside the FFN launch); + an FFN launch that reads no rows 742
-(1.43x); the rows then add 157 us (404 MB a token, ~2.6 TB/s) or 124 us at equal bytes: 1.3x would need them at ~4
-TB/s.
-58M: dense 170.3, exact 178.7 (0.95x), predicted 195.9 (0.87x); early (8-row masked tiles, fused mix) 177.2
-(0.96x), equal bytes 175.8 (0.97x); 32-row gathered programs 188.6 (4 warps) / 295 (8 warps, 4 rows). Bounds: no
-FFN launch 133.9, + early scores 138.7, + an FFN launch with no rows 162.5 (1.05x): the launch, not the scores, is
-the cost here, and the rows add ~15 us, so sparse stays just below dense. Defaults rechecked (sets15, early_scores
-2 + fuse_ffn_mix, early_na/early_ffn_bn auto): 1.5B 897 (1.18x of dense 1060), 58M 176.3 (0.96x of 169.9).
+Session 11 (early scores of ln1, cuda_decode_early.py): 1.5B dense 1060, predicted 920 (1.15x), early 897
+(1.18x); 58M dense 170, predicted 196, early 176 (0.96x) us per token; the details in the history file.
+Session 12: early bundles with a diagonal map (fit-predictors --early-map diag, predictors/early.py; real
+quality): the LN1 mix launch also writes the vector they score, z = ln1 * d + c + mix * prev
+(cuda_decode_early.py). 1.5B shapes 900 us (1.179x dense; z ~1 us a token); real rwkv7-ref-58m dense 173.5,
+predicted (q2.npz) 198.7, early diag 183.1, with the CPU eval's density and KLD (tools/gpu_early_real.py).
 """
 from __future__ import annotations
 
@@ -59,6 +46,7 @@ import math
 
 import torch
 
+from .cuda_decode_early import EARLY_BUNDLE_TUNE, early_bundle_params
 from .cuda_decode_early import kernels as early_kernels
 from .cuda_decode_kernels import kernels
 from .cuda_decode_pipe import kernels as pipe_kernels
@@ -168,7 +156,8 @@ class FusedDecode:
         from . import cuda as C
 
         self.C, self.model, self.mode, self.K = C, model, mode, kernels()
-        self.tune = dict(TUNE, **(tune or {}))
+        ebun = getattr(bundle, "input", "ffn") == "early"   # scores z = ln1 * d + c + mix * prev (early.py)
+        self.tune = dict(TUNE, **{**(EARLY_BUNDLE_TUNE if ebun else {}), **(tune or {})})
         cfg = model.config
         L, D, F, H, N = cfg.n_layer, cfg.n_embd, cfg.ffn_dim, cfg.n_head, cfg.head_size
         if N & (N - 1):
@@ -229,6 +218,10 @@ class FusedDecode:
         if self.pipe:
             self.K = dict(self.K, **pipe_kernels())
         self.early = int(tn["early_scores"]) if mode == "predicted" and one and full else 0
+        if ebun and not self.early:
+            raise ValueError("an early bundle needs tune early_scores > 0, a power-of-two width and group count")
+        self.ezp = early_bundle_params(bundle, D, dev) if ebun else None     # (L, 3, D): [d; c; mix]
+        self.ez = z(L, D) if ebun else None         # z of every layer (the LN1 mix writes it, the scores read it)
         self.gather = self.gather and not self.early
         self.mixin = bool(self.tune["fuse_ffn_mix"]) and full and (mode == "dense" or self.gather or self.pipe
                                                                    or self.early in (2, 3))
@@ -296,10 +289,11 @@ class FusedDecode:
         return kw if stages is None else dict(kw, num_stages=stages)   # stages: Triton's loop pipelining
 
     def _escore(self, i):
-        """Layer i's early-score arguments: runtime (LN1 output, codes, scales, zeros, threshold, mask, F)
+        """Layer i's early-score arguments: runtime (scored vector, codes, scales, zeros, threshold, mask, F)
         and constexpr (SBN, BITS, PER, NB, GC); the grid of scoring programs."""
         p, bn = self.pred[i], self.tune["early_bn"]
-        return ((self.st.att_x[i], p["q"], p["s"], p["z"], p["thr"], self.emask[i], self.F),
+        ex = self.st.att_x[i] if self.ez is None else self.ez[i]     # ln1, or an early bundle's z
+        return ((ex, p["q"], p["s"], p["z"], p["thr"], self.emask[i], self.F),
                 dict(SBN=bn, BITS=p["bits"], PER=p["per"], NB=p["gs"] // p["per"], GC=p["g"]), -(-self.F // bn))
 
     def _gemv(self, W, x, y, base=None, seg=None, act=0, bn=4, warps=None, y2=None, score=None):
@@ -318,13 +312,15 @@ class FusedDecode:
                                        EVW=self.tune["evict_stream"],
                                        **self._kw(warps or self.tune["gemv_warps"]))
 
-    def _mix(self, emb: bool, ln, prev, mix, out, nmix, copy=None, perm=None, wfirst=False):
+    def _mix(self, emb: bool, ln, prev, mix, out, nmix, copy=None, perm=None, wfirst=False, ez=None):
         D = self.D
         cp = copy or (out, out)
+        use_ez, ez = ez is not None, ez or (out, out, out)   # (z out, [d; c; mix], FFN shift state)
         self.K["mix"][(1,)](self.x, self.emb, self.tok, self.ln0[0], self.ln0[1], ln[0], ln[1],
-                            prev, mix, out, D, 1e-5, cp[0], cp[1], self.xp, BD=_p2(D), EMB=emb, NMIX=nmix,
+                            prev, mix, out, D, 1e-5, cp[0], cp[1], self.xp, *ez, BD=_p2(D), EMB=emb, NMIX=nmix,
                             BM=_p2(max(1, nmix)), PDL=self.pdl, COPY=copy is not None,
                             PBITS=perm["bits"] if perm else 0, PGS=perm["gs"] if perm else 1, WFIRST=wfirst,
+                            EZ=use_ez,
                             **self._kw(self.tune["mix_warps"] or (4 if D <= 1024 else 16)))
 
     def _forward(self):
@@ -335,7 +331,8 @@ class FusedDecode:
         mixin = self.mixin
         evk = tn["evict_stream"] if tn["evict_key"] is None else tn["evict_key"]   # W_k rows' L2 hint
         for i, lay in enumerate(self.layers):
-            self._mix(i == 0, lay["ln1"], st.att_x[i], lay["amix"], self.x6, 6)
+            self._mix(i == 0, lay["ln1"], st.att_x[i], lay["amix"], self.x6, 6,
+                      ez=(self.ez[i], self.ezp[i], st.ffn_x[i]) if self.ez is not None else None)
             sc = self._escore(i) if self.early else None
             if self.early == 3:   # early scores in their own launch (reads the LN1 output st.att_x[i])
                 K["score_early"][(sc[2],)](*sc[0], **sc[1], PDL=self.pdl, **self._kw(tn["key_warps"]))

@@ -7,6 +7,16 @@ The bundle's thresholds must be calibrated on that vector (a predictor fitted on
 its threshold mean something else on ln1(x)); the format is the same (codes (F, D) packed PER = 8 //
 BITS to a byte, float16 scales and zeros (F, G), one threshold a layer).
 
+Early bundles (predictors/early.py EarlyPredictor with a diagonal map, bundle input "early", real
+quality): the scores read z = ln1 * d + c + mix * prev instead of ln1, which the LN1 mix launch writes
+(kernel `mix`, EZ) to its own buffer ez[L] next to ln1, so the scorers above are unchanged. prev is the
+previous token's FFN token-shift state, read from st.ffn_x[L] after that launch's wait (every earlier
+kernel completed): the LN2 mix of layer L (or, with fuse_ffn_mix, the copy of fnew[L] in the next layer's
+att_head launch or in the final LN mix) wrote it during the previous token, and the FFN of this token
+writes fnew[L], not st.ffn_x[L], so st.ffn_x[L] is the previous token's row for the whole step (fnew[L]
+holds the same row until this token's FFN; st.ffn_x is also what `reset` sets). The scorer reads ez[L]
+after its own wait, as it read ln1; the next write of ez[L] is the next token's.
+
 Where the scoring programs run (early_scores):
   1  extra programs of the att_head launch (H heads, then ceil(F / early_bn) scoring programs): att_head
      occupies H of the SMs for a latency-bound ~8 us a layer at 1.5B shapes; the others are idle
@@ -48,6 +58,25 @@ on a partial mask.
 from __future__ import annotations
 
 _K: dict = {}
+# tune for an early bundle unless the caller's tune sets them (session 11's best: scores in the GEMV launch,
+# the LN2 mix inside the FFN launch)
+EARLY_BUNDLE_TUNE = {"early_scores": 2, "fuse_ffn_mix": True}
+
+
+def early_bundle_params(bundle, D: int, dev):
+    """[d; c; mix] (L, 3, D) float32 on `dev` from an early bundle (input "early") whose predictors all have
+    a diagonal map; ValueError otherwise (a full (D, D) map is a GEMV the fused decode does not run)."""
+    import numpy as np
+    import torch
+
+    rows = []
+    for i, p in enumerate(bundle.predictors):
+        d = getattr(p, "d", None)
+        if d is None:
+            raise ValueError(f"layer {i}: the fused decode runs early bundles with a diagonal map only "
+                             f"(fit-predictors --early-map diag), not {p.describe()}")
+        rows.append(np.stack([d, p.c, p.mix]).astype(np.float32).reshape(3, D))
+    return torch.from_numpy(np.stack(rows)).to(dev).contiguous()
 
 
 def kernels():

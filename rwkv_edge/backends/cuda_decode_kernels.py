@@ -61,8 +61,11 @@ def kernels():
 
     @triton.jit
     def mix(x_p, emb_p, tok_p, ln0w_p, ln0b_p, lnw_p, lnb_p, prev_p, mix_p, out_p, D, eps, cps_p, cpd_p, xp_p,
+            ez_p, ezp_p, ezv_p,
             BD: tl.constexpr, EMB: tl.constexpr, NMIX: tl.constexpr, BM: tl.constexpr, PDL: tl.constexpr,
-            COPY: tl.constexpr, PBITS: tl.constexpr, PGS: tl.constexpr, WFIRST: tl.constexpr):
+            COPY: tl.constexpr, PBITS: tl.constexpr, PGS: tl.constexpr, WFIRST: tl.constexpr, EZ: tl.constexpr):
+        # EZ (early bundle, cuda_decode_early.py): also z = xl * d + c + mix * ezv (ezp_p = [d; c; mix] (3, D),
+        # ezv_p the FFN token-shift state, complete after the wait) to ez_p, the vector the early scores read
         d = tl.arange(0, BD)
         dm = d < D
         m = tl.arange(0, BM)
@@ -73,10 +76,16 @@ def kernels():
         if EMB:
             w0 = tl.load(ln0w_p + d, mask=dm, other=0.0)
             b0 = tl.load(ln0b_p + d, mask=dm, other=0.0)
+        if EZ:
+            ed = tl.load(ezp_p + d, mask=dm, other=0.0)
+            ec = tl.load(ezp_p + D + d, mask=dm, other=0.0)
+            em = tl.load(ezp_p + 2 * D + d, mask=dm, other=0.0)
         if WFIRST:
             _wait_first(PDL)
         else:
             _sync(PDL)
+        if EZ:    # issued with the x load below (used last: its latency overlaps the LN)
+            pv = tl.load(ezv_p + d, mask=dm, other=0.0)
         if COPY:  # the FFN token-shift state the fused FFN mix of the last layer left in scratch
             tl.store(cpd_p + d, tl.load(cps_p + d, mask=dm), mask=dm)
         if EMB:   # x = ln0(emb[tok]): the block input of layer 0
@@ -91,6 +100,8 @@ def kernels():
         mu = tl.sum(tl.where(dm, x, 0.0), axis=0) / D
         c = tl.where(dm, x - mu, 0.0)
         xl = c / tl.sqrt(tl.sum(c * c, axis=0) / D + eps) * lw + lb
+        if EZ:
+            tl.store(ez_p + d, xl * ed + ec + em * pv, mask=dm)
         if NMIX == 0:
             tl.store(out_p + d, xl, mask=dm)
         else:
