@@ -8,32 +8,62 @@ from .tokenizer import StreamDecoder
 
 
 class Generation:
-    """Holds the model state between calls so chat turns continue one conversation."""
+    """Holds the model state between calls so chat turns continue one conversation.
 
-    def __init__(self, model, tokenizer, sampler: Sampler, state=None):
+    Single-token feeds on the cuda backend replay a captured step (decode_path.batch1_step: the fused
+    RWKV-7 decode, dense or on the sparse model's bundle, else the generic CUDA graph); `decode_path`
+    names the one taken (None before the first single-token feed). That step keeps the state in its
+    own buffers between tokens: `state` is copied out only when read (then cached until the next
+    token), and a state assigned (or left by a prefill) is copied in at the next token.
+    fused=False: no FusedDecode (the generic CUDA graph for dense models, eager for sparse ones)."""
+
+    def __init__(self, model, tokenizer, sampler: Sampler, state=None, fused: bool = True):
         self.model, self.tokenizer, self.sampler = model, tokenizer, sampler
-        self.state = state
+        self.fused = fused
+        self._state = state
+        self._live = False   # the step's buffers hold the current state
+        self._stale = False  # ... and self._state is behind them (copied out when `state` is read)
         self.logits = None  # logits after the last token fed
         self.stop_hit: str | None = None  # the stop string that ended the last stream, if any
-        self._graph = None
+        self._dec = None
+        self.decode_path: str | None = None
 
-    def _graph_ok(self) -> bool:
-        ops = self.model.ops
-        if getattr(ops, "name", "") != "cuda" or self.model.ffn is not None or not hasattr(ops, "CudaGraphStep"):
-            return False
-        if self._graph is None:
-            self._graph = ops.CudaGraphStep(self.model)
-        return True
+    @property
+    def state(self):
+        if self._stale:
+            self._state, self._stale = self._dec.state(), False
+        return self._state
+
+    @state.setter
+    def state(self, state) -> None:
+        self._state, self._live, self._stale = state, False, False
+
+    def _step(self):
+        """The batch-1 step object (None: eager), built at the first single-token feed."""
+        if self.decode_path is None:
+            if getattr(getattr(self.model, "ops", None), "name", "") == "cuda":
+                from .decode_path import batch1_step
+
+                self._dec, self.decode_path = batch1_step(self.model, fused=self.fused)
+            else:
+                self.decode_path = "eager"
+        return self._dec
 
     def feed(self, tokens: Sequence[int], chunk: int = 256) -> None:
         """Prefill: run tokens through the model (in chunks, to bound memory)."""
-        if len(tokens) == 1 and self.state is not None and self._graph_ok():
-            self._graph.reset(self.state)                 # batch-1 decode on CUDA: replay a captured graph
-            self.logits = self.model.ops.to_host(self._graph.step(int(tokens[0])))
-            self.state = self._graph.state()
+        if len(tokens) == 1 and self._step() is not None:
+            if not 0 <= int(tokens[0]) < self.model.config.vocab_size:   # as model.forward checks
+                raise ValueError(f"token id out of range [0, {self.model.config.vocab_size})")
+            if not self._live:                            # batch-1 decode on CUDA: replay a captured step
+                self._dec.reset(self._state)
+                self._live = True
+            self.logits = self.model.ops.to_host(self._dec.step(int(tokens[0])))
+            self._stale = True
             return
+        state = self.state
         for s in range(0, len(tokens), chunk):
-            self.logits, self.state = self.model.forward(tokens[s:s + chunk], self.state)
+            self.logits, state = self.model.forward(tokens[s:s + chunk], state)
+        self.state = state
 
     def stream(self, max_tokens: int, stop: Sequence[str] = ()) -> Iterator[str]:
         """Yield decoded text pieces as tokens are sampled; ends at max_tokens, the end-of-text

@@ -136,20 +136,23 @@ def open_model(path: str, backend: str = "auto", predictors: str | None = None, 
 
 def run_sparse(model, bundle, device: str = "cpu"):
     """`model` with its FFN run sparse on `bundle` (checked against the model): the native backend
-    scores and selects in C, the others through a SparseFFN (DeviceSparseFFN on cuda). An early
-    bundle (input "early") runs on the numba or reference backend: hooks score each layer's set when
-    the layer starts (predictors.early.EarlySets) and a SparseFFN runs it."""
-    if getattr(bundle, "input", "ffn") == "early":
-        if hasattr(model, "with_predictors") or device == "cuda":
-            raise ValueError("an early-input predictor bundle runs on the numba or reference backend (CPU); on "
-                             "cuda, one with a diagonal map runs in backends.cuda_decode.FusedDecode")
+    scores and selects in C, the others through a SparseFFN (DeviceSparseFFN on cuda, which keeps the
+    bundle: batch-1 decode then runs it in cuda_decode.FusedDecode, see generate.py). An early bundle
+    (input "early") runs on the numba, reference or cuda backend: hooks score each layer's set when the
+    layer starts (predictors.early.EarlySets) and a SparseFFN (DeviceSparseFFN) runs it."""
+    early = getattr(bundle, "input", "ffn") == "early"
+    if early and hasattr(model, "with_predictors"):
+        raise ValueError("an early-input predictor bundle runs on the numba, reference or cuda backend, "
+                         "not the native one")
+    from .sparse import DeviceSparseFFN, SparseFFN
+
+    if device == "cuda":
+        return DeviceSparseFFN(model, bundle).attach(model)
+    if early:
         from rwkv_edge.predictors.early import EarlySets
-        from .sparse import SparseFFN
 
         sets = EarlySets(bundle)
         return sets.attach(model.with_ffn(SparseFFN(model, sets)))
     if hasattr(model, "with_predictors"):
         return model.with_predictors(bundle)
-    from .sparse import DeviceSparseFFN, SparseFFN
-
-    return model.with_ffn(DeviceSparseFFN(model, bundle) if device == "cuda" else SparseFFN(model, bundle))
+    return model.with_ffn(SparseFFN(model, bundle))

@@ -209,30 +209,60 @@ class ReplayIndices:
 
 
 class DeviceSparseFFN:
-    """Sparse FFN on a device backend (CUDA) for bundles of quantized-W_k threshold predictors.
+    """Sparse FFN on a device backend (CUDA) for bundles of quantized-W_k threshold predictors, or for
+    an early bundle (input "early": the set comes from `predictors.early.EarlySets` hooks, which
+    `attach` adds; they score ln1 and the FFN shift state on the host, one sync per layer).
 
     Per layer: scores = W_hat xk (dequantized predictor on the device), mask = scores >= threshold
     (T, F); S = union of the tokens' active sets; only the rows S of W_k and of W_v^T are gathered:
     out = (relu(xk W_k[S]^T)^2 * mask[:, S]) W_v^T[S]. For T = 1 that is exactly the token's set.
+    `bundle` stays readable: the generator's batch-1 CUDA decode (decode_path.py) runs the same bundle
+    in `cuda_decode.FusedDecode` (mode "predicted") and ignores the hooks this FFN owns (`own_hooks`).
     """
 
     def __init__(self, model, bundle):
         ops = model.ops
+        self.bundle, self.sets, self.own_hooks = bundle, None, []
         layers = getattr(bundle, "predictors", None)
-        if layers is None or not all(map(_is_quantized, layers)):
+        if getattr(bundle, "input", "ffn") == "early":
+            from rwkv_edge.predictors.early import EarlySets
+            self.sets, self.wq, self.thr = EarlySets(bundle), None, None
+        elif layers is None or not all(map(_is_quantized, layers)):
             raise ValueError("the device sparse FFN needs a bundle of quantized predictors (--kind quantized)")
+        else:
+            self.wq = [ops.predictor_weight(p.qm.dequantize()) for p in layers]
+            self.thr = [float(p.calib.threshold) for p in layers]
         self.ops = ops
-        self.wq = [ops.predictor_weight(p.qm.dequantize()) for p in layers]
-        self.thr = [float(p.calib.threshold) for p in layers]
         self.key = [b.ffn_key for b in model.blocks]
         self.value_t = [ops.transpose_weight(b.ffn_value) for b in model.blocks]
         self.n_tokens = 0
         self.n_active = 0
         self.F = model.config.ffn_dim
 
+    def attach(self, model):
+        """`model` with this FFN (a shallow copy; an early bundle's EarlySets hooks added and recorded)."""
+        m = model.with_ffn(self)
+        if self.sets is not None:
+            h = m.hooks
+            before = {k: list(getattr(h, k)) for k in vars(h)}
+            self.sets.attach(m)
+            self.own_hooks = [f for k in vars(h) for f in getattr(h, k) if f not in before[k]]
+        return m
+
+    def share_value_t(self, model) -> None:
+        """Drop the (F, D) W_v^T copies where the model's ffn_value already is a view of a contiguous
+        transpose (cuda_decode.FusedDecode's sparse modes rebind it so): same numbers, held once."""
+        for i, b in enumerate(model.blocks):
+            vt = b.ffn_value.t()
+            if vt.is_contiguous():
+                self.value_t[i] = vt
+
     def __call__(self, layer: int, xk):
         ops = self.ops
-        mask = ops.threshold_mask(ops.predictor_scores(xk, self.wq[layer]), self.thr[layer])   # (T, F)
+        if self.sets is not None:    # the early set of this layer, (T, F) bool on the host -> device
+            mask = ops.threshold_mask(ops.predictor_weight(self.sets.predict(layer, None).astype(np.float32)), 0.5)
+        else:
+            mask = ops.threshold_mask(ops.predictor_scores(xk, self.wq[layer]), self.thr[layer])   # (T, F)
         idx = ops.mask_to_indices(mask)                                                        # S
         h = ops.relu_sq(ops.linear(xk, self.key[layer][idx])) * mask[:, idx]
         self.n_tokens += xk.shape[0]
