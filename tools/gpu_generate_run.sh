@@ -10,14 +10,14 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # rwkv_edge.predictors/quant/export are mapped folders (pyproject): links instead of an install
 for d in predictors quant export; do [ -e rwkv_edge/$d ] || ln -s ../$d rwkv_edge/$d; done
 left() { echo $((BUDGET - (SECONDS - S))); }
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda_generate.py tests/test_cuda.py \
+timeout 90 python3 -m pytest -q -rf -p no:cacheprovider tests/test_cuda_generate.py tests/test_cuda.py \
     -k "generat or sparse or captured" 2>&1 | tail -15 | tee "$OUT/tests_generate.log"
 echo "# t=$((SECONDS - S))s"
 timeout 30 python3 -m rwkv_edge.cli generate --device cuda --dtype fp16 --max-tokens 24 --prompt "The" \
     2>&1 | tail -3 | tee "$OUT/cli.log"
-timeout 70 python3 tools/gpu_generate_bench.py --model rwkv_edge/data/default \
+timeout 60 python3 tools/gpu_generate_bench.py --model rwkv_edge/data/default \
     --predictors rwkv_edge/data/default/predictors.npz 2>&1 | tee "$OUT/bench_tiny.log"
-timeout 60 python3 tools/gpu_generate_bench.py --shape 12,512,2048,16384 --out /tmp/s58 2>&1 | tee "$OUT/bench_58m.log"
+timeout 70 python3 tools/gpu_generate_bench.py --shape 12,512,2048,16384 --out /tmp/s58 2>&1 | tee "$OUT/bench_58m.log"
 echo "# t=$((SECONDS - S))s"
 # the fused step's own tests with the time left (a cut run leaves its progress in the log)
 timeout $(( $(left) > 20 ? $(left) : 20 )) python3 -m pytest -q -rf -p no:cacheprovider \
