@@ -20,9 +20,14 @@ timeout "$(left)" python3 tools/gpu_generate_bench.py --shape 12,512,2048,16384 
 echo "# t=$((SECONDS - S))s"
 [ "$(left)" -gt 15 ] && timeout "$(left)" python3 -m rwkv_edge.cli generate --device cuda --dtype fp16 --max-tokens 24 \
     --prompt "The" 2>&1 | tail -3 | tee "$OUT/cli.log"
-if [ "$(left)" -gt 30 ]; then   # the fused step's own tests (a cut run leaves its progress in the log)
+if [ "$(left)" -gt 25 ]; then   # the CUDA sparse FFN (DeviceSparseFFN) and captured-step tests
   timeout "$(left)" python3 -m pytest -q -rf -p no:cacheprovider tests/test_cuda.py -k "sparse or captured" \
-      tests/test_cuda_decode_early.py tests/test_cuda_decode.py >"$OUT/tests_decode.log" 2>&1
+      >"$OUT/tests_cuda.log" 2>&1
+  tail -4 "$OUT/tests_cuda.log"
+fi
+if [ "$(left)" -gt 30 ]; then   # the fused step's own tests (a cut run leaves its progress in the log)
+  timeout "$(left)" python3 -m pytest -q -rf -p no:cacheprovider tests/test_cuda_decode_early.py \
+      tests/test_cuda_decode.py >"$OUT/tests_decode.log" 2>&1
   tail -6 "$OUT/tests_decode.log"
 fi
 if [ "$(left)" -gt 60 ]; then
