@@ -216,7 +216,7 @@ class DeviceSparseFFN:
     Per layer: scores = W_hat xk (dequantized predictor on the device), mask = scores >= threshold
     (T, F); S = union of the tokens' active sets; only the rows S of W_k and of W_v^T are gathered:
     out = (relu(xk W_k[S]^T)^2 * mask[:, S]) W_v^T[S]. For T = 1 that is exactly the token's set.
-    `bundle` stays readable: the generator's batch-1 CUDA decode (decode_path.py) runs the same bundle
+    `bundle` stays readable: the generator's batch-1 CUDA decode (generate.batch1_step) runs the same bundle
     in `cuda_decode.FusedDecode` (mode "predicted") and ignores the hooks this FFN owns (`own_hooks`).
     """
 

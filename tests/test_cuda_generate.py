@@ -1,4 +1,4 @@
-"""`generate.Generation` on the cuda backend decodes through `cuda_decode.FusedDecode` (decode_path.py):
+"""`generate.Generation` on the cuda backend decodes through `cuda_decode.FusedDecode` (generate.batch1_step):
 dense models greedy-decode the same tokens as the numpy reference, sparse models from
 `runtime.run_sparse(..., "cuda")` (an n-bit W_k bundle, an early bundle with a diagonal map) give the
 reference's logits restricted to the sets the GPU used; the state the Generation exposes (copied out

@@ -1,5 +1,5 @@
 """`generate.Generation`'s batch-1 step bookkeeping (no GPU needed): on a backend named "cuda" the
-step from decode_path.batch1_step keeps the state between tokens, is reset only when the state was
+step from generate.batch1_step keeps the state between tokens, is reset only when the state was
 assigned or left by a prefill, and copies the state out only when it is read; the numbers equal
 model.forward's. The step here is a stand-in over the numpy reference (the GPU tests,
 tests/test_cuda_generate.py, run the real FusedDecode)."""
@@ -47,7 +47,7 @@ def setup(tmp_path, monkeypatch):
     def batch1_step(model, fused=True):
         steps.append(_Step(ref))
         return steps[-1], "fused-dense" if fused else "cuda-graph"
-    monkeypatch.setattr("rwkv_edge.decode_path.batch1_step", batch1_step)
+    monkeypatch.setattr("rwkv_edge.generate.batch1_step", batch1_step)
     return ref, fake, steps
 
 

@@ -1,6 +1,6 @@
 """Decode tok/s through the user-facing path (runtime.open_model + generate.Generation, as
 `rwkv-edge generate/chat --device cuda` run it): dense and sparse (--predictors), with the fused CUDA
-decode (decode_path.py) and with it forced off (fused=False: the generic CUDA graph for dense, eager
+decode (generate.batch1_step) and with it forced off (fused=False: the generic CUDA graph for dense, eager
 DeviceSparseFFN for sparse), in one process, one model load per row.
 
     python3 tools/gpu_generate_bench.py --model M [--predictors B.npz] [--tokens 128] [--rounds 3]

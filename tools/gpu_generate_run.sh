@@ -1,5 +1,5 @@
 #!/bin/bash
-# One GPU call for issue 17's user-facing fused decode (decode_path.py): the GPU tests of
+# One GPU call for issue 17's user-facing fused decode (generate.batch1_step): the GPU tests of
 # Generation on cuda, then decode tok/s through open_model + Generation (tools/gpu_generate_bench.py)
 # on the embedded tiny model and a random 58M-shape model (dense and sparse, fused decode forced off
 # vs on), a CLI smoke run, then with the time left of BUDGET seconds the fused step's own tests and a
