@@ -48,6 +48,16 @@ def _run(dec, ref, bundle):
     return worst, bad / tot, st
 
 
+def _run_checked(dec, ref, bundle):
+    """_run, then: logits within 1e-4, <= 0.5% of mask decisions off numpy's, wkv and FFN shift state
+    within 1e-4 of the reference."""
+    worst, bad, st = _run(dec, ref, bundle)
+    assert worst < 1e-4 and bad <= 0.005, (worst, bad)
+    s = dec.state()
+    assert np.abs(s.wkv.cpu().numpy() - st.wkv).max() < 1e-4
+    assert np.abs(s.ffn_x.cpu().numpy() - st.ffn_x).max() < 1e-4
+
+
 @pytest.mark.parametrize("early", [1, 2, 3])
 @pytest.mark.parametrize("graph", [True, False])
 def test_early_scores_match_reference(ckpt, early, graph):
@@ -59,11 +69,7 @@ def test_early_scores_match_reference(ckpt, early, graph):
     bundle = _bundle(ref)
     dec = FusedDecode(gpu, "predicted", bundle=bundle, graph=graph, tune={"early_scores": early})
     assert dec.early == early and not dec.gather
-    worst, bad, st = _run(dec, ref, bundle)
-    assert worst < 1e-4 and bad <= 0.005, (worst, bad)
-    s = dec.state()
-    assert np.abs(s.wkv.cpu().numpy() - st.wkv).max() < 1e-4
-    assert np.abs(s.ffn_x.cpu().numpy() - st.ffn_x).max() < 1e-4
+    _run_checked(dec, ref, bundle)
     stats = dec.stats()
     assert stats["active_density"] <= stats["read_density"] < 1.0
 
@@ -128,11 +134,7 @@ def test_early_ready_matches_reference(ckpt, early, graph, tune):
     assert dec.early == early and dec.ready == tune.get("early_ready", 1)
     for _ in range(2):
         dec.reset(None)
-        worst, bad, st = _run(dec, ref, bundle)
-        assert worst < 1e-4 and bad <= 0.005, (worst, bad)
-        s = dec.state()
-        assert np.abs(s.wkv.cpu().numpy() - st.wkv).max() < 1e-4
-        assert np.abs(s.ffn_x.cpu().numpy() - st.ffn_x).max() < 1e-4
+        _run_checked(dec, ref, bundle)
     stats = dec.stats()
     assert stats["active_density"] <= stats["read_density"] < 1.0
     if tune.get("early_spin", 1):

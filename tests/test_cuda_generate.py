@@ -15,12 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from checkpoints import make_checkpoint  # noqa: E402
+from test_cuda_decode import HAS_TRITON  # noqa: E402
 
-try:
-    import triton  # noqa: F401
-    HAS_TRITON = True
-except Exception:
-    HAS_TRITON = False
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON),
                                 reason="needs a CUDA device and Triton (run on a GPU machine)")
 PROMPT = [5, 61, 200, 17, 3]

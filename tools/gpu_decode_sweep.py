@@ -31,6 +31,23 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 
+def timed_rounds(dec, st, toks, rounds: int) -> list:
+    """Seconds per token of `rounds` timed runs of dec.step over toks, each from state st (a first,
+    untimed run warms up); device synchronised around each run."""
+    import torch
+    out = []
+    for r in range(rounds + 1):
+        dec.reset(st)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for tok in toks:
+            dec.step(tok)
+        torch.cuda.synchronize()
+        if r:
+            out.append((time.perf_counter() - t) / len(toks))
+    return out
+
+
 def early_bundle(m, bundle, toks, target=None, diag=False):
     """A copy of `bundle` (a namespace with .predictors) whose thresholds are the quantiles of the scores
     of the LN1 outputs (the state's att_x after each token) at each layer's predicted share on the FFN
@@ -130,16 +147,7 @@ def main() -> int:
                 except Exception as e:   # one broken setting must not end the table
                     print(json.dumps(dict(set=name, mode=mode, error=repr(e)[:400])), flush=True)
                     continue
-                rates = []
-                for r in range(args.rounds + 1):
-                    dec.reset(st)
-                    torch.cuda.synchronize()
-                    t = time.perf_counter()
-                    for tok in toks:
-                        dec.step(tok)
-                    torch.cuda.synchronize()
-                    if r:                                   # the first round warms up
-                        rates.append(len(toks) / (time.perf_counter() - t))
+                rates = [1.0 / s for s in timed_rounds(dec, st, toks, args.rounds)]
                 dens = dec.stats()
                 row = dict(set=name, mode=mode, tok_s=round(float(np.median(rates)), 1),
                            bytes=dec.bytes_per_token(), gather=dec.gather, mixin=dec.mixin, **dens)

@@ -24,6 +24,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_decode_sweep import timed_rounds  # noqa: E402
 
 
 def pack(args) -> None:
@@ -149,16 +151,7 @@ def run(args) -> None:
             dec.reset(None)
             for t in inp[0, :16]:
                 dec.step(int(t))
-            st = dec.state()
-            for r in range(args.rounds + 1):
-                dec.reset(st)
-                torch.cuda.synchronize()
-                t1 = time.perf_counter()
-                for t in toks:
-                    dec.step(t)
-                torch.cuda.synchronize()
-                if r:                                   # the first run warms up
-                    us[name].append(1e6 * (time.perf_counter() - t1) / len(toks))
+            us[name] += [1e6 * s for s in timed_rounds(dec, dec.state(), toks, args.rounds)]
     for name, row in res.items():
         row["us_token"] = round(float(np.median(us[name])), 1)
         row["us_runs"] = [round(v, 1) for v in us[name]]
