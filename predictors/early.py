@@ -149,7 +149,9 @@ class EarlyMoments:
             var = np.diagonal(self.G[layer][:D, :D]) - mu_e * mu_e * n
             d = cov / np.maximum(var, 1e-30)
             A = A - np.diag(d)
-        if metric is None:
+        if rank == 0:       # no low-rank part: A = diag(d) (zero without diag), no basis to compute
+            A = np.zeros_like(A)
+        elif metric is None:
             V = self.rank_basis(layer, A, rank)                           # (D, r)
             A = (A @ V) @ V.T
         else:       # rank-r fit of the transformed target xk L, mapped back: A L V V^T L^-1
@@ -331,11 +333,13 @@ class EarlySets:
             raise ValueError("EarlySets needs a bundle fitted on early inputs (collect --input early)")
         self.bundle = bundle
         self._mask = {}
+        self.rows = None      # the EarlyRows hooks `attach` added (its `pairs` name them)
 
     def attach(self, model):
         def decide(layer, rows):
             self._mask[layer] = self.bundle.predict(layer, np.concatenate([rows["ln1"], rows["prev"]], 1))
-        return EarlyRows(decide, lambda a: np.asarray(model.ops.to_host(a), np.float32), at="shift").attach(model)
+        self.rows = EarlyRows(decide, lambda a: np.asarray(model.ops.to_host(a), np.float32), at="shift")
+        return self.rows.attach(model)
 
     def predict(self, layer: int, xk: np.ndarray) -> np.ndarray:
         return self._mask.pop(layer)

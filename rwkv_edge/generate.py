@@ -29,7 +29,6 @@ from .tokenizer import StreamDecoder
 # paths, e.g. prefill, compute the same numbers). Where it refuses a model (its ValueError: e.g. a head
 # size or a predictor group size that is not a power of two, a full early map) the step falls back with
 # a one-line RuntimeWarning, so a supported combination never silently loses its fast path unnoticed.
-PATHS = ("fused-dense", "fused-predicted", "cuda-graph", "eager")
 
 
 def _foreign_hooks(model) -> bool:
@@ -40,8 +39,8 @@ def _foreign_hooks(model) -> bool:
 
 
 def fused_mode(model):
-    """(mode, bundle) FusedDecode would run for `model`, or None where it does not apply."""
-    if getattr(model.ops, "name", "") != "cuda" or model.config.version != "x070" or _foreign_hooks(model):
+    """(mode, bundle) FusedDecode would run for `model` (on the cuda backend), or None where it does not apply."""
+    if model.config.version != "x070" or _foreign_hooks(model):
         return None
     if model.ffn is None:
         return "dense", None
@@ -52,7 +51,7 @@ def fused_mode(model):
 def batch1_step(model, fused: bool = True, tune: dict | None = None):
     """(step object or None, path name) for one-token decode of `model`; fused=False skips
     FusedDecode (the fallbacks, e.g. to measure what it gains). tune: FusedDecode launch knobs."""
-    ops = model.ops
+    ops = getattr(model, "ops", None)       # (a stand-in model may have none: eager)
     if getattr(ops, "name", "") != "cuda":
         return None, "eager"
     fm = fused_mode(model) if fused else None
@@ -109,10 +108,7 @@ class Generation:
     def _step(self):
         """The batch-1 step object (None: eager), built at the first single-token feed."""
         if self.decode_path is None:
-            if getattr(getattr(self.model, "ops", None), "name", "") == "cuda":
-                self._dec, self.decode_path = batch1_step(self.model, fused=self.fused)
-            else:
-                self.decode_path = "eager"
+            self._dec, self.decode_path = batch1_step(self.model, fused=self.fused)
         return self._dec
 
     def feed(self, tokens: Sequence[int], chunk: int = 256) -> None:

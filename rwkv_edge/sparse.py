@@ -243,10 +243,8 @@ class DeviceSparseFFN:
         """`model` with this FFN (a shallow copy; an early bundle's EarlySets hooks added and recorded)."""
         m = model.with_ffn(self)
         if self.sets is not None:
-            h = m.hooks
-            before = {k: list(getattr(h, k)) for k in vars(h)}
             self.sets.attach(m)
-            self.own_hooks = [f for k in vars(h) for f in getattr(h, k) if f not in before[k]]
+            self.own_hooks = [f for _, f in self.sets.rows.pairs(m.hooks)]
         return m
 
     def share_value_t(self, model) -> None:

@@ -157,7 +157,7 @@ class FusedDecode:
 
         self.C, self.model, self.mode, self.K = C, model, mode, kernels()
         ebun = getattr(bundle, "input", "ffn") == "early"   # scores z = ln1 * d + c + mix * prev (early.py)
-        self.tune = dict(TUNE, **{**(EARLY_BUNDLE_TUNE if ebun else {}), **(tune or {})})
+        self.tune = {**TUNE, **(EARLY_BUNDLE_TUNE if ebun else {}), **(tune or {})}
         cfg = model.config
         L, D, F, H, N = cfg.n_layer, cfg.n_embd, cfg.ffn_dim, cfg.n_head, cfg.head_size
         if N & (N - 1):
