@@ -156,6 +156,18 @@ def kernels():
         return tl.sum(vv.to(tl.float32) * y[:, None], axis=0), tl.sum(a.to(tl.int32), axis=0)
 
     @triton.jit
+    def _load_rows(w_p, vt_p, r, ok, ks, km, D, VSEL: tl.constexpr, EVW: tl.constexpr, EVV: tl.constexpr):
+        """The W_k rows r (NA or BN, BK) where ok, and (VSEL) their W_v^T rows; without VSEL the second
+        tile is the first (unused: _early_rows loads the active rows' W_v^T itself)."""
+        wk = tl.load(w_p + r[:, None] * D + ks[None, :], mask=ok[:, None] & km[None, :], other=0.0,
+                     eviction_policy=EVW)
+        vv = wk
+        if VSEL:
+            vv = tl.load(vt_p + r[:, None] * D + ks[None, :], mask=ok[:, None] & km[None, :], other=0.0,
+                         eviction_policy=EVV)
+        return wk, vv
+
+    @triton.jit
     def _pick(mk, rows, rm, w_p, vt_p, D, ks, km, NA: tl.constexpr, VSEL: tl.constexpr, EVW: tl.constexpr,
               EVV: tl.constexpr, DIAG: tl.constexpr):
         """The selected rows (mask byte 2) of a program's BN rows, the first NA of them gathered (NA 0: all
@@ -171,12 +183,7 @@ def kernels():
         else:
             pos = tl.cumsum(sl, axis=0) - sl
             r, _y, ok = _gather(sel, pos, rows, rows.to(tl.float32), 0, ns, NA)
-        wk = tl.load(w_p + r[:, None] * D + ks[None, :], mask=ok[:, None] & km[None, :], other=0.0,
-                     eviction_policy=EVW)
-        vv = wk
-        if VSEL:
-            vv = tl.load(vt_p + r[:, None] * D + ks[None, :], mask=ok[:, None] & km[None, :], other=0.0,
-                         eviction_policy=EVV)
+        wk, vv = _load_rows(w_p, vt_p, r, ok, ks, km, D, VSEL, EVW, EVV)
         return sel, ns, pos, r, ok, wk, vv
 
     @triton.jit
@@ -235,11 +242,7 @@ def kernels():
         if NA > 0:
             for c0 in range(NA, ns, NA):   # more than NA selected rows: the rest after the wait
                 r, _y, ok = _gather(sel, pos, rows, rows.to(tl.float32), c0, ns, NA)
-                wk = tl.load(w_p + r[:, None] * D + ks[None, :], mask=ok[:, None] & km[None, :], other=0.0,
-                             eviction_policy=EVW)
-                if VSEL:
-                    vv = tl.load(vt_p + r[:, None] * D + ks[None, :], mask=ok[:, None] & km[None, :], other=0.0,
-                                 eviction_policy=EVV)
+                wk, vv = _load_rows(w_p, vt_p, r, ok, ks, km, D, VSEL, EVW, EVV)
                 part, n = _early_rows(w_p, vt_p, r, ok, ks, km, D, xv, k_p, wk, vv, VSEL, EVV)
                 acc += part
                 na += n
