@@ -12,6 +12,10 @@
  *   passing rows, all in registers. Its float operations are those of nk_pred_avx2 in the same order
  *   (per-lane FMA chain over blocks of eight groups, then the same pairwise tree over the eight
  *   lanes), so its scores, and the sets, are bit-identical to nk_pred_avx2's (tests/test_native.py).
+ * - sel2_blk (2 bits, nk_pred_sel2.h): the same select over all rows from the predictor's blocked copy (p->blk,
+ *   nk_pred_blk_new: 16 rows interleaved per block, codes, scales and zeros in one linear stream), the
+ *   decode's pass. Same scores. 1.5B shapes, one thread: 7.1 -> 4.1 ms a token (17.7 -> 31 GB/s; a plain
+ *   read of the bytes ~35): the row layout's interleaved streams defeated the hardware prefetcher.
  * nk_pred_select picks the fused kernel where it applies, else scores + a scalar compaction.
  */
 #include <math.h>
