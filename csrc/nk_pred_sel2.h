@@ -192,8 +192,14 @@ SEL2_TARGET static int64_t SEL2(blk)(const nk_pred *p, const nk_pred_x *px, int6
         uint32_t live = q0 < r0 ? 0xffffu << (r0 - q0) : 0xffffu;
         if (r1 - q0 < 16)
             live &= (1u << (r1 - q0)) - 1;
-        if (score)                            /* lanes before r0 masked off (the base lies before score) */
+        if (score && q0 >= r0)
             _mm512_mask_storeu_ps(score + (q0 - r0), (__mmask16)live, sc);
+        else if (score) {                     /* a chunk's first block that starts before r0 */
+            float t[16];
+            _mm512_storeu_ps(t, sc);
+            for (int64_t i = r0 - q0; i < 16 && q0 + i < r1; i++)
+                score[q0 + i - r0] = t[i];
+        }
         __mmask16 k = _mm512_mask_cmp_ps_mask((__mmask16)live, sc, thr, _CMP_GE_OQ);
         int cnt = __builtin_popcount((unsigned)k);
         if (out) {
