@@ -24,6 +24,8 @@ typedef struct nk_pred {
     const uint16_t *scale;    /* (R, G) float16 bits */
     const uint16_t *zero;     /* (R, G) float16 bits */
     float thr;                /* the layer's threshold: neuron r runs iff score >= thr */
+    const uint8_t *blk;       /* NULL, or the same codes, scales and zeros in 16-row blocks (nk_pred_blk_new):
+                               * the fused select's pass over all rows reads them there, one linear stream */
 } nk_pred;
 
 /* The activation as the predictor kernels read it (built once per token by nk_pred_prep).
@@ -89,6 +91,9 @@ void nk_pred_generic(const nk_pred *p, const nk_pred_x *px, const int32_t *idx, 
 void nk_pred_avx2(const nk_pred *p, const nk_pred_x *px, const int32_t *idx, int64_t r0, int64_t r1, float *score);
 int64_t nk_pred_select(const nk_kern *k, const nk_pred *p, const nk_pred_x *px, const int32_t *idx, int64_t r0,
                        int64_t r1, int32_t *out, float *score);
+/* p's codes, scales and zeros in the blocked layout of the fused select (nk_pred_sel2.h), malloc'd (free()),
+ * or NULL where kernel set k has no blocked select for p (or no memory) */
+uint8_t *nk_pred_blk_new(const nk_kern *k, const nk_pred *p);
 /* quantize x (I,) for the int4 dots: X (I,) int8 in the pair layout, xs (I / NK_GS,), init
  * (NK_INIT(I / NK_GS),) int32 (nk_q4.c); the same rounding as nk_quantize */
 void nk_quantize4(const float *x, int64_t I, int8_t *X, float *xs, int32_t *init);

@@ -12,6 +12,10 @@
  *   passing rows, all in registers. Its float operations are those of nk_pred_avx2 in the same order
  *   (per-lane FMA chain over blocks of eight groups, then the same pairwise tree over the eight
  *   lanes), so its scores, and the sets, are bit-identical to nk_pred_avx2's (tests/test_native.py).
+ * - sel2_blk (2 bits, nk_pred_sel2.h): the same select over all rows from the predictor's blocked copy (p->blk,
+ *   nk_pred_blk_new: 16 rows interleaved per block, codes, scales and zeros in one linear stream), the
+ *   decode's pass. Same scores. 1.5B shapes, one thread: 7.1 -> 4.1 ms a token (17.7 -> 31 GB/s; a plain
+ *   read of the bytes ~35): the row layout's interleaved streams defeated the hardware prefetcher.
  * nk_pred_select picks the fused kernel where it applies, else scores + a scalar compaction.
  */
 #include <math.h>
@@ -310,7 +314,8 @@ VNNI static inline __m512 twice(__m256 a) {           /* [a | a] (AVX-512F only:
 #undef SEL2_PLANE
 #undef SEL2_BIT
 
-/* the GFNI copy where the CPU has GFNI (unless sh: the tests run both) */
+/* the GFNI copy where the CPU has GFNI (unless sh: the tests run both); all rows (idx NULL) of a predictor
+ * with its blocked copy (p->blk) by the blocked kernel */
 static int64_t sel2(const nk_pred *p, const nk_pred_x *px, const int32_t *idx, int64_t r0, int64_t r1, int32_t *out,
                     float *score, int sh) {
     static int gf = -1;
@@ -318,6 +323,8 @@ static int64_t sel2(const nk_pred *p, const nk_pred_x *px, const int32_t *idx, i
         __builtin_cpu_init();
         gf = __builtin_cpu_supports("gfni") ? 1 : 0;
     }
+    if (!idx && p->blk)
+        return gf && !sh ? sel2_blk_gf(p, px, r0, r1, out, score) : sel2_blk_sh(p, px, r0, r1, out, score);
     return gf && !sh ? sel2_vnni_gf(p, px, idx, r0, r1, out, score) : sel2_vnni_sh(p, px, idx, r0, r1, out, score);
 }
 #endif
@@ -331,6 +338,29 @@ static int sel2_fits(const nk_kern *k, const nk_pred *p) {
     (void)k, (void)p;
     return 0;
 #endif
+}
+
+/* 16-row blocks of 320 G bytes (nk_pred_sel2.h, sel2_blk): per group g, the four 64-byte code loads
+ * (lane i of load j: row 16b + i's code bytes 16g + 4j ..), the 16 scales, the 16 zeros; rows past R zero.
+ * A copy of the predictor (+100% of its bytes, kept: the prefill's candidate lists read the row layout). */
+uint8_t *nk_pred_blk_new(const nk_kern *k, const nk_pred *p) {
+    if (!sel2_fits(k, p) || p->bits != 2)
+        return NULL;
+    int64_t G = p->G, rb = p->C / 4, nb = (p->R + 15) / 16, bs = 320 * G;
+    uint8_t *dst = aligned_alloc(64, nb * bs);          /* bs: a multiple of 64 (G % 8 == 0) */
+    if (!dst)
+        return NULL;
+    memset(dst, 0, nb * bs);
+    for (int64_t r = 0; r < p->R; r++)
+        for (int64_t g = 0; g < G; g++) {
+            uint8_t *q = dst + r / 16 * bs + 320 * g;
+            int64_t i = r % 16;
+            for (int j = 0; j < 4; j++)
+                memcpy(q + 64 * j + 4 * i, p->packed + r * rb + 16 * g + 4 * j, 4);
+            memcpy(q + 256 + 2 * i, p->scale + r * G + g, 2);
+            memcpy(q + 288 + 2 * i, p->zero + r * G + g, 2);
+        }
+    return dst;
 }
 
 int64_t nk_pred_select(const nk_kern *k, const nk_pred *p, const nk_pred_x *px, const int32_t *idx, int64_t r0,
@@ -348,18 +378,24 @@ int64_t nk_pred_select(const nk_kern *k, const nk_pred *p, const nk_pred_x *px, 
 }
 
 /* ---- single kernels, for the tests (tests/test_native.py checks them against numpy) ------------- */
-/* scores (R,) of the predictor for x (C,) by kernel set `level` (fused: 1 = by the fused select's
- * kernel where it applies, 2 = its copy without GFNI, else -2), and the select with threshold thr over the rows idx (n of them;
- * NULL: all R) into sel (returns its count in *nsel). */
+/* scores (R,) of the predictor for x (C,) by kernel set `level` (fused: 1 = by the fused select's kernel
+ * where it applies, 2 = its copy without GFNI, 3 / 4 = the same on the blocked copy (nk_pred_blk_new: all rows
+ * in chunks of 20, unaligned to its 16-row blocks as the pool's chunks; a candidate list idx still takes the row
+ * layout), else -2), and the select with threshold thr over the rows idx (n of them; NULL: all R) into sel
+ * (returns its count in *nsel; fused 3 / 4: on the blocked copy, in the same chunks). */
 int nk_test_pred_sel(int level, int fused, int64_t bits, int64_t G, int64_t R, int64_t C, const uint8_t *packed,
                      const uint16_t *scale, const uint16_t *zero, const float *x, float thr, const int32_t *idx,
                      int64_t n, float *score, int32_t *sel, int64_t *nsel) {
     const nk_kern *k = nk_kern_get(level);
     if (!k)
         return -1;
-    nk_pred p = {(int32_t)bits, (int32_t)G, R, C, packed, scale, zero, thr};
+    nk_pred p = {(int32_t)bits, (int32_t)G, R, C, packed, scale, zero, thr, NULL};
     if (fused && !sel2_fits(k, &p))
         return -2;
+    uint8_t *blk = fused >= 3 ? nk_pred_blk_new(k, &p) : NULL;
+    if (fused >= 3 && !blk)
+        return -2;
+    p.blk = blk;
     nk_pred_x px;
     px.xq = malloc(C);
     for (int i = 0; i < 4; i++)
@@ -369,14 +405,18 @@ int nk_test_pred_sel(int level, int fused, int64_t bits, int64_t G, int64_t R, i
         n = R;
     float *tmp = malloc((n > 0 ? n : 1) * sizeof(float));
     nk_pred_prep(&p, x, &px);
+    int64_t cs = blk && !idx ? 20 : (n > 0 ? n : 1);       /* the chunks of rows */
 #ifdef NK_X86
     if (fused)
-        sel2(&p, &px, idx, 0, n, NULL, score, fused == 2);
+        for (int64_t q = 0; q < n; q += cs)
+            sel2(&p, &px, idx, q, q + cs < n ? q + cs : n, NULL, score + q, fused % 2 == 0);
     else
 #endif
         k->pred(&p, &px, idx, 0, n, score);
-    *nsel = nk_pred_select(k, &p, &px, idx, 0, n, sel, tmp);
-    free(px.xq), free(px.xs), free(px.e), free(px.xsum), free(tmp);
+    *nsel = 0;
+    for (int64_t q = 0; q < n; q += cs)
+        *nsel += nk_pred_select(k, &p, &px, idx, q, q + cs < n ? q + cs : n, sel + *nsel, tmp);
+    free(px.xq), free(px.xs), free(px.e), free(px.xsum), free(tmp), free(blk);
     for (int i = 0; i < 4; i++)
         free(px.plane[i]);
     return 0;
@@ -389,7 +429,7 @@ int nk_test_pred_prep(int level, int64_t bits, int64_t G, int64_t C, const float
     const nk_kern *k = nk_kern_get(level);
     if (!k || G < 1 || C % G)
         return -1;
-    nk_pred p = {(int32_t)bits, (int32_t)G, 1, C, NULL, NULL, NULL, 0.0f};
+    nk_pred p = {(int32_t)bits, (int32_t)G, 1, C, NULL, NULL, NULL, 0.0f, NULL};
     nk_pred_x px = {xq, {planes, planes + C, planes + 2 * C, planes + 3 * C}, xs, e, xsum};
     nk_pred_prep_k(k, &p, x, &px);
     return 0;

@@ -142,3 +142,71 @@ SEL2_TARGET static int64_t SEL2(vnni)(const nk_pred *p, const nk_pred_x *px, con
         return p->G == 8 ? SEL2(run)(p, px, idx, r0, r1, out, score, 1, 2) : SEL2(run)(p, px, idx, r0, r1, out, score, p->G / 8, 2);
     return p->G == 8 ? SEL2(run)(p, px, idx, r0, r1, out, score, 1, 1) : SEL2(run)(p, px, idx, r0, r1, out, score, p->G / 8, 1);
 }
+
+/* The same select for 2 bits over the rows [r0, r1) of the blocked layout (p->blk, nk_pred_blk_new):
+ * block b = rows 16b .. 16b + 15, 320 G bytes; its group g at 320 g: four 64-byte code loads j, whose
+ * i32 lane i holds row 16b + i's code bytes 16g + 4j .. 16g + 4j + 3 (columns 64g + 16j .. + 15),
+ * then the 16 rows' scales (float16), then their zeros. One load's plane k times the broadcast four
+ * bytes of xq's plane k under it (vpdpbusd) adds to each row's own lane: no group-sum shuffles, no row
+ * tree, and all three arrays come in one linear stream, which the hardware prefetcher keeps up with
+ * (the row layout's six interleaved streams ran at ~18 GB/s from DRAM, even with software prefetch).
+ * Floats: lane i of A[g % 8] is row i's chain of nk_pred_avx2's lane for group g, and the eight are
+ * summed by its hsum8 tree, so scores and sets are bit-identical to it (tests/test_native.py). */
+SEL2_TARGET static int64_t SEL2(blk)(const nk_pred *p, const nk_pred_x *px, int64_t r0, int64_t r1, int32_t *out,
+                                     float *score) {
+    const int64_t G = p->G, bs = 320 * G;
+    const __m512i m3 = _mm512_set1_epi8(3);
+    const __m512 thr = _mm512_set1_ps(p->thr);
+    const __m512i step = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    int64_t n = 0;
+    for (int64_t b = r0 / 16; 16 * b < r1; b++) {
+        const uint8_t *B = p->blk + b * bs;
+        __m512 A[8];
+        for (int l = 0; l < 8; l++)
+            A[l] = _mm512_setzero_ps();
+        for (int64_t g8 = 0; g8 < G; g8 += 8)
+            for (int l = 0; l < 8; l++) {
+                int64_t g = g8 + l;
+                const uint8_t *q = B + 320 * g;
+                __m512i acc[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};    /* two dpbusd chains */
+                for (int j = 0; j < 4; j++) {
+                    __m512i raw = _mm512_loadu_si512((const void *)(q + 64 * j));
+                    __asm__("" : "+v"(raw));
+                    int32_t xb[4];                            /* plane k's four bytes under this load */
+                    for (int k = 0; k < 4; k++)
+                        memcpy(&xb[k], px->plane[k] + 16 * g + 4 * j, 4);
+                    __m512i a = _mm512_dpbusd_epi32(acc[j & 1], _mm512_and_si512(raw, m3), _mm512_set1_epi32(xb[0]));
+                    a = _mm512_dpbusd_epi32(a, SEL2_PLANE(raw, 1), _mm512_set1_epi32(xb[1]));
+                    a = _mm512_dpbusd_epi32(a, SEL2_PLANE(raw, 2), _mm512_set1_epi32(xb[2]));
+                    acc[j & 1] = _mm512_dpbusd_epi32(a, SEL2_PLANE(raw, 3), _mm512_set1_epi32(xb[3]));
+                }
+                __m512 d = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[0], acc[1])), _mm512_set1_ps(px->xs[g]),
+                                           _mm512_set1_ps(px->e[g]));
+                A[l] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(q + 256))), d, A[l]);
+                A[l] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(q + 288))),
+                                       _mm512_set1_ps(px->xsum[g]), A[l]);
+            }
+        __m512 sc = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(A[0], A[1]), _mm512_add_ps(A[4], A[5])),
+                                  _mm512_add_ps(_mm512_add_ps(A[2], A[3]), _mm512_add_ps(A[6], A[7])));
+        int64_t q0 = 16 * b;                  /* the block's rows in [r0, r1) (a chunk may start mid-block) */
+        uint32_t live = q0 < r0 ? 0xffffu << (r0 - q0) : 0xffffu;
+        if (r1 - q0 < 16)
+            live &= (1u << (r1 - q0)) - 1;
+        if (score && q0 >= r0)
+            _mm512_mask_storeu_ps(score + (q0 - r0), (__mmask16)live, sc);
+        else if (score) {                     /* a chunk's first block that starts before r0 */
+            float t[16];
+            _mm512_storeu_ps(t, sc);
+            for (int64_t i = r0 - q0; i < 16 && q0 + i < r1; i++)
+                score[q0 + i - r0] = t[i];
+        }
+        __mmask16 k = _mm512_mask_cmp_ps_mask((__mmask16)live, sc, thr, _CMP_GE_OQ);
+        int cnt = __builtin_popcount((unsigned)k);
+        if (out) {
+            __m512i pos = _mm512_add_epi32(_mm512_set1_epi32((int32_t)q0), step);
+            _mm512_mask_storeu_epi32(out + n, (__mmask16)((1u << cnt) - 1), _mm512_maskz_compress_epi32(k, pos));
+        }
+        n += cnt;
+    }
+    return n;
+}

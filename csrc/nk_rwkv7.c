@@ -282,6 +282,7 @@ void *nk_model_new(const int64_t *dims, const void *const *glob, const void *con
             nk_pred *p = &m->pred[i];
             p->bits = (int32_t)dims[10], p->G = (int32_t)G, p->R = F, p->C = D, p->thr = thr[i];
             p->packed = m->layers[i].p_packed, p->scale = m->layers[i].p_scale, p->zero = m->layers[i].p_zero;
+            p->blk = nk_pred_blk_new(k, p);           /* NULL where the fused select has no blocked copy */
         }
     }
     float **bufs[] = {&m->x, &m->xa, &m->mix[0], &m->mix[1], &m->mix[2], &m->mix[3], &m->mix[4], &m->mix[5],
@@ -356,6 +357,8 @@ void nk_model_free(void *mp) {
         free(m->tls[i].pjT), free(m->tls[i].phT), free(m->tls[i].lnprev);
     free(m->hscratch), free(m->hval), free(m->hcand), free(m->hidx);
     free(m->lpbuf), free(m->lp), free(m->part);
+    for (int64_t i = 0; m->pred && i < m->L; i++)
+        free((void *)m->pred[i].blk);
     free(m->layers), free(m->pred), free(m);
 }
 
@@ -438,7 +441,7 @@ int nk_test_pred(int level, int64_t bits, int64_t G, int64_t R, int64_t C, const
     const nk_kern *k = nk_kern_get(level);
     if (!k)
         return -1;
-    nk_pred p = {(int32_t)bits, (int32_t)G, R, C, packed, scale, zero, 0.0f};
+    nk_pred p = {(int32_t)bits, (int32_t)G, R, C, packed, scale, zero, 0.0f, NULL};
     nk_pred_x px;
     px.xq = malloc(C);
     for (int i = 0; i < 4; i++)

@@ -275,7 +275,9 @@ def test_predictor_select(C, R):
     """The select (sparse decode: all rows; prefill: a list of candidates) keeps exactly the rows whose
     score from the level's score kernel is >= thr, in order. Where the fused AVX-512 select runs (2 bits,
     G % 8 == 0), its own scores are bit-identical to nk_pred_avx2's, GFNI copy and shift copy alike, so it
-    picks the very sets the unfused path picked (also with the threshold on a score exactly)."""
+    picks the very sets the unfused path picked (also with the threshold on a score exactly). The same for
+    its blocked copy (fused 3 / 4: the decode's pass over all rows, run in chunks that start mid-block as the
+    pool's do; a candidate list still takes the row layout)."""
     from rwkv_edge.quant import QuantizedMatrix
     rng = np.random.default_rng(C + R)
     qm = QuantizedMatrix.quantize(rng.standard_normal((R, C)).astype(np.float32), 2, 64)
@@ -293,7 +295,7 @@ def test_predictor_select(C, R):
             if lv == "generic":
                 continue
             assert np.array_equal(s2, s[idx])
-            for fused in (1, 2):
+            for fused in (1, 2, 3, 4):
                 f, f2 = (native.kernel_pred_select(qm, x, thr, lv, idx=ix, fused=fused) for ix in (None, idx))
                 if f is None:
                     assert lv != "vnni" or C % 512 or qm.bits != 2
@@ -302,7 +304,7 @@ def test_predictor_select(C, R):
                 assert np.array_equal(f[0], s) and np.array_equal(f2[0], s2)       # bit-identical scores
                 assert np.array_equal(f[1], sel) and np.array_equal(f2[1], sel2)
     if "vnni" in native.levels() and C % 512 == 0:
-        assert fused_ran == 4
+        assert fused_ran == 8
 
 
 @pytest.mark.parametrize("C, R", [(512, 77), (1024, 45), (2048, 19)])

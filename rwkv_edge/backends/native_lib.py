@@ -188,7 +188,8 @@ def kernel_pred(qm, x: np.ndarray, lv: str) -> np.ndarray:
 def kernel_pred_select(qm, x: np.ndarray, thr: float, lv: str, idx=None, fused: int = 0):
     """(scores, selected) of a quant.QuantizedMatrix for x (C,) by the kernel set lv (for tests): the scores
     of the rows idx (None: all) by lv's score kernel, or with fused 1 by the fused select's own kernel (2: its
-    copy without GFNI; None where lv has none for this predictor), and the positions in idx (or rows) that the select keeps
+    copy without GFNI; 3 / 4: the same on its blocked copy of the predictor, which the decode's pass over all rows
+    reads; None where lv has none for this predictor), and the positions in idx (or rows) that the select keeps
     (score >= thr, ascending), as the sparse decode and prefill run it."""
     lib = _load()[0]
     packed = np.ascontiguousarray(qm.packed)
