@@ -227,7 +227,8 @@ VNNI static void dots_vnni(const int8_t *base, int64_t stride, const int32_t *id
  * distances: NK_FPF rows ahead into L1 (T0) and NK_FPF2 rows ahead with PREFETCHNTA (a read-only
  * microbench of the sets' key rows: ~17 GB/s against ~14 with T0 at 8 rows alone; T1 or T2 as the far
  * hint gained less), and each value column from its key dot on, NK_FPV active neurons before its axpy.
- * A/B of the FFN on the replayed sets (paired per token): ~0.90-0.94x the two passes' time.
+ * No branch on a key's sign (a mispredict per other neuron; paired microbench of the sets' FFN, 4 KB
+ * pages: 0.88-0.905x the two passes' time branchless, 1.00-1.02x with the branch).
  * out (D,) +=; returns the active count (the columns read), their list in pj / ph. */
 #ifndef NK_FPF
 #define NK_FPF 4       /* key rows fetched ahead into L1 */
@@ -278,17 +279,20 @@ VNNI int64_t nk_ffn_set_vnni(const int8_t *kv, const float *sc, const int32_t *i
         for (; g < G; g++)
             f0 = GROUP(g, f0);
         float a = hsum8(_mm256_add_ps(_mm256_add_ps(f0, f1), _mm256_add_ps(f2, f3))) * sc[2 * j];
-        if (a > 0) {
-            pj[na] = (int32_t)j;
-            ph[na++] = a * a * sc[2 * j + 1];
-            for (int64_t l = 0; l < I; l += 64)
-                _mm_prefetch((const char *)(w + I + l), NK_FPHV);
-            if (na - done >= 4 + NK_FPV) {
-                const int8_t *v[4] = {kv + 2 * I * pj[done] + I, kv + 2 * I * pj[done + 1] + I,
-                                      kv + 2 * I * pj[done + 2] + I, kv + 2 * I * pj[done + 3] + I};
-                nk_axpy4_512(out, I, v, ph + done);
-                done += 4;
-            }
+        /* no branch on the sign (random: a mispredict per other neuron stalled the next rows' dots):
+         * the slot is written always and kept when a > 0; an inactive neuron's fetch goes to its key row */
+        int on = a > 0;
+        pj[na] = (int32_t)j;
+        ph[na] = a * a * sc[2 * j + 1];
+        na += on;
+        const char *c = (const char *)(w + (on ? I : 0));
+        for (int64_t l = 0; l < I; l += 64)
+            _mm_prefetch(c + l, NK_FPHV);
+        if (na - done >= 4 + NK_FPV) {
+            const int8_t *v[4] = {kv + 2 * I * pj[done] + I, kv + 2 * I * pj[done + 1] + I,
+                                  kv + 2 * I * pj[done + 2] + I, kv + 2 * I * pj[done + 3] + I};
+            nk_axpy4_512(out, I, v, ph + done);
+            done += 4;
         }
     }
     for (; done < na; done += 4) {       /* the rest, the last group padded as value_columns pads it */
