@@ -120,6 +120,9 @@ void nk_dots_vnni512(const int8_t *base, int64_t stride, const int32_t *idx, int
 /* axpy4 / axpy4q on 512-bit registers, the same floats as the AVX2 ones (nk_prefill_kernels.c; prefill only) */
 void nk_axpy4_512(float *out, int64_t D, const int8_t *const *v, const float *h);
 void nk_axpy4q_512(float *out, int64_t D, const uint8_t *const *v, const uint16_t *const *s, const float *h);
+/* the decode's sparse FFN of one piece, int8, in one pass: key dots, the active list, value axpys (nk_kernels.c) */
+int64_t nk_ffn_set_vnni(const int8_t *kv, const float *sc, const int32_t *idx, int64_t n, int64_t I, const int8_t *X,
+                        const float *xs, float *out, int32_t *pj, float *ph);
 /* a token's active neurons of a prefill key block, 512-bit (nk_prefill_kernels.c; see there) */
 int64_t nk_active_512(const float *keys, const float *sc, int64_t j0, int64_t nb, int32_t *pj, float *ph);
 int64_t nk_active_idx_512(const float *keys, const float *sc, const int32_t *idx, int64_t n, int32_t *pj, float *ph);

@@ -5,9 +5,10 @@
  * FFN (`ffn="dense"`: value rows as activation-rounded dots) is nk_dense.c.
  * Sparse: the layer's n-bit predictor scores all F neurons (nk_pred.c; with AVX-512 VNNI one fused
  * pass: scores, threshold and compaction), the neurons with score >= thr form the set; decode reads
- * only their key rows, then the value columns of the active ones. Prefill runs the dense key pass over a chunk (each key row read once for all its
- * tokens) and asks the predictor only about the active neurons (relu(k) > 0): the same sums as
- * the steps. Given sets (replayed, tools/bench.py --shape) mask the dense pass the same way.
+ * only their key rows, then the value columns of the active ones (int8 at the VNNI level: one pass,
+ * key dot then the neuron's value column fetched, nk_ffn_set_vnni; the same floats). Prefill runs the
+ * dense key pass over a chunk (each key row read once for all its tokens) and asks the predictor only
+ * about the active neurons (relu(k) > 0): the same sums as the steps. Given sets (replayed, tools/bench.py --shape) mask the dense pass the same way.
  * Threads split neurons in a fixed split (pieces, a function of the neuron count and the thread count
  * only): each piece adds into its own output rows, summed after in piece order, so N threads give the
  * same floats every run whichever thread runs which piece (per-thread outputs, in the order each
@@ -36,6 +37,9 @@ typedef struct ffn_ctx {
 #ifndef NK_WIDE_DECODE
 #define NK_WIDE_DECODE 1   /* the decode's value columns on the 512-bit axpy too (the same floats; dense FFN
                               * at 1.5B shapes, 1 thread: 41.8 -> 37.5 ms a token, NK_PROF build); 0: 256-bit */
+#endif
+#ifndef NK_FUSED_SET
+#define NK_FUSED_SET 1   /* int8 decode sets: keys and values in one pass (nk_ffn_set_vnni) */
 #endif
 #ifndef VPF
 #define VPF 2          /* value columns: passes of four fetched ahead */
@@ -205,8 +209,15 @@ static void ffn_sparse_rows(ffn_ctx *f, int tid, int64_t lo, int64_t hi, float *
     nk_model *m = f->m;
     nk_tls *s = &m->tls[tid];
     const nk_layer *b = f->b;
-    key_dots(m, b, m->idx + lo, 0, hi - lo, f->t, 1, s->keys, 0);
     int64_t n = 0;
+#ifdef NK_X86
+    if (NK_FUSED_SET && m->k->level == 2 && !b->kv4 && m->D % NK_GS == 0 && m->D / NK_GS <= 256) {
+        s->nval += nk_ffn_set_vnni(b->kv, b->kv_scale, m->idx + lo, hi - lo, m->D, m->Xq + f->t * m->D,
+                                   m->xs + f->t * (m->D / NK_GS), out, s->pj, s->ph);
+        return;
+    }
+#endif
+    key_dots(m, b, m->idx + lo, 0, hi - lo, f->t, 1, s->keys, 0);
 #ifdef NK_X86
     if (m->k->level == 2)          /* 16 at a time, no branch per neuron: the same floats */
         n = nk_active_idx_512(s->keys, b->kv4 ? NULL : b->kv_scale, m->idx + lo, hi - lo, s->pj, s->ph);

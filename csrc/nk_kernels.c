@@ -217,6 +217,99 @@ VNNI static void dots_vnni(const int8_t *base, int64_t stride, const int32_t *id
 #undef DOT
 }
 
+/* The decode's sparse FFN of one piece in one pass over its neurons' bundles (int8 kv (F, 2, D), scales
+ * kv_scale (F, 2)): for each neuron idx[p] its key dot (dots_vnni's T = 1 sum, bit for bit), a = dot * ks;
+ * if a > 0 it joins the active list (j, a^2 vs) and its value column is fetched at once; the value
+ * columns go through nk_axpy4_512 in groups of four consecutive active neurons, as nk_ffn.c's
+ * value_columns does after a separate key pass: the same groups in the same order, so the same floats.
+ * Why: the two passes read scattered 2 KB rows at ~11-12 GB/s on one thread at 1.5B shapes (plain
+ * streams: 31-35). One thread keeps only so many misses in flight, so the rows are fetched at two
+ * distances: NK_FPF rows ahead into L1 (T0) and NK_FPF2 rows ahead with PREFETCHNTA (a read-only
+ * microbench of the sets' key rows: ~17 GB/s against ~14 with T0 at 8 rows alone; T1 or T2 as the far
+ * hint gained less), and each value column from its key dot on, NK_FPV active neurons before its axpy.
+ * No branch on a key's sign (a mispredict per other neuron; paired microbench of the sets' FFN, 4 KB
+ * pages: 0.88-0.905x the two passes' time branchless, 1.00-1.02x with the branch).
+ * out (D,) +=; returns the active count (the columns read), their list in pj / ph. */
+#ifndef NK_FPF
+#define NK_FPF 4       /* key rows fetched ahead into L1 */
+#endif
+#ifndef NK_FPF2
+#define NK_FPF2 12     /* key rows fetched ahead with NK_FPH2 */
+#endif
+#ifndef NK_FPH2
+#define NK_FPH2 _MM_HINT_NTA
+#endif
+#ifndef NK_FPHV
+#define NK_FPHV _MM_HINT_T0
+#endif
+#ifndef NK_FPV
+#define NK_FPV 8       /* active neurons between a value column's fetch and its axpy (beyond the group of four) */
+#endif
+#define FETCH_ROW(r, hint)                                                                             \
+    for (int64_t l = 0; l < I; l += 64)                                                                \
+        _mm_prefetch((const char *)(kv + 2 * I * idx[r] + l), hint)
+VNNI int64_t nk_ffn_set_vnni(const int8_t *kv, const float *sc, const int32_t *idx, int64_t n, int64_t I,
+                             const int8_t *X, const float *xs, float *out, int32_t *pj, float *ph) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80), zero = _mm256_setzero_si256();
+    __m256i ncs[256];                    /* -128 xq per lane, once per call (I / NK_GS <= 256: the caller's test) */
+    for (int64_t g = 0; g < I / NK_GS; g++)
+        ncs[g] = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, flip, _mm256_loadu_si256((const __m256i *)(X + g * NK_GS))));
+#define PREP __m256i nc = ncs[gi]
+#define DOT(ptr) _mm256_dpbusd_epi32(nc, _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(ptr)), flip), xv)
+    int64_t G = I / NK_GS, na = 0, done = 0;
+    for (int64_t p = 0; p < NK_FPF && p < n; p++)
+        FETCH_ROW(p, _MM_HINT_T0);
+    for (int64_t p = NK_FPF; p < NK_FPF2 && p < n; p++)
+        FETCH_ROW(p, NK_FPH2);
+    for (int64_t p = 0; p < n; p++) {
+        const int64_t j = idx[p];
+        const int8_t *w = kv + 2 * I * j;
+        if (p + NK_FPF < n)
+            FETCH_ROW(p + NK_FPF, _MM_HINT_T0);
+        if (p + NK_FPF2 < n)
+            FETCH_ROW(p + NK_FPF2, NK_FPH2);
+        __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+        int64_t g = 0;
+        for (; g + 4 <= G; g += 4) {
+            f0 = GROUP(g, f0);
+            f1 = GROUP(g + 1, f1);
+            f2 = GROUP(g + 2, f2);
+            f3 = GROUP(g + 3, f3);
+        }
+        for (; g < G; g++)
+            f0 = GROUP(g, f0);
+        float a = hsum8(_mm256_add_ps(_mm256_add_ps(f0, f1), _mm256_add_ps(f2, f3))) * sc[2 * j];
+        /* no branch on the sign (random: a mispredict per other neuron stalled the next rows' dots):
+         * the slot is written always and kept when a > 0; an inactive neuron's fetch goes to its key row */
+        int on = a > 0;
+        pj[na] = (int32_t)j;
+        ph[na] = a * a * sc[2 * j + 1];
+        na += on;
+        const char *c = (const char *)(w + (on ? I : 0));
+        for (int64_t l = 0; l < I; l += 64)
+            _mm_prefetch(c + l, NK_FPHV);
+        if (na - done >= 4 + NK_FPV) {
+            const int8_t *v[4] = {kv + 2 * I * pj[done] + I, kv + 2 * I * pj[done + 1] + I,
+                                  kv + 2 * I * pj[done + 2] + I, kv + 2 * I * pj[done + 3] + I};
+            nk_axpy4_512(out, I, v, ph + done);
+            done += 4;
+        }
+    }
+    for (; done < na; done += 4) {       /* the rest, the last group padded as value_columns pads it */
+        const int8_t *v[4];
+        float h[4];
+        for (int k = 0; k < 4; k++) {
+            v[k] = kv + 2 * I * pj[done + k < na ? done + k : done] + I;
+            h[k] = done + k < na ? ph[done + k] : 0.0f;
+        }
+        nk_axpy4_512(out, I, v, h);
+    }
+#undef PREP
+#undef DOT
+    return na;
+}
+#undef FETCH_ROW
+
 AVX2 static void axpy4_avx2(float *out, int64_t D, const int8_t *const *v, const float *h) {
     __m256 h0 = _mm256_set1_ps(h[0]), h1 = _mm256_set1_ps(h[1]), h2 = _mm256_set1_ps(h[2]), h3 = _mm256_set1_ps(h[3]);
 #define CV(k) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(v[k] + d))))

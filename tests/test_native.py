@@ -458,6 +458,31 @@ def test_given_sets_match_reference_and_predictor_is_only_timed(int8_file):
     assert given.ffn.density == timed.ffn.density and abs(given.ffn.density - mask.mean()) < 0.01
 
 
+def test_sparse_decode_one_pass_is_the_two_pass_floats(int8_file_wide):
+    """At the VNNI level an int8 decode's set runs keys and values in one pass over the bundles
+    (nk_ffn_set_vnni); the AVX2 level runs the two passes (key dots, then the value columns) with kernels
+    bit-identical to VNNI's: the same floats step by step, on given sets and on predicted ones."""
+    if not {"avx2", "vnni"} <= set(native.levels()):
+        pytest.skip("needs the AVX2 and VNNI levels")
+    ref = load_modelfile(int8_file_wide, backend="reference")
+    bundle, toks, outs = _bundle(ref, 2), _toks(8, seed=3), {}
+    try:
+        for lv in ("avx2", "vnni"):
+            native.set_level(lv)
+            m = native.NativeRWKV7.open(int8_file_wide)
+            for name, mm in (("sets", m.with_sets(_FixedSets(m.config.ffn_dim))), ("pred", m.with_predictors(bundle))):
+                s, o = None, []
+                for t in toks:
+                    out, s = mm.forward([t], s)
+                    o.append(out)
+                outs[lv, name] = (np.array(o), mm.ffn.density)
+    finally:
+        native.set_level(None)
+    for name in ("sets", "pred"):
+        assert 0 < outs["vnni", name][1] == outs["avx2", name][1]
+        assert np.array_equal(outs["vnni", name][0], outs["avx2", name][0]), name
+
+
 def test_with_library_runs_the_same_model_on_another_build(int8_file_wide):
     """tools/native_ab.py: a model moved to another build (here the same library file, bound again) gives
     the same logits and sets, and the original keeps working."""
