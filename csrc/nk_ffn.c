@@ -8,7 +8,8 @@
  * only their key rows, then the value columns of the active ones (int8 at the VNNI level: one pass,
  * key dot then the neuron's value column fetched, nk_ffn_set_vnni; the same floats). Prefill runs the
  * dense key pass over a chunk (each key row read once for all its tokens) and asks the predictor only
- * about the active neurons (relu(k) > 0): the same sums as the steps. Given sets (replayed, tools/bench.py --shape) mask the dense pass the same way.
+ * about the active neurons (relu(k) > 0): the same sums as the steps. Given sets (replayed,
+ * tools/bench.py --shape) mask the dense pass the same way.
  * Threads split neurons in a fixed split (pieces, a function of the neuron count and the thread count
  * only): each piece adds into its own output rows, summed after in piece order, so N threads give the
  * same floats every run whichever thread runs which piece (per-thread outputs, in the order each
