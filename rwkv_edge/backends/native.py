@@ -23,6 +23,8 @@ FFN without predictor: `ffn="exact"` (default, lossless) or "dense" (every row, 
 """
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 
 from ..config import ModelConfig, ModelLoadError
@@ -271,6 +273,8 @@ class NativeRWKV7:
         self._tok1 = np.zeros(1, np.int32)
         self._tok1_p = self._tok1.ctypes.data
         self._state_shapes = ((L, D), (L, H, N, N), (L, D))
+        self._stats_c = (ctypes.c_int64 * (2 * L)).from_buffer(self._stats)
+        self._dims = (L, L * D, L * H * N * N, V)          # for _run: L, att_x and wkv sizes, V
         # bytes read per token besides the FFN rows: time-mix weights, LoRAs, predictor, head, emb row
         att = sum(t[f"blocks.{i}.att.{n}"].nbytes for i in range(L) for n in
                   [f"{m}.weight.{x}" for m in ("receptance", "key", "value", "output") for x in ("q", "scale", "q4", "s4")] +
@@ -328,54 +332,60 @@ class NativeRWKV7:
 
     def _run(self, tok, tok_p: int, T: int, state, full_output: bool, record):
         """One C forward of the T int32 tokens at tok_p (tok keeps them alive). The new state's three
-        arrays are views of one float32 block [att_x (L, D) | wkv (L, H, N, N) | ffn_x (L, D)], so
-        one pointer serves all three (each `.ctypes.data` is ~1.5 us of Python, more with the
-        interpreter's caches cold after a forward)."""
-        c = self.config
-        L, D, V = c.n_layer, c.n_embd, c.vocab_size
-        nx, nw = L * D, L * c.n_head * c.head_size * c.head_size
+        arrays are views of one float32 block [att_x (L, D) | wkv (L, H, N, N) | ffn_x (L, D)], so one
+        pointer serves all three. Per decode step this Python is ~5% of a 58M forward at one thread
+        (tools/native_phases.py), each numpy call several times its warm cost with the interpreter's
+        caches cold after the C call: hence pointers of our own fresh arrays through ctypes (0.3 us, not
+        `.ctypes.data`'s 1 us), the stats read as a ctypes view, no numpy reduction."""
+        L, nx, nw, V = self._dims
         wkv_in = None
-        if state is None:
-            buf = np.zeros(2 * nx + nw, np.float32)
-        else:                          # a new state; the C side reads the input wkv, writes the new
+        buf = np.empty(2 * nx + nw, np.float32) if state is not None else np.zeros(2 * nx + nw, np.float32)
+        ax, fx = buf[:nx].reshape(L, -1), buf[nx + nw:].reshape(L, -1)
+        st = State(ax, buf[nx:nx + nw].reshape(self._state_shapes[1]), fx)
+        if state is not None:          # a new state; the C side reads the input wkv, writes the new
             if (np.shape(state.att_x), np.shape(state.wkv), np.shape(state.ffn_x)) != self._state_shapes:
                 raise ValueError("state shapes do not fit this model")
             wkv_in = np.ascontiguousarray(state.wkv, np.float32)
-            buf = np.empty(2 * nx + nw, np.float32)
-            np.copyto(buf[:nx].reshape(L, D), state.att_x, casting="unsafe")
-            np.copyto(buf[nx + nw:].reshape(L, D), state.ffn_x, casting="unsafe")
-        st = State(buf[:nx].reshape(L, D), buf[nx:nx + nw].reshape(self._state_shapes[1]), buf[nx + nw:].reshape(L, D))
+            np.copyto(ax, state.att_x, casting="unsafe")
+            np.copyto(fx, state.ffn_x, casting="unsafe")
         logits = np.empty((T, V) if full_output else V, np.float32)
-        s = self._stats
-        s[:] = 0
+        ctypes.memset(self._stats_p, 0, 16 * L)
         if record is not None:
+            c = self.config
             if not (isinstance(record, np.ndarray) and record.dtype == np.uint8 and record.flags.c_contiguous
                     and record.shape == (T, c.n_layer, c.ffn_dim)):
                 raise ValueError(f"record must be a C-contiguous uint8 array of shape {(T, c.n_layer, c.ffn_dim)}")
         gidx = goff = None
         if self._sets is not None:
-            F = c.ffn_dim
+            F = self.config.ffn_dim
             sets = [np.asarray(self._sets.predict_indices(i, None), np.int32) for _ in range(T) for i in range(L)]
             goff = np.zeros(T * L + 1, np.int64)
             np.cumsum([len(x) for x in sets], out=goff[1:])
             gidx = np.concatenate(sets) if goff[-1] else np.zeros(1, np.int32)
             if gidx.size and (gidx.min() < 0 or gidx.max() >= F):
                 raise ValueError(f"given neuron ids out of range [0, {F})")
-        p = buf.ctypes.data
-        self._fwd(self._h, tok_p, T, p, p + 4 * nx, p + 4 * (nx + nw), logits.ctypes.data, 1 if full_output else 0,
+        p = _addr(buf)
+        self._fwd(self._h, tok_p, T, p, p + 4 * nx, p + 4 * (nx + nw), _addr(logits), 1 if full_output else 0,
                   self._stats_p, None if record is None else record.ctypes.data,
                   None if gidx is None else gidx.ctypes.data, None if goff is None else goff.ctypes.data,
                   None if wkv_in is None else wkv_in.ctypes.data)
-        n_keys, n_vals = s.sum(axis=0).tolist()      # key rows, value rows over the layers
+        v = self._stats_c[:]                  # (L, 2) flat: key rows, value rows of each layer
+        n_keys, n_vals = sum(v[0::2]), sum(v[1::2])
         if self.ffn is not None and T == 1:  # decode steps, counted as sparse.SparseFFN does (per token
             # and layer); a prefill scores only the neurons with relu(k) > 0 (see csrc/nk_ffn.c)
-            self.ffn.n_tokens += T * L
+            self.ffn.n_tokens += L
             self.ffn.n_active += n_keys
             self.ffn.n_values += n_vals
-        self.last_stats = s.copy()
+        self.last_stats = self._stats.copy()
         self.tokens_run += T
         self.bytes_read += self._fixed_bytes * T + (n_keys + n_vals) * self._row_bytes
         return logits, st
+
+
+def _addr(a: np.ndarray) -> int:
+    """The data address of a writable array this module just made (ctypes' buffer view: a third of
+    `a.ctypes.data`'s cost)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(a))
 
 
 class _NoHooks:
