@@ -24,7 +24,8 @@ the every-row FFN, --head-rescore K for the rescored head; "head" then covers bo
 Modes: rows (every key and value row: bench's "native dense"), dense (the default exact FFN), sets (the replayed active sets), sparse (the sets + the 2-bit predictor scored). GB/s per
 phase = its weight bytes / its wall time (rkv, o, head: all rows; pred: codes + scales + zeros; ffn: the
 key rows and value columns read (stats); tmix: the LoRAs, whose per-head wkv state traffic is not
-counted; heads: the wkv state read and written). "serial" is the forward's time outside pool calls. Hold the bench lock.
+counted; heads: the wkv state read and written). "serial" is the forward's time outside pool calls (a mean
+over the tokens, as every phase: compare it with the mean step, not the median). Hold the bench lock.
 """
 import argparse
 import ctypes
@@ -136,13 +137,17 @@ def main(argv=None):
     lib.nk_prof_get(prof.ctypes.data)                      # reset
     ev = np.zeros((4096, 8))
     lib.nk_prof_events(ctypes.c_void_p(ev.ctypes.data))
-    ts, rows = [], 0
-    for t in toks:
-        t0 = time.perf_counter()
+    ts, rows, out = [], 0, []
+    acc, one = np.zeros_like(prof), np.zeros_like(prof)
+    for t in toks:                                         # counters read (and reset) per token: the
+        t0 = time.perf_counter()                           # time outside the C forward, token by token
         _, s = m.step(t, s)
         ts.append(time.perf_counter() - t0)
+        lib.nk_prof_get(one.ctypes.data)
+        acc += one
+        out.append(ts[-1] - one[5][1])
         rows += int(m.last_stats.sum())
-    lib.nk_prof_get(prof.ctypes.data)
+    prof = acc
     c = m.config
     D, L, F = c.n_embd, c.n_layer, c.ffn_dim
     q = 0.5625 if str(getattr(m, "modelfile_dtype", "int8")).startswith("int4") else 1.0   # bytes a weight
@@ -152,7 +157,8 @@ def main(argv=None):
             9: 2 * L * D * c.head_size * 4}                # the wkv state read and written
     if args.model:                                         # its own LoRAs (the line above: 1.5B shapes)
         byts[7] = sum(a.nbytes for k, a in m._t.items() if k.endswith(".qc") and ".att." in k)
-    print(f"threads {args.threads} {args.mode}: median {np.median(ts) * 1e3:.2f} ms/token")
+    print(f"threads {args.threads} {args.mode}: median {np.median(ts) * 1e3:.2f} ms/token (mean {np.mean(ts) * 1e3:.2f}); "
+          f"outside the C forward (Python, ctypes): median {np.median(out) * 1e6:.0f} us a token (mean {np.mean(out) * 1e6:.0f})")
     for i, name in TAGS.items():
         calls, wall = prof[i][0] / n, prof[i][1] / n
         if calls:

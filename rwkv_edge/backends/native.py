@@ -23,6 +23,8 @@ FFN without predictor: `ffn="exact"` (default, lossless) or "dense" (every row, 
 """
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 
 from ..config import ModelConfig, ModelLoadError
@@ -266,6 +268,13 @@ class NativeRWKV7:
         if getattr(self, "_all_keys", False) and self._sets is not None:
             self._lib.nk_model_all_keys(h, 1)        # with_sets(all_keys=True), kept over rebuilds
         self._stats = np.zeros((L, 2), np.int64)
+        # what every forward passes, fetched once (forward, step): the C entry, the stats and token buffers
+        self._fwd, self._stats_p = self._lib.nk_forward, self._stats.ctypes.data
+        self._tok1 = np.zeros(1, np.int32)
+        self._tok1_p = self._tok1.ctypes.data
+        self._state_shapes = ((L, D), (L, H, N, N), (L, D))
+        self._stats_c = (ctypes.c_int64 * (2 * L)).from_buffer(self._stats)
+        self._dims = (L, L * D, L * H * N * N, V)          # for _run: L, att_x and wkv sizes, V
         # bytes read per token besides the FFN rows: time-mix weights, LoRAs, predictor, head, emb row
         att = sum(t[f"blocks.{i}.att.{n}"].nbytes for i in range(L) for n in
                   [f"{m}.weight.{x}" for m in ("receptance", "key", "value", "output") for x in ("q", "scale", "q4", "s4")] +
@@ -308,21 +317,39 @@ class NativeRWKV7:
         V = self.config.vocab_size
         if tok.min() < 0 or tok.max() >= V:
             raise ValueError(f"token id out of range [0, {V})")
+        return self._run(tok, tok.ctypes.data, tok.shape[0], state, full_output, record)
+
+    def step(self, token: int, state: State | None = None):
+        """One token: (logits (V,), new_state). The decode loop's path: the token goes through a buffer
+        of the model (its pointer taken once), no per-call array conversions (tools/native_phases.py)."""
+        if self.hooks.any():
+            raise RuntimeError("model hooks need the numba or reference backend (--backend numba)")
+        t = int(token)
+        if not 0 <= t < self.config.vocab_size:
+            raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
+        self._tok1[0] = t
+        return self._run(self._tok1, self._tok1_p, 1, state, False, None)
+
+    def _run(self, tok, tok_p: int, T: int, state, full_output: bool, record):
+        """One C forward of the T int32 tokens at tok_p (tok keeps them alive). The new state's three
+        arrays are views of one float32 block [att_x (L, D) | wkv (L, H, N, N) | ffn_x (L, D)], so one
+        pointer serves all three. Per decode step this Python is ~5% of a 58M forward at one thread
+        (tools/native_phases.py), each numpy call several times its warm cost with the interpreter's
+        caches cold after the C call: hence pointers of our own fresh arrays through ctypes (0.3 us, not
+        `.ctypes.data`'s 1 us), the stats read as a ctypes view, no numpy reduction."""
+        L, nx, nw, V = self._dims
         wkv_in = None
-        if state is None:
-            st = self.zero_state()
-        else:                          # a new state; the C side reads the input wkv, writes the new
-            c = self.config
-            want = ((c.n_layer, c.n_embd), (c.n_layer, c.n_head, c.head_size, c.head_size), (c.n_layer, c.n_embd))
-            if tuple(tuple(np.shape(a)) for a in (state.att_x, state.wkv, state.ffn_x)) != want:
+        buf = np.empty(2 * nx + nw, np.float32) if state is not None else np.zeros(2 * nx + nw, np.float32)
+        ax, fx = buf[:nx].reshape(L, -1), buf[nx + nw:].reshape(L, -1)
+        st = State(ax, buf[nx:nx + nw].reshape(self._state_shapes[1]), fx)
+        if state is not None:          # a new state; the C side reads the input wkv, writes the new
+            if (np.shape(state.att_x), np.shape(state.wkv), np.shape(state.ffn_x)) != self._state_shapes:
                 raise ValueError("state shapes do not fit this model")
             wkv_in = np.ascontiguousarray(state.wkv, np.float32)
-            st = State(np.array(state.att_x, np.float32, order="C", copy=True), np.empty_like(wkv_in),
-                       np.array(state.ffn_x, np.float32, order="C", copy=True))
-        T = tok.shape[0]
+            np.copyto(ax, state.att_x, casting="unsafe")
+            np.copyto(fx, state.ffn_x, casting="unsafe")
         logits = np.empty((T, V) if full_output else V, np.float32)
-        s = self._stats
-        s[:] = 0
+        ctypes.memset(self._stats_p, 0, 16 * L)
         if record is not None:
             c = self.config
             if not (isinstance(record, np.ndarray) and record.dtype == np.uint8 and record.flags.c_contiguous
@@ -330,31 +357,35 @@ class NativeRWKV7:
                 raise ValueError(f"record must be a C-contiguous uint8 array of shape {(T, c.n_layer, c.ffn_dim)}")
         gidx = goff = None
         if self._sets is not None:
-            L, F = self.config.n_layer, self.config.ffn_dim
+            F = self.config.ffn_dim
             sets = [np.asarray(self._sets.predict_indices(i, None), np.int32) for _ in range(T) for i in range(L)]
             goff = np.zeros(T * L + 1, np.int64)
             np.cumsum([len(x) for x in sets], out=goff[1:])
             gidx = np.concatenate(sets) if goff[-1] else np.zeros(1, np.int32)
             if gidx.size and (gidx.min() < 0 or gidx.max() >= F):
                 raise ValueError(f"given neuron ids out of range [0, {F})")
-        self._lib.nk_forward(self._h, tok.ctypes.data, T, st.att_x.ctypes.data, st.wkv.ctypes.data,
-                             st.ffn_x.ctypes.data, logits.ctypes.data, 1 if full_output else 0, s.ctypes.data,
-                             None if record is None else record.ctypes.data,
-                             None if gidx is None else gidx.ctypes.data, None if goff is None else goff.ctypes.data,
-                             None if wkv_in is None else wkv_in.ctypes.data)
+        p = _addr(buf)
+        self._fwd(self._h, tok_p, T, p, p + 4 * nx, p + 4 * (nx + nw), _addr(logits), 1 if full_output else 0,
+                  self._stats_p, None if record is None else record.ctypes.data,
+                  None if gidx is None else gidx.ctypes.data, None if goff is None else goff.ctypes.data,
+                  None if wkv_in is None else wkv_in.ctypes.data)
+        v = self._stats_c[:]                  # (L, 2) flat: key rows, value rows of each layer
+        n_keys, n_vals = sum(v[0::2]), sum(v[1::2])
         if self.ffn is not None and T == 1:  # decode steps, counted as sparse.SparseFFN does (per token
             # and layer); a prefill scores only the neurons with relu(k) > 0 (see csrc/nk_ffn.c)
-            self.ffn.n_tokens += T * self.config.n_layer
-            self.ffn.n_active += int(s[:, 0].sum())
-            self.ffn.n_values += int(s[:, 1].sum())
-        self.last_stats = s.copy()
+            self.ffn.n_tokens += L
+            self.ffn.n_active += n_keys
+            self.ffn.n_values += n_vals
+        self.last_stats = self._stats.copy()
         self.tokens_run += T
-        self.bytes_read += self._fixed_bytes * T + int(s.sum()) * self._row_bytes
+        self.bytes_read += self._fixed_bytes * T + (n_keys + n_vals) * self._row_bytes
         return logits, st
 
-    def step(self, token: int, state: State | None = None):
-        """One token: (logits (V,), new_state)."""
-        return self.forward([token], state)
+
+def _addr(a: np.ndarray) -> int:
+    """The data address of a writable array this module just made (ctypes' buffer view: a third of
+    `a.ctypes.data`'s cost)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(a))
 
 
 class _NoHooks:
