@@ -57,7 +57,7 @@ def add_model_args(p: argparse.ArgumentParser, sparse: bool = True) -> None:
     p.add_argument("--tokenizer", help="'world', a tokenizer.json or a World vocab .txt "
                                        "(default: tokenizer.json next to the model, else World for 65536-token vocabs)")
     p.add_argument("--backend", choices=["auto", "native", "numba", "reference"], default="auto",
-                   help="CPU kernels: native = C for int8 RWKV-7 model files; auto = numba where it works, else the "
+                   help="CPU kernels: native = C for int8/int4 RWKV-7 model files; auto = numba where it works, else the "
                         "numpy reference (default: auto)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda runs on an NVIDIA GPU (default: cpu)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weight storage with --device cuda")

@@ -258,7 +258,8 @@ def _main(argv=None) -> int:
                                     "dense; default: the embedded model package)")
     ap.add_argument("--predictors", help="predictor bundle: adds the sparse configurations")
     ap.add_argument("--dtype", default=None,
-                    help="comma list of fp32, fp16, int8 (default all three); cuda: fp32, fp16, bf16 (default fp32,fp16)")
+                    help="comma list of fp32, fp16, int8, int4, int8-h4, int4-h8 (int4 body, int8 head) (default fp32,fp16,int8); "
+                         "cuda: fp32, fp16, bf16 (default fp32,fp16)")
     ap.add_argument("--tokens", type=int, default=32, help="decode tokens per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prefill-tokens", type=int, default=512)
