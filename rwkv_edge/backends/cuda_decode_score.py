@@ -140,14 +140,14 @@ def helpers(sync):
     @triton.jit
     def quant_x(v, xq_p, D: tl.constexpr, GS: tl.constexpr):
         """The int8 copy of v (D,) that `_score_dp4a` reads (called by the LN1 mix kernel that computes v):
-        per group of GS columns x_q = floor(v * 127 / amax + 0.5), stored packed 4 a word in column order
-        (D / 4 int32 words), then the G float32 group steps amax / 127 and the G exact float group sums."""
+        per group of GS columns x_q = floor(v * 127 / amax + 0.5), stored as D int8 in column order (the
+        scorers read them as D / 4 int32 words), then the G float32 group steps amax / 127 and the G exact
+        float group sums. (This single program is on the critical path: no repacking of the bytes here.)"""
         g = tl.reshape(v, (D // GS, GS))
         amax = tl.max(tl.abs(g), axis=1)
         inv = tl.where(amax > 0, 127.0 / amax, 0.0)
-        qi = tl.floor(g * inv[:, None] + 0.5).to(tl.int32) & 255
-        wd = tl.sum(tl.reshape(qi, (D // 4, 4)) << (8 * tl.arange(0, 4))[None, :], axis=1)   # disjoint bytes
-        tl.store(xq_p.to(tl.pointer_type(tl.int32)) + tl.arange(0, D // 4), wd)
+        xq = tl.reshape(tl.floor(g * inv[:, None] + 0.5), (D,)).to(tl.int8)
+        tl.store(xq_p.to(tl.pointer_type(tl.int8)) + tl.arange(0, D), xq)
         gi = tl.arange(0, D // GS)
         tl.store(xq_p + D // 4 + gi, amax / 127.0)
         tl.store(xq_p + D // 4 + D // GS + gi, tl.sum(g, axis=1))
