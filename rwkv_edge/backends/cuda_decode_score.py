@@ -13,6 +13,14 @@ GS columns, float16 scales and zeros (F, G)).
   perm_x        that copy, from the mixed FFN input x (D,): xp[m * NW + k] = x[k * CPW + m] * 2^(109 - p_m)
                 (NW = D / CPW words a row, p_m = BITS * (m % (16 // BITS)) the code's bit offset in its
                 half word), then the G group sums of x at xp[D + g]
+  quant_x       (tune early_dp4a, the early scores only) the int8 copy of the scored vector that the LN1 mix
+                launch writes: per group of GS columns x_q = round(x * 127 / amax), the step amax / 127 and
+                the exact float sum of x
+  _score_dp4a   scores from the code words of `repack_dp4a` (host side, once: the codes of 4 consecutive
+                columns at the same bit offset of a word's 4 bytes) against x_q: one dp4a (4 codes times 4
+                int8 x, added to an int32) after a shift and an and, ~3 instructions per 4 codes instead of
+                ~3 per code; the int group dots are exact, so the only new error is x's rounding to int8
+                (|score error| <= sum_g scale_g step_g / 2 sum(codes_g); tests/test_cuda_decode_dp4a.py)
 
 Why word-wise scores were tried (session 10): the byte-wise 2-bit scores of the official 1.5B shapes
 (F 8192, D 2048, group 64) cost ~150 us a token after the PDL wait, and an int-to-float conversion per
