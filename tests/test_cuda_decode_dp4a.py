@@ -86,7 +86,7 @@ def test_dp4a_scores_of_ln1(ckpt, early):  # noqa: F811
     dec = FusedDecode(gpu, "predicted", bundle=bundle, tune={"early_scores": early, "early_dp4a": True})
     assert dec.dp4a and dec.early == early
     worst, bad, st = _run(dec, ref, bundle)       # bad: decisions off the float scores of the reference
-    assert worst < 1e-4 and bad <= 2e-3, (worst, bad)
+    assert worst < 1e-4 and bad <= 5e-3, (worst, bad)
     ln1, eq, mk = dec.st.att_x.cpu().numpy(), dec.eq.cpu().numpy(), dec.emask.cpu().numpy()
     for i, p in enumerate(bundle.predictors):     # the last token: device vector, copy and mask
         _check_scores(p, ln1[i], eq[i], mk[i], p.calib.threshold)
@@ -116,7 +116,7 @@ def test_dp4a_scores_of_an_early_bundle(ckpt, tune):  # noqa: F811
             flips += _check_scores(p, ez[i], eq[i], mk[i], p.calib.threshold)
             tot += mk[i].size
     ref.hooks.ffn_activation[:] = []
-    assert worst < 1e-4 and flips / tot <= 2e-3, (worst, flips / tot)
+    assert worst < 1e-4 and flips / tot <= 5e-3, (worst, flips / tot)
     assert np.abs(dec.state().wkv.cpu().numpy() - st.wkv).max() < 1e-4
     assert dec.stats().get("early_timeouts", 0) == 0
 
