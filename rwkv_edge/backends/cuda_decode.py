@@ -33,12 +33,11 @@ PDL, the fused value rows, eviction hints, gathered predicted programs, the boun
 launch that reads no rows is 1.52x dense, predicted with scores alone 1.25x, the byte-wise 2-bit scores
 costing ~150 us a token after the PDL wait).
 
-Session 11 (early scores of ln1, cuda_decode_early.py): 1.5B dense 1060, predicted 920 (1.15x), early 897
-(1.18x); 58M dense 170, predicted 196, early 176 (0.96x) us per token; the details in the history file.
-Session 12: early bundles with a diagonal map (fit-predictors --early-map diag, predictors/early.py; real
-quality): the LN1 mix launch also writes the vector they score, z = ln1 * d + c + mix * prev
-(cuda_decode_early.py). 1.5B shapes 900 us (1.179x dense; z ~1 us a token); real rwkv7-ref-58m dense 173.5,
-predicted (q2.npz) 198.7, early diag 183.1, with the CPU eval's density and KLD (tools/gpu_early_real.py).
+Session 11: early scores of ln1 (cuda_decode_early.py), 1.5B 897 us (1.18x dense). Session 12: early bundles
+with a diagonal map (the LN1 mix writes z = ln1 * d + c + mix * prev), 1.5B 900 us (1.179x); real rwkv7-ref-58m
+dense 173.5, predicted (q2.npz) 198.7, early diag 183.1 (tools/gpu_early_real.py). Session 14: the early scores
+as dp4a int dot products with an int8 copy of z (early_dp4a, cuda_decode_score.py): 1.5B 850 (1.247x), real
+58M 178.0 against 190.3 byte-wise (dense 174.2) at the same KLD; the details in the history file.
 """
 from __future__ import annotations
 
@@ -89,7 +88,8 @@ _BIG = 1 << 30
 # bytes are per-row ready flags that ffn_early polls (early_spin polls at most, ~early_nap ns apart; stats()
 # counts expired polls; 2: it triggers before the polls) instead of one launch waiting first (cuda_decode_early.py):
 # 1.5B +1.2-1.9%, 58M -8% (session 12, docs/cuda_decode_history.md), so off by default. early_dp4a: the early
-# scores as int dot products (dp4a) of the codes with an int8 copy of the scored vector (cuda_decode_score.py).
+# scores as int dot products (dp4a) of the codes with an int8 copy of the scored vector (cuda_decode_score.py);
+# on, with early_bn 16, for early bundles (EARLY_BUNDLE_TUNE: session 14, 1.5B 1.18x -> 1.25x dense).
 TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk=1024, key_warps=4,
             value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
             mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048,
