@@ -33,12 +33,11 @@ PDL, the fused value rows, eviction hints, gathered predicted programs, the boun
 launch that reads no rows is 1.52x dense, predicted with scores alone 1.25x, the byte-wise 2-bit scores
 costing ~150 us a token after the PDL wait).
 
-Session 11 (early scores of ln1, cuda_decode_early.py): 1.5B dense 1060, predicted 920 (1.15x), early 897
-(1.18x); 58M dense 170, predicted 196, early 176 (0.96x) us per token; the details in the history file.
-Session 12: early bundles with a diagonal map (fit-predictors --early-map diag, predictors/early.py; real
-quality): the LN1 mix launch also writes the vector they score, z = ln1 * d + c + mix * prev
-(cuda_decode_early.py). 1.5B shapes 900 us (1.179x dense; z ~1 us a token); real rwkv7-ref-58m dense 173.5,
-predicted (q2.npz) 198.7, early diag 183.1, with the CPU eval's density and KLD (tools/gpu_early_real.py).
+Session 11: early scores of ln1 (cuda_decode_early.py), 1.5B 897 us (1.18x dense). Session 12: early bundles
+with a diagonal map (the LN1 mix writes z = ln1 * d + c + mix * prev), 1.5B 900 us (1.179x); real rwkv7-ref-58m
+dense 173.5, predicted (q2.npz) 198.7, early diag 183.1 (tools/gpu_early_real.py). Session 14: the early scores
+as dp4a int dot products with an int8 copy of z (early_dp4a, cuda_decode_score.py): 1.5B 850 (1.247x), real
+58M 178.0 against 190.3 byte-wise (dense 174.2) at the same KLD; the details in the history file.
 """
 from __future__ import annotations
 
@@ -48,6 +47,7 @@ import torch
 
 from .cuda_decode_early import EARLY_BUNDLE_TUNE, early_bundle_params
 from .cuda_decode_early import kernels as early_kernels
+from .cuda_decode_score import repack_dp4a
 from .cuda_decode_kernels import kernels
 from .cuda_decode_pipe import kernels as pipe_kernels
 
@@ -87,7 +87,9 @@ _BIG = 1 << 30
 # Measured best: early_scores 2 with fuse_ffn_mix (the LN2 mix inside the FFN launch). early_ready: the mask
 # bytes are per-row ready flags that ffn_early polls (early_spin polls at most, ~early_nap ns apart; stats()
 # counts expired polls; 2: it triggers before the polls) instead of one launch waiting first (cuda_decode_early.py):
-# 1.5B +1.2-1.9%, 58M -8% (session 12, docs/cuda_decode_history.md), so off by default.
+# 1.5B +1.2-1.9%, 58M -8% (session 12, docs/cuda_decode_history.md), so off by default. early_dp4a: the early
+# scores as int dot products (dp4a) of the codes with an int8 copy of the scored vector (cuda_decode_score.py);
+# on, with early_bn 16, for early bundles (EARLY_BUNDLE_TUNE: session 14, 1.5B 1.18x -> 1.25x dense).
 TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk=1024, key_warps=4,
             value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
             mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048,
@@ -95,7 +97,8 @@ TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk
             split_warps=4, value_on_sel=False, evict_stream=None, evict_value=None, evict_key=None,
             evict_auto_l2x=2.0, pred_key_bn=8, pipe_bn=0, pipe_per_sm=2, pipe_warps=8, pipe_defer=False,
             pipe_stages=None, score_perm=False, early_scores=0, early_bn=8, early_ffn_bn=None, early_na=None,
-            early_warps=4, early_vsel=True, early_ready=0, early_spin=1 << 22, early_nap=0)
+            early_warps=4, early_vsel=True, early_ready=0, early_spin=1 << 22, early_nap=0,
+            early_dp4a=False)
 
 def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -222,6 +225,12 @@ class FusedDecode:
             raise ValueError("an early bundle needs tune early_scores > 0, a power-of-two width and group count")
         self.ezp = early_bundle_params(bundle, D, dev) if ebun else None     # (L, 3, D): [d; c; mix]
         self.ez = z(L, D) if ebun else None         # z of every layer (the LN1 mix writes it, the scores read it)
+        self.dp4a = bool(self.early and tn["early_dp4a"])   # its int8 copy (quant_x: D / 4 words, 2 G floats)
+        if self.dp4a and any(p["bits"] not in (1, 2, 4) or p["gs"] % (32 // p["bits"]) for p in self.pred):
+            raise ValueError("early_dp4a needs 1, 2 or 4-bit codes and whole int32 words a group")
+        for p in self.pred if self.dp4a else ():
+            p["qd"] = repack_dp4a(p["q"], p["bits"])
+        self.eq = z(L, D // 4 + 2 * max(p["g"] for p in self.pred) if self.dp4a else 1)
         self.gather = self.gather and not self.early
         self.mixin = bool(self.tune["fuse_ffn_mix"]) and full and (mode == "dense" or self.gather or self.pipe
                                                                    or self.early in (2, 3))
@@ -293,8 +302,10 @@ class FusedDecode:
         and constexpr (SBN, BITS, PER, NB, GC); the grid of scoring programs."""
         p, bn = self.pred[i], self.tune["early_bn"]
         ex = self.st.att_x[i] if self.ez is None else self.ez[i]     # ln1, or an early bundle's z
-        return ((ex, p["q"], p["s"], p["z"], p["thr"], self.emask[i], self.F),
-                dict(SBN=bn, BITS=p["bits"], PER=p["per"], NB=p["gs"] // p["per"], GC=p["g"]), -(-self.F // bn))
+        ex, q = (self.eq[i], p["qd"]) if self.dp4a else (ex, p["q"])
+        return ((ex, q, p["s"], p["z"], p["thr"], self.emask[i], self.F),
+                dict(SBN=bn, BITS=p["bits"], PER=p["per"], NB=p["gs"] // p["per"], GC=p["g"], DP4A=self.dp4a),
+                -(-self.F // bn))
 
     def _gemv(self, W, x, y, base=None, seg=None, act=0, bn=4, warps=None, y2=None, score=None):
         # tiles of BN rows x the whole width (<= full_k): one load per program, issued before the
@@ -312,15 +323,15 @@ class FusedDecode:
                                        EVW=self.tune["evict_stream"],
                                        **self._kw(warps or self.tune["gemv_warps"]))
 
-    def _mix(self, emb: bool, ln, prev, mix, out, nmix, copy=None, perm=None, wfirst=False, ez=None):
+    def _mix(self, emb: bool, ln, prev, mix, out, nmix, copy=None, perm=None, wfirst=False, ez=None, eq=None):
         D = self.D
         cp = copy or (out, out)
         use_ez, ez = ez is not None, ez or (out, out, out)   # (z out, [d; c; mix], FFN shift state)
         self.K["mix"][(1,)](self.x, self.emb, self.tok, self.ln0[0], self.ln0[1], ln[0], ln[1],
-                            prev, mix, out, D, 1e-5, cp[0], cp[1], self.xp, *ez, BD=_p2(D), EMB=emb, NMIX=nmix,
+                            prev, mix, out, D, 1e-5, cp[0], cp[1], self.xp, *ez, out if eq is None else eq[0], BD=_p2(D), EMB=emb, NMIX=nmix,
                             BM=_p2(max(1, nmix)), PDL=self.pdl, COPY=copy is not None,
                             PBITS=perm["bits"] if perm else 0, PGS=perm["gs"] if perm else 1, WFIRST=wfirst,
-                            EZ=use_ez,
+                            EZ=use_ez, QGS=0 if eq is None else eq[1],
                             **self._kw(self.tune["mix_warps"] or (4 if D <= 1024 else 16)))
 
     def _forward(self):
@@ -332,7 +343,8 @@ class FusedDecode:
         evk = tn["evict_stream"] if tn["evict_key"] is None else tn["evict_key"]   # W_k rows' L2 hint
         for i, lay in enumerate(self.layers):
             self._mix(i == 0, lay["ln1"], st.att_x[i], lay["amix"], self.x6, 6,
-                      ez=(self.ez[i], self.ezp[i], st.ffn_x[i]) if self.ez is not None else None)
+                      ez=(self.ez[i], self.ezp[i], st.ffn_x[i]) if self.ez is not None else None,
+                      eq=(self.eq[i], self.pred[i]["gs"]) if self.dp4a else None)
             sc = self._escore(i) if self.early else None
             if self.early == 3:   # early scores in their own launch (reads the LN1 output st.att_x[i])
                 K["score_early"][(sc[2],)](*sc[0], **sc[1], PDL=self.pdl, **self._kw(tn["key_warps"]))

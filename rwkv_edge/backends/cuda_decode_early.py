@@ -59,8 +59,9 @@ from __future__ import annotations
 
 _K: dict = {}
 # tune for an early bundle unless the caller's tune sets them (session 11's best: scores in the GEMV launch,
-# the LN2 mix inside the FFN launch)
-EARLY_BUNDLE_TUNE = {"early_scores": 2, "fuse_ffn_mix": True}
+# the LN2 mix inside the FFN launch; session 14: the scores as int8 dp4a dot products, 16 rows a scoring
+# program: 1.5B shapes 1.18x -> 1.25x dense, docs/cuda_decode_history.md)
+EARLY_BUNDLE_TUNE = {"early_scores": 2, "fuse_ffn_mix": True, "early_dp4a": True, "early_bn": 16}
 
 
 def early_bundle_params(bundle, D: int, dev):
@@ -90,36 +91,43 @@ def kernels():
     KD.kernels()                        # defines the shared jit helpers in that module's globals
     globals().update(_sync=KD._sync, _codes=KD._codes, _score_bytes=KD._score_bytes,
                      _gather=KD._gather, _gemv_tile=KD._gemv_tile, _ln_mix=KD._ln_mix,
-                     _att_head=KD._att_head)
+                     _att_head=KD._att_head, _words=KD._words, _score_dp4a=KD._score_dp4a)
 
     @triton.jit
     def _early_score(pid, ex_p, q_p, qs_p, qz_p, thr, mk_p, F, SBN: tl.constexpr, BITS: tl.constexpr,
-                     PER: tl.constexpr, NB: tl.constexpr, GC: tl.constexpr, PDL: tl.constexpr):
+                     PER: tl.constexpr, NB: tl.constexpr, GC: tl.constexpr, PDL: tl.constexpr, DP4A: tl.constexpr):
         """Rows pid*SBN.. : codes before the wait, then the scores of ex_p (the LN1 output the LN1 mix
-        launch wrote: complete once the wait returns) and mask[j] = 1 + (score_j >= thr) (int8)."""
+        launch wrote: complete once the wait returns) and mask[j] = 1 + (score_j >= thr) (int8).
+        DP4A (tune early_dp4a): q_p the repack_dp4a words, ex_p the mix launch's quant_x copy of x."""
         rows = pid * SBN + tl.arange(0, SBN)
         rm = rows < F
-        byt, scale, zero = _codes(q_p, qs_p, qz_p, rows, rm, GC, NB)
-        _sync(PDL)
-        sc = _score_bytes(ex_p, ex_p, byt, scale, zero, SBN, GC, NB, PER, BITS, False)
+        if DP4A:
+            wd, scale, zero = _words(q_p, qs_p, qz_p, rows, rm, GC, NB // 4)
+            _sync(PDL)
+            sc = _score_dp4a(ex_p, wd, scale, zero, GC, NB // 4, BITS)
+        else:
+            byt, scale, zero = _codes(q_p, qs_p, qz_p, rows, rm, GC, NB)
+            _sync(PDL)
+            sc = _score_bytes(ex_p, ex_p, byt, scale, zero, SBN, GC, NB, PER, BITS, False)
         tl.store(mk_p + rows, (sc >= thr).to(tl.int8) + 1, mask=rm)   # 1: scored, 2: selected
 
     @triton.jit
     def score_early(ex_p, q_p, qs_p, qz_p, thr, mk_p, F, SBN: tl.constexpr, BITS: tl.constexpr,
-                    PER: tl.constexpr, NB: tl.constexpr, GC: tl.constexpr, PDL: tl.constexpr):
-        _early_score(tl.program_id(0), ex_p, q_p, qs_p, qz_p, thr, mk_p, F, SBN, BITS, PER, NB, GC, PDL)
+                    PER: tl.constexpr, NB: tl.constexpr, GC: tl.constexpr, PDL: tl.constexpr, DP4A: tl.constexpr):
+        _early_score(tl.program_id(0), ex_p, q_p, qs_p, qz_p, thr, mk_p, F, SBN, BITS, PER, NB, GC, PDL, DP4A)
 
     @triton.jit
     def gemv_early(w_p, x_p, y_p, base_p, segend_p, segx_p, N, K, y2_p,
                    ex_p, q_p, qs_p, qz_p, thr, mk_p, F, NSC,
                    BN: tl.constexpr, BK: tl.constexpr, NSEG: tl.constexpr, ACT: tl.constexpr, ADD: tl.constexpr,
                    FULL: tl.constexpr, PDL: tl.constexpr, DUAL: tl.constexpr, EVW: tl.constexpr,
-                   SBN: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr, NB: tl.constexpr, GC: tl.constexpr):
+                   SBN: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr, NB: tl.constexpr, GC: tl.constexpr,
+                   DP4A: tl.constexpr):
         """The GEMV launch with NSC scoring programs first (dispatched first, so their latency-bound
         scores overlap the GEMV programs' weight stream)."""
         pid = tl.program_id(0)
         if pid < NSC:
-            _early_score(pid, ex_p, q_p, qs_p, qz_p, thr, mk_p, F, SBN, BITS, PER, NB, GC, PDL)
+            _early_score(pid, ex_p, q_p, qs_p, qz_p, thr, mk_p, F, SBN, BITS, PER, NB, GC, PDL, DP4A)
         else:
             _gemv_tile(pid - NSC, w_p, x_p, y_p, base_p, segend_p, segx_p, N, K, y2_p,
                        BN, BK, NSEG, ACT, ADD, FULL, PDL, DUAL, EVW)
@@ -131,7 +139,7 @@ def kernels():
                        N: tl.constexpr, BLW: tl.constexpr, BLA: tl.constexpr, BLG: tl.constexpr,
                        BLV: tl.constexpr, FIRST: tl.constexpr, PDL: tl.constexpr, COPY: tl.constexpr,
                        SBN: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr, NB: tl.constexpr,
-                       GC: tl.constexpr, WFIRST: tl.constexpr):
+                       GC: tl.constexpr, WFIRST: tl.constexpr, DP4A: tl.constexpr):
         """The att_head launch (programs 0..H-1, dispatched first: they are the critical path) with
         scoring programs after them on the SMs the heads leave idle."""
         pid = tl.program_id(0)
@@ -140,7 +148,7 @@ def kernels():
                       rk_p, lnxw_p, lnxb_p, vfirst_p, s_p, out_p, slot_p, cps_p, cpd_p,
                       N, BLW, BLA, BLG, BLV, FIRST, PDL, COPY, False)
         else:
-            _early_score(pid - H, ex_p, q_p, qs_p, qz_p, thr, mk_p, F, SBN, BITS, PER, NB, GC, PDL)
+            _early_score(pid - H, ex_p, q_p, qs_p, qz_p, thr, mk_p, F, SBN, BITS, PER, NB, GC, PDL, DP4A)
 
     @triton.jit
     def _early_rows(w_p, vt_p, r, ok, ks, km, D, xv, k_p, wk, vv, VSEL: tl.constexpr, EVV: tl.constexpr):

@@ -57,15 +57,17 @@ def kernels():
     # the kernels call these by their global names (Triton resolves called jit functions there)
     globals().update(_sync=_sync, _wait_first=_wait_first)
     from .cuda_decode_score import helpers
-    globals().update(helpers(_sync))    # predictor scores: _score, _codes, _score_bytes, _words, _score_words, perm_x
+    globals().update(helpers(_sync))    # predictor scores (cuda_decode_score.py)
 
     @triton.jit
     def mix(x_p, emb_p, tok_p, ln0w_p, ln0b_p, lnw_p, lnb_p, prev_p, mix_p, out_p, D, eps, cps_p, cpd_p, xp_p,
-            ez_p, ezp_p, ezv_p,
+            ez_p, ezp_p, ezv_p, eq_p,
             BD: tl.constexpr, EMB: tl.constexpr, NMIX: tl.constexpr, BM: tl.constexpr, PDL: tl.constexpr,
-            COPY: tl.constexpr, PBITS: tl.constexpr, PGS: tl.constexpr, WFIRST: tl.constexpr, EZ: tl.constexpr):
+            COPY: tl.constexpr, PBITS: tl.constexpr, PGS: tl.constexpr, WFIRST: tl.constexpr, EZ: tl.constexpr,
+            QGS: tl.constexpr):
         # EZ (early bundle, cuda_decode_early.py): also z = xl * d + c + mix * ezv (ezp_p = [d; c; mix] (3, D),
-        # ezv_p the FFN token-shift state, complete after the wait) to ez_p, the vector the early scores read
+        # ezv_p the FFN token-shift state, complete after the wait) to ez_p, the vector the early scores read;
+        # QGS > 0 (tune early_dp4a, D = BD): that vector (z, else xl) also as quant_x's int8 copy to eq_p
         d = tl.arange(0, BD)
         dm = d < D
         m = tl.arange(0, BM)
@@ -101,7 +103,12 @@ def kernels():
         c = tl.where(dm, x - mu, 0.0)
         xl = c / tl.sqrt(tl.sum(c * c, axis=0) / D + eps) * lw + lb
         if EZ:
-            tl.store(ez_p + d, xl * ed + ec + em * pv, mask=dm)
+            ze = xl * ed + ec + em * pv
+            tl.store(ez_p + d, ze, mask=dm)
+            if QGS > 0:
+                quant_x(ze, eq_p, BD, QGS)
+        elif QGS > 0:
+            quant_x(xl, eq_p, BD, QGS)
         if NMIX == 0:
             tl.store(out_p + d, xl, mask=dm)
         else:

@@ -13,6 +13,14 @@ GS columns, float16 scales and zeros (F, G)).
   perm_x        that copy, from the mixed FFN input x (D,): xp[m * NW + k] = x[k * CPW + m] * 2^(109 - p_m)
                 (NW = D / CPW words a row, p_m = BITS * (m % (16 // BITS)) the code's bit offset in its
                 half word), then the G group sums of x at xp[D + g]
+  quant_x       (tune early_dp4a, the early scores only) the int8 copy of the scored vector that the LN1 mix
+                launch writes: per group of GS columns x_q = round(x * 127 / amax), the step amax / 127 and
+                the exact float sum of x
+  _score_dp4a   scores from the code words of `repack_dp4a` (host side, once: the codes of 4 consecutive
+                columns at the same bit offset of a word's 4 bytes) against x_q: one dp4a (4 codes times 4
+                int8 x, added to an int32) after a shift and an and, ~3 instructions per 4 codes instead of
+                ~3 per code; the int group dots are exact, so the only new error is x's rounding to int8
+                (|score error| <= sum_g scale_g step_g / 2 sum(codes_g); tests/test_cuda_decode_dp4a.py)
 
 Why word-wise scores were tried (session 10): the byte-wise 2-bit scores of the official 1.5B shapes
 (F 8192, D 2048, group 64) cost ~150 us a token after the PDL wait, and an int-to-float conversion per
@@ -137,5 +145,70 @@ def helpers(sync):
         tl.store(xp_p + m[:, None] * (D // cpw) + tl.arange(0, D // cpw)[None, :], xt * sc[:, None])
         tl.store(xp_p + D + tl.arange(0, D // GS), tl.sum(tl.reshape(xk, (D // GS, GS)), axis=1))
 
+    @triton.jit
+    def quant_x(v, xq_p, D: tl.constexpr, GS: tl.constexpr):
+        """The int8 copy of v (D,) that `_score_dp4a` reads (called by the LN1 mix kernel that computes v):
+        per group of GS columns x_q = floor(v * 127 / amax + 0.5), stored as D int8 in column order (the
+        scorers read them as D / 4 int32 words), then the G float32 group steps amax / 127 and the G exact
+        float group sums. (This single program is on the critical path: no repacking of the bytes here.)"""
+        g = tl.reshape(v, (D // GS, GS))
+        amax = tl.max(tl.abs(g), axis=1)
+        inv = tl.where(amax > 0, 127.0 / amax, 0.0)
+        xq = tl.reshape(tl.floor(g * inv[:, None] + 0.5), (D,)).to(tl.int8)
+        tl.store(xq_p.to(tl.pointer_type(tl.int8)) + tl.arange(0, D), xq)
+        gi = tl.arange(0, D // GS)
+        tl.store(xq_p + D // 4 + gi, amax / 127.0)
+        tl.store(xq_p + D // 4 + D // GS + gi, tl.sum(g, axis=1))
+
+    @triton.jit
+    def _score_dp4a(xq_p, wd, scale, zero, GC: tl.constexpr, WPG: tl.constexpr, BITS: tl.constexpr):
+        """Scores (BN,) from `_words` of the dp4a-repacked codes (`repack_dp4a`: byte i of word w holds at
+        bits BITS*k the code of column w*4*PER + 4*k + i) against `quant_x`'s int8 x: for each k, the
+        masked word (4 codes, one a byte) times x word w*PER + k (columns w*4*PER + 4k .. +3) in one dp4a,
+        so ~3 instructions (shift, and, dp4a) per 4 codes; the int group dots are exact (|dot| <= GS *
+        (2^BITS - 1) * 127), then q_g . x_g ~ step_g * idot_g, and the zero term uses x's exact group sums."""
+        PER: tl.constexpr = 8 // BITS
+        MASK: tl.constexpr = ((1 << BITS) - 1) * 0x01010101
+        xw_p = xq_p.to(tl.pointer_type(tl.int32))
+        gi = tl.arange(0, GC)
+        off = gi[:, None] * WPG + tl.arange(0, WPG)[None, :]                       # (GC, WPG) code words
+        acc = tl.zeros(wd.shape, dtype=tl.int32)
+        for k in tl.static_range(PER):
+            xw = tl.broadcast_to(tl.load(xw_p + off * PER + k)[None, :, :], wd.shape)
+            acc = tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r",
+                                            [(wd >> (BITS * k)) & MASK, xw, acc],
+                                            dtype=tl.int32, is_pure=True, pack=1)
+        idot = tl.sum(acc, axis=2).to(tl.float32)                                  # (BN, GC)
+        sx = tl.load(xq_p + GC * WPG * PER + gi)                                   # (GC,) group steps
+        xg = tl.load(xq_p + GC * WPG * PER + GC + gi)                              # (GC,) sum(x_g)
+        return tl.sum(scale * (idot * sx[None, :]) + zero * xg[None, :], axis=1)
+
     return dict(_score=_score, _codes=_codes, _score_bytes=_score_bytes, _words=_words,
-                _score_words=_score_words, perm_x=perm_x)
+                _score_words=_score_words, perm_x=perm_x, quant_x=quant_x, _score_dp4a=_score_dp4a)
+
+
+def repack_dp4a(q, bits: int):
+    """The packed codes q (F, D / PER) uint8 (code of column PER*b + s at bits BITS*s of byte b) as int32
+    words (F, D / (4 PER)) for `_score_dp4a`: within each word's 4 PER columns, byte i's slot k holds
+    column 4k + i (instead of PER*i + k), so that the k-th masked word meets 4 consecutive x bytes.
+    BITS 1, 2 or 4; a torch tensor in, a torch tensor out (on q's device)."""
+    import torch
+
+    per = 8 // bits
+    F, nb = q.shape
+    sh = torch.arange(per, device=q.device, dtype=torch.int32) * bits
+    codes = (q.to(torch.int32)[..., None] >> sh) & ((1 << bits) - 1)          # (F, nb, PER): column order
+    cb = codes.reshape(F, nb // 4, per, 4).transpose(2, 3)                     # [w, i, k] = column 4k + i
+    byt = (cb << sh).sum(-1).to(torch.uint8)                                   # (F, nb / 4, 4): byte i
+    return byt.reshape(F, nb).contiguous().view(torch.int32)
+
+
+def quant_x_ref(x, gs: int):
+    """numpy emulation of `quant_x` (float32): int8 codes (D,), group steps and group sums (G,)."""
+    import numpy as np
+
+    g = np.asarray(x, np.float32).reshape(-1, gs)
+    amax = np.abs(g).max(1)
+    inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    xq = np.floor(g * inv[:, None] + np.float32(0.5)).astype(np.int32)
+    return xq.reshape(-1), (amax / np.float32(127.0)).astype(np.float32), g.sum(1, dtype=np.float32)
