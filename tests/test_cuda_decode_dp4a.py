@@ -95,7 +95,7 @@ def test_dp4a_scores_of_ln1(ckpt, early):  # noqa: F811
 
 @GPU
 @pytest.mark.parametrize("tune", [{}, {"early_scores": 3}, {"early_scores": 1, "fuse_ffn_mix": False},
-                                  {"early_ready": 1}])
+                                  {"early_ready": 1}, {"evict_auto_l2x": 0}])
 def test_dp4a_scores_of_an_early_bundle(ckpt, tune):  # noqa: F811
     """An early diag bundle (the LN1 mix quantizes z): every token's int8 copy and mask checked against
     the emulation and the float predictor; logits within 1e-4 of the reference on the GPU's sets."""
@@ -104,6 +104,9 @@ def test_dp4a_scores_of_an_early_bundle(ckpt, tune):  # noqa: F811
     bundle = _early_diag_bundle(ref)
     dec = FusedDecode(gpu, "predicted", bundle=bundle, tune=dict(tune, early_dp4a=True))
     assert dec.dp4a and dec.ez is not None
+    big = "evict_auto_l2x" in tune     # EARLY_BUNDLE_AUTO: the rule for weights that stream from HBM, else 2 warps
+    assert (dec.tune["early_warps"], dec.tune["early_vsel"], dec.ready) == ((4, False, 1) if big else
+                                                                             (2, True, tune.get("early_ready", 0)))
     st, worst, flips, tot = None, 0.0, 0, 0
     for t in TOKENS:
         lg = dec.step(t).cpu().numpy()

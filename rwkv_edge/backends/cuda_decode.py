@@ -45,7 +45,7 @@ import math
 
 import torch
 
-from .cuda_decode_early import EARLY_BUNDLE_TUNE, early_bundle_params
+from .cuda_decode_early import EARLY_BUNDLE_TUNE, early_auto, early_bundle_params
 from .cuda_decode_early import kernels as early_kernels
 from .cuda_decode_score import repack_dp4a
 from .cuda_decode_kernels import kernels
@@ -89,7 +89,8 @@ _BIG = 1 << 30
 # counts expired polls; 2: it triggers before the polls) instead of one launch waiting first (cuda_decode_early.py):
 # 1.5B +1.2-1.9%, 58M -8% (session 12, docs/cuda_decode_history.md), so off by default. early_dp4a: the early
 # scores as int dot products (dp4a) of the codes with an int8 copy of the scored vector (cuda_decode_score.py);
-# on, with early_bn 16, for early bundles (EARLY_BUNDLE_TUNE: session 14, 1.5B 1.18x -> 1.25x dense).
+# on, with early_bn 16, for early bundles (EARLY_BUNDLE_TUNE: session 14, 1.5B 1.18x -> 1.25x dense); early
+# bundles also get EARLY_BUNDLE_AUTO by size (early_warps 2 in L2; else no early_vsel, L2 hints, early_ready 1).
 TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk=1024, key_warps=4,
             value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
             mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048,
@@ -210,10 +211,7 @@ class FusedDecode:
         tn, self.vsel = self.tune, False            # (vsel: read by bytes_per_token, set below)
         l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) if dev.type == "cuda" else 0
         small = self.bytes_per_token(1.0) <= tn["evict_auto_l2x"] * l2    # the weights mostly fit in L2
-        if tn["early_na"] is None:
-            tn["early_na"] = 0 if small else 8
-        if tn["early_ffn_bn"] is None:
-            tn["early_ffn_bn"] = 8 if small else 32
+        early_auto(tn, tune or {}, small, ebun)    # early_na / early_ffn_bn None, an early bundle's size rule
         if tn["gather_na"] is None:   # auto: gathered predicted programs where the weights stream from HBM
             tn["gather_na"] = 8 if mode == "predicted" and not small else 0
         self.gather = mode != "dense" and tn["gather_na"] > 0 and full and (mode == "exact" or one)

@@ -62,6 +62,27 @@ _K: dict = {}
 # the LN2 mix inside the FFN launch; session 14: the scores as int8 dp4a dot products, 16 rows a scoring
 # program: 1.5B shapes 1.18x -> 1.25x dense, docs/cuda_decode_history.md)
 EARLY_BUNDLE_TUNE = {"early_scores": 2, "fuse_ffn_mix": True, "early_dp4a": True, "early_bn": 16}
+# and by size (EARLY_BUNDLE_AUTO[small]; small: the weights read per token fit in evict_auto_l2x times the L2, as
+# for the eviction hints), unless the caller's tune sets them (session 14's second sweep, tools/gpu_decode_sets21
+# -22.txt): where they fit (58M shapes) 2-warp FFN programs, 174.6 -> 162.6 us a token (dense 170.0); where the
+# weights stream from HBM (1.5B) value rows of the active rows only (848.5 -> 826.5), the L2 hints on (834.2) and
+# the per-row ready bytes (840.7), each alone (the three together: tested, speed not yet measured)
+EARLY_BUNDLE_AUTO = {True: {"early_warps": 2},
+                     False: {"early_vsel": False, "evict_stream": "evict_first", "evict_value": "evict_last",
+                             "early_ready": 1}}
+
+
+def early_auto(tn: dict, user: dict, small: bool, ebun: bool) -> None:
+    """Resolve the early FFN's size-dependent knobs in tn (the merged tune, in place): early_na / early_ffn_bn
+    None (8-row masked tiles where the weights fit in L2, else 8 of 32 rows at a time: session 11), and for an
+    early bundle (ebun) EARLY_BUNDLE_AUTO[small] where the caller's tune `user` leaves the knob unset."""
+    if tn["early_na"] is None:
+        tn["early_na"] = 0 if small else 8
+    if tn["early_ffn_bn"] is None:
+        tn["early_ffn_bn"] = 8 if small else 32
+    for k, v in (EARLY_BUNDLE_AUTO[bool(small)] if ebun else {}).items():
+        if k not in user:
+            tn[k] = v
 
 
 def early_bundle_params(bundle, D: int, dev):
