@@ -9,7 +9,8 @@
 #   tune   tools/gpu_decode_tune.py at the same shapes (launch-shape search; TUNE_ARGS= knob lists)
 #   sweep  tools/gpu_decode_sweep.py A/B tables at 58M shapes (random 12 x 512, F 2048, V 16384, density
 #          0.13) and at the 1.5B shapes: SWEEP_SETS= a file of --set NAME=JSON lines (default
-#          tools/gpu_decode_sets.txt), SWEEP_PASSES= rounds over the sets (default 2), SWEEP_BUDGET= seconds
+#          tools/gpu_decode_sets.txt), SWEEP_SETS58= / SWEEP_SETS_BIG= a file for one shape only (set but
+#          empty: that shape is skipped), SWEEP_PASSES= rounds over the sets (default 2), SWEEP_BUDGET= seconds
 #          after which no further pass starts (per shape; default no limit)
 # BENCH_ARGS= extra tools/gpu_decode_bench.py arguments (e.g. --rows dense,exact --no-eager).
 # The `rwkv` wheel, if carried in DATA/whl, is installed to /tmp/site first.
@@ -49,9 +50,11 @@ PY
     [ -f /tmp/big/bundle.npz ] || python3 tools/gpu_decode_bench.py $BIG --rows predicted --no-eager --tokens 64 | tail -2
     python3 tools/gpu_decode_tune.py /tmp/big/shape_24x2048.pth /tmp/big/bundle.npz ${TUNE_ARGS:-} ;;
   sweep)
-    mapfile -t SETS < <(grep -v '^#' "${SWEEP_SETS:-tools/gpu_decode_sets.txt}" | sed 's/^/--set=/')
-    for SH in "12,512,2048,16384 /tmp/s58" "24,2048,8192,65536 /tmp/big"; do
+    ALL=${SWEEP_SETS:-tools/gpu_decode_sets.txt}
+    for SH in "12,512,2048,16384 /tmp/s58 ${SWEEP_SETS58-$ALL}" "24,2048,8192,65536 /tmp/big ${SWEEP_SETS_BIG-$ALL}"; do
       set -- $SH
+      [ -n "${3:-}" ] || continue
+      mapfile -t SETS < <(grep -v '^#' "$3" | sed 's/^/--set=/')
       python3 tools/gpu_decode_sweep.py --shape "$1" --density 0.13 --out "$2" --passes "${SWEEP_PASSES:-2}" \
           --budget-s "${SWEEP_BUDGET:-0}" \
           "${SETS[@]}" | tee -a "$OUT/sweep.log"

@@ -326,7 +326,8 @@ class FusedDecode:
         cp = copy or (out, out)
         use_ez, ez = ez is not None, ez or (out, out, out)   # (z out, [d; c; mix], FFN shift state)
         self.K["mix"][(1,)](self.x, self.emb, self.tok, self.ln0[0], self.ln0[1], ln[0], ln[1],
-                            prev, mix, out, D, 1e-5, cp[0], cp[1], self.xp, *ez, out if eq is None else eq[0], BD=_p2(D), EMB=emb, NMIX=nmix,
+                            prev, mix, out, D, 1e-5, cp[0], cp[1], self.xp, *ez, out if eq is None else eq[0],
+                            BD=_p2(D), EMB=emb, NMIX=nmix,
                             BM=_p2(max(1, nmix)), PDL=self.pdl, COPY=copy is not None,
                             PBITS=perm["bits"] if perm else 0, PGS=perm["gs"] if perm else 1, WFIRST=wfirst,
                             EZ=use_ez, QGS=0 if eq is None else eq[1],
