@@ -5,6 +5,7 @@
  *   cd csrc && gcc -O3 -std=gnu11 -march=native -pthread -I. ../tools/host_probe.c nk_kernels.c nk_pred.c \
  *       nk_q4.c nk_prefill_kernels.c nk_lora.c -o /tmp/host_probe -lm
  *   flock -x /work/wt/bench.lock /tmp/host_probe bw 7          # median / best of 7 passes, 1 vs 2 threads
+ *   /tmp/host_probe alu 3                                   # 1 vs 2 threads of register-only FMAs
  *   flock -x /work/wt/bench.lock /tmp/host_probe jitter 5 [max% [threads]]   # 5 s; exit 1 if a CPU lost > max%
  *
  * bw, over a 768 MiB buffer (far above the 32 MiB L3), each thread its own half:
@@ -12,6 +13,8 @@
  *   int8 dots rows  the library's decode mat-vec (nk_kern.dots, T = 1, I = 2048, contiguous rows: r/k/v/o, head);
  *   sparse kv       30% of 4 KiB neuron pairs (key row 2 KiB, value column 2 KiB, as the FFN's kv (F, 2, D)):
  *                   their key dots via idx, then their value columns by axpy4 (the sparse FFN's pattern).
+ * alu: a register-only AVX-512 FMA loop (8 independent chains, no memory traffic) on 1 then 2 threads: if
+ *   two threads do ~2x the work of one, the vCPUs are separate cores and what fails to scale in bw is memory.
  * jitter: a thread pinned on each CPU reads the clock in a loop; every gap > 20 us is time the CPU ran
  * something else (interrupts, kernel threads, other processes, or the hypervisor: in a VM the guest's
  * steal counter may stay 0 while its vCPUs are descheduled). A 2-thread decode waits at every pool call for
@@ -135,6 +138,40 @@ static int bw(int reps) {
     return 0;
 }
 
+/* ---- alu: 1 vs 2 threads of pure arithmetic ------------------------------------------------------ */
+static void *alu_thread(void *a) {
+    (void)a;
+    __m512 x[8], m = _mm512_set1_ps(0.99999f), c = _mm512_set1_ps(1e-6f);
+    for (int j = 0; j < 8; j++)
+        x[j] = _mm512_set1_ps(1.0f + j);
+    for (long i = 0; i < 200000000L; i++)              /* 1.6e9 FMA vectors, ~0.25 s on one core */
+        for (int j = 0; j < 8; j++)
+            x[j] = _mm512_fmadd_ps(x[j], m, c);
+    for (int j = 1; j < 8; j++)
+        x[0] = _mm512_add_ps(x[0], x[j]);
+    sink[0] = _mm512_reduce_add_ps(x[0]);
+    return NULL;
+}
+
+static int alu(int reps) {
+    double best[2] = {1e9, 1e9};
+    for (int r = 0; r < reps; r++)
+        for (int n = 1; n <= 2; n++) {
+            pthread_t th;
+            double t0 = now();
+            if (n == 2)
+                pthread_create(&th, NULL, alu_thread, NULL);
+            alu_thread(NULL);
+            if (n == 2)
+                pthread_join(th, NULL);
+            double dt = now() - t0;
+            best[n - 1] = dt < best[n - 1] ? dt : best[n - 1];
+            printf("alu pass %d, %d thread(s): %.3f s (each thread the same work)\n", r, n, dt);
+        }
+    printf("alu: 2 threads do %.2fx the work of 1 (best of %d passes each)\n", 2 * best[0] / best[1], reps);
+    return 0;
+}
+
 static double dur, lostpct[2];
 static void *jitter_thread(void *a) {
     int cpu = (int)(long)a;
@@ -161,6 +198,8 @@ static void *jitter_thread(void *a) {
 int main(int argc, char **argv) {
     if (argc > 1 && !strcmp(argv[1], "bw"))
         return bw(argc > 2 ? atoi(argv[2]) : 7);
+    if (argc > 1 && !strcmp(argv[1], "alu"))
+        return alu(argc > 2 ? atoi(argv[2]) : 3);
     if (argc > 1 && !strcmp(argv[1], "jitter")) {
         dur = argc > 2 ? atof(argv[2]) : 5;
         int n = argc > 4 ? atoi(argv[4]) : 2;          /* 1: CPU 0 alone (does a lone thread lose as much?) */
@@ -172,6 +211,6 @@ int main(int argc, char **argv) {
         double lim = argc > 3 ? atof(argv[3]) : 100;
         return lostpct[0] > lim || lostpct[1] > lim;
     }
-    fprintf(stderr, "usage: host_probe bw [passes] | jitter [seconds] [max lost %% [threads 1|2]]\n");
+    fprintf(stderr, "usage: host_probe bw [passes] | alu [passes] | jitter [seconds] [max lost %% [threads 1|2]]\n");
     return 2;
 }
