@@ -95,7 +95,8 @@ def test_dp4a_scores_of_ln1(ckpt, early):  # noqa: F811
 
 @GPU
 @pytest.mark.parametrize("tune", [{}, {"early_scores": 3}, {"early_scores": 1, "fuse_ffn_mix": False},
-                                  {"early_ready": 1}, {"evict_auto_l2x": 0}])
+                                  {"early_ready": 1}, {"evict_auto_l2x": 0},
+                                  pytest.param({"evict_auto_l2x": 0, "early_pf": 3}, id="early_pf")])
 def test_dp4a_scores_of_an_early_bundle(ckpt, tune):  # noqa: F811
     """An early diag bundle (the LN1 mix quantizes z): every token's int8 copy and mask checked against
     the emulation and the float predictor; logits within 1e-4 of the reference on the GPU's sets."""
