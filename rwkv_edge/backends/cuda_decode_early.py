@@ -65,10 +65,12 @@ EARLY_BUNDLE_TUNE = {"early_scores": 2, "fuse_ffn_mix": True, "early_dp4a": True
 # and by size (EARLY_BUNDLE_AUTO[small]; small: the weights read per token fit in evict_auto_l2x times the L2, as
 # for the eviction hints), unless the caller's tune sets them (session 14's second sweep, tools/gpu_decode_sets21
 # -22.txt): where they fit (58M shapes) 2-warp FFN programs, 174.6 -> 162.6 us a token (dense 170.0); where the
-# weights stream from HBM (1.5B) value rows of the active rows only (848.5 -> 826.5, 1.280x dense). The L2 hints
-# on (834.2) and the per-row ready bytes (840.7) also won alone, but their combination with it was not timed
-# (tools/gpu_decode_sets24.txt, the device budget ran out), so the rule keeps the one measured knob.
-EARLY_BUNDLE_AUTO = {True: {"early_warps": 2}, False: {"early_vsel": False}}
+# weights stream from HBM (1.5B) value rows of the active rows only (848.5 -> 826.5, 1.280x dense), and (session
+# 15, sets25-27) the L2 hints (evict_first streamed tiles: -4 to -5 us on that) and early_pf 1 (the W_k rows
+# loaded after the wait prefetched to L2 before it: -12 us); early_ready 1 gains nothing on top of them.
+EARLY_BUNDLE_AUTO = {True: {"early_warps": 2},
+                     False: {"early_vsel": False, "evict_stream": "evict_first", "evict_value": "evict_last",
+                             "early_pf": 1}}
 
 
 def early_auto(tn: dict, user: dict, small: bool, ebun: bool) -> None:
