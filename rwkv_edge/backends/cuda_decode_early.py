@@ -66,11 +66,11 @@ EARLY_BUNDLE_TUNE = {"early_scores": 2, "fuse_ffn_mix": True, "early_dp4a": True
 # for the eviction hints), unless the caller's tune sets them (session 14's second sweep, tools/gpu_decode_sets21
 # -22.txt): where they fit (58M shapes) 2-warp FFN programs, 174.6 -> 162.6 us a token (dense 170.0); where the
 # weights stream from HBM (1.5B) value rows of the active rows only (848.5 -> 826.5, 1.280x dense), and (session
-# 15, sets25-27) the L2 hints (evict_first streamed tiles: -4 to -5 us on that) and early_pf 1 (the W_k rows
-# loaded after the wait prefetched to L2 before it: -12 us); early_ready 1 gains nothing on top of them.
+# 15, tools/gpu_decode_sets25-28.txt) evict_first on the streamed GEMV / W_k tiles and early_pf 1 (the W_k rows a
+# program loads after its wait prefetched to L2 before it): 828.5 -> 812.6 and 841.5 -> 825.5 us in two processes
+# (1.305x / 1.290x dense); evict_last on the W_v^T rows costs 2-4 us with them, early_ready 1 6-12 us.
 EARLY_BUNDLE_AUTO = {True: {"early_warps": 2},
-                     False: {"early_vsel": False, "evict_stream": "evict_first", "evict_value": "evict_last",
-                             "early_pf": 1}}
+                     False: {"early_vsel": False, "evict_stream": "evict_first", "early_pf": 1}}
 
 
 def early_auto(tn: dict, user: dict, small: bool, ebun: bool) -> None:
