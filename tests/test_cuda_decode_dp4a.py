@@ -108,9 +108,9 @@ def test_dp4a_scores_of_an_early_bundle(ckpt, tune):  # noqa: F811
     big = "evict_auto_l2x" in tune     # EARLY_BUNDLE_AUTO: the rule for weights that stream from HBM, else 2 warps
     want = (4, False) if big else (2, True)
     assert (dec.tune["early_warps"], dec.tune["early_vsel"], dec.ready) == want + (tune.get("early_ready", 0),)
-    if big:   # and from HBM evict_first on the streamed tiles, the W_k prefetch (early_pf 1) unless the tune sets it
-        hbm = (dec.tune["evict_stream"], dec.tune["evict_value"], dec.tune["early_pf"])
-        assert hbm == ("evict_first", "", tune.get("early_pf", 1)), hbm
+    if big:   # and from HBM evict_first on the GEMV tiles only, the W_k prefetch (early_pf 1) unless the tune sets it
+        hbm = tuple(dec.tune[k] for k in ("evict_stream", "evict_key", "evict_value", "early_pf"))
+        assert hbm == ("evict_first", "", "", tune.get("early_pf", 1)), hbm
     st, worst, flips, tot = None, 0.0, 0, 0
     for t in TOKENS:
         lg = dec.step(t).cpu().numpy()

@@ -90,7 +90,7 @@ _BIG = 1 << 30
 # 1.5B +1.2-1.9%, 58M -8% (session 12, docs/cuda_decode_history.md), so off by default. early_dp4a: the early
 # scores as int dot products (dp4a) of the codes with an int8 copy of the scored vector (cuda_decode_score.py);
 # on, with early_bn 16, for early bundles (EARLY_BUNDLE_TUNE: session 14, 1.5B 1.18x -> 1.25x dense); early
-# bundles also get EARLY_BUNDLE_AUTO by size (2 warps in L2; else no early_vsel, evict_first, early_pf 1: L2 prefetch).
+# bundles also get EARLY_BUNDLE_AUTO by size (2 warps in L2; else no early_vsel, GEMV evict_first, early_pf 1).
 TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk=1024, key_warps=4,
             value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
             mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048,
