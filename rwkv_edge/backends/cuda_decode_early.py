@@ -67,8 +67,8 @@ EARLY_BUNDLE_TUNE = {"early_scores": 2, "fuse_ffn_mix": True, "early_dp4a": True
 # -22.txt): where they fit (58M shapes) 2-warp FFN programs, 174.6 -> 162.6 us a token (dense 170.0); where the
 # weights stream from HBM (1.5B) value rows of the active rows only (848.5 -> 826.5, 1.280x dense), and (session
 # 15, tools/gpu_decode_sets25-29.txt) evict_first on the streamed GEMV tiles (not the W_k rows) and early_pf 1
-# (the W_k rows a program loads after its wait prefetched to L2 before it): 827.7 -> 812.9 and 841.3 -> 823.7 us
-# in two processes (1.304x / 1.291x dense; sets28); evict_first on the W_k rows too costs ~2 us, evict_last on the
+# (the W_k rows a program loads after its wait prefetched to L2 before it): 831.8 -> 810.9 and 839.5 -> 819.4 us
+# in two processes (1.316x / 1.301x dense; sets29); evict_first on the W_k rows too costs 2-7 us, evict_last on the
 # W_v^T rows 0-4 us, early_ready 1 6-12 us on top.
 EARLY_BUNDLE_AUTO = {True: {"early_warps": 2},
                      False: {"early_vsel": False, "evict_stream": "evict_first", "evict_key": "", "early_pf": 1}}
