@@ -95,7 +95,8 @@ def test_dp4a_scores_of_ln1(ckpt, early):  # noqa: F811
 
 @GPU
 @pytest.mark.parametrize("tune", [{}, {"early_scores": 3}, {"early_scores": 1, "fuse_ffn_mix": False},
-                                  {"early_ready": 1}, {"evict_auto_l2x": 0}])
+                                  {"early_ready": 1}, {"evict_auto_l2x": 0},
+                                  pytest.param({"evict_auto_l2x": 0, "early_pf": 3}, id="early_pf")])
 def test_dp4a_scores_of_an_early_bundle(ckpt, tune):  # noqa: F811
     """An early diag bundle (the LN1 mix quantizes z): every token's int8 copy and mask checked against
     the emulation and the float predictor; logits within 1e-4 of the reference on the GPU's sets."""
@@ -107,6 +108,9 @@ def test_dp4a_scores_of_an_early_bundle(ckpt, tune):  # noqa: F811
     big = "evict_auto_l2x" in tune     # EARLY_BUNDLE_AUTO: the rule for weights that stream from HBM, else 2 warps
     want = (4, False) if big else (2, True)
     assert (dec.tune["early_warps"], dec.tune["early_vsel"], dec.ready) == want + (tune.get("early_ready", 0),)
+    if big:   # and from HBM evict_first on the GEMV tiles only, the W_k prefetch (early_pf 1) unless the tune sets it
+        hbm = tuple(dec.tune[k] for k in ("evict_stream", "evict_key", "evict_value", "early_pf"))
+        assert hbm == ("evict_first", "", "", tune.get("early_pf", 1)), hbm
     st, worst, flips, tot = None, 0.0, 0, 0
     for t in TOKENS:
         lg = dec.step(t).cpu().numpy()

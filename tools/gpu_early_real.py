@@ -6,8 +6,9 @@ run, the device-counted densities, the device mask against the numpy EarlyPredic
         --limit 8192 --bundle q2=/work/art/q2.npz --bundle early=BUNDLE --dst DIR1 DIR2 DIR3     # CPU
     python3 tools/gpu_early_real.py run --src DIR1 DIR2 DIR3 --out $OUT                         # GPU machine
 
-pack splits the checkpoint into len(--dst) parts (byte planes of the fp16 tensors, zlib) small enough to be
-carried one device call each (the last part also takes the bundles and the evaluation windows: the eval
+pack splits the checkpoint into len(--dst) parts (byte planes of the fp16 tensors, zlib; --emb-used-only: the
+embedding rows of tokens outside the windows zeroed, which run never reads) small enough to be carried one
+device call each (the last part also takes the bundles and the evaluation windows: the eval
 command's --ctx 512 windows of the first --limit tokens, each from a fresh state); run rebuilds the .pth and
 scores each window token by token with FusedDecode (graph on): KLD(dense || case), same top-1, perplexity,
 then us/token (--rounds runs of --tokens tokens from one state per case and pass, the cases alternating
@@ -35,6 +36,15 @@ def pack(args) -> None:
     from rwkv_edge.tokenizer import load_tokenizer
 
     sd = torch.load(args.model, weights_only=True)
+    tok = load_tokenizer(args.tokenizer, args.model, sd["emb.weight"].shape[0])
+    with open(args.text, encoding="utf-8") as f:
+        ids = tok.encode(f.read(args.limit * 16))[:args.limit]
+    segs = window_segments(ids, args.ctx)
+    if args.emb_used_only:   # run feeds only the windows' input tokens: other rows are never read
+        keep = torch.zeros(sd["emb.weight"].shape[0], dtype=torch.bool)
+        keep[torch.as_tensor(np.unique([t for s in segs for t in s[0]]))] = True
+        sd["emb.weight"] = torch.where(keep[:, None], sd["emb.weight"], torch.zeros_like(sd["emb.weight"]))
+        print(f"emb.weight: {int(keep.sum())} of {keep.numel()} rows kept (the others zeroed: they compress away)")
     names = list(sd)
     sizes = np.cumsum([sd[k].numel() for k in names])
     parts = np.minimum(len(args.dst) - 1, (sizes - 1) * len(args.dst) // sizes[-1])
@@ -47,10 +57,6 @@ def pack(args) -> None:
                 arr[k + "|hi"], arr[k + "|lo"] = u8[:, 1].copy(), u8[:, 0].copy()
                 arr[k + "|meta"] = np.array(json.dumps([list(sd[k].shape), str(sd[k].dtype)]))
         np.savez_compressed(os.path.join(dst, f"part{j}.npz"), order=np.array(names), **arr)
-    tok = load_tokenizer(args.tokenizer, args.model, sd["emb.weight"].shape[0])
-    with open(args.text, encoding="utf-8") as f:
-        ids = tok.encode(f.read(args.limit * 16))[:args.limit]
-    segs = window_segments(ids, args.ctx)
     np.savez(os.path.join(args.dst[-1], "segments.npz"), inp=np.array([s[0] for s in segs], np.int64),
              tgt=np.array([s[1] for s in segs], np.int64))
     for b in args.bundle:
@@ -176,6 +182,9 @@ def main() -> int:
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--bundle", action="append", default=[], help="NAME=PATH")
     p.add_argument("--dst", nargs="+", required=True)
+    p.add_argument("--emb-used-only", action="store_true",
+                   help="zero the embedding rows of tokens the windows never feed (~12 MB less to carry; "
+                        "run's outputs are the same: it feeds only those tokens)")
     r = sub.add_parser("run")
     r.add_argument("--src", nargs="+", required=True)
     r.add_argument("--out", required=True)

@@ -90,7 +90,7 @@ _BIG = 1 << 30
 # 1.5B +1.2-1.9%, 58M -8% (session 12, docs/cuda_decode_history.md), so off by default. early_dp4a: the early
 # scores as int dot products (dp4a) of the codes with an int8 copy of the scored vector (cuda_decode_score.py);
 # on, with early_bn 16, for early bundles (EARLY_BUNDLE_TUNE: session 14, 1.5B 1.18x -> 1.25x dense); early
-# bundles also get EARLY_BUNDLE_AUTO by size (early_warps 2 in L2; else no early_vsel).
+# bundles also get EARLY_BUNDLE_AUTO by size (2 warps in L2; else no early_vsel, GEMV evict_first, early_pf 1).
 TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk=1024, key_warps=4,
             value_bn=4, value_warps=8, value_bs=64, value_bd=256, value_per_sm=2, head_warps=8,
             mix_warps=None, pdl=True, fused_value=True, fused_key_bn=16, key_value_bd=2048,
@@ -99,7 +99,7 @@ TUNE = dict(gemv_bn=4, gemv_bk=1024, full_k=8192, gemv_warps=4, key_bn=8, key_bk
             evict_auto_l2x=2.0, pred_key_bn=8, pipe_bn=0, pipe_per_sm=2, pipe_warps=8, pipe_defer=False,
             pipe_stages=None, score_perm=False, early_scores=0, early_bn=8, early_ffn_bn=None, early_na=None,
             early_warps=4, early_vsel=True, early_ready=0, early_spin=1 << 22, early_nap=0,
-            early_dp4a=False)
+            early_dp4a=False, early_pf=0)
 
 def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -380,9 +380,10 @@ class FusedDecode:
                 if tn["diag"] != 4:   # (diag 4, timing only: no FFN launch)
                     K["ffn_early"][(-(-F // bn),)](
                         lay["key"], self.xk, self.kbuf[i], self.emask[i], F, D, lay["wv"], self.x, self.cnt[i], *mx,
-                        self.eerr, tn["early_spin"], BN=bn, BK=_p2(D), MIXIN=mixin, NA=tn["early_na"], PDL=self.pdl,
-                        VSEL=bool(tn["early_vsel"]), EVW=evk, EVV=tn["evict_value"], DIAG=tn["diag"],
-                        READY=self.ready, NAP=tn["early_nap"], **self._kw(tn["early_warps"]))
+                        self.eerr, tn["early_spin"], D * lay["key"].element_size(), BN=bn, BK=_p2(D), MIXIN=mixin,
+                        NA=tn["early_na"], PDL=self.pdl, VSEL=bool(tn["early_vsel"]), EVW=evk, EVV=tn["evict_value"],
+                        DIAG=tn["diag"], READY=self.ready, NAP=tn["early_nap"], PF=int(tn["early_pf"]) * self.pdl,
+                        **self._kw(tn["early_warps"]))
                 continue
             p = self.pred[i] if self.pred else None
             wq = dict(xp_p=self.xp, WORDS=self.words, WPG=max(1, p["gs"] // p["per"] // 4) if p else 1)

@@ -65,10 +65,13 @@ EARLY_BUNDLE_TUNE = {"early_scores": 2, "fuse_ffn_mix": True, "early_dp4a": True
 # and by size (EARLY_BUNDLE_AUTO[small]; small: the weights read per token fit in evict_auto_l2x times the L2, as
 # for the eviction hints), unless the caller's tune sets them (session 14's second sweep, tools/gpu_decode_sets21
 # -22.txt): where they fit (58M shapes) 2-warp FFN programs, 174.6 -> 162.6 us a token (dense 170.0); where the
-# weights stream from HBM (1.5B) value rows of the active rows only (848.5 -> 826.5, 1.280x dense). The L2 hints
-# on (834.2) and the per-row ready bytes (840.7) also won alone, but their combination with it was not timed
-# (tools/gpu_decode_sets24.txt, the device budget ran out), so the rule keeps the one measured knob.
-EARLY_BUNDLE_AUTO = {True: {"early_warps": 2}, False: {"early_vsel": False}}
+# weights stream from HBM (1.5B) value rows of the active rows only (848.5 -> 826.5, 1.280x dense), and (session
+# 15, tools/gpu_decode_sets25-29.txt) evict_first on the streamed GEMV tiles (not the W_k rows) and early_pf 1
+# (the W_k rows a program loads after its wait prefetched to L2 before it): 831.8 -> 810.9 and 839.5 -> 819.4 us
+# in two processes (1.316x / 1.301x dense; sets29); evict_first on the W_k rows too costs 2-7 us, evict_last on the
+# W_v^T rows 0-4 us, early_ready 1 6-12 us on top.
+EARLY_BUNDLE_AUTO = {True: {"early_warps": 2},
+                     False: {"early_vsel": False, "evict_stream": "evict_first", "evict_key": "", "early_pf": 1}}
 
 
 def early_auto(tn: dict, user: dict, small: bool, ebun: bool) -> None:
@@ -196,6 +199,14 @@ def kernels():
         return wk, vv
 
     @triton.jit
+    def _pf_l2(a, on, nbytes):
+        """One cp.async.bulk.prefetch.L2 (sm_90+) of nbytes from each address a (int64) where on: the lines
+        come to L2 with no registers held and nothing to wait for (tune early_pf)."""
+        tl.inline_asm_elementwise(
+            "{ .reg .pred pf; setp.ne.s32 pf, $2, 0; @pf cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
+            "=r,l,r,r", [a, on.to(tl.int32), nbytes + on.to(tl.int32) * 0], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
     def _pick(mk, rows, rm, w_p, vt_p, D, ks, km, NA: tl.constexpr, VSEL: tl.constexpr, EVW: tl.constexpr,
               EVV: tl.constexpr, DIAG: tl.constexpr):
         """The selected rows (mask byte 2) of a program's BN rows, the first NA of them gathered (NA 0: all
@@ -216,10 +227,10 @@ def kernels():
 
     @triton.jit
     def ffn_early(w_p, x_p, k_p, mk_p, F, D, vt_p, xo_p, cnt_p, xb_p, prev_p, mix_p, lnw_p, lnb_p, new_p,
-                  err_p, spin,
+                  err_p, spin, rowb,
                   BN: tl.constexpr, BK: tl.constexpr, MIXIN: tl.constexpr,
                   NA: tl.constexpr, PDL: tl.constexpr, VSEL: tl.constexpr, EVW: tl.constexpr, EVV: tl.constexpr,
-                  DIAG: tl.constexpr, READY: tl.constexpr, NAP: tl.constexpr):
+                  DIAG: tl.constexpr, READY: tl.constexpr, NAP: tl.constexpr, PF: tl.constexpr):
         """The sparse FFN of BN rows (D <= BK) from the early mask: the selected rows' W_k rows (VSEL: and
         their W_v^T rows, whatever their keys) are loaded BEFORE the wait, NA gathered at a time (the
         first NA before the wait, the rest after), or NA = 0: as one masked (BN, BK) tile. After the wait:
@@ -229,7 +240,11 @@ def kernels():
         after the trigger, else before it) until every row's byte is non-zero, at most `spin` polls (then
         err_p += 1 and the mask is read again after the wait, when it is complete); reset them to 0 after
         the wait (module docstring).
-        DIAG 3 (timing only, wrong results): no rows at all (the bound with the scores off this launch)."""
+        DIAG 3 (timing only, wrong results): no rows at all (the bound with the scores off this launch).
+        PF (early_pf, bits; before the wait, rowb = bytes of a weight row): 1 L2 prefetch of the W_k rows of
+        the selected rows past the first NA (loaded after the wait), 2 of the selected rows' W_v^T rows
+        (without VSEL: the active ones are loaded after the keys). Prefetches only: the same results. sm_90+
+        (the host passes PF 0 without PDL)."""
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
         rm = rows < F
@@ -249,6 +264,10 @@ def kernels():
         else:   # the mask of the early scores: complete before this launch started (module docstring)
             mk = tl.load(mk_p + rows, mask=rm, other=0, cache_modifier=".cg")
         sel, ns, pos, r, ok, wk, vv = _pick(mk, rows, rm, w_p, vt_p, D, ks, km, NA, VSEL, EVW, EVV, DIAG)
+        if PF % 2 == 1 and NA > 0:
+            _pf_l2((w_p + rows.to(tl.int64) * D).to(tl.int64), sel & (pos >= NA), rowb)
+        if PF // 2 % 2 == 1 and not VSEL:
+            _pf_l2((vt_p + rows.to(tl.int64) * D).to(tl.int64), sel, rowb)
         if READY == 2:
             if PDL:
                 tl.extra.cuda.gdc_wait()

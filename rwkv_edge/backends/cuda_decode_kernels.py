@@ -102,13 +102,12 @@ def kernels():
         mu = tl.sum(tl.where(dm, x, 0.0), axis=0) / D
         c = tl.where(dm, x - mu, 0.0)
         xl = c / tl.sqrt(tl.sum(c * c, axis=0) / D + eps) * lw + lb
+        sv = xl           # the vector the early scores read: xl, or z for an early bundle
         if EZ:
-            ze = xl * ed + ec + em * pv
-            tl.store(ez_p + d, ze, mask=dm)
-            if QGS > 0:
-                quant_x(ze, eq_p, BD, QGS)
-        elif QGS > 0:
-            quant_x(xl, eq_p, BD, QGS)
+            sv = xl * ed + ec + em * pv
+            tl.store(ez_p + d, sv, mask=dm)
+        if QGS > 0:
+            quant_x(sv, eq_p, BD, QGS)
         if NMIX == 0:
             tl.store(out_p + d, xl, mask=dm)
         else:
