@@ -228,7 +228,7 @@ class FusedDecode:
             raise ValueError("early_dp4a needs 1, 2 or 4-bit codes and whole int32 words a group")
         for p in self.pred if self.dp4a else ():
             p["qd"] = repack_dp4a(p["q"], p["bits"])
-        self.eq = z(L, D // 4 + 2 * max(p["g"] for p in self.pred) if self.dp4a else 1)
+        self.eq = z(L, D // 4 + 2 * max(p["g"] for p in self.pred)) if self.dp4a else None
         self.gather = self.gather and not self.early
         self.mixin = bool(self.tune["fuse_ffn_mix"]) and full and (mode == "dense" or self.gather or self.pipe
                                                                    or self.early in (2, 3))
